@@ -1,0 +1,410 @@
+//! The client core: one connection to the scheduler, the status of every key
+//! the client holds, and direct data transfers to and from workers.
+//!
+//! It is synchronous on the outside (callers block on a condition variable,
+//! with the GIL released by the Python binding) and async inside: a small
+//! tokio runtime runs the reader and writer tasks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use tokio::sync::oneshot;
+
+use crate::comm::{self, CommError, ConnectionPool, Outbox};
+use crate::protocol::{Blob, Envelope, EventsUpdate, Key, Msg, Role, TaskSpec, WorkerInfo};
+
+/// Errors of the client core.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to scheduler at {addr}: {source}")]
+    Connect { addr: String, source: CommError },
+    #[error("the connection to the scheduler is closed: {0}")]
+    Closed(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("worker {worker}: {source}")]
+    Worker { worker: String, source: CommError },
+    #[error("worker {worker} answered: {reason}")]
+    WorkerRefused { worker: String, reason: String },
+    #[error("cannot start the client runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// What the client knows about one key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyStatus {
+    Pending,
+    Finished { nbytes: u64, workers: Vec<String> },
+    Erred { exception: Bytes, traceback: Bytes, text: String },
+    Cancelled { reason: String },
+}
+
+impl KeyStatus {
+    /// Whether the key reached a final state.
+    pub fn is_done(&self) -> bool {
+        !matches!(self, KeyStatus::Pending)
+    }
+}
+
+/// Reply to a scheduler query.
+#[derive(Debug)]
+pub enum Reply {
+    WhoHas(Vec<(Key, Vec<String>)>),
+    Info { address: String, workers: Vec<WorkerInfo>, ntasks: u64, nclients: u64, bytes_in: u64, bytes_out: u64 },
+}
+
+#[derive(Default)]
+struct Shared {
+    keys: FxHashMap<Key, KeyStatus>,
+    /// Keys that reached a final state, for callbacks (only when watched).
+    done: Vec<Key>,
+    watch_all: bool,
+    events: Vec<EventsUpdate>,
+    closed: Option<String>,
+    pending_replies: FxHashMap<u64, oneshot::Sender<Reply>>,
+}
+
+struct Inner {
+    shared: Mutex<Shared>,
+    cv: Condvar,
+}
+
+/// A connected client.
+pub struct ClientCore {
+    rt: tokio::runtime::Runtime,
+    outbox: Outbox,
+    inner: Arc<Inner>,
+    pool: Arc<ConnectionPool>,
+    next_id: AtomicU64,
+    /// The scheduler's address.
+    pub address: String,
+    /// Timeout for connections to workers.
+    pub timeout: Duration,
+}
+
+impl ClientCore {
+    /// Connect to the scheduler at `address` within `timeout`.
+    pub fn connect(address: &str, name: &str, timeout: Duration) -> Result<ClientCore, ClientError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dask-rs-client")
+            .enable_all()
+            .build()?;
+        let conn = rt
+            .block_on(comm::connect(address, Role::Client, name, timeout))
+            .map_err(|e| ClientError::Connect { addr: address.to_string(), source: e })?;
+        let comm::Connection { mut reader, writer, .. } = conn;
+        let inner = Arc::new(Inner { shared: Mutex::new(Shared::default()), cv: Condvar::new() });
+        let outbox = {
+            let _g = rt.enter();
+            comm::spawn_writer(writer).0
+        };
+        let inner2 = inner.clone();
+        rt.spawn(async move {
+            let why = loop {
+                match reader.read_batch().await {
+                    Ok(batch) => on_batch(&inner2, batch),
+                    Err(CommError::Closed) => break "scheduler closed the connection".to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            let mut s = inner2.shared.lock().expect("client lock");
+            s.closed = Some(why);
+            s.pending_replies.clear();
+            drop(s);
+            inner2.cv.notify_all();
+        });
+        Ok(ClientCore {
+            rt,
+            outbox,
+            inner,
+            pool: Arc::new(ConnectionPool::new(Role::Client, name, timeout)),
+            next_id: AtomicU64::new(1),
+            address: address.to_string(),
+            timeout,
+        })
+    }
+
+    fn check_open(&self) -> Result<(), ClientError> {
+        match &self.inner.shared.lock().expect("client lock").closed {
+            Some(why) => Err(ClientError::Closed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&self, env: Envelope) -> Result<(), ClientError> {
+        self.check_open()?;
+        self.outbox.send(env).map_err(|_| ClientError::Closed("writer stopped".into()))
+    }
+
+    /// Submit tasks (their `Blob::Frame`s index `frames`) and mark `wanted` pending.
+    pub fn submit(&self, tasks: Vec<TaskSpec>, frames: Vec<Bytes>, wanted: Vec<Key>) -> Result<(), ClientError> {
+        self.mark_pending(&wanted);
+        self.send(Envelope { msg: Msg::UpdateGraph { tasks, wanted }, frames })
+    }
+
+    fn mark_pending(&self, keys: &[Key]) {
+        let mut s = self.inner.shared.lock().expect("client lock");
+        for k in keys {
+            let st = s.keys.entry(k.clone()).or_insert(KeyStatus::Pending);
+            if matches!(st, KeyStatus::Cancelled { .. }) {
+                *st = KeyStatus::Pending;
+            }
+        }
+    }
+
+    /// Hold futures for keys submitted elsewhere.
+    pub fn want(&self, keys: Vec<Key>) -> Result<(), ClientError> {
+        self.mark_pending(&keys);
+        self.send(Envelope::new(Msg::WantKeys { keys }))
+    }
+
+    /// Release keys: the scheduler may free their results.
+    pub fn release(&self, keys: Vec<Key>) -> Result<(), ClientError> {
+        {
+            let mut s = self.inner.shared.lock().expect("client lock");
+            for k in &keys {
+                s.keys.remove(k);
+            }
+        }
+        self.send(Envelope::new(Msg::ReleaseKeys { keys }))
+    }
+
+    /// Cancel keys for this client.
+    pub fn cancel(&self, keys: Vec<Key>) -> Result<(), ClientError> {
+        {
+            let mut s = self.inner.shared.lock().expect("client lock");
+            for k in &keys {
+                s.keys.insert(k.clone(), KeyStatus::Cancelled { reason: "cancelled".into() });
+                if s.watch_all {
+                    s.done.push(k.clone());
+                }
+            }
+        }
+        self.inner.cv.notify_all();
+        self.send(Envelope::new(Msg::CancelKeys { keys }))
+    }
+
+    /// Current status of `key` (`None` if the client does not hold it).
+    pub fn status(&self, key: &str) -> Option<KeyStatus> {
+        self.inner.shared.lock().expect("client lock").keys.get(key).cloned()
+    }
+
+    /// Block until all (or, with `any`, at least one) of `keys` are done.
+    /// Returns false on timeout. Errors if the connection closes first.
+    pub fn wait(&self, keys: &[Key], timeout: Option<Duration>, any: bool) -> Result<bool, ClientError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut s = self.inner.shared.lock().expect("client lock");
+        loop {
+            let done = |k: &Key| s.keys.get(k).is_none_or(|st| st.is_done());
+            let satisfied = if any { keys.is_empty() || keys.iter().any(done) } else { keys.iter().all(done) };
+            if satisfied {
+                return Ok(true);
+            }
+            if let Some(why) = &s.closed {
+                return Err(ClientError::Closed(why.clone()));
+            }
+            match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(false);
+                    }
+                    s = self.inner.cv.wait_timeout(s, d - now).expect("client lock").0;
+                }
+                None => s = self.inner.cv.wait(s).expect("client lock"),
+            }
+        }
+    }
+
+    /// Record every key that reaches a final state from now on, for
+    /// [`take_done`](Self::take_done).
+    pub fn watch_done(&self) {
+        self.inner.shared.lock().expect("client lock").watch_all = true;
+    }
+
+    /// Keys that finished since the last call; waits up to `timeout` for one.
+    pub fn take_done(&self, timeout: Duration) -> Vec<Key> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.inner.shared.lock().expect("client lock");
+        while s.done.is_empty() && s.closed.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            s = self.inner.cv.wait_timeout(s, deadline - now).expect("client lock").0;
+        }
+        std::mem::take(&mut s.done)
+    }
+
+    /// Fetch serialized values of `keys` from the worker at `worker`.
+    #[allow(clippy::type_complexity)]
+    pub fn get_data(&self, worker: &str, keys: Vec<Key>) -> Result<(Vec<(Key, Vec<Bytes>)>, Vec<Key>), ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let pool = self.pool.clone();
+        let reply = self
+            .rt
+            .block_on(async move { pool.request(worker, Envelope::new(Msg::GetData { id, keys })).await })
+            .map_err(|e| {
+                self.pool.forget(worker);
+                ClientError::Worker { worker: worker.to_string(), source: e }
+            })?;
+        match reply {
+            Envelope { msg: Msg::Data { items, missing, .. }, frames } => {
+                let mut out = Vec::with_capacity(items.len());
+                let mut missing = missing;
+                for (k, blobs) in items {
+                    match blobs.iter().map(|b| b.resolve(&frames)).collect::<Option<Vec<Bytes>>>() {
+                        Some(parts) => out.push((k, parts)),
+                        None => missing.push(k),
+                    }
+                }
+                Ok((out, missing))
+            }
+            Envelope { msg: Msg::Error { reason }, .. } => {
+                Err(ClientError::WorkerRefused { worker: worker.to_string(), reason })
+            }
+            other => Err(ClientError::WorkerRefused { worker: worker.to_string(), reason: format!("unexpected reply {:?}", other.msg) }),
+        }
+    }
+
+    /// Put serialized values on `worker` and register them with the scheduler
+    /// as held by this client.
+    pub fn scatter(&self, worker: &str, items: Vec<(Key, Vec<Bytes>)>) -> Result<(), ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frames = Vec::new();
+        let keys: Vec<Key> = items.iter().map(|(k, _)| k.clone()).collect();
+        let items: Vec<(Key, Vec<Blob>)> =
+            items.into_iter().map(|(k, parts)| (k, parts.into_iter().map(|p| Blob::new(p, &mut frames)).collect())).collect();
+        let pool = self.pool.clone();
+        let reply = self
+            .rt
+            .block_on(async move { pool.request(worker, Envelope { msg: Msg::PutData { id, items }, frames }).await })
+            .map_err(|e| ClientError::Worker { worker: worker.to_string(), source: e })?;
+        match reply.msg {
+            Msg::PutDataOk { nbytes, .. } => {
+                self.mark_pending(&keys);
+                let keys = keys.into_iter().zip(nbytes).collect();
+                self.send(Envelope::new(Msg::ScatterDone { keys, worker: worker.to_string() }))
+            }
+            Msg::Error { reason } => Err(ClientError::WorkerRefused { worker: worker.to_string(), reason }),
+            other => Err(ClientError::WorkerRefused { worker: worker.to_string(), reason: format!("unexpected reply {other:?}") }),
+        }
+    }
+
+    fn query(&self, msg_for: impl FnOnce(u64) -> Msg, timeout: Duration) -> Result<Reply, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner.shared.lock().expect("client lock").pending_replies.insert(id, tx);
+        self.send(Envelope::new(msg_for(id)))?;
+        match self.rt.block_on(async { tokio::time::timeout(timeout, rx).await }) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(ClientError::Closed("connection closed while waiting for a reply".into())),
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
+    }
+
+    /// Which workers hold `keys`.
+    pub fn who_has(&self, keys: Vec<Key>) -> Result<Vec<(Key, Vec<String>)>, ClientError> {
+        match self.query(|id| Msg::WhoHas { id, keys }, self.timeout)? {
+            Reply::WhoHas(v) => Ok(v),
+            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The scheduler's view of the cluster.
+    pub fn info(&self) -> Result<Reply, ClientError> {
+        self.query(|id| Msg::GetInfo { id }, self.timeout)
+    }
+
+    /// Subscribe to the scheduler's events every `interval`.
+    pub fn subscribe(&self, interval: Duration) -> Result<(), ClientError> {
+        self.send(Envelope::new(Msg::Subscribe { interval_ms: interval.as_millis() as u64 }))
+    }
+
+    /// Event updates received since the last call, waiting up to `timeout` for one.
+    pub fn take_events(&self, timeout: Duration) -> Vec<EventsUpdate> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.inner.shared.lock().expect("client lock");
+        while s.events.is_empty() && s.closed.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            s = self.inner.cv.wait_timeout(s, deadline - now).expect("client lock").0;
+        }
+        std::mem::take(&mut s.events)
+    }
+
+    /// Ask the scheduler to shut down with its workers.
+    pub fn shutdown_scheduler(&self) -> Result<(), ClientError> {
+        self.send(Envelope::new(Msg::Shutdown))
+    }
+
+    /// Why the connection closed, if it has.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.inner.shared.lock().expect("client lock").closed.clone()
+    }
+}
+
+fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
+    let mut s = inner.shared.lock().expect("client lock");
+    for Envelope { msg, frames } in batch {
+        let (key, status) = match msg {
+            Msg::KeyInMemory { key, nbytes, workers, .. } => (key, KeyStatus::Finished { nbytes, workers }),
+            Msg::KeyErred { key, exception, traceback, text } => (
+                key,
+                KeyStatus::Erred {
+                    exception: exception.resolve(&frames).unwrap_or_default(),
+                    traceback: traceback.resolve(&frames).unwrap_or_default(),
+                    text,
+                },
+            ),
+            Msg::KeyCancelled { key, reason } => (key, KeyStatus::Cancelled { reason }),
+            Msg::WhoHasReply { id, who_has } => {
+                if let Some(tx) = s.pending_replies.remove(&id) {
+                    let _ = tx.send(Reply::WhoHas(who_has));
+                }
+                continue;
+            }
+            Msg::Info { id, address, workers, ntasks, nclients, bytes_in, bytes_out } => {
+                if let Some(tx) = s.pending_replies.remove(&id) {
+                    let _ = tx.send(Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out });
+                }
+                continue;
+            }
+            Msg::Events(u) => {
+                s.events.push(u);
+                if s.events.len() > 1000 {
+                    s.events.remove(0);
+                }
+                continue;
+            }
+            Msg::Error { reason } => {
+                s.closed = Some(reason);
+                continue;
+            }
+            other => {
+                tracing::warn!("client: unexpected message {other:?}");
+                continue;
+            }
+        };
+        // Only keys the client still holds are updated.
+        if let Some(st) = s.keys.get_mut(&key) {
+            let was_done = st.is_done();
+            // A finished key may still be reported erred/lost later; a
+            // cancellation never overrides a result the client already has.
+            if !(matches!(status, KeyStatus::Cancelled { .. }) && was_done) {
+                *st = status;
+            }
+            if s.watch_all && !was_done {
+                s.done.push(key);
+            }
+        }
+    }
+    drop(s);
+    inner.cv.notify_all();
+}

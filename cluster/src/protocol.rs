@@ -1,0 +1,385 @@
+//! Wire messages exchanged by the scheduler, workers and clients.
+//!
+//! This module owns the message vocabulary and nothing else: how messages are
+//! framed on a socket lives in [`crate::comm`]. Every message travels inside an
+//! envelope (see `comm`): frame 0 is msgpack (rmp-serde) of a batch of
+//! messages; large byte payloads ([`Blob::Frame`]) travel as their own frames
+//! so they are never copied into frame 0.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol; peers that speak another version are refused
+/// during the handshake with a clear error.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Four bytes every connection starts with, so a stranger (an HTTP client,
+/// random bytes) is recognised before any frame is parsed.
+pub const MAGIC: [u8; 4] = *b"DRS\x01";
+
+/// Payloads at least this large go into their own frame instead of frame 0.
+pub const INLINE_LIMIT: usize = 16 * 1024;
+
+/// A task key as it travels on the wire (clients stringify tuple keys).
+pub type Key = String;
+
+/// What kind of peer opened a connection.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A worker registering with the scheduler.
+    Worker,
+    /// A client submitting work.
+    Client,
+    /// A worker or client fetching data from a worker.
+    Peer,
+    /// A read-only observer (dashboard, TUI) subscribing to events.
+    Monitor,
+}
+
+/// A byte payload: inline in frame 0 when small, else a separate frame.
+///
+/// `Frame(i)` indexes the frames that belong to the message carrying it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Blob {
+    /// Small payload serialized inside the msgpack frame.
+    Inline(#[serde(with = "bytes_serde")] Bytes),
+    /// Index into the message's own extra frames.
+    Frame(u32),
+}
+
+impl Blob {
+    /// Wrap `data`, moving it into `frames` when it is large.
+    pub fn new(data: Bytes, frames: &mut Vec<Bytes>) -> Blob {
+        if data.len() < INLINE_LIMIT {
+            Blob::Inline(data)
+        } else {
+            frames.push(data);
+            Blob::Frame((frames.len() - 1) as u32)
+        }
+    }
+
+    /// The payload, looked up in the frames that came with the message.
+    pub fn resolve(&self, frames: &[Bytes]) -> Option<Bytes> {
+        match self {
+            Blob::Inline(b) => Some(b.clone()),
+            Blob::Frame(i) => frames.get(*i as usize).cloned(),
+        }
+    }
+}
+
+mod bytes_serde {
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let v = serde_bytes::ByteBuf::deserialize(d)?;
+        Ok(Bytes::from(v.into_vec()))
+    }
+}
+
+/// Scheduling priority; smaller runs first. Mirrors Dask's tuple
+/// `(-user_priority, generation, graph_order)`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Priority {
+    /// Negated user priority (higher user priority sorts first).
+    pub user: i32,
+    /// Submission batch number on the scheduler.
+    pub generation: u64,
+    /// Order inside the batch (graph order from `dask.order`, or submit order).
+    pub order: u64,
+}
+
+/// A task as a client submits it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TaskSpec {
+    pub key: Key,
+    /// Opaque serialized function call; only workers interpret it.
+    pub run_spec: Blob,
+    /// Keys this task needs, in the order the worker will receive them.
+    pub deps: Vec<Key>,
+    /// User priority (higher runs earlier).
+    pub priority: i32,
+    /// Position inside this graph (graph order).
+    pub order: u64,
+    /// Restrict to these workers (names or addresses).
+    pub workers: Option<Vec<String>>,
+    /// With `workers`, whether other workers may run it when those are absent.
+    pub allow_other_workers: bool,
+}
+
+/// Where a dependency can be fetched from.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DepInfo {
+    pub key: Key,
+    pub nbytes: u64,
+    /// Addresses of workers holding it.
+    pub who_has: Vec<String>,
+}
+
+/// One worker as the scheduler describes it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    pub address: String,
+    pub name: String,
+    pub nthreads: u32,
+    pub memory_limit: u64,
+    pub pid: u32,
+    /// Bytes of results held (managed memory).
+    pub managed: u64,
+    /// Resident set size of the worker process.
+    pub rss: u64,
+    pub spilled: u64,
+    pub executing: u32,
+    pub ready: u32,
+    /// Tasks the scheduler has assigned and not yet seen finish.
+    pub processing: u32,
+    /// Keys held in memory.
+    pub nkeys: u64,
+    /// Bytes received from peers and clients.
+    pub bytes_in: u64,
+    /// Bytes sent to peers and clients.
+    pub bytes_out: u64,
+}
+
+/// One finished task, for the task stream.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TaskStreamRecord {
+    pub key: Key,
+    pub group: String,
+    pub worker: String,
+    pub thread: u32,
+    /// Start of execution, seconds since the Unix epoch.
+    pub start: f64,
+    pub stop: f64,
+    /// Seconds spent fetching dependencies before the task ran.
+    pub transfer: f64,
+    /// Whether the task raised.
+    pub erred: bool,
+}
+
+/// Counts of a task group's tasks by state.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct GroupCounts {
+    pub name: String,
+    pub released: u64,
+    pub waiting: u64,
+    pub queued: u64,
+    pub no_worker: u64,
+    pub processing: u64,
+    pub memory: u64,
+    pub erred: u64,
+    pub forgotten: u64,
+    /// Bytes held in memory by this group's results.
+    pub nbytes: u64,
+}
+
+/// A view of scheduler state pushed to subscribers: the first is a snapshot,
+/// the rest are deltas.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct EventsUpdate {
+    /// Scheduler clock (seconds since the Unix epoch).
+    pub time: f64,
+    /// New task-stream records since the previous update.
+    pub stream: Vec<TaskStreamRecord>,
+    /// Records that were dropped from the ring before this subscriber read them.
+    pub stream_dropped: u64,
+    /// Task groups whose counts changed (all groups in a snapshot).
+    pub groups: Vec<GroupCounts>,
+    /// Current state of every worker.
+    pub workers: Vec<WorkerInfo>,
+    /// Total tasks known to the scheduler.
+    pub ntasks: u64,
+}
+
+/// Every message of the protocol.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Msg {
+    // -- handshake ---------------------------------------------------------
+    /// First message on every connection.
+    Hello { protocol: u32, role: Role, name: String },
+    /// Handshake accepted.
+    Welcome { protocol: u32, server: String },
+    /// Handshake refused or a fatal error; the sender closes the connection.
+    Error { reason: String },
+
+    // -- worker -> scheduler -------------------------------------------------
+    RegisterWorker {
+        name: String,
+        /// Address peers fetch data from, `tcp://host:port`.
+        address: String,
+        nthreads: u32,
+        memory_limit: u64,
+        pid: u32,
+    },
+    TaskFinished {
+        key: Key,
+        nbytes: u64,
+        type_name: String,
+        start: f64,
+        stop: f64,
+        thread: u32,
+        transfer: f64,
+    },
+    TaskErred {
+        key: Key,
+        /// Pickled exception object.
+        exception: Blob,
+        /// Pickled traceback (tblib dict) or empty.
+        traceback: Blob,
+        /// `repr` of the exception, for humans and non-Python peers.
+        text: String,
+        start: f64,
+        stop: f64,
+        thread: u32,
+    },
+    /// Replicas that arrived on the worker (fetched dependencies).
+    AddKeys { keys: Vec<(Key, u64)> },
+    /// The worker could not fetch `key` from any of the listed holders.
+    MissingData { key: Key, workers: Vec<String> },
+    Heartbeat {
+        managed: u64,
+        rss: u64,
+        spilled: u64,
+        executing: u32,
+        ready: u32,
+        nkeys: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    },
+
+    // -- scheduler -> worker -------------------------------------------------
+    ComputeTask {
+        key: Key,
+        run_spec: Blob,
+        deps: Vec<DepInfo>,
+        priority: Priority,
+    },
+    FreeKeys { keys: Vec<Key> },
+    CloseWorker { reason: String },
+
+    // -- client -> scheduler -------------------------------------------------
+    UpdateGraph { tasks: Vec<TaskSpec>, wanted: Vec<Key> },
+    /// Declare interest in keys that already exist (e.g. a second client).
+    WantKeys { keys: Vec<Key> },
+    ReleaseKeys { keys: Vec<Key> },
+    CancelKeys { keys: Vec<Key> },
+    /// Data was put on `worker` directly by the client.
+    ScatterDone { keys: Vec<(Key, u64)>, worker: String },
+    WhoHas { id: u64, keys: Vec<Key> },
+    GetInfo { id: u64 },
+    /// Subscribe this connection to [`EventsUpdate`]s every `interval_ms`.
+    Subscribe { interval_ms: u64 },
+    /// Ask the scheduler to shut down (used by `LocalCluster.close`).
+    Shutdown,
+
+    // -- scheduler -> client -------------------------------------------------
+    KeyInMemory { key: Key, nbytes: u64, type_name: String, workers: Vec<String> },
+    KeyErred { key: Key, exception: Blob, traceback: Blob, text: String },
+    KeyCancelled { key: Key, reason: String },
+    WhoHasReply { id: u64, who_has: Vec<(Key, Vec<String>)> },
+    Info {
+        id: u64,
+        address: String,
+        workers: Vec<WorkerInfo>,
+        ntasks: u64,
+        nclients: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    },
+    Events(EventsUpdate),
+
+    // -- data plane (peer or client <-> worker) -------------------------------
+    GetData { id: u64, keys: Vec<Key> },
+    /// Serialized values: each key's frames as produced by the worker's serializer.
+    Data { id: u64, items: Vec<(Key, Vec<Blob>)>, missing: Vec<Key> },
+    PutData { id: u64, items: Vec<(Key, Vec<Blob>)> },
+    PutDataOk { id: u64, nbytes: Vec<u64> },
+}
+
+/// A message together with the extra frames its [`Blob::Frame`]s point at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub msg: Msg,
+    pub frames: Vec<Bytes>,
+}
+
+impl Envelope {
+    /// A message without extra frames.
+    pub fn new(msg: Msg) -> Self {
+        Envelope { msg, frames: Vec::new() }
+    }
+}
+
+impl From<Msg> for Envelope {
+    fn from(msg: Msg) -> Self {
+        Envelope::new(msg)
+    }
+}
+
+/// Dask's `key_split`: the task-group name of a key
+/// (`"('sum-aggregate-1f2e...', 0, 1)"` -> `"sum-aggregate"`).
+pub fn key_split(key: &str) -> String {
+    let mut s = key;
+    if s.starts_with('(') {
+        // A stringified tuple: take its first element.
+        s = s.trim_start_matches('(');
+        s = s.split(',').next().unwrap_or(s);
+        s = s.trim_matches(|c| c == '\'' || c == '"' || c == ' ' || c == ')');
+    }
+    let mut words = s.split('-');
+    let first = words.next().unwrap_or("");
+    let mut out = String::from(first.trim_matches(|c| c == '_' || c == '\'' || c == '"'));
+    for w in words {
+        let alpha = !w.is_empty() && w.chars().all(|c| c.is_ascii_alphabetic());
+        let hex8 = w.len() == 8 && w.chars().all(|c| c.is_ascii_hexdigit());
+        if alpha && !hex8 {
+            out.push('-');
+            out.push_str(w);
+        } else {
+            break;
+        }
+    }
+    if out.len() == 32 && out.chars().all(|c| c.is_ascii_hexdigit()) {
+        return "data".to_string();
+    }
+    if out.starts_with('<') {
+        let inner = out.trim_matches(|c| c == '<' || c == '>');
+        let head = inner.split_whitespace().next().unwrap_or(inner);
+        return head.rsplit('.').next().unwrap_or(head).to_string();
+    }
+    if out.is_empty() {
+        return key.to_string();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_split_matches_dask() {
+        assert_eq!(key_split("inc-1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d"), "inc");
+        assert_eq!(key_split("('sum-aggregate-abcdef0123456789abcdef0123456789', 0, 1)"), "sum-aggregate");
+        assert_eq!(key_split("x"), "x");
+        assert_eq!(key_split("('random_sample-1f2e3d4c5b6a79881f2e3d4c5b6a7988', 3)"), "random_sample");
+        assert_eq!(key_split("my-task-12"), "my-task");
+        assert_eq!(key_split("0123456789abcdef0123456789abcdef"), "data");
+        assert_eq!(key_split("hello-world-deadbeef"), "hello-world");
+    }
+
+    #[test]
+    fn blob_inline_or_frame() {
+        let mut frames = Vec::new();
+        let small = Blob::new(Bytes::from_static(b"abc"), &mut frames);
+        assert!(matches!(small, Blob::Inline(_)));
+        let big = Blob::new(Bytes::from(vec![7u8; INLINE_LIMIT]), &mut frames);
+        assert_eq!(big, Blob::Frame(0));
+        assert_eq!(big.resolve(&frames).unwrap().len(), INLINE_LIMIT);
+        assert_eq!(small.resolve(&frames).unwrap(), Bytes::from_static(b"abc"));
+    }
+}

@@ -1,0 +1,1323 @@
+//! The scheduler's state: tasks, workers, clients and the transitions
+//! between task states.
+//!
+//! This is a pure state machine. Every public method takes an event (a
+//! message from a peer, a peer joining or leaving) and pushes the messages
+//! it wants sent into [`SchedulerState::take_outgoing`]. No sockets, no
+//! clocks: time comes in with the events. The IO shell in `server.rs` and
+//! the in-process simulator in `crate::sim` drive the same code.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::protocol::{
+    key_split, Blob, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, Msg, Priority, TaskSpec, TaskStreamRecord,
+    WorkerInfo,
+};
+
+/// Identifies a connected peer (worker or client) for the lifetime of its connection.
+pub type PeerId = u64;
+
+type TaskId = u32;
+
+/// Dask's scheduler task states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    Released,
+    Waiting,
+    Queued,
+    NoWorker,
+    Processing,
+    Memory,
+    Erred,
+    Forgotten,
+}
+
+impl TaskState {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// States in which a task still needs its dependencies.
+    fn is_active(self) -> bool {
+        matches!(self, TaskState::Waiting | TaskState::Queued | TaskState::NoWorker | TaskState::Processing)
+    }
+
+    /// Lower-case name as Dask prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskState::Released => "released",
+            TaskState::Waiting => "waiting",
+            TaskState::Queued => "queued",
+            TaskState::NoWorker => "no-worker",
+            TaskState::Processing => "processing",
+            TaskState::Memory => "memory",
+            TaskState::Erred => "erred",
+            TaskState::Forgotten => "forgotten",
+        }
+    }
+}
+
+/// Tuning knobs of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Root tasks in flight per worker thread (Dask's `worker-saturation`);
+    /// `f64::INFINITY` disables queuing.
+    pub worker_saturation: f64,
+    /// Capacity of the task-stream ring.
+    pub stream_capacity: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { worker_saturation: 1.1, stream_capacity: 100_000 }
+    }
+}
+
+/// Why a task erred, shared by the task and every dependent it took down.
+#[derive(Debug)]
+struct ErrorInfo {
+    exception: Bytes,
+    traceback: Bytes,
+    text: String,
+}
+
+#[derive(Debug)]
+struct Restriction {
+    workers: Vec<String>,
+    loose: bool,
+}
+
+#[derive(Debug)]
+struct Task {
+    key: Box<str>,
+    state: TaskState,
+    run_spec: Option<Bytes>,
+    deps: Vec<TaskId>,
+    dependents: Vec<TaskId>,
+    /// Dependencies not yet in memory (meaningful while waiting).
+    waiting_on: u32,
+    /// Dependents in an active state: while non-zero the result must stay.
+    waiters: u32,
+    who_wants: Vec<PeerId>,
+    who_has: Vec<PeerId>,
+    processing_on: Option<PeerId>,
+    nbytes: u64,
+    priority: Priority,
+    group: u32,
+    restriction: Option<Box<Restriction>>,
+    error: Option<Arc<ErrorInfo>>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    address: String,
+    name: String,
+    nthreads: u32,
+    memory_limit: u64,
+    pid: u32,
+    processing: FxHashSet<TaskId>,
+    has_what: FxHashSet<TaskId>,
+    nbytes: u64,
+    rss: u64,
+    spilled: u64,
+    executing: u32,
+    ready: u32,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Worker {
+    fn slots(&self, saturation: f64) -> usize {
+        if saturation.is_infinite() {
+            return usize::MAX;
+        }
+        ((self.nthreads as f64 * saturation).ceil() as usize).max(1)
+    }
+
+    fn load(&self) -> f64 {
+        self.processing.len() as f64 / self.nthreads.max(1) as f64
+    }
+}
+
+#[derive(Debug, Default)]
+struct Client {
+    wants: FxHashSet<TaskId>,
+}
+
+#[derive(Debug)]
+struct Group {
+    name: String,
+    counts: [u64; 8],
+    nbytes: u64,
+    changed_at: u64,
+}
+
+/// Where a subscriber is in the event stream.
+#[derive(Debug, Default, Clone)]
+pub struct EventCursor {
+    stream_seen: u64,
+    version_seen: u64,
+    started: bool,
+}
+
+/// Counts for tests and benchmarks.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counters {
+    pub tasks_finished: u64,
+    pub tasks_erred: u64,
+    pub compute_sent: u64,
+}
+
+/// The scheduler's whole state.
+pub struct SchedulerState {
+    config: SchedulerConfig,
+    tasks: Vec<Option<Task>>,
+    free_ids: Vec<TaskId>,
+    keys: FxHashMap<Box<str>, TaskId>,
+    workers: FxHashMap<PeerId, Worker>,
+    worker_order: Vec<PeerId>,
+    clients: FxHashMap<PeerId, Client>,
+    queue: BTreeSet<(Priority, TaskId)>,
+    no_worker: BTreeSet<(Priority, TaskId)>,
+    generation: u64,
+    groups: Vec<Group>,
+    group_ids: FxHashMap<String, u32>,
+    stream: VecDeque<TaskStreamRecord>,
+    stream_total: u64,
+    version: u64,
+    out: Vec<(PeerId, Envelope)>,
+    /// Event counters (for tests and benchmarks).
+    pub counters: Counters,
+}
+
+impl SchedulerState {
+    pub fn new(config: SchedulerConfig) -> Self {
+        SchedulerState {
+            config,
+            tasks: Vec::new(),
+            free_ids: Vec::new(),
+            keys: FxHashMap::default(),
+            workers: FxHashMap::default(),
+            worker_order: Vec::new(),
+            clients: FxHashMap::default(),
+            queue: BTreeSet::new(),
+            no_worker: BTreeSet::new(),
+            generation: 0,
+            groups: Vec::new(),
+            group_ids: FxHashMap::default(),
+            stream: VecDeque::new(),
+            stream_total: 0,
+            version: 0,
+            out: Vec::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Messages produced since the last call, with their destinations.
+    pub fn take_outgoing(&mut self) -> Vec<(PeerId, Envelope)> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Messages produced since the last call, appended to `buf`.
+    pub fn drain_outgoing_into(&mut self, buf: &mut Vec<(PeerId, Envelope)>) {
+        buf.append(&mut self.out);
+    }
+
+    fn send(&mut self, peer: PeerId, msg: Msg) {
+        self.out.push((peer, Envelope::new(msg)));
+    }
+
+    // ---- lookups --------------------------------------------------------
+
+    fn t(&self, id: TaskId) -> &Task {
+        self.tasks[id as usize].as_ref().expect("live task")
+    }
+
+    fn tm(&mut self, id: TaskId) -> &mut Task {
+        self.tasks[id as usize].as_mut().expect("live task")
+    }
+
+    /// The state of `key`, if the scheduler knows it.
+    pub fn task_state(&self, key: &str) -> Option<TaskState> {
+        self.keys.get(key).map(|&id| self.t(id).state)
+    }
+
+    /// Addresses of workers holding `key`.
+    pub fn who_has(&self, key: &str) -> Vec<String> {
+        match self.keys.get(key) {
+            Some(&id) => self.t(id).who_has.iter().filter_map(|w| self.workers.get(w)).map(|w| w.address.clone()).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Number of tasks the scheduler holds (not forgotten).
+    pub fn ntasks(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Number of connected workers.
+    pub fn nworkers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Number of connected clients.
+    pub fn nclients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Counts of tasks per state, over all groups.
+    pub fn state_counts(&self) -> FxHashMap<&'static str, u64> {
+        let all = [
+            TaskState::Released,
+            TaskState::Waiting,
+            TaskState::Queued,
+            TaskState::NoWorker,
+            TaskState::Processing,
+            TaskState::Memory,
+            TaskState::Erred,
+        ];
+        let mut m = FxHashMap::default();
+        for s in all {
+            m.insert(s.name(), self.groups.iter().map(|g| g.counts[s.index()]).sum());
+        }
+        m
+    }
+
+    // ---- state bookkeeping ----------------------------------------------
+
+    fn group_id(&mut self, key: &str) -> u32 {
+        let name = key_split(key);
+        if let Some(&g) = self.group_ids.get(&name) {
+            return g;
+        }
+        let g = self.groups.len() as u32;
+        self.groups.push(Group { name: name.clone(), counts: [0; 8], nbytes: 0, changed_at: 0 });
+        self.group_ids.insert(name, g);
+        g
+    }
+
+    /// Move `id` to `new`, keeping group counts and dependencies' waiter
+    /// counts consistent.
+    fn set_state(&mut self, id: TaskId, new: TaskState) {
+        let (old, group) = {
+            let t = self.t(id);
+            (t.state, t.group)
+        };
+        if old == new {
+            return;
+        }
+        self.version += 1;
+        let version = self.version;
+        let g = &mut self.groups[group as usize];
+        g.counts[old.index()] = g.counts[old.index()].saturating_sub(1);
+        g.counts[new.index()] += 1;
+        g.changed_at = version;
+        self.tm(id).state = new;
+        match (old.is_active(), new.is_active()) {
+            (false, true) => {
+                for i in 0..self.t(id).deps.len() {
+                    let d = self.t(id).deps[i];
+                    self.tm(d).waiters += 1;
+                }
+            }
+            (true, false) => {
+                for i in 0..self.t(id).deps.len() {
+                    let d = self.t(id).deps[i];
+                    let t = self.tm(d);
+                    t.waiters = t.waiters.saturating_sub(1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- peers ------------------------------------------------------------
+
+    /// A client connected.
+    pub fn add_client(&mut self, peer: PeerId) {
+        self.clients.entry(peer).or_default();
+    }
+
+    /// A client disconnected: everything it wanted is released.
+    pub fn remove_client(&mut self, peer: PeerId) {
+        if let Some(c) = self.clients.remove(&peer) {
+            let ids: Vec<TaskId> = c.wants.into_iter().collect();
+            for id in ids {
+                self.tm(id).who_wants.retain(|&p| p != peer);
+                self.check_release(id);
+            }
+        }
+    }
+
+    /// A worker registered. Returns an error message if the address is taken.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_worker(
+        &mut self,
+        peer: PeerId,
+        name: String,
+        address: String,
+        nthreads: u32,
+        memory_limit: u64,
+        pid: u32,
+    ) -> Result<(), String> {
+        if self.workers.values().any(|w| w.address == address) {
+            return Err(format!("a worker with address {address} is already registered"));
+        }
+        if self.workers.values().any(|w| w.name == name) {
+            return Err(format!("a worker named {name:?} is already registered"));
+        }
+        self.workers.insert(
+            peer,
+            Worker {
+                address,
+                name,
+                nthreads: nthreads.max(1),
+                memory_limit,
+                pid,
+                processing: FxHashSet::default(),
+                has_what: FxHashSet::default(),
+                nbytes: 0,
+                rss: 0,
+                spilled: 0,
+                executing: 0,
+                ready: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+            },
+        );
+        self.worker_order.push(peer);
+        self.version += 1;
+        let stuck: Vec<TaskId> = std::mem::take(&mut self.no_worker).into_iter().map(|(_, id)| id).collect();
+        for id in stuck {
+            if self.t(id).state == TaskState::NoWorker {
+                self.make_ready(id);
+            }
+        }
+        self.fill_all_workers();
+        Ok(())
+    }
+
+    /// A worker left (closed or died): its running tasks are rescheduled
+    /// and results held only by it are recomputed when still needed.
+    pub fn remove_worker(&mut self, peer: PeerId) {
+        let Some(w) = self.workers.remove(&peer) else { return };
+        self.worker_order.retain(|&p| p != peer);
+        self.version += 1;
+        let mut lost = Vec::new();
+        for id in w.has_what {
+            let t = self.tm(id);
+            t.who_has.retain(|&p| p != peer);
+            if t.who_has.is_empty() && t.state == TaskState::Memory {
+                lost.push(id);
+            }
+        }
+        for id in lost {
+            self.lose_data(id);
+        }
+        let mut processing: Vec<TaskId> = w.processing.into_iter().collect();
+        processing.sort_by_key(|&id| self.t(id).priority);
+        for id in processing {
+            let t = self.t(id);
+            if t.state == TaskState::Processing && t.processing_on == Some(peer) {
+                self.tm(id).processing_on = None;
+                self.set_state(id, TaskState::Released);
+                self.to_waiting(id);
+            }
+        }
+        self.fill_all_workers();
+    }
+
+    /// `id` was in memory but no replica is left.
+    fn lose_data(&mut self, id: TaskId) {
+        let nbytes = self.t(id).nbytes;
+        let g = self.t(id).group as usize;
+        self.groups[g].nbytes = self.groups[g].nbytes.saturating_sub(nbytes);
+        self.set_state(id, TaskState::Released);
+        // Dependents that were counting on this result wait again.
+        let dependents = self.t(id).dependents.clone();
+        for d in &dependents {
+            let st = self.t(*d).state;
+            if st == TaskState::Waiting {
+                self.tm(*d).waiting_on += 1;
+            } else if matches!(st, TaskState::Queued | TaskState::NoWorker | TaskState::Processing) {
+                self.unassign(*d);
+                self.set_state(*d, TaskState::Released);
+                self.to_waiting(*d);
+            }
+        }
+        let wanted = !self.t(id).who_wants.is_empty() || self.t(id).waiters > 0;
+        if wanted {
+            if self.t(id).run_spec.is_some() {
+                self.to_waiting(id);
+            } else {
+                let err = Arc::new(ErrorInfo {
+                    exception: Bytes::new(),
+                    traceback: Bytes::new(),
+                    text: format!("data for scattered key {} was lost with its worker", self.t(id).key),
+                });
+                self.set_erred(id, err);
+            }
+        } else {
+            self.maybe_forget(id);
+        }
+    }
+
+    fn unassign(&mut self, id: TaskId) {
+        let prio = self.t(id).priority;
+        match self.t(id).state {
+            TaskState::Processing => {
+                if let Some(w) = self.tm(id).processing_on.take() {
+                    if let Some(worker) = self.workers.get_mut(&w) {
+                        worker.processing.remove(&id);
+                    }
+                    let key = self.t(id).key.to_string();
+                    self.send(w, Msg::FreeKeys { keys: vec![key] });
+                }
+            }
+            TaskState::Queued => {
+                self.queue.remove(&(prio, id));
+            }
+            TaskState::NoWorker => {
+                self.no_worker.remove(&(prio, id));
+            }
+            _ => {}
+        }
+    }
+
+    /// Heartbeat metrics from a worker.
+    #[allow(clippy::too_many_arguments)]
+    pub fn worker_metrics(
+        &mut self,
+        peer: PeerId,
+        rss: u64,
+        spilled: u64,
+        executing: u32,
+        ready: u32,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        if let Some(w) = self.workers.get_mut(&peer) {
+            w.rss = rss;
+            w.spilled = spilled;
+            w.executing = executing;
+            w.ready = ready;
+            w.bytes_in = bytes_in;
+            w.bytes_out = bytes_out;
+        }
+    }
+
+    // ---- graph submission -------------------------------------------------
+
+    /// A client submitted tasks and wants `wanted` of them.
+    pub fn update_graph(&mut self, client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>) {
+        self.add_client(client);
+        self.generation += 1;
+        let generation = self.generation;
+        let mut fresh: Vec<(TaskId, Vec<Key>)> = Vec::with_capacity(tasks.len());
+        for (spec, run_spec) in tasks {
+            if let Some(&id) = self.keys.get(spec.key.as_str()) {
+                let t = self.t(id);
+                // Same key known already: pure deduplication, unless a
+                // released task has lost its recipe.
+                if t.run_spec.is_some() || t.state != TaskState::Released {
+                    continue;
+                }
+                self.tm(id).run_spec = run_spec;
+                continue;
+            }
+            let group = self.group_id(&spec.key);
+            let restriction = spec.workers.map(|w| Box::new(Restriction { workers: w, loose: spec.allow_other_workers }));
+            let task = Task {
+                key: spec.key.clone().into_boxed_str(),
+                state: TaskState::Released,
+                run_spec,
+                deps: Vec::new(),
+                dependents: Vec::new(),
+                waiting_on: 0,
+                waiters: 0,
+                who_wants: Vec::new(),
+                who_has: Vec::new(),
+                processing_on: None,
+                nbytes: 0,
+                priority: Priority { user: -spec.priority, generation, order: spec.order },
+                group,
+                restriction,
+                error: None,
+            };
+            let id = self.insert_task(task);
+            self.groups[group as usize].counts[TaskState::Released.index()] += 1;
+            fresh.push((id, spec.deps));
+        }
+        let mut unknown: Vec<(TaskId, Key)> = Vec::new();
+        for (id, deps) in &fresh {
+            let mut ids = Vec::with_capacity(deps.len());
+            for k in deps {
+                match self.keys.get(k.as_str()) {
+                    Some(&d) => ids.push(d),
+                    None => unknown.push((*id, k.clone())),
+                }
+            }
+            for &d in &ids {
+                self.tm(d).dependents.push(*id);
+            }
+            self.tm(*id).deps = ids;
+        }
+        for k in &wanted {
+            if let Some(&id) = self.keys.get(k.as_str()) {
+                let t = self.tm(id);
+                if !t.who_wants.contains(&client) {
+                    t.who_wants.push(client);
+                }
+                self.clients.get_mut(&client).expect("client").wants.insert(id);
+            }
+        }
+        for (id, k) in unknown {
+            let err = Arc::new(ErrorInfo {
+                exception: Bytes::new(),
+                traceback: Bytes::new(),
+                text: format!("dependency {k:?} is not known to the scheduler (was its future released?)"),
+            });
+            self.set_erred(id, err);
+        }
+        for (id, _) in &fresh {
+            if self.t(*id).state == TaskState::Released {
+                self.to_waiting(*id);
+            }
+        }
+        for k in &wanted {
+            if let Some(&id) = self.keys.get(k.as_str()) {
+                match self.t(id).state {
+                    TaskState::Released => self.to_waiting(id),
+                    TaskState::Memory | TaskState::Erred => self.report_to(client, id),
+                    _ => {}
+                }
+            }
+        }
+        self.fill_all_workers();
+    }
+
+    /// A client declared interest in keys it did not submit.
+    pub fn want_keys(&mut self, client: PeerId, keys: Vec<Key>) {
+        self.add_client(client);
+        for k in keys {
+            match self.keys.get(k.as_str()) {
+                Some(&id) => {
+                    if !self.t(id).who_wants.contains(&client) {
+                        self.tm(id).who_wants.push(client);
+                    }
+                    self.clients.get_mut(&client).expect("client").wants.insert(id);
+                    match self.t(id).state {
+                        TaskState::Memory | TaskState::Erred => self.report_to(client, id),
+                        TaskState::Released => self.to_waiting(id),
+                        _ => {}
+                    }
+                }
+                None => self.send(client, Msg::KeyCancelled { key: k, reason: "key is not known to the scheduler".into() }),
+            }
+        }
+        self.fill_all_workers();
+    }
+
+    fn insert_task(&mut self, task: Task) -> TaskId {
+        let key = task.key.clone();
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.tasks[id as usize] = Some(task);
+                id
+            }
+            None => {
+                self.tasks.push(Some(task));
+                (self.tasks.len() - 1) as TaskId
+            }
+        };
+        self.keys.insert(key, id);
+        id
+    }
+
+    /// Released -> waiting, bringing released dependencies back first.
+    fn to_waiting(&mut self, root: TaskId) {
+        // Iterative post-order walk over released dependencies.
+        let mut stack = vec![(root, false)];
+        while let Some((id, expanded)) = stack.pop() {
+            if self.t(id).state != TaskState::Released {
+                continue;
+            }
+            if !expanded {
+                stack.push((id, true));
+                for i in 0..self.t(id).deps.len() {
+                    let d = self.t(id).deps[i];
+                    if self.t(d).state == TaskState::Released {
+                        stack.push((d, false));
+                    }
+                }
+                continue;
+            }
+            if self.t(id).run_spec.is_none() {
+                let err = Arc::new(ErrorInfo {
+                    exception: Bytes::new(),
+                    traceback: Bytes::new(),
+                    text: format!("key {} cannot be recomputed: it has no recipe (scattered data lost?)", self.t(id).key),
+                });
+                self.set_erred(id, err);
+                continue;
+            }
+            let mut missing = 0;
+            let mut failed = None;
+            for &d in &self.t(id).deps {
+                match self.t(d).state {
+                    TaskState::Memory => {}
+                    TaskState::Erred => failed = self.t(d).error.clone(),
+                    _ => missing += 1,
+                }
+            }
+            if let Some(err) = failed {
+                self.set_erred(id, err);
+                continue;
+            }
+            self.tm(id).waiting_on = missing;
+            self.set_state(id, TaskState::Waiting);
+            if missing == 0 {
+                self.make_ready(id);
+            }
+        }
+    }
+
+    /// All dependencies are in memory: queue it or send it to a worker.
+    fn make_ready(&mut self, id: TaskId) {
+        let t = self.t(id);
+        let prio = t.priority;
+        if t.deps.is_empty() && t.restriction.is_none() && !self.config.worker_saturation.is_infinite() {
+            self.set_state(id, TaskState::Queued);
+            self.queue.insert((prio, id));
+            return;
+        }
+        match self.decide_worker(id) {
+            Some(w) => self.assign(id, w),
+            None => {
+                self.set_state(id, TaskState::NoWorker);
+                self.no_worker.insert((prio, id));
+            }
+        }
+    }
+
+    fn decide_worker(&self, id: TaskId) -> Option<PeerId> {
+        let t = self.t(id);
+        if self.workers.is_empty() {
+            return None;
+        }
+        if let Some(r) = &t.restriction {
+            let allowed: Vec<PeerId> = self
+                .worker_order
+                .iter()
+                .copied()
+                .filter(|p| {
+                    let w = &self.workers[p];
+                    r.workers.iter().any(|n| *n == w.name || *n == w.address || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://"))
+                })
+                .collect();
+            if !allowed.is_empty() {
+                return self.least_loaded(allowed.into_iter());
+            }
+            if !r.loose {
+                return None;
+            }
+        }
+        if t.deps.is_empty() {
+            return self.least_loaded(self.worker_order.iter().copied());
+        }
+        // Prefer the worker holding the most dependency bytes, then the least loaded.
+        let mut best: Option<(u64, f64, PeerId)> = None;
+        for &d in &t.deps {
+            for &w in &self.t(d).who_has {
+                let Some(worker) = self.workers.get(&w) else { continue };
+                let held: u64 = t
+                    .deps
+                    .iter()
+                    .filter(|&&dd| self.t(dd).who_has.contains(&w))
+                    .map(|&dd| self.t(dd).nbytes.max(1))
+                    .sum();
+                let load = worker.load();
+                let better = match best {
+                    None => true,
+                    Some((bh, bl, _)) => held > bh || (held == bh && load < bl),
+                };
+                if better {
+                    best = Some((held, load, w));
+                }
+            }
+        }
+        best.map(|b| b.2).or_else(|| self.least_loaded(self.worker_order.iter().copied()))
+    }
+
+    fn least_loaded(&self, it: impl Iterator<Item = PeerId>) -> Option<PeerId> {
+        let mut best: Option<(f64, PeerId)> = None;
+        for p in it {
+            let load = self.workers[&p].load();
+            if best.is_none_or(|(l, _)| load < l) {
+                best = Some((load, p));
+            }
+        }
+        best.map(|b| b.1)
+    }
+
+    fn assign(&mut self, id: TaskId, w: PeerId) {
+        self.set_state(id, TaskState::Processing);
+        self.tm(id).processing_on = Some(w);
+        self.workers.get_mut(&w).expect("worker").processing.insert(id);
+        let t = self.t(id);
+        let deps: Vec<DepInfo> = t
+            .deps
+            .iter()
+            .map(|&d| {
+                let dt = self.t(d);
+                DepInfo {
+                    key: dt.key.to_string(),
+                    nbytes: dt.nbytes,
+                    who_has: dt.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
+                }
+            })
+            .collect();
+        let mut frames = Vec::new();
+        let run_spec = Blob::new(t.run_spec.clone().unwrap_or_default(), &mut frames);
+        let msg = Msg::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority };
+        self.counters.compute_sent += 1;
+        self.out.push((w, Envelope { msg, frames }));
+    }
+
+    /// Send queued root tasks to workers with free slots.
+    fn fill_all_workers(&mut self) {
+        if self.queue.is_empty() {
+            return;
+        }
+        // Round-robin across workers so a big queue spreads evenly.
+        loop {
+            let mut progressed = false;
+            for i in 0..self.worker_order.len() {
+                let w = self.worker_order[i];
+                if self.queue.is_empty() {
+                    return;
+                }
+                let worker = &self.workers[&w];
+                if worker.processing.len() < worker.slots(self.config.worker_saturation) {
+                    let (_, id) = self.queue.pop_first().expect("non-empty");
+                    self.assign(id, w);
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn fill_worker(&mut self, w: PeerId) {
+        while !self.queue.is_empty() {
+            let Some(worker) = self.workers.get(&w) else { return };
+            if worker.processing.len() >= worker.slots(self.config.worker_saturation) {
+                return;
+            }
+            let (_, id) = self.queue.pop_first().expect("non-empty");
+            self.assign(id, w);
+        }
+    }
+
+    // ---- worker reports ---------------------------------------------------
+
+    /// A worker finished a task.
+    #[allow(clippy::too_many_arguments)]
+    pub fn task_finished(
+        &mut self,
+        worker: PeerId,
+        key: &str,
+        nbytes: u64,
+        start: f64,
+        stop: f64,
+        thread: u32,
+        transfer: f64,
+    ) {
+        let Some(&id) = self.keys.get(key) else {
+            self.send(worker, Msg::FreeKeys { keys: vec![key.to_string()] });
+            return;
+        };
+        let (state, on) = (self.t(id).state, self.t(id).processing_on);
+        if state != TaskState::Processing || on != Some(worker) {
+            let t = self.t(id);
+            if t.state == TaskState::Memory && !t.who_has.contains(&worker) {
+                self.add_replica(id, worker);
+            } else if !t.who_has.contains(&worker) {
+                self.send(worker, Msg::FreeKeys { keys: vec![key.to_string()] });
+            }
+            return;
+        }
+        self.counters.tasks_finished += 1;
+        let group = self.t(id).group;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.processing.remove(&id);
+            let rec = TaskStreamRecord {
+                key: key.to_string(),
+                group: self.groups[group as usize].name.clone(),
+                worker: w.address.clone(),
+                thread,
+                start,
+                stop,
+                transfer,
+                erred: false,
+            };
+            self.push_stream(rec);
+        }
+        {
+            let t = self.tm(id);
+            t.processing_on = None;
+            t.nbytes = nbytes;
+        }
+        self.groups[group as usize].nbytes += nbytes;
+        self.set_state(id, TaskState::Memory);
+        self.add_replica(id, worker);
+        self.on_memory(id);
+        self.fill_worker(worker);
+    }
+
+    fn add_replica(&mut self, id: TaskId, worker: PeerId) {
+        let nbytes = self.t(id).nbytes;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if w.has_what.insert(id) {
+                w.nbytes += nbytes;
+                self.tm(id).who_has.push(worker);
+            }
+        }
+    }
+
+    fn on_memory(&mut self, id: TaskId) {
+        let wants = self.t(id).who_wants.clone();
+        for c in wants {
+            self.report_to(c, id);
+        }
+        for i in 0..self.t(id).dependents.len() {
+            let d = self.t(id).dependents[i];
+            if self.t(d).state == TaskState::Waiting {
+                let dt = self.tm(d);
+                dt.waiting_on = dt.waiting_on.saturating_sub(1);
+                if dt.waiting_on == 0 {
+                    self.make_ready(d);
+                }
+            }
+        }
+        // Processing finished: dependencies this task held are released if unwanted.
+        let deps = self.t(id).deps.clone();
+        for d in deps {
+            self.check_release(d);
+        }
+        self.check_release(id);
+    }
+
+    fn report_to(&mut self, client: PeerId, id: TaskId) {
+        let t = self.t(id);
+        let msg = match t.state {
+            TaskState::Memory => Msg::KeyInMemory {
+                key: t.key.to_string(),
+                nbytes: t.nbytes,
+                type_name: String::new(),
+                workers: t.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
+            },
+            TaskState::Erred => {
+                let e = t.error.as_ref().expect("erred task has error");
+                let mut frames = Vec::new();
+                let exception = Blob::new(e.exception.clone(), &mut frames);
+                let traceback = Blob::new(e.traceback.clone(), &mut frames);
+                let msg = Msg::KeyErred { key: t.key.to_string(), exception, traceback, text: e.text.clone() };
+                self.out.push((client, Envelope { msg, frames }));
+                return;
+            }
+            _ => return,
+        };
+        self.send(client, msg);
+    }
+
+    /// A task raised on a worker.
+    #[allow(clippy::too_many_arguments)]
+    pub fn task_erred(
+        &mut self,
+        worker: PeerId,
+        key: &str,
+        exception: Bytes,
+        traceback: Bytes,
+        text: String,
+        start: f64,
+        stop: f64,
+        thread: u32,
+    ) {
+        let Some(&id) = self.keys.get(key) else { return };
+        let (state, on, group) = (self.t(id).state, self.t(id).processing_on, self.t(id).group);
+        if state != TaskState::Processing || on != Some(worker) {
+            return;
+        }
+        self.counters.tasks_erred += 1;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.processing.remove(&id);
+            let rec = TaskStreamRecord {
+                key: key.to_string(),
+                group: self.groups[group as usize].name.clone(),
+                worker: w.address.clone(),
+                thread,
+                start,
+                stop,
+                transfer: 0.0,
+                erred: true,
+            };
+            self.push_stream(rec);
+        }
+        self.tm(id).processing_on = None;
+        self.set_erred(id, Arc::new(ErrorInfo { exception, traceback, text }));
+        self.fill_worker(worker);
+    }
+
+    /// Mark `root` and every dependent that waits on it as erred.
+    fn set_erred(&mut self, root: TaskId, err: Arc<ErrorInfo>) {
+        let mut stack = vec![root];
+        let mut touched = Vec::new();
+        while let Some(id) = stack.pop() {
+            let st = self.t(id).state;
+            if st == TaskState::Erred || st == TaskState::Memory || st == TaskState::Forgotten {
+                continue;
+            }
+            if id != root && st == TaskState::Released && self.t(id).who_wants.is_empty() {
+                continue;
+            }
+            self.unassign(id);
+            self.tm(id).error = Some(err.clone());
+            self.set_state(id, TaskState::Erred);
+            touched.push(id);
+            for i in 0..self.t(id).dependents.len() {
+                stack.push(self.t(id).dependents[i]);
+            }
+        }
+        for &id in &touched {
+            let wants = self.t(id).who_wants.clone();
+            for c in wants {
+                self.report_to(c, id);
+            }
+        }
+        for id in touched {
+            let deps = self.t(id).deps.clone();
+            for d in deps {
+                self.check_release(d);
+            }
+            self.check_release(id);
+        }
+    }
+
+    /// A worker reports that it could not get `key` from `holders`.
+    pub fn missing_data(&mut self, worker: PeerId, key: &str, holders: &[String]) {
+        let Some(&id) = self.keys.get(key) else { return };
+        for h in holders {
+            let peer = self.workers.iter().find(|(_, w)| &w.address == h).map(|(p, _)| *p);
+            if let Some(p) = peer {
+                let nbytes = self.t(id).nbytes;
+                if let Some(w) = self.workers.get_mut(&p) {
+                    if w.has_what.remove(&id) {
+                        w.nbytes = w.nbytes.saturating_sub(nbytes);
+                    }
+                }
+                self.tm(id).who_has.retain(|&x| x != p);
+            }
+        }
+        // Tasks on the reporting worker that needed it are rescheduled.
+        let stuck: Vec<TaskId> = self
+            .t(id)
+            .dependents
+            .iter()
+            .copied()
+            .filter(|&d| self.t(d).processing_on == Some(worker))
+            .collect();
+        if self.t(id).state == TaskState::Memory && self.t(id).who_has.is_empty() {
+            self.lose_data(id);
+        }
+        for d in stuck {
+            if self.t(d).state == TaskState::Processing {
+                self.unassign(d);
+                self.set_state(d, TaskState::Released);
+                self.to_waiting(d);
+            }
+        }
+        self.fill_all_workers();
+    }
+
+    /// A worker received replicas of keys (fetched dependencies).
+    pub fn add_keys(&mut self, worker: PeerId, keys: &[(Key, u64)]) {
+        let mut unknown = Vec::new();
+        for (k, _) in keys {
+            match self.keys.get(k.as_str()) {
+                Some(&id) if self.t(id).state == TaskState::Memory => self.add_replica(id, worker),
+                _ => unknown.push(k.clone()),
+            }
+        }
+        if !unknown.is_empty() {
+            self.send(worker, Msg::FreeKeys { keys: unknown });
+        }
+    }
+
+    /// Data a client put on `worker` directly.
+    pub fn scatter_done(&mut self, client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>) {
+        self.add_client(client);
+        let worker = self.workers.iter().find(|(_, w)| w.address == worker_addr).map(|(p, _)| *p);
+        let Some(worker) = worker else {
+            for (k, _) in keys {
+                self.send(client, Msg::KeyCancelled { key: k, reason: format!("worker {worker_addr} is gone") });
+            }
+            return;
+        };
+        for (k, nbytes) in keys {
+            let id = match self.keys.get(k.as_str()) {
+                Some(&id) => id,
+                None => {
+                    let group = self.group_id(&k);
+                    let task = Task {
+                        key: k.clone().into_boxed_str(),
+                        state: TaskState::Released,
+                        run_spec: None,
+                        deps: Vec::new(),
+                        dependents: Vec::new(),
+                        waiting_on: 0,
+                        waiters: 0,
+                        who_wants: Vec::new(),
+                        who_has: Vec::new(),
+                        processing_on: None,
+                        nbytes,
+                        priority: Priority::default(),
+                        group,
+                        restriction: None,
+                        error: None,
+                    };
+                    let id = self.insert_task(task);
+                    self.groups[group as usize].counts[TaskState::Released.index()] += 1;
+                    id
+                }
+            };
+            if !self.t(id).who_wants.contains(&client) {
+                self.tm(id).who_wants.push(client);
+            }
+            self.clients.get_mut(&client).expect("client").wants.insert(id);
+            if self.t(id).state != TaskState::Memory {
+                self.unassign(id);
+                self.tm(id).nbytes = nbytes;
+                let g = self.t(id).group as usize;
+                self.groups[g].nbytes += nbytes;
+                self.set_state(id, TaskState::Memory);
+                self.add_replica(id, worker);
+                self.on_memory(id);
+            } else {
+                self.add_replica(id, worker);
+                self.report_to(client, id);
+            }
+        }
+    }
+
+    // ---- releasing --------------------------------------------------------
+
+    /// A client no longer holds futures for `keys`.
+    pub fn release_keys(&mut self, client: PeerId, keys: &[Key]) {
+        for k in keys {
+            let Some(&id) = self.keys.get(k.as_str()) else { continue };
+            self.tm(id).who_wants.retain(|&p| p != client);
+            if let Some(c) = self.clients.get_mut(&client) {
+                c.wants.remove(&id);
+            }
+            self.check_release(id);
+        }
+    }
+
+    /// A client cancelled `keys`: released for that client, which is told.
+    pub fn cancel_keys(&mut self, client: PeerId, keys: Vec<Key>) {
+        self.release_keys(client, &keys);
+        for k in keys {
+            self.send(client, Msg::KeyCancelled { key: k, reason: "cancelled by the client".into() });
+        }
+    }
+
+    /// Release `id` if nothing needs it any more, cascading to its dependencies.
+    fn check_release(&mut self, root: TaskId) {
+        let mut stack = vec![root];
+        while let Some(id) = stack.pop() {
+            let Some(Some(t)) = self.tasks.get(id as usize) else { continue };
+            if t.state == TaskState::Forgotten || !t.who_wants.is_empty() || t.waiters > 0 {
+                continue;
+            }
+            match t.state {
+                TaskState::Memory => {
+                    let holders = std::mem::take(&mut self.tm(id).who_has);
+                    let nbytes = self.t(id).nbytes;
+                    let key = self.t(id).key.to_string();
+                    for w in holders {
+                        if let Some(worker) = self.workers.get_mut(&w) {
+                            worker.has_what.remove(&id);
+                            worker.nbytes = worker.nbytes.saturating_sub(nbytes);
+                        }
+                        self.send(w, Msg::FreeKeys { keys: vec![key.clone()] });
+                    }
+                    let g = self.t(id).group as usize;
+                    self.groups[g].nbytes = self.groups[g].nbytes.saturating_sub(nbytes);
+                    self.set_state(id, TaskState::Released);
+                }
+                TaskState::Waiting | TaskState::Queued | TaskState::NoWorker | TaskState::Processing => {
+                    self.unassign(id);
+                    self.set_state(id, TaskState::Released);
+                    stack.extend(self.t(id).deps.iter().copied());
+                }
+                TaskState::Erred => {
+                    self.set_state(id, TaskState::Released);
+                    self.tm(id).error = None;
+                }
+                _ => {}
+            }
+            // Forget once no dependent remains that may need recomputing it.
+            if self.t(id).state == TaskState::Released && self.t(id).dependents.is_empty() {
+                let deps = self.forget(id);
+                stack.extend(deps);
+            }
+        }
+    }
+
+    fn maybe_forget(&mut self, id: TaskId) {
+        self.check_release(id);
+    }
+
+    /// Remove a released task with no dependents; returns its dependencies.
+    fn forget(&mut self, id: TaskId) -> Vec<TaskId> {
+        self.set_state(id, TaskState::Forgotten);
+        let t = self.tasks[id as usize].take().expect("live task");
+        let g = &mut self.groups[t.group as usize];
+        g.counts[TaskState::Forgotten.index()] = g.counts[TaskState::Forgotten.index()].saturating_sub(1);
+        self.keys.remove(&t.key);
+        self.free_ids.push(id);
+        for &d in &t.deps {
+            if let Some(Some(dt)) = self.tasks.get_mut(d as usize) {
+                if let Some(pos) = dt.dependents.iter().position(|&x| x == id) {
+                    dt.dependents.swap_remove(pos);
+                }
+            }
+        }
+        t.deps
+    }
+
+    // ---- queries ----------------------------------------------------------
+
+    /// Answer a client's `WhoHas`.
+    pub fn who_has_reply(&mut self, client: PeerId, id: u64, keys: Vec<Key>) {
+        let who_has = keys.into_iter().map(|k| {
+            let holders = self.who_has(&k);
+            (k, holders)
+        });
+        let who_has = who_has.collect();
+        self.send(client, Msg::WhoHasReply { id, who_has });
+    }
+
+    /// Every worker, as clients and monitors see it.
+    pub fn worker_infos(&self) -> Vec<WorkerInfo> {
+        self.worker_order
+            .iter()
+            .map(|p| {
+                let w = &self.workers[p];
+                WorkerInfo {
+                    address: w.address.clone(),
+                    name: w.name.clone(),
+                    nthreads: w.nthreads,
+                    memory_limit: w.memory_limit,
+                    pid: w.pid,
+                    managed: w.nbytes,
+                    rss: w.rss,
+                    spilled: w.spilled,
+                    executing: w.executing,
+                    ready: w.ready,
+                    processing: w.processing.len() as u32,
+                    nkeys: w.has_what.len() as u64,
+                    bytes_in: w.bytes_in,
+                    bytes_out: w.bytes_out,
+                }
+            })
+            .collect()
+    }
+
+    // ---- events -----------------------------------------------------------
+
+    fn push_stream(&mut self, rec: TaskStreamRecord) {
+        if self.stream.len() >= self.config.stream_capacity {
+            self.stream.pop_front();
+        }
+        self.stream.push_back(rec);
+        self.stream_total += 1;
+    }
+
+    /// What a subscriber at `cursor` has not seen yet: a snapshot the first
+    /// time, then only new stream records and changed groups.
+    pub fn events_since(&self, cursor: &mut EventCursor, now: f64) -> EventsUpdate {
+        let oldest = self.stream_total - self.stream.len() as u64;
+        let from = cursor.stream_seen.max(oldest);
+        let dropped = from - cursor.stream_seen;
+        let skip = (from - oldest) as usize;
+        let stream: Vec<TaskStreamRecord> = self.stream.iter().skip(skip).cloned().collect();
+        let groups = self
+            .groups
+            .iter()
+            .filter(|g| !cursor.started || g.changed_at > cursor.version_seen)
+            .map(|g| GroupCounts {
+                name: g.name.clone(),
+                released: g.counts[TaskState::Released.index()],
+                waiting: g.counts[TaskState::Waiting.index()],
+                queued: g.counts[TaskState::Queued.index()],
+                no_worker: g.counts[TaskState::NoWorker.index()],
+                processing: g.counts[TaskState::Processing.index()],
+                memory: g.counts[TaskState::Memory.index()],
+                erred: g.counts[TaskState::Erred.index()],
+                forgotten: g.counts[TaskState::Forgotten.index()],
+                nbytes: g.nbytes,
+            })
+            .collect();
+        cursor.stream_seen = self.stream_total;
+        cursor.version_seen = self.version;
+        cursor.started = true;
+        EventsUpdate {
+            time: now,
+            stream,
+            stream_dropped: dropped,
+            groups,
+            workers: self.worker_infos(),
+            ntasks: self.keys.len() as u64,
+        }
+    }
+
+    /// Check internal invariants (used by tests): counts, waiters and
+    /// worker bookkeeping agree with the tasks.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, slot) in self.tasks.iter().enumerate() {
+            let Some(t) = slot else { continue };
+            let id = i as TaskId;
+            if self.keys.get(&t.key) != Some(&id) {
+                return Err(format!("{}: key map mismatch", t.key));
+            }
+            let active = t.dependents.iter().filter(|&&d| self.t(d).state.is_active()).count() as u32;
+            if active != t.waiters {
+                return Err(format!("{}: waiters {} but {} active dependents", t.key, t.waiters, active));
+            }
+            if t.state == TaskState::Waiting {
+                let missing = t.deps.iter().filter(|&&d| self.t(d).state != TaskState::Memory).count() as u32;
+                if missing != t.waiting_on {
+                    return Err(format!("{}: waiting_on {} but {} deps missing", t.key, t.waiting_on, missing));
+                }
+            }
+            if t.state == TaskState::Memory && t.who_has.is_empty() {
+                return Err(format!("{}: in memory nowhere", t.key));
+            }
+            if t.state == TaskState::Processing {
+                let w = t.processing_on.ok_or_else(|| format!("{}: processing nowhere", t.key))?;
+                if !self.workers[&w].processing.contains(&id) {
+                    return Err(format!("{}: worker does not list it", t.key));
+                }
+            }
+        }
+        Ok(())
+    }
+}

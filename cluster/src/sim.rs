@@ -1,0 +1,246 @@
+//! Simulated workers: measure the scheduler alone, without Python.
+//!
+//! [`simulate`] drives [`SchedulerState`] in-process with workers that
+//! finish every task the moment it arrives (no sockets), which isolates the
+//! scheduler's own cost per task. [`SimRunner`] is a [`Runner`] for real
+//! worker processes over TCP whose tasks take a configurable time and
+//! produce results of a configurable size.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+
+use crate::protocol::{Blob, Key, Msg, TaskSpec};
+use crate::scheduler::{PeerId, SchedulerConfig, SchedulerState};
+use crate::worker::{ExecOutcome, Runner};
+
+/// Graph shapes used by benchmarks and tests.
+pub mod graphs {
+    use super::*;
+
+    fn spec(key: String, deps: Vec<Key>, order: u64) -> TaskSpec {
+        TaskSpec {
+            key,
+            run_spec: Blob::Inline(Bytes::new()),
+            deps,
+            priority: 0,
+            order,
+            workers: None,
+            allow_other_workers: false,
+        }
+    }
+
+    /// `n` independent tasks and one task that depends on all of them.
+    pub fn merge(n: usize) -> (Vec<TaskSpec>, Vec<Key>) {
+        let mut v: Vec<TaskSpec> = (0..n).map(|i| spec(format!("leaf-{i}"), vec![], i as u64)).collect();
+        v.push(spec("merge".into(), (0..n).map(|i| format!("leaf-{i}")).collect(), n as u64));
+        (v, vec!["merge".into()])
+    }
+
+    /// A binary tree reduction with `leaves` leaves (`2 * leaves - 1` tasks).
+    pub fn tree(leaves: usize) -> (Vec<TaskSpec>, Vec<Key>) {
+        let mut v = Vec::with_capacity(2 * leaves);
+        let mut level: Vec<Key> = (0..leaves).map(|i| format!("('leaf', {i})")).collect();
+        for (i, k) in level.iter().enumerate() {
+            v.push(spec(k.clone(), vec![], i as u64));
+        }
+        let mut depth = 0;
+        let mut order = leaves as u64;
+        while level.len() > 1 {
+            depth += 1;
+            let mut next = Vec::with_capacity(level.len() / 2 + 1);
+            for (i, pair) in level.chunks(2).enumerate() {
+                let k = format!("('sum-{depth}', {i})");
+                v.push(spec(k.clone(), pair.to_vec(), order));
+                order += 1;
+                next.push(k);
+            }
+            level = next;
+        }
+        (v, level)
+    }
+
+    /// `n` tasks, each depending on the previous one.
+    pub fn chain(n: usize) -> (Vec<TaskSpec>, Vec<Key>) {
+        let v: Vec<TaskSpec> = (0..n)
+            .map(|i| spec(format!("chain-{i}"), if i == 0 { vec![] } else { vec![format!("chain-{}", i - 1)] }, i as u64))
+            .collect();
+        (v, vec![format!("chain-{}", n - 1)])
+    }
+}
+
+/// How the in-process simulation is shaped.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub workers: usize,
+    pub nthreads: u32,
+    /// Size reported for every result.
+    pub result_size: u64,
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig { workers: 8, nthreads: 4, result_size: 8, scheduler: SchedulerConfig::default() }
+    }
+}
+
+/// Figures from one simulated run.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    pub tasks: u64,
+    pub elapsed: Duration,
+    /// Tasks the scheduler held right after submission.
+    pub peak_tasks: usize,
+    /// Tasks left after the client released its results (should be 0).
+    pub leftover_tasks: usize,
+}
+
+impl SimReport {
+    pub fn tasks_per_second(&self) -> f64 {
+        self.tasks as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+const CLIENT: PeerId = 1;
+
+/// Run a graph to completion on instantly-finishing simulated workers, then
+/// release its results. The whole scheduler runs; only the network is absent.
+pub fn simulate(specs: Vec<TaskSpec>, wanted: Vec<Key>, cfg: &SimConfig) -> SimReport {
+    let mut state = SchedulerState::new(cfg.scheduler.clone());
+    simulate_on(&mut state, specs, wanted, cfg, |_| {})
+}
+
+/// As [`simulate`], on a given state, calling `after_submit` once the graph
+/// is in (to measure memory, say).
+pub fn simulate_on(
+    state: &mut SchedulerState,
+    specs: Vec<TaskSpec>,
+    wanted: Vec<Key>,
+    cfg: &SimConfig,
+    after_submit: impl FnOnce(&SchedulerState),
+) -> SimReport {
+    let workers: Vec<PeerId> = (0..cfg.workers as u64).map(|i| 100 + i).collect();
+    for (i, &w) in workers.iter().enumerate() {
+        state
+            .add_worker(w, format!("sim-{i}"), format!("tcp://sim:{i}"), cfg.nthreads, 1 << 32, 0)
+            .expect("fresh worker");
+    }
+    let _ = state.take_outgoing();
+    let ntasks = specs.len() as u64;
+    let started = Instant::now();
+    let with_specs = specs.into_iter().map(|s| (s, Some(Bytes::new()))).collect();
+    state.update_graph(CLIENT, with_specs, wanted.clone());
+    let peak = state.ntasks();
+    after_submit(state);
+    let mut remaining: FxHashMap<Key, ()> = wanted.iter().map(|k| (k.clone(), ())).collect();
+    let mut running: VecDeque<(PeerId, Key)> = VecDeque::new();
+    let mut out = Vec::new();
+    loop {
+        state.drain_outgoing_into(&mut out);
+        for (peer, env) in out.drain(..) {
+            match env.msg {
+                Msg::ComputeTask { key, .. } => running.push_back((peer, key)),
+                Msg::KeyInMemory { key, .. } | Msg::KeyCancelled { key, .. } => {
+                    remaining.remove(&key);
+                }
+                Msg::KeyErred { key, text, .. } => panic!("simulated task {key} erred: {text}"),
+                _ => {}
+            }
+        }
+        if remaining.is_empty() {
+            break;
+        }
+        let Some((w, key)) = running.pop_front() else {
+            panic!("simulation stalled with {} keys outstanding", remaining.len());
+        };
+        state.task_finished(w, &key, cfg.result_size, 0.0, 0.0, 0, 0.0);
+    }
+    state.release_keys(CLIENT, &wanted);
+    let elapsed = started.elapsed();
+    let _ = state.take_outgoing();
+    SimReport { tasks: ntasks, elapsed, peak_tasks: peak, leftover_tasks: state.ntasks() }
+}
+
+/// A [`Runner`] for worker processes without Python: each task sleeps for
+/// `duration` and produces `result_size` bytes.
+pub struct SimRunner {
+    pub duration: Duration,
+    pub result_size: u64,
+    store: Mutex<FxHashMap<Key, Bytes>>,
+}
+
+impl SimRunner {
+    pub fn new(duration: Duration, result_size: u64) -> Self {
+        SimRunner { duration, result_size, store: Mutex::new(FxHashMap::default()) }
+    }
+
+    /// Number of values held.
+    pub fn len(&self) -> usize {
+        self.store.lock().expect("store").len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Runner for SimRunner {
+    fn execute(&self, key: &str, _run_spec: &Bytes, deps: &[Key], _thread: u32) -> ExecOutcome {
+        {
+            let s = self.store.lock().expect("store");
+            if let Some(d) = deps.iter().find(|d| !s.contains_key(*d)) {
+                return ExecOutcome::Err {
+                    exception: Bytes::new(),
+                    traceback: Bytes::new(),
+                    text: format!("dependency {d} missing on worker"),
+                };
+            }
+        }
+        if !self.duration.is_zero() {
+            std::thread::sleep(self.duration);
+        }
+        let value = Bytes::from(vec![0u8; self.result_size as usize]);
+        self.store.lock().expect("store").insert(key.to_string(), value);
+        ExecOutcome::Ok { nbytes: self.result_size, type_name: "bytes".into() }
+    }
+
+    fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)> {
+        let s = self.store.lock().expect("store");
+        keys.iter().map(|k| (k.clone(), s.get(k).map(|v| vec![v.clone()]))).collect()
+    }
+
+    fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String> {
+        let v = frames.into_iter().next().unwrap_or_default();
+        let n = v.len() as u64;
+        self.store.lock().expect("store").insert(key.to_string(), v);
+        Ok(n)
+    }
+
+    fn free(&self, keys: &[Key]) {
+        let mut s = self.store.lock().expect("store");
+        for k in keys {
+            s.remove(k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_tree_chain_complete_and_release_everything() {
+        let cfg = SimConfig::default();
+        for (specs, wanted) in [graphs::merge(2000), graphs::tree(1024), graphs::chain(500)] {
+            let n = specs.len() as u64;
+            let r = simulate(specs, wanted, &cfg);
+            assert_eq!(r.tasks, n);
+            assert_eq!(r.leftover_tasks, 0, "all tasks forgotten after release");
+        }
+    }
+}

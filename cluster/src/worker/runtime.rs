@@ -1,0 +1,426 @@
+//! The worker runtime: scheduler connection, data server for peers and
+//! clients, executor threads, and the loop that feeds events to
+//! [`WorkerState`] and carries out its instructions.
+//!
+//! What a task *is* and how data is stored and serialized belongs to the
+//! [`Runner`]: the Python extension implements it with live Python objects,
+//! the simulator with plain bytes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use super::state::{ExecOutcome, Instruction, WorkerState};
+use crate::comm::{self, CommError, ConnectionPool};
+use crate::now;
+use crate::protocol::{Blob, Envelope, Key, Msg, Role};
+
+/// Owns a worker's data and runs its tasks. Methods are called from
+/// blocking threads, never from the async runtime's threads.
+pub trait Runner: Send + Sync + 'static {
+    /// Run a task whose dependencies `deps` are in the store; on success the
+    /// result is stored under `key`.
+    fn execute(&self, key: &str, run_spec: &Bytes, deps: &[Key], thread: u32) -> ExecOutcome;
+    /// Serialize stored values into frames; `None` for keys not held.
+    fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)>;
+    /// Deserialize frames and store the value; returns its size in bytes.
+    fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String>;
+    /// Drop values.
+    fn free(&self, keys: &[Key]);
+}
+
+/// How to start a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Scheduler address, `tcp://host:port`.
+    pub scheduler: String,
+    pub name: String,
+    pub nthreads: usize,
+    pub memory_limit: u64,
+    /// Interface the data server listens on.
+    pub host: String,
+    pub heartbeat: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for a worker of `nthreads` threads joining `scheduler`.
+    pub fn new(scheduler: &str, name: &str, nthreads: usize) -> Self {
+        WorkerConfig {
+            scheduler: scheduler.to_string(),
+            name: name.to_string(),
+            nthreads,
+            memory_limit: 0,
+            host: "127.0.0.1".into(),
+            heartbeat: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot reach the scheduler at {addr}: {source}")]
+    Connect { addr: String, source: CommError },
+    #[error("the scheduler refused this worker: {0}")]
+    Refused(String),
+    #[error("lost the connection to the scheduler: {0}")]
+    SchedulerLost(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+enum Event {
+    FromScheduler(Vec<Envelope>),
+    SchedulerClosed(Option<CommError>),
+    Executed { key: Key, outcome: ExecOutcome, start: f64, stop: f64, thread: u32 },
+    Fetched { worker: String, stored: Vec<(Key, u64)>, failed: Vec<Key> },
+    DataPut(Vec<(Key, u64)>),
+}
+
+struct Job {
+    key: Key,
+    run_spec: Bytes,
+    deps: Vec<Key>,
+}
+
+#[derive(Default)]
+struct Traffic {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// Resident set size of this process in bytes (0 where unknown).
+pub fn process_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+/// Run a worker until the scheduler closes it, the connection is lost, or
+/// `shutdown` turns true. Returns the worker's address through `started`
+/// once it has registered.
+pub async fn run_worker<R: Runner>(
+    config: WorkerConfig,
+    runner: Arc<R>,
+    mut shutdown: watch::Receiver<bool>,
+    started: Option<tokio::sync::oneshot::Sender<String>>,
+) -> Result<(), WorkerError> {
+    let listener = TcpListener::bind((config.host.as_str(), 0)).await?;
+    let local = listener.local_addr()?;
+    let address = format!("tcp://{}:{}", local.ip(), local.port());
+
+    let conn = comm::connect(&config.scheduler, Role::Worker, &config.name, config.connect_timeout)
+        .await
+        .map_err(|e| WorkerError::Connect { addr: config.scheduler.clone(), source: e })?;
+    let comm::Connection { mut reader, writer, .. } = conn;
+    let (outbox, _writer) = comm::spawn_writer(writer);
+    let _ = outbox.send(Envelope::new(Msg::RegisterWorker {
+        name: config.name.clone(),
+        address: address.clone(),
+        nthreads: config.nthreads as u32,
+        memory_limit: config.memory_limit,
+        pid: std::process::id(),
+    }));
+
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    {
+        let tx = events_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match reader.read_batch().await {
+                    Ok(b) => {
+                        if tx.send(Event::FromScheduler(b)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(CommError::Closed) => {
+                        let _ = tx.send(Event::SchedulerClosed(None));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Event::SchedulerClosed(Some(e)));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    // Executor threads: each takes one job at a time.
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    for thread in 0..config.nthreads.max(1) {
+        let rx = job_rx.clone();
+        let tx = events_tx.clone();
+        let runner = runner.clone();
+        std::thread::Builder::new().name(format!("dask-rs-exec-{thread}")).spawn(move || loop {
+            let job = match rx.lock().expect("job queue").recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            let start = now();
+            let outcome = runner.execute(&job.key, &job.run_spec, &job.deps, thread as u32);
+            let stop = now();
+            if tx.send(Event::Executed { key: job.key, outcome, start, stop, thread: thread as u32 }).is_err() {
+                return;
+            }
+        })?;
+    }
+
+    let traffic = Arc::new(Traffic::default());
+    spawn_data_server(listener, address.clone(), runner.clone(), events_tx.clone(), traffic.clone());
+    let pool = Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout));
+
+    let mut state = WorkerState::new(config.nthreads);
+    let mut heartbeat = tokio::time::interval(config.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut started = started;
+    let mut registered = false;
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.changed() => break Ok(()),
+            _ = heartbeat.tick() => {
+                let _ = outbox.send(Envelope::new(Msg::Heartbeat {
+                    managed: state.managed(),
+                    rss: process_rss(),
+                    spilled: 0,
+                    executing: state.executing() as u32,
+                    ready: state.nready() as u32,
+                    nkeys: state.nkeys() as u64,
+                    bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
+                }));
+                if !registered {
+                    // The scheduler answers a bad registration with an error
+                    // at once; no error by the first heartbeat means we are in.
+                    registered = true;
+                    if let Some(s) = started.take() {
+                        let _ = s.send(address.clone());
+                    }
+                }
+            }
+            ev = events.recv() => {
+                let Some(ev) = ev else { break Ok(()) };
+                let mut stop = None;
+                apply(&mut state, ev, &mut stop);
+                while let Ok(ev) = events.try_recv() {
+                    apply(&mut state, ev, &mut stop);
+                }
+                for ins in state.take_instructions() {
+                    carry_out(ins, &outbox, &job_tx, &runner, &pool, &events_tx);
+                }
+                if let Some(r) = stop {
+                    break r;
+                }
+            }
+        }
+    };
+    drop(job_tx);
+    result
+}
+
+fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), WorkerError>>) {
+    match ev {
+        Event::FromScheduler(batch) => {
+            for env in batch {
+                let Envelope { msg, frames } = env;
+                match msg {
+                    Msg::ComputeTask { key, run_spec, deps, priority } => {
+                        let spec = run_spec.resolve(&frames).unwrap_or_default();
+                        state.compute_task(key, spec, deps, priority, now());
+                    }
+                    Msg::FreeKeys { keys } => state.free_keys(keys),
+                    Msg::CloseWorker { reason } => {
+                        tracing::info!("scheduler closed this worker: {reason}");
+                        *stop = Some(Ok(()));
+                    }
+                    Msg::Error { reason } => *stop = Some(Err(WorkerError::Refused(reason))),
+                    other => tracing::warn!("unexpected message from scheduler: {other:?}"),
+                }
+            }
+        }
+        Event::SchedulerClosed(err) => {
+            if stop.is_none() {
+                let why = err.map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into());
+                *stop = Some(Err(WorkerError::SchedulerLost(why)));
+            }
+        }
+        Event::Executed { key, outcome, start, stop: end, thread } => state.execute_done(key, outcome, start, end, thread),
+        Event::Fetched { worker, stored, failed } => {
+            if !stored.is_empty() {
+                state.fetch_done(stored, now());
+            }
+            if !failed.is_empty() {
+                state.fetch_failed(&worker, failed);
+            }
+        }
+        Event::DataPut(items) => state.data_put(items),
+    }
+}
+
+static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
+
+fn carry_out<R: Runner>(
+    ins: Instruction,
+    outbox: &comm::Outbox,
+    jobs: &std::sync::mpsc::Sender<Job>,
+    runner: &Arc<R>,
+    pool: &Arc<ConnectionPool>,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    match ins {
+        Instruction::Send(env) => {
+            let _ = outbox.send(env);
+        }
+        Instruction::Execute { key, run_spec, deps } => {
+            let _ = jobs.send(Job { key, run_spec, deps });
+        }
+        Instruction::Free { keys } => {
+            let runner = runner.clone();
+            tokio::task::spawn_blocking(move || runner.free(&keys));
+        }
+        Instruction::Fetch { worker, keys } => {
+            let runner = runner.clone();
+            let pool = pool.clone();
+            let events = events.clone();
+            tokio::spawn(async move {
+                let id = REQUEST_ID.fetch_add(1, Ordering::Relaxed);
+                let reply = pool.request(&worker, Envelope::new(Msg::GetData { id, keys: keys.clone() })).await;
+                let (stored, failed) = match reply {
+                    Ok(Envelope { msg: Msg::Data { items, missing, .. }, frames }) => {
+                        let res = tokio::task::spawn_blocking(move || store_items(&*runner, items, &frames)).await;
+                        match res {
+                            Ok((stored, mut failed)) => {
+                                failed.extend(missing);
+                                (stored, failed)
+                            }
+                            Err(_) => (Vec::new(), keys),
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::warn!("unexpected reply from {worker}: {:?}", other.msg);
+                        (Vec::new(), keys)
+                    }
+                    Err(e) => {
+                        tracing::warn!("fetch from {worker} failed: {e}");
+                        pool.forget(&worker);
+                        (Vec::new(), keys)
+                    }
+                };
+                let _ = events.send(Event::Fetched { worker, stored, failed });
+            });
+        }
+    }
+}
+
+/// Deserialize and store received items; returns stored sizes and failures.
+fn store_items<R: Runner + ?Sized>(
+    runner: &R,
+    items: Vec<(Key, Vec<Blob>)>,
+    frames: &[Bytes],
+) -> (Vec<(Key, u64)>, Vec<Key>) {
+    let mut stored = Vec::with_capacity(items.len());
+    let mut failed = Vec::new();
+    for (key, blobs) in items {
+        let parts: Option<Vec<Bytes>> = blobs.iter().map(|b| b.resolve(frames)).collect();
+        match parts.ok_or_else(|| "missing frame".to_string()).and_then(|p| runner.store(&key, p)) {
+            Ok(n) => stored.push((key, n)),
+            Err(e) => {
+                tracing::warn!("could not store {key}: {e}");
+                failed.push(key);
+            }
+        }
+    }
+    (stored, failed)
+}
+
+/// Serve `GetData` and `PutData` to peers and clients.
+fn spawn_data_server<R: Runner>(
+    listener: TcpListener,
+    address: String,
+    runner: Arc<R>,
+    events: mpsc::UnboundedSender<Event>,
+    traffic: Arc<Traffic>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let runner = runner.clone();
+            let events = events.clone();
+            let address = address.clone();
+            let traffic = traffic.clone();
+            tokio::spawn(async move {
+                let (conn, role) = match comm::accept(stream, &address).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!("data connection rejected: {e}");
+                        return;
+                    }
+                };
+                let comm::Connection { mut reader, mut writer, .. } = conn;
+                if role == Role::Worker {
+                    let reason = format!("{address} is a dask-rs worker's data port, not a scheduler");
+                    let _ = writer.write_one(Msg::Error { reason }).await;
+                    writer.shutdown().await;
+                    return;
+                }
+                let mut last_in = 0;
+                while let Ok(batch) = reader.read_batch().await {
+                    traffic.bytes_in.fetch_add(reader.bytes_read - last_in, Ordering::Relaxed);
+                    last_in = reader.bytes_read;
+                    for env in batch {
+                        let reply = serve(&runner, env, &events).await;
+                        let before = writer.bytes_written;
+                        if writer.write_batch(std::slice::from_ref(&reply)).await.is_err() {
+                            return;
+                        }
+                        traffic.bytes_out.fetch_add(writer.bytes_written - before, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+}
+
+async fn serve<R: Runner>(runner: &Arc<R>, env: Envelope, events: &mpsc::UnboundedSender<Event>) -> Envelope {
+    let Envelope { msg, frames } = env;
+    match msg {
+        Msg::GetData { id, keys } => {
+            let r = runner.clone();
+            let values = tokio::task::spawn_blocking(move || r.serialize(&keys)).await.unwrap_or_default();
+            let mut out_frames = Vec::new();
+            let mut items = Vec::with_capacity(values.len());
+            let mut missing = Vec::new();
+            for (key, v) in values {
+                match v {
+                    Some(parts) => {
+                        let blobs = parts.into_iter().map(|p| Blob::new(p, &mut out_frames)).collect();
+                        items.push((key, blobs));
+                    }
+                    None => missing.push(key),
+                }
+            }
+            Envelope { msg: Msg::Data { id, items, missing }, frames: out_frames }
+        }
+        Msg::PutData { id, items } => {
+            let r = runner.clone();
+            let (stored, failed) =
+                tokio::task::spawn_blocking(move || store_items(&*r, items, &frames)).await.unwrap_or_default();
+            if !failed.is_empty() {
+                return Envelope::new(Msg::Error { reason: format!("could not store keys {failed:?}") });
+            }
+            let nbytes = stored.iter().map(|(_, n)| *n).collect();
+            let _ = events.send(Event::DataPut(stored));
+            Envelope::new(Msg::PutDataOk { id, nbytes })
+        }
+        other => Envelope::new(Msg::Error { reason: format!("unexpected request on a data port: {other:?}") }),
+    }
+}

@@ -1,0 +1,409 @@
+//! The worker's task state machine (after distributed's `WorkerState`).
+//!
+//! Pure: events in, [`Instruction`]s out. It knows which tasks are waiting
+//! for dependencies, which are being fetched from which peer, which are
+//! ready, and which run; it never touches data or sockets. The runtime in
+//! `runtime.rs` carries out the instructions.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use bytes::Bytes;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::protocol::{Blob, DepInfo, Envelope, Key, Msg, Priority};
+
+/// What the runtime must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Instruction {
+    /// Run `key` on an executor thread, with `deps` already in the store.
+    Execute { key: Key, run_spec: Bytes, deps: Vec<Key> },
+    /// Fetch `keys` from the worker at `worker`.
+    Fetch { worker: String, keys: Vec<Key> },
+    /// Send a message to the scheduler.
+    Send(Envelope),
+    /// Drop these keys from the data store.
+    Free { keys: Vec<Key> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WState {
+    Waiting,
+    Ready,
+    Executing,
+    /// Released by the scheduler while executing: the result is discarded.
+    Cancelled,
+}
+
+#[derive(Debug)]
+struct WTask {
+    state: WState,
+    run_spec: Bytes,
+    deps: Vec<Key>,
+    priority: Priority,
+    missing: u32,
+    fetch_started: Option<f64>,
+    transfer: f64,
+}
+
+#[derive(Debug)]
+struct Fetching {
+    holders: Vec<String>,
+    tried: Vec<String>,
+    in_flight: bool,
+}
+
+/// Result of running a task, as the runtime reports it.
+#[derive(Debug, Clone)]
+pub enum ExecOutcome {
+    Ok {
+        nbytes: u64,
+        type_name: String,
+    },
+    Err {
+        exception: Bytes,
+        traceback: Bytes,
+        text: String,
+    },
+}
+
+/// The worker's bookkeeping.
+#[derive(Debug)]
+pub struct WorkerState {
+    nthreads: usize,
+    tasks: FxHashMap<Key, WTask>,
+    ready: BinaryHeap<Reverse<(Priority, Key)>>,
+    executing: usize,
+    data: FxHashMap<Key, u64>,
+    managed: u64,
+    fetching: FxHashMap<Key, Fetching>,
+    dep_waiters: FxHashMap<Key, FxHashSet<Key>>,
+    out: Vec<Instruction>,
+}
+
+impl WorkerState {
+    pub fn new(nthreads: usize) -> Self {
+        WorkerState {
+            nthreads: nthreads.max(1),
+            tasks: FxHashMap::default(),
+            ready: BinaryHeap::new(),
+            executing: 0,
+            data: FxHashMap::default(),
+            managed: 0,
+            fetching: FxHashMap::default(),
+            dep_waiters: FxHashMap::default(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Instructions produced since the last call.
+    pub fn take_instructions(&mut self) -> Vec<Instruction> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Bytes of results held.
+    pub fn managed(&self) -> u64 {
+        self.managed
+    }
+
+    /// Number of keys in the store.
+    pub fn nkeys(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Tasks running now.
+    pub fn executing(&self) -> usize {
+        self.executing
+    }
+
+    /// Tasks ready to run and waiting for a thread.
+    pub fn nready(&self) -> usize {
+        self.tasks.values().filter(|t| t.state == WState::Ready).count()
+    }
+
+    /// Whether `key` is in the store.
+    pub fn has(&self, key: &str) -> bool {
+        self.data.contains_key(key)
+    }
+
+    fn send(&mut self, msg: Msg) {
+        self.out.push(Instruction::Send(Envelope::new(msg)));
+    }
+
+    /// The scheduler assigned a task.
+    pub fn compute_task(&mut self, key: Key, run_spec: Bytes, deps: Vec<DepInfo>, priority: Priority, now: f64) {
+        if let Some(t) = self.tasks.get_mut(&key) {
+            if t.state == WState::Cancelled {
+                t.state = WState::Executing;
+            }
+            return;
+        }
+        if let Some(&nbytes) = self.data.get(&key) {
+            self.send(Msg::TaskFinished {
+                key,
+                nbytes,
+                type_name: String::new(),
+                start: now,
+                stop: now,
+                thread: 0,
+                transfer: 0.0,
+            });
+            return;
+        }
+        let mut missing = 0;
+        let mut by_worker: FxHashMap<String, Vec<Key>> = FxHashMap::default();
+        for d in &deps {
+            if self.data.contains_key(&d.key) {
+                continue;
+            }
+            missing += 1;
+            self.dep_waiters.entry(d.key.clone()).or_default().insert(key.clone());
+            let f = self.fetching.entry(d.key.clone()).or_insert_with(|| Fetching {
+                holders: Vec::new(),
+                tried: Vec::new(),
+                in_flight: false,
+            });
+            for h in &d.who_has {
+                if !f.holders.contains(h) {
+                    f.holders.push(h.clone());
+                }
+            }
+            if !f.in_flight {
+                if let Some(h) = f.holders.iter().find(|h| !f.tried.contains(h)).cloned() {
+                    f.in_flight = true;
+                    by_worker.entry(h).or_default().push(d.key.clone());
+                }
+            }
+        }
+        let task = WTask {
+            state: if missing == 0 { WState::Ready } else { WState::Waiting },
+            run_spec,
+            deps: deps.into_iter().map(|d| d.key).collect(),
+            priority,
+            missing,
+            fetch_started: if missing > 0 { Some(now) } else { None },
+            transfer: 0.0,
+        };
+        let ready = task.state == WState::Ready;
+        self.tasks.insert(key.clone(), task);
+        if ready {
+            self.ready.push(Reverse((priority, key)));
+        }
+        let mut fetches: Vec<(String, Vec<Key>)> = by_worker.into_iter().collect();
+        fetches.sort();
+        for (worker, keys) in fetches {
+            self.out.push(Instruction::Fetch { worker, keys });
+        }
+        self.schedule();
+    }
+
+    fn schedule(&mut self) {
+        while self.executing < self.nthreads {
+            let Some(Reverse((_, key))) = self.ready.pop() else { return };
+            let Some(t) = self.tasks.get_mut(&key) else { continue };
+            if t.state != WState::Ready {
+                continue;
+            }
+            t.state = WState::Executing;
+            self.executing += 1;
+            let instr = Instruction::Execute { key, run_spec: t.run_spec.clone(), deps: t.deps.clone() };
+            self.out.push(instr);
+        }
+    }
+
+    /// Keys arrived from a peer and are now in the store.
+    pub fn fetch_done(&mut self, stored: Vec<(Key, u64)>, now: f64) {
+        let mut added = Vec::with_capacity(stored.len());
+        for (key, nbytes) in stored {
+            self.fetching.remove(&key);
+            if self.data.insert(key.clone(), nbytes).is_none() {
+                self.managed += nbytes;
+            }
+            added.push((key.clone(), nbytes));
+            if let Some(waiters) = self.dep_waiters.remove(&key) {
+                for w in waiters {
+                    if let Some(t) = self.tasks.get_mut(&w) {
+                        if t.state == WState::Waiting {
+                            t.missing = t.missing.saturating_sub(1);
+                            if t.missing == 0 {
+                                t.state = WState::Ready;
+                                if let Some(s) = t.fetch_started {
+                                    t.transfer = now - s;
+                                }
+                                self.ready.push(Reverse((t.priority, w)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !added.is_empty() {
+            self.send(Msg::AddKeys { keys: added });
+        }
+        self.schedule();
+    }
+
+    /// A fetch from `worker` failed (or the peer lacked `keys`).
+    pub fn fetch_failed(&mut self, worker: &str, keys: Vec<Key>) {
+        let mut retry: FxHashMap<String, Vec<Key>> = FxHashMap::default();
+        for key in keys {
+            let Some(f) = self.fetching.get_mut(&key) else { continue };
+            f.in_flight = false;
+            f.tried.push(worker.to_string());
+            match f.holders.iter().find(|h| !f.tried.contains(h)).cloned() {
+                Some(h) => {
+                    f.in_flight = true;
+                    retry.entry(h).or_default().push(key);
+                }
+                None => {
+                    let f = self.fetching.remove(&key).expect("present");
+                    self.send(Msg::MissingData { key, workers: f.tried });
+                }
+            }
+        }
+        for (worker, keys) in retry {
+            self.out.push(Instruction::Fetch { worker, keys });
+        }
+    }
+
+    /// A task finished running on an executor thread.
+    pub fn execute_done(&mut self, key: Key, outcome: ExecOutcome, start: f64, stop: f64, thread: u32) {
+        let Some(t) = self.tasks.remove(&key) else { return };
+        self.executing = self.executing.saturating_sub(1);
+        match (t.state, outcome) {
+            (WState::Cancelled, ExecOutcome::Ok { .. }) => {
+                self.out.push(Instruction::Free { keys: vec![key] });
+            }
+            (WState::Cancelled, ExecOutcome::Err { .. }) => {}
+            (_, ExecOutcome::Ok { nbytes, type_name }) => {
+                if self.data.insert(key.clone(), nbytes).is_none() {
+                    self.managed += nbytes;
+                }
+                self.send(Msg::TaskFinished { key, nbytes, type_name, start, stop, thread, transfer: t.transfer });
+            }
+            (_, ExecOutcome::Err { exception, traceback, text }) => {
+                let mut frames = Vec::new();
+                let exception = Blob::new(exception, &mut frames);
+                let traceback = Blob::new(traceback, &mut frames);
+                let msg = Msg::TaskErred { key, exception, traceback, text, start, stop, thread };
+                self.out.push(Instruction::Send(Envelope { msg, frames }));
+            }
+        }
+        self.schedule();
+    }
+
+    /// The scheduler released keys: drop data and forget tasks.
+    pub fn free_keys(&mut self, keys: Vec<Key>) {
+        let mut drop = Vec::new();
+        for key in keys {
+            if let Some(t) = self.tasks.get_mut(&key) {
+                match t.state {
+                    WState::Executing => t.state = WState::Cancelled,
+                    WState::Cancelled => {}
+                    WState::Waiting | WState::Ready => {
+                        let t = self.tasks.remove(&key).expect("present");
+                        for d in t.deps {
+                            if let Some(ws) = self.dep_waiters.get_mut(&d) {
+                                ws.remove(&key);
+                                if ws.is_empty() {
+                                    self.dep_waiters.remove(&d);
+                                    if self.fetching.get(&d).is_some_and(|f| !f.in_flight) {
+                                        self.fetching.remove(&d);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(n) = self.data.remove(&key) {
+                self.managed = self.managed.saturating_sub(n);
+                drop.push(key);
+            }
+        }
+        if !drop.is_empty() {
+            self.out.push(Instruction::Free { keys: drop });
+        }
+    }
+
+    /// A client put data here directly.
+    pub fn data_put(&mut self, items: Vec<(Key, u64)>) {
+        for (key, nbytes) in items {
+            if let Some(old) = self.data.insert(key, nbytes) {
+                self.managed = self.managed.saturating_sub(old);
+            }
+            self.managed += nbytes;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dep(k: &str, on: &str) -> DepInfo {
+        DepInfo { key: k.into(), nbytes: 8, who_has: vec![on.into()] }
+    }
+
+    #[test]
+    fn runs_at_most_nthreads_in_priority_order() {
+        let mut w = WorkerState::new(1);
+        for (i, k) in ["c", "a", "b"].iter().enumerate() {
+            let p = Priority { user: 0, generation: 0, order: [3, 1, 2][i] };
+            w.compute_task(k.to_string(), Bytes::new(), vec![], p, 0.0);
+        }
+        let ins = w.take_instructions();
+        assert_eq!(ins.len(), 1);
+        assert!(matches!(&ins[0], Instruction::Execute { key, .. } if key == "c"));
+        w.execute_done("c".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+        let ins = w.take_instructions();
+        assert!(matches!(&ins[0], Instruction::Send(_)));
+        assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "a"));
+        assert_eq!(w.executing(), 1);
+    }
+
+    #[test]
+    fn fetches_missing_deps_batched_per_peer_then_runs() {
+        let mut w = WorkerState::new(2);
+        let deps = vec![dep("x", "tcp://a:1"), dep("y", "tcp://a:1"), dep("z", "tcp://b:1")];
+        w.compute_task("t".into(), Bytes::new(), deps, Priority::default(), 0.0);
+        let ins = w.take_instructions();
+        assert_eq!(
+            ins,
+            vec![
+                Instruction::Fetch { worker: "tcp://a:1".into(), keys: vec!["x".into(), "y".into()] },
+                Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["z".into()] },
+            ]
+        );
+        w.fetch_done(vec![("x".into(), 8), ("y".into(), 8)], 0.5);
+        assert!(!w.take_instructions().iter().any(|i| matches!(i, Instruction::Execute { .. })));
+        w.fetch_done(vec![("z".into(), 8)], 1.0);
+        let ins = w.take_instructions();
+        assert!(ins.iter().any(|i| matches!(i, Instruction::Execute { key, deps, .. } if key == "t" && deps.len() == 3)));
+    }
+
+    #[test]
+    fn failed_fetch_tries_other_holder_then_reports_missing() {
+        let mut w = WorkerState::new(1);
+        let d = DepInfo { key: "x".into(), nbytes: 8, who_has: vec!["tcp://a:1".into(), "tcp://b:1".into()] };
+        w.compute_task("t".into(), Bytes::new(), vec![d], Priority::default(), 0.0);
+        w.take_instructions();
+        w.fetch_failed("tcp://a:1", vec!["x".into()]);
+        assert_eq!(w.take_instructions(), vec![Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["x".into()] }]);
+        w.fetch_failed("tcp://b:1", vec!["x".into()]);
+        let ins = w.take_instructions();
+        assert!(matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, Msg::MissingData { key, workers } if key == "x" && workers.len() == 2)));
+    }
+
+    #[test]
+    fn cancelled_while_executing_discards_result() {
+        let mut w = WorkerState::new(1);
+        w.compute_task("t".into(), Bytes::new(), vec![], Priority::default(), 0.0);
+        w.take_instructions();
+        w.free_keys(vec!["t".into()]);
+        w.execute_done("t".into(), ExecOutcome::Ok { nbytes: 8, type_name: String::new() }, 0.0, 1.0, 0);
+        assert_eq!(w.take_instructions(), vec![Instruction::Free { keys: vec!["t".into()] }]);
+        assert_eq!(w.nkeys(), 0);
+        assert_eq!(w.managed(), 0);
+    }
+}
