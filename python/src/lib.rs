@@ -1,1 +1,615 @@
+//! `dask_rs._core`: the Rust runtime exposed to Python.
+//!
+//! This crate is bindings only. It hosts the `cluster` crate's worker
+//! runtime with a [`PyRunner`] that keeps results as live Python objects,
+//! wraps the client core for the `dask_rs.Client`, and can run a scheduler
+//! inside the Python process (for `LocalCluster`). Serialization policy
+//! (pickle protocol 5, out-of-band buffers) lives in `dask_rs/_serialize.py`;
+//! this crate only moves the resulting buffers without copying them.
 
+use std::ffi::{c_int, c_void};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::{create_exception, ffi};
+use rustc_hash::FxHashMap;
+use tokio::sync::watch;
+
+use cluster::client::{ClientCore as Core, ClientError, KeyStatus, Reply};
+use cluster::protocol::{Blob, EventsUpdate, Key, TaskSpec, WorkerInfo};
+use cluster::scheduler::SchedulerConfig;
+use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
+
+create_exception!(_core, CommError, PyOSError, "A connection to a dask-rs peer failed or was refused.");
+
+fn client_err(e: ClientError) -> PyErr {
+    match e {
+        ClientError::Timeout(_) => PyTimeoutError::new_err(e.to_string()),
+        other => CommError::new_err(other.to_string()),
+    }
+}
+
+// ---- zero-copy buffers ---------------------------------------------------
+
+/// Keeps a Python buffer export alive while Rust sends its bytes.
+struct PyBufOwner(PyBuffer<u8>);
+
+impl AsRef<[u8]> for PyBufOwner {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the export stays valid while the PyBuffer lives; it is
+        // C-contiguous (checked at construction) and `len_bytes` long.
+        unsafe { std::slice::from_raw_parts(self.0.buf_ptr() as *const u8, self.0.len_bytes()) }
+    }
+}
+
+/// Borrow any bytes-like Python object as `Bytes` without copying.
+fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    let buf = PyBuffer::<u8>::get(obj)?;
+    if !buf.is_c_contiguous() {
+        let v = buf.to_vec(obj.py())?;
+        return Ok(Bytes::from(v));
+    }
+    Ok(Bytes::from_owner(PyBufOwner(buf)))
+}
+
+/// Received bytes exposed to Python through the buffer protocol (writable
+/// when this process owns them alone), so unpickled numpy arrays use the
+/// network buffer directly.
+#[pyclass(frozen, module = "dask_rs._core")]
+pub struct Frame {
+    ptr: usize,
+    len: usize,
+    readonly: bool,
+    _keep: FrameData,
+}
+
+enum FrameData {
+    Shared(#[allow(dead_code)] Bytes),
+    Owned(#[allow(dead_code)] BytesMut),
+}
+
+impl Frame {
+    fn new(b: Bytes) -> Frame {
+        match b.try_into_mut() {
+            Ok(mut m) => Frame { ptr: m.as_mut_ptr() as usize, len: m.len(), readonly: false, _keep: FrameData::Owned(m) },
+            Err(b) => Frame { ptr: b.as_ptr() as usize, len: b.len(), readonly: true, _keep: FrameData::Shared(b) },
+        }
+    }
+}
+
+#[pymethods]
+impl Frame {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let me = slf.get();
+        let ro = if me.readonly { 1 } else { 0 };
+        // SAFETY: the memory lives as long as `slf`, which the view keeps a reference to.
+        let rc = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), me.ptr as *mut c_void, me.len as isize, ro, flags) };
+        if rc == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+}
+
+fn frames_to_py<'py>(py: Python<'py>, parts: Vec<Bytes>) -> PyResult<Bound<'py, PyList>> {
+    let items: Vec<Bound<'py, Frame>> = parts.into_iter().map(|p| Bound::new(py, Frame::new(p))).collect::<PyResult<_>>()?;
+    PyList::new(py, items)
+}
+
+// ---- the worker ----------------------------------------------------------
+
+/// Runs tasks by calling into `dask_rs._worker`, keeping results as live
+/// Python objects. Lock order: the GIL first, then `store`.
+struct PyRunner {
+    execute: Py<PyAny>,
+    dumps: Py<PyAny>,
+    loads: Py<PyAny>,
+    store: Mutex<FxHashMap<Key, Py<PyAny>>>,
+}
+
+impl Runner for PyRunner {
+    fn execute(&self, key: &str, run_spec: &Bytes, deps: &[Key], thread: u32) -> ExecOutcome {
+        Python::attach(|py| {
+            let r = (|| -> PyResult<ExecOutcome> {
+                let values: Vec<Py<PyAny>> = {
+                    let store = self.store.lock().expect("store");
+                    let mut v = Vec::with_capacity(deps.len());
+                    for d in deps {
+                        match store.get(d) {
+                            Some(o) => v.push(o.clone_ref(py)),
+                            None => return Err(PyRuntimeError::new_err(format!("dependency {d} is not on this worker"))),
+                        }
+                    }
+                    v
+                };
+                let spec = Bound::new(py, Frame::new(run_spec.clone()))?;
+                let out = self.execute.bind(py).call1((spec, PyList::new(py, values)?, key, thread))?;
+                let t = out.cast::<PyTuple>()?;
+                if t.get_item(0)?.is_truthy()? {
+                    let value = t.get_item(1)?.unbind();
+                    let nbytes: u64 = t.get_item(2)?.extract()?;
+                    let type_name: String = t.get_item(3)?.extract()?;
+                    self.store.lock().expect("store").insert(key.to_string(), value);
+                    Ok(ExecOutcome::Ok { nbytes, type_name })
+                } else {
+                    Ok(ExecOutcome::Err {
+                        exception: t.get_item(1)?.extract::<Vec<u8>>()?.into(),
+                        traceback: t.get_item(2)?.extract::<Vec<u8>>()?.into(),
+                        text: t.get_item(3)?.extract()?,
+                    })
+                }
+            })();
+            r.unwrap_or_else(|e| ExecOutcome::Err {
+                exception: Bytes::new(),
+                traceback: Bytes::new(),
+                text: format!("worker failed to run the task: {e}"),
+            })
+        })
+    }
+
+    fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)> {
+        Python::attach(|py| {
+            let objs: Vec<Option<Py<PyAny>>> = {
+                let store = self.store.lock().expect("store");
+                keys.iter().map(|k| store.get(k).map(|o| o.clone_ref(py))).collect()
+            };
+            keys.iter()
+                .zip(objs)
+                .map(|(k, o)| {
+                    let frames = o.and_then(|o| {
+                        let r = (|| -> PyResult<Vec<Bytes>> {
+                            let parts = self.dumps.bind(py).call1((o,))?;
+                            parts.try_iter()?.map(|p| to_bytes(&p?)).collect()
+                        })();
+                        r.map_err(|e| tracing::warn!("cannot serialize {k}: {e}")).ok()
+                    });
+                    (k.clone(), frames)
+                })
+                .collect()
+        })
+    }
+
+    fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String> {
+        Python::attach(|py| {
+            let r = (|| -> PyResult<u64> {
+                let parts = frames_to_py(py, frames)?;
+                let out = self.loads.bind(py).call1((parts,))?;
+                let t = out.cast::<PyTuple>()?;
+                let value = t.get_item(0)?.unbind();
+                let nbytes: u64 = t.get_item(1)?.extract()?;
+                self.store.lock().expect("store").insert(key.to_string(), value);
+                Ok(nbytes)
+            })();
+            r.map_err(|e| e.to_string())
+        })
+    }
+
+    fn free(&self, keys: &[Key]) {
+        Python::attach(|_py| {
+            let mut store = self.store.lock().expect("store");
+            for k in keys {
+                store.remove(k);
+            }
+        })
+    }
+}
+
+/// A worker running on background threads of this process.
+#[pyclass(module = "dask_rs._core")]
+pub struct WorkerHandle {
+    rt: tokio::runtime::Runtime,
+    stop: watch::Sender<bool>,
+    done: Arc<Mutex<Option<Result<(), String>>>>,
+    finished: watch::Receiver<bool>,
+    #[pyo3(get)]
+    address: String,
+    runner: Arc<PyRunner>,
+}
+
+#[pymethods]
+impl WorkerHandle {
+    /// Wait up to `timeout` seconds (forever if None); True once the worker stopped.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
+        let mut f = self.finished.clone();
+        py.detach(|| {
+            self.rt.block_on(async {
+                let fut = async {
+                    while !*f.borrow() {
+                        if f.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                match timeout {
+                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut).await.is_ok(),
+                    None => {
+                        fut.await;
+                        true
+                    }
+                }
+            })
+        })
+    }
+
+    /// Ask the worker to stop.
+    fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// None while running; raises the worker's error once it failed.
+    fn result(&self) -> PyResult<Option<bool>> {
+        match &*self.done.lock().expect("done") {
+            None => Ok(None),
+            Some(Ok(())) => Ok(Some(true)),
+            Some(Err(e)) => Err(CommError::new_err(e.clone())),
+        }
+    }
+
+    /// Number of values held.
+    fn nkeys(&self) -> usize {
+        self.runner.store.lock().expect("store").len()
+    }
+}
+
+/// Start a worker in this process. `execute`, `dumps` and `loads` come from
+/// `dask_rs._worker`. Returns once the worker registered with the scheduler.
+#[pyfunction]
+#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, timeout=10.0))]
+#[allow(clippy::too_many_arguments)]
+fn start_worker(
+    py: Python<'_>,
+    scheduler: String,
+    name: String,
+    nthreads: usize,
+    memory_limit: u64,
+    host: String,
+    execute: Py<PyAny>,
+    dumps: Py<PyAny>,
+    loads: Py<PyAny>,
+    timeout: f64,
+) -> PyResult<WorkerHandle> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("dask-rs-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let mut config = WorkerConfig::new(&scheduler, &name, nthreads);
+    config.memory_limit = memory_limit;
+    config.host = host;
+    config.connect_timeout = Duration::from_secs_f64(timeout);
+    let runner = Arc::new(PyRunner { execute, dumps, loads, store: Mutex::new(FxHashMap::default()) });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (fin_tx, fin_rx) = watch::channel(false);
+    let done = Arc::new(Mutex::new(None));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let done2 = done.clone();
+    let r2 = runner.clone();
+    rt.spawn(async move {
+        let res = cluster::worker::run_worker(config, r2, stop_rx, Some(started_tx)).await;
+        *done2.lock().expect("done") = Some(res.map_err(|e| e.to_string()));
+        let _ = fin_tx.send(true);
+    });
+    let started = py.detach(|| rt.block_on(started_rx));
+    match started {
+        Ok(address) => Ok(WorkerHandle { rt, stop: stop_tx, done, finished: fin_rx, address, runner }),
+        Err(_) => {
+            let why = done.lock().expect("done").clone();
+            let msg = match why {
+                Some(Err(e)) => e,
+                _ => "worker stopped before registering".to_string(),
+            };
+            Err(CommError::new_err(msg))
+        }
+    }
+}
+
+// ---- the scheduler -------------------------------------------------------
+
+/// A scheduler running on background threads of this process.
+#[pyclass(module = "dask_rs._core")]
+pub struct SchedulerHandle {
+    rt: tokio::runtime::Runtime,
+    inner: cluster::scheduler::SchedulerHandle,
+    #[pyo3(get)]
+    address: String,
+}
+
+#[pymethods]
+impl SchedulerHandle {
+    fn stop(&self, py: Python<'_>) {
+        self.inner.stop();
+        py.detach(|| self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), self.inner.wait()).await }))
+            .ok();
+    }
+
+    /// Wait up to `timeout` seconds; True once the scheduler stopped.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
+        py.detach(|| {
+            self.rt.block_on(async {
+                match timeout {
+                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), self.inner.wait()).await.is_ok(),
+                    None => {
+                        self.inner.wait().await;
+                        true
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// Start a scheduler in this process.
+#[pyfunction]
+#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1))]
+fn start_scheduler(py: Python<'_>, host: String, port: u16, worker_saturation: f64) -> PyResult<SchedulerHandle> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("dask-rs-scheduler")
+        .enable_all()
+        .build()
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let config = SchedulerConfig { worker_saturation, ..Default::default() };
+    let inner = py
+        .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config)))
+        .map_err(|e| PyOSError::new_err(format!("cannot start scheduler on {host}:{port}: {e}")))?;
+    let address = inner.address.clone();
+    Ok(SchedulerHandle { rt, inner, address })
+}
+
+// ---- the client ----------------------------------------------------------
+
+/// The client's connection to a scheduler (see `dask_rs.Client`).
+#[pyclass(module = "dask_rs._core")]
+pub struct ClientCore {
+    core: Core,
+}
+
+fn status_to_py<'py>(py: Python<'py>, st: Option<KeyStatus>) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match st {
+        None => py.None().into_bound(py),
+        Some(KeyStatus::Pending) => ("pending",).into_pyobject(py)?.into_any(),
+        Some(KeyStatus::Finished { nbytes, workers }) => ("finished", nbytes, workers).into_pyobject(py)?.into_any(),
+        Some(KeyStatus::Erred { exception, traceback, text }) => {
+            ("error", Frame::new(exception), Frame::new(traceback), text).into_pyobject(py)?.into_any()
+        }
+        Some(KeyStatus::Cancelled { reason }) => ("cancelled", reason).into_pyobject(py)?.into_any(),
+    })
+}
+
+fn worker_to_py<'py>(py: Python<'py>, w: &WorkerInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("address", &w.address)?;
+    d.set_item("name", &w.name)?;
+    d.set_item("nthreads", w.nthreads)?;
+    d.set_item("memory_limit", w.memory_limit)?;
+    d.set_item("pid", w.pid)?;
+    d.set_item("managed", w.managed)?;
+    d.set_item("rss", w.rss)?;
+    d.set_item("spilled", w.spilled)?;
+    d.set_item("executing", w.executing)?;
+    d.set_item("ready", w.ready)?;
+    d.set_item("processing", w.processing)?;
+    d.set_item("nkeys", w.nkeys)?;
+    d.set_item("bytes_in", w.bytes_in)?;
+    d.set_item("bytes_out", w.bytes_out)?;
+    Ok(d)
+}
+
+fn events_to_py<'py>(py: Python<'py>, u: &EventsUpdate) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("time", u.time)?;
+    d.set_item("ntasks", u.ntasks)?;
+    d.set_item("stream_dropped", u.stream_dropped)?;
+    let stream = PyList::empty(py);
+    for r in &u.stream {
+        let e = PyDict::new(py);
+        e.set_item("key", &r.key)?;
+        e.set_item("group", &r.group)?;
+        e.set_item("worker", &r.worker)?;
+        e.set_item("thread", r.thread)?;
+        e.set_item("start", r.start)?;
+        e.set_item("stop", r.stop)?;
+        e.set_item("transfer", r.transfer)?;
+        e.set_item("erred", r.erred)?;
+        stream.append(e)?;
+    }
+    d.set_item("stream", stream)?;
+    let groups = PyDict::new(py);
+    for g in &u.groups {
+        let e = PyDict::new(py);
+        for (k, v) in [
+            ("released", g.released),
+            ("waiting", g.waiting),
+            ("queued", g.queued),
+            ("no-worker", g.no_worker),
+            ("processing", g.processing),
+            ("memory", g.memory),
+            ("erred", g.erred),
+            ("forgotten", g.forgotten),
+            ("nbytes", g.nbytes),
+        ] {
+            e.set_item(k, v)?;
+        }
+        groups.set_item(&g.name, e)?;
+    }
+    d.set_item("groups", groups)?;
+    let workers = PyList::empty(py);
+    for w in &u.workers {
+        workers.append(worker_to_py(py, w)?)?;
+    }
+    d.set_item("workers", workers)?;
+    Ok(d)
+}
+
+type PyTask<'py> = (String, Bound<'py, PyAny>, Vec<String>, i32, u64, Option<Vec<String>>, bool);
+
+#[pymethods]
+impl ClientCore {
+    #[new]
+    #[pyo3(signature = (address, name, timeout=10.0))]
+    fn new(py: Python<'_>, address: String, name: String, timeout: f64) -> PyResult<Self> {
+        let core = py.detach(|| Core::connect(&address, &name, Duration::from_secs_f64(timeout))).map_err(|e| match e {
+            ClientError::Connect { source: cluster::comm::CommError::Timeout(..), .. } => {
+                PyTimeoutError::new_err(e.to_string())
+            }
+            ClientError::Connect { source: cluster::comm::CommError::Address(_), .. } => {
+                PyValueError::new_err(e.to_string())
+            }
+            other => client_err(other),
+        })?;
+        Ok(ClientCore { core })
+    }
+
+    #[getter]
+    fn address(&self) -> String {
+        self.core.address.clone()
+    }
+
+    /// Submit tasks `(key, run_spec, deps, priority, order, workers, allow_other_workers)`.
+    fn submit(&self, py: Python<'_>, tasks: Vec<PyTask<'_>>, wanted: Vec<String>) -> PyResult<()> {
+        let mut frames = Vec::new();
+        let mut specs = Vec::with_capacity(tasks.len());
+        for (key, run_spec, deps, priority, order, workers, allow_other_workers) in tasks {
+            let data = to_bytes(&run_spec)?;
+            let run_spec = Blob::new(data, &mut frames);
+            specs.push(TaskSpec { key, run_spec, deps, priority, order, workers, allow_other_workers });
+        }
+        py.detach(|| self.core.submit(specs, frames, wanted)).map_err(client_err)
+    }
+
+    fn want(&self, keys: Vec<String>) -> PyResult<()> {
+        self.core.want(keys).map_err(client_err)
+    }
+
+    fn release(&self, keys: Vec<String>) -> PyResult<()> {
+        // Releasing during interpreter shutdown or after close is harmless.
+        let _ = self.core.release(keys);
+        Ok(())
+    }
+
+    fn cancel(&self, keys: Vec<String>) -> PyResult<()> {
+        self.core.cancel(keys).map_err(client_err)
+    }
+
+    /// `None`, `("pending",)`, `("finished", nbytes, workers)`,
+    /// `("error", exception, traceback, text)` or `("cancelled", reason)`.
+    fn status<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyAny>> {
+        status_to_py(py, self.core.status(key))
+    }
+
+    /// Wait for all (or `any`) of `keys`; False on timeout.
+    #[pyo3(signature = (keys, timeout=None, any=false))]
+    fn wait(&self, py: Python<'_>, keys: Vec<String>, timeout: Option<f64>, any: bool) -> PyResult<bool> {
+        let t = timeout.map(Duration::from_secs_f64);
+        py.detach(|| self.core.wait(&keys, t, any)).map_err(client_err)
+    }
+
+    fn watch_done(&self) {
+        self.core.watch_done()
+    }
+
+    fn take_done(&self, py: Python<'_>, timeout: f64) -> Vec<String> {
+        py.detach(|| self.core.take_done(Duration::from_secs_f64(timeout)))
+    }
+
+    /// Fetch `keys` from `worker`: `([(key, [Frame, ...]), ...], missing)`.
+    fn get_data<'py>(&self, py: Python<'py>, worker: String, keys: Vec<String>) -> PyResult<(Bound<'py, PyList>, Vec<String>)> {
+        let (items, missing) = py.detach(|| self.core.get_data(&worker, keys)).map_err(client_err)?;
+        let out = PyList::empty(py);
+        for (k, parts) in items {
+            out.append((k, frames_to_py(py, parts)?))?;
+        }
+        Ok((out, missing))
+    }
+
+    /// Put `[(key, [buffer, ...]), ...]` on `worker`.
+    fn scatter(&self, py: Python<'_>, worker: String, items: Vec<(String, Vec<Bound<'_, PyAny>>)>) -> PyResult<()> {
+        let mut conv = Vec::with_capacity(items.len());
+        for (k, parts) in items {
+            conv.push((k, parts.iter().map(to_bytes).collect::<PyResult<Vec<Bytes>>>()?));
+        }
+        py.detach(|| self.core.scatter(&worker, conv)).map_err(client_err)
+    }
+
+    fn who_has<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
+        let v = py.detach(|| self.core.who_has(keys)).map_err(client_err)?;
+        let d = PyDict::new(py);
+        for (k, ws) in v {
+            d.set_item(k, ws)?;
+        }
+        Ok(d)
+    }
+
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = py.detach(|| self.core.info()).map_err(client_err)?;
+        let Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out } = r else {
+            return Err(CommError::new_err("unexpected reply"));
+        };
+        let d = PyDict::new(py);
+        d.set_item("address", address)?;
+        d.set_item("ntasks", ntasks)?;
+        d.set_item("nclients", nclients)?;
+        d.set_item("bytes_in", bytes_in)?;
+        d.set_item("bytes_out", bytes_out)?;
+        let ws = PyList::empty(py);
+        for w in &workers {
+            ws.append(worker_to_py(py, w)?)?;
+        }
+        d.set_item("workers", ws)?;
+        Ok(d)
+    }
+
+    fn subscribe(&self, interval: f64) -> PyResult<()> {
+        self.core.subscribe(Duration::from_secs_f64(interval)).map_err(client_err)
+    }
+
+    fn take_events<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyList>> {
+        let evs = py.detach(|| self.core.take_events(Duration::from_secs_f64(timeout)));
+        let out = PyList::empty(py);
+        for e in &evs {
+            out.append(events_to_py(py, e)?)?;
+        }
+        Ok(out)
+    }
+
+    fn shutdown_scheduler(&self) -> PyResult<()> {
+        self.core.shutdown_scheduler().map_err(client_err)
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        self.core.closed_reason()
+    }
+}
+
+/// The protocol version this build speaks.
+#[pyfunction]
+fn protocol_version() -> u32 {
+    cluster::protocol::PROTOCOL_VERSION
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("CommError", m.py().get_type::<CommError>())?;
+    m.add_class::<Frame>()?;
+    m.add_class::<ClientCore>()?;
+    m.add_class::<WorkerHandle>()?;
+    m.add_class::<SchedulerHandle>()?;
+    m.add_function(wrap_pyfunction!(start_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(start_scheduler, m)?)?;
+    m.add_function(wrap_pyfunction!(protocol_version, m)?)?;
+    Ok(())
+}

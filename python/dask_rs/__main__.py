@@ -1,0 +1,48 @@
+"""``python -m dask_rs worker ADDRESS ...`` and ``python -m dask_rs scheduler ...``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+
+def scheduler_main(argv) -> int:
+    from . import _core
+
+    p = argparse.ArgumentParser(prog="python -m dask_rs scheduler", description="Run a dask-rs scheduler.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8786)
+    args = p.parse_args(argv)
+    try:
+        handle = _core.start_scheduler(args.host, args.port)
+    except OSError as e:
+        print(f"dask_rs scheduler: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Scheduler at {handle.address}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *a: handle.stop())
+    signal.signal(signal.SIGINT, lambda *a: handle.stop())
+    while not handle.wait(0.2):
+        pass
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m dask_rs {worker,scheduler} ..."
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "worker":
+        from ._worker import main as worker_main
+
+        return worker_main(rest)
+    if cmd == "scheduler":
+        return scheduler_main(rest)
+    print(f"{usage}\nerror: unknown command {cmd!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""How values and tasks become bytes.
+
+Values are pickled with protocol 5; large buffers (numpy arrays, bytes) are
+taken out of band and travel as their own frames, so the Rust transport
+sends them without copying. Functions and arguments are cloudpickled, with
+futures replaced by references to dependencies (`persistent_id`) so the
+worker puts the dependency values straight in while unpickling.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from collections import OrderedDict
+
+import cloudpickle
+
+try:  # dask's sizeof knows numpy, pandas and friends
+    from dask.sizeof import sizeof as _sizeof
+except Exception:  # pragma: no cover - dask is optional
+    _sizeof = None
+
+
+def sizeof(obj) -> int:
+    """Best estimate of the memory `obj` holds."""
+    if _sizeof is not None:
+        try:
+            return int(_sizeof(obj))
+        except Exception:
+            pass
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    return sys.getsizeof(obj)
+
+
+def dumps(obj) -> list:
+    """Serialize a value into frames: ``[pickle, buffer, ...]``."""
+    buffers: list = []
+    try:
+        header = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    except Exception:
+        buffers = []
+        header = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    try:
+        return [header] + [b.raw() for b in buffers]
+    except BufferError:  # a non-contiguous buffer: keep it in band
+        return [cloudpickle.dumps(obj, protocol=5)]
+
+
+def loads(frames):
+    """Inverse of :func:`dumps`; returns ``(value, nbytes)``."""
+    obj = pickle.loads(frames[0], buffers=frames[1:])
+    return obj, sizeof(obj)
+
+
+# ---- tasks ----------------------------------------------------------------
+
+CALL = 1  # (CALL, func_bytes, args_bytes): func(*args, **kwargs)
+GRAPH = 2  # (GRAPH, node_bytes, dep_keys): a dask task-spec node
+
+
+class _DepPickler(cloudpickle.Pickler):
+    """Cloudpickles arguments, replacing futures by dependency indices."""
+
+    def __init__(self, file, is_future, deps: list):
+        super().__init__(file, protocol=5)
+        self._is_future = is_future
+        self._deps = deps
+        self._index: dict = {}
+
+    def persistent_id(self, obj):
+        if self._is_future(obj):
+            k = obj._wire
+            if k not in self._index:
+                self._index[k] = len(self._deps)
+                self._deps.append(k)
+            return ("dep", self._index[k])
+        return None
+
+
+class _DepUnpickler(pickle.Unpickler):
+    def __init__(self, file, values):
+        super().__init__(file)
+        self._values = values
+
+    def persistent_load(self, pid):
+        return self._values[pid[1]]
+
+
+class FunctionCache:
+    """Serialized functions by identity (client) or by bytes (worker)."""
+
+    def __init__(self, size: int = 256):
+        self._d: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, k):
+        v = self._d.get(k)
+        if v is not None:
+            self._d.move_to_end(k)
+        return v
+
+    def put(self, k, v):
+        self._d[k] = v
+        if len(self._d) > self._size:
+            self._d.popitem(last=False)
+
+
+_func_bytes = FunctionCache()
+
+
+def dumps_function(func) -> bytes:
+    try:
+        b = _func_bytes.get(func)
+    except TypeError:  # unhashable callable
+        b = None
+    if b is None:
+        b = cloudpickle.dumps(func, protocol=5)
+        try:
+            _func_bytes.put(func, b)
+        except TypeError:
+            pass
+    return b
+
+
+def dumps_call(func, args, kwargs, is_future) -> tuple[bytes, list]:
+    """Serialize ``func(*args, **kwargs)``; returns ``(run_spec, dep_keys)``."""
+    fb = dumps_function(func)
+    deps: list = []
+    if args or kwargs:
+        buf = io.BytesIO()
+        _DepPickler(buf, is_future, deps).dump((args, kwargs))
+        ab = buf.getvalue()
+    else:
+        ab = b""
+    return pickle.dumps((CALL, fb, ab), protocol=5), deps
+
+
+def dumps_graph_node(node, dep_keys) -> bytes:
+    return cloudpickle.dumps((GRAPH, node, list(dep_keys)), protocol=5)
+
+
+_func_cache = FunctionCache()
+
+
+def run_task(run_spec, values):
+    """Run a task given its spec and its dependencies' values (in order)."""
+    spec = pickle.loads(run_spec)
+    kind = spec[0]
+    if kind == CALL:
+        _, fb, ab = spec
+        func = _func_cache.get(fb)
+        if func is None:
+            func = pickle.loads(fb)
+            _func_cache.put(fb, func)
+        if ab:
+            args, kwargs = _DepUnpickler(io.BytesIO(ab), values).load()
+        else:
+            args, kwargs = (), {}
+        return func(*args, **kwargs)
+    if kind == GRAPH:
+        _, node, dep_keys = spec
+        return node(dict(zip(dep_keys, values)))
+    raise ValueError(f"unknown task kind {kind!r}")

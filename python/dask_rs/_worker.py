@@ -1,0 +1,127 @@
+"""The Python side of a worker: running one task, and the `worker` command.
+
+The Rust runtime (in `_core`) owns networking, scheduling and the data
+store; it calls :func:`execute` on its executor threads with the GIL held
+only for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import signal
+import sys
+import threading
+import uuid
+
+import cloudpickle
+
+from . import _core
+from ._serialize import dumps, loads, run_task, sizeof
+from .utils import parse_bytes
+
+_thread_state = threading.local()
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_traceback(tb):
+    """Skip the frames of dask_rs itself at the top of a traceback."""
+    while tb is not None and os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == _PKG_DIR:
+        tb = tb.tb_next
+    return tb
+
+
+def dump_exception(exc: BaseException) -> bytes:
+    try:
+        b = cloudpickle.dumps(exc, protocol=5)
+        pickle.loads(b)
+        return b
+    except Exception:
+        return cloudpickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"), protocol=5)
+
+
+def dump_traceback(tb) -> bytes:
+    try:
+        import tblib
+
+        return pickle.dumps(tblib.Traceback(tb).to_dict(), protocol=5)
+    except Exception:
+        return b""
+
+
+def execute(run_spec, values, key, thread):
+    """Run one task. Returns ``(True, value, nbytes, type_name)`` or
+    ``(False, exception_bytes, traceback_bytes, text)``."""
+    _thread_state.key = key
+    try:
+        result = run_task(run_spec, values)
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the client
+        tb = _user_traceback(e.__traceback__)
+        return (False, dump_exception(e), dump_traceback(tb), f"{type(e).__name__}: {e}")
+    finally:
+        _thread_state.key = None
+    return (True, result, sizeof(result), type(result).__name__)
+
+
+def total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # pragma: no cover
+        return 0
+
+
+def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_limit=0,
+          host: str = "127.0.0.1", timeout: float = 10.0):
+    """Start a worker in this process; returns its handle once registered."""
+    if memory_limit == "auto":
+        memory_limit = total_memory()
+    return _core.start_worker(
+        scheduler,
+        name or f"worker-{uuid.uuid4().hex[:8]}",
+        int(nthreads),
+        parse_bytes(memory_limit),
+        host,
+        execute,
+        dumps,
+        loads,
+        timeout,
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dask_rs worker", description="Run a dask-rs worker.")
+    p.add_argument("scheduler", help="scheduler address, tcp://HOST:PORT")
+    p.add_argument("--nthreads", type=int, default=1, help="executor threads (default 1)")
+    p.add_argument("--name", default=None, help="unique worker name (default: random)")
+    p.add_argument("--memory-limit", default="auto", help="e.g. 4GiB, 500MB or 'auto' (default)")
+    p.add_argument("--host", default="127.0.0.1", help="interface for the data port")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the scheduler")
+    args = p.parse_args(argv)
+    if args.nthreads < 1:
+        p.error("--nthreads must be at least 1")
+    try:
+        memory_limit = args.memory_limit if args.memory_limit == "auto" else parse_bytes(args.memory_limit)
+    except ValueError as e:
+        p.error(str(e))
+    scheduler = args.scheduler if "://" in args.scheduler else f"tcp://{args.scheduler}"
+    try:
+        handle = start(scheduler, args.name, args.nthreads, memory_limit, args.host, args.connect_timeout)
+    except (OSError, ValueError) as e:
+        print(f"dask_rs worker: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Worker {args.name or ''} at {handle.address} joined {scheduler}".replace("  ", " "), flush=True)
+
+    def stop(signum, frame):
+        handle.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not handle.wait(0.2):
+        pass
+    try:
+        handle.result()
+    except OSError as e:
+        print(f"dask_rs worker: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,974 @@
+"""`Client` and `Future`: submit work to a dask-rs cluster and get results back.
+
+Names, keywords and defaults follow `distributed.Client` so that a Dask user
+changes only the import. The connection, key states and data transfer live in
+the Rust core (`_core.ClientCore`); this module turns Python calls into tasks
+and bytes back into Python objects.
+"""
+
+from __future__ import annotations
+
+import atexit
+import html
+import itertools
+import pickle
+import threading
+import uuid
+import weakref
+from collections import defaultdict, namedtuple
+from concurrent.futures import CancelledError
+from typing import Iterable
+
+from . import _core
+from ._serialize import dumps, dumps_call, dumps_graph_node
+from .utils import format_bytes, key_split, wire_key
+
+__all__ = [
+    "Client",
+    "Future",
+    "as_completed",
+    "wait",
+    "default_client",
+    "get_client",
+    "FIRST_COMPLETED",
+    "ALL_COMPLETED",
+]
+
+FIRST_COMPLETED = "FIRST_COMPLETED"
+ALL_COMPLETED = "ALL_COMPLETED"
+
+_default_client: Client | None = None
+_clients: weakref.WeakSet = weakref.WeakSet()
+
+
+def default_client(c: Client | None = None) -> Client:
+    """The client that `Future`s and `x.compute()` use when none is given."""
+    if c is not None:
+        return c
+    if _default_client is not None and _default_client.status == "running":
+        return _default_client
+    raise ValueError("No clients found. Start a client and point it to a scheduler: Client('tcp://...')")
+
+
+def get_client() -> Client:
+    return default_client()
+
+
+def _is_future(obj) -> bool:
+    return isinstance(obj, Future)
+
+
+def _tokenize(*args, **kwargs) -> str:
+    try:
+        from dask.base import tokenize
+
+        return tokenize(*args, **kwargs)
+    except ImportError:  # pragma: no cover - dask is optional
+        import hashlib
+
+        import cloudpickle
+
+        return hashlib.sha1(cloudpickle.dumps((args, kwargs))).hexdigest()
+
+
+def _funcname(func) -> str:
+    try:
+        from dask.utils import funcname
+
+        return funcname(func)
+    except ImportError:  # pragma: no cover
+        return getattr(func, "__name__", type(func).__name__)
+
+
+def _unpack_status(st):
+    if st is None:
+        return "lost"
+    return {"pending": "pending", "finished": "finished", "error": "error", "cancelled": "cancelled"}[st[0]]
+
+
+def _rebuild_exception(st):
+    """Exception object (with the remote traceback) from an error status."""
+    _, exc_b, tb_b, text = st
+    exc = None
+    if len(exc_b):
+        try:
+            exc = pickle.loads(exc_b)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RuntimeError(text)
+    tb = None
+    if len(tb_b):
+        try:
+            import tblib
+
+            tb = tblib.Traceback.from_dict(pickle.loads(tb_b)).as_traceback()
+        except Exception:
+            tb = None
+    return exc.with_traceback(tb) if tb is not None else exc
+
+
+class Future:
+    """A remotely running computation; mirrors `distributed.Future`."""
+
+    __dask_future__ = True
+
+    def __init__(self, key, client: Client | None = None, inform: bool = False):
+        self.key = key
+        self._wire = wire_key(key)
+        self.client = default_client(client)
+        self.client._inc_ref(self._wire)
+        self._released = False
+        if inform:
+            self.client._core.want([self._wire])
+
+    # -- state --
+    @property
+    def status(self) -> str:
+        return _unpack_status(self.client._status(self._wire))
+
+    def done(self) -> bool:
+        return self.status != "pending"
+
+    def cancelled(self) -> bool:
+        return self.status == "cancelled"
+
+    @property
+    def type(self):
+        return None
+
+    # -- results --
+    def result(self, timeout=None):
+        return self.client._gather_futures([self], timeout=timeout)[0]
+
+    def exception(self, timeout=None):
+        self.client._wait_keys([self._wire], timeout)
+        st = self.client._status(self._wire)
+        if st is not None and st[0] == "error":
+            return _rebuild_exception(st)
+        return None
+
+    def traceback(self, timeout=None):
+        exc = self.exception(timeout)
+        return exc.__traceback__ if exc is not None else None
+
+    def cancel(self, **kwargs):
+        self.client.cancel([self])
+
+    def release(self):
+        if not self._released:
+            self._released = True
+            self.client._dec_ref(self._wire)
+
+    def add_done_callback(self, fn):
+        """Call ``fn(future)`` from a background thread once the future is done."""
+        self.client._add_done_callback(self, fn)
+
+    # -- protocols --
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def __dask_tokenize__(self):
+        return ("dask_rs.Future", self._wire)
+
+    def __reduce__(self):
+        return (_rebuild_future, (self.key,))
+
+    def __repr__(self):
+        return f"<Future: {self.status}, key: {self.key}>"
+
+    def _repr_html_(self):
+        color = {"finished": "green", "error": "red", "pending": "gray"}.get(self.status, "black")
+        return (
+            f"<strong>Future: {html.escape(key_split(self.key))}</strong> "
+            f'<span style="color: {color}">status: {self.status}</span>, '
+            f"key: {html.escape(str(self.key))}"
+        )
+
+    def __await__(self):  # pragma: no cover - asynchronous mode is not supported
+        raise TypeError("dask_rs futures are synchronous; call .result()")
+
+
+def _rebuild_future(key):
+    return Future(key, default_client(), inform=True)
+
+
+DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"])
+
+
+class Client:
+    """Connect to a dask-rs scheduler and run work on its workers.
+
+    ``Client()`` starts a `LocalCluster`; ``Client("tcp://host:8786")``
+    connects to a running scheduler; ``Client(cluster)`` to a cluster object.
+    """
+
+    _instances: Iterable = _clients
+
+    def __init__(
+        self,
+        address=None,
+        loop=None,
+        timeout=10,
+        set_as_default: bool = True,
+        scheduler_file=None,
+        security=None,
+        asynchronous: bool = False,
+        name: str | None = None,
+        heartbeat_interval=None,
+        serializers=None,
+        deserializers=None,
+        extensions=None,
+        direct_to_workers=None,
+        connection_limit=512,
+        **kwargs,
+    ):
+        if asynchronous:
+            raise ValueError("dask_rs.Client does not support asynchronous=True yet")
+        from .utils import parse_timedelta
+
+        self._timeout = parse_timedelta(timeout) or 10.0
+        self.cluster = None
+        self._own_cluster = False
+        if address is None:
+            from .cluster import LocalCluster
+
+            self.cluster = LocalCluster(**kwargs)
+            self._own_cluster = True
+            address = self.cluster.scheduler_address
+        elif hasattr(address, "scheduler_address"):
+            self.cluster = address
+            address = address.scheduler_address
+        elif kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} when connecting to an address")
+        if not isinstance(address, str):
+            raise TypeError(f"address must be a string or a cluster, got {type(address).__name__}")
+        if "://" not in address:
+            address = f"tcp://{address}"
+        self.id = name or f"Client-{uuid.uuid4()}"
+        self._core = _core.ClientCore(address, self.id, float(self._timeout))
+        self.scheduler_address = address
+        self.status = "running"
+        self._refcount: dict = defaultdict(int)
+        self._lock = threading.Lock()
+        self._order = itertools.count()
+        self._callbacks: dict = defaultdict(list)
+        self._callback_thread = None
+        self._dask_config = None
+        _clients.add(self)
+        if set_as_default:
+            self._set_default()
+
+    # -- defaults and dask integration --
+    def _set_default(self):
+        global _default_client
+        _default_client = self
+        try:
+            import dask
+
+            self._dask_config = dask.config.set(
+                {"scheduler": self.get, "dataframe.shuffle.method": "tasks"}
+            )
+        except ImportError:  # pragma: no cover - dask is optional
+            self._dask_config = None
+
+    def as_current(self):
+        return self
+
+    # -- reference counting --
+    def _inc_ref(self, wire: str):
+        with self._lock:
+            self._refcount[wire] += 1
+
+    def _dec_ref(self, wire: str):
+        with self._lock:
+            self._refcount[wire] -= 1
+            if self._refcount[wire] > 0:
+                return
+            del self._refcount[wire]
+            self._callbacks.pop(wire, None)
+        if self.status == "running":
+            self._core.release([wire])
+
+    def _status(self, wire: str):
+        if self.status != "running":
+            return ("cancelled", "client is closed")
+        return self._core.status(wire)
+
+    def _wait_keys(self, wires, timeout=None, any=False) -> bool:
+        from .utils import parse_timedelta
+
+        t = parse_timedelta(timeout)
+        if not self._core.wait(list(wires), t, any):
+            if t is not None:
+                raise TimeoutError(f"{len(wires)} futures not done within {t} s")
+            return False
+        return True
+
+    # -- submitting work --
+    def _next_order(self) -> int:
+        return next(self._order)
+
+    @staticmethod
+    def _workers_arg(workers):
+        if workers is None:
+            return None
+        if isinstance(workers, (str, int)):
+            workers = [workers]
+        return [str(w) for w in workers]
+
+    def submit(
+        self,
+        func,
+        *args,
+        key=None,
+        workers=None,
+        resources=None,
+        retries=None,
+        priority=0,
+        fifo_timeout="100 ms",
+        allow_other_workers=False,
+        actor=False,
+        actors=False,
+        pure=True,
+        **kwargs,
+    ) -> Future:
+        """Submit ``func(*args, **kwargs)``; returns a `Future`."""
+        if not callable(func):
+            raise TypeError("First input to submit must be a callable function")
+        if key is None:
+            if pure:
+                key = f"{_funcname(func)}-{_tokenize(func, kwargs, *args)}"
+            else:
+                key = f"{_funcname(func)}-{uuid.uuid4().hex}"
+        wire = wire_key(key)
+        with self._lock:
+            known = self._refcount.get(wire, 0) > 0
+        if known:
+            return Future(key, self)
+        spec, deps = self._dumps_call(func, args, kwargs)
+        fut = Future(key, self)
+        self._core.submit(
+            [(wire, spec, deps, int(priority), self._next_order(), self._workers_arg(workers),
+              bool(allow_other_workers))],
+            [wire],
+        )
+        return fut
+
+    @staticmethod
+    def _dumps_call(func, args, kwargs):
+        try:
+            return dumps_call(func, args, kwargs, _is_future)
+        except Exception as e:
+            raise TypeError(
+                f"Could not serialize {_funcname(func)!r} or its arguments to send them to the "
+                f"cluster: {type(e).__name__}: {e}"
+            ) from e
+
+    def map(
+        self,
+        func,
+        *iterables,
+        key=None,
+        workers=None,
+        retries=None,
+        resources=None,
+        priority=0,
+        allow_other_workers=False,
+        fifo_timeout="100 ms",
+        actor=False,
+        actors=False,
+        pure=True,
+        batch_size=None,
+        **kwargs,
+    ) -> list:
+        """Map ``func`` over iterables; returns a list of `Future`s."""
+        if not callable(func):
+            raise TypeError("First input to map must be a callable function")
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
+        arg_lists = list(zip(*iterables))
+        if isinstance(key, (list, tuple)):
+            keys = list(key)
+            if len(keys) != len(arg_lists):
+                raise ValueError("key list must be as long as the inputs")
+        elif pure:
+            name = key or _funcname(func)
+            keys = [f"{name}-{_tokenize(func, kwargs, *a)}" for a in arg_lists]
+        else:
+            name = key or _funcname(func)
+            uid = uuid.uuid4().hex
+            keys = [f"{name}-{uid}-{i}" for i in range(len(arg_lists))]
+        wl = self._workers_arg(workers)
+        tasks = []
+        futures = []
+        seen = set()
+        for k, a in zip(keys, arg_lists):
+            wire = wire_key(k)
+            futures.append(Future(k, self))
+            if wire in seen:
+                continue
+            seen.add(wire)
+            spec, deps = self._dumps_call(func, a, kwargs)
+            tasks.append((wire, spec, deps, int(priority), self._next_order(), wl, bool(allow_other_workers)))
+        self._core.submit(tasks, [wire_key(k) for k in keys])
+        return futures
+
+    # -- getting results --
+    def _gather_futures(self, futures, errors="raise", timeout=None):
+        wires = [f._wire for f in futures]
+        self._wait_keys(wires, timeout)
+        by_worker = defaultdict(list)
+        results: dict = {}
+        bad = set()
+        for f in futures:
+            st = self._status(f._wire)
+            if st is None:
+                raise CancelledError(f"{f.key} was released")
+            kind = st[0]
+            if kind == "error":
+                if errors == "raise":
+                    raise _rebuild_exception(st)
+                bad.add(f._wire)
+            elif kind == "cancelled":
+                if errors == "raise":
+                    raise CancelledError(f"{f.key}: {st[1]}")
+                bad.add(f._wire)
+            elif f._wire not in by_worker_keys(by_worker):
+                workers = st[2]
+                by_worker[workers[0] if workers else ""].append(f._wire)
+        for addr, keys in by_worker.items():
+            results.update(self._fetch(addr, keys))
+        return [results[f._wire] for f in futures if f._wire not in bad]
+
+    def _fetch(self, addr, keys, attempts=3) -> dict:
+        out = {}
+        items, missing = ([], list(keys)) if not addr else self._core.get_data(addr, list(keys))
+        for k, frames in items:
+            out[k] = pickle.loads(frames[0], buffers=frames[1:])
+        if missing:
+            if attempts <= 0:
+                raise RuntimeError(f"could not find data for {missing} on any worker")
+            who = self._core.who_has(missing)
+            groups = defaultdict(list)
+            for k in missing:
+                holders = [w for w in who.get(k, []) if w != addr] or who.get(k, [])
+                if not holders:
+                    raise RuntimeError(f"no worker holds {k} (was it lost?)")
+                groups[holders[0]].append(k)
+            for a, ks in groups.items():
+                out.update(self._fetch(a, ks, attempts - 1))
+        return out
+
+    def gather(self, futures, errors="raise", direct=None, asynchronous=None):
+        """Results of futures, in the same (nested) structure."""
+        flat: list = []
+
+        def collect(x):
+            if isinstance(x, Future):
+                flat.append(x)
+            elif isinstance(x, (list, tuple, set, frozenset)):
+                for y in x:
+                    collect(y)
+            elif isinstance(x, dict):
+                for y in x.values():
+                    collect(y)
+
+        collect(futures)
+        values = self._gather_futures(flat, errors=errors)
+        if errors == "skip":
+            done = {f._wire for f in flat if self._status(f._wire)[0] == "finished"}
+            ok = [f for f in flat if f._wire in done]
+        else:
+            ok = flat
+        by_wire = {f._wire: v for f, v in zip(ok, values)}
+        _skip = object()
+
+        def pack(x):
+            if isinstance(x, Future):
+                return by_wire.get(x._wire, _skip)
+            if isinstance(x, (list, tuple, set, frozenset)):
+                items = [pack(y) for y in x]
+                return type(x)(i for i in items if i is not _skip)
+            if isinstance(x, dict):
+                return {k: v for k, v in ((k, pack(y)) for k, y in x.items()) if v is not _skip}
+            return x
+
+        return pack(futures)
+
+    def scatter(self, data, workers=None, broadcast=False, direct=None, hash=True, timeout=None,
+                asynchronous=None):
+        """Move local data to workers; returns futures in the same structure."""
+        infos = self._core.info()["workers"]
+        if workers is not None:
+            wanted = set(self._workers_arg(workers))
+            infos = [w for w in infos if w["name"] in wanted or w["address"] in wanted]
+        if not infos:
+            raise RuntimeError("no workers to scatter to")
+        if isinstance(data, dict):
+            items = list(data.items())
+        elif isinstance(data, (list, tuple, set, frozenset)):
+            items = [(None, x) for x in data]
+        else:
+            items = [(None, data)]
+        keyed = []
+        for k, v in items:
+            if k is None:
+                k = f"{type(v).__name__}-{_tokenize(v) if hash else uuid.uuid4().hex}"
+            keyed.append((k, v))
+        targets = [w["address"] for w in infos]
+        groups = defaultdict(list)
+        for i, (k, v) in enumerate(keyed):
+            frames = dumps(v)
+            dests = targets if broadcast else [targets[i % len(targets)]]
+            for d in dests:
+                groups[d].append((wire_key(k), frames))
+        futures = {k: Future(k, self) for k, _ in keyed}
+        for addr, its in groups.items():
+            self._core.scatter(addr, its)
+        if isinstance(data, dict):
+            return futures
+        out = [futures[k] for k, _ in keyed]
+        if isinstance(data, (list, tuple, set, frozenset)):
+            return type(data)(out) if not isinstance(data, (set, frozenset)) else out
+        return out[0]
+
+    def cancel(self, futures, asynchronous=None, force=False, reason=None, msg=None):
+        if isinstance(futures, Future):
+            futures = [futures]
+        self._core.cancel([f._wire for f in futures])
+
+    # -- dask graphs and collections --
+    def _graph_to_futures(self, dsk, keys, workers=None, allow_other_workers=False, priority=0):
+        from dask._task_spec import convert_legacy_graph
+
+        if hasattr(dsk, "__dask_graph__"):
+            dsk = dsk.__dask_graph__()
+        dsk = dict(dsk)
+        held = {k for k, v in dsk.items() if _is_future(v) and v._wire == wire_key(k)}
+        converted = convert_legacy_graph(dsk)
+        graph = {k: v for k, v in converted.items() if k not in held}
+        try:
+            from dask.order import order
+
+            prio = order(graph) if graph else {}
+        except Exception:
+            prio = {}
+        wl = self._workers_arg(workers)
+        futures = {k: Future(k, self) for k in keys}
+        tasks = []
+        base = self._next_order()
+        for i, (k, node) in enumerate(graph.items()):
+            deps = list(node.dependencies)
+            try:
+                spec = dumps_graph_node(node, deps)
+            except Exception as e:
+                raise TypeError(f"Could not serialize task {k!r}: {type(e).__name__}: {e}") from e
+            tasks.append(
+                (wire_key(k), spec, [wire_key(d) for d in deps], int(priority), prio.get(k, base + i), wl,
+                 bool(allow_other_workers))
+            )
+        self._core.submit(tasks, [wire_key(k) for k in keys])
+        return futures
+
+    def get(self, dsk, keys, workers=None, allow_other_workers=None, resources=None, sync=True,
+            asynchronous=None, direct=None, retries=None, priority=0, fifo_timeout="60s", actors=None,
+            **kwargs):
+        """Compute a dask graph (a dict, HighLevelGraph or expression) for ``keys``."""
+        flat = list(_flatten(keys))
+        futures = self._graph_to_futures(dsk, flat, workers, bool(allow_other_workers), priority)
+        packed = _pack(keys, futures)
+        if not sync:
+            return packed
+        try:
+            return self.gather(packed)
+        finally:
+            for f in futures.values():
+                f.release()
+
+    def compute(self, collections, sync=False, optimize_graph=True, workers=None,
+                allow_other_workers=False, resources=None, retries=0, priority=0, fifo_timeout="60s",
+                actors=None, traverse=True, **kwargs):
+        """Start computing dask collections; returns futures (or results with ``sync=True``)."""
+        import dask
+        from dask._expr import FinalizeCompute
+        from dask.base import collections_to_expr
+        from dask.core import flatten
+
+        singleton = not isinstance(collections, (list, tuple, set, frozenset))
+        if singleton:
+            collections = [collections]
+        if traverse:
+            collections = [
+                dask.delayed(a) if isinstance(a, (list, set, tuple, dict)) else a for a in collections
+            ]
+        variables = [a for a in collections if dask.is_dask_collection(a)]
+        futures_dict = {}
+        names: list = []
+        if variables:
+            expr = FinalizeCompute(collections_to_expr(variables, optimize_graph)).optimize()
+            names = list(flatten(expr.__dask_keys__()))
+            futures_dict = self._graph_to_futures(expr, names, workers, allow_other_workers, priority)
+        out = []
+        i = 0
+        for a in collections:
+            if dask.is_dask_collection(a):
+                out.append(futures_dict[names[i]])
+                i += 1
+            else:
+                out.append(a)
+        if sync:
+            out = self.gather(out)
+        return out[0] if singleton else out
+
+    def persist(self, collections, optimize_graph=True, workers=None, allow_other_workers=None,
+                resources=None, retries=None, priority=0, fifo_timeout="60s", actors=None, **kwargs):
+        """Start computing collections and keep the results on the cluster."""
+        from dask.base import collections_to_expr
+        from dask.core import flatten
+
+        singleton = not isinstance(collections, (list, tuple))
+        if singleton:
+            collections = [collections]
+        expr = collections_to_expr(collections, optimize_graph).optimize()
+        keys = expr.__dask_keys__()
+        futures = self._graph_to_futures(expr, list(flatten(keys)), workers,
+                                         bool(allow_other_workers), priority)
+        post = [c.__dask_postpersist__() for c in collections]
+        result = [func({k: futures[k] for k in flatten(ks)}, *args) for (func, args), ks in zip(post, keys)]
+        return result[0] if singleton else result
+
+    # -- callbacks --
+    def _add_done_callback(self, future, fn):
+        with self._lock:
+            self._callbacks[future._wire].append((future, fn))
+            if self._callback_thread is None:
+                self._core.watch_done()
+                self._callback_thread = threading.Thread(
+                    target=self._run_callbacks, name="dask-rs-callbacks", daemon=True
+                )
+                self._callback_thread.start()
+        if future.done():
+            self._fire([future._wire])
+
+    def _run_callbacks(self):
+        while self.status == "running":
+            done = self._core.take_done(0.2)
+            if done:
+                self._fire(done)
+
+    def _fire(self, wires):
+        for w in wires:
+            with self._lock:
+                cbs = self._callbacks.pop(w, [])
+            for fut, fn in cbs:
+                try:
+                    fn(fut)
+                except Exception as e:  # a callback's failure must not stop the others
+                    import logging
+
+                    logging.getLogger("dask_rs").exception("done callback failed: %s", e)
+
+    # -- cluster information --
+    def scheduler_info(self, n_workers: int = -1, **kwargs) -> dict:
+        info = self._core.info()
+        workers = {
+            w["address"]: {
+                "type": "Worker",
+                "id": w["name"],
+                "name": w["name"],
+                "host": w["address"].split("://")[-1].rsplit(":", 1)[0],
+                "nthreads": w["nthreads"],
+                "memory_limit": w["memory_limit"],
+                "pid": w["pid"],
+                "metrics": {
+                    "managed_bytes": w["managed"],
+                    "memory": w["rss"],
+                    "spilled_bytes": w["spilled"],
+                    "executing": w["executing"],
+                    "ready": w["ready"],
+                    "in_memory": w["nkeys"],
+                    "bytes_in": w["bytes_in"],
+                    "bytes_out": w["bytes_out"],
+                },
+                "processing": w["processing"],
+            }
+            for w in info["workers"]
+        }
+        return {
+            "type": "Scheduler",
+            "id": info["address"],
+            "address": info["address"],
+            "workers": workers,
+            "n_tasks": info["ntasks"],
+            "n_clients": info["nclients"],
+            "bytes_in": info["bytes_in"],
+            "bytes_out": info["bytes_out"],
+        }
+
+    def nthreads(self, workers=None) -> dict:
+        info = self.scheduler_info()["workers"]
+        return {a: w["nthreads"] for a, w in info.items() if workers is None or a in workers}
+
+    ncores = nthreads
+
+    def who_has(self, futures=None, **kwargs) -> dict:
+        if futures is None:
+            with self._lock:
+                wires = list(self._refcount)
+        else:
+            if isinstance(futures, Future):
+                futures = [futures]
+            wires = [f._wire for f in futures]
+        return {k: tuple(v) for k, v in self._core.who_has(wires).items()}
+
+    def has_what(self, workers=None, **kwargs) -> dict:
+        with self._lock:
+            wires = list(self._refcount)
+        out = {a: [] for a in self.scheduler_info()["workers"]}
+        for k, holders in self._core.who_has(wires).items():
+            for h in holders:
+                out.setdefault(h, []).append(k)
+        if workers is not None:
+            out = {a: v for a, v in out.items() if a in workers}
+        return {a: tuple(v) for a, v in out.items()}
+
+    def wait_for_workers(self, n_workers: int, timeout=None):
+        import time
+
+        from .utils import parse_timedelta
+
+        deadline = None if timeout is None else time.monotonic() + parse_timedelta(timeout)
+        while len(self._core.info()["workers"]) < n_workers:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n_workers} workers after {timeout}")
+            time.sleep(0.05)
+
+    def subscribe_events(self, interval: float = 0.1):
+        """Receive scheduler event updates; read them with `events`."""
+        self._core.subscribe(float(interval))
+
+    def events(self, timeout: float = 1.0) -> list:
+        """Event updates (task stream, task groups, workers) since the last call."""
+        return self._core.take_events(float(timeout))
+
+    # -- lifecycle --
+    @property
+    def dashboard_link(self):
+        return None
+
+    def close(self, timeout=None):
+        global _default_client
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        if self._dask_config is not None:
+            try:
+                self._dask_config.__exit__(None, None, None)
+            except Exception:
+                pass
+            self._dask_config = None
+        if _default_client is self:
+            _default_client = None
+        self._core = _ClosedCore()
+        if self._own_cluster and self.cluster is not None:
+            self.cluster.close()
+
+    def shutdown(self):
+        """Close the client and shut the scheduler and its workers down."""
+        try:
+            self._core.shutdown_scheduler()
+        except Exception:
+            pass
+        if self.cluster is not None:
+            self.cluster.close()
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if getattr(self, "status", "closed") == "running":
+                self.close()
+        except Exception:
+            pass
+
+    def _summary(self):
+        try:
+            ws = self._core.info()["workers"]
+        except Exception:
+            ws = []
+        return len(ws), sum(w["nthreads"] for w in ws), sum(w["memory_limit"] for w in ws)
+
+    def __repr__(self):
+        if self.status != "running":
+            return f"<Client: No scheduler connected ({self.status})>"
+        n, t, m = self._summary()
+        return f"<Client: {self.scheduler_address!r} processes={n} threads={t}, memory={format_bytes(m)}>"
+
+    def _repr_html_(self):
+        if self.status != "running":
+            return "<b>Client</b>: closed"
+        n, t, m = self._summary()
+        return (
+            "<div><h3>Client</h3><ul>"
+            f"<li><b>Scheduler:</b> {html.escape(self.scheduler_address)}</li>"
+            f"<li><b>Workers:</b> {n}</li><li><b>Threads:</b> {t}</li>"
+            f"<li><b>Memory:</b> {format_bytes(m)}</li></ul></div>"
+        )
+
+
+class _ClosedCore:
+    def __getattr__(self, name):
+        def closed(*args, **kwargs):
+            if name in ("release",):
+                return None
+            raise RuntimeError("this Client is closed")
+
+        return closed
+
+
+def by_worker_keys(by_worker) -> set:
+    return {k for ks in by_worker.values() for k in ks}
+
+
+def _flatten(x):
+    if isinstance(x, list):
+        for y in x:
+            yield from _flatten(y)
+    else:
+        yield x
+
+
+def _pack(keys, futures):
+    if isinstance(keys, list):
+        return [_pack(k, futures) for k in keys]
+    return futures[keys]
+
+
+# ---- module-level helpers ---------------------------------------------------
+
+
+def wait(fs, timeout=None, return_when=ALL_COMPLETED):
+    """Wait until futures are done; returns ``(done, not_done)`` sets."""
+    if isinstance(fs, Future):
+        fs = [fs]
+    fs = list(fs)
+    if not fs:
+        return DoneAndNotDoneFutures(set(), set())
+    client = fs[0].client
+    any_ = return_when == FIRST_COMPLETED
+    from .utils import parse_timedelta
+
+    t = parse_timedelta(timeout)
+    ok = client._core.wait([f._wire for f in fs], t, any_)
+    if not ok and t is not None:
+        raise TimeoutError(f"futures not done within {t} s")
+    done = {f for f in fs if f.done()}
+    return DoneAndNotDoneFutures(done, set(fs) - done)
+
+
+class as_completed:
+    """Iterate over futures in the order they finish.
+
+    ``as_completed(futures, with_results=False, raise_errors=True)``; more
+    futures may be added while iterating with `add`.
+    """
+
+    def __init__(self, futures=None, loop=None, with_results=False, raise_errors=True, timeout=None):
+        self._pending: dict = {}
+        self._ready: list = []
+        self.with_results = with_results
+        self.raise_errors = raise_errors
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        for f in futures or ():
+            self.add(f)
+
+    def add(self, future: Future):
+        with self._lock:
+            self._pending[future._wire] = future
+
+    def update(self, futures):
+        for f in futures:
+            self.add(f)
+
+    def count(self) -> int:
+        return len(self._pending) + len(self._ready)
+
+    def is_empty(self) -> bool:
+        return self.count() == 0
+
+    def __len__(self):
+        return self.count()
+
+    def __iter__(self):
+        return self
+
+    def _fill(self, block=True):
+        with self._lock:
+            pending = dict(self._pending)
+        if not pending:
+            return
+        client = next(iter(pending.values())).client
+        if block:
+            from .utils import parse_timedelta
+
+            t = parse_timedelta(self._timeout)
+            if not client._core.wait(list(pending), t, True) and t is not None:
+                raise TimeoutError("as_completed timed out")
+        with self._lock:
+            for w, f in list(self._pending.items()):
+                if f.done():
+                    self._ready.append(f)
+                    del self._pending[w]
+
+    def _emit(self, f):
+        if not self.with_results:
+            return f
+        try:
+            return f, f.result()
+        except Exception:
+            if self.raise_errors:
+                raise
+            return f, f.exception()
+
+    def __next__(self):
+        if not self._ready:
+            if not self._pending:
+                raise StopIteration
+            self._fill()
+        return self._emit(self._ready.pop(0))
+
+    def next_batch(self, block=True) -> list:
+        if not self._ready:
+            self._fill(block)
+        out, self._ready = self._ready, []
+        return [self._emit(f) for f in out]
+
+    def batches(self):
+        while not self.is_empty():
+            yield self.next_batch()
+
+    def clear(self):
+        with self._lock:
+            self._pending.clear()
+            self._ready.clear()
+
+
+def _close_all():
+    for c in list(_clients):
+        try:
+            c.close()
+        except Exception:
+            pass
+
+
+atexit.register(_close_all)

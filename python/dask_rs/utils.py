@@ -1,0 +1,84 @@
+"""Small helpers shared by the client, the worker and the cluster: byte sizes,
+time spans and key naming, with the spellings Dask users know."""
+
+from __future__ import annotations
+
+import re
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+}
+
+
+def parse_bytes(s: int | float | str | None) -> int:
+    """``"4GiB"`` -> 4294967296; ints pass through. Raises ValueError on nonsense."""
+    if s is None:
+        return 0
+    if isinstance(s, (int, float)):
+        if s < 0:
+            raise ValueError(f"memory size must be positive, got {s!r}")
+        return int(s)
+    text = s.strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", text)
+    if not m or m.group(2) not in _BYTE_UNITS:
+        raise ValueError(f"could not interpret {s!r} as a byte size (try '4GiB' or '500MB')")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2)])
+
+
+def format_bytes(n: float) -> str:
+    """4294967296 -> ``"4.00 GiB"``."""
+    for unit, k in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("kiB", 2**10)):
+        if n >= k * 0.9:
+            return f"{n / k:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_timedelta(s: int | float | str | None, default: str = "s") -> float | None:
+    """``"10s"``, ``"500ms"``, ``"2m"`` or a number of seconds -> seconds."""
+    if s is None:
+        return None
+    if isinstance(s, (int, float)):
+        return float(s)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", s.lower())
+    if not m:
+        raise ValueError(f"could not interpret {s!r} as a time span")
+    unit = m.group(2) or default
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+    if unit not in scale:
+        raise ValueError(f"unknown time unit {unit!r} in {s!r}")
+    return float(m.group(1)) * scale[unit]
+
+
+def wire_key(key) -> str:
+    """The string form a key travels under (tuple keys are stringified)."""
+    return key if isinstance(key, str) else str(key)
+
+
+def key_split(key) -> str:
+    """Task-group name of a key, as Dask computes it."""
+    if isinstance(key, tuple):
+        key = key[0]
+    if isinstance(key, bytes):
+        key = key.decode()
+    key = str(key)
+    words = key.split("-")
+    out = words[0].strip("_'()\"")
+    for w in words[1:]:
+        if w.isalpha() and not (len(w) == 8 and re.fullmatch(r"[a-f0-9]{8}", w)):
+            out += "-" + w
+        else:
+            break
+    return out
