@@ -72,9 +72,35 @@ struct Inner {
     cv: Condvar,
 }
 
+/// A tokio runtime that shuts down in the background when dropped, so
+/// dropping it never blocks (nor waits on threads that may need a lock the
+/// dropping thread holds, such as Python's GIL).
+pub struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
+
+impl BackgroundRuntime {
+    pub fn new(rt: tokio::runtime::Runtime) -> Self {
+        BackgroundRuntime(Some(rt))
+    }
+}
+
+impl std::ops::Deref for BackgroundRuntime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("runtime present until drop")
+    }
+}
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// A connected client.
 pub struct ClientCore {
-    rt: tokio::runtime::Runtime,
+    rt: BackgroundRuntime,
     outbox: Outbox,
     inner: Arc<Inner>,
     pool: Arc<ConnectionPool>,
@@ -118,7 +144,7 @@ impl ClientCore {
             inner2.cv.notify_all();
         });
         Ok(ClientCore {
-            rt,
+            rt: BackgroundRuntime::new(rt),
             outbox,
             inner,
             pool: Arc::new(ConnectionPool::new(Role::Client, name, timeout)),

@@ -325,7 +325,15 @@ pub type Outbox = mpsc::UnboundedSender<Envelope>;
 /// Spawn a task that writes everything sent to the returned [`Outbox`],
 /// batching whatever has queued up while the previous write was in flight.
 /// An idle connection writes each message at once: no timers, no latency.
-pub fn spawn_writer(mut writer: FrameWriter<OwnedWriteHalf>) -> (Outbox, tokio::task::JoinHandle<u64>) {
+pub fn spawn_writer(writer: FrameWriter<OwnedWriteHalf>) -> (Outbox, tokio::task::JoinHandle<u64>) {
+    spawn_counting_writer(writer, None)
+}
+
+/// As [`spawn_writer`], adding every byte written to `counter` as it goes.
+pub fn spawn_counting_writer(
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) -> (Outbox, tokio::task::JoinHandle<u64>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
     let handle = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(64);
@@ -337,9 +345,13 @@ pub fn spawn_writer(mut writer: FrameWriter<OwnedWriteHalf>) -> (Outbox, tokio::
                     Err(_) => break,
                 }
             }
+            let before = writer.bytes_written;
             if let Err(e) = writer.write_batch(&batch).await {
                 tracing::debug!("writer stopped: {e}");
                 break;
+            }
+            if let Some(c) = &counter {
+                c.fetch_add(writer.bytes_written - before, std::sync::atomic::Ordering::Relaxed);
             }
             batch.clear();
         }

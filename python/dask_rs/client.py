@@ -424,6 +424,7 @@ class Client:
         by_worker = defaultdict(list)
         results: dict = {}
         bad = set()
+        seen = set()
         for f in futures:
             st = self._status(f._wire)
             if st is None:
@@ -437,7 +438,8 @@ class Client:
                 if errors == "raise":
                     raise CancelledError(f"{f.key}: {st[1]}")
                 bad.add(f._wire)
-            elif f._wire not in by_worker_keys(by_worker):
+            elif f._wire not in seen:
+                seen.add(f._wire)
                 workers = st[2]
                 by_worker[workers[0] if workers else ""].append(f._wire)
         for addr, keys in by_worker.items():
@@ -466,38 +468,15 @@ class Client:
     def gather(self, futures, errors="raise", direct=None, asynchronous=None):
         """Results of futures, in the same (nested) structure."""
         flat: list = []
-
-        def collect(x):
-            if isinstance(x, Future):
-                flat.append(x)
-            elif isinstance(x, (list, tuple, set, frozenset)):
-                for y in x:
-                    collect(y)
-            elif isinstance(x, dict):
-                for y in x.values():
-                    collect(y)
-
-        collect(futures)
+        _collect_futures(futures, flat)
         values = self._gather_futures(flat, errors=errors)
         if errors == "skip":
-            done = {f._wire for f in flat if self._status(f._wire)[0] == "finished"}
-            ok = [f for f in flat if f._wire in done]
+            ok = [f for f in flat if self._status(f._wire)[0] == "finished"]
         else:
             ok = flat
         by_wire = {f._wire: v for f, v in zip(ok, values)}
-        _skip = object()
-
-        def pack(x):
-            if isinstance(x, Future):
-                return by_wire.get(x._wire, _skip)
-            if isinstance(x, (list, tuple, set, frozenset)):
-                items = [pack(y) for y in x]
-                return type(x)(i for i in items if i is not _skip)
-            if isinstance(x, dict):
-                return {k: v for k, v in ((k, pack(y)) for k, y in x.items()) if v is not _skip}
-            return x
-
-        return pack(futures)
+        del flat, ok
+        return _pack_results(futures, by_wire)
 
     def scatter(self, data, workers=None, broadcast=False, direct=None, hash=True, timeout=None,
                 asynchronous=None):
@@ -835,8 +814,32 @@ class _ClosedCore:
         return closed
 
 
-def by_worker_keys(by_worker) -> set:
-    return {k for ks in by_worker.values() for k in ks}
+_SKIP = object()
+
+
+def _collect_futures(x, out: list):
+    """Append every Future inside nested lists/tuples/sets/dicts to `out`."""
+    if isinstance(x, Future):
+        out.append(x)
+    elif isinstance(x, (list, tuple, set, frozenset)):
+        for y in x:
+            _collect_futures(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _collect_futures(y, out)
+
+
+def _pack_results(x, by_wire: dict):
+    """Rebuild `x` with each Future replaced by its result (skipped if absent)."""
+    if isinstance(x, Future):
+        return by_wire.get(x._wire, _SKIP)
+    if isinstance(x, (list, tuple, set, frozenset)):
+        items = [_pack_results(y, by_wire) for y in x]
+        return type(x)(i for i in items if i is not _SKIP)
+    if isinstance(x, dict):
+        packed = ((k, _pack_results(y, by_wire)) for k, y in x.items())
+        return {k: v for k, v in packed if v is not _SKIP}
+    return x
 
 
 def _flatten(x):

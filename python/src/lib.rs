@@ -20,7 +20,7 @@ use pyo3::{create_exception, ffi};
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
-use cluster::client::{ClientCore as Core, ClientError, KeyStatus, Reply};
+use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, KeyStatus, Reply};
 use cluster::protocol::{Blob, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
@@ -47,14 +47,23 @@ impl AsRef<[u8]> for PyBufOwner {
     }
 }
 
-/// Borrow any bytes-like Python object as `Bytes` without copying.
+/// Buffers smaller than this are copied at once; larger ones are borrowed.
+/// A borrowed buffer is released with the GIL from whatever thread drops it,
+/// so borrowing only pays off for large payloads.
+const BORROW_MIN: usize = 64 * 1024;
+
+/// Any bytes-like Python object as `Bytes`: large buffers without copying.
 fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
     let buf = PyBuffer::<u8>::get(obj)?;
     if !buf.is_c_contiguous() {
         let v = buf.to_vec(obj.py())?;
         return Ok(Bytes::from(v));
     }
-    Ok(Bytes::from_owner(PyBufOwner(buf)))
+    let owner = PyBufOwner(buf);
+    if owner.as_ref().len() < BORROW_MIN {
+        return Ok(Bytes::copy_from_slice(owner.as_ref()));
+    }
+    Ok(Bytes::from_owner(owner))
 }
 
 /// Received bytes exposed to Python through the buffer protocol (writable
@@ -208,7 +217,7 @@ impl Runner for PyRunner {
 /// A worker running on background threads of this process.
 #[pyclass(module = "dask_rs._core")]
 pub struct WorkerHandle {
-    rt: tokio::runtime::Runtime,
+    rt: BackgroundRuntime,
     stop: watch::Sender<bool>,
     done: Arc<Mutex<Option<Result<(), String>>>>,
     finished: watch::Receiver<bool>,
@@ -286,6 +295,7 @@ fn start_worker(
         .enable_all()
         .build()
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let rt = BackgroundRuntime::new(rt);
     let mut config = WorkerConfig::new(&scheduler, &name, nthreads);
     config.memory_limit = memory_limit;
     config.host = host;
@@ -321,7 +331,7 @@ fn start_worker(
 /// A scheduler running on background threads of this process.
 #[pyclass(module = "dask_rs._core")]
 pub struct SchedulerHandle {
-    rt: tokio::runtime::Runtime,
+    rt: BackgroundRuntime,
     inner: cluster::scheduler::SchedulerHandle,
     #[pyo3(get)]
     address: String,
@@ -362,6 +372,7 @@ fn start_scheduler(py: Python<'_>, host: String, port: u16, worker_saturation: f
         .enable_all()
         .build()
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let rt = BackgroundRuntime::new(rt);
     let config = SchedulerConfig { worker_saturation, ..Default::default() };
     let inner = py
         .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config)))

@@ -23,7 +23,7 @@ use crate::protocol::{Envelope, Msg, Role};
 #[derive(Debug, Default)]
 pub struct ByteCounters {
     pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+    pub bytes_out: Arc<AtomicU64>,
 }
 
 enum Event {
@@ -119,11 +119,14 @@ async fn serve_peer(
 ) -> Result<(), CommError> {
     let (conn, role) = comm::accept(stream, server_name).await?;
     let comm::Connection { mut reader, writer, .. } = conn;
-    let (outbox, writer_done) = comm::spawn_writer(writer);
+    let (outbox, _writer) = comm::spawn_counting_writer(writer, Some(counters.bytes_out.clone()));
     let _ = events.send(Event::Connected { peer, role, outbox });
+    let mut seen = 0;
     let result = loop {
         match reader.read_batch().await {
             Ok(msgs) => {
+                counters.bytes_in.fetch_add(reader.bytes_read - seen, Ordering::Relaxed);
+                seen = reader.bytes_read;
                 if events.send(Event::Batch { peer, msgs }).is_err() {
                     break Ok(());
                 }
@@ -132,11 +135,7 @@ async fn serve_peer(
             Err(e) => break Err(e),
         }
     };
-    counters.bytes_in.fetch_add(reader.bytes_read, Ordering::Relaxed);
     let _ = events.send(Event::Disconnected { peer });
-    if let Ok(n) = writer_done.await {
-        counters.bytes_out.fetch_add(n, Ordering::Relaxed);
-    }
     result
 }
 

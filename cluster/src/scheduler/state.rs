@@ -730,24 +730,23 @@ impl SchedulerState {
             return self.least_loaded(self.worker_order.iter().copied());
         }
         // Prefer the worker holding the most dependency bytes, then the least loaded.
-        let mut best: Option<(u64, f64, PeerId)> = None;
+        let mut held: FxHashMap<PeerId, u64> = FxHashMap::default();
         for &d in &t.deps {
-            for &w in &self.t(d).who_has {
-                let Some(worker) = self.workers.get(&w) else { continue };
-                let held: u64 = t
-                    .deps
-                    .iter()
-                    .filter(|&&dd| self.t(dd).who_has.contains(&w))
-                    .map(|&dd| self.t(dd).nbytes.max(1))
-                    .sum();
-                let load = worker.load();
-                let better = match best {
-                    None => true,
-                    Some((bh, bl, _)) => held > bh || (held == bh && load < bl),
-                };
-                if better {
-                    best = Some((held, load, w));
-                }
+            let dt = self.t(d);
+            for &w in &dt.who_has {
+                *held.entry(w).or_default() += dt.nbytes.max(1);
+            }
+        }
+        let mut best: Option<(u64, f64, PeerId)> = None;
+        for (w, bytes) in held {
+            let Some(worker) = self.workers.get(&w) else { continue };
+            let load = worker.load();
+            let better = match best {
+                None => true,
+                Some((bh, bl, bw)) => bytes > bh || (bytes == bh && (load < bl || (load == bl && w < bw))),
+            };
+            if better {
+                best = Some((bytes, load, w));
             }
         }
         best.map(|b| b.2).or_else(|| self.least_loaded(self.worker_order.iter().copied()))
@@ -788,29 +787,24 @@ impl SchedulerState {
         self.out.push((w, Envelope { msg, frames }));
     }
 
-    /// Send queued root tasks to workers with free slots.
+    /// Send queued root tasks to workers with free slots, each to the least
+    /// loaded worker that has one.
     fn fill_all_workers(&mut self) {
-        if self.queue.is_empty() {
-            return;
-        }
-        // Round-robin across workers so a big queue spreads evenly.
-        loop {
-            let mut progressed = false;
-            for i in 0..self.worker_order.len() {
-                let w = self.worker_order[i];
-                if self.queue.is_empty() {
-                    return;
-                }
+        while !self.queue.is_empty() {
+            let sat = self.config.worker_saturation;
+            let mut best: Option<(f64, PeerId)> = None;
+            for &w in &self.worker_order {
                 let worker = &self.workers[&w];
-                if worker.processing.len() < worker.slots(self.config.worker_saturation) {
-                    let (_, id) = self.queue.pop_first().expect("non-empty");
-                    self.assign(id, w);
-                    progressed = true;
+                if worker.processing.len() < worker.slots(sat) {
+                    let load = worker.load();
+                    if best.is_none_or(|(l, _)| load < l) {
+                        best = Some((load, w));
+                    }
                 }
             }
-            if !progressed {
-                return;
-            }
+            let Some((_, w)) = best else { return };
+            let (_, id) = self.queue.pop_first().expect("non-empty");
+            self.assign(id, w);
         }
     }
 

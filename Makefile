@@ -1,0 +1,59 @@
+# dask-rs: `make demo` runs the main job, `make test` runs every test.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.deps-stamp
+export PYO3_PYTHON := $(abspath $(PY))
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: build venv ext demo test test-rust test-python lint fmt bench-sim clean
+
+build: target/release/dask-ctl ext
+
+target/release/dask-ctl: FORCE
+	cargo build --release -p dask-ctl
+
+# The project's Python environment: build and test dependencies from PyPI.
+$(STAMP): Makefile python/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "maturin>=1.5,<2" pytest pytest-timeout ruff \
+		"dask[array,dataframe,bag]" distributed numpy pandas cloudpickle tblib
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Build the extension and install dask_rs into the venv (editable).
+ext: $(STAMP)
+	cd python && VIRTUAL_ENV=$(abspath $(VENV)) ../$(VENV)/bin/maturin develop --release --quiet
+
+demo: build
+	$(PY) examples/demo.py
+
+test: build test-rust test-python
+
+test-rust:
+	cargo test --release --workspace --exclude python
+
+test-python: ext
+	$(PY) -m pytest tests/python -q -p no:cacheprovider
+
+lint: $(STAMP)
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests examples
+
+fmt:
+	cargo fmt --all
+	$(VENV)/bin/ruff check --fix python tests examples
+
+bench-sim:
+	cargo bench --bench scheduler_sim
+
+clean:
+	cargo clean
+	rm -rf $(VENV)
+
+FORCE:

@@ -1,0 +1,234 @@
+//! End-to-end tests of the `dask-ctl` binary: a real scheduler process,
+//! real TCP, simulated (Rust) workers and the Rust client core.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cluster::client::{ClientCore, KeyStatus};
+use cluster::comm::{FrameReader, FrameWriter};
+use cluster::protocol::{Blob, Envelope, Msg, Role, TaskSpec, MAGIC};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dask-ctl");
+
+/// A child process killed (by PID) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_scheduler() -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(["scheduler", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dask-ctl scheduler");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("Scheduler at ").expect("address line").to_string();
+    (Proc(child), addr)
+}
+
+fn start_sim_worker(addr: &str, name: &str) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(["sim-worker", addr, "--name", name, "--nthreads", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sim worker"),
+    )
+}
+
+fn client(addr: &str) -> ClientCore {
+    ClientCore::connect(addr, "test", Duration::from_secs(5)).expect("connect")
+}
+
+fn wait_workers(c: &ClientCore, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let cluster::client::Reply::Info { workers, .. } = c.info().unwrap() {
+            if workers.len() >= n {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "workers did not join");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn task(key: &str, deps: &[&str]) -> TaskSpec {
+    TaskSpec {
+        key: key.into(),
+        run_spec: Blob::Inline(Bytes::new()),
+        deps: deps.iter().map(|d| d.to_string()).collect(),
+        priority: 0,
+        order: 0,
+        workers: None,
+        allow_other_workers: false,
+    }
+}
+
+fn hostport(addr: &str) -> &str {
+    addr.strip_prefix("tcp://").unwrap()
+}
+
+#[test]
+fn graph_runs_on_sim_workers_and_results_fetch_directly() {
+    let (_s, addr) = start_scheduler();
+    let _w1 = start_sim_worker(&addr, "a");
+    let _w2 = start_sim_worker(&addr, "b");
+    let c = client(&addr);
+    wait_workers(&c, 2);
+    let mut tasks: Vec<TaskSpec> = (0..500).map(|i| task(&format!("leaf-{i}"), &[])).collect();
+    let leaves: Vec<String> = (0..500).map(|i| format!("leaf-{i}")).collect();
+    let leaf_refs: Vec<&str> = leaves.iter().map(|s| s.as_str()).collect();
+    tasks.push(task("total", &leaf_refs));
+    c.submit(tasks, vec![], vec!["total".into()]).unwrap();
+    assert!(c.wait(&["total".into()], Some(Duration::from_secs(20)), false).unwrap());
+    let Some(KeyStatus::Finished { workers, nbytes }) = c.status("total") else { panic!("not finished") };
+    assert_eq!(nbytes, 8);
+    let (items, missing) = c.get_data(&workers[0], vec!["total".into()]).unwrap();
+    assert!(missing.is_empty());
+    assert_eq!(items[0].1.concat().len(), 8);
+    // Leaves were released once the merge finished: only `total` remains.
+    c.release(vec!["total".into()]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let cluster::client::Reply::Info { ntasks, workers, .. } = c.info().unwrap() {
+            if ntasks == 0 && workers.iter().all(|w| w.processing == 0) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "tasks not released");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn garbage_and_wrong_version_are_rejected_and_scheduler_keeps_serving() {
+    let (_s, addr) = start_scheduler();
+    // Random bytes: the connection is dropped.
+    let mut junk = TcpStream::connect(hostport(&addr)).unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    junk.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = Vec::new();
+    let _ = junk.read_to_end(&mut buf);
+    assert!(buf.is_empty(), "no reply to garbage");
+
+    // Valid magic, then a malformed frame count.
+    let mut bad = TcpStream::connect(hostport(&addr)).unwrap();
+    bad.write_all(&MAGIC).unwrap();
+    bad.write_all(&u32::MAX.to_le_bytes()).unwrap();
+
+    // A peer that speaks another protocol version gets a clear error.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reason = rt.block_on(async {
+        let s = tokio::net::TcpStream::connect(hostport(&addr)).await.unwrap();
+        let (r, w) = s.into_split();
+        let mut w = FrameWriter::new(w);
+        let mut r = FrameReader::new(r);
+        w.write_magic().await.unwrap();
+        w.write_one(Msg::Hello { protocol: 99, role: Role::Client, name: "old".into() }).await.unwrap();
+        let reply: Vec<Envelope> = r.read_batch().await.unwrap();
+        match &reply[0].msg {
+            Msg::Error { reason } => reason.clone(),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    });
+    assert!(reason.contains("protocol version mismatch"), "{reason}");
+    assert!(reason.contains("99"), "{reason}");
+
+    // The scheduler still serves a well-behaved client.
+    let c = client(&addr);
+    assert!(matches!(c.info().unwrap(), cluster::client::Reply::Info { .. }));
+}
+
+#[test]
+fn connecting_to_a_dead_address_fails_fast_with_a_clear_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let t = Instant::now();
+    let err = ClientCore::connect(&format!("tcp://127.0.0.1:{port}"), "x", Duration::from_secs(3)).err().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(4));
+    let msg = err.to_string();
+    assert!(msg.contains("cannot connect to scheduler"), "{msg}");
+}
+
+#[test]
+fn sigterm_stops_the_scheduler_cleanly() {
+    let (mut s, addr) = start_scheduler();
+    let c = client(&addr);
+    let pid = s.0.id();
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = s.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "scheduler did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    // The client notices the closed connection.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.closed_reason().is_none() {
+        assert!(Instant::now() < deadline, "client did not notice");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let out = Command::new(BIN).args(["scheduler", "--port", &port]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen on 127.0.0.1"), "{err}");
+    assert!(err.to_lowercase().contains("address already in use") || err.contains("in use"), "{err}");
+}
+
+#[test]
+fn unknown_flags_are_rejected() {
+    let out = Command::new(BIN).args(["scheduler", "--bogus"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
+}
+
+#[test]
+fn events_subscription_gives_snapshot_then_deltas() {
+    let (_s, addr) = start_scheduler();
+    let _w = start_sim_worker(&addr, "a");
+    let c = client(&addr);
+    wait_workers(&c, 1);
+    c.subscribe(Duration::from_millis(20)).unwrap();
+    let first = c.take_events(Duration::from_secs(5));
+    assert!(!first.is_empty());
+    assert_eq!(first[0].workers.len(), 1);
+    let tasks: Vec<TaskSpec> = (0..50).map(|i| task(&format!("inc-{i}"), &[])).collect();
+    let keys: Vec<String> = (0..50).map(|i| format!("inc-{i}")).collect();
+    c.submit(tasks, vec![], keys.clone()).unwrap();
+    assert!(c.wait(&keys, Some(Duration::from_secs(10)), false).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stream = 0;
+    let mut memory = 0;
+    while Instant::now() < deadline && (stream < 50 || memory < 50) {
+        for u in c.take_events(Duration::from_millis(200)) {
+            stream += u.stream.len();
+            if let Some(g) = u.groups.iter().find(|g| g.name == "inc") {
+                memory = g.memory;
+            }
+        }
+    }
+    assert_eq!(stream, 50, "every finished task appears once in the task stream");
+    assert_eq!(memory, 50, "group counts report the tasks in memory");
+}

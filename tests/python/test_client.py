@@ -1,0 +1,183 @@
+"""Client API against a real scheduler process and real worker processes."""
+
+from __future__ import annotations
+
+import operator
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+from conftest import wait_until
+
+from dask_rs import Client, Future, as_completed, wait
+
+
+def inc(x):
+    return x + 1
+
+
+def add(x, y):
+    return x + y
+
+
+def slow_inc(x, delay=0.2):
+    import time
+
+    time.sleep(delay)
+    return x + 1
+
+
+def total(xs):
+    return sum(xs)
+
+
+def test_submit_map_gather_10000(client):
+    futures = client.map(inc, range(10_000))
+    assert client.gather(futures) == list(range(1, 10_001))
+    one = client.submit(add, 1, 2)
+    assert one.result(timeout=10) == 3
+    assert one.status == "finished" and one.done()
+
+
+def test_futures_as_arguments_nested(client):
+    a = client.submit(inc, 1)
+    b = client.submit(inc, 10)
+    c = client.submit(total, [a, b, 3])
+    d = client.submit(lambda m: m["x"] + m["y"][0], {"x": a, "y": [b]})
+    assert c.result(timeout=10) == 2 + 11 + 3
+    assert d.result(timeout=10) == 13
+
+
+def test_chain_of_1000_dependent_tasks(client):
+    x = client.submit(inc, 0, pure=False)
+    for _ in range(999):
+        x = client.submit(inc, x, pure=False)
+    assert x.result(timeout=60) == 1000
+
+
+def test_tree_reduction_10000_leaves(client):
+    level = client.map(inc, range(10_000))
+    while len(level) > 1:
+        nxt = [client.submit(add, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    assert level[0].result(timeout=120) == sum(range(1, 10_001))
+
+
+def test_two_clients_and_pure_deduplication(cluster):
+    address, _ = cluster
+    with Client(address, set_as_default=False) as c1, Client(address, set_as_default=False) as c2:
+        f1 = c1.submit(slow_inc, 41, 0.3)
+        f2 = c2.submit(slow_inc, 41, 0.3)
+        assert f1.key == f2.key
+        assert f1.result(timeout=10) == 42 and f2.result(timeout=10) == 42
+        # Computed once: only one worker holds it, and it ran once.
+        assert len(c1.who_has([f1])[f1.key]) == 1
+        g1 = c1.map(inc, range(100))
+        g2 = c2.map(operator.neg, range(100))
+        assert c1.gather(g1) == list(range(1, 101))
+        assert c2.gather(g2) == [-i for i in range(100)]
+        # c1 releasing its future does not take c2's result away.
+        del f1
+        assert f2.result(timeout=5) == 42
+
+
+def test_scatter_and_use(client):
+    [x, y] = client.scatter([10, 20])
+    assert client.submit(add, x, y).result(timeout=10) == 30
+    d = client.scatter({"a": 1, "b": 2})
+    assert set(d) == {"a", "b"} and d["a"].key == "a"
+    assert client.gather(d) == {"a": 1, "b": 2}
+    single = client.scatter(5)
+    assert isinstance(single, Future) and single.result() == 5
+
+
+def test_workers_restriction(client):
+    info = client.scheduler_info()["workers"]
+    address, target = sorted(info.items(), key=lambda kv: kv[1]["name"])[1]
+    futs = client.map(inc, range(20), workers=[target["name"]], pure=False)
+    client.gather(futs)
+    holders = client.who_has(futs)
+    assert len(holders) == 20
+    assert all(h == (address,) for h in holders.values())
+    by_address = client.map(inc, range(5), workers=address, pure=False)
+    client.gather(by_address)
+    assert all(h == (address,) for h in client.who_has(by_address).values())
+
+
+def test_as_completed_and_wait(client):
+    futs = [client.submit(slow_inc, i, 0.05 * (5 - i), pure=False) for i in range(5)]
+    seen = [f.result() for f in as_completed(futs)]
+    assert sorted(seen) == [1, 2, 3, 4, 5]
+    done, not_done = wait(futs)
+    assert len(done) == 5 and not not_done
+    fs = [client.submit(slow_inc, 0, 3, pure=False), client.submit(inc, 5, pure=False)]
+    done, not_done = wait(fs, return_when="FIRST_COMPLETED")
+    assert fs[1] in done and fs[0] in not_done
+    results = list(as_completed(client.map(inc, range(3), pure=False), with_results=True))
+    assert sorted(r for _, r in results) == [1, 2, 3]
+
+
+def test_result_timeout(client):
+    f = client.submit(slow_inc, 1, 2, pure=False)
+    with pytest.raises(TimeoutError):
+        f.result(timeout=0.1)
+    assert f.result(timeout=10) == 2
+
+
+def test_cancel(client):
+    f = client.submit(slow_inc, 1, 5, pure=False)
+    f.cancel()
+    wait_until(f.cancelled, msg="cancelled")
+    with pytest.raises(CancelledError):
+        f.result(timeout=5)
+
+
+def test_add_done_callback(client):
+    got = []
+    ev = threading.Event()
+    f = client.submit(slow_inc, 3, 0.1, pure=False)
+
+    def cb(fut):
+        got.append(fut.result())
+        ev.set()
+
+    f.add_done_callback(cb)
+    assert ev.wait(10)
+    assert got == [4]
+
+
+def test_release_frees_worker_memory(client):
+    import numpy as np
+
+    futs = client.map(lambda i: np.ones(1000) * i, range(50), pure=False)
+    client.gather(futs)
+    held = sum(w["metrics"]["in_memory"] for w in client.scheduler_info()["workers"].values())
+    assert held >= 50
+    del futs
+    wait_until(
+        lambda: sum(w["metrics"]["in_memory"] for w in client.scheduler_info()["workers"].values()) == 0
+        and client.scheduler_info()["n_tasks"] == 0,
+        msg="worker keys to be freed",
+    )
+
+
+def test_reprs(client):
+    f = client.submit(inc, 100)
+    f.result()
+    assert "finished" in repr(f) and f.key in repr(f)
+    assert "status: finished" in f._repr_html_()
+    r = repr(client)
+    assert "processes=3" in r and "threads=3" in r
+    assert "Workers:</b> 3" in client._repr_html_()
+
+
+def test_who_has_has_what_nthreads(client):
+    f = client.submit(inc, 7)
+    f.result()
+    wh = client.who_has([f])
+    assert len(wh[f.key]) == 1
+    hw = client.has_what()
+    assert any(f.key in keys for keys in hw.values())
+    assert set(client.nthreads().values()) == {1}
