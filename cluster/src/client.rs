@@ -279,11 +279,11 @@ impl ClientCore {
                 ClientError::Worker { worker: worker.to_string(), source: e }
             })?;
         match reply {
-            Envelope { msg: Msg::Data { items, missing, .. }, frames } => {
+            Envelope { msg: Msg::Data { items, missing, .. }, mut frames } => {
                 let mut out = Vec::with_capacity(items.len());
                 let mut missing = missing;
                 for (k, blobs) in items {
-                    match blobs.iter().map(|b| b.resolve(&frames)).collect::<Option<Vec<Bytes>>>() {
+                    match blobs.iter().map(|b| b.take(&mut frames)).collect::<Option<Vec<Bytes>>>() {
                         Some(parts) => out.push((k, parts)),
                         None => missing.push(k),
                     }

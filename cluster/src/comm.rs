@@ -408,11 +408,22 @@ pub struct ConnectionPool {
     name: String,
     timeout: Duration,
     idle: std::sync::Mutex<rustc_hash::FxHashMap<String, Vec<Connection>>>,
+    /// Bytes received in replies.
+    pub bytes_in: std::sync::atomic::AtomicU64,
+    /// Bytes sent in requests.
+    pub bytes_out: std::sync::atomic::AtomicU64,
 }
 
 impl ConnectionPool {
     pub fn new(role: Role, name: &str, timeout: Duration) -> Self {
-        ConnectionPool { role, name: name.to_string(), timeout, idle: Default::default() }
+        ConnectionPool {
+            role,
+            name: name.to_string(),
+            timeout,
+            idle: Default::default(),
+            bytes_in: Default::default(),
+            bytes_out: Default::default(),
+        }
     }
 
     /// Send `request` to `addr` and return the reply.
@@ -422,8 +433,12 @@ impl ConnectionPool {
             Some(c) => c,
             None => connect(addr, self.role, &self.name, self.timeout).await?,
         };
+        let (w0, r0) = (conn.writer.bytes_written, conn.reader.bytes_read);
         conn.writer.write_batch(std::slice::from_ref(&request)).await?;
         let mut reply = conn.reader.read_batch().await?;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bytes_out.fetch_add(conn.writer.bytes_written - w0, Relaxed);
+        self.bytes_in.fetch_add(conn.reader.bytes_read - r0, Relaxed);
         if reply.len() != 1 {
             return Err(CommError::Malformed(format!("expected one reply, got {}", reply.len())));
         }

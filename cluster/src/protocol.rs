@@ -58,6 +58,15 @@ impl Blob {
         }
     }
 
+    /// The payload, moved out of the message's frames (so a large frame
+    /// stays uniquely owned, and writable for whoever receives it).
+    pub fn take(&self, frames: &mut [Bytes]) -> Option<Bytes> {
+        match self {
+            Blob::Inline(b) => Some(b.clone()),
+            Blob::Frame(i) => frames.get_mut(*i as usize).map(std::mem::take),
+        }
+    }
+
     /// The payload, looked up in the frames that came with the message.
     pub fn resolve(&self, frames: &[Bytes]) -> Option<Bytes> {
         match self {

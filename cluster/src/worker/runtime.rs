@@ -195,8 +195,8 @@ pub async fn run_worker<R: Runner>(
                     executing: state.executing() as u32,
                     ready: state.nready() as u32,
                     nkeys: state.nkeys() as u64,
-                    bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
-                    bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
+                    bytes_in: traffic.bytes_in.load(Ordering::Relaxed) + pool.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: traffic.bytes_out.load(Ordering::Relaxed) + pool.bytes_out.load(Ordering::Relaxed),
                 }));
                 if !registered {
                     // The scheduler answers a bad registration with an error
@@ -296,7 +296,7 @@ fn carry_out<R: Runner>(
                 let reply = pool.request(&worker, Envelope::new(Msg::GetData { id, keys: keys.clone() })).await;
                 let (stored, failed) = match reply {
                     Ok(Envelope { msg: Msg::Data { items, missing, .. }, frames }) => {
-                        let res = tokio::task::spawn_blocking(move || store_items(&*runner, items, &frames)).await;
+                        let res = tokio::task::spawn_blocking(move || store_items(&*runner, items, frames)).await;
                         match res {
                             Ok((stored, mut failed)) => {
                                 failed.extend(missing);
@@ -325,12 +325,12 @@ fn carry_out<R: Runner>(
 fn store_items<R: Runner + ?Sized>(
     runner: &R,
     items: Vec<(Key, Vec<Blob>)>,
-    frames: &[Bytes],
+    mut frames: Vec<Bytes>,
 ) -> (Vec<(Key, u64)>, Vec<Key>) {
     let mut stored = Vec::with_capacity(items.len());
     let mut failed = Vec::new();
     for (key, blobs) in items {
-        let parts: Option<Vec<Bytes>> = blobs.iter().map(|b| b.resolve(frames)).collect();
+        let parts: Option<Vec<Bytes>> = blobs.iter().map(|b| b.take(&mut frames)).collect();
         match parts.ok_or_else(|| "missing frame".to_string()).and_then(|p| runner.store(&key, p)) {
             Ok(n) => stored.push((key, n)),
             Err(e) => {
@@ -413,7 +413,7 @@ async fn serve<R: Runner>(runner: &Arc<R>, env: Envelope, events: &mpsc::Unbound
         Msg::PutData { id, items } => {
             let r = runner.clone();
             let (stored, failed) =
-                tokio::task::spawn_blocking(move || store_items(&*r, items, &frames)).await.unwrap_or_default();
+                tokio::task::spawn_blocking(move || store_items(&*r, items, frames)).await.unwrap_or_default();
             if !failed.is_empty() {
                 return Envelope::new(Msg::Error { reason: format!("could not store keys {failed:?}") });
             }

@@ -1,0 +1,44 @@
+"""LocalCluster and Client() with no address."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dask_rs import Client, LocalCluster
+
+
+def test_local_cluster_layout_memory_and_cleanup():
+    with LocalCluster(n_workers=2, threads_per_worker=2, memory_limit="1GiB") as cluster:
+        pids = [p.pid for p in cluster.workers.values()]
+        with Client(cluster) as c:
+            info = c.scheduler_info()["workers"]
+            assert len(info) == 2
+            assert {w["nthreads"] for w in info.values()} == {2}
+            assert {w["memory_limit"] for w in info.values()} == {2**30}
+            assert c.submit(sum, [1, 2, 3]).result() == 6
+            assert "LocalCluster" in repr(cluster)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_client_without_address_starts_a_local_cluster():
+    with Client(n_workers=1, threads_per_worker=1) as c:
+        assert len(c.scheduler_info()["workers"]) == 1
+        cluster = c.cluster
+        assert c.submit(pow, 2, 10).result() == 1024
+    assert cluster.status == "closed"
+
+
+def test_threaded_workers_in_process():
+    with LocalCluster(n_workers=2, processes=False) as cluster, Client(cluster) as c:
+        assert c.gather(c.map(abs, [-1, -2, -3])) == [1, 2, 3]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LocalCluster(n_workers=1, wokers=3)
+    with pytest.raises(ValueError, match="could not interpret"):
+        LocalCluster(n_workers=1, memory_limit="a lot")
