@@ -11,16 +11,30 @@ use cluster::sim::{graphs, simulate_on, SimConfig};
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map(|p| p * 4096)
         .unwrap_or(0)
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
-    let cfg = SimConfig { workers: 2, nthreads: 1, result_size: 8, scheduler: SchedulerConfig::default() };
+    let cfg = SimConfig {
+        workers: 2,
+        nthreads: 1,
+        result_size: 8,
+        scheduler: SchedulerConfig::default(),
+    };
     let mut rows = Vec::new();
-    let mut workloads: Vec<(&str, usize)> = vec![("merge", 10_000), ("merge", 100_000), ("tree", 16_384), ("chain", 1_000)];
+    let mut workloads: Vec<(&str, usize)> = vec![
+        ("merge", 10_000),
+        ("merge", 100_000),
+        ("tree", 16_384),
+        ("chain", 1_000),
+    ];
     if !quick {
         workloads.push(("merge", 1_000_000));
     }
@@ -34,9 +48,16 @@ fn main() {
         let mut state = SchedulerState::new(cfg.scheduler.clone());
         let before = rss();
         let mut held = 0u64;
-        let report = simulate_on(&mut state, specs, wanted, &cfg, |_| held = rss().saturating_sub(before));
+        let report = simulate_on(&mut state, specs, wanted, &cfg, |_| {
+            held = rss().saturating_sub(before)
+        });
         assert_eq!(report.leftover_tasks, 0);
-        rows.push((format!("{name}-{n}"), ntasks, report.tasks_per_second(), held as f64 / ntasks as f64));
+        rows.push((
+            format!("{name}-{n}"),
+            ntasks,
+            report.tasks_per_second(),
+            held as f64 / ntasks as f64,
+        ));
     }
     println!("| workload | tasks | tasks/s | scheduler RSS growth per task (bytes) |");
     println!("|---|---:|---:|---:|");

@@ -73,7 +73,10 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(r: R) -> Self {
-        FrameReader { inner: BufReader::with_capacity(64 * 1024, r), bytes_read: 0 }
+        FrameReader {
+            inner: BufReader::with_capacity(64 * 1024, r),
+            bytes_read: 0,
+        }
     }
 
     /// Read the 4 magic bytes a connection starts with.
@@ -99,9 +102,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let mut l = [0u8; 8];
             self.inner.read_exact(&mut l).await?;
             let len = u64::from_le_bytes(l);
-            let cap = if i == 0 { MAX_HEADER_FRAME_BYTES } else { MAX_FRAME_BYTES };
+            let cap = if i == 0 {
+                MAX_HEADER_FRAME_BYTES
+            } else {
+                MAX_FRAME_BYTES
+            };
             if len > cap {
-                return Err(CommError::Malformed(format!("frame {i} of {len} bytes exceeds {cap}")));
+                return Err(CommError::Malformed(format!(
+                    "frame {i} of {len} bytes exceeds {cap}"
+                )));
             }
             lens.push(len);
         }
@@ -124,7 +133,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-async fn read_exact_or_closed<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), CommError> {
+async fn read_exact_or_closed<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> Result<(), CommError> {
     match r.read_exact(buf).await {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(CommError::Closed),
@@ -132,7 +144,11 @@ async fn read_exact_or_closed<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -
     }
 }
 
-async fn read_into<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, len: usize) -> Result<(), CommError> {
+async fn read_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> Result<(), CommError> {
     let target = buf.len() + len;
     buf.reserve(len);
     while buf.len() < target {
@@ -149,18 +165,26 @@ async fn read_into<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, len: usi
 /// Split a batch's frames into envelopes.
 fn split_batch(frames: Vec<Bytes>) -> Result<Vec<Envelope>, CommError> {
     let mut it = frames.into_iter();
-    let head = it.next().ok_or_else(|| CommError::Malformed("empty batch".into()))?;
+    let head = it
+        .next()
+        .ok_or_else(|| CommError::Malformed("empty batch".into()))?;
     let msgs: Vec<(Msg, u32)> = rmp_serde::from_slice(&head)?;
     let mut out = Vec::with_capacity(msgs.len());
     for (msg, n) in msgs {
         let mut frames = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            frames.push(it.next().ok_or_else(|| CommError::Malformed("message refers to missing frames".into()))?);
+            frames.push(
+                it.next().ok_or_else(|| {
+                    CommError::Malformed("message refers to missing frames".into())
+                })?,
+            );
         }
         out.push(Envelope { msg, frames });
     }
     if it.next().is_some() {
-        return Err(CommError::Malformed("unclaimed frames after messages".into()));
+        return Err(CommError::Malformed(
+            "unclaimed frames after messages".into(),
+        ));
     }
     Ok(out)
 }
@@ -168,7 +192,10 @@ fn split_batch(frames: Vec<Bytes>) -> Result<Vec<Envelope>, CommError> {
 /// Encode a batch into its header bytes (counts, lengths, frame 0 and small
 /// frames) and the large frames to write after it without copying.
 pub fn encode_batch(batch: &[Envelope]) -> Result<(Vec<u8>, Vec<Bytes>), CommError> {
-    let head: Vec<(&Msg, u32)> = batch.iter().map(|e| (&e.msg, e.frames.len() as u32)).collect();
+    let head: Vec<(&Msg, u32)> = batch
+        .iter()
+        .map(|e| (&e.msg, e.frames.len() as u32))
+        .collect();
     let frame0 = rmp_serde::to_vec(&head)?;
     let extra: Vec<&Bytes> = batch.iter().flat_map(|e| e.frames.iter()).collect();
     let nframes = 1 + extra.len();
@@ -181,8 +208,7 @@ pub fn encode_batch(batch: &[Envelope]) -> Result<(Vec<u8>, Vec<Bytes>), CommErr
     buf.extend_from_slice(&frame0);
     // Small frames ride along in the header write; large ones follow as-is.
     let mut large = Vec::new();
-    let mut iter = extra.into_iter().peekable();
-    while let Some(f) = iter.next() {
+    for f in extra {
         if large.is_empty() && (f.len() as u64) < OWN_ALLOCATION {
             buf.extend_from_slice(f);
         } else {
@@ -201,7 +227,10 @@ pub struct FrameWriter<W> {
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(w: W) -> Self {
-        FrameWriter { inner: w, bytes_written: 0 }
+        FrameWriter {
+            inner: w,
+            bytes_written: 0,
+        }
     }
 
     pub async fn write_magic(&mut self) -> Result<(), CommError> {
@@ -234,7 +263,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
     while !slices.is_empty() {
         let n = w.write_vectored(slices).await?;
         if n == 0 {
@@ -259,7 +291,12 @@ fn prepare(stream: &TcpStream) {
 
 /// Open a connection to `addr`, speak the handshake as `role`, and wait for
 /// the peer's welcome. Fails within `timeout` if nothing answers.
-pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> Result<Connection, CommError> {
+pub async fn connect(
+    addr: &str,
+    role: Role,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection, CommError> {
     let target = parse_address(addr)?;
     let fut = async {
         let stream = TcpStream::connect(&target).await?;
@@ -269,17 +306,29 @@ pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> R
         let mut writer = FrameWriter::new(w);
         writer.write_magic().await?;
         writer
-            .write_one(Msg::Hello { protocol: PROTOCOL_VERSION, role, name: name.to_string() })
+            .write_one(Msg::Hello {
+                protocol: PROTOCOL_VERSION,
+                role,
+                name: name.to_string(),
+            })
             .await?;
         let reply = reader.read_batch().await.map_err(|e| match e {
-            CommError::Closed => CommError::Refused("connection closed during handshake (is this a dask-rs server?)".into()),
+            CommError::Closed => CommError::Refused(
+                "connection closed during handshake (is this a dask-rs server?)".into(),
+            ),
             CommError::Malformed(m) => CommError::Refused(format!("not a dask-rs server ({m})")),
             other => other,
         })?;
         match reply.into_iter().next().map(|e| e.msg) {
-            Some(Msg::Welcome { server, .. }) => Ok(Connection { reader, writer, peer_name: server }),
+            Some(Msg::Welcome { server, .. }) => Ok(Connection {
+                reader,
+                writer,
+                peer_name: server,
+            }),
             Some(Msg::Error { reason }) => Err(CommError::Refused(reason)),
-            other => Err(CommError::Refused(format!("unexpected handshake reply {other:?}"))),
+            other => Err(CommError::Refused(format!(
+                "unexpected handshake reply {other:?}"
+            ))),
         }
     };
     match tokio::time::timeout(timeout, fut).await {
@@ -299,8 +348,14 @@ pub async fn accept(stream: TcpStream, server_name: &str) -> Result<(Connection,
         reader.read_magic().await?;
         let batch = reader.read_batch().await?;
         match batch.into_iter().next().map(|e| e.msg) {
-            Some(Msg::Hello { protocol, role, name }) => Ok((protocol, role, name)),
-            other => Err(CommError::Malformed(format!("expected Hello, got {other:?}"))),
+            Some(Msg::Hello {
+                protocol,
+                role,
+                name,
+            }) => Ok((protocol, role, name)),
+            other => Err(CommError::Malformed(format!(
+                "expected Hello, got {other:?}"
+            ))),
         }
     };
     let (protocol, role, name) = match tokio::time::timeout(Duration::from_secs(10), hello).await {
@@ -308,15 +363,32 @@ pub async fn accept(stream: TcpStream, server_name: &str) -> Result<(Connection,
         Err(_) => return Err(CommError::Malformed("no handshake within 10 s".into())),
     };
     if protocol != PROTOCOL_VERSION {
-        let err = CommError::Version { ours: PROTOCOL_VERSION, theirs: protocol };
-        let _ = writer.write_one(Msg::Error { reason: err.to_string() }).await;
+        let err = CommError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: protocol,
+        };
+        let _ = writer
+            .write_one(Msg::Error {
+                reason: err.to_string(),
+            })
+            .await;
         writer.shutdown().await;
         return Err(err);
     }
     writer
-        .write_one(Msg::Welcome { protocol: PROTOCOL_VERSION, server: server_name.to_string() })
+        .write_one(Msg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            server: server_name.to_string(),
+        })
         .await?;
-    Ok((Connection { reader, writer, peer_name: name }, role))
+    Ok((
+        Connection {
+            reader,
+            writer,
+            peer_name: name,
+        },
+        role,
+    ))
 }
 
 /// Sender half of a writer task; cloning is cheap.
@@ -351,7 +423,10 @@ pub fn spawn_counting_writer(
                 break;
             }
             if let Some(c) = &counter {
-                c.fetch_add(writer.bytes_written - before, std::sync::atomic::Ordering::Relaxed);
+                c.fetch_add(
+                    writer.bytes_written - before,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
             batch.clear();
         }
@@ -359,46 +434,6 @@ pub fn spawn_counting_writer(
         writer.bytes_written
     });
     (tx, handle)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::Blob;
-
-    #[tokio::test]
-    async fn batch_roundtrip_with_frames() {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let mut w = FrameWriter::new(a);
-        let mut r = FrameReader::new(b);
-        let mut frames = Vec::new();
-        let big = Bytes::from(vec![3u8; 200_000]);
-        let blob = Blob::new(big.clone(), &mut frames);
-        let e1 = Envelope { msg: Msg::PutData { id: 1, items: vec![("x".into(), vec![blob])] }, frames };
-        let e2 = Envelope::new(Msg::FreeKeys { keys: vec!["a".into(), "b".into()] });
-        w.write_batch(&[e1.clone(), e2.clone()]).await.unwrap();
-        let got = r.read_batch().await.unwrap();
-        assert_eq!(got, vec![e1, e2]);
-        // Large frames get their own allocation, uniquely owned (writable).
-        let mut got = got;
-        let frame = got.remove(0).frames.remove(0);
-        assert!(frame.try_into_mut().is_ok());
-    }
-
-    #[tokio::test]
-    async fn rejects_garbage() {
-        let (mut a, b) = tokio::io::duplex(1024);
-        let mut r = FrameReader::new(b);
-        a.write_all(&[0xff; 64]).await.unwrap();
-        assert!(matches!(r.read_batch().await, Err(CommError::Malformed(_))));
-    }
-
-    #[test]
-    fn addresses() {
-        assert_eq!(parse_address("tcp://127.0.0.1:8786").unwrap(), "127.0.0.1:8786");
-        assert!(parse_address("tcp://").is_err());
-        assert!(parse_address("nonsense").is_err());
-    }
 }
 
 /// Reusable request/response connections to data servers (workers), keyed
@@ -428,26 +463,94 @@ impl ConnectionPool {
 
     /// Send `request` to `addr` and return the reply.
     pub async fn request(&self, addr: &str, request: Envelope) -> Result<Envelope, CommError> {
-        let pooled = self.idle.lock().expect("pool lock").get_mut(addr).and_then(|v| v.pop());
+        let pooled = self
+            .idle
+            .lock()
+            .expect("pool lock")
+            .get_mut(addr)
+            .and_then(|v| v.pop());
         let mut conn = match pooled {
             Some(c) => c,
             None => connect(addr, self.role, &self.name, self.timeout).await?,
         };
         let (w0, r0) = (conn.writer.bytes_written, conn.reader.bytes_read);
-        conn.writer.write_batch(std::slice::from_ref(&request)).await?;
+        conn.writer
+            .write_batch(std::slice::from_ref(&request))
+            .await?;
         let mut reply = conn.reader.read_batch().await?;
         use std::sync::atomic::Ordering::Relaxed;
-        self.bytes_out.fetch_add(conn.writer.bytes_written - w0, Relaxed);
-        self.bytes_in.fetch_add(conn.reader.bytes_read - r0, Relaxed);
+        self.bytes_out
+            .fetch_add(conn.writer.bytes_written - w0, Relaxed);
+        self.bytes_in
+            .fetch_add(conn.reader.bytes_read - r0, Relaxed);
         if reply.len() != 1 {
-            return Err(CommError::Malformed(format!("expected one reply, got {}", reply.len())));
+            return Err(CommError::Malformed(format!(
+                "expected one reply, got {}",
+                reply.len()
+            )));
         }
-        self.idle.lock().expect("pool lock").entry(addr.to_string()).or_default().push(conn);
+        self.idle
+            .lock()
+            .expect("pool lock")
+            .entry(addr.to_string())
+            .or_default()
+            .push(conn);
         Ok(reply.pop().expect("one"))
     }
 
     /// Drop idle connections to `addr` (after it failed).
     pub fn forget(&self, addr: &str) {
         self.idle.lock().expect("pool lock").remove(addr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Blob;
+
+    #[tokio::test]
+    async fn batch_roundtrip_with_frames() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a);
+        let mut r = FrameReader::new(b);
+        let mut frames = Vec::new();
+        let big = Bytes::from(vec![3u8; 200_000]);
+        let blob = Blob::new(big.clone(), &mut frames);
+        let e1 = Envelope {
+            msg: Msg::PutData {
+                id: 1,
+                items: vec![("x".into(), vec![blob])],
+            },
+            frames,
+        };
+        let e2 = Envelope::new(Msg::FreeKeys {
+            keys: vec!["a".into(), "b".into()],
+        });
+        w.write_batch(&[e1.clone(), e2.clone()]).await.unwrap();
+        let got = r.read_batch().await.unwrap();
+        assert_eq!(got, vec![e1, e2]);
+        // Large frames get their own allocation, uniquely owned (writable).
+        let mut got = got;
+        let frame = got.remove(0).frames.remove(0);
+        assert!(frame.try_into_mut().is_ok());
+    }
+
+    #[tokio::test]
+    async fn rejects_garbage() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut r = FrameReader::new(b);
+        a.write_all(&[0xff; 64]).await.unwrap();
+        assert!(matches!(r.read_batch().await, Err(CommError::Malformed(_))));
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_address("tcp://127.0.0.1:8786").unwrap(),
+            "127.0.0.1:8786"
+        );
+        assert!(parse_address("tcp://").is_err());
+        assert!(parse_address("nonsense").is_err());
     }
 }

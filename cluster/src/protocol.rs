@@ -92,7 +92,9 @@ mod bytes_serde {
 
 /// Scheduling priority; smaller runs first. Mirrors Dask's tuple
 /// `(-user_priority, generation, graph_order)`.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default,
+)]
 pub struct Priority {
     /// Negated user priority (higher user priority sorts first).
     pub user: i32,
@@ -209,11 +211,20 @@ pub struct EventsUpdate {
 pub enum Msg {
     // -- handshake ---------------------------------------------------------
     /// First message on every connection.
-    Hello { protocol: u32, role: Role, name: String },
+    Hello {
+        protocol: u32,
+        role: Role,
+        name: String,
+    },
     /// Handshake accepted.
-    Welcome { protocol: u32, server: String },
+    Welcome {
+        protocol: u32,
+        server: String,
+    },
     /// Handshake refused or a fatal error; the sender closes the connection.
-    Error { reason: String },
+    Error {
+        reason: String,
+    },
 
     // -- worker -> scheduler -------------------------------------------------
     RegisterWorker {
@@ -246,9 +257,14 @@ pub enum Msg {
         thread: u32,
     },
     /// Replicas that arrived on the worker (fetched dependencies).
-    AddKeys { keys: Vec<(Key, u64)> },
+    AddKeys {
+        keys: Vec<(Key, u64)>,
+    },
     /// The worker could not fetch `key` from any of the listed holders.
-    MissingData { key: Key, workers: Vec<String> },
+    MissingData {
+        key: Key,
+        workers: Vec<String>,
+    },
     Heartbeat {
         managed: u64,
         rss: u64,
@@ -267,29 +283,68 @@ pub enum Msg {
         deps: Vec<DepInfo>,
         priority: Priority,
     },
-    FreeKeys { keys: Vec<Key> },
-    CloseWorker { reason: String },
+    FreeKeys {
+        keys: Vec<Key>,
+    },
+    CloseWorker {
+        reason: String,
+    },
 
     // -- client -> scheduler -------------------------------------------------
-    UpdateGraph { tasks: Vec<TaskSpec>, wanted: Vec<Key> },
+    UpdateGraph {
+        tasks: Vec<TaskSpec>,
+        wanted: Vec<Key>,
+    },
     /// Declare interest in keys that already exist (e.g. a second client).
-    WantKeys { keys: Vec<Key> },
-    ReleaseKeys { keys: Vec<Key> },
-    CancelKeys { keys: Vec<Key> },
+    WantKeys {
+        keys: Vec<Key>,
+    },
+    ReleaseKeys {
+        keys: Vec<Key>,
+    },
+    CancelKeys {
+        keys: Vec<Key>,
+    },
     /// Data was put on `worker` directly by the client.
-    ScatterDone { keys: Vec<(Key, u64)>, worker: String },
-    WhoHas { id: u64, keys: Vec<Key> },
-    GetInfo { id: u64 },
+    ScatterDone {
+        keys: Vec<(Key, u64)>,
+        worker: String,
+    },
+    WhoHas {
+        id: u64,
+        keys: Vec<Key>,
+    },
+    GetInfo {
+        id: u64,
+    },
     /// Subscribe this connection to [`EventsUpdate`]s every `interval_ms`.
-    Subscribe { interval_ms: u64 },
+    Subscribe {
+        interval_ms: u64,
+    },
     /// Ask the scheduler to shut down (used by `LocalCluster.close`).
     Shutdown,
 
     // -- scheduler -> client -------------------------------------------------
-    KeyInMemory { key: Key, nbytes: u64, type_name: String, workers: Vec<String> },
-    KeyErred { key: Key, exception: Blob, traceback: Blob, text: String },
-    KeyCancelled { key: Key, reason: String },
-    WhoHasReply { id: u64, who_has: Vec<(Key, Vec<String>)> },
+    KeyInMemory {
+        key: Key,
+        nbytes: u64,
+        type_name: String,
+        workers: Vec<String>,
+    },
+    KeyErred {
+        key: Key,
+        exception: Blob,
+        traceback: Blob,
+        text: String,
+    },
+    KeyCancelled {
+        key: Key,
+        reason: String,
+    },
+    WhoHasReply {
+        id: u64,
+        who_has: Vec<(Key, Vec<String>)>,
+    },
     Info {
         id: u64,
         address: String,
@@ -302,11 +357,24 @@ pub enum Msg {
     Events(EventsUpdate),
 
     // -- data plane (peer or client <-> worker) -------------------------------
-    GetData { id: u64, keys: Vec<Key> },
+    GetData {
+        id: u64,
+        keys: Vec<Key>,
+    },
     /// Serialized values: each key's frames as produced by the worker's serializer.
-    Data { id: u64, items: Vec<(Key, Vec<Blob>)>, missing: Vec<Key> },
-    PutData { id: u64, items: Vec<(Key, Vec<Blob>)> },
-    PutDataOk { id: u64, nbytes: Vec<u64> },
+    Data {
+        id: u64,
+        items: Vec<(Key, Vec<Blob>)>,
+        missing: Vec<Key>,
+    },
+    PutData {
+        id: u64,
+        items: Vec<(Key, Vec<Blob>)>,
+    },
+    PutDataOk {
+        id: u64,
+        nbytes: Vec<u64>,
+    },
 }
 
 /// A message together with the extra frames its [`Blob::Frame`]s point at.
@@ -319,7 +387,10 @@ pub struct Envelope {
 impl Envelope {
     /// A message without extra frames.
     pub fn new(msg: Msg) -> Self {
-        Envelope { msg, frames: Vec::new() }
+        Envelope {
+            msg,
+            frames: Vec::new(),
+        }
     }
 }
 
@@ -373,9 +444,15 @@ mod tests {
     #[test]
     fn key_split_matches_dask() {
         assert_eq!(key_split("inc-1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d"), "inc");
-        assert_eq!(key_split("('sum-aggregate-abcdef0123456789abcdef0123456789', 0, 1)"), "sum-aggregate");
+        assert_eq!(
+            key_split("('sum-aggregate-abcdef0123456789abcdef0123456789', 0, 1)"),
+            "sum-aggregate"
+        );
         assert_eq!(key_split("x"), "x");
-        assert_eq!(key_split("('random_sample-1f2e3d4c5b6a79881f2e3d4c5b6a7988', 3)"), "random_sample");
+        assert_eq!(
+            key_split("('random_sample-1f2e3d4c5b6a79881f2e3d4c5b6a7988', 3)"),
+            "random_sample"
+        );
         assert_eq!(key_split("my-task-12"), "my-task");
         assert_eq!(key_split("0123456789abcdef0123456789abcdef"), "data");
         assert_eq!(key_split("hello-world-deadbeef"), "hello-world");

@@ -25,7 +25,12 @@ use cluster::protocol::{Blob, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
 
-create_exception!(_core, CommError, PyOSError, "A connection to a dask-rs peer failed or was refused.");
+create_exception!(
+    _core,
+    CommError,
+    PyOSError,
+    "A connection to a dask-rs peer failed or was refused."
+);
 
 fn client_err(e: ClientError) -> PyErr {
     match e {
@@ -85,19 +90,42 @@ enum FrameData {
 impl Frame {
     fn new(b: Bytes) -> Frame {
         match b.try_into_mut() {
-            Ok(mut m) => Frame { ptr: m.as_mut_ptr() as usize, len: m.len(), readonly: false, _keep: FrameData::Owned(m) },
-            Err(b) => Frame { ptr: b.as_ptr() as usize, len: b.len(), readonly: true, _keep: FrameData::Shared(b) },
+            Ok(mut m) => Frame {
+                ptr: m.as_mut_ptr() as usize,
+                len: m.len(),
+                readonly: false,
+                _keep: FrameData::Owned(m),
+            },
+            Err(b) => Frame {
+                ptr: b.as_ptr() as usize,
+                len: b.len(),
+                readonly: true,
+                _keep: FrameData::Shared(b),
+            },
         }
     }
 }
 
 #[pymethods]
 impl Frame {
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let me = slf.get();
         let ro = if me.readonly { 1 } else { 0 };
         // SAFETY: the memory lives as long as `slf`, which the view keeps a reference to.
-        let rc = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), me.ptr as *mut c_void, me.len as isize, ro, flags) };
+        let rc = unsafe {
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                me.ptr as *mut c_void,
+                me.len as isize,
+                ro,
+                flags,
+            )
+        };
         if rc == -1 {
             return Err(PyErr::fetch(slf.py()));
         }
@@ -112,7 +140,10 @@ impl Frame {
 }
 
 fn frames_to_py<'py>(py: Python<'py>, parts: Vec<Bytes>) -> PyResult<Bound<'py, PyList>> {
-    let items: Vec<Bound<'py, Frame>> = parts.into_iter().map(|p| Bound::new(py, Frame::new(p))).collect::<PyResult<_>>()?;
+    let items: Vec<Bound<'py, Frame>> = parts
+        .into_iter()
+        .map(|p| Bound::new(py, Frame::new(p)))
+        .collect::<PyResult<_>>()?;
     PyList::new(py, items)
 }
 
@@ -137,19 +168,29 @@ impl Runner for PyRunner {
                     for d in deps {
                         match store.get(d) {
                             Some(o) => v.push(o.clone_ref(py)),
-                            None => return Err(PyRuntimeError::new_err(format!("dependency {d} is not on this worker"))),
+                            None => {
+                                return Err(PyRuntimeError::new_err(format!(
+                                    "dependency {d} is not on this worker"
+                                )))
+                            }
                         }
                     }
                     v
                 };
                 let spec = Bound::new(py, Frame::new(run_spec.clone()))?;
-                let out = self.execute.bind(py).call1((spec, PyList::new(py, values)?, key, thread))?;
+                let out =
+                    self.execute
+                        .bind(py)
+                        .call1((spec, PyList::new(py, values)?, key, thread))?;
                 let t = out.cast::<PyTuple>()?;
                 if t.get_item(0)?.is_truthy()? {
                     let value = t.get_item(1)?.unbind();
                     let nbytes: u64 = t.get_item(2)?.extract()?;
                     let type_name: String = t.get_item(3)?.extract()?;
-                    self.store.lock().expect("store").insert(key.to_string(), value);
+                    self.store
+                        .lock()
+                        .expect("store")
+                        .insert(key.to_string(), value);
                     Ok(ExecOutcome::Ok { nbytes, type_name })
                 } else {
                     Ok(ExecOutcome::Err {
@@ -171,7 +212,9 @@ impl Runner for PyRunner {
         Python::attach(|py| {
             let objs: Vec<Option<Py<PyAny>>> = {
                 let store = self.store.lock().expect("store");
-                keys.iter().map(|k| store.get(k).map(|o| o.clone_ref(py))).collect()
+                keys.iter()
+                    .map(|k| store.get(k).map(|o| o.clone_ref(py)))
+                    .collect()
             };
             keys.iter()
                 .zip(objs)
@@ -181,7 +224,8 @@ impl Runner for PyRunner {
                             let parts = self.dumps.bind(py).call1((o,))?;
                             parts.try_iter()?.map(|p| to_bytes(&p?)).collect()
                         })();
-                        r.map_err(|e| tracing::warn!("cannot serialize {k}: {e}")).ok()
+                        r.map_err(|e| tracing::warn!("cannot serialize {k}: {e}"))
+                            .ok()
                     });
                     (k.clone(), frames)
                 })
@@ -197,7 +241,10 @@ impl Runner for PyRunner {
                 let t = out.cast::<PyTuple>()?;
                 let value = t.get_item(0)?.unbind();
                 let nbytes: u64 = t.get_item(1)?.extract()?;
-                self.store.lock().expect("store").insert(key.to_string(), value);
+                self.store
+                    .lock()
+                    .expect("store")
+                    .insert(key.to_string(), value);
                 Ok(nbytes)
             })();
             r.map_err(|e| e.to_string())
@@ -242,7 +289,9 @@ impl WorkerHandle {
                     }
                 };
                 match timeout {
-                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut).await.is_ok(),
+                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut)
+                        .await
+                        .is_ok(),
                     None => {
                         fut.await;
                         true
@@ -300,7 +349,12 @@ fn start_worker(
     config.memory_limit = memory_limit;
     config.host = host;
     config.connect_timeout = Duration::from_secs_f64(timeout);
-    let runner = Arc::new(PyRunner { execute, dumps, loads, store: Mutex::new(FxHashMap::default()) });
+    let runner = Arc::new(PyRunner {
+        execute,
+        dumps,
+        loads,
+        store: Mutex::new(FxHashMap::default()),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (fin_tx, fin_rx) = watch::channel(false);
     let done = Arc::new(Mutex::new(None));
@@ -314,7 +368,14 @@ fn start_worker(
     });
     let started = py.detach(|| rt.block_on(started_rx));
     match started {
-        Ok(address) => Ok(WorkerHandle { rt, stop: stop_tx, done, finished: fin_rx, address, runner }),
+        Ok(address) => Ok(WorkerHandle {
+            rt,
+            stop: stop_tx,
+            done,
+            finished: fin_rx,
+            address,
+            runner,
+        }),
         Err(_) => {
             let why = done.lock().expect("done").clone();
             let msg = match why {
@@ -341,8 +402,12 @@ pub struct SchedulerHandle {
 impl SchedulerHandle {
     fn stop(&self, py: Python<'_>) {
         self.inner.stop();
-        py.detach(|| self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), self.inner.wait()).await }))
-            .ok();
+        py.detach(|| {
+            self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), self.inner.wait()).await
+            })
+        })
+        .ok();
     }
 
     /// Wait up to `timeout` seconds; True once the scheduler stopped.
@@ -351,7 +416,9 @@ impl SchedulerHandle {
         py.detach(|| {
             self.rt.block_on(async {
                 match timeout {
-                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), self.inner.wait()).await.is_ok(),
+                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), self.inner.wait())
+                        .await
+                        .is_ok(),
                     None => {
                         self.inner.wait().await;
                         true
@@ -365,7 +432,12 @@ impl SchedulerHandle {
 /// Start a scheduler in this process.
 #[pyfunction]
 #[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1))]
-fn start_scheduler(py: Python<'_>, host: String, port: u16, worker_saturation: f64) -> PyResult<SchedulerHandle> {
+fn start_scheduler(
+    py: Python<'_>,
+    host: String,
+    port: u16,
+    worker_saturation: f64,
+) -> PyResult<SchedulerHandle> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("dask-rs-scheduler")
@@ -373,7 +445,10 @@ fn start_scheduler(py: Python<'_>, host: String, port: u16, worker_saturation: f
         .build()
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     let rt = BackgroundRuntime::new(rt);
-    let config = SchedulerConfig { worker_saturation, ..Default::default() };
+    let config = SchedulerConfig {
+        worker_saturation,
+        ..Default::default()
+    };
     let inner = py
         .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config)))
         .map_err(|e| PyOSError::new_err(format!("cannot start scheduler on {host}:{port}: {e}")))?;
@@ -393,11 +468,19 @@ fn status_to_py<'py>(py: Python<'py>, st: Option<KeyStatus>) -> PyResult<Bound<'
     Ok(match st {
         None => py.None().into_bound(py),
         Some(KeyStatus::Pending) => ("pending",).into_pyobject(py)?.into_any(),
-        Some(KeyStatus::Finished { nbytes, workers }) => ("finished", nbytes, workers).into_pyobject(py)?.into_any(),
-        Some(KeyStatus::Erred { exception, traceback, text }) => {
-            ("error", Frame::new(exception), Frame::new(traceback), text).into_pyobject(py)?.into_any()
+        Some(KeyStatus::Finished { nbytes, workers }) => {
+            ("finished", nbytes, workers).into_pyobject(py)?.into_any()
         }
-        Some(KeyStatus::Cancelled { reason }) => ("cancelled", reason).into_pyobject(py)?.into_any(),
+        Some(KeyStatus::Erred {
+            exception,
+            traceback,
+            text,
+        }) => ("error", Frame::new(exception), Frame::new(traceback), text)
+            .into_pyobject(py)?
+            .into_any(),
+        Some(KeyStatus::Cancelled { reason }) => {
+            ("cancelled", reason).into_pyobject(py)?.into_any()
+        }
     })
 }
 
@@ -466,22 +549,34 @@ fn events_to_py<'py>(py: Python<'py>, u: &EventsUpdate) -> PyResult<Bound<'py, P
     Ok(d)
 }
 
-type PyTask<'py> = (String, Bound<'py, PyAny>, Vec<String>, i32, u64, Option<Vec<String>>, bool);
+type PyTask<'py> = (
+    String,
+    Bound<'py, PyAny>,
+    Vec<String>,
+    i32,
+    u64,
+    Option<Vec<String>>,
+    bool,
+);
 
 #[pymethods]
 impl ClientCore {
     #[new]
     #[pyo3(signature = (address, name, timeout=10.0))]
     fn new(py: Python<'_>, address: String, name: String, timeout: f64) -> PyResult<Self> {
-        let core = py.detach(|| Core::connect(&address, &name, Duration::from_secs_f64(timeout))).map_err(|e| match e {
-            ClientError::Connect { source: cluster::comm::CommError::Timeout(..), .. } => {
-                PyTimeoutError::new_err(e.to_string())
-            }
-            ClientError::Connect { source: cluster::comm::CommError::Address(_), .. } => {
-                PyValueError::new_err(e.to_string())
-            }
-            other => client_err(other),
-        })?;
+        let core = py
+            .detach(|| Core::connect(&address, &name, Duration::from_secs_f64(timeout)))
+            .map_err(|e| match e {
+                ClientError::Connect {
+                    source: cluster::comm::CommError::Timeout(..),
+                    ..
+                } => PyTimeoutError::new_err(e.to_string()),
+                ClientError::Connect {
+                    source: cluster::comm::CommError::Address(_),
+                    ..
+                } => PyValueError::new_err(e.to_string()),
+                other => client_err(other),
+            })?;
         Ok(ClientCore { core })
     }
 
@@ -497,9 +592,18 @@ impl ClientCore {
         for (key, run_spec, deps, priority, order, workers, allow_other_workers) in tasks {
             let data = to_bytes(&run_spec)?;
             let run_spec = Blob::new(data, &mut frames);
-            specs.push(TaskSpec { key, run_spec, deps, priority, order, workers, allow_other_workers });
+            specs.push(TaskSpec {
+                key,
+                run_spec,
+                deps,
+                priority,
+                order,
+                workers,
+                allow_other_workers,
+            });
         }
-        py.detach(|| self.core.submit(specs, frames, wanted)).map_err(client_err)
+        py.detach(|| self.core.submit(specs, frames, wanted))
+            .map_err(client_err)
     }
 
     fn want(&self, keys: Vec<String>) -> PyResult<()> {
@@ -524,9 +628,16 @@ impl ClientCore {
 
     /// Wait for all (or `any`) of `keys`; False on timeout.
     #[pyo3(signature = (keys, timeout=None, any=false))]
-    fn wait(&self, py: Python<'_>, keys: Vec<String>, timeout: Option<f64>, any: bool) -> PyResult<bool> {
+    fn wait(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        timeout: Option<f64>,
+        any: bool,
+    ) -> PyResult<bool> {
         let t = timeout.map(Duration::from_secs_f64);
-        py.detach(|| self.core.wait(&keys, t, any)).map_err(client_err)
+        py.detach(|| self.core.wait(&keys, t, any))
+            .map_err(client_err)
     }
 
     fn watch_done(&self) {
@@ -538,8 +649,15 @@ impl ClientCore {
     }
 
     /// Fetch `keys` from `worker`: `([(key, [Frame, ...]), ...], missing)`.
-    fn get_data<'py>(&self, py: Python<'py>, worker: String, keys: Vec<String>) -> PyResult<(Bound<'py, PyList>, Vec<String>)> {
-        let (items, missing) = py.detach(|| self.core.get_data(&worker, keys)).map_err(client_err)?;
+    fn get_data<'py>(
+        &self,
+        py: Python<'py>,
+        worker: String,
+        keys: Vec<String>,
+    ) -> PyResult<(Bound<'py, PyList>, Vec<String>)> {
+        let (items, missing) = py
+            .detach(|| self.core.get_data(&worker, keys))
+            .map_err(client_err)?;
         let out = PyList::empty(py);
         for (k, parts) in items {
             out.append((k, frames_to_py(py, parts)?))?;
@@ -548,12 +666,24 @@ impl ClientCore {
     }
 
     /// Put `[(key, [buffer, ...]), ...]` on `worker`.
-    fn scatter(&self, py: Python<'_>, worker: String, items: Vec<(String, Vec<Bound<'_, PyAny>>)>) -> PyResult<()> {
+    fn scatter(
+        &self,
+        py: Python<'_>,
+        worker: String,
+        items: Vec<(String, Vec<Bound<'_, PyAny>>)>,
+    ) -> PyResult<()> {
         let mut conv = Vec::with_capacity(items.len());
         for (k, parts) in items {
-            conv.push((k, parts.iter().map(to_bytes).collect::<PyResult<Vec<Bytes>>>()?));
+            conv.push((
+                k,
+                parts
+                    .iter()
+                    .map(to_bytes)
+                    .collect::<PyResult<Vec<Bytes>>>()?,
+            ));
         }
-        py.detach(|| self.core.scatter(&worker, conv)).map_err(client_err)
+        py.detach(|| self.core.scatter(&worker, conv))
+            .map_err(client_err)
     }
 
     fn who_has<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
@@ -567,7 +697,15 @@ impl ClientCore {
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let r = py.detach(|| self.core.info()).map_err(client_err)?;
-        let Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out } = r else {
+        let Reply::Info {
+            address,
+            workers,
+            ntasks,
+            nclients,
+            bytes_in,
+            bytes_out,
+        } = r
+        else {
             return Err(CommError::new_err("unexpected reply"));
         };
         let d = PyDict::new(py);
@@ -585,7 +723,9 @@ impl ClientCore {
     }
 
     fn subscribe(&self, interval: f64) -> PyResult<()> {
-        self.core.subscribe(Duration::from_secs_f64(interval)).map_err(client_err)
+        self.core
+            .subscribe(Duration::from_secs_f64(interval))
+            .map_err(client_err)
     }
 
     fn take_events<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyList>> {

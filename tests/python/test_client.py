@@ -7,8 +7,8 @@ import threading
 from concurrent.futures import CancelledError
 
 import pytest
-from conftest import wait_until
 
+from conftest import wait_until
 from dask_rs import Client, Future, as_completed, wait
 
 

@@ -11,8 +11,8 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import start_scheduler, start_worker, wait_until
 
+from conftest import start_scheduler, start_worker, wait_until
 from dask_rs import Client, CommError
 
 
@@ -156,8 +156,8 @@ def test_worker_rejects_bad_flags(procs):
                     stderr=subprocess.PIPE)
     err = p.communicate(timeout=15)[1].decode()
     assert p.returncode == 2 and "--bogus" in err
-    p = procs.spawn([sys.executable, "-m", "dask_rs", "worker", "tcp://127.0.0.1:1", "--memory-limit", "lots"],
-                    stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "dask_rs", "worker", "tcp://127.0.0.1:1", "--memory-limit", "lots"]
+    p = procs.spawn(cmd, stderr=subprocess.PIPE)
     err = p.communicate(timeout=15)[1].decode()
     assert p.returncode == 2 and "could not interpret 'lots'" in err
 

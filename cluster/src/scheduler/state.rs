@@ -14,8 +14,8 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::protocol::{
-    key_split, Blob, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, Msg, Priority, TaskSpec, TaskStreamRecord,
-    WorkerInfo,
+    key_split, Blob, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, Msg, Priority, TaskSpec,
+    TaskStreamRecord, WorkerInfo,
 };
 
 /// Identifies a connected peer (worker or client) for the lifetime of its connection.
@@ -43,7 +43,10 @@ impl TaskState {
 
     /// States in which a task still needs its dependencies.
     fn is_active(self) -> bool {
-        matches!(self, TaskState::Waiting | TaskState::Queued | TaskState::NoWorker | TaskState::Processing)
+        matches!(
+            self,
+            TaskState::Waiting | TaskState::Queued | TaskState::NoWorker | TaskState::Processing
+        )
     }
 
     /// Lower-case name as Dask prints it.
@@ -73,7 +76,10 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { worker_saturation: 1.1, stream_capacity: 100_000 }
+        SchedulerConfig {
+            worker_saturation: 1.1,
+            stream_capacity: 100_000,
+        }
     }
 }
 
@@ -249,7 +255,13 @@ impl SchedulerState {
     /// Addresses of workers holding `key`.
     pub fn who_has(&self, key: &str) -> Vec<String> {
         match self.keys.get(key) {
-            Some(&id) => self.t(id).who_has.iter().filter_map(|w| self.workers.get(w)).map(|w| w.address.clone()).collect(),
+            Some(&id) => self
+                .t(id)
+                .who_has
+                .iter()
+                .filter_map(|w| self.workers.get(w))
+                .map(|w| w.address.clone())
+                .collect(),
             None => Vec::new(),
         }
     }
@@ -282,7 +294,10 @@ impl SchedulerState {
         ];
         let mut m = FxHashMap::default();
         for s in all {
-            m.insert(s.name(), self.groups.iter().map(|g| g.counts[s.index()]).sum());
+            m.insert(
+                s.name(),
+                self.groups.iter().map(|g| g.counts[s.index()]).sum(),
+            );
         }
         m
     }
@@ -295,7 +310,12 @@ impl SchedulerState {
             return g;
         }
         let g = self.groups.len() as u32;
-        self.groups.push(Group { name: name.clone(), counts: [0; 8], nbytes: 0, changed_at: 0 });
+        self.groups.push(Group {
+            name: name.clone(),
+            counts: [0; 8],
+            nbytes: 0,
+            changed_at: 0,
+        });
         self.group_ids.insert(name, g);
         g
     }
@@ -365,7 +385,9 @@ impl SchedulerState {
         pid: u32,
     ) -> Result<(), String> {
         if self.workers.values().any(|w| w.address == address) {
-            return Err(format!("a worker with address {address} is already registered"));
+            return Err(format!(
+                "a worker with address {address} is already registered"
+            ));
         }
         if self.workers.values().any(|w| w.name == name) {
             return Err(format!("a worker named {name:?} is already registered"));
@@ -391,7 +413,10 @@ impl SchedulerState {
         );
         self.worker_order.push(peer);
         self.version += 1;
-        let stuck: Vec<TaskId> = std::mem::take(&mut self.no_worker).into_iter().map(|(_, id)| id).collect();
+        let stuck: Vec<TaskId> = std::mem::take(&mut self.no_worker)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
         for id in stuck {
             if self.t(id).state == TaskState::NoWorker {
                 self.make_ready(id);
@@ -404,7 +429,9 @@ impl SchedulerState {
     /// A worker left (closed or died): its running tasks are rescheduled
     /// and results held only by it are recomputed when still needed.
     pub fn remove_worker(&mut self, peer: PeerId) {
-        let Some(w) = self.workers.remove(&peer) else { return };
+        let Some(w) = self.workers.remove(&peer) else {
+            return;
+        };
         self.worker_order.retain(|&p| p != peer);
         self.version += 1;
         let mut lost = Vec::new();
@@ -425,7 +452,7 @@ impl SchedulerState {
             if t.state == TaskState::Processing && t.processing_on == Some(peer) {
                 self.tm(id).processing_on = None;
                 self.set_state(id, TaskState::Released);
-                self.to_waiting(id);
+                self.transition_to_waiting(id);
             }
         }
         self.fill_all_workers();
@@ -443,21 +470,27 @@ impl SchedulerState {
             let st = self.t(*d).state;
             if st == TaskState::Waiting {
                 self.tm(*d).waiting_on += 1;
-            } else if matches!(st, TaskState::Queued | TaskState::NoWorker | TaskState::Processing) {
+            } else if matches!(
+                st,
+                TaskState::Queued | TaskState::NoWorker | TaskState::Processing
+            ) {
                 self.unassign(*d);
                 self.set_state(*d, TaskState::Released);
-                self.to_waiting(*d);
+                self.transition_to_waiting(*d);
             }
         }
         let wanted = !self.t(id).who_wants.is_empty() || self.t(id).waiters > 0;
         if wanted {
             if self.t(id).run_spec.is_some() {
-                self.to_waiting(id);
+                self.transition_to_waiting(id);
             } else {
                 let err = Arc::new(ErrorInfo {
                     exception: Bytes::new(),
                     traceback: Bytes::new(),
-                    text: format!("data for scattered key {} was lost with its worker", self.t(id).key),
+                    text: format!(
+                        "data for scattered key {} was lost with its worker",
+                        self.t(id).key
+                    ),
                 });
                 self.set_erred(id, err);
             }
@@ -513,7 +546,12 @@ impl SchedulerState {
     // ---- graph submission -------------------------------------------------
 
     /// A client submitted tasks and wants `wanted` of them.
-    pub fn update_graph(&mut self, client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>) {
+    pub fn update_graph(
+        &mut self,
+        client: PeerId,
+        tasks: Vec<(TaskSpec, Option<Bytes>)>,
+        wanted: Vec<Key>,
+    ) {
         self.add_client(client);
         self.generation += 1;
         let generation = self.generation;
@@ -530,7 +568,12 @@ impl SchedulerState {
                 continue;
             }
             let group = self.group_id(&spec.key);
-            let restriction = spec.workers.map(|w| Box::new(Restriction { workers: w, loose: spec.allow_other_workers }));
+            let restriction = spec.workers.map(|w| {
+                Box::new(Restriction {
+                    workers: w,
+                    loose: spec.allow_other_workers,
+                })
+            });
             let task = Task {
                 key: spec.key.clone().into_boxed_str(),
                 state: TaskState::Released,
@@ -543,7 +586,11 @@ impl SchedulerState {
                 who_has: Vec::new(),
                 processing_on: None,
                 nbytes: 0,
-                priority: Priority { user: -spec.priority, generation, order: spec.order },
+                priority: Priority {
+                    user: -spec.priority,
+                    generation,
+                    order: spec.order,
+                },
                 group,
                 restriction,
                 error: None,
@@ -572,26 +619,32 @@ impl SchedulerState {
                 if !t.who_wants.contains(&client) {
                     t.who_wants.push(client);
                 }
-                self.clients.get_mut(&client).expect("client").wants.insert(id);
+                self.clients
+                    .get_mut(&client)
+                    .expect("client")
+                    .wants
+                    .insert(id);
             }
         }
         for (id, k) in unknown {
             let err = Arc::new(ErrorInfo {
                 exception: Bytes::new(),
                 traceback: Bytes::new(),
-                text: format!("dependency {k:?} is not known to the scheduler (was its future released?)"),
+                text: format!(
+                    "dependency {k:?} is not known to the scheduler (was its future released?)"
+                ),
             });
             self.set_erred(id, err);
         }
         for (id, _) in &fresh {
             if self.t(*id).state == TaskState::Released {
-                self.to_waiting(*id);
+                self.transition_to_waiting(*id);
             }
         }
         for k in &wanted {
             if let Some(&id) = self.keys.get(k.as_str()) {
                 match self.t(id).state {
-                    TaskState::Released => self.to_waiting(id),
+                    TaskState::Released => self.transition_to_waiting(id),
                     TaskState::Memory | TaskState::Erred => self.report_to(client, id),
                     _ => {}
                 }
@@ -609,14 +662,24 @@ impl SchedulerState {
                     if !self.t(id).who_wants.contains(&client) {
                         self.tm(id).who_wants.push(client);
                     }
-                    self.clients.get_mut(&client).expect("client").wants.insert(id);
+                    self.clients
+                        .get_mut(&client)
+                        .expect("client")
+                        .wants
+                        .insert(id);
                     match self.t(id).state {
                         TaskState::Memory | TaskState::Erred => self.report_to(client, id),
-                        TaskState::Released => self.to_waiting(id),
+                        TaskState::Released => self.transition_to_waiting(id),
                         _ => {}
                     }
                 }
-                None => self.send(client, Msg::KeyCancelled { key: k, reason: "key is not known to the scheduler".into() }),
+                None => self.send(
+                    client,
+                    Msg::KeyCancelled {
+                        key: k,
+                        reason: "key is not known to the scheduler".into(),
+                    },
+                ),
             }
         }
         self.fill_all_workers();
@@ -639,7 +702,7 @@ impl SchedulerState {
     }
 
     /// Released -> waiting, bringing released dependencies back first.
-    fn to_waiting(&mut self, root: TaskId) {
+    fn transition_to_waiting(&mut self, root: TaskId) {
         // Iterative post-order walk over released dependencies.
         let mut stack = vec![(root, false)];
         while let Some((id, expanded)) = stack.pop() {
@@ -660,7 +723,10 @@ impl SchedulerState {
                 let err = Arc::new(ErrorInfo {
                     exception: Bytes::new(),
                     traceback: Bytes::new(),
-                    text: format!("key {} cannot be recomputed: it has no recipe (scattered data lost?)", self.t(id).key),
+                    text: format!(
+                        "key {} cannot be recomputed: it has no recipe (scattered data lost?)",
+                        self.t(id).key
+                    ),
                 });
                 self.set_erred(id, err);
                 continue;
@@ -690,7 +756,10 @@ impl SchedulerState {
     fn make_ready(&mut self, id: TaskId) {
         let t = self.t(id);
         let prio = t.priority;
-        if t.deps.is_empty() && t.restriction.is_none() && !self.config.worker_saturation.is_infinite() {
+        if t.deps.is_empty()
+            && t.restriction.is_none()
+            && !self.config.worker_saturation.is_infinite()
+        {
             self.set_state(id, TaskState::Queued);
             self.queue.insert((prio, id));
             return;
@@ -716,7 +785,11 @@ impl SchedulerState {
                 .copied()
                 .filter(|p| {
                     let w = &self.workers[p];
-                    r.workers.iter().any(|n| *n == w.name || *n == w.address || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://"))
+                    r.workers.iter().any(|n| {
+                        *n == w.name
+                            || *n == w.address
+                            || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
+                    })
                 })
                 .collect();
             if !allowed.is_empty() {
@@ -739,17 +812,22 @@ impl SchedulerState {
         }
         let mut best: Option<(u64, f64, PeerId)> = None;
         for (w, bytes) in held {
-            let Some(worker) = self.workers.get(&w) else { continue };
+            let Some(worker) = self.workers.get(&w) else {
+                continue;
+            };
             let load = worker.load();
             let better = match best {
                 None => true,
-                Some((bh, bl, bw)) => bytes > bh || (bytes == bh && (load < bl || (load == bl && w < bw))),
+                Some((bh, bl, bw)) => {
+                    bytes > bh || (bytes == bh && (load < bl || (load == bl && w < bw)))
+                }
             };
             if better {
                 best = Some((bytes, load, w));
             }
         }
-        best.map(|b| b.2).or_else(|| self.least_loaded(self.worker_order.iter().copied()))
+        best.map(|b| b.2)
+            .or_else(|| self.least_loaded(self.worker_order.iter().copied()))
     }
 
     fn least_loaded(&self, it: impl Iterator<Item = PeerId>) -> Option<PeerId> {
@@ -766,7 +844,11 @@ impl SchedulerState {
     fn assign(&mut self, id: TaskId, w: PeerId) {
         self.set_state(id, TaskState::Processing);
         self.tm(id).processing_on = Some(w);
-        self.workers.get_mut(&w).expect("worker").processing.insert(id);
+        self.workers
+            .get_mut(&w)
+            .expect("worker")
+            .processing
+            .insert(id);
         let t = self.t(id);
         let deps: Vec<DepInfo> = t
             .deps
@@ -776,13 +858,23 @@ impl SchedulerState {
                 DepInfo {
                     key: dt.key.to_string(),
                     nbytes: dt.nbytes,
-                    who_has: dt.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
+                    who_has: dt
+                        .who_has
+                        .iter()
+                        .filter_map(|p| self.workers.get(p))
+                        .map(|w| w.address.clone())
+                        .collect(),
                 }
             })
             .collect();
         let mut frames = Vec::new();
         let run_spec = Blob::new(t.run_spec.clone().unwrap_or_default(), &mut frames);
-        let msg = Msg::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority };
+        let msg = Msg::ComputeTask {
+            key: t.key.to_string(),
+            run_spec,
+            deps,
+            priority: t.priority,
+        };
         self.counters.compute_sent += 1;
         self.out.push((w, Envelope { msg, frames }));
     }
@@ -810,7 +902,9 @@ impl SchedulerState {
 
     fn fill_worker(&mut self, w: PeerId) {
         while !self.queue.is_empty() {
-            let Some(worker) = self.workers.get(&w) else { return };
+            let Some(worker) = self.workers.get(&w) else {
+                return;
+            };
             if worker.processing.len() >= worker.slots(self.config.worker_saturation) {
                 return;
             }
@@ -834,7 +928,12 @@ impl SchedulerState {
         transfer: f64,
     ) {
         let Some(&id) = self.keys.get(key) else {
-            self.send(worker, Msg::FreeKeys { keys: vec![key.to_string()] });
+            self.send(
+                worker,
+                Msg::FreeKeys {
+                    keys: vec![key.to_string()],
+                },
+            );
             return;
         };
         let (state, on) = (self.t(id).state, self.t(id).processing_on);
@@ -843,7 +942,12 @@ impl SchedulerState {
             if t.state == TaskState::Memory && !t.who_has.contains(&worker) {
                 self.add_replica(id, worker);
             } else if !t.who_has.contains(&worker) {
-                self.send(worker, Msg::FreeKeys { keys: vec![key.to_string()] });
+                self.send(
+                    worker,
+                    Msg::FreeKeys {
+                        keys: vec![key.to_string()],
+                    },
+                );
             }
             return;
         }
@@ -915,14 +1019,24 @@ impl SchedulerState {
                 key: t.key.to_string(),
                 nbytes: t.nbytes,
                 type_name: String::new(),
-                workers: t.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
+                workers: t
+                    .who_has
+                    .iter()
+                    .filter_map(|p| self.workers.get(p))
+                    .map(|w| w.address.clone())
+                    .collect(),
             },
             TaskState::Erred => {
                 let e = t.error.as_ref().expect("erred task has error");
                 let mut frames = Vec::new();
                 let exception = Blob::new(e.exception.clone(), &mut frames);
                 let traceback = Blob::new(e.traceback.clone(), &mut frames);
-                let msg = Msg::KeyErred { key: t.key.to_string(), exception, traceback, text: e.text.clone() };
+                let msg = Msg::KeyErred {
+                    key: t.key.to_string(),
+                    exception,
+                    traceback,
+                    text: e.text.clone(),
+                };
                 self.out.push((client, Envelope { msg, frames }));
                 return;
             }
@@ -944,7 +1058,9 @@ impl SchedulerState {
         stop: f64,
         thread: u32,
     ) {
-        let Some(&id) = self.keys.get(key) else { return };
+        let Some(&id) = self.keys.get(key) else {
+            return;
+        };
         let (state, on, group) = (self.t(id).state, self.t(id).processing_on, self.t(id).group);
         if state != TaskState::Processing || on != Some(worker) {
             return;
@@ -965,7 +1081,14 @@ impl SchedulerState {
             self.push_stream(rec);
         }
         self.tm(id).processing_on = None;
-        self.set_erred(id, Arc::new(ErrorInfo { exception, traceback, text }));
+        self.set_erred(
+            id,
+            Arc::new(ErrorInfo {
+                exception,
+                traceback,
+                text,
+            }),
+        );
         self.fill_worker(worker);
     }
 
@@ -1006,9 +1129,15 @@ impl SchedulerState {
 
     /// A worker reports that it could not get `key` from `holders`.
     pub fn missing_data(&mut self, worker: PeerId, key: &str, holders: &[String]) {
-        let Some(&id) = self.keys.get(key) else { return };
+        let Some(&id) = self.keys.get(key) else {
+            return;
+        };
         for h in holders {
-            let peer = self.workers.iter().find(|(_, w)| &w.address == h).map(|(p, _)| *p);
+            let peer = self
+                .workers
+                .iter()
+                .find(|(_, w)| &w.address == h)
+                .map(|(p, _)| *p);
             if let Some(p) = peer {
                 let nbytes = self.t(id).nbytes;
                 if let Some(w) = self.workers.get_mut(&p) {
@@ -1034,7 +1163,7 @@ impl SchedulerState {
             if self.t(d).state == TaskState::Processing {
                 self.unassign(d);
                 self.set_state(d, TaskState::Released);
-                self.to_waiting(d);
+                self.transition_to_waiting(d);
             }
         }
         self.fill_all_workers();
@@ -1057,10 +1186,20 @@ impl SchedulerState {
     /// Data a client put on `worker` directly.
     pub fn scatter_done(&mut self, client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>) {
         self.add_client(client);
-        let worker = self.workers.iter().find(|(_, w)| w.address == worker_addr).map(|(p, _)| *p);
+        let worker = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.address == worker_addr)
+            .map(|(p, _)| *p);
         let Some(worker) = worker else {
             for (k, _) in keys {
-                self.send(client, Msg::KeyCancelled { key: k, reason: format!("worker {worker_addr} is gone") });
+                self.send(
+                    client,
+                    Msg::KeyCancelled {
+                        key: k,
+                        reason: format!("worker {worker_addr} is gone"),
+                    },
+                );
             }
             return;
         };
@@ -1094,7 +1233,11 @@ impl SchedulerState {
             if !self.t(id).who_wants.contains(&client) {
                 self.tm(id).who_wants.push(client);
             }
-            self.clients.get_mut(&client).expect("client").wants.insert(id);
+            self.clients
+                .get_mut(&client)
+                .expect("client")
+                .wants
+                .insert(id);
             if self.t(id).state != TaskState::Memory {
                 self.unassign(id);
                 self.tm(id).nbytes = nbytes;
@@ -1115,7 +1258,9 @@ impl SchedulerState {
     /// A client no longer holds futures for `keys`.
     pub fn release_keys(&mut self, client: PeerId, keys: &[Key]) {
         for k in keys {
-            let Some(&id) = self.keys.get(k.as_str()) else { continue };
+            let Some(&id) = self.keys.get(k.as_str()) else {
+                continue;
+            };
             self.tm(id).who_wants.retain(|&p| p != client);
             if let Some(c) = self.clients.get_mut(&client) {
                 c.wants.remove(&id);
@@ -1128,7 +1273,13 @@ impl SchedulerState {
     pub fn cancel_keys(&mut self, client: PeerId, keys: Vec<Key>) {
         self.release_keys(client, &keys);
         for k in keys {
-            self.send(client, Msg::KeyCancelled { key: k, reason: "cancelled by the client".into() });
+            self.send(
+                client,
+                Msg::KeyCancelled {
+                    key: k,
+                    reason: "cancelled by the client".into(),
+                },
+            );
         }
     }
 
@@ -1136,7 +1287,9 @@ impl SchedulerState {
     fn check_release(&mut self, root: TaskId) {
         let mut stack = vec![root];
         while let Some(id) = stack.pop() {
-            let Some(Some(t)) = self.tasks.get(id as usize) else { continue };
+            let Some(Some(t)) = self.tasks.get(id as usize) else {
+                continue;
+            };
             if t.state == TaskState::Forgotten || !t.who_wants.is_empty() || t.waiters > 0 {
                 continue;
             }
@@ -1150,13 +1303,21 @@ impl SchedulerState {
                             worker.has_what.remove(&id);
                             worker.nbytes = worker.nbytes.saturating_sub(nbytes);
                         }
-                        self.send(w, Msg::FreeKeys { keys: vec![key.clone()] });
+                        self.send(
+                            w,
+                            Msg::FreeKeys {
+                                keys: vec![key.clone()],
+                            },
+                        );
                     }
                     let g = self.t(id).group as usize;
                     self.groups[g].nbytes = self.groups[g].nbytes.saturating_sub(nbytes);
                     self.set_state(id, TaskState::Released);
                 }
-                TaskState::Waiting | TaskState::Queued | TaskState::NoWorker | TaskState::Processing => {
+                TaskState::Waiting
+                | TaskState::Queued
+                | TaskState::NoWorker
+                | TaskState::Processing => {
                     self.unassign(id);
                     self.set_state(id, TaskState::Released);
                     stack.extend(self.t(id).deps.iter().copied());
@@ -1184,7 +1345,8 @@ impl SchedulerState {
         self.set_state(id, TaskState::Forgotten);
         let t = self.tasks[id as usize].take().expect("live task");
         let g = &mut self.groups[t.group as usize];
-        g.counts[TaskState::Forgotten.index()] = g.counts[TaskState::Forgotten.index()].saturating_sub(1);
+        g.counts[TaskState::Forgotten.index()] =
+            g.counts[TaskState::Forgotten.index()].saturating_sub(1);
         self.keys.remove(&t.key);
         self.free_ids.push(id);
         for &d in &t.deps {
@@ -1292,21 +1454,37 @@ impl SchedulerState {
             if self.keys.get(&t.key) != Some(&id) {
                 return Err(format!("{}: key map mismatch", t.key));
             }
-            let active = t.dependents.iter().filter(|&&d| self.t(d).state.is_active()).count() as u32;
+            let active = t
+                .dependents
+                .iter()
+                .filter(|&&d| self.t(d).state.is_active())
+                .count() as u32;
             if active != t.waiters {
-                return Err(format!("{}: waiters {} but {} active dependents", t.key, t.waiters, active));
+                return Err(format!(
+                    "{}: waiters {} but {} active dependents",
+                    t.key, t.waiters, active
+                ));
             }
             if t.state == TaskState::Waiting {
-                let missing = t.deps.iter().filter(|&&d| self.t(d).state != TaskState::Memory).count() as u32;
+                let missing = t
+                    .deps
+                    .iter()
+                    .filter(|&&d| self.t(d).state != TaskState::Memory)
+                    .count() as u32;
                 if missing != t.waiting_on {
-                    return Err(format!("{}: waiting_on {} but {} deps missing", t.key, t.waiting_on, missing));
+                    return Err(format!(
+                        "{}: waiting_on {} but {} deps missing",
+                        t.key, t.waiting_on, missing
+                    ));
                 }
             }
             if t.state == TaskState::Memory && t.who_has.is_empty() {
                 return Err(format!("{}: in memory nowhere", t.key));
             }
             if t.state == TaskState::Processing {
-                let w = t.processing_on.ok_or_else(|| format!("{}: processing nowhere", t.key))?;
+                let w = t
+                    .processing_on
+                    .ok_or_else(|| format!("{}: processing nowhere", t.key))?;
                 if !self.workers[&w].processing.contains(&id) {
                     return Err(format!("{}: worker does not list it", t.key));
                 }
