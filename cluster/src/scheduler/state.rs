@@ -1344,9 +1344,6 @@ impl SchedulerState {
     fn forget(&mut self, id: TaskId) -> Vec<TaskId> {
         self.set_state(id, TaskState::Forgotten);
         let t = self.tasks[id as usize].take().expect("live task");
-        let g = &mut self.groups[t.group as usize];
-        g.counts[TaskState::Forgotten.index()] =
-            g.counts[TaskState::Forgotten.index()].saturating_sub(1);
         self.keys.remove(&t.key);
         self.free_ids.push(id);
         for &d in &t.deps {
