@@ -24,7 +24,8 @@ def sample_pi(seed: int, n: int = 200_000) -> int:
 
 def main() -> None:
     t0 = time.perf_counter()
-    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="2GiB") as cluster, Client(cluster) as client:
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="2GiB")
+    with cluster, Client(cluster) as client:
         print(f"Started {cluster!r} in {time.perf_counter() - t0:.2f} s")
         print(f"  {client!r}")
         client.subscribe_events(0.1)

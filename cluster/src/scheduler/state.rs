@@ -1490,3 +1490,241 @@ impl SchedulerState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C1: PeerId = 1;
+    const C2: PeerId = 2;
+    const W1: PeerId = 10;
+    const W2: PeerId = 11;
+
+    fn spec(key: &str, deps: &[&str]) -> (TaskSpec, Option<Bytes>) {
+        let t = TaskSpec {
+            key: key.into(),
+            run_spec: Blob::Inline(Bytes::new()),
+            deps: deps.iter().map(|d| d.to_string()).collect(),
+            priority: 0,
+            order: 0,
+            workers: None,
+            allow_other_workers: false,
+        };
+        (t, Some(Bytes::from_static(b"spec")))
+    }
+
+    fn with_workers(n: usize) -> SchedulerState {
+        let mut s = SchedulerState::new(SchedulerConfig::default());
+        for i in 0..n {
+            let w = W1 + i as PeerId;
+            s.add_worker(w, format!("w{i}"), format!("tcp://h:{i}"), 1, 1 << 30, 0)
+                .unwrap();
+        }
+        s
+    }
+
+    fn computes(s: &mut SchedulerState) -> Vec<(PeerId, String)> {
+        s.take_outgoing()
+            .into_iter()
+            .filter_map(|(p, e)| match e.msg {
+                Msg::ComputeTask { key, .. } => Some((p, key)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finish(s: &mut SchedulerState, w: PeerId, key: &str, nbytes: u64) {
+        s.task_finished(w, key, nbytes, 0.0, 1.0, 0, 0.0);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn places_task_where_most_dependency_bytes_are() {
+        let mut s = with_workers(2);
+        s.update_graph(
+            C1,
+            vec![spec("a", &[]), spec("b", &[])],
+            vec!["a".into(), "b".into()],
+        );
+        let sent = computes(&mut s);
+        assert_eq!(sent.len(), 2);
+        let wa = sent.iter().find(|(_, k)| k == "a").unwrap().0;
+        let wb = sent.iter().find(|(_, k)| k == "b").unwrap().0;
+        assert_ne!(wa, wb, "root tasks spread over idle workers");
+        finish(&mut s, wa, "a", 1_000);
+        finish(&mut s, wb, "b", 10);
+        s.update_graph(C1, vec![spec("c", &["a", "b"])], vec!["c".into()]);
+        assert_eq!(computes(&mut s), vec![(wa, "c".to_string())]);
+    }
+
+    #[test]
+    fn root_tasks_are_queued_on_the_scheduler() {
+        let mut s = with_workers(1);
+        let specs: Vec<_> = (0..10).map(|i| spec(&format!("r-{i}"), &[])).collect();
+        let keys = (0..10).map(|i| format!("r-{i}")).collect();
+        s.update_graph(C1, specs, keys);
+        let sent = computes(&mut s);
+        assert_eq!(sent.len(), 2, "ceil(1.1 x 1 thread) in flight");
+        assert_eq!(s.state_counts()["queued"], 8);
+        finish(&mut s, W1, &sent[0].1, 8);
+        assert_eq!(computes(&mut s).len(), 1, "a finished task frees one slot");
+    }
+
+    #[test]
+    fn released_results_are_freed_and_forgotten() {
+        let mut s = with_workers(1);
+        s.update_graph(
+            C1,
+            vec![spec("a", &[]), spec("b", &["a"])],
+            vec!["b".into()],
+        );
+        let sent = computes(&mut s);
+        assert_eq!(sent, vec![(W1, "a".to_string())]);
+        finish(&mut s, W1, "a", 8);
+        assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
+        finish(&mut s, W1, "b", 8);
+        let out = s.take_outgoing();
+        let freed: Vec<&Msg> = out
+            .iter()
+            .map(|(_, e)| &e.msg)
+            .filter(|m| matches!(m, Msg::FreeKeys { .. }))
+            .collect();
+        assert_eq!(
+            freed,
+            vec![&Msg::FreeKeys {
+                keys: vec!["a".into()]
+            }],
+            "a is not wanted once b is done"
+        );
+        assert!(
+            out.iter()
+                .any(|(p, e)| *p == C1
+                    && matches!(&e.msg, Msg::KeyInMemory { key, .. } if key == "b"))
+        );
+        s.release_keys(C1, &["b".into()]);
+        s.validate().unwrap();
+        assert_eq!(s.ntasks(), 0, "everything forgotten");
+    }
+
+    #[test]
+    fn errors_propagate_to_dependents_and_reach_the_client() {
+        let mut s = with_workers(1);
+        s.update_graph(
+            C1,
+            vec![spec("a", &[]), spec("b", &["a"])],
+            vec!["b".into()],
+        );
+        computes(&mut s);
+        s.task_erred(
+            W1,
+            "a",
+            Bytes::new(),
+            Bytes::new(),
+            "ZeroDivisionError: boom".into(),
+            0.0,
+            1.0,
+            0,
+        );
+        s.validate().unwrap();
+        assert_eq!(s.task_state("b"), Some(TaskState::Erred));
+        let out = s.take_outgoing();
+        assert!(out.iter().any(|(p, e)| *p == C1
+            && matches!(&e.msg, Msg::KeyErred { key, text, .. } if key == "b" && text.contains("boom"))));
+    }
+
+    #[test]
+    fn pure_keys_are_computed_once_across_clients() {
+        let mut s = with_workers(1);
+        s.update_graph(C1, vec![spec("inc-1", &[])], vec!["inc-1".into()]);
+        s.update_graph(C2, vec![spec("inc-1", &[])], vec!["inc-1".into()]);
+        assert_eq!(computes(&mut s).len(), 1);
+        s.task_finished(W1, "inc-1", 8, 0.0, 1.0, 0, 0.0);
+        let told: Vec<PeerId> = s
+            .take_outgoing()
+            .into_iter()
+            .filter(|(_, e)| matches!(e.msg, Msg::KeyInMemory { .. }))
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(told, vec![C1, C2]);
+        s.release_keys(C1, &["inc-1".into()]);
+        assert_eq!(
+            s.task_state("inc-1"),
+            Some(TaskState::Memory),
+            "C2 still holds it"
+        );
+        s.release_keys(C2, &["inc-1".into()]);
+        assert_eq!(s.ntasks(), 0);
+    }
+
+    #[test]
+    fn lost_worker_tasks_are_rescheduled_and_lost_results_recomputed() {
+        let mut s = with_workers(2);
+        s.update_graph(C1, vec![spec("a", &[])], vec!["a".into()]);
+        let (wa, _) = computes(&mut s)[0].clone();
+        finish(&mut s, wa, "a", 8);
+        s.update_graph(C1, vec![spec("b", &["a"])], vec!["b".into()]);
+        assert_eq!(computes(&mut s), vec![(wa, "b".to_string())]);
+        s.remove_worker(wa);
+        s.validate().unwrap();
+        let other = if wa == W1 { W2 } else { W1 };
+        // a was only on the dead worker: recomputed first, then b.
+        assert_eq!(computes(&mut s), vec![(other, "a".to_string())]);
+        finish(&mut s, other, "a", 8);
+        assert_eq!(computes(&mut s), vec![(other, "b".to_string())]);
+    }
+
+    #[test]
+    fn worker_restrictions_wait_for_the_named_worker() {
+        let mut s = with_workers(1);
+        let (mut t, spec_bytes) = spec("pinned", &[]);
+        t.workers = Some(vec!["gpu-box".into()]);
+        s.update_graph(C1, vec![(t, spec_bytes)], vec!["pinned".into()]);
+        assert!(computes(&mut s).is_empty());
+        assert_eq!(s.task_state("pinned"), Some(TaskState::NoWorker));
+        s.add_worker(W2, "gpu-box".into(), "tcp://h:9".into(), 1, 0, 0)
+            .unwrap();
+        assert_eq!(computes(&mut s), vec![(W2, "pinned".to_string())]);
+    }
+
+    #[test]
+    fn unknown_dependency_errs_with_a_clear_message() {
+        let mut s = with_workers(1);
+        s.update_graph(C1, vec![spec("b", &["gone"])], vec!["b".into()]);
+        let out = s.take_outgoing();
+        assert!(
+            out.iter().any(|(_, e)| matches!(&e.msg,
+            Msg::KeyErred { text, .. } if text.contains("\"gone\" is not known to the scheduler")))
+        );
+    }
+
+    #[test]
+    fn duplicate_worker_names_are_refused() {
+        let mut s = with_workers(1);
+        let err = s
+            .add_worker(W2, "w0".into(), "tcp://h:77".into(), 1, 0, 0)
+            .unwrap_err();
+        assert!(err.contains("already registered"));
+    }
+
+    #[test]
+    fn events_give_a_snapshot_then_only_changes() {
+        let mut s = with_workers(1);
+        s.update_graph(
+            C1,
+            vec![spec("x-1", &[]), spec("y-1", &[])],
+            vec!["x-1".into(), "y-1".into()],
+        );
+        let mut cur = EventCursor::default();
+        let snap = s.events_since(&mut cur, 0.0);
+        assert_eq!(snap.groups.len(), 2);
+        assert!(snap.stream.is_empty());
+        let sent = computes(&mut s);
+        let x_worker = sent.iter().find(|(_, k)| k == "x-1").unwrap().0;
+        finish(&mut s, x_worker, "x-1", 8);
+        let delta = s.events_since(&mut cur, 1.0);
+        assert_eq!(delta.stream.len(), 1);
+        assert_eq!(delta.groups.len(), 1, "only the x group changed");
+        assert_eq!(delta.groups[0].memory, 1);
+        assert!(s.events_since(&mut cur, 2.0).stream.is_empty());
+    }
+}
