@@ -304,20 +304,22 @@ pub async fn connect(
         let (r, w) = stream.into_split();
         let mut reader = FrameReader::new(r);
         let mut writer = FrameWriter::new(w);
-        writer.write_magic().await?;
-        writer
-            .write_one(Msg::Hello {
-                protocol: PROTOCOL_VERSION,
-                role,
-                name: name.to_string(),
-            })
-            .await?;
-        let reply = reader.read_batch().await.map_err(|e| match e {
-            CommError::Closed => CommError::Refused(
-                "connection closed during handshake (is this a dask-rs server?)".into(),
-            ),
-            CommError::Malformed(m) => CommError::Refused(format!("not a dask-rs server ({m})")),
-            other => other,
+        let handshake = async {
+            writer.write_magic().await?;
+            writer
+                .write_one(Msg::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    role,
+                    name: name.to_string(),
+                })
+                .await?;
+            reader.read_batch().await
+        };
+        let reply = handshake.await.map_err(|e| match e {
+            CommError::Refused(_) | CommError::Version { .. } => e,
+            other => CommError::Refused(format!(
+                "not a dask-rs server, or it closed the connection during the handshake ({other})"
+            )),
         })?;
         match reply.into_iter().next().map(|e| e.msg) {
             Some(Msg::Welcome { server, .. }) => Ok(Connection {
@@ -327,7 +329,7 @@ pub async fn connect(
             }),
             Some(Msg::Error { reason }) => Err(CommError::Refused(reason)),
             other => Err(CommError::Refused(format!(
-                "unexpected handshake reply {other:?}"
+                "not a dask-rs server (unexpected reply {other:?})"
             ))),
         }
     };

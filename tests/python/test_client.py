@@ -74,10 +74,12 @@ def test_two_clients_and_pure_deduplication(cluster):
         assert f1.result(timeout=10) == 42 and f2.result(timeout=10) == 42
         # Computed once: only one worker holds it, and it ran once.
         assert len(c1.who_has([f1])[f1.key]) == 1
-        g1 = c1.map(inc, range(100))
-        g2 = c2.map(operator.neg, range(100))
-        assert c1.gather(g1) == list(range(1, 101))
-        assert c2.gather(g2) == [-i for i in range(100)]
+        g1 = c1.map(inc, range(10_000))
+        g2 = c2.map(operator.neg, range(10_000))
+        s1 = c1.scatter(list(range(100)))
+        assert c1.gather(g1) == list(range(1, 10_001))
+        assert c2.gather(g2) == [-i for i in range(10_000)]
+        assert c2.gather(c2.map(add, g2[:100], s1)) == [0] * 100, "c2 uses c1's scattered data"
         # c1 releasing its future does not take c2's result away.
         del f1
         assert f2.result(timeout=5) == 42
