@@ -20,7 +20,7 @@ from concurrent.futures import CancelledError
 from typing import Iterable
 
 from . import _core
-from ._serialize import dumps, dumps_call, dumps_graph_node
+from ._serialize import FunctionCache, dumps, dumps_call, dumps_graph_node
 from .utils import format_bytes, key_split, wire_key
 
 __all__ = [
@@ -69,6 +69,21 @@ def _tokenize(*args, **kwargs) -> str:
         import cloudpickle
 
         return hashlib.sha1(cloudpickle.dumps((args, kwargs))).hexdigest()
+
+
+_func_tokens = FunctionCache()
+
+
+def _func_token(func) -> str:
+    """Token of a function, computed once per function object."""
+    try:
+        tok = _func_tokens.get(func)
+    except TypeError:  # unhashable callable
+        return _tokenize(func)
+    if tok is None:
+        tok = _tokenize(func)
+        _func_tokens.put(func, tok)
+    return tok
 
 
 def _funcname(func) -> str:
@@ -341,7 +356,7 @@ class Client:
             raise TypeError("First input to submit must be a callable function")
         if key is None:
             if pure:
-                key = f"{_funcname(func)}-{_tokenize(func, kwargs, *args)}"
+                key = f"{_funcname(func)}-{_tokenize(_func_token(func), kwargs, *args)}"
             else:
                 key = f"{_funcname(func)}-{uuid.uuid4().hex}"
         wire = wire_key(key)
@@ -397,7 +412,8 @@ class Client:
                 raise ValueError("key list must be as long as the inputs")
         elif pure:
             name = key or _funcname(func)
-            keys = [f"{name}-{_tokenize(func, kwargs, *a)}" for a in arg_lists]
+            ftok = _func_token(func)
+            keys = [f"{name}-{_tokenize(ftok, kwargs, *a)}" for a in arg_lists]
         else:
             name = key or _funcname(func)
             uid = uuid.uuid4().hex
