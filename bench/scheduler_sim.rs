@@ -7,18 +7,7 @@
 
 use cluster::scheduler::{SchedulerConfig, SchedulerState};
 use cluster::sim::{graphs, simulate_on, SimConfig};
-
-fn rss() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|p| p * 4096)
-        .unwrap_or(0)
-}
+use cluster::worker::runtime::process_rss as rss;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");

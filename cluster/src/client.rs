@@ -317,9 +317,20 @@ impl ClientCore {
 
     /// Keys that finished since the last call; waits up to `timeout` for one.
     pub fn take_done(&self, timeout: Duration) -> Vec<Key> {
+        let mut s = self.wait_for(timeout, |s| !s.done.is_empty());
+        std::mem::take(&mut s.done)
+    }
+
+    /// Lock the shared state once `ready` holds, the connection closed, or
+    /// `timeout` passed.
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        ready: impl Fn(&Shared) -> bool,
+    ) -> std::sync::MutexGuard<'_, Shared> {
         let deadline = Instant::now() + timeout;
         let mut s = self.inner.shared.lock().expect("client lock");
-        while s.done.is_empty() && s.closed.is_none() {
+        while !ready(&s) && s.closed.is_none() {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -331,7 +342,7 @@ impl ClientCore {
                 .expect("client lock")
                 .0;
         }
-        std::mem::take(&mut s.done)
+        s
     }
 
     /// Fetch serialized values of `keys` from the worker at `worker`.
@@ -492,20 +503,7 @@ impl ClientCore {
 
     /// Event updates received since the last call, waiting up to `timeout` for one.
     pub fn take_events(&self, timeout: Duration) -> Vec<EventsUpdate> {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.inner.shared.lock().expect("client lock");
-        while s.events.is_empty() && s.closed.is_none() {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            s = self
-                .inner
-                .cv
-                .wait_timeout(s, deadline - now)
-                .expect("client lock")
-                .0;
-        }
+        let mut s = self.wait_for(timeout, |s| !s.events.is_empty());
         std::mem::take(&mut s.events)
     }
 

@@ -8,7 +8,6 @@ and bytes back into Python objects.
 
 from __future__ import annotations
 
-import atexit
 import html
 import itertools
 import pickle
@@ -21,7 +20,7 @@ from typing import Iterable
 
 from . import _core
 from ._serialize import FunctionCache, dumps, dumps_call, dumps_graph_node
-from .utils import format_bytes, key_split, wire_key
+from .utils import close_at_exit, format_bytes, key_split, wire_key
 
 __all__ = [
     "Client",
@@ -38,7 +37,7 @@ FIRST_COMPLETED = "FIRST_COMPLETED"
 ALL_COMPLETED = "ALL_COMPLETED"
 
 _default_client: Client | None = None
-_clients: weakref.WeakSet = weakref.WeakSet()
+_clients: weakref.WeakSet = close_at_exit()
 
 
 def default_client(c: Client | None = None) -> Client:
@@ -981,13 +980,3 @@ class as_completed:
             self._pending.clear()
             self._ready.clear()
 
-
-def _close_all():
-    for c in list(_clients):
-        try:
-            c.close()
-        except Exception:
-            pass
-
-
-atexit.register(_close_all)

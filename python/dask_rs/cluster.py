@@ -15,9 +15,9 @@ import time
 import weakref
 
 from . import _core
-from .utils import format_bytes, parse_bytes
+from .utils import close_at_exit, format_bytes, parse_bytes
 
-_clusters: weakref.WeakSet = weakref.WeakSet()
+_clusters: weakref.WeakSet = close_at_exit()
 
 
 def _default_layout(n_workers, threads_per_worker):
@@ -208,15 +208,3 @@ class LocalCluster:
             f"memory={format_bytes(n * self.memory_limit)})"
         )
 
-
-def _close_all():
-    for c in list(_clusters):
-        try:
-            c.close()
-        except Exception:
-            pass
-
-
-import atexit  # noqa: E402
-
-atexit.register(_close_all)

@@ -3,7 +3,9 @@ time spans and key naming, with the spellings Dask users know."""
 
 from __future__ import annotations
 
+import atexit
 import re
+import weakref
 
 _BYTE_UNITS = {
     "": 1,
@@ -82,3 +84,19 @@ def key_split(key) -> str:
         else:
             break
     return out
+
+
+def close_at_exit() -> weakref.WeakSet:
+    """A weak set whose members' ``close()`` runs at interpreter exit, so no
+    cluster process outlives the Python that started it."""
+    members: weakref.WeakSet = weakref.WeakSet()
+
+    def close_all():
+        for m in list(members):
+            try:
+                m.close()
+            except Exception:
+                pass
+
+    atexit.register(close_all)
+    return members
