@@ -11,19 +11,10 @@ use cluster::worker::runtime::process_rss as rss;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
-    let cfg = SimConfig {
-        workers: 2,
-        nthreads: 1,
-        result_size: 8,
-        scheduler: SchedulerConfig::default(),
-    };
+    let cfg = SimConfig { workers: 2, nthreads: 1, result_size: 8, scheduler: SchedulerConfig::default() };
     let mut rows = Vec::new();
-    let mut workloads: Vec<(&str, usize)> = vec![
-        ("merge", 10_000),
-        ("merge", 100_000),
-        ("tree", 16_384),
-        ("chain", 1_000),
-    ];
+    let mut workloads: Vec<(&str, usize)> =
+        vec![("merge", 10_000), ("merge", 100_000), ("tree", 16_384), ("chain", 1_000)];
     if !quick {
         workloads.push(("merge", 1_000_000));
     }
@@ -37,16 +28,9 @@ fn main() {
         let mut state = SchedulerState::new(cfg.scheduler.clone());
         let before = rss();
         let mut held = 0u64;
-        let report = simulate_on(&mut state, specs, wanted, &cfg, |_| {
-            held = rss().saturating_sub(before)
-        });
+        let report = simulate_on(&mut state, specs, wanted, &cfg, |_| held = rss().saturating_sub(before));
         assert_eq!(report.leftover_tasks, 0);
-        rows.push((
-            format!("{name}-{n}"),
-            ntasks,
-            report.tasks_per_second(),
-            held as f64 / ntasks as f64,
-        ));
+        rows.push((format!("{name}-{n}"), ntasks, report.tasks_per_second(), held as f64 / ntasks as f64));
     }
     println!("| workload | tasks | tasks/s | scheduler RSS growth per task (bytes) |");
     println!("|---|---:|---:|---:|");
@@ -55,7 +39,9 @@ fn main() {
     }
     let json: Vec<String> = rows
         .iter()
-        .map(|(w, n, tps, bpt)| format!("{{\"workload\":\"{w}\",\"tasks\":{n},\"tasks_per_s\":{tps:.0},\"bytes_per_task\":{bpt:.0}}}"))
+        .map(|(w, n, tps, bpt)| {
+            format!("{{\"workload\":\"{w}\",\"tasks\":{n},\"tasks_per_s\":{tps:.0},\"bytes_per_task\":{bpt:.0}}}")
+        })
         .collect();
     println!("JSON [{}]", json.join(","));
 }

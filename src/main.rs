@@ -30,6 +30,12 @@ enum Command {
         /// Root tasks in flight per worker thread; "inf" disables queuing.
         #[arg(long, default_value = "1.1")]
         worker_saturation: f64,
+        /// A worker silent this long is removed, e.g. 60s, 5m.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        worker_ttl: Duration,
+        /// Worker deaths a task may cause before it errs with KilledWorker.
+        #[arg(long, default_value_t = 3)]
+        allowed_failures: u32,
     },
     /// Run a worker without Python whose tasks sleep and return zero bytes
     /// (measures the runtime alone).
@@ -51,10 +57,7 @@ enum Command {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
     let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
     let secs = match unit {
         "" | "s" => v,
@@ -68,47 +71,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DASK_RS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DASK_RS_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
-        Command::Scheduler {
-            host,
-            port,
-            worker_saturation,
-        } => rt.block_on(run_scheduler(host, port, worker_saturation)),
-        Command::SimWorker {
-            scheduler,
-            nthreads,
-            name,
-            duration,
-            result_size,
-        } => rt.block_on(run_sim_worker(
-            scheduler,
-            nthreads,
-            name,
-            duration,
-            result_size,
-        )),
+        Command::Scheduler { host, port, worker_saturation, worker_ttl, allowed_failures } => {
+            let config = SchedulerConfig { worker_saturation, worker_ttl, allowed_failures, ..Default::default() };
+            rt.block_on(run_scheduler(host, port, config))
+        }
+        Command::SimWorker { scheduler, nthreads, name, duration, result_size } => {
+            rt.block_on(run_sim_worker(scheduler, nthreads, name, duration, result_size))
+        }
     }
 }
 
-async fn run_scheduler(host: String, port: u16, worker_saturation: f64) -> Result<()> {
-    let config = SchedulerConfig {
-        worker_saturation,
-        ..Default::default()
-    };
-    let handle = scheduler::start(&host, port, config)
-        .await
-        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+async fn run_scheduler(host: String, port: u16, config: SchedulerConfig) -> Result<()> {
+    let handle =
+        scheduler::start(&host, port, config).await.with_context(|| format!("cannot listen on {host}:{port}"))?;
     println!("Scheduler at {}", handle.address);
     tokio::select! {
         _ = shutdown_signal() => {

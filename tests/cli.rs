@@ -31,14 +31,8 @@ fn start_scheduler() -> (Proc, String) {
         .spawn()
         .expect("spawn dask-ctl scheduler");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("Scheduler at ")
-        .expect("address line")
-        .to_string();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("Scheduler at ").expect("address line").to_string();
     (Proc(child), addr)
 }
 
@@ -79,6 +73,7 @@ fn task(key: &str, deps: &[&str]) -> TaskSpec {
         order: 0,
         workers: None,
         allow_other_workers: false,
+        retries: 0,
     }
 }
 
@@ -98,12 +93,8 @@ fn graph_runs_on_sim_workers_and_results_fetch_directly() {
     let leaf_refs: Vec<&str> = leaves.iter().map(|s| s.as_str()).collect();
     tasks.push(task("total", &leaf_refs));
     c.submit(tasks, vec![], vec!["total".into()]).unwrap();
-    assert!(c
-        .wait(&["total".into()], Some(Duration::from_secs(20)), false)
-        .unwrap());
-    let Some(KeyStatus::Finished { workers, nbytes }) = c.status("total") else {
-        panic!("not finished")
-    };
+    assert!(c.wait(&["total".into()], Some(Duration::from_secs(20)), false).unwrap());
+    let Some(KeyStatus::Finished { workers, nbytes }) = c.status("total") else { panic!("not finished") };
     assert_eq!(nbytes, 8);
     let (items, missing) = c.get_data(&workers[0], vec!["total".into()]).unwrap();
     assert!(missing.is_empty());
@@ -112,10 +103,7 @@ fn graph_runs_on_sim_workers_and_results_fetch_directly() {
     c.release(vec!["total".into()]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let cluster::client::Reply::Info {
-            ntasks, workers, ..
-        } = c.info().unwrap()
-        {
+        if let cluster::client::Reply::Info { ntasks, workers, .. } = c.info().unwrap() {
             if ntasks == 0 && workers.iter().all(|w| w.processing == 0) {
                 break;
             }
@@ -130,10 +118,8 @@ fn garbage_and_wrong_version_are_rejected_and_scheduler_keeps_serving() {
     let (_s, addr) = start_scheduler();
     // Random bytes: the connection is dropped.
     let mut junk = TcpStream::connect(hostport(&addr)).unwrap();
-    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    junk.set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    junk.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let mut buf = Vec::new();
     let _ = junk.read_to_end(&mut buf);
     assert!(buf.is_empty(), "no reply to garbage");
@@ -146,20 +132,12 @@ fn garbage_and_wrong_version_are_rejected_and_scheduler_keeps_serving() {
     // A peer that speaks another protocol version gets a clear error.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reason = rt.block_on(async {
-        let s = tokio::net::TcpStream::connect(hostport(&addr))
-            .await
-            .unwrap();
+        let s = tokio::net::TcpStream::connect(hostport(&addr)).await.unwrap();
         let (r, w) = s.into_split();
         let mut w = FrameWriter::new(w);
         let mut r = FrameReader::new(r);
         w.write_magic().await.unwrap();
-        w.write_one(Msg::Hello {
-            protocol: 99,
-            role: Role::Client,
-            name: "old".into(),
-        })
-        .await
-        .unwrap();
+        w.write_one(Msg::Hello { protocol: 99, role: Role::Client, name: "old".into() }).await.unwrap();
         let reply: Vec<Envelope> = r.read_batch().await.unwrap();
         match &reply[0].msg {
             Msg::Error { reason } => reason.clone(),
@@ -171,10 +149,7 @@ fn garbage_and_wrong_version_are_rejected_and_scheduler_keeps_serving() {
 
     // The scheduler still serves a well-behaved client.
     let c = client(&addr);
-    assert!(matches!(
-        c.info().unwrap(),
-        cluster::client::Reply::Info { .. }
-    ));
+    assert!(matches!(c.info().unwrap(), cluster::client::Reply::Info { .. }));
 }
 
 #[test]
@@ -183,13 +158,7 @@ fn connecting_to_a_dead_address_fails_fast_with_a_clear_error() {
     let port = listener.local_addr().unwrap().port();
     drop(listener);
     let t = Instant::now();
-    let err = ClientCore::connect(
-        &format!("tcp://127.0.0.1:{port}"),
-        "x",
-        Duration::from_secs(3),
-    )
-    .err()
-    .unwrap();
+    let err = ClientCore::connect(&format!("tcp://127.0.0.1:{port}"), "x", Duration::from_secs(3)).err().unwrap();
     assert!(t.elapsed() < Duration::from_secs(4));
     let msg = err.to_string();
     assert!(msg.contains("cannot connect to scheduler"), "{msg}");
@@ -200,19 +169,13 @@ fn sigterm_stops_the_scheduler_cleanly() {
     let (mut s, addr) = start_scheduler();
     let c = client(&addr);
     let pid = s.0.id();
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
         if let Some(st) = s.0.try_wait().unwrap() {
             break st;
         }
-        assert!(
-            Instant::now() < deadline,
-            "scheduler did not exit on SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "scheduler did not exit on SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "exit status {status:?}");
@@ -228,25 +191,16 @@ fn sigterm_stops_the_scheduler_cleanly() {
 fn port_in_use_is_a_clear_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
-    let out = Command::new(BIN)
-        .args(["scheduler", "--port", &port])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["scheduler", "--port", &port]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen on 127.0.0.1"), "{err}");
-    assert!(
-        err.to_lowercase().contains("address already in use") || err.contains("in use"),
-        "{err}"
-    );
+    assert!(err.to_lowercase().contains("address already in use") || err.contains("in use"), "{err}");
 }
 
 #[test]
 fn unknown_flags_are_rejected() {
-    let out = Command::new(BIN)
-        .args(["scheduler", "--bogus"])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["scheduler", "--bogus"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
 }
@@ -276,9 +230,6 @@ fn events_subscription_gives_snapshot_then_deltas() {
             }
         }
     }
-    assert_eq!(
-        stream, 50,
-        "every finished task appears once in the task stream"
-    );
+    assert_eq!(stream, 50, "every finished task appears once in the task stream");
     assert_eq!(memory, 50, "group counts report the tasks in memory");
 }

@@ -37,18 +37,9 @@ pub enum ClientError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyStatus {
     Pending,
-    Finished {
-        nbytes: u64,
-        workers: Vec<String>,
-    },
-    Erred {
-        exception: Bytes,
-        traceback: Bytes,
-        text: String,
-    },
-    Cancelled {
-        reason: String,
-    },
+    Finished { nbytes: u64, workers: Vec<String> },
+    Erred { exception: Bytes, traceback: Bytes, text: String },
+    Cancelled { reason: String },
 }
 
 impl KeyStatus {
@@ -62,14 +53,7 @@ impl KeyStatus {
 #[derive(Debug)]
 pub enum Reply {
     WhoHas(Vec<(Key, Vec<String>)>),
-    Info {
-        address: String,
-        workers: Vec<WorkerInfo>,
-        ntasks: u64,
-        nclients: u64,
-        bytes_in: u64,
-        bytes_out: u64,
-    },
+    Info { address: String, workers: Vec<WorkerInfo>, ntasks: u64, nclients: u64, bytes_in: u64, bytes_out: u64 },
 }
 
 #[derive(Default)]
@@ -129,11 +113,7 @@ pub struct ClientCore {
 
 impl ClientCore {
     /// Connect to the scheduler at `address` within `timeout`.
-    pub fn connect(
-        address: &str,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<ClientCore, ClientError> {
+    pub fn connect(address: &str, name: &str, timeout: Duration) -> Result<ClientCore, ClientError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("dask-rs-client")
@@ -141,17 +121,9 @@ impl ClientCore {
             .build()?;
         let conn = rt
             .block_on(comm::connect(address, Role::Client, name, timeout))
-            .map_err(|e| ClientError::Connect {
-                addr: address.to_string(),
-                source: e,
-            })?;
-        let comm::Connection {
-            mut reader, writer, ..
-        } = conn;
-        let inner = Arc::new(Inner {
-            shared: Mutex::new(Shared::default()),
-            cv: Condvar::new(),
-        });
+            .map_err(|e| ClientError::Connect { addr: address.to_string(), source: e })?;
+        let comm::Connection { mut reader, writer, .. } = conn;
+        let inner = Arc::new(Inner { shared: Mutex::new(Shared::default()), cv: Condvar::new() });
         let outbox = {
             let _g = rt.enter();
             comm::spawn_writer(writer).0
@@ -191,23 +163,13 @@ impl ClientCore {
 
     fn send(&self, env: Envelope) -> Result<(), ClientError> {
         self.check_open()?;
-        self.outbox
-            .send(env)
-            .map_err(|_| ClientError::Closed("writer stopped".into()))
+        self.outbox.send(env).map_err(|_| ClientError::Closed("writer stopped".into()))
     }
 
     /// Submit tasks (their `Blob::Frame`s index `frames`) and mark `wanted` pending.
-    pub fn submit(
-        &self,
-        tasks: Vec<TaskSpec>,
-        frames: Vec<Bytes>,
-        wanted: Vec<Key>,
-    ) -> Result<(), ClientError> {
+    pub fn submit(&self, tasks: Vec<TaskSpec>, frames: Vec<Bytes>, wanted: Vec<Key>) -> Result<(), ClientError> {
         self.mark_pending(&wanted);
-        self.send(Envelope {
-            msg: Msg::UpdateGraph { tasks, wanted },
-            frames,
-        })
+        self.send(Envelope { msg: Msg::UpdateGraph { tasks, wanted }, frames })
     }
 
     fn mark_pending(&self, keys: &[Key]) {
@@ -242,12 +204,7 @@ impl ClientCore {
         {
             let mut s = self.inner.shared.lock().expect("client lock");
             for k in &keys {
-                s.keys.insert(
-                    k.clone(),
-                    KeyStatus::Cancelled {
-                        reason: "cancelled".into(),
-                    },
-                );
+                s.keys.insert(k.clone(), KeyStatus::Cancelled { reason: "cancelled".into() });
                 if s.watch_all {
                     s.done.push(k.clone());
                 }
@@ -259,32 +216,17 @@ impl ClientCore {
 
     /// Current status of `key` (`None` if the client does not hold it).
     pub fn status(&self, key: &str) -> Option<KeyStatus> {
-        self.inner
-            .shared
-            .lock()
-            .expect("client lock")
-            .keys
-            .get(key)
-            .cloned()
+        self.inner.shared.lock().expect("client lock").keys.get(key).cloned()
     }
 
     /// Block until all (or, with `any`, at least one) of `keys` are done.
     /// Returns false on timeout. Errors if the connection closes first.
-    pub fn wait(
-        &self,
-        keys: &[Key],
-        timeout: Option<Duration>,
-        any: bool,
-    ) -> Result<bool, ClientError> {
+    pub fn wait(&self, keys: &[Key], timeout: Option<Duration>, any: bool) -> Result<bool, ClientError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.inner.shared.lock().expect("client lock");
         loop {
             let done = |k: &Key| s.keys.get(k).is_none_or(|st| st.is_done());
-            let satisfied = if any {
-                keys.is_empty() || keys.iter().any(done)
-            } else {
-                keys.iter().all(done)
-            };
+            let satisfied = if any { keys.is_empty() || keys.iter().any(done) } else { keys.iter().all(done) };
             if satisfied {
                 return Ok(true);
             }
@@ -297,12 +239,7 @@ impl ClientCore {
                     if now >= d {
                         return Ok(false);
                     }
-                    s = self
-                        .inner
-                        .cv
-                        .wait_timeout(s, d - now)
-                        .expect("client lock")
-                        .0;
+                    s = self.inner.cv.wait_timeout(s, d - now).expect("client lock").0;
                 }
                 None => s = self.inner.cv.wait(s).expect("client lock"),
             }
@@ -323,11 +260,7 @@ impl ClientCore {
 
     /// Lock the shared state once `ready` holds, the connection closed, or
     /// `timeout` passed.
-    fn wait_for(
-        &self,
-        timeout: Duration,
-        ready: impl Fn(&Shared) -> bool,
-    ) -> std::sync::MutexGuard<'_, Shared> {
+    fn wait_for(&self, timeout: Duration, ready: impl Fn(&Shared) -> bool) -> std::sync::MutexGuard<'_, Shared> {
         let deadline = Instant::now() + timeout;
         let mut s = self.inner.shared.lock().expect("client lock");
         while !ready(&s) && s.closed.is_none() {
@@ -335,64 +268,38 @@ impl ClientCore {
             if now >= deadline {
                 break;
             }
-            s = self
-                .inner
-                .cv
-                .wait_timeout(s, deadline - now)
-                .expect("client lock")
-                .0;
+            s = self.inner.cv.wait_timeout(s, deadline - now).expect("client lock").0;
         }
         s
     }
 
     /// Fetch serialized values of `keys` from the worker at `worker`.
     #[allow(clippy::type_complexity)]
-    pub fn get_data(
-        &self,
-        worker: &str,
-        keys: Vec<Key>,
-    ) -> Result<(Vec<(Key, Vec<Bytes>)>, Vec<Key>), ClientError> {
+    pub fn get_data(&self, worker: &str, keys: Vec<Key>) -> Result<(Vec<(Key, Vec<Bytes>)>, Vec<Key>), ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let pool = self.pool.clone();
         let reply = self
             .rt
-            .block_on(async move {
-                pool.request(worker, Envelope::new(Msg::GetData { id, keys }))
-                    .await
-            })
+            .block_on(async move { pool.request(worker, Envelope::new(Msg::GetData { id, keys })).await })
             .map_err(|e| {
                 self.pool.forget(worker);
-                ClientError::Worker {
-                    worker: worker.to_string(),
-                    source: e,
-                }
+                ClientError::Worker { worker: worker.to_string(), source: e }
             })?;
         match reply {
-            Envelope {
-                msg: Msg::Data { items, missing, .. },
-                mut frames,
-            } => {
+            Envelope { msg: Msg::Data { items, missing, .. }, mut frames } => {
                 let mut out = Vec::with_capacity(items.len());
                 let mut missing = missing;
                 for (k, blobs) in items {
-                    match blobs
-                        .iter()
-                        .map(|b| b.take(&mut frames))
-                        .collect::<Option<Vec<Bytes>>>()
-                    {
+                    match blobs.iter().map(|b| b.take(&mut frames)).collect::<Option<Vec<Bytes>>>() {
                         Some(parts) => out.push((k, parts)),
                         None => missing.push(k),
                     }
                 }
                 Ok((out, missing))
             }
-            Envelope {
-                msg: Msg::Error { reason },
-                ..
-            } => Err(ClientError::WorkerRefused {
-                worker: worker.to_string(),
-                reason,
-            }),
+            Envelope { msg: Msg::Error { reason }, .. } => {
+                Err(ClientError::WorkerRefused { worker: worker.to_string(), reason })
+            }
             other => Err(ClientError::WorkerRefused {
                 worker: worker.to_string(),
                 reason: format!("unexpected reply {:?}", other.msg),
@@ -408,46 +315,20 @@ impl ClientCore {
         let keys: Vec<Key> = items.iter().map(|(k, _)| k.clone()).collect();
         let items: Vec<(Key, Vec<Blob>)> = items
             .into_iter()
-            .map(|(k, parts)| {
-                (
-                    k,
-                    parts
-                        .into_iter()
-                        .map(|p| Blob::new(p, &mut frames))
-                        .collect(),
-                )
-            })
+            .map(|(k, parts)| (k, parts.into_iter().map(|p| Blob::new(p, &mut frames)).collect()))
             .collect();
         let pool = self.pool.clone();
         let reply = self
             .rt
-            .block_on(async move {
-                pool.request(
-                    worker,
-                    Envelope {
-                        msg: Msg::PutData { id, items },
-                        frames,
-                    },
-                )
-                .await
-            })
-            .map_err(|e| ClientError::Worker {
-                worker: worker.to_string(),
-                source: e,
-            })?;
+            .block_on(async move { pool.request(worker, Envelope { msg: Msg::PutData { id, items }, frames }).await })
+            .map_err(|e| ClientError::Worker { worker: worker.to_string(), source: e })?;
         match reply.msg {
             Msg::PutDataOk { nbytes, .. } => {
                 self.mark_pending(&keys);
                 let keys = keys.into_iter().zip(nbytes).collect();
-                self.send(Envelope::new(Msg::ScatterDone {
-                    keys,
-                    worker: worker.to_string(),
-                }))
+                self.send(Envelope::new(Msg::ScatterDone { keys, worker: worker.to_string() }))
             }
-            Msg::Error { reason } => Err(ClientError::WorkerRefused {
-                worker: worker.to_string(),
-                reason,
-            }),
+            Msg::Error { reason } => Err(ClientError::WorkerRefused { worker: worker.to_string(), reason }),
             other => Err(ClientError::WorkerRefused {
                 worker: worker.to_string(),
                 reason: format!("unexpected reply {other:?}"),
@@ -455,28 +336,14 @@ impl ClientCore {
         }
     }
 
-    fn query(
-        &self,
-        msg_for: impl FnOnce(u64) -> Msg,
-        timeout: Duration,
-    ) -> Result<Reply, ClientError> {
+    fn query(&self, msg_for: impl FnOnce(u64) -> Msg, timeout: Duration) -> Result<Reply, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .shared
-            .lock()
-            .expect("client lock")
-            .pending_replies
-            .insert(id, tx);
+        self.inner.shared.lock().expect("client lock").pending_replies.insert(id, tx);
         self.send(Envelope::new(msg_for(id)))?;
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(timeout, rx).await })
-        {
+        match self.rt.block_on(async { tokio::time::timeout(timeout, rx).await }) {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err(ClientError::Closed(
-                "connection closed while waiting for a reply".into(),
-            )),
+            Ok(Err(_)) => Err(ClientError::Closed("connection closed while waiting for a reply".into())),
             Err(_) => Err(ClientError::Timeout(timeout)),
         }
     }
@@ -496,9 +363,7 @@ impl ClientCore {
 
     /// Subscribe to the scheduler's events every `interval`.
     pub fn subscribe(&self, interval: Duration) -> Result<(), ClientError> {
-        self.send(Envelope::new(Msg::Subscribe {
-            interval_ms: interval.as_millis() as u64,
-        }))
+        self.send(Envelope::new(Msg::Subscribe { interval_ms: interval.as_millis() as u64 }))
     }
 
     /// Event updates received since the last call, waiting up to `timeout` for one.
@@ -514,12 +379,7 @@ impl ClientCore {
 
     /// Why the connection closed, if it has.
     pub fn closed_reason(&self) -> Option<String> {
-        self.inner
-            .shared
-            .lock()
-            .expect("client lock")
-            .closed
-            .clone()
+        self.inner.shared.lock().expect("client lock").closed.clone()
     }
 }
 
@@ -527,18 +387,8 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
     let mut s = inner.shared.lock().expect("client lock");
     for Envelope { msg, frames } in batch {
         let (key, status) = match msg {
-            Msg::KeyInMemory {
-                key,
-                nbytes,
-                workers,
-                ..
-            } => (key, KeyStatus::Finished { nbytes, workers }),
-            Msg::KeyErred {
-                key,
-                exception,
-                traceback,
-                text,
-            } => (
+            Msg::KeyInMemory { key, nbytes, workers, .. } => (key, KeyStatus::Finished { nbytes, workers }),
+            Msg::KeyErred { key, exception, traceback, text } => (
                 key,
                 KeyStatus::Erred {
                     exception: exception.resolve(&frames).unwrap_or_default(),
@@ -553,24 +403,9 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
                 }
                 continue;
             }
-            Msg::Info {
-                id,
-                address,
-                workers,
-                ntasks,
-                nclients,
-                bytes_in,
-                bytes_out,
-            } => {
+            Msg::Info { id, address, workers, ntasks, nclients, bytes_in, bytes_out } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
-                    let _ = tx.send(Reply::Info {
-                        address,
-                        workers,
-                        ntasks,
-                        nclients,
-                        bytes_in,
-                        bytes_out,
-                    });
+                    let _ = tx.send(Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out });
                 }
                 continue;
             }

@@ -73,10 +73,7 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(r: R) -> Self {
-        FrameReader {
-            inner: BufReader::with_capacity(64 * 1024, r),
-            bytes_read: 0,
-        }
+        FrameReader { inner: BufReader::with_capacity(64 * 1024, r), bytes_read: 0 }
     }
 
     /// Read the 4 magic bytes a connection starts with.
@@ -102,15 +99,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let mut l = [0u8; 8];
             self.inner.read_exact(&mut l).await?;
             let len = u64::from_le_bytes(l);
-            let cap = if i == 0 {
-                MAX_HEADER_FRAME_BYTES
-            } else {
-                MAX_FRAME_BYTES
-            };
+            let cap = if i == 0 { MAX_HEADER_FRAME_BYTES } else { MAX_FRAME_BYTES };
             if len > cap {
-                return Err(CommError::Malformed(format!(
-                    "frame {i} of {len} bytes exceeds {cap}"
-                )));
+                return Err(CommError::Malformed(format!("frame {i} of {len} bytes exceeds {cap}")));
             }
             lens.push(len);
         }
@@ -133,10 +124,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-async fn read_exact_or_closed<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut [u8],
-) -> Result<(), CommError> {
+async fn read_exact_or_closed<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), CommError> {
     match r.read_exact(buf).await {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(CommError::Closed),
@@ -144,11 +132,7 @@ async fn read_exact_or_closed<R: AsyncRead + Unpin>(
     }
 }
 
-async fn read_into<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    len: usize,
-) -> Result<(), CommError> {
+async fn read_into<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, len: usize) -> Result<(), CommError> {
     let target = buf.len() + len;
     buf.reserve(len);
     while buf.len() < target {
@@ -165,26 +149,18 @@ async fn read_into<R: AsyncRead + Unpin>(
 /// Split a batch's frames into envelopes.
 fn split_batch(frames: Vec<Bytes>) -> Result<Vec<Envelope>, CommError> {
     let mut it = frames.into_iter();
-    let head = it
-        .next()
-        .ok_or_else(|| CommError::Malformed("empty batch".into()))?;
+    let head = it.next().ok_or_else(|| CommError::Malformed("empty batch".into()))?;
     let msgs: Vec<(Msg, u32)> = rmp_serde::from_slice(&head)?;
     let mut out = Vec::with_capacity(msgs.len());
     for (msg, n) in msgs {
         let mut frames = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            frames.push(
-                it.next().ok_or_else(|| {
-                    CommError::Malformed("message refers to missing frames".into())
-                })?,
-            );
+            frames.push(it.next().ok_or_else(|| CommError::Malformed("message refers to missing frames".into()))?);
         }
         out.push(Envelope { msg, frames });
     }
     if it.next().is_some() {
-        return Err(CommError::Malformed(
-            "unclaimed frames after messages".into(),
-        ));
+        return Err(CommError::Malformed("unclaimed frames after messages".into()));
     }
     Ok(out)
 }
@@ -192,10 +168,7 @@ fn split_batch(frames: Vec<Bytes>) -> Result<Vec<Envelope>, CommError> {
 /// Encode a batch into its header bytes (counts, lengths, frame 0 and small
 /// frames) and the large frames to write after it without copying.
 pub fn encode_batch(batch: &[Envelope]) -> Result<(Vec<u8>, Vec<Bytes>), CommError> {
-    let head: Vec<(&Msg, u32)> = batch
-        .iter()
-        .map(|e| (&e.msg, e.frames.len() as u32))
-        .collect();
+    let head: Vec<(&Msg, u32)> = batch.iter().map(|e| (&e.msg, e.frames.len() as u32)).collect();
     let frame0 = rmp_serde::to_vec(&head)?;
     let extra: Vec<&Bytes> = batch.iter().flat_map(|e| e.frames.iter()).collect();
     let nframes = 1 + extra.len();
@@ -227,10 +200,7 @@ pub struct FrameWriter<W> {
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(w: W) -> Self {
-        FrameWriter {
-            inner: w,
-            bytes_written: 0,
-        }
+        FrameWriter { inner: w, bytes_written: 0 }
     }
 
     pub async fn write_magic(&mut self) -> Result<(), CommError> {
@@ -263,10 +233,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    mut slices: &mut [IoSlice<'_>],
-) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
     while !slices.is_empty() {
         let n = w.write_vectored(slices).await?;
         if n == 0 {
@@ -291,12 +258,7 @@ fn prepare(stream: &TcpStream) {
 
 /// Open a connection to `addr`, speak the handshake as `role`, and wait for
 /// the peer's welcome. Fails within `timeout` if nothing answers.
-pub async fn connect(
-    addr: &str,
-    role: Role,
-    name: &str,
-    timeout: Duration,
-) -> Result<Connection, CommError> {
+pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> Result<Connection, CommError> {
     let target = parse_address(addr)?;
     let fut = async {
         let stream = TcpStream::connect(&target).await?;
@@ -306,13 +268,7 @@ pub async fn connect(
         let mut writer = FrameWriter::new(w);
         let handshake = async {
             writer.write_magic().await?;
-            writer
-                .write_one(Msg::Hello {
-                    protocol: PROTOCOL_VERSION,
-                    role,
-                    name: name.to_string(),
-                })
-                .await?;
+            writer.write_one(Msg::Hello { protocol: PROTOCOL_VERSION, role, name: name.to_string() }).await?;
             reader.read_batch().await
         };
         let reply = handshake.await.map_err(|e| match e {
@@ -322,15 +278,9 @@ pub async fn connect(
             )),
         })?;
         match reply.into_iter().next().map(|e| e.msg) {
-            Some(Msg::Welcome { server, .. }) => Ok(Connection {
-                reader,
-                writer,
-                peer_name: server,
-            }),
+            Some(Msg::Welcome { server, .. }) => Ok(Connection { reader, writer, peer_name: server }),
             Some(Msg::Error { reason }) => Err(CommError::Refused(reason)),
-            other => Err(CommError::Refused(format!(
-                "not a dask-rs server (unexpected reply {other:?})"
-            ))),
+            other => Err(CommError::Refused(format!("not a dask-rs server (unexpected reply {other:?})"))),
         }
     };
     match tokio::time::timeout(timeout, fut).await {
@@ -350,14 +300,8 @@ pub async fn accept(stream: TcpStream, server_name: &str) -> Result<(Connection,
         reader.read_magic().await?;
         let batch = reader.read_batch().await?;
         match batch.into_iter().next().map(|e| e.msg) {
-            Some(Msg::Hello {
-                protocol,
-                role,
-                name,
-            }) => Ok((protocol, role, name)),
-            other => Err(CommError::Malformed(format!(
-                "expected Hello, got {other:?}"
-            ))),
+            Some(Msg::Hello { protocol, role, name }) => Ok((protocol, role, name)),
+            other => Err(CommError::Malformed(format!("expected Hello, got {other:?}"))),
         }
     };
     let (protocol, role, name) = match tokio::time::timeout(Duration::from_secs(10), hello).await {
@@ -365,32 +309,13 @@ pub async fn accept(stream: TcpStream, server_name: &str) -> Result<(Connection,
         Err(_) => return Err(CommError::Malformed("no handshake within 10 s".into())),
     };
     if protocol != PROTOCOL_VERSION {
-        let err = CommError::Version {
-            ours: PROTOCOL_VERSION,
-            theirs: protocol,
-        };
-        let _ = writer
-            .write_one(Msg::Error {
-                reason: err.to_string(),
-            })
-            .await;
+        let err = CommError::Version { ours: PROTOCOL_VERSION, theirs: protocol };
+        let _ = writer.write_one(Msg::Error { reason: err.to_string() }).await;
         writer.shutdown().await;
         return Err(err);
     }
-    writer
-        .write_one(Msg::Welcome {
-            protocol: PROTOCOL_VERSION,
-            server: server_name.to_string(),
-        })
-        .await?;
-    Ok((
-        Connection {
-            reader,
-            writer,
-            peer_name: name,
-        },
-        role,
-    ))
+    writer.write_one(Msg::Welcome { protocol: PROTOCOL_VERSION, server: server_name.to_string() }).await?;
+    Ok((Connection { reader, writer, peer_name: name }, role))
 }
 
 /// Sender half of a writer task; cloning is cheap.
@@ -425,10 +350,7 @@ pub fn spawn_counting_writer(
                 break;
             }
             if let Some(c) = &counter {
-                c.fetch_add(
-                    writer.bytes_written - before,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                c.fetch_add(writer.bytes_written - before, std::sync::atomic::Ordering::Relaxed);
             }
             batch.clear();
         }
@@ -465,38 +387,21 @@ impl ConnectionPool {
 
     /// Send `request` to `addr` and return the reply.
     pub async fn request(&self, addr: &str, request: Envelope) -> Result<Envelope, CommError> {
-        let pooled = self
-            .idle
-            .lock()
-            .expect("pool lock")
-            .get_mut(addr)
-            .and_then(|v| v.pop());
+        let pooled = self.idle.lock().expect("pool lock").get_mut(addr).and_then(|v| v.pop());
         let mut conn = match pooled {
             Some(c) => c,
             None => connect(addr, self.role, &self.name, self.timeout).await?,
         };
         let (w0, r0) = (conn.writer.bytes_written, conn.reader.bytes_read);
-        conn.writer
-            .write_batch(std::slice::from_ref(&request))
-            .await?;
+        conn.writer.write_batch(std::slice::from_ref(&request)).await?;
         let mut reply = conn.reader.read_batch().await?;
         use std::sync::atomic::Ordering::Relaxed;
-        self.bytes_out
-            .fetch_add(conn.writer.bytes_written - w0, Relaxed);
-        self.bytes_in
-            .fetch_add(conn.reader.bytes_read - r0, Relaxed);
+        self.bytes_out.fetch_add(conn.writer.bytes_written - w0, Relaxed);
+        self.bytes_in.fetch_add(conn.reader.bytes_read - r0, Relaxed);
         if reply.len() != 1 {
-            return Err(CommError::Malformed(format!(
-                "expected one reply, got {}",
-                reply.len()
-            )));
+            return Err(CommError::Malformed(format!("expected one reply, got {}", reply.len())));
         }
-        self.idle
-            .lock()
-            .expect("pool lock")
-            .entry(addr.to_string())
-            .or_default()
-            .push(conn);
+        self.idle.lock().expect("pool lock").entry(addr.to_string()).or_default().push(conn);
         Ok(reply.pop().expect("one"))
     }
 
@@ -519,16 +424,8 @@ mod tests {
         let mut frames = Vec::new();
         let big = Bytes::from(vec![3u8; 200_000]);
         let blob = Blob::new(big.clone(), &mut frames);
-        let e1 = Envelope {
-            msg: Msg::PutData {
-                id: 1,
-                items: vec![("x".into(), vec![blob])],
-            },
-            frames,
-        };
-        let e2 = Envelope::new(Msg::FreeKeys {
-            keys: vec!["a".into(), "b".into()],
-        });
+        let e1 = Envelope { msg: Msg::PutData { id: 1, items: vec![("x".into(), vec![blob])] }, frames };
+        let e2 = Envelope::new(Msg::FreeKeys { keys: vec!["a".into(), "b".into()] });
         w.write_batch(&[e1.clone(), e2.clone()]).await.unwrap();
         let got = r.read_batch().await.unwrap();
         assert_eq!(got, vec![e1, e2]);
@@ -548,10 +445,7 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(
-            parse_address("tcp://127.0.0.1:8786").unwrap(),
-            "127.0.0.1:8786"
-        );
+        assert_eq!(parse_address("tcp://127.0.0.1:8786").unwrap(), "127.0.0.1:8786");
         assert!(parse_address("tcp://").is_err());
         assert!(parse_address("nonsense").is_err());
     }

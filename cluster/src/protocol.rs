@@ -92,9 +92,7 @@ mod bytes_serde {
 
 /// Scheduling priority; smaller runs first. Mirrors Dask's tuple
 /// `(-user_priority, generation, graph_order)`.
-#[derive(
-    Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default,
-)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Priority {
     /// Negated user priority (higher user priority sorts first).
     pub user: i32,
@@ -120,6 +118,8 @@ pub struct TaskSpec {
     pub workers: Option<Vec<String>>,
     /// With `workers`, whether other workers may run it when those are absent.
     pub allow_other_workers: bool,
+    /// How many times to re-run the task if it raises.
+    pub retries: u32,
 }
 
 /// Where a dependency can be fetched from.
@@ -387,10 +387,7 @@ pub struct Envelope {
 impl Envelope {
     /// A message without extra frames.
     pub fn new(msg: Msg) -> Self {
-        Envelope {
-            msg,
-            frames: Vec::new(),
-        }
+        Envelope { msg, frames: Vec::new() }
     }
 }
 
@@ -444,15 +441,9 @@ mod tests {
     #[test]
     fn key_split_matches_dask() {
         assert_eq!(key_split("inc-1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d"), "inc");
-        assert_eq!(
-            key_split("('sum-aggregate-abcdef0123456789abcdef0123456789', 0, 1)"),
-            "sum-aggregate"
-        );
+        assert_eq!(key_split("('sum-aggregate-abcdef0123456789abcdef0123456789', 0, 1)"), "sum-aggregate");
         assert_eq!(key_split("x"), "x");
-        assert_eq!(
-            key_split("('random_sample-1f2e3d4c5b6a79881f2e3d4c5b6a7988', 3)"),
-            "random_sample"
-        );
+        assert_eq!(key_split("('random_sample-1f2e3d4c5b6a79881f2e3d4c5b6a7988', 3)"), "random_sample");
         assert_eq!(key_split("my-task-12"), "my-task");
         assert_eq!(key_split("0123456789abcdef0123456789abcdef"), "data");
         assert_eq!(key_split("hello-world-deadbeef"), "hello-world");

@@ -30,19 +30,14 @@ pub mod graphs {
             order,
             workers: None,
             allow_other_workers: false,
+            retries: 0,
         }
     }
 
     /// `n` independent tasks and one task that depends on all of them.
     pub fn merge(n: usize) -> (Vec<TaskSpec>, Vec<Key>) {
-        let mut v: Vec<TaskSpec> = (0..n)
-            .map(|i| spec(format!("leaf-{i}"), vec![], i as u64))
-            .collect();
-        v.push(spec(
-            "merge".into(),
-            (0..n).map(|i| format!("leaf-{i}")).collect(),
-            n as u64,
-        ));
+        let mut v: Vec<TaskSpec> = (0..n).map(|i| spec(format!("leaf-{i}"), vec![], i as u64)).collect();
+        v.push(spec("merge".into(), (0..n).map(|i| format!("leaf-{i}")).collect(), n as u64));
         (v, vec!["merge".into()])
     }
 
@@ -73,15 +68,7 @@ pub mod graphs {
     pub fn chain(n: usize) -> (Vec<TaskSpec>, Vec<Key>) {
         let v: Vec<TaskSpec> = (0..n)
             .map(|i| {
-                spec(
-                    format!("chain-{i}"),
-                    if i == 0 {
-                        vec![]
-                    } else {
-                        vec![format!("chain-{}", i - 1)]
-                    },
-                    i as u64,
-                )
+                spec(format!("chain-{i}"), if i == 0 { vec![] } else { vec![format!("chain-{}", i - 1)] }, i as u64)
             })
             .collect();
         (v, vec![format!("chain-{}", n - 1)])
@@ -100,12 +87,7 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig {
-            workers: 8,
-            nthreads: 4,
-            result_size: 8,
-            scheduler: SchedulerConfig::default(),
-        }
+        SimConfig { workers: 8, nthreads: 4, result_size: 8, scheduler: SchedulerConfig::default() }
     }
 }
 
@@ -147,14 +129,7 @@ pub fn simulate_on(
     let workers: Vec<PeerId> = (0..cfg.workers as u64).map(|i| 100 + i).collect();
     for (i, &w) in workers.iter().enumerate() {
         state
-            .add_worker(
-                w,
-                format!("sim-{i}"),
-                format!("tcp://sim:{i}"),
-                cfg.nthreads,
-                1 << 32,
-                0,
-            )
+            .add_worker(w, format!("sim-{i}"), format!("tcp://sim:{i}"), cfg.nthreads, 1 << 32, 0)
             .expect("fresh worker");
     }
     let _ = state.take_outgoing();
@@ -183,22 +158,14 @@ pub fn simulate_on(
             break;
         }
         let Some((w, key)) = running.pop_front() else {
-            panic!(
-                "simulation stalled with {} keys outstanding",
-                remaining.len()
-            );
+            panic!("simulation stalled with {} keys outstanding", remaining.len());
         };
         state.task_finished(w, &key, cfg.result_size, 0.0, 0.0, 0, 0.0);
     }
     state.release_keys(CLIENT, &wanted);
     let elapsed = started.elapsed();
     let _ = state.take_outgoing();
-    SimReport {
-        tasks: ntasks,
-        elapsed,
-        peak_tasks: peak,
-        leftover_tasks: state.ntasks(),
-    }
+    SimReport { tasks: ntasks, elapsed, peak_tasks: peak, leftover_tasks: state.ntasks() }
 }
 
 /// A [`Runner`] for worker processes without Python: each task sleeps for
@@ -211,11 +178,7 @@ pub struct SimRunner {
 
 impl SimRunner {
     pub fn new(duration: Duration, result_size: u64) -> Self {
-        SimRunner {
-            duration,
-            result_size,
-            store: Mutex::new(FxHashMap::default()),
-        }
+        SimRunner { duration, result_size, store: Mutex::new(FxHashMap::default()) }
     }
 
     /// Number of values held.
@@ -245,21 +208,13 @@ impl Runner for SimRunner {
             std::thread::sleep(self.duration);
         }
         let value = Bytes::from(vec![0u8; self.result_size as usize]);
-        self.store
-            .lock()
-            .expect("store")
-            .insert(key.to_string(), value);
-        ExecOutcome::Ok {
-            nbytes: self.result_size,
-            type_name: "bytes".into(),
-        }
+        self.store.lock().expect("store").insert(key.to_string(), value);
+        ExecOutcome::Ok { nbytes: self.result_size, type_name: "bytes".into() }
     }
 
     fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)> {
         let s = self.store.lock().expect("store");
-        keys.iter()
-            .map(|k| (k.clone(), s.get(k).map(|v| vec![v.clone()])))
-            .collect()
+        keys.iter().map(|k| (k.clone(), s.get(k).map(|v| vec![v.clone()]))).collect()
     }
 
     fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String> {

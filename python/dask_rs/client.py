@@ -24,6 +24,7 @@ from .utils import close_at_exit, format_bytes, key_split, wire_key
 
 __all__ = [
     "Client",
+    "KilledWorker",
     "Future",
     "as_completed",
     "wait",
@@ -94,6 +95,11 @@ def _funcname(func) -> str:
         return getattr(func, "__name__", type(func).__name__)
 
 
+class KilledWorker(Exception):
+    """A task's workers died while running it more often than the
+    scheduler's ``allowed_failures``."""
+
+
 def _unpack_status(st):
     if st is None:
         return "lost"
@@ -110,7 +116,7 @@ def _rebuild_exception(st):
         except Exception:
             exc = None
     if exc is None:
-        exc = RuntimeError(text)
+        exc = KilledWorker(text) if text.startswith("KilledWorker:") else RuntimeError(text)
     tb = None
     if len(tb_b):
         try:
@@ -367,7 +373,7 @@ class Client:
         fut = Future(key, self)
         self._core.submit(
             [(wire, spec, deps, int(priority), self._next_order(), self._workers_arg(workers),
-              bool(allow_other_workers))],
+              bool(allow_other_workers), int(retries or 0))],
             [wire],
         )
         return fut
@@ -428,7 +434,8 @@ class Client:
                 continue
             seen.add(wire)
             spec, deps = self._dumps_call(func, a, kwargs)
-            tasks.append((wire, spec, deps, int(priority), self._next_order(), wl, bool(allow_other_workers)))
+            tasks.append((wire, spec, deps, int(priority), self._next_order(), wl, bool(allow_other_workers),
+                          int(retries or 0)))
         self._core.submit(tasks, [wire_key(k) for k in keys])
         return futures
 
@@ -536,7 +543,7 @@ class Client:
         self._core.cancel([f._wire for f in futures])
 
     # -- dask graphs and collections --
-    def _graph_to_futures(self, dsk, keys, workers=None, allow_other_workers=False, priority=0):
+    def _graph_to_futures(self, dsk, keys, workers=None, allow_other_workers=False, priority=0, retries=0):
         from dask._task_spec import convert_legacy_graph
 
         if hasattr(dsk, "__dask_graph__"):
@@ -563,7 +570,7 @@ class Client:
                 raise TypeError(f"Could not serialize task {k!r}: {type(e).__name__}: {e}") from e
             tasks.append(
                 (wire_key(k), spec, [wire_key(d) for d in deps], int(priority), prio.get(k, base + i), wl,
-                 bool(allow_other_workers))
+                 bool(allow_other_workers), int(retries or 0))
             )
         self._core.submit(tasks, [wire_key(k) for k in keys])
         return futures
@@ -573,7 +580,7 @@ class Client:
             **kwargs):
         """Compute a dask graph (a dict, HighLevelGraph or expression) for ``keys``."""
         flat = list(_flatten(keys))
-        futures = self._graph_to_futures(dsk, flat, workers, bool(allow_other_workers), priority)
+        futures = self._graph_to_futures(dsk, flat, workers, bool(allow_other_workers), priority, retries)
         packed = _pack(keys, futures)
         if not sync:
             return packed
@@ -605,7 +612,9 @@ class Client:
         if variables:
             expr = FinalizeCompute(collections_to_expr(variables, optimize_graph)).optimize()
             names = list(flatten(expr.__dask_keys__()))
-            futures_dict = self._graph_to_futures(expr, names, workers, allow_other_workers, priority)
+            futures_dict = self._graph_to_futures(
+                expr, names, workers, allow_other_workers, priority, retries
+            )
         out = []
         i = 0
         for a in collections:
@@ -630,7 +639,7 @@ class Client:
         expr = collections_to_expr(collections, optimize_graph).optimize()
         keys = expr.__dask_keys__()
         futures = self._graph_to_futures(expr, list(flatten(keys)), workers,
-                                         bool(allow_other_workers), priority)
+                                         bool(allow_other_workers), priority, retries)
         post = [c.__dask_postpersist__() for c in collections]
         result = [func({k: futures[k] for k in flatten(ks)}, *args) for (func, args), ks in zip(post, keys)]
         return result[0] if singleton else result

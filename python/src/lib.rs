@@ -25,12 +25,7 @@ use cluster::protocol::{Blob, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
 
-create_exception!(
-    _core,
-    CommError,
-    PyOSError,
-    "A connection to a dask-rs peer failed or was refused."
-);
+create_exception!(_core, CommError, PyOSError, "A connection to a dask-rs peer failed or was refused.");
 
 fn client_err(e: ClientError) -> PyErr {
     match e {
@@ -90,42 +85,22 @@ enum FrameData {
 impl Frame {
     fn new(b: Bytes) -> Frame {
         match b.try_into_mut() {
-            Ok(mut m) => Frame {
-                ptr: m.as_mut_ptr() as usize,
-                len: m.len(),
-                readonly: false,
-                _keep: FrameData::Owned(m),
-            },
-            Err(b) => Frame {
-                ptr: b.as_ptr() as usize,
-                len: b.len(),
-                readonly: true,
-                _keep: FrameData::Shared(b),
-            },
+            Ok(mut m) => {
+                Frame { ptr: m.as_mut_ptr() as usize, len: m.len(), readonly: false, _keep: FrameData::Owned(m) }
+            }
+            Err(b) => Frame { ptr: b.as_ptr() as usize, len: b.len(), readonly: true, _keep: FrameData::Shared(b) },
         }
     }
 }
 
 #[pymethods]
 impl Frame {
-    unsafe fn __getbuffer__(
-        slf: Bound<'_, Self>,
-        view: *mut ffi::Py_buffer,
-        flags: c_int,
-    ) -> PyResult<()> {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let me = slf.get();
         let ro = if me.readonly { 1 } else { 0 };
         // SAFETY: the memory lives as long as `slf`, which the view keeps a reference to.
-        let rc = unsafe {
-            ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                me.ptr as *mut c_void,
-                me.len as isize,
-                ro,
-                flags,
-            )
-        };
+        let rc =
+            unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), me.ptr as *mut c_void, me.len as isize, ro, flags) };
         if rc == -1 {
             return Err(PyErr::fetch(slf.py()));
         }
@@ -140,10 +115,8 @@ impl Frame {
 }
 
 fn frames_to_py<'py>(py: Python<'py>, parts: Vec<Bytes>) -> PyResult<Bound<'py, PyList>> {
-    let items: Vec<Bound<'py, Frame>> = parts
-        .into_iter()
-        .map(|p| Bound::new(py, Frame::new(p)))
-        .collect::<PyResult<_>>()?;
+    let items: Vec<Bound<'py, Frame>> =
+        parts.into_iter().map(|p| Bound::new(py, Frame::new(p))).collect::<PyResult<_>>()?;
     PyList::new(py, items)
 }
 
@@ -169,28 +142,20 @@ impl Runner for PyRunner {
                         match store.get(d) {
                             Some(o) => v.push(o.clone_ref(py)),
                             None => {
-                                return Err(PyRuntimeError::new_err(format!(
-                                    "dependency {d} is not on this worker"
-                                )))
+                                return Err(PyRuntimeError::new_err(format!("dependency {d} is not on this worker")))
                             }
                         }
                     }
                     v
                 };
                 let spec = Bound::new(py, Frame::new(run_spec.clone()))?;
-                let out =
-                    self.execute
-                        .bind(py)
-                        .call1((spec, PyList::new(py, values)?, key, thread))?;
+                let out = self.execute.bind(py).call1((spec, PyList::new(py, values)?, key, thread))?;
                 let t = out.cast::<PyTuple>()?;
                 if t.get_item(0)?.is_truthy()? {
                     let value = t.get_item(1)?.unbind();
                     let nbytes: u64 = t.get_item(2)?.extract()?;
                     let type_name: String = t.get_item(3)?.extract()?;
-                    self.store
-                        .lock()
-                        .expect("store")
-                        .insert(key.to_string(), value);
+                    self.store.lock().expect("store").insert(key.to_string(), value);
                     Ok(ExecOutcome::Ok { nbytes, type_name })
                 } else {
                     Ok(ExecOutcome::Err {
@@ -212,9 +177,7 @@ impl Runner for PyRunner {
         Python::attach(|py| {
             let objs: Vec<Option<Py<PyAny>>> = {
                 let store = self.store.lock().expect("store");
-                keys.iter()
-                    .map(|k| store.get(k).map(|o| o.clone_ref(py)))
-                    .collect()
+                keys.iter().map(|k| store.get(k).map(|o| o.clone_ref(py))).collect()
             };
             keys.iter()
                 .zip(objs)
@@ -224,8 +187,7 @@ impl Runner for PyRunner {
                             let parts = self.dumps.bind(py).call1((o,))?;
                             parts.try_iter()?.map(|p| to_bytes(&p?)).collect()
                         })();
-                        r.map_err(|e| tracing::warn!("cannot serialize {k}: {e}"))
-                            .ok()
+                        r.map_err(|e| tracing::warn!("cannot serialize {k}: {e}")).ok()
                     });
                     (k.clone(), frames)
                 })
@@ -241,10 +203,7 @@ impl Runner for PyRunner {
                 let t = out.cast::<PyTuple>()?;
                 let value = t.get_item(0)?.unbind();
                 let nbytes: u64 = t.get_item(1)?.extract()?;
-                self.store
-                    .lock()
-                    .expect("store")
-                    .insert(key.to_string(), value);
+                self.store.lock().expect("store").insert(key.to_string(), value);
                 Ok(nbytes)
             })();
             r.map_err(|e| e.to_string())
@@ -289,9 +248,7 @@ impl WorkerHandle {
                     }
                 };
                 match timeout {
-                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut)
-                        .await
-                        .is_ok(),
+                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut).await.is_ok(),
                     None => {
                         fut.await;
                         true
@@ -349,12 +306,7 @@ fn start_worker(
     config.memory_limit = memory_limit;
     config.host = host;
     config.connect_timeout = Duration::from_secs_f64(timeout);
-    let runner = Arc::new(PyRunner {
-        execute,
-        dumps,
-        loads,
-        store: Mutex::new(FxHashMap::default()),
-    });
+    let runner = Arc::new(PyRunner { execute, dumps, loads, store: Mutex::new(FxHashMap::default()) });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (fin_tx, fin_rx) = watch::channel(false);
     let done = Arc::new(Mutex::new(None));
@@ -368,15 +320,19 @@ fn start_worker(
     });
     let started = py.detach(|| rt.block_on(started_rx));
     match started {
-        Ok(address) => Ok(WorkerHandle {
-            rt,
-            stop: stop_tx,
-            done,
-            finished: fin_rx,
-            address,
-            runner,
-        }),
+        Ok(address) => Ok(WorkerHandle { rt, stop: stop_tx, done, finished: fin_rx, address, runner }),
         Err(_) => {
+            // The worker stopped before registering: wait until its error is recorded.
+            let mut fin = fin_rx.clone();
+            py.detach(|| {
+                rt.block_on(async {
+                    while !*fin.borrow() {
+                        if fin.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            });
             let why = done.lock().expect("done").clone();
             let msg = match why {
                 Some(Err(e)) => e,
@@ -402,12 +358,8 @@ pub struct SchedulerHandle {
 impl SchedulerHandle {
     fn stop(&self, py: Python<'_>) {
         self.inner.stop();
-        py.detach(|| {
-            self.rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), self.inner.wait()).await
-            })
-        })
-        .ok();
+        py.detach(|| self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), self.inner.wait()).await }))
+            .ok();
     }
 
     /// Wait up to `timeout` seconds; True once the scheduler stopped.
@@ -416,9 +368,7 @@ impl SchedulerHandle {
         py.detach(|| {
             self.rt.block_on(async {
                 match timeout {
-                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), self.inner.wait())
-                        .await
-                        .is_ok(),
+                    Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), self.inner.wait()).await.is_ok(),
                     None => {
                         self.inner.wait().await;
                         true
@@ -432,12 +382,7 @@ impl SchedulerHandle {
 /// Start a scheduler in this process.
 #[pyfunction]
 #[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1))]
-fn start_scheduler(
-    py: Python<'_>,
-    host: String,
-    port: u16,
-    worker_saturation: f64,
-) -> PyResult<SchedulerHandle> {
+fn start_scheduler(py: Python<'_>, host: String, port: u16, worker_saturation: f64) -> PyResult<SchedulerHandle> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("dask-rs-scheduler")
@@ -445,10 +390,7 @@ fn start_scheduler(
         .build()
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     let rt = BackgroundRuntime::new(rt);
-    let config = SchedulerConfig {
-        worker_saturation,
-        ..Default::default()
-    };
+    let config = SchedulerConfig { worker_saturation, ..Default::default() };
     let inner = py
         .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config)))
         .map_err(|e| PyOSError::new_err(format!("cannot start scheduler on {host}:{port}: {e}")))?;
@@ -468,19 +410,11 @@ fn status_to_py<'py>(py: Python<'py>, st: Option<KeyStatus>) -> PyResult<Bound<'
     Ok(match st {
         None => py.None().into_bound(py),
         Some(KeyStatus::Pending) => ("pending",).into_pyobject(py)?.into_any(),
-        Some(KeyStatus::Finished { nbytes, workers }) => {
-            ("finished", nbytes, workers).into_pyobject(py)?.into_any()
+        Some(KeyStatus::Finished { nbytes, workers }) => ("finished", nbytes, workers).into_pyobject(py)?.into_any(),
+        Some(KeyStatus::Erred { exception, traceback, text }) => {
+            ("error", Frame::new(exception), Frame::new(traceback), text).into_pyobject(py)?.into_any()
         }
-        Some(KeyStatus::Erred {
-            exception,
-            traceback,
-            text,
-        }) => ("error", Frame::new(exception), Frame::new(traceback), text)
-            .into_pyobject(py)?
-            .into_any(),
-        Some(KeyStatus::Cancelled { reason }) => {
-            ("cancelled", reason).into_pyobject(py)?.into_any()
-        }
+        Some(KeyStatus::Cancelled { reason }) => ("cancelled", reason).into_pyobject(py)?.into_any(),
     })
 }
 
@@ -549,32 +483,21 @@ fn events_to_py<'py>(py: Python<'py>, u: &EventsUpdate) -> PyResult<Bound<'py, P
     Ok(d)
 }
 
-type PyTask<'py> = (
-    String,
-    Bound<'py, PyAny>,
-    Vec<String>,
-    i32,
-    u64,
-    Option<Vec<String>>,
-    bool,
-);
+type PyTask<'py> = (String, Bound<'py, PyAny>, Vec<String>, i32, u64, Option<Vec<String>>, bool, u32);
 
 #[pymethods]
 impl ClientCore {
     #[new]
     #[pyo3(signature = (address, name, timeout=10.0))]
     fn new(py: Python<'_>, address: String, name: String, timeout: f64) -> PyResult<Self> {
-        let core = py
-            .detach(|| Core::connect(&address, &name, Duration::from_secs_f64(timeout)))
-            .map_err(|e| match e {
-                ClientError::Connect {
-                    source: cluster::comm::CommError::Timeout(..),
-                    ..
-                } => PyTimeoutError::new_err(e.to_string()),
-                ClientError::Connect {
-                    source: cluster::comm::CommError::Address(_),
-                    ..
-                } => PyValueError::new_err(e.to_string()),
+        let core =
+            py.detach(|| Core::connect(&address, &name, Duration::from_secs_f64(timeout))).map_err(|e| match e {
+                ClientError::Connect { source: cluster::comm::CommError::Timeout(..), .. } => {
+                    PyTimeoutError::new_err(e.to_string())
+                }
+                ClientError::Connect { source: cluster::comm::CommError::Address(_), .. } => {
+                    PyValueError::new_err(e.to_string())
+                }
                 other => client_err(other),
             })?;
         Ok(ClientCore { core })
@@ -585,25 +508,16 @@ impl ClientCore {
         self.core.address.clone()
     }
 
-    /// Submit tasks `(key, run_spec, deps, priority, order, workers, allow_other_workers)`.
+    /// Submit tasks `(key, run_spec, deps, priority, order, workers, allow_other_workers, retries)`.
     fn submit(&self, py: Python<'_>, tasks: Vec<PyTask<'_>>, wanted: Vec<String>) -> PyResult<()> {
         let mut frames = Vec::new();
         let mut specs = Vec::with_capacity(tasks.len());
-        for (key, run_spec, deps, priority, order, workers, allow_other_workers) in tasks {
+        for (key, run_spec, deps, priority, order, workers, allow_other_workers, retries) in tasks {
             let data = to_bytes(&run_spec)?;
             let run_spec = Blob::new(data, &mut frames);
-            specs.push(TaskSpec {
-                key,
-                run_spec,
-                deps,
-                priority,
-                order,
-                workers,
-                allow_other_workers,
-            });
+            specs.push(TaskSpec { key, run_spec, deps, priority, order, workers, allow_other_workers, retries });
         }
-        py.detach(|| self.core.submit(specs, frames, wanted))
-            .map_err(client_err)
+        py.detach(|| self.core.submit(specs, frames, wanted)).map_err(client_err)
     }
 
     fn want(&self, keys: Vec<String>) -> PyResult<()> {
@@ -628,16 +542,9 @@ impl ClientCore {
 
     /// Wait for all (or `any`) of `keys`; False on timeout.
     #[pyo3(signature = (keys, timeout=None, any=false))]
-    fn wait(
-        &self,
-        py: Python<'_>,
-        keys: Vec<String>,
-        timeout: Option<f64>,
-        any: bool,
-    ) -> PyResult<bool> {
+    fn wait(&self, py: Python<'_>, keys: Vec<String>, timeout: Option<f64>, any: bool) -> PyResult<bool> {
         let t = timeout.map(Duration::from_secs_f64);
-        py.detach(|| self.core.wait(&keys, t, any))
-            .map_err(client_err)
+        py.detach(|| self.core.wait(&keys, t, any)).map_err(client_err)
     }
 
     fn watch_done(&self) {
@@ -655,9 +562,7 @@ impl ClientCore {
         worker: String,
         keys: Vec<String>,
     ) -> PyResult<(Bound<'py, PyList>, Vec<String>)> {
-        let (items, missing) = py
-            .detach(|| self.core.get_data(&worker, keys))
-            .map_err(client_err)?;
+        let (items, missing) = py.detach(|| self.core.get_data(&worker, keys)).map_err(client_err)?;
         let out = PyList::empty(py);
         for (k, parts) in items {
             out.append((k, frames_to_py(py, parts)?))?;
@@ -666,24 +571,12 @@ impl ClientCore {
     }
 
     /// Put `[(key, [buffer, ...]), ...]` on `worker`.
-    fn scatter(
-        &self,
-        py: Python<'_>,
-        worker: String,
-        items: Vec<(String, Vec<Bound<'_, PyAny>>)>,
-    ) -> PyResult<()> {
+    fn scatter(&self, py: Python<'_>, worker: String, items: Vec<(String, Vec<Bound<'_, PyAny>>)>) -> PyResult<()> {
         let mut conv = Vec::with_capacity(items.len());
         for (k, parts) in items {
-            conv.push((
-                k,
-                parts
-                    .iter()
-                    .map(to_bytes)
-                    .collect::<PyResult<Vec<Bytes>>>()?,
-            ));
+            conv.push((k, parts.iter().map(to_bytes).collect::<PyResult<Vec<Bytes>>>()?));
         }
-        py.detach(|| self.core.scatter(&worker, conv))
-            .map_err(client_err)
+        py.detach(|| self.core.scatter(&worker, conv)).map_err(client_err)
     }
 
     fn who_has<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
@@ -697,15 +590,7 @@ impl ClientCore {
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let r = py.detach(|| self.core.info()).map_err(client_err)?;
-        let Reply::Info {
-            address,
-            workers,
-            ntasks,
-            nclients,
-            bytes_in,
-            bytes_out,
-        } = r
-        else {
+        let Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out } = r else {
             return Err(CommError::new_err("unexpected reply"));
         };
         let d = PyDict::new(py);
@@ -723,9 +608,7 @@ impl ClientCore {
     }
 
     fn subscribe(&self, interval: f64) -> PyResult<()> {
-        self.core
-            .subscribe(Duration::from_secs_f64(interval))
-            .map_err(client_err)
+        self.core.subscribe(Duration::from_secs_f64(interval)).map_err(client_err)
     }
 
     fn take_events<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyList>> {

@@ -26,18 +26,9 @@ pub struct ByteCounters {
 }
 
 enum Event {
-    Connected {
-        peer: PeerId,
-        role: Role,
-        outbox: Outbox,
-    },
-    Batch {
-        peer: PeerId,
-        msgs: Vec<Envelope>,
-    },
-    Disconnected {
-        peer: PeerId,
-    },
+    Connected { peer: PeerId, role: Role, outbox: Outbox },
+    Batch { peer: PeerId, msgs: Vec<Envelope> },
+    Disconnected { peer: PeerId },
 }
 
 /// A running scheduler.
@@ -67,11 +58,7 @@ impl SchedulerHandle {
 }
 
 /// Bind `host:port` (port 0 picks a free one) and serve in the current tokio runtime.
-pub async fn start(
-    host: &str,
-    port: u16,
-    config: SchedulerConfig,
-) -> Result<SchedulerHandle, CommError> {
+pub async fn start(host: &str, port: u16, config: SchedulerConfig) -> Result<SchedulerHandle, CommError> {
     let listener = TcpListener::bind((host, port)).await?;
     let local = listener.local_addr()?;
     let address = format!("tcp://{}:{}", host_for_address(host, &local), local.port());
@@ -111,12 +98,7 @@ pub async fn start(
         core_loop(events_rx, shutdown_rx, config, core_address, c3).await;
         let _ = finished_tx.send(true);
     });
-    Ok(SchedulerHandle {
-        address,
-        shutdown: shutdown_tx,
-        finished: finished_rx,
-        counters,
-    })
+    Ok(SchedulerHandle { address, shutdown: shutdown_tx, finished: finished_rx, counters })
 }
 
 fn host_for_address(host: &str, local: &std::net::SocketAddr) -> String {
@@ -135,18 +117,14 @@ async fn serve_peer(
     counters: Arc<ByteCounters>,
 ) -> Result<(), CommError> {
     let (conn, role) = comm::accept(stream, server_name).await?;
-    let comm::Connection {
-        mut reader, writer, ..
-    } = conn;
+    let comm::Connection { mut reader, writer, .. } = conn;
     let (outbox, _writer) = comm::spawn_counting_writer(writer, Some(counters.bytes_out.clone()));
     let _ = events.send(Event::Connected { peer, role, outbox });
     let mut seen = 0;
     let result = loop {
         match reader.read_batch().await {
             Ok(msgs) => {
-                counters
-                    .bytes_in
-                    .fetch_add(reader.bytes_read - seen, Ordering::Relaxed);
+                counters.bytes_in.fetch_add(reader.bytes_read - seen, Ordering::Relaxed);
                 seen = reader.bytes_read;
                 if events.send(Event::Batch { peer, msgs }).is_err() {
                     break Ok(());
@@ -164,6 +142,7 @@ struct Peer {
     role: Role,
     outbox: Outbox,
     registered_worker: bool,
+    last_seen: tokio::time::Instant,
 }
 
 struct Subscriber {
@@ -179,6 +158,7 @@ async fn core_loop(
     address: String,
     counters: Arc<ByteCounters>,
 ) {
+    let worker_ttl = config.worker_ttl;
     let mut state = SchedulerState::new(config);
     let mut peers: FxHashMap<PeerId, Peer> = FxHashMap::default();
     let mut subs: FxHashMap<PeerId, Subscriber> = FxHashMap::default();
@@ -203,6 +183,21 @@ async fn core_loop(
             }
             _ = tick.tick() => {
                 let now_i = tokio::time::Instant::now();
+                let ttl = worker_ttl;
+                let silent: Vec<PeerId> = peers
+                    .iter()
+                    .filter(|(_, p)| p.role == Role::Worker && now_i.duration_since(p.last_seen) > ttl)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for peer in silent {
+                    tracing::warn!("worker {peer} sent nothing for {ttl:?}; removing it");
+                    if let Some(p) = peers.remove(&peer) {
+                        let reason = format!("no heartbeat for {ttl:?}");
+                        let _ = p.outbox.send(Envelope::new(Msg::CloseWorker { reason }));
+                    }
+                    state.remove_worker(peer);
+                    subs.remove(&peer);
+                }
                 let t = now();
                 for (peer, sub) in subs.iter_mut() {
                     if now_i >= sub.next {
@@ -224,9 +219,8 @@ async fn core_loop(
         if stopping {
             for p in peers.values() {
                 if p.role == Role::Worker {
-                    let _ = p.outbox.send(Envelope::new(Msg::CloseWorker {
-                        reason: "scheduler is shutting down".into(),
-                    }));
+                    let _ =
+                        p.outbox.send(Envelope::new(Msg::CloseWorker { reason: "scheduler is shutting down".into() }));
                 }
             }
             // Dropping the outboxes lets writers flush and close.
@@ -252,14 +246,7 @@ fn handle(
             if role == Role::Client {
                 state.add_client(peer);
             }
-            peers.insert(
-                peer,
-                Peer {
-                    role,
-                    outbox,
-                    registered_worker: false,
-                },
-            );
+            peers.insert(peer, Peer { role, outbox, registered_worker: false, last_seen: tokio::time::Instant::now() });
         }
         Event::Disconnected { peer } => {
             if let Some(p) = peers.remove(&peer) {
@@ -272,14 +259,15 @@ fn handle(
             subs.remove(&peer);
         }
         Event::Batch { peer, msgs } => {
+            if let Some(p) = peers.get_mut(&peer) {
+                p.last_seen = tokio::time::Instant::now();
+            }
             for env in msgs {
                 let Some(p) = peers.get_mut(&peer) else {
                     return;
                 };
                 let role = p.role;
-                if let Err(reason) =
-                    handle_msg(state, p, subs, peer, role, env, address, counters, stopping)
-                {
+                if let Err(reason) = handle_msg(state, p, subs, peer, role, env, address, counters, stopping) {
                     tracing::warn!("peer {peer}: {reason}");
                     let _ = p.outbox.send(Envelope::new(Msg::Error { reason }));
                     // Dropping the outbox closes the writer and so the connection.
@@ -311,73 +299,28 @@ fn handle_msg(
 ) -> Result<(), String> {
     let Envelope { msg, frames } = env;
     match (role, msg) {
-        (
-            Role::Worker,
-            Msg::RegisterWorker {
-                name,
-                address,
-                nthreads,
-                memory_limit,
-                pid,
-            },
-        ) => {
+        (Role::Worker, Msg::RegisterWorker { name, address, nthreads, memory_limit, pid }) => {
             state.add_worker(peer, name, address, nthreads, memory_limit, pid)?;
             p.registered_worker = true;
         }
-        (Role::Worker, _) if !p.registered_worker => {
-            return Err("a worker must send RegisterWorker first".into())
+        (Role::Worker, _) if !p.registered_worker => return Err("a worker must send RegisterWorker first".into()),
+        (Role::Worker, Msg::TaskFinished { key, nbytes, start, stop, thread, transfer, .. }) => {
+            state.task_finished(peer, &key, nbytes, start, stop, thread, transfer)
         }
-        (
-            Role::Worker,
-            Msg::TaskFinished {
-                key,
-                nbytes,
-                start,
-                stop,
-                thread,
-                transfer,
-                ..
-            },
-        ) => state.task_finished(peer, &key, nbytes, start, stop, thread, transfer),
-        (
-            Role::Worker,
-            Msg::TaskErred {
-                key,
-                exception,
-                traceback,
-                text,
-                start,
-                stop,
-                thread,
-            },
-        ) => {
+        (Role::Worker, Msg::TaskErred { key, exception, traceback, text, start, stop, thread }) => {
             let exception = exception.resolve(&frames).unwrap_or_default();
             let traceback = traceback.resolve(&frames).unwrap_or_default();
             state.task_erred(peer, &key, exception, traceback, text, start, stop, thread)
         }
         (Role::Worker, Msg::AddKeys { keys }) => state.add_keys(peer, &keys),
-        (Role::Worker, Msg::MissingData { key, workers }) => {
-            state.missing_data(peer, &key, &workers)
+        (Role::Worker, Msg::MissingData { key, workers }) => state.missing_data(peer, &key, &workers),
+        (Role::Worker, Msg::Heartbeat { rss, spilled, executing, ready, bytes_in, bytes_out, .. }) => {
+            state.worker_metrics(peer, rss, spilled, executing, ready, bytes_in, bytes_out)
         }
-        (
-            Role::Worker,
-            Msg::Heartbeat {
-                rss,
-                spilled,
-                executing,
-                ready,
-                bytes_in,
-                bytes_out,
-                ..
-            },
-        ) => state.worker_metrics(peer, rss, spilled, executing, ready, bytes_in, bytes_out),
         (Role::Client, Msg::UpdateGraph { tasks, wanted }) => {
             let mut with_specs = Vec::with_capacity(tasks.len());
             for t in tasks {
-                let spec = t
-                    .run_spec
-                    .resolve(&frames)
-                    .ok_or("run_spec refers to a missing frame")?;
+                let spec = t.run_spec.resolve(&frames).ok_or("run_spec refers to a missing frame")?;
                 with_specs.push((t, Some(spec)));
             }
             state.update_graph(peer, with_specs, wanted)
@@ -385,9 +328,7 @@ fn handle_msg(
         (Role::Client, Msg::WantKeys { keys }) => state.want_keys(peer, keys),
         (Role::Client, Msg::ReleaseKeys { keys }) => state.release_keys(peer, &keys),
         (Role::Client, Msg::CancelKeys { keys }) => state.cancel_keys(peer, keys),
-        (Role::Client, Msg::ScatterDone { keys, worker }) => {
-            state.scatter_done(peer, &worker, keys)
-        }
+        (Role::Client, Msg::ScatterDone { keys, worker }) => state.scatter_done(peer, &worker, keys),
         (Role::Client, Msg::WhoHas { id, keys }) => state.who_has_reply(peer, id, keys),
         (Role::Client | Role::Monitor, Msg::GetInfo { id }) => {
             let _ = p.outbox.send(Envelope::new(Msg::Info {
@@ -413,10 +354,7 @@ fn handle_msg(
         (Role::Client, Msg::Shutdown) => *stopping = true,
         (_, Msg::Error { reason }) => tracing::warn!("peer {peer} reported: {reason}"),
         (role, other) => {
-            return Err(format!(
-                "unexpected message from a {role:?}: {}",
-                variant_name(&other)
-            ));
+            return Err(format!("unexpected message from a {role:?}: {}", variant_name(&other)));
         }
     }
     Ok(())
@@ -424,8 +362,5 @@ fn handle_msg(
 
 fn variant_name(m: &Msg) -> String {
     let s = format!("{m:?}");
-    s.split(|c: char| !c.is_alphanumeric())
-        .next()
-        .unwrap_or("?")
-        .to_string()
+    s.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?").to_string()
 }

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::protocol::{
-    key_split, Blob, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, Msg, Priority, TaskSpec,
-    TaskStreamRecord, WorkerInfo,
+    key_split, Blob, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, Msg, Priority, TaskSpec, TaskStreamRecord,
+    WorkerInfo,
 };
 
 /// Identifies a connected peer (worker or client) for the lifetime of its connection.
@@ -43,10 +43,7 @@ impl TaskState {
 
     /// States in which a task still needs its dependencies.
     fn is_active(self) -> bool {
-        matches!(
-            self,
-            TaskState::Waiting | TaskState::Queued | TaskState::NoWorker | TaskState::Processing
-        )
+        matches!(self, TaskState::Waiting | TaskState::Queued | TaskState::NoWorker | TaskState::Processing)
     }
 
     /// Lower-case name as Dask prints it.
@@ -72,6 +69,11 @@ pub struct SchedulerConfig {
     pub worker_saturation: f64,
     /// Capacity of the task-stream ring.
     pub stream_capacity: usize,
+    /// A task whose workers die this many times while running it errs with
+    /// `KilledWorker` on the next death (Dask's `allowed-failures`).
+    pub allowed_failures: u32,
+    /// A worker silent for this long is removed (checked by the IO shell).
+    pub worker_ttl: std::time::Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -79,6 +81,8 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             worker_saturation: 1.1,
             stream_capacity: 100_000,
+            allowed_failures: 3,
+            worker_ttl: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -116,6 +120,10 @@ struct Task {
     group: u32,
     restriction: Option<Box<Restriction>>,
     error: Option<Arc<ErrorInfo>>,
+    /// Re-runs left if the task raises.
+    retries: u32,
+    /// Workers that died while running this task.
+    suspicious: u32,
 }
 
 #[derive(Debug)]
@@ -255,13 +263,9 @@ impl SchedulerState {
     /// Addresses of workers holding `key`.
     pub fn who_has(&self, key: &str) -> Vec<String> {
         match self.keys.get(key) {
-            Some(&id) => self
-                .t(id)
-                .who_has
-                .iter()
-                .filter_map(|w| self.workers.get(w))
-                .map(|w| w.address.clone())
-                .collect(),
+            Some(&id) => {
+                self.t(id).who_has.iter().filter_map(|w| self.workers.get(w)).map(|w| w.address.clone()).collect()
+            }
             None => Vec::new(),
         }
     }
@@ -294,10 +298,7 @@ impl SchedulerState {
         ];
         let mut m = FxHashMap::default();
         for s in all {
-            m.insert(
-                s.name(),
-                self.groups.iter().map(|g| g.counts[s.index()]).sum(),
-            );
+            m.insert(s.name(), self.groups.iter().map(|g| g.counts[s.index()]).sum());
         }
         m
     }
@@ -310,12 +311,7 @@ impl SchedulerState {
             return g;
         }
         let g = self.groups.len() as u32;
-        self.groups.push(Group {
-            name: name.clone(),
-            counts: [0; 8],
-            nbytes: 0,
-            changed_at: 0,
-        });
+        self.groups.push(Group { name: name.clone(), counts: [0; 8], nbytes: 0, changed_at: 0 });
         self.group_ids.insert(name, g);
         g
     }
@@ -385,9 +381,7 @@ impl SchedulerState {
         pid: u32,
     ) -> Result<(), String> {
         if self.workers.values().any(|w| w.address == address) {
-            return Err(format!(
-                "a worker with address {address} is already registered"
-            ));
+            return Err(format!("a worker with address {address} is already registered"));
         }
         if self.workers.values().any(|w| w.name == name) {
             return Err(format!("a worker named {name:?} is already registered"));
@@ -413,10 +407,7 @@ impl SchedulerState {
         );
         self.worker_order.push(peer);
         self.version += 1;
-        let stuck: Vec<TaskId> = std::mem::take(&mut self.no_worker)
-            .into_iter()
-            .map(|(_, id)| id)
-            .collect();
+        let stuck: Vec<TaskId> = std::mem::take(&mut self.no_worker).into_iter().map(|(_, id)| id).collect();
         for id in stuck {
             if self.t(id).state == TaskState::NoWorker {
                 self.make_ready(id);
@@ -451,8 +442,23 @@ impl SchedulerState {
             let t = self.t(id);
             if t.state == TaskState::Processing && t.processing_on == Some(peer) {
                 self.tm(id).processing_on = None;
-                self.set_state(id, TaskState::Released);
-                self.transition_to_waiting(id);
+                self.tm(id).suspicious += 1;
+                let deaths = self.t(id).suspicious;
+                if deaths > self.config.allowed_failures {
+                    let text = format!(
+                        "KilledWorker: attempted to run task {} on {} different workers, but all those workers \
+                         died while running it; the last was {} ({})",
+                        self.t(id).key,
+                        deaths,
+                        w.address,
+                        w.name
+                    );
+                    let err = Arc::new(ErrorInfo { exception: Bytes::new(), traceback: Bytes::new(), text });
+                    self.set_erred(id, err);
+                } else {
+                    self.set_state(id, TaskState::Released);
+                    self.transition_to_waiting(id);
+                }
             }
         }
         self.fill_all_workers();
@@ -470,10 +476,7 @@ impl SchedulerState {
             let st = self.t(*d).state;
             if st == TaskState::Waiting {
                 self.tm(*d).waiting_on += 1;
-            } else if matches!(
-                st,
-                TaskState::Queued | TaskState::NoWorker | TaskState::Processing
-            ) {
+            } else if matches!(st, TaskState::Queued | TaskState::NoWorker | TaskState::Processing) {
                 self.unassign(*d);
                 self.set_state(*d, TaskState::Released);
                 self.transition_to_waiting(*d);
@@ -487,10 +490,7 @@ impl SchedulerState {
                 let err = Arc::new(ErrorInfo {
                     exception: Bytes::new(),
                     traceback: Bytes::new(),
-                    text: format!(
-                        "data for scattered key {} was lost with its worker",
-                        self.t(id).key
-                    ),
+                    text: format!("data for scattered key {} was lost with its worker", self.t(id).key),
                 });
                 self.set_erred(id, err);
             }
@@ -546,12 +546,7 @@ impl SchedulerState {
     // ---- graph submission -------------------------------------------------
 
     /// A client submitted tasks and wants `wanted` of them.
-    pub fn update_graph(
-        &mut self,
-        client: PeerId,
-        tasks: Vec<(TaskSpec, Option<Bytes>)>,
-        wanted: Vec<Key>,
-    ) {
+    pub fn update_graph(&mut self, client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>) {
         self.add_client(client);
         self.generation += 1;
         let generation = self.generation;
@@ -568,12 +563,8 @@ impl SchedulerState {
                 continue;
             }
             let group = self.group_id(&spec.key);
-            let restriction = spec.workers.map(|w| {
-                Box::new(Restriction {
-                    workers: w,
-                    loose: spec.allow_other_workers,
-                })
-            });
+            let restriction =
+                spec.workers.map(|w| Box::new(Restriction { workers: w, loose: spec.allow_other_workers }));
             let task = Task {
                 key: spec.key.clone().into_boxed_str(),
                 state: TaskState::Released,
@@ -586,14 +577,12 @@ impl SchedulerState {
                 who_has: Vec::new(),
                 processing_on: None,
                 nbytes: 0,
-                priority: Priority {
-                    user: -spec.priority,
-                    generation,
-                    order: spec.order,
-                },
+                priority: Priority { user: -spec.priority, generation, order: spec.order },
                 group,
                 restriction,
                 error: None,
+                retries: spec.retries,
+                suspicious: 0,
             };
             let id = self.insert_task(task);
             self.groups[group as usize].counts[TaskState::Released.index()] += 1;
@@ -619,20 +608,14 @@ impl SchedulerState {
                 if !t.who_wants.contains(&client) {
                     t.who_wants.push(client);
                 }
-                self.clients
-                    .get_mut(&client)
-                    .expect("client")
-                    .wants
-                    .insert(id);
+                self.clients.get_mut(&client).expect("client").wants.insert(id);
             }
         }
         for (id, k) in unknown {
             let err = Arc::new(ErrorInfo {
                 exception: Bytes::new(),
                 traceback: Bytes::new(),
-                text: format!(
-                    "dependency {k:?} is not known to the scheduler (was its future released?)"
-                ),
+                text: format!("dependency {k:?} is not known to the scheduler (was its future released?)"),
             });
             self.set_erred(id, err);
         }
@@ -662,24 +645,16 @@ impl SchedulerState {
                     if !self.t(id).who_wants.contains(&client) {
                         self.tm(id).who_wants.push(client);
                     }
-                    self.clients
-                        .get_mut(&client)
-                        .expect("client")
-                        .wants
-                        .insert(id);
+                    self.clients.get_mut(&client).expect("client").wants.insert(id);
                     match self.t(id).state {
                         TaskState::Memory | TaskState::Erred => self.report_to(client, id),
                         TaskState::Released => self.transition_to_waiting(id),
                         _ => {}
                     }
                 }
-                None => self.send(
-                    client,
-                    Msg::KeyCancelled {
-                        key: k,
-                        reason: "key is not known to the scheduler".into(),
-                    },
-                ),
+                None => {
+                    self.send(client, Msg::KeyCancelled { key: k, reason: "key is not known to the scheduler".into() })
+                }
             }
         }
         self.fill_all_workers();
@@ -756,10 +731,7 @@ impl SchedulerState {
     fn make_ready(&mut self, id: TaskId) {
         let t = self.t(id);
         let prio = t.priority;
-        if t.deps.is_empty()
-            && t.restriction.is_none()
-            && !self.config.worker_saturation.is_infinite()
-        {
+        if t.deps.is_empty() && t.restriction.is_none() && !self.config.worker_saturation.is_infinite() {
             self.set_state(id, TaskState::Queued);
             self.queue.insert((prio, id));
             return;
@@ -786,9 +758,7 @@ impl SchedulerState {
                 .filter(|p| {
                     let w = &self.workers[p];
                     r.workers.iter().any(|n| {
-                        *n == w.name
-                            || *n == w.address
-                            || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
+                        *n == w.name || *n == w.address || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
                     })
                 })
                 .collect();
@@ -818,16 +788,13 @@ impl SchedulerState {
             let load = worker.load();
             let better = match best {
                 None => true,
-                Some((bh, bl, bw)) => {
-                    bytes > bh || (bytes == bh && (load < bl || (load == bl && w < bw)))
-                }
+                Some((bh, bl, bw)) => bytes > bh || (bytes == bh && (load < bl || (load == bl && w < bw))),
             };
             if better {
                 best = Some((bytes, load, w));
             }
         }
-        best.map(|b| b.2)
-            .or_else(|| self.least_loaded(self.worker_order.iter().copied()))
+        best.map(|b| b.2).or_else(|| self.least_loaded(self.worker_order.iter().copied()))
     }
 
     fn least_loaded(&self, it: impl Iterator<Item = PeerId>) -> Option<PeerId> {
@@ -844,11 +811,7 @@ impl SchedulerState {
     fn assign(&mut self, id: TaskId, w: PeerId) {
         self.set_state(id, TaskState::Processing);
         self.tm(id).processing_on = Some(w);
-        self.workers
-            .get_mut(&w)
-            .expect("worker")
-            .processing
-            .insert(id);
+        self.workers.get_mut(&w).expect("worker").processing.insert(id);
         let t = self.t(id);
         let deps: Vec<DepInfo> = t
             .deps
@@ -858,23 +821,13 @@ impl SchedulerState {
                 DepInfo {
                     key: dt.key.to_string(),
                     nbytes: dt.nbytes,
-                    who_has: dt
-                        .who_has
-                        .iter()
-                        .filter_map(|p| self.workers.get(p))
-                        .map(|w| w.address.clone())
-                        .collect(),
+                    who_has: dt.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
                 }
             })
             .collect();
         let mut frames = Vec::new();
         let run_spec = Blob::new(t.run_spec.clone().unwrap_or_default(), &mut frames);
-        let msg = Msg::ComputeTask {
-            key: t.key.to_string(),
-            run_spec,
-            deps,
-            priority: t.priority,
-        };
+        let msg = Msg::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority };
         self.counters.compute_sent += 1;
         self.out.push((w, Envelope { msg, frames }));
     }
@@ -928,12 +881,7 @@ impl SchedulerState {
         transfer: f64,
     ) {
         let Some(&id) = self.keys.get(key) else {
-            self.send(
-                worker,
-                Msg::FreeKeys {
-                    keys: vec![key.to_string()],
-                },
-            );
+            self.send(worker, Msg::FreeKeys { keys: vec![key.to_string()] });
             return;
         };
         let (state, on) = (self.t(id).state, self.t(id).processing_on);
@@ -942,12 +890,7 @@ impl SchedulerState {
             if t.state == TaskState::Memory && !t.who_has.contains(&worker) {
                 self.add_replica(id, worker);
             } else if !t.who_has.contains(&worker) {
-                self.send(
-                    worker,
-                    Msg::FreeKeys {
-                        keys: vec![key.to_string()],
-                    },
-                );
+                self.send(worker, Msg::FreeKeys { keys: vec![key.to_string()] });
             }
             return;
         }
@@ -1019,24 +962,14 @@ impl SchedulerState {
                 key: t.key.to_string(),
                 nbytes: t.nbytes,
                 type_name: String::new(),
-                workers: t
-                    .who_has
-                    .iter()
-                    .filter_map(|p| self.workers.get(p))
-                    .map(|w| w.address.clone())
-                    .collect(),
+                workers: t.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
             },
             TaskState::Erred => {
                 let e = t.error.as_ref().expect("erred task has error");
                 let mut frames = Vec::new();
                 let exception = Blob::new(e.exception.clone(), &mut frames);
                 let traceback = Blob::new(e.traceback.clone(), &mut frames);
-                let msg = Msg::KeyErred {
-                    key: t.key.to_string(),
-                    exception,
-                    traceback,
-                    text: e.text.clone(),
-                };
+                let msg = Msg::KeyErred { key: t.key.to_string(), exception, traceback, text: e.text.clone() };
                 self.out.push((client, Envelope { msg, frames }));
                 return;
             }
@@ -1081,14 +1014,13 @@ impl SchedulerState {
             self.push_stream(rec);
         }
         self.tm(id).processing_on = None;
-        self.set_erred(
-            id,
-            Arc::new(ErrorInfo {
-                exception,
-                traceback,
-                text,
-            }),
-        );
+        if self.t(id).retries > 0 {
+            self.tm(id).retries -= 1;
+            self.set_state(id, TaskState::Released);
+            self.transition_to_waiting(id);
+        } else {
+            self.set_erred(id, Arc::new(ErrorInfo { exception, traceback, text }));
+        }
         self.fill_worker(worker);
     }
 
@@ -1133,11 +1065,7 @@ impl SchedulerState {
             return;
         };
         for h in holders {
-            let peer = self
-                .workers
-                .iter()
-                .find(|(_, w)| &w.address == h)
-                .map(|(p, _)| *p);
+            let peer = self.workers.iter().find(|(_, w)| &w.address == h).map(|(p, _)| *p);
             if let Some(p) = peer {
                 let nbytes = self.t(id).nbytes;
                 if let Some(w) = self.workers.get_mut(&p) {
@@ -1149,13 +1077,8 @@ impl SchedulerState {
             }
         }
         // Tasks on the reporting worker that needed it are rescheduled.
-        let stuck: Vec<TaskId> = self
-            .t(id)
-            .dependents
-            .iter()
-            .copied()
-            .filter(|&d| self.t(d).processing_on == Some(worker))
-            .collect();
+        let stuck: Vec<TaskId> =
+            self.t(id).dependents.iter().copied().filter(|&d| self.t(d).processing_on == Some(worker)).collect();
         if self.t(id).state == TaskState::Memory && self.t(id).who_has.is_empty() {
             self.lose_data(id);
         }
@@ -1186,20 +1109,10 @@ impl SchedulerState {
     /// Data a client put on `worker` directly.
     pub fn scatter_done(&mut self, client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>) {
         self.add_client(client);
-        let worker = self
-            .workers
-            .iter()
-            .find(|(_, w)| w.address == worker_addr)
-            .map(|(p, _)| *p);
+        let worker = self.workers.iter().find(|(_, w)| w.address == worker_addr).map(|(p, _)| *p);
         let Some(worker) = worker else {
             for (k, _) in keys {
-                self.send(
-                    client,
-                    Msg::KeyCancelled {
-                        key: k,
-                        reason: format!("worker {worker_addr} is gone"),
-                    },
-                );
+                self.send(client, Msg::KeyCancelled { key: k, reason: format!("worker {worker_addr} is gone") });
             }
             return;
         };
@@ -1224,6 +1137,8 @@ impl SchedulerState {
                         group,
                         restriction: None,
                         error: None,
+                        retries: 0,
+                        suspicious: 0,
                     };
                     let id = self.insert_task(task);
                     self.groups[group as usize].counts[TaskState::Released.index()] += 1;
@@ -1233,11 +1148,7 @@ impl SchedulerState {
             if !self.t(id).who_wants.contains(&client) {
                 self.tm(id).who_wants.push(client);
             }
-            self.clients
-                .get_mut(&client)
-                .expect("client")
-                .wants
-                .insert(id);
+            self.clients.get_mut(&client).expect("client").wants.insert(id);
             if self.t(id).state != TaskState::Memory {
                 self.unassign(id);
                 self.tm(id).nbytes = nbytes;
@@ -1273,13 +1184,7 @@ impl SchedulerState {
     pub fn cancel_keys(&mut self, client: PeerId, keys: Vec<Key>) {
         self.release_keys(client, &keys);
         for k in keys {
-            self.send(
-                client,
-                Msg::KeyCancelled {
-                    key: k,
-                    reason: "cancelled by the client".into(),
-                },
-            );
+            self.send(client, Msg::KeyCancelled { key: k, reason: "cancelled by the client".into() });
         }
     }
 
@@ -1303,21 +1208,13 @@ impl SchedulerState {
                             worker.has_what.remove(&id);
                             worker.nbytes = worker.nbytes.saturating_sub(nbytes);
                         }
-                        self.send(
-                            w,
-                            Msg::FreeKeys {
-                                keys: vec![key.clone()],
-                            },
-                        );
+                        self.send(w, Msg::FreeKeys { keys: vec![key.clone()] });
                     }
                     let g = self.t(id).group as usize;
                     self.groups[g].nbytes = self.groups[g].nbytes.saturating_sub(nbytes);
                     self.set_state(id, TaskState::Released);
                 }
-                TaskState::Waiting
-                | TaskState::Queued
-                | TaskState::NoWorker
-                | TaskState::Processing => {
+                TaskState::Waiting | TaskState::Queued | TaskState::NoWorker | TaskState::Processing => {
                     self.unassign(id);
                     self.set_state(id, TaskState::Released);
                     stack.extend(self.t(id).deps.iter().copied());
@@ -1451,37 +1348,21 @@ impl SchedulerState {
             if self.keys.get(&t.key) != Some(&id) {
                 return Err(format!("{}: key map mismatch", t.key));
             }
-            let active = t
-                .dependents
-                .iter()
-                .filter(|&&d| self.t(d).state.is_active())
-                .count() as u32;
+            let active = t.dependents.iter().filter(|&&d| self.t(d).state.is_active()).count() as u32;
             if active != t.waiters {
-                return Err(format!(
-                    "{}: waiters {} but {} active dependents",
-                    t.key, t.waiters, active
-                ));
+                return Err(format!("{}: waiters {} but {} active dependents", t.key, t.waiters, active));
             }
             if t.state == TaskState::Waiting {
-                let missing = t
-                    .deps
-                    .iter()
-                    .filter(|&&d| self.t(d).state != TaskState::Memory)
-                    .count() as u32;
+                let missing = t.deps.iter().filter(|&&d| self.t(d).state != TaskState::Memory).count() as u32;
                 if missing != t.waiting_on {
-                    return Err(format!(
-                        "{}: waiting_on {} but {} deps missing",
-                        t.key, t.waiting_on, missing
-                    ));
+                    return Err(format!("{}: waiting_on {} but {} deps missing", t.key, t.waiting_on, missing));
                 }
             }
             if t.state == TaskState::Memory && t.who_has.is_empty() {
                 return Err(format!("{}: in memory nowhere", t.key));
             }
             if t.state == TaskState::Processing {
-                let w = t
-                    .processing_on
-                    .ok_or_else(|| format!("{}: processing nowhere", t.key))?;
+                let w = t.processing_on.ok_or_else(|| format!("{}: processing nowhere", t.key))?;
                 if !self.workers[&w].processing.contains(&id) {
                     return Err(format!("{}: worker does not list it", t.key));
                 }
@@ -1509,6 +1390,7 @@ mod tests {
             order: 0,
             workers: None,
             allow_other_workers: false,
+            retries: 0,
         };
         (t, Some(Bytes::from_static(b"spec")))
     }
@@ -1517,8 +1399,7 @@ mod tests {
         let mut s = SchedulerState::new(SchedulerConfig::default());
         for i in 0..n {
             let w = W1 + i as PeerId;
-            s.add_worker(w, format!("w{i}"), format!("tcp://h:{i}"), 1, 1 << 30, 0)
-                .unwrap();
+            s.add_worker(w, format!("w{i}"), format!("tcp://h:{i}"), 1, 1 << 30, 0).unwrap();
         }
         s
     }
@@ -1541,11 +1422,7 @@ mod tests {
     #[test]
     fn places_task_where_most_dependency_bytes_are() {
         let mut s = with_workers(2);
-        s.update_graph(
-            C1,
-            vec![spec("a", &[]), spec("b", &[])],
-            vec!["a".into(), "b".into()],
-        );
+        s.update_graph(C1, vec![spec("a", &[]), spec("b", &[])], vec!["a".into(), "b".into()]);
         let sent = computes(&mut s);
         assert_eq!(sent.len(), 2);
         let wa = sent.iter().find(|(_, k)| k == "a").unwrap().0;
@@ -1573,34 +1450,16 @@ mod tests {
     #[test]
     fn released_results_are_freed_and_forgotten() {
         let mut s = with_workers(1);
-        s.update_graph(
-            C1,
-            vec![spec("a", &[]), spec("b", &["a"])],
-            vec!["b".into()],
-        );
+        s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
         let sent = computes(&mut s);
         assert_eq!(sent, vec![(W1, "a".to_string())]);
         finish(&mut s, W1, "a", 8);
         assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
         finish(&mut s, W1, "b", 8);
         let out = s.take_outgoing();
-        let freed: Vec<&Msg> = out
-            .iter()
-            .map(|(_, e)| &e.msg)
-            .filter(|m| matches!(m, Msg::FreeKeys { .. }))
-            .collect();
-        assert_eq!(
-            freed,
-            vec![&Msg::FreeKeys {
-                keys: vec!["a".into()]
-            }],
-            "a is not wanted once b is done"
-        );
-        assert!(
-            out.iter()
-                .any(|(p, e)| *p == C1
-                    && matches!(&e.msg, Msg::KeyInMemory { key, .. } if key == "b"))
-        );
+        let freed: Vec<&Msg> = out.iter().map(|(_, e)| &e.msg).filter(|m| matches!(m, Msg::FreeKeys { .. })).collect();
+        assert_eq!(freed, vec![&Msg::FreeKeys { keys: vec!["a".into()] }], "a is not wanted once b is done");
+        assert!(out.iter().any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyInMemory { key, .. } if key == "b")));
         s.release_keys(C1, &["b".into()]);
         s.validate().unwrap();
         assert_eq!(s.ntasks(), 0, "everything forgotten");
@@ -1609,22 +1468,9 @@ mod tests {
     #[test]
     fn errors_propagate_to_dependents_and_reach_the_client() {
         let mut s = with_workers(1);
-        s.update_graph(
-            C1,
-            vec![spec("a", &[]), spec("b", &["a"])],
-            vec!["b".into()],
-        );
+        s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
         computes(&mut s);
-        s.task_erred(
-            W1,
-            "a",
-            Bytes::new(),
-            Bytes::new(),
-            "ZeroDivisionError: boom".into(),
-            0.0,
-            1.0,
-            0,
-        );
+        s.task_erred(W1, "a", Bytes::new(), Bytes::new(), "ZeroDivisionError: boom".into(), 0.0, 1.0, 0);
         s.validate().unwrap();
         assert_eq!(s.task_state("b"), Some(TaskState::Erred));
         let out = s.take_outgoing();
@@ -1647,11 +1493,7 @@ mod tests {
             .collect();
         assert_eq!(told, vec![C1, C2]);
         s.release_keys(C1, &["inc-1".into()]);
-        assert_eq!(
-            s.task_state("inc-1"),
-            Some(TaskState::Memory),
-            "C2 still holds it"
-        );
+        assert_eq!(s.task_state("inc-1"), Some(TaskState::Memory), "C2 still holds it");
         s.release_keys(C2, &["inc-1".into()]);
         assert_eq!(s.ntasks(), 0);
     }
@@ -1681,8 +1523,7 @@ mod tests {
         s.update_graph(C1, vec![(t, spec_bytes)], vec!["pinned".into()]);
         assert!(computes(&mut s).is_empty());
         assert_eq!(s.task_state("pinned"), Some(TaskState::NoWorker));
-        s.add_worker(W2, "gpu-box".into(), "tcp://h:9".into(), 1, 0, 0)
-            .unwrap();
+        s.add_worker(W2, "gpu-box".into(), "tcp://h:9".into(), 1, 0, 0).unwrap();
         assert_eq!(computes(&mut s), vec![(W2, "pinned".to_string())]);
     }
 
@@ -1691,29 +1532,21 @@ mod tests {
         let mut s = with_workers(1);
         s.update_graph(C1, vec![spec("b", &["gone"])], vec!["b".into()]);
         let out = s.take_outgoing();
-        assert!(
-            out.iter().any(|(_, e)| matches!(&e.msg,
-            Msg::KeyErred { text, .. } if text.contains("\"gone\" is not known to the scheduler")))
-        );
+        assert!(out.iter().any(|(_, e)| matches!(&e.msg,
+            Msg::KeyErred { text, .. } if text.contains("\"gone\" is not known to the scheduler"))));
     }
 
     #[test]
     fn duplicate_worker_names_are_refused() {
         let mut s = with_workers(1);
-        let err = s
-            .add_worker(W2, "w0".into(), "tcp://h:77".into(), 1, 0, 0)
-            .unwrap_err();
+        let err = s.add_worker(W2, "w0".into(), "tcp://h:77".into(), 1, 0, 0).unwrap_err();
         assert!(err.contains("already registered"));
     }
 
     #[test]
     fn events_give_a_snapshot_then_only_changes() {
         let mut s = with_workers(1);
-        s.update_graph(
-            C1,
-            vec![spec("x-1", &[]), spec("y-1", &[])],
-            vec!["x-1".into(), "y-1".into()],
-        );
+        s.update_graph(C1, vec![spec("x-1", &[]), spec("y-1", &[])], vec!["x-1".into(), "y-1".into()]);
         let mut cur = EventCursor::default();
         let snap = s.events_since(&mut cur, 0.0);
         assert_eq!(snap.groups.len(), 2);
@@ -1726,5 +1559,38 @@ mod tests {
         assert_eq!(delta.groups.len(), 1, "only the x group changed");
         assert_eq!(delta.groups[0].memory, 1);
         assert!(s.events_since(&mut cur, 2.0).stream.is_empty());
+    }
+
+    #[test]
+    fn retries_rerun_a_failing_task() {
+        let mut s = with_workers(1);
+        let (mut t, b) = spec("flaky", &[]);
+        t.retries = 2;
+        s.update_graph(C1, vec![(t, b)], vec!["flaky".into()]);
+        for _ in 0..2 {
+            assert_eq!(computes(&mut s).len(), 1);
+            s.task_erred(W1, "flaky", Bytes::new(), Bytes::new(), "OSError".into(), 0.0, 1.0, 0);
+            s.validate().unwrap();
+            assert_ne!(s.task_state("flaky"), Some(TaskState::Erred));
+        }
+        assert_eq!(computes(&mut s).len(), 1, "third attempt");
+        s.task_erred(W1, "flaky", Bytes::new(), Bytes::new(), "OSError".into(), 0.0, 1.0, 0);
+        assert_eq!(s.task_state("flaky"), Some(TaskState::Erred));
+    }
+
+    #[test]
+    fn a_task_that_keeps_killing_workers_errs_with_killed_worker() {
+        let mut s = SchedulerState::new(SchedulerConfig { allowed_failures: 1, ..Default::default() });
+        s.add_worker(W1, "a".into(), "tcp://h:1".into(), 1, 0, 0).unwrap();
+        s.update_graph(C1, vec![spec("bomb", &[])], vec!["bomb".into()]);
+        assert_eq!(computes(&mut s), vec![(W1, "bomb".to_string())]);
+        s.remove_worker(W1);
+        s.add_worker(W2, "b".into(), "tcp://h:2".into(), 1, 0, 0).unwrap();
+        assert_eq!(computes(&mut s), vec![(W2, "bomb".to_string())], "first death is forgiven");
+        s.remove_worker(W2);
+        s.validate().unwrap();
+        assert_eq!(s.task_state("bomb"), Some(TaskState::Erred));
+        assert!(s.take_outgoing().iter().any(|(_, e)| matches!(&e.msg,
+            Msg::KeyErred { text, .. } if text.starts_with("KilledWorker:") && text.contains("tcp://h:2"))));
     }
 }

@@ -78,18 +78,8 @@ pub enum WorkerError {
 enum Event {
     FromScheduler(Vec<Envelope>),
     SchedulerClosed(Option<CommError>),
-    Executed {
-        key: Key,
-        outcome: ExecOutcome,
-        start: f64,
-        stop: f64,
-        thread: u32,
-    },
-    Fetched {
-        worker: String,
-        stored: Vec<(Key, u64)>,
-        failed: Vec<Key>,
-    },
+    Executed { key: Key, outcome: ExecOutcome, start: f64, stop: f64, thread: u32 },
+    Fetched { worker: String, stored: Vec<(Key, u64)>, failed: Vec<Key> },
     DataPut(Vec<(Key, u64)>),
 }
 
@@ -109,11 +99,7 @@ struct Traffic {
 pub fn process_rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
         .map(|pages| pages * 4096)
         .unwrap_or(0)
 }
@@ -131,20 +117,10 @@ pub async fn run_worker<R: Runner>(
     let local = listener.local_addr()?;
     let address = format!("tcp://{}:{}", local.ip(), local.port());
 
-    let conn = comm::connect(
-        &config.scheduler,
-        Role::Worker,
-        &config.name,
-        config.connect_timeout,
-    )
-    .await
-    .map_err(|e| WorkerError::Connect {
-        addr: config.scheduler.clone(),
-        source: e,
-    })?;
-    let comm::Connection {
-        mut reader, writer, ..
-    } = conn;
+    let conn = comm::connect(&config.scheduler, Role::Worker, &config.name, config.connect_timeout)
+        .await
+        .map_err(|e| WorkerError::Connect { addr: config.scheduler.clone(), source: e })?;
+    let comm::Connection { mut reader, writer, .. } = conn;
     let (outbox, _writer) = comm::spawn_writer(writer);
     let _ = outbox.send(Envelope::new(Msg::RegisterWorker {
         name: config.name.clone(),
@@ -185,44 +161,23 @@ pub async fn run_worker<R: Runner>(
         let rx = job_rx.clone();
         let tx = events_tx.clone();
         let runner = runner.clone();
-        std::thread::Builder::new()
-            .name(format!("dask-rs-exec-{thread}"))
-            .spawn(move || loop {
-                let job = match rx.lock().expect("job queue").recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                };
-                let start = now();
-                let outcome = runner.execute(&job.key, &job.run_spec, &job.deps, thread as u32);
-                let stop = now();
-                if tx
-                    .send(Event::Executed {
-                        key: job.key,
-                        outcome,
-                        start,
-                        stop,
-                        thread: thread as u32,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            })?;
+        std::thread::Builder::new().name(format!("dask-rs-exec-{thread}")).spawn(move || loop {
+            let job = match rx.lock().expect("job queue").recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            let start = now();
+            let outcome = runner.execute(&job.key, &job.run_spec, &job.deps, thread as u32);
+            let stop = now();
+            if tx.send(Event::Executed { key: job.key, outcome, start, stop, thread: thread as u32 }).is_err() {
+                return;
+            }
+        })?;
     }
 
     let traffic = Arc::new(Traffic::default());
-    spawn_data_server(
-        listener,
-        address.clone(),
-        runner.clone(),
-        events_tx.clone(),
-        traffic.clone(),
-    );
-    let pool = Arc::new(ConnectionPool::new(
-        Role::Peer,
-        &config.name,
-        config.connect_timeout,
-    ));
+    spawn_data_server(listener, address.clone(), runner.clone(), events_tx.clone(), traffic.clone());
+    let pool = Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout));
 
     let mut state = WorkerState::new(config.nthreads);
     let mut heartbeat = tokio::time::interval(config.heartbeat);
@@ -278,12 +233,7 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
             for env in batch {
                 let Envelope { msg, frames } = env;
                 match msg {
-                    Msg::ComputeTask {
-                        key,
-                        run_spec,
-                        deps,
-                        priority,
-                    } => {
+                    Msg::ComputeTask { key, run_spec, deps, priority } => {
                         let spec = run_spec.resolve(&frames).unwrap_or_default();
                         state.compute_task(key, spec, deps, priority, now());
                     }
@@ -299,24 +249,14 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
         }
         Event::SchedulerClosed(err) => {
             if stop.is_none() {
-                let why = err
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "connection closed".into());
+                let why = err.map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into());
                 *stop = Some(Err(WorkerError::SchedulerLost(why)));
             }
         }
-        Event::Executed {
-            key,
-            outcome,
-            start,
-            stop: end,
-            thread,
-        } => state.execute_done(key, outcome, start, end, thread),
-        Event::Fetched {
-            worker,
-            stored,
-            failed,
-        } => {
+        Event::Executed { key, outcome, start, stop: end, thread } => {
+            state.execute_done(key, outcome, start, end, thread)
+        }
+        Event::Fetched { worker, stored, failed } => {
             if !stored.is_empty() {
                 state.fetch_done(stored, now());
             }
@@ -342,16 +282,8 @@ fn carry_out<R: Runner>(
         Instruction::Send(env) => {
             let _ = outbox.send(env);
         }
-        Instruction::Execute {
-            key,
-            run_spec,
-            deps,
-        } => {
-            let _ = jobs.send(Job {
-                key,
-                run_spec,
-                deps,
-            });
+        Instruction::Execute { key, run_spec, deps } => {
+            let _ = jobs.send(Job { key, run_spec, deps });
         }
         Instruction::Free { keys } => {
             let runner = runner.clone();
@@ -363,24 +295,10 @@ fn carry_out<R: Runner>(
             let events = events.clone();
             tokio::spawn(async move {
                 let id = REQUEST_ID.fetch_add(1, Ordering::Relaxed);
-                let reply = pool
-                    .request(
-                        &worker,
-                        Envelope::new(Msg::GetData {
-                            id,
-                            keys: keys.clone(),
-                        }),
-                    )
-                    .await;
+                let reply = pool.request(&worker, Envelope::new(Msg::GetData { id, keys: keys.clone() })).await;
                 let (stored, failed) = match reply {
-                    Ok(Envelope {
-                        msg: Msg::Data { items, missing, .. },
-                        frames,
-                    }) => {
-                        let res = tokio::task::spawn_blocking(move || {
-                            store_items(&*runner, items, frames)
-                        })
-                        .await;
+                    Ok(Envelope { msg: Msg::Data { items, missing, .. }, frames }) => {
+                        let res = tokio::task::spawn_blocking(move || store_items(&*runner, items, frames)).await;
                         match res {
                             Ok((stored, mut failed)) => {
                                 failed.extend(missing);
@@ -399,11 +317,7 @@ fn carry_out<R: Runner>(
                         (Vec::new(), keys)
                     }
                 };
-                let _ = events.send(Event::Fetched {
-                    worker,
-                    stored,
-                    failed,
-                });
+                let _ = events.send(Event::Fetched { worker, stored, failed });
             });
         }
     }
@@ -419,10 +333,7 @@ fn store_items<R: Runner + ?Sized>(
     let mut failed = Vec::new();
     for (key, blobs) in items {
         let parts: Option<Vec<Bytes>> = blobs.iter().map(|b| b.take(&mut frames)).collect();
-        match parts
-            .ok_or_else(|| "missing frame".to_string())
-            .and_then(|p| runner.store(&key, p))
-        {
+        match parts.ok_or_else(|| "missing frame".to_string()).and_then(|p| runner.store(&key, p)) {
             Ok(n) => stored.push((key, n)),
             Err(e) => {
                 tracing::warn!("could not store {key}: {e}");
@@ -458,37 +369,24 @@ fn spawn_data_server<R: Runner>(
                         return;
                     }
                 };
-                let comm::Connection {
-                    mut reader,
-                    mut writer,
-                    ..
-                } = conn;
+                let comm::Connection { mut reader, mut writer, .. } = conn;
                 if role == Role::Worker {
-                    let reason =
-                        format!("{address} is a dask-rs worker's data port, not a scheduler");
+                    let reason = format!("{address} is a dask-rs worker's data port, not a scheduler");
                     let _ = writer.write_one(Msg::Error { reason }).await;
                     writer.shutdown().await;
                     return;
                 }
                 let mut last_in = 0;
                 while let Ok(batch) = reader.read_batch().await {
-                    traffic
-                        .bytes_in
-                        .fetch_add(reader.bytes_read - last_in, Ordering::Relaxed);
+                    traffic.bytes_in.fetch_add(reader.bytes_read - last_in, Ordering::Relaxed);
                     last_in = reader.bytes_read;
                     for env in batch {
                         let reply = serve(&runner, env, &events).await;
                         let before = writer.bytes_written;
-                        if writer
-                            .write_batch(std::slice::from_ref(&reply))
-                            .await
-                            .is_err()
-                        {
+                        if writer.write_batch(std::slice::from_ref(&reply)).await.is_err() {
                             return;
                         }
-                        traffic
-                            .bytes_out
-                            .fetch_add(writer.bytes_written - before, Ordering::Relaxed);
+                        traffic.bytes_out.fetch_add(writer.bytes_written - before, Ordering::Relaxed);
                     }
                 }
             });
@@ -496,55 +394,37 @@ fn spawn_data_server<R: Runner>(
     });
 }
 
-async fn serve<R: Runner>(
-    runner: &Arc<R>,
-    env: Envelope,
-    events: &mpsc::UnboundedSender<Event>,
-) -> Envelope {
+async fn serve<R: Runner>(runner: &Arc<R>, env: Envelope, events: &mpsc::UnboundedSender<Event>) -> Envelope {
     let Envelope { msg, frames } = env;
     match msg {
         Msg::GetData { id, keys } => {
             let r = runner.clone();
-            let values = tokio::task::spawn_blocking(move || r.serialize(&keys))
-                .await
-                .unwrap_or_default();
+            let values = tokio::task::spawn_blocking(move || r.serialize(&keys)).await.unwrap_or_default();
             let mut out_frames = Vec::new();
             let mut items = Vec::with_capacity(values.len());
             let mut missing = Vec::new();
             for (key, v) in values {
                 match v {
                     Some(parts) => {
-                        let blobs = parts
-                            .into_iter()
-                            .map(|p| Blob::new(p, &mut out_frames))
-                            .collect();
+                        let blobs = parts.into_iter().map(|p| Blob::new(p, &mut out_frames)).collect();
                         items.push((key, blobs));
                     }
                     None => missing.push(key),
                 }
             }
-            Envelope {
-                msg: Msg::Data { id, items, missing },
-                frames: out_frames,
-            }
+            Envelope { msg: Msg::Data { id, items, missing }, frames: out_frames }
         }
         Msg::PutData { id, items } => {
             let r = runner.clone();
             let (stored, failed) =
-                tokio::task::spawn_blocking(move || store_items(&*r, items, frames))
-                    .await
-                    .unwrap_or_default();
+                tokio::task::spawn_blocking(move || store_items(&*r, items, frames)).await.unwrap_or_default();
             if !failed.is_empty() {
-                return Envelope::new(Msg::Error {
-                    reason: format!("could not store keys {failed:?}"),
-                });
+                return Envelope::new(Msg::Error { reason: format!("could not store keys {failed:?}") });
             }
             let nbytes = stored.iter().map(|(_, n)| *n).collect();
             let _ = events.send(Event::DataPut(stored));
             Envelope::new(Msg::PutDataOk { id, nbytes })
         }
-        other => Envelope::new(Msg::Error {
-            reason: format!("unexpected request on a data port: {other:?}"),
-        }),
+        other => Envelope::new(Msg::Error { reason: format!("unexpected request on a data port: {other:?}") }),
     }
 }

@@ -17,11 +17,7 @@ use crate::protocol::{Blob, DepInfo, Envelope, Key, Msg, Priority};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Instruction {
     /// Run `key` on an executor thread, with `deps` already in the store.
-    Execute {
-        key: Key,
-        run_spec: Bytes,
-        deps: Vec<Key>,
-    },
+    Execute { key: Key, run_spec: Bytes, deps: Vec<Key> },
     /// Fetch `keys` from the worker at `worker`.
     Fetch { worker: String, keys: Vec<Key> },
     /// Send a message to the scheduler.
@@ -60,15 +56,8 @@ struct Fetching {
 /// Result of running a task, as the runtime reports it.
 #[derive(Debug, Clone)]
 pub enum ExecOutcome {
-    Ok {
-        nbytes: u64,
-        type_name: String,
-    },
-    Err {
-        exception: Bytes,
-        traceback: Bytes,
-        text: String,
-    },
+    Ok { nbytes: u64, type_name: String },
+    Err { exception: Bytes, traceback: Bytes, text: String },
 }
 
 /// The worker's bookkeeping.
@@ -122,10 +111,7 @@ impl WorkerState {
 
     /// Tasks ready to run and waiting for a thread.
     pub fn nready(&self) -> usize {
-        self.tasks
-            .values()
-            .filter(|t| t.state == WState::Ready)
-            .count()
+        self.tasks.values().filter(|t| t.state == WState::Ready).count()
     }
 
     /// Whether `key` is in the store.
@@ -138,14 +124,7 @@ impl WorkerState {
     }
 
     /// The scheduler assigned a task.
-    pub fn compute_task(
-        &mut self,
-        key: Key,
-        run_spec: Bytes,
-        deps: Vec<DepInfo>,
-        priority: Priority,
-        now: f64,
-    ) {
+    pub fn compute_task(&mut self, key: Key, run_spec: Bytes, deps: Vec<DepInfo>, priority: Priority, now: f64) {
         if let Some(t) = self.tasks.get_mut(&key) {
             if t.state == WState::Cancelled {
                 t.state = WState::Executing;
@@ -171,18 +150,12 @@ impl WorkerState {
                 continue;
             }
             missing += 1;
-            self.dep_waiters
-                .entry(d.key.clone())
-                .or_default()
-                .insert(key.clone());
-            let f = self
-                .fetching
-                .entry(d.key.clone())
-                .or_insert_with(|| Fetching {
-                    holders: Vec::new(),
-                    tried: Vec::new(),
-                    in_flight: false,
-                });
+            self.dep_waiters.entry(d.key.clone()).or_default().insert(key.clone());
+            let f = self.fetching.entry(d.key.clone()).or_insert_with(|| Fetching {
+                holders: Vec::new(),
+                tried: Vec::new(),
+                in_flight: false,
+            });
             for h in &d.who_has {
                 if !f.holders.contains(h) {
                     f.holders.push(h.clone());
@@ -196,11 +169,7 @@ impl WorkerState {
             }
         }
         let task = WTask {
-            state: if missing == 0 {
-                WState::Ready
-            } else {
-                WState::Waiting
-            },
+            state: if missing == 0 { WState::Ready } else { WState::Waiting },
             run_spec,
             deps: deps.into_iter().map(|d| d.key).collect(),
             priority,
@@ -234,11 +203,7 @@ impl WorkerState {
             }
             t.state = WState::Executing;
             self.executing += 1;
-            let instr = Instruction::Execute {
-                key,
-                run_spec: t.run_spec.clone(),
-                deps: t.deps.clone(),
-            };
+            let instr = Instruction::Execute { key, run_spec: t.run_spec.clone(), deps: t.deps.clone() };
             self.out.push(instr);
         }
     }
@@ -291,10 +256,7 @@ impl WorkerState {
                 }
                 None => {
                     let f = self.fetching.remove(&key).expect("present");
-                    self.send(Msg::MissingData {
-                        key,
-                        workers: f.tried,
-                    });
+                    self.send(Msg::MissingData { key, workers: f.tried });
                 }
             }
         }
@@ -304,14 +266,7 @@ impl WorkerState {
     }
 
     /// A task finished running on an executor thread.
-    pub fn execute_done(
-        &mut self,
-        key: Key,
-        outcome: ExecOutcome,
-        start: f64,
-        stop: f64,
-        thread: u32,
-    ) {
+    pub fn execute_done(&mut self, key: Key, outcome: ExecOutcome, start: f64, stop: f64, thread: u32) {
         let Some(t) = self.tasks.remove(&key) else {
             return;
         };
@@ -325,36 +280,13 @@ impl WorkerState {
                 if self.data.insert(key.clone(), nbytes).is_none() {
                     self.managed += nbytes;
                 }
-                self.send(Msg::TaskFinished {
-                    key,
-                    nbytes,
-                    type_name,
-                    start,
-                    stop,
-                    thread,
-                    transfer: t.transfer,
-                });
+                self.send(Msg::TaskFinished { key, nbytes, type_name, start, stop, thread, transfer: t.transfer });
             }
-            (
-                _,
-                ExecOutcome::Err {
-                    exception,
-                    traceback,
-                    text,
-                },
-            ) => {
+            (_, ExecOutcome::Err { exception, traceback, text }) => {
                 let mut frames = Vec::new();
                 let exception = Blob::new(exception, &mut frames);
                 let traceback = Blob::new(traceback, &mut frames);
-                let msg = Msg::TaskErred {
-                    key,
-                    exception,
-                    traceback,
-                    text,
-                    start,
-                    stop,
-                    thread,
-                };
+                let msg = Msg::TaskErred { key, exception, traceback, text, start, stop, thread };
                 self.out.push(Instruction::Send(Envelope { msg, frames }));
             }
         }
@@ -411,37 +343,20 @@ mod tests {
     use super::*;
 
     fn dep(k: &str, on: &str) -> DepInfo {
-        DepInfo {
-            key: k.into(),
-            nbytes: 8,
-            who_has: vec![on.into()],
-        }
+        DepInfo { key: k.into(), nbytes: 8, who_has: vec![on.into()] }
     }
 
     #[test]
     fn runs_at_most_nthreads_in_priority_order() {
         let mut w = WorkerState::new(1);
         for (i, k) in ["c", "a", "b"].iter().enumerate() {
-            let p = Priority {
-                user: 0,
-                generation: 0,
-                order: [3, 1, 2][i],
-            };
+            let p = Priority { user: 0, generation: 0, order: [3, 1, 2][i] };
             w.compute_task(k.to_string(), Bytes::new(), vec![], p, 0.0);
         }
         let ins = w.take_instructions();
         assert_eq!(ins.len(), 1);
         assert!(matches!(&ins[0], Instruction::Execute { key, .. } if key == "c"));
-        w.execute_done(
-            "c".into(),
-            ExecOutcome::Ok {
-                nbytes: 8,
-                type_name: "int".into(),
-            },
-            0.0,
-            1.0,
-            0,
-        );
+        w.execute_done("c".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
         let ins = w.take_instructions();
         assert!(matches!(&ins[0], Instruction::Send(_)));
         assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "a"));
@@ -451,55 +366,35 @@ mod tests {
     #[test]
     fn fetches_missing_deps_batched_per_peer_then_runs() {
         let mut w = WorkerState::new(2);
-        let deps = vec![
-            dep("x", "tcp://a:1"),
-            dep("y", "tcp://a:1"),
-            dep("z", "tcp://b:1"),
-        ];
+        let deps = vec![dep("x", "tcp://a:1"), dep("y", "tcp://a:1"), dep("z", "tcp://b:1")];
         w.compute_task("t".into(), Bytes::new(), deps, Priority::default(), 0.0);
         let ins = w.take_instructions();
         assert_eq!(
             ins,
             vec![
-                Instruction::Fetch {
-                    worker: "tcp://a:1".into(),
-                    keys: vec!["x".into(), "y".into()]
-                },
-                Instruction::Fetch {
-                    worker: "tcp://b:1".into(),
-                    keys: vec!["z".into()]
-                },
+                Instruction::Fetch { worker: "tcp://a:1".into(), keys: vec!["x".into(), "y".into()] },
+                Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["z".into()] },
             ]
         );
         w.fetch_done(vec![("x".into(), 8), ("y".into(), 8)], 0.5);
-        assert!(!w
-            .take_instructions()
-            .iter()
-            .any(|i| matches!(i, Instruction::Execute { .. })));
+        assert!(!w.take_instructions().iter().any(|i| matches!(i, Instruction::Execute { .. })));
         w.fetch_done(vec![("z".into(), 8)], 1.0);
         let ins = w.take_instructions();
-        assert!(ins.iter().any(
-            |i| matches!(i, Instruction::Execute { key, deps, .. } if key == "t" && deps.len() == 3)
-        ));
+        assert!(ins
+            .iter()
+            .any(|i| matches!(i, Instruction::Execute { key, deps, .. } if key == "t" && deps.len() == 3)));
     }
 
     #[test]
     fn failed_fetch_tries_other_holder_then_reports_missing() {
         let mut w = WorkerState::new(1);
-        let d = DepInfo {
-            key: "x".into(),
-            nbytes: 8,
-            who_has: vec!["tcp://a:1".into(), "tcp://b:1".into()],
-        };
+        let d = DepInfo { key: "x".into(), nbytes: 8, who_has: vec!["tcp://a:1".into(), "tcp://b:1".into()] };
         w.compute_task("t".into(), Bytes::new(), vec![d], Priority::default(), 0.0);
         w.take_instructions();
         w.fetch_failed("tcp://a:1", vec!["x".into()]);
         assert_eq!(
             w.take_instructions(),
-            vec![Instruction::Fetch {
-                worker: "tcp://b:1".into(),
-                keys: vec!["x".into()]
-            }]
+            vec![Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["x".into()] }]
         );
         w.fetch_failed("tcp://b:1", vec!["x".into()]);
         let ins = w.take_instructions();
@@ -514,22 +409,8 @@ mod tests {
         w.compute_task("t".into(), Bytes::new(), vec![], Priority::default(), 0.0);
         w.take_instructions();
         w.free_keys(vec!["t".into()]);
-        w.execute_done(
-            "t".into(),
-            ExecOutcome::Ok {
-                nbytes: 8,
-                type_name: String::new(),
-            },
-            0.0,
-            1.0,
-            0,
-        );
-        assert_eq!(
-            w.take_instructions(),
-            vec![Instruction::Free {
-                keys: vec!["t".into()]
-            }]
-        );
+        w.execute_done("t".into(), ExecOutcome::Ok { nbytes: 8, type_name: String::new() }, 0.0, 1.0, 0);
+        assert_eq!(w.take_instructions(), vec![Instruction::Free { keys: vec!["t".into()] }]);
         assert_eq!(w.nkeys(), 0);
         assert_eq!(w.managed(), 0);
     }

@@ -1,0 +1,67 @@
+"""Failures that cost time, not answers: retries, tasks that kill their
+workers, and workers that go silent. Real scheduler and worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import DASK_CTL, start_worker, wait_until
+from dask_rs import Client, KilledWorker
+
+
+def fail_first(path, times):
+    """Raise the first `times` calls (counted in a file), then succeed."""
+    n = int(open(path).read()) if os.path.exists(path) else 0
+    with open(path, "w") as f:
+        f.write(str(n + 1))
+    if n < times:
+        raise OSError(f"transient failure {n + 1}")
+    return n + 1
+
+
+def die(_):
+    os._exit(1)
+
+
+def scheduler(procs, *flags):
+    p = procs.spawn([DASK_CTL, "scheduler", "--port", "0", *flags], stdout=subprocess.PIPE, text=True)
+    return p.stdout.readline().split()[-1]
+
+
+def test_retries_rerun_failing_tasks(client, tmp_path):
+    f = client.submit(fail_first, str(tmp_path / "a"), 2, retries=2, pure=False)
+    assert f.result(timeout=20) == 3
+    g = client.submit(fail_first, str(tmp_path / "b"), 2, retries=1, pure=False)
+    with pytest.raises(OSError, match="transient failure 2"):
+        g.result(timeout=20)
+
+
+def test_task_killing_its_workers_errs_with_killed_worker(procs):
+    address = scheduler(procs, "--allowed-failures", "1")
+    workers = [start_worker(procs, address, f"k{i}") for i in range(3)]
+    with Client(address) as c:
+        c.wait_for_workers(3, timeout=20)
+        bomb = c.submit(die, 1, pure=False)
+        with pytest.raises(KilledWorker, match="KilledWorker: attempted to run task die-"):
+            bomb.result(timeout=30)
+        assert sum(w.poll() is not None for w in workers) == 2, "two workers died, then it stopped"
+        # Other work still completes on the surviving worker.
+        assert c.gather(c.map(abs, range(-5, 0))) == [5, 4, 3, 2, 1]
+
+
+def test_silent_worker_is_removed_after_ttl(procs):
+    address = scheduler(procs, "--worker-ttl", "1s")
+    w = start_worker(procs, address, "sleepy")
+    with Client(address) as c:
+        c.wait_for_workers(1, timeout=20)
+        os.kill(w.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: not c.scheduler_info()["workers"], timeout=10, msg="silent worker removed")
+        finally:
+            os.kill(w.pid, signal.SIGCONT)
+        # Once resumed, the worker finds itself closed and exits.
+        assert w.wait(15) is not None
