@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.deps-stamp
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build venv ext demo test test-rust test-python lint fmt bench-sim clean
+.PHONY: build venv ext demo test test-rust test-python lint fmt bench-sim bench-runtime clean
 
 build: target/release/dask-ctl ext
 
@@ -43,14 +43,17 @@ test-python: ext
 lint: $(STAMP)
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests examples
+	$(VENV)/bin/ruff check python tests examples bench
 
 fmt:
 	cargo fmt --all
-	$(VENV)/bin/ruff check --fix python tests examples
+	$(VENV)/bin/ruff check --fix python tests examples bench
 
 bench-sim:
 	cargo bench --bench scheduler_sim
+
+bench-runtime: build
+	$(PY) bench/runtime_quick.py
 
 clean:
 	cargo clean
