@@ -14,7 +14,7 @@ fn main() {
     let cfg = SimConfig { workers: 2, nthreads: 1, result_size: 8, scheduler: SchedulerConfig::default() };
     let mut rows = Vec::new();
     let mut workloads: Vec<(&str, usize)> =
-        vec![("merge", 10_000), ("merge", 100_000), ("tree", 16_384), ("chain", 1_000)];
+        vec![("merge", 10_000), ("merge", 100_000), ("tree", 16_384), ("chain", 1_000), ("fan_out", 100_000)];
     if !quick {
         workloads.push(("merge", 1_000_000));
     }
@@ -22,6 +22,7 @@ fn main() {
         let (specs, wanted) = match name {
             "merge" => graphs::merge(n),
             "tree" => graphs::tree(n),
+            "fan_out" => graphs::fan_out(n),
             _ => graphs::chain(n),
         };
         let ntasks = specs.len();

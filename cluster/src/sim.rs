@@ -64,6 +64,13 @@ pub mod graphs {
         (v, level)
     }
 
+    /// One shared input and `n` tasks that all depend on it (a broadcast).
+    pub fn fan_out(n: usize) -> (Vec<TaskSpec>, Vec<Key>) {
+        let mut v = vec![spec("shared".into(), vec![], 0)];
+        v.extend((0..n).map(|i| spec(format!("use-{i}"), vec!["shared".into()], i as u64 + 1)));
+        (v, (0..n).map(|i| format!("use-{i}")).collect())
+    }
+
     /// `n` tasks, each depending on the previous one.
     pub fn chain(n: usize) -> (Vec<TaskSpec>, Vec<Key>) {
         let v: Vec<TaskSpec> = (0..n)

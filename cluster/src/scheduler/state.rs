@@ -101,13 +101,75 @@ struct Restriction {
     loose: bool,
 }
 
+/// A task's dependents: a vector while small, a hash set once large, so
+/// forgetting the many dependents of a shared input stays linear overall.
+#[derive(Debug)]
+enum Dependents {
+    Small(Vec<TaskId>),
+    Large(FxHashSet<TaskId>),
+}
+
+impl Dependents {
+    const SMALL_MAX: usize = 32;
+
+    fn new() -> Self {
+        Dependents::Small(Vec::new())
+    }
+
+    fn push(&mut self, id: TaskId) {
+        match self {
+            Dependents::Small(v) => {
+                v.push(id);
+                if v.len() > Self::SMALL_MAX {
+                    *self = Dependents::Large(v.drain(..).collect());
+                }
+            }
+            Dependents::Large(s) => {
+                s.insert(id);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: TaskId) {
+        match self {
+            Dependents::Small(v) => {
+                if let Some(pos) = v.iter().position(|&x| x == id) {
+                    v.swap_remove(pos);
+                }
+            }
+            Dependents::Large(s) => {
+                s.remove(&id);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Dependents::Small(v) => v.is_empty(),
+            Dependents::Large(s) => s.is_empty(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = TaskId> + '_ {
+        let (small, large) = match self {
+            Dependents::Small(v) => (Some(v.iter().copied()), None),
+            Dependents::Large(s) => (None, Some(s.iter().copied())),
+        };
+        small.into_iter().flatten().chain(large.into_iter().flatten())
+    }
+
+    fn to_vec(&self) -> Vec<TaskId> {
+        self.iter().collect()
+    }
+}
+
 #[derive(Debug)]
 struct Task {
     key: Box<str>,
     state: TaskState,
     run_spec: Option<Bytes>,
     deps: Vec<TaskId>,
-    dependents: Vec<TaskId>,
+    dependents: Dependents,
     /// Dependencies not yet in memory (meaningful while waiting).
     waiting_on: u32,
     /// Dependents in an active state: while non-zero the result must stay.
@@ -471,7 +533,7 @@ impl SchedulerState {
         self.groups[g].nbytes = self.groups[g].nbytes.saturating_sub(nbytes);
         self.set_state(id, TaskState::Released);
         // Dependents that were counting on this result wait again.
-        let dependents = self.t(id).dependents.clone();
+        let dependents = self.t(id).dependents.to_vec();
         for d in &dependents {
             let st = self.t(*d).state;
             if st == TaskState::Waiting {
@@ -570,7 +632,7 @@ impl SchedulerState {
                 state: TaskState::Released,
                 run_spec,
                 deps: Vec::new(),
-                dependents: Vec::new(),
+                dependents: Dependents::new(),
                 waiting_on: 0,
                 waiters: 0,
                 who_wants: Vec::new(),
@@ -937,8 +999,7 @@ impl SchedulerState {
         for c in wants {
             self.report_to(c, id);
         }
-        for i in 0..self.t(id).dependents.len() {
-            let d = self.t(id).dependents[i];
+        for d in self.t(id).dependents.to_vec() {
             if self.t(d).state == TaskState::Waiting {
                 let dt = self.tm(d);
                 dt.waiting_on = dt.waiting_on.saturating_sub(1);
@@ -1040,9 +1101,7 @@ impl SchedulerState {
             self.tm(id).error = Some(err.clone());
             self.set_state(id, TaskState::Erred);
             touched.push(id);
-            for i in 0..self.t(id).dependents.len() {
-                stack.push(self.t(id).dependents[i]);
-            }
+            stack.extend(self.t(id).dependents.iter());
         }
         for &id in &touched {
             let wants = self.t(id).who_wants.clone();
@@ -1078,7 +1137,7 @@ impl SchedulerState {
         }
         // Tasks on the reporting worker that needed it are rescheduled.
         let stuck: Vec<TaskId> =
-            self.t(id).dependents.iter().copied().filter(|&d| self.t(d).processing_on == Some(worker)).collect();
+            self.t(id).dependents.iter().filter(|&d| self.t(d).processing_on == Some(worker)).collect();
         if self.t(id).state == TaskState::Memory && self.t(id).who_has.is_empty() {
             self.lose_data(id);
         }
@@ -1126,7 +1185,7 @@ impl SchedulerState {
                         state: TaskState::Released,
                         run_spec: None,
                         deps: Vec::new(),
-                        dependents: Vec::new(),
+                        dependents: Dependents::new(),
                         waiting_on: 0,
                         waiters: 0,
                         who_wants: Vec::new(),
@@ -1245,9 +1304,7 @@ impl SchedulerState {
         self.free_ids.push(id);
         for &d in &t.deps {
             if let Some(Some(dt)) = self.tasks.get_mut(d as usize) {
-                if let Some(pos) = dt.dependents.iter().position(|&x| x == id) {
-                    dt.dependents.swap_remove(pos);
-                }
+                dt.dependents.remove(id);
             }
         }
         t.deps
@@ -1348,7 +1405,7 @@ impl SchedulerState {
             if self.keys.get(&t.key) != Some(&id) {
                 return Err(format!("{}: key map mismatch", t.key));
             }
-            let active = t.dependents.iter().filter(|&&d| self.t(d).state.is_active()).count() as u32;
+            let active = t.dependents.iter().filter(|&d| self.t(d).state.is_active()).count() as u32;
             if active != t.waiters {
                 return Err(format!("{}: waiters {} but {} active dependents", t.key, t.waiters, active));
             }
