@@ -97,9 +97,24 @@ def main(argv=None) -> int:
     p.add_argument("--memory-limit", default="auto", help="e.g. 4GiB, 500MB or 'auto' (default)")
     p.add_argument("--host", default="127.0.0.1", help="interface for the data port")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the scheduler")
+    p.add_argument("--nworkers", type=int, default=None,
+                   help="run this many worker processes under a supervisor that restarts them")
     args = p.parse_args(argv)
     if args.nthreads < 1:
         p.error("--nthreads must be at least 1")
+    if args.nworkers is not None:
+        if args.nworkers < 1:
+            p.error("--nworkers must be at least 1")
+        from ._supervisor import child_names, supervise
+
+        child_argv = [
+            args.scheduler,
+            "--nthreads", str(args.nthreads),
+            "--memory-limit", str(args.memory_limit),
+            "--host", args.host,
+            "--connect-timeout", str(args.connect_timeout),
+        ]
+        return supervise(child_argv, child_names(args.name, args.nworkers, os.getpid()))
     try:
         memory_limit = args.memory_limit if args.memory_limit == "auto" else parse_bytes(args.memory_limit)
     except ValueError as e:

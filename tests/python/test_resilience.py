@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -66,3 +67,63 @@ def test_silent_worker_is_removed_after_ttl(procs):
             os.kill(w.pid, signal.SIGCONT)
         # Once resumed, the worker finds itself closed and exits.
         assert w.wait(15) is not None
+
+
+def test_supervisor_restarts_dead_workers_and_forwards_sigterm(procs):
+    address = scheduler(procs)
+    sup = start_worker(procs, address, "sup", extra=["--nworkers", "2"])
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=20)
+        info = c.scheduler_info()["workers"]
+        assert sorted(w["name"] for w in info.values()) == ["sup-0", "sup-1"]
+        victim = next(w for w in info.values() if w["name"] == "sup-0")
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def restarted():
+            ws = c.scheduler_info()["workers"].values()
+            return any(w["name"] == "sup-0" and w["pid"] != victim["pid"] for w in ws) and len(ws) == 2
+
+        wait_until(restarted, timeout=20, msg="sup-0 restarted")
+        assert c.gather(c.map(abs, range(-20, 0))) == list(range(20, 0, -1))
+        pids = [w["pid"] for w in c.scheduler_info()["workers"].values()]
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(10) == 0
+    for pid in pids:
+        wait_until(lambda pid=pid: not _alive(pid), timeout=10, msg=f"worker {pid} to exit")
+
+
+def test_supervised_workers_come_back_after_a_scheduler_restart(procs):
+    p = procs.spawn([DASK_CTL, "scheduler", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    address = p.stdout.readline().split()[-1]
+    port = address.rsplit(":", 1)[1]
+    start_worker(procs, address, "back", extra=["--nworkers", "2"])
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=20)
+    p.kill()
+    p.wait()
+    procs.spawn([DASK_CTL, "scheduler", "--port", port], stdout=subprocess.DEVNULL)
+    t = time.monotonic()
+    for _ in range(100):
+        try:
+            c = Client(address, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    with c:
+        c.wait_for_workers(2, timeout=20)
+        rejoined = time.monotonic() - t
+        assert c.submit(sum, [1, 2, 3]).result(timeout=10) == 6
+    assert rejoined < 5, f"workers re-registered after {rejoined:.1f} s"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of the supervisor counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
