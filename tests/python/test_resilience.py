@@ -127,3 +127,49 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_chaos_sigkill_every_two_seconds_gives_the_right_answer(procs, record_property):
+    """A 20,000-task reduction on 4 supervised workers; one is SIGKILLed every
+    2 s while it runs (at most 10 times, to keep the test's duration bounded)."""
+    import random
+    import threading
+
+    import chaos_funcs
+
+    address = scheduler(procs, "--allowed-failures", "50")
+    start_worker(procs, address, "chaos", extra=["--nworkers", "4"], stderr=subprocess.DEVNULL)
+    with Client(address) as c:
+        c.wait_for_workers(4, timeout=20)
+        c.subscribe_events(0.1)
+        c.events(2.0)
+        stop = threading.Event()
+        kills = []
+
+        def killer():
+            rng = random.Random(0)
+            while not stop.wait(2.0) and len(kills) < 10:
+                ws = list(c.scheduler_info()["workers"].values())
+                if ws:
+                    victim = rng.choice(ws)["pid"]
+                    os.kill(victim, signal.SIGKILL)
+                    kills.append(victim)
+
+        threading.Thread(target=killer, daemon=True).start()
+        try:
+            level = c.map(chaos_funcs.leaf, range(10_000), pure=False)
+            while len(level) > 1:
+                odd = level[-1:] if len(level) % 2 else []
+                pairs = list(zip(level[0::2], level[1::2])) + [(f, 0) for f in odd]
+                level = [c.submit(chaos_funcs.combine, a, b, pure=False) for a, b in pairs]
+            result = level[0].result(timeout=300)
+        finally:
+            stop.set()
+        assert result == sum(i * i % 7 for i in range(10_000))
+        assert len(kills) >= 3, "the graph ran through several worker deaths"
+        time.sleep(0.5)
+        executions = sum(len(u["stream"]) for u in c.events(1.0))
+        recomputed = executions - 19_999
+        record_property("recomputed_tasks", recomputed)
+        print(f"chaos: {len(kills)} SIGKILLs, {recomputed} tasks recomputed")
+        assert recomputed >= 0
