@@ -120,6 +120,17 @@ fn frames_to_py<'py>(py: Python<'py>, parts: Vec<Bytes>) -> PyResult<Bound<'py, 
     PyList::new(py, items)
 }
 
+/// A two-thread tokio runtime that shuts down in the background when dropped.
+fn background_runtime(thread_name: &str) -> PyResult<BackgroundRuntime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(thread_name)
+        .enable_all()
+        .build()
+        .map(BackgroundRuntime::new)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 // ---- the worker ----------------------------------------------------------
 
 /// Runs tasks by calling into `dask_rs._worker`, keeping results as live
@@ -295,13 +306,7 @@ fn start_worker(
     loads: Py<PyAny>,
     timeout: f64,
 ) -> PyResult<WorkerHandle> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("dask-rs-worker")
-        .enable_all()
-        .build()
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-    let rt = BackgroundRuntime::new(rt);
+    let rt = background_runtime("dask-rs-worker")?;
     let mut config = WorkerConfig::new(&scheduler, &name, nthreads);
     config.memory_limit = memory_limit;
     config.host = host;
@@ -383,13 +388,7 @@ impl SchedulerHandle {
 #[pyfunction]
 #[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1))]
 fn start_scheduler(py: Python<'_>, host: String, port: u16, worker_saturation: f64) -> PyResult<SchedulerHandle> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("dask-rs-scheduler")
-        .enable_all()
-        .build()
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-    let rt = BackgroundRuntime::new(rt);
+    let rt = background_runtime("dask-rs-scheduler")?;
     let config = SchedulerConfig { worker_saturation, ..Default::default() };
     let inner = py
         .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config)))
