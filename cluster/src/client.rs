@@ -33,6 +33,15 @@ pub enum ClientError {
     Runtime(#[from] std::io::Error),
 }
 
+/// A request about published datasets.
+#[derive(Debug)]
+pub enum DatasetRequest {
+    Publish { name: String, keys: Vec<Key>, data: Bytes, overwrite: bool },
+    Unpublish { name: String },
+    Get { name: String },
+    List,
+}
+
 /// What the client knows about one key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyStatus {
@@ -54,6 +63,7 @@ impl KeyStatus {
 pub enum Reply {
     WhoHas(Vec<(Key, Vec<String>)>),
     Info { address: String, workers: Vec<WorkerInfo>, ntasks: u64, nclients: u64, bytes_in: u64, bytes_out: u64 },
+    Dataset { error: String, data: Option<Bytes>, names: Vec<String> },
 }
 
 #[derive(Default)]
@@ -361,6 +371,48 @@ impl ClientCore {
         self.query(|id| Msg::GetInfo { id }, self.timeout)
     }
 
+    /// Run erred keys (and the erred tasks they depend on) again.
+    pub fn retry(&self, keys: Vec<Key>) -> Result<(), ClientError> {
+        {
+            let mut st = self.inner.shared.lock().expect("client lock");
+            for k in &keys {
+                if let Some(v) = st.keys.get_mut(k) {
+                    *v = KeyStatus::Pending;
+                }
+            }
+        }
+        self.send(Envelope::new(Msg::RetryKeys { keys }))
+    }
+
+    /// Keep computing `keys` even once this client releases them.
+    pub fn fire_and_forget(&self, keys: Vec<Key>) -> Result<(), ClientError> {
+        self.send(Envelope::new(Msg::FireAndForget { keys }))
+    }
+
+    /// A dataset request: `Ok((data, names))`, or the scheduler's error text.
+    #[allow(clippy::type_complexity)]
+    pub fn dataset(
+        &self,
+        request: DatasetRequest,
+    ) -> Result<Result<(Option<Bytes>, Vec<String>), String>, ClientError> {
+        let reply = self.query(
+            |id| match request {
+                DatasetRequest::Publish { name, keys, data, overwrite } => {
+                    Msg::PublishDataset { id, name, keys, data: Blob::Inline(data), overwrite }
+                }
+                DatasetRequest::Unpublish { name } => Msg::UnpublishDataset { id, name },
+                DatasetRequest::Get { name } => Msg::GetDataset { id, name },
+                DatasetRequest::List => Msg::ListDatasets { id },
+            },
+            self.timeout,
+        )?;
+        match reply {
+            Reply::Dataset { error, data, names } if error.is_empty() => Ok(Ok((data, names))),
+            Reply::Dataset { error, .. } => Ok(Err(error)),
+            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// Subscribe to the scheduler's events every `interval`.
     pub fn subscribe(&self, interval: Duration) -> Result<(), ClientError> {
         self.send(Envelope::new(Msg::Subscribe { interval_ms: interval.as_millis() as u64 }))
@@ -406,6 +458,13 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
             Msg::Info { id, address, workers, ntasks, nclients, bytes_in, bytes_out } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let _ = tx.send(Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out });
+                }
+                continue;
+            }
+            Msg::DatasetReply { id, error, data, names } => {
+                if let Some(tx) = s.pending_replies.remove(&id) {
+                    let data = data.and_then(|d| d.resolve(&frames));
+                    let _ = tx.send(Reply::Dataset { error, data, names });
                 }
                 continue;
             }

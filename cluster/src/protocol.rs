@@ -323,6 +323,34 @@ pub enum Msg {
     },
     /// Ask the scheduler to shut down (used by `LocalCluster.close`).
     Shutdown,
+    /// Run erred tasks (and the erred tasks they depend on) again.
+    RetryKeys {
+        keys: Vec<Key>,
+    },
+    /// Keep computing `keys` even after this client releases them.
+    FireAndForget {
+        keys: Vec<Key>,
+    },
+    /// Hold `keys` under `name` until unpublished; `data` is the pickled
+    /// object (futures inside it are rebuilt by whoever gets the dataset).
+    PublishDataset {
+        id: u64,
+        name: String,
+        keys: Vec<Key>,
+        data: Blob,
+        overwrite: bool,
+    },
+    UnpublishDataset {
+        id: u64,
+        name: String,
+    },
+    GetDataset {
+        id: u64,
+        name: String,
+    },
+    ListDatasets {
+        id: u64,
+    },
 
     // -- scheduler -> client -------------------------------------------------
     KeyInMemory {
@@ -355,6 +383,13 @@ pub enum Msg {
         bytes_out: u64,
     },
     Events(EventsUpdate),
+    /// Answer to the dataset requests: `error` is empty on success.
+    DatasetReply {
+        id: u64,
+        error: String,
+        data: Option<Blob>,
+        names: Vec<String>,
+    },
 
     // -- data plane (peer or client <-> worker) -------------------------------
     GetData {

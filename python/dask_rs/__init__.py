@@ -13,6 +13,7 @@ from .client import (
     KilledWorker,
     as_completed,
     default_client,
+    fire_and_forget,
     get_client,
     wait,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "LocalCluster",
     "as_completed",
     "default_client",
+    "fire_and_forget",
     "get_client",
     "wait",
 ]

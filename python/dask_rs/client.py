@@ -29,6 +29,7 @@ __all__ = [
     "as_completed",
     "wait",
     "default_client",
+    "fire_and_forget",
     "get_client",
     "FIRST_COMPLETED",
     "ALL_COMPLETED",
@@ -217,6 +218,49 @@ def _rebuild_future(key):
 
 
 DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"])
+_NO_DEFAULT = object()
+
+
+def _dumps_with_futures(obj, keys: list) -> bytes:
+    """Cloudpickle `obj`, collecting the keys of the futures inside it."""
+    import io
+
+    import cloudpickle
+
+    class Collecting(cloudpickle.Pickler):
+        def reducer_override(self, o):
+            if isinstance(o, Future):
+                keys.append(o._wire)
+            return super().reducer_override(o)
+
+    buf = io.BytesIO()
+    Collecting(buf, protocol=5).dump(obj)
+    return buf.getvalue()
+
+
+class _Datasets:
+    """`client.datasets`: a mapping view of the published datasets."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getitem__(self, name):
+        return self._client.get_dataset(name)
+
+    def __setitem__(self, name, value):
+        self._client.publish_dataset(value, name=name)
+
+    def __delitem__(self, name):
+        self._client.unpublish_dataset(name)
+
+    def __contains__(self, name):
+        return name in self._client.list_datasets()
+
+    def __iter__(self):
+        return iter(self._client.list_datasets())
+
+    def __len__(self):
+        return len(self._client.list_datasets())
 
 
 class Client:
@@ -644,6 +688,53 @@ class Client:
         result = [func({k: futures[k] for k in flatten(ks)}, *args) for (func, args), ks in zip(post, keys)]
         return result[0] if singleton else result
 
+    # -- retries, fire-and-forget, datasets --
+    def retry(self, futures, asynchronous=None):
+        """Run erred futures (and the erred tasks they depend on) again."""
+        if isinstance(futures, Future):
+            futures = [futures]
+        self._core.retry([f._wire for f in futures])
+
+    def publish_dataset(self, *args, name=None, override=False, **kwargs):
+        """Keep futures (or anything holding them) on the cluster under a name,
+        for any client: ``publish_dataset(x, name="x")`` or ``publish_dataset(x=x)``."""
+        if args:
+            if name is None:
+                raise ValueError("publish_dataset with positional data needs name=")
+            if len(args) != 1:
+                raise ValueError("publish one object per name")
+            kwargs[name] = args[0]
+        for n, data in kwargs.items():
+            keys: list = []
+            payload = _dumps_with_futures(data, keys)
+            self._core.dataset("publish", str(n), keys, payload, bool(override))
+
+    def unpublish_dataset(self, name):
+        self._core.dataset("unpublish", str(name))
+
+    def list_datasets(self):
+        return tuple(self._core.dataset("list")[1])
+
+    def get_dataset(self, name, default=_NO_DEFAULT):
+        """The object published under ``name``, with its futures held by this client."""
+        try:
+            data, _ = self._core.dataset("get", str(name))
+        except KeyError:
+            if default is _NO_DEFAULT:
+                raise
+            return default
+        global _default_client
+        previous, _default_client = _default_client, self
+        try:
+            return pickle.loads(data)
+        finally:
+            _default_client = previous
+
+    @property
+    def datasets(self):
+        """Published datasets as a mutable mapping."""
+        return _Datasets(self)
+
     # -- callbacks --
     def _add_done_callback(self, future, fn):
         with self._lock:
@@ -881,6 +972,17 @@ def _pack(keys, futures):
 
 
 # ---- module-level helpers ---------------------------------------------------
+
+
+def fire_and_forget(obj):
+    """Keep computing the futures in ``obj`` even once nothing references them."""
+    futures: list = []
+    _collect_futures(obj, futures)
+    by_client = defaultdict(list)
+    for f in futures:
+        by_client[f.client].append(f._wire)
+    for client, wires in by_client.items():
+        client._core.fire_and_forget(wires)
 
 
 def wait(fs, timeout=None, return_when=ALL_COMPLETED):

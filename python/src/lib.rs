@@ -20,7 +20,7 @@ use pyo3::{create_exception, ffi};
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
-use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, KeyStatus, Reply};
+use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, DatasetRequest, KeyStatus, Reply};
 use cluster::protocol::{Blob, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
@@ -604,6 +604,42 @@ impl ClientCore {
         }
         d.set_item("workers", ws)?;
         Ok(d)
+    }
+
+    fn retry(&self, keys: Vec<String>) -> PyResult<()> {
+        self.core.retry(keys).map_err(client_err)
+    }
+
+    fn fire_and_forget(&self, keys: Vec<String>) -> PyResult<()> {
+        self.core.fire_and_forget(keys).map_err(client_err)
+    }
+
+    /// Dataset requests: `op` is "publish", "unpublish", "get" or "list".
+    /// Returns `(data, names)`; raises KeyError with the scheduler's message.
+    #[pyo3(signature = (op, name=String::new(), keys=Vec::new(), data=None, overwrite=false))]
+    fn dataset<'py>(
+        &self,
+        py: Python<'py>,
+        op: &str,
+        name: String,
+        keys: Vec<String>,
+        data: Option<Bound<'py, PyAny>>,
+        overwrite: bool,
+    ) -> PyResult<(Option<Bound<'py, Frame>>, Vec<String>)> {
+        let req = match op {
+            "publish" => {
+                let data = data.map(|d| to_bytes(&d)).transpose()?.unwrap_or_default();
+                DatasetRequest::Publish { name, keys, data, overwrite }
+            }
+            "unpublish" => DatasetRequest::Unpublish { name },
+            "get" => DatasetRequest::Get { name },
+            "list" => DatasetRequest::List,
+            other => return Err(PyValueError::new_err(format!("unknown dataset operation {other:?}"))),
+        };
+        match py.detach(|| self.core.dataset(req)).map_err(client_err)? {
+            Ok((data, names)) => Ok((data.map(|d| Bound::new(py, Frame::new(d))).transpose()?, names)),
+            Err(msg) => Err(pyo3::exceptions::PyKeyError::new_err(msg)),
+        }
     }
 
     fn subscribe(&self, interval: f64) -> PyResult<()> {

@@ -183,3 +183,64 @@ def test_who_has_has_what_nthreads(client):
     hw = client.has_what()
     assert any(f.key in keys for keys in hw.values())
     assert set(client.nthreads().values()) == {1}
+
+
+def fail_once(path):
+    import os
+
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise ValueError("first attempt fails")
+    return "second attempt works"
+
+
+def touch(path, content):
+    with open(path, "w") as f:
+        f.write(content)
+    return content
+
+
+def test_client_retry(client, tmp_path):
+    f = client.submit(fail_once, str(tmp_path / "marker"), pure=False)
+    g = client.submit(len, f, pure=False)
+    with pytest.raises(ValueError):
+        g.result(timeout=10)
+    client.retry([g])
+    assert g.result(timeout=10) == len("second attempt works")
+    assert f.result() == "second attempt works"
+
+
+def test_fire_and_forget(client, tmp_path):
+    from dask_rs import fire_and_forget
+
+    target = tmp_path / "done.txt"
+    f = client.submit(slow_inc, 0, 0.3, pure=False)
+    g = client.submit(touch, str(target), "written", pure=False)
+    fire_and_forget([f, g])
+    del f, g
+    wait_until(target.exists, msg="fire-and-forget task to run")
+    assert target.read_text() == "written"
+    wait_until(lambda: client.scheduler_info()["n_tasks"] == 0, msg="tasks forgotten once done")
+
+
+def test_datasets_shared_between_clients(cluster):
+    address, _ = cluster
+    with Client(address, set_as_default=False) as c1, Client(address, set_as_default=False) as c2:
+        futs = c1.map(inc, range(10), pure=False)
+        c1.publish_dataset(futs, name="incs")
+        c1.datasets["pair"] = {"a": futs[0], "b": 5}
+        del futs
+        assert set(c2.list_datasets()) == {"incs", "pair"}
+        got = c2.get_dataset("incs")
+        assert c2.gather(got) == list(range(1, 11))
+        assert c2.gather(c2.datasets["pair"]) == {"a": 1, "b": 5}
+        with pytest.raises(KeyError, match="already exists"):
+            c2.publish_dataset([1], name="incs")
+        with pytest.raises(KeyError, match="not found"):
+            c2.get_dataset("missing")
+        assert c2.get_dataset("missing", default=None) is None
+        del got
+        c1.unpublish_dataset("incs")
+        del c1.datasets["pair"]
+        assert "incs" not in c2.datasets and len(c2.datasets) == 0
+        wait_until(lambda: c2.scheduler_info()["n_tasks"] == 0, msg="dataset keys released")

@@ -352,6 +352,15 @@ fn handle_msg(
             );
         }
         (Role::Client, Msg::Shutdown) => *stopping = true,
+        (Role::Client, Msg::RetryKeys { keys }) => state.retry_keys(&keys),
+        (Role::Client, Msg::FireAndForget { keys }) => state.fire_and_forget(&keys),
+        (Role::Client, Msg::PublishDataset { id, name, keys, data, overwrite }) => {
+            let data = data.resolve(&frames).ok_or("dataset refers to a missing frame")?;
+            state.publish_dataset(peer, id, name, keys, data, overwrite)
+        }
+        (Role::Client, Msg::UnpublishDataset { id, name }) => state.unpublish_dataset(peer, id, &name),
+        (Role::Client, Msg::GetDataset { id, name }) => state.get_dataset(peer, id, &name),
+        (Role::Client, Msg::ListDatasets { id }) => state.list_datasets(peer, id),
         (_, Msg::Error { reason }) => tracing::warn!("peer {peer} reported: {reason}"),
         (role, other) => {
             return Err(format!("unexpected message from a {role:?}: {}", variant_name(&other)));

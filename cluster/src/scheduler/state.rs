@@ -21,6 +21,11 @@ use crate::protocol::{
 /// Identifies a connected peer (worker or client) for the lifetime of its connection.
 pub type PeerId = u64;
 
+/// Pseudo-client that holds fire-and-forget keys until they finish.
+const FIRE_AND_FORGET: PeerId = u64::MAX;
+/// Pseudo-client that holds the keys of published datasets.
+const DATASETS: PeerId = u64::MAX - 1;
+
 type TaskId = u32;
 
 /// Dask's scheduler task states.
@@ -266,6 +271,8 @@ pub struct SchedulerState {
     stream_total: u64,
     version: u64,
     out: Vec<(PeerId, Envelope)>,
+    /// Published datasets: name -> (keys held, pickled object).
+    datasets: FxHashMap<String, (Vec<Key>, Bytes)>,
     /// Event counters (for tests and benchmarks).
     pub counters: Counters,
 }
@@ -289,6 +296,7 @@ impl SchedulerState {
             stream_total: 0,
             version: 0,
             out: Vec::new(),
+            datasets: FxHashMap::default(),
             counters: Counters::default(),
         }
     }
@@ -995,6 +1003,7 @@ impl SchedulerState {
     }
 
     fn on_memory(&mut self, id: TaskId) {
+        self.tm(id).who_wants.retain(|&c| c != FIRE_AND_FORGET);
         let wants = self.t(id).who_wants.clone();
         for c in wants {
             self.report_to(c, id);
@@ -1017,6 +1026,9 @@ impl SchedulerState {
     }
 
     fn report_to(&mut self, client: PeerId, id: TaskId) {
+        if client == FIRE_AND_FORGET || client == DATASETS {
+            return;
+        }
         let t = self.t(id);
         let msg = match t.state {
             TaskState::Memory => Msg::KeyInMemory {
@@ -1104,6 +1116,7 @@ impl SchedulerState {
             stack.extend(self.t(id).dependents.iter());
         }
         for &id in &touched {
+            self.tm(id).who_wants.retain(|&c| c != FIRE_AND_FORGET);
             let wants = self.t(id).who_wants.clone();
             for c in wants {
                 self.report_to(c, id);
@@ -1308,6 +1321,115 @@ impl SchedulerState {
             }
         }
         t.deps
+    }
+
+    /// Re-run erred `keys`, together with the erred tasks they depend on.
+    pub fn retry_keys(&mut self, keys: &[Key]) {
+        for k in keys {
+            let Some(&root) = self.keys.get(k.as_str()) else { continue };
+            let mut stack = vec![root];
+            while let Some(id) = stack.pop() {
+                if self.t(id).state != TaskState::Erred {
+                    continue;
+                }
+                self.tm(id).error = None;
+                self.set_state(id, TaskState::Released);
+                stack.extend(self.t(id).deps.iter().copied());
+            }
+            if self.t(root).state == TaskState::Released {
+                self.transition_to_waiting(root);
+            }
+        }
+        self.fill_all_workers();
+    }
+
+    /// Keep computing `keys` after their clients let go; forget them once done.
+    pub fn fire_and_forget(&mut self, keys: &[Key]) {
+        for k in keys {
+            let Some(&id) = self.keys.get(k.as_str()) else { continue };
+            match self.t(id).state {
+                TaskState::Memory | TaskState::Erred => {}
+                _ => {
+                    if !self.t(id).who_wants.contains(&FIRE_AND_FORGET) {
+                        self.tm(id).who_wants.push(FIRE_AND_FORGET);
+                    }
+                }
+            }
+        }
+    }
+
+    fn dataset_reply(&mut self, client: PeerId, id: u64, error: String, data: Option<Bytes>, names: Vec<String>) {
+        let mut frames = Vec::new();
+        let data = data.map(|d| Blob::new(d, &mut frames));
+        self.out.push((client, Envelope { msg: Msg::DatasetReply { id, error, data, names }, frames }));
+    }
+
+    /// Publish `keys` and a pickled object under `name`.
+    pub fn publish_dataset(
+        &mut self,
+        client: PeerId,
+        id: u64,
+        name: String,
+        keys: Vec<Key>,
+        data: Bytes,
+        overwrite: bool,
+    ) {
+        if self.datasets.contains_key(&name) && !overwrite {
+            let err = format!("Dataset {name:?} already exists");
+            return self.dataset_reply(client, id, err, None, Vec::new());
+        }
+        if let Some(k) = keys.iter().find(|k| !self.keys.contains_key(k.as_str())) {
+            let err = format!("cannot publish {name:?}: key {k:?} is not known to the scheduler");
+            return self.dataset_reply(client, id, err, None, Vec::new());
+        }
+        if let Some((old, _)) = self.datasets.remove(&name) {
+            self.release_dataset_keys(old);
+        }
+        for k in &keys {
+            let tid = self.keys[k.as_str()];
+            self.tm(tid).who_wants.push(DATASETS);
+        }
+        self.datasets.insert(name, (keys, data));
+        self.dataset_reply(client, id, String::new(), None, Vec::new());
+    }
+
+    fn release_dataset_keys(&mut self, keys: Vec<Key>) {
+        for k in keys {
+            let Some(&tid) = self.keys.get(k.as_str()) else { continue };
+            if let Some(pos) = self.t(tid).who_wants.iter().position(|&c| c == DATASETS) {
+                self.tm(tid).who_wants.swap_remove(pos);
+            }
+            self.check_release(tid);
+        }
+    }
+
+    /// Remove a published dataset.
+    pub fn unpublish_dataset(&mut self, client: PeerId, id: u64, name: &str) {
+        match self.datasets.remove(name) {
+            Some((keys, _)) => {
+                self.release_dataset_keys(keys);
+                self.dataset_reply(client, id, String::new(), None, Vec::new());
+            }
+            None => self.dataset_reply(client, id, format!("Dataset {name:?} not found"), None, Vec::new()),
+        }
+    }
+
+    /// Send a published dataset's pickled object.
+    pub fn get_dataset(&mut self, client: PeerId, id: u64, name: &str) {
+        match self.datasets.get(name) {
+            Some((_, data)) => {
+                let data = data.clone();
+                self.dataset_reply(client, id, String::new(), Some(data), Vec::new());
+            }
+            None => self.dataset_reply(client, id, format!("Dataset {name:?} not found"), None, Vec::new()),
+        }
+    }
+
+    /// Names of the published datasets.
+    pub fn list_datasets(&mut self, client: PeerId, id: u64) {
+        let mut names: Vec<String> = self.datasets.keys().cloned().collect();
+        names.sort();
+        self.dataset_reply(client, id, String::new(), None, names);
     }
 
     // ---- queries ----------------------------------------------------------
@@ -1649,5 +1771,56 @@ mod tests {
         assert_eq!(s.task_state("bomb"), Some(TaskState::Erred));
         assert!(s.take_outgoing().iter().any(|(_, e)| matches!(&e.msg,
             Msg::KeyErred { text, .. } if text.starts_with("KilledWorker:") && text.contains("tcp://h:2"))));
+    }
+
+    #[test]
+    fn retry_reruns_the_erred_chain() {
+        let mut s = with_workers(1);
+        s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
+        computes(&mut s);
+        s.task_erred(W1, "a", Bytes::new(), Bytes::new(), "boom".into(), 0.0, 1.0, 0);
+        assert_eq!(s.task_state("b"), Some(TaskState::Erred));
+        s.take_outgoing();
+        s.retry_keys(&["b".into()]);
+        s.validate().unwrap();
+        assert_eq!(computes(&mut s), vec![(W1, "a".to_string())]);
+        finish(&mut s, W1, "a", 8);
+        assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
+    }
+
+    #[test]
+    fn fire_and_forget_runs_after_release_then_forgets() {
+        let mut s = with_workers(1);
+        s.update_graph(C1, vec![spec("side-effect", &[])], vec!["side-effect".into()]);
+        s.fire_and_forget(&["side-effect".into()]);
+        s.release_keys(C1, &["side-effect".into()]);
+        assert_eq!(computes(&mut s).len(), 1, "still computed");
+        finish(&mut s, W1, "side-effect", 8);
+        assert_eq!(s.ntasks(), 0, "forgotten once done");
+    }
+
+    #[test]
+    fn datasets_hold_keys_until_unpublished() {
+        let mut s = with_workers(1);
+        s.update_graph(C1, vec![spec("x", &[])], vec!["x".into()]);
+        computes(&mut s);
+        finish(&mut s, W1, "x", 8);
+        s.publish_dataset(C1, 1, "mine".into(), vec!["x".into()], Bytes::from_static(b"pickled"), false);
+        s.publish_dataset(C1, 2, "mine".into(), vec!["x".into()], Bytes::new(), false);
+        let out = s.take_outgoing();
+        assert!(out.iter().any(
+            |(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 2, error, .. } if error.contains("already exists"))
+        ));
+        s.release_keys(C1, &["x".into()]);
+        assert_eq!(s.task_state("x"), Some(TaskState::Memory), "held by the dataset");
+        s.get_dataset(C2, 3, "mine");
+        s.list_datasets(C2, 4);
+        let out = s.take_outgoing();
+        assert!(out.iter().any(|(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 3, data: Some(Blob::Inline(b)), .. } if &b[..] == b"pickled")));
+        assert!(out.iter().any(
+            |(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 4, names, .. } if names == &vec!["mine".to_string()])
+        ));
+        s.unpublish_dataset(C2, 5, "mine");
+        assert_eq!(s.ntasks(), 0);
     }
 }
