@@ -154,10 +154,6 @@ class Future:
     def cancelled(self) -> bool:
         return self.status == "cancelled"
 
-    @property
-    def type(self):
-        return None
-
     # -- results --
     def result(self, timeout=None):
         return self.client._gather_futures([self], timeout=timeout)[0]
@@ -295,6 +291,13 @@ class Client:
         from .utils import parse_timedelta
 
         self._timeout = parse_timedelta(timeout) or 10.0
+        if security is not None:
+            raise ValueError("dask_rs.Client does not support TLS security yet; connect over plain tcp://")
+        if scheduler_file is not None:
+            import json
+
+            with open(scheduler_file) as f:
+                address = json.load(f)["address"]
         self.cluster = None
         self._own_cluster = False
         if address is None:

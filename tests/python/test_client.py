@@ -244,3 +244,16 @@ def test_datasets_shared_between_clients(cluster):
         del c1.datasets["pair"]
         assert "incs" not in c2.datasets and len(c2.datasets) == 0
         wait_until(lambda: c2.scheduler_info()["n_tasks"] == 0, msg="dataset keys released")
+
+
+def test_scheduler_file_and_unsupported_security(cluster, tmp_path):
+    import json
+
+    address, _ = cluster
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"address": address}))
+    with Client(scheduler_file=str(path), set_as_default=False) as c:
+        assert c.scheduler_address == address
+        assert c.submit(inc, 1).result(timeout=10) == 2
+    with pytest.raises(ValueError, match="TLS"):
+        Client(address, security=object())
