@@ -6,10 +6,9 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use cluster::client::{ClientCore, KeyStatus};
 use cluster::comm::{FrameReader, FrameWriter};
-use cluster::protocol::{Blob, Envelope, Msg, Role, TaskSpec, MAGIC};
+use cluster::protocol::{Envelope, Msg, Role, TaskSpec, MAGIC};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dask-ctl");
 
@@ -65,16 +64,7 @@ fn wait_workers(c: &ClientCore, n: usize) {
 }
 
 fn task(key: &str, deps: &[&str]) -> TaskSpec {
-    TaskSpec {
-        key: key.into(),
-        run_spec: Blob::Inline(Bytes::new()),
-        deps: deps.iter().map(|d| d.to_string()).collect(),
-        priority: 0,
-        order: 0,
-        workers: None,
-        allow_other_workers: false,
-        retries: 0,
-    }
+    TaskSpec::new(key, deps.iter().map(|d| d.to_string()).collect())
 }
 
 fn hostport(addr: &str) -> &str {

@@ -122,6 +122,23 @@ pub struct TaskSpec {
     pub retries: u32,
 }
 
+impl TaskSpec {
+    /// A task with an empty recipe and default priority and restrictions
+    /// (for simulated workers and tests; clients fill in the rest).
+    pub fn new(key: impl Into<Key>, deps: Vec<Key>) -> Self {
+        TaskSpec {
+            key: key.into(),
+            run_spec: Blob::Inline(Bytes::new()),
+            deps,
+            priority: 0,
+            order: 0,
+            workers: None,
+            allow_other_workers: false,
+            retries: 0,
+        }
+    }
+}
+
 /// Where a dependency can be fetched from.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct DepInfo {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
-use crate::protocol::{Blob, Key, Msg, TaskSpec};
+use crate::protocol::{Key, Msg, TaskSpec};
 use crate::scheduler::{PeerId, SchedulerConfig, SchedulerState};
 use crate::worker::{ExecOutcome, Runner};
 
@@ -22,16 +22,7 @@ pub mod graphs {
     use super::*;
 
     fn spec(key: String, deps: Vec<Key>, order: u64) -> TaskSpec {
-        TaskSpec {
-            key,
-            run_spec: Blob::Inline(Bytes::new()),
-            deps,
-            priority: 0,
-            order,
-            workers: None,
-            allow_other_workers: false,
-            retries: 0,
-        }
+        TaskSpec { order, ..TaskSpec::new(key, deps) }
     }
 
     /// `n` independent tasks and one task that depends on all of them.

@@ -245,14 +245,6 @@ pub struct EventCursor {
     started: bool,
 }
 
-/// Counts for tests and benchmarks.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Counters {
-    pub tasks_finished: u64,
-    pub tasks_erred: u64,
-    pub compute_sent: u64,
-}
-
 /// The scheduler's whole state.
 pub struct SchedulerState {
     config: SchedulerConfig,
@@ -273,8 +265,6 @@ pub struct SchedulerState {
     out: Vec<(PeerId, Envelope)>,
     /// Published datasets: name -> (keys held, pickled object).
     datasets: FxHashMap<String, (Vec<Key>, Bytes)>,
-    /// Event counters (for tests and benchmarks).
-    pub counters: Counters,
 }
 
 impl SchedulerState {
@@ -297,7 +287,6 @@ impl SchedulerState {
             version: 0,
             out: Vec::new(),
             datasets: FxHashMap::default(),
-            counters: Counters::default(),
         }
     }
 
@@ -565,7 +554,7 @@ impl SchedulerState {
                 self.set_erred(id, err);
             }
         } else {
-            self.maybe_forget(id);
+            self.check_release(id);
         }
     }
 
@@ -898,7 +887,6 @@ impl SchedulerState {
         let mut frames = Vec::new();
         let run_spec = Blob::new(t.run_spec.clone().unwrap_or_default(), &mut frames);
         let msg = Msg::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority };
-        self.counters.compute_sent += 1;
         self.out.push((w, Envelope { msg, frames }));
     }
 
@@ -964,7 +952,6 @@ impl SchedulerState {
             }
             return;
         }
-        self.counters.tasks_finished += 1;
         let group = self.t(id).group;
         if let Some(w) = self.workers.get_mut(&worker) {
             w.processing.remove(&id);
@@ -1071,7 +1058,6 @@ impl SchedulerState {
         if state != TaskState::Processing || on != Some(worker) {
             return;
         }
-        self.counters.tasks_erred += 1;
         if let Some(w) = self.workers.get_mut(&worker) {
             w.processing.remove(&id);
             let rec = TaskStreamRecord {
@@ -1303,10 +1289,6 @@ impl SchedulerState {
                 stack.extend(deps);
             }
         }
-    }
-
-    fn maybe_forget(&mut self, id: TaskId) {
-        self.check_release(id);
     }
 
     /// Remove a released task with no dependents; returns its dependencies.
@@ -1561,16 +1543,7 @@ mod tests {
     const W2: PeerId = 11;
 
     fn spec(key: &str, deps: &[&str]) -> (TaskSpec, Option<Bytes>) {
-        let t = TaskSpec {
-            key: key.into(),
-            run_spec: Blob::Inline(Bytes::new()),
-            deps: deps.iter().map(|d| d.to_string()).collect(),
-            priority: 0,
-            order: 0,
-            workers: None,
-            allow_other_workers: false,
-            retries: 0,
-        };
+        let t = TaskSpec::new(key, deps.iter().map(|d| d.to_string()).collect());
         (t, Some(Bytes::from_static(b"spec")))
     }
 

@@ -114,11 +114,6 @@ impl WorkerState {
         self.tasks.values().filter(|t| t.state == WState::Ready).count()
     }
 
-    /// Whether `key` is in the store.
-    pub fn has(&self, key: &str) -> bool {
-        self.data.contains_key(key)
-    }
-
     fn send(&mut self, msg: Msg) {
         self.out.push(Instruction::Send(Envelope::new(msg)));
     }
