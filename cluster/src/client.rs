@@ -64,6 +64,7 @@ pub enum Reply {
     WhoHas(Vec<(Key, Vec<String>)>),
     Info { address: String, workers: Vec<WorkerInfo>, ntasks: u64, nclients: u64, bytes_in: u64, bytes_out: u64 },
     Dataset { error: String, data: Option<Bytes>, names: Vec<String> },
+    Retired { retired: Vec<String>, failed: Vec<(String, String)> },
 }
 
 #[derive(Default)]
@@ -413,6 +414,21 @@ impl ClientCore {
         }
     }
 
+    /// Retire workers (names or addresses), their data moved to other
+    /// workers first; waits up to `timeout`. Returns the names retired and
+    /// the names that were not, with why.
+    #[allow(clippy::type_complexity)]
+    pub fn retire_workers(
+        &self,
+        workers: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(Vec<String>, Vec<(String, String)>), ClientError> {
+        match self.query(|id| Msg::RetireWorkers { id, workers }, timeout)? {
+            Reply::Retired { retired, failed } => Ok((retired, failed)),
+            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// Subscribe to the scheduler's events every `interval`.
     pub fn subscribe(&self, interval: Duration) -> Result<(), ClientError> {
         self.send(Envelope::new(Msg::Subscribe { interval_ms: interval.as_millis() as u64 }))
@@ -465,6 +481,12 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let data = data.and_then(|d| d.resolve(&frames));
                     let _ = tx.send(Reply::Dataset { error, data, names });
+                }
+                continue;
+            }
+            Msg::WorkersRetired { id, retired, failed } => {
+                if let Some(tx) = s.pending_replies.remove(&id) {
+                    let _ = tx.send(Reply::Retired { retired, failed });
                 }
                 continue;
             }

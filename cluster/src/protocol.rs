@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; peers that speak another version are refused
 /// during the handshake with a clear error.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Four bytes every connection starts with, so a stranger (an HTTP client,
 /// random bytes) is recognised before any frame is parsed.
@@ -171,6 +171,10 @@ pub struct WorkerInfo {
     pub bytes_in: u64,
     /// Bytes sent to peers and clients.
     pub bytes_out: u64,
+    /// Being retired: gets no new tasks, its data is moving to other workers.
+    pub retiring: bool,
+    /// Expected seconds of work assigned to it (task durations learned per group).
+    pub occupancy: f64,
 }
 
 /// One finished task, for the task stream.
@@ -205,6 +209,21 @@ pub struct GroupCounts {
     pub nbytes: u64,
 }
 
+/// How much work the cluster has, for scaling decisions.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct LoadSummary {
+    /// Root tasks queued on the scheduler, waiting for a worker slot.
+    pub queued: u64,
+    /// Tasks no current worker can run (no workers, or restrictions).
+    pub no_worker: u64,
+    /// Tasks assigned to workers and not finished.
+    pub processing: u64,
+    /// Expected seconds of work in `processing`.
+    pub occupancy: f64,
+    /// Expected seconds of work in `queued` and `no_worker`.
+    pub queued_occupancy: f64,
+}
+
 /// A view of scheduler state pushed to subscribers: the first is a snapshot,
 /// the rest are deltas.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
@@ -221,6 +240,8 @@ pub struct EventsUpdate {
     pub workers: Vec<WorkerInfo>,
     /// Total tasks known to the scheduler.
     pub ntasks: u64,
+    /// Work waiting and running now.
+    pub load: LoadSummary,
 }
 
 /// Every message of the protocol.
@@ -306,6 +327,11 @@ pub enum Msg {
     CloseWorker {
         reason: String,
     },
+    /// Fetch copies of these keys from their holders (data moving off a
+    /// retiring worker).
+    AcquireReplicas {
+        keys: Vec<DepInfo>,
+    },
 
     // -- client -> scheduler -------------------------------------------------
     UpdateGraph {
@@ -368,6 +394,12 @@ pub enum Msg {
     ListDatasets {
         id: u64,
     },
+    /// Retire these workers (names or addresses): no new tasks, their data
+    /// copied to other workers, then closed. Answered by `WorkersRetired`.
+    RetireWorkers {
+        id: u64,
+        workers: Vec<String>,
+    },
 
     // -- scheduler -> client -------------------------------------------------
     KeyInMemory {
@@ -400,6 +432,12 @@ pub enum Msg {
         bytes_out: u64,
     },
     Events(EventsUpdate),
+    /// Answer to `RetireWorkers`: names retired, and names not retired with why.
+    WorkersRetired {
+        id: u64,
+        retired: Vec<String>,
+        failed: Vec<(String, String)>,
+    },
     /// Answer to the dataset requests: `error` is empty on success.
     DatasetReply {
         id: u64,

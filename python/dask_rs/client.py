@@ -20,7 +20,7 @@ from typing import Iterable
 
 from . import _core
 from ._serialize import FunctionCache, dumps, dumps_call, dumps_graph_node
-from .utils import close_at_exit, format_bytes, key_split, wire_key
+from .utils import close_at_exit, format_bytes, key_split, parse_timedelta, wire_key
 
 __all__ = [
     "Client",
@@ -288,7 +288,6 @@ class Client:
     ):
         if asynchronous:
             raise ValueError("dask_rs.Client does not support asynchronous=True yet")
-        from .utils import parse_timedelta
 
         self._timeout = parse_timedelta(timeout) or 10.0
         if security is not None:
@@ -366,7 +365,6 @@ class Client:
         return self._core.status(wire)
 
     def _wait_keys(self, wires, timeout=None, any=False) -> bool:
-        from .utils import parse_timedelta
 
         t = parse_timedelta(timeout)
         if not self._core.wait(list(wires), t, any):
@@ -517,7 +515,14 @@ class Client:
 
     def _fetch(self, addr, keys, attempts=3) -> dict:
         out = {}
-        items, missing = ([], list(keys)) if not addr else self._core.get_data(addr, list(keys))
+        items, missing = [], list(keys)
+        if addr:
+            try:
+                items, missing = self._core.get_data(addr, list(keys))
+            except _core.CommError:
+                # The worker is gone (retired or died): ask who holds the keys now.
+                if attempts <= 0:
+                    raise
         for k, frames in items:
             out[k] = pickle.loads(frames[0], buffers=frames[1:])
         if missing:
@@ -792,6 +797,7 @@ class Client:
                     "bytes_out": w["bytes_out"],
                 },
                 "processing": w["processing"],
+                "status": "closing_gracefully" if w["retiring"] else "running",
             }
             for w in info["workers"]
         }
@@ -833,10 +839,27 @@ class Client:
             out = {a: v for a, v in out.items() if a in workers}
         return {a: tuple(v) for a, v in out.items()}
 
+    def retire_workers(self, workers=None, close_workers: bool = True, timeout=60, **kwargs) -> dict:
+        """Retire workers gracefully: they get no new tasks, results only they
+        hold are copied to other workers, then they close. ``workers`` are
+        addresses or names (all workers when None, as in distributed). Returns
+        ``{address: info}`` of the workers retired; raises ``ValueError`` for a
+        worker that could not be retired (unknown, or no other worker to hold
+        its data)."""
+        info = self.scheduler_info()["workers"]
+        if workers is None:
+            workers = list(info)
+        elif isinstance(workers, str):
+            workers = [workers]
+        by_name = {w["name"]: (a, w) for a, w in info.items()}
+        retired, failed = self._core.retire_workers([str(w) for w in workers], parse_timedelta(timeout))
+        if failed:
+            raise ValueError("; ".join(f"cannot retire {n}: {why}" for n, why in failed))
+        return {by_name[n][0]: by_name[n][1] for n in retired if n in by_name}
+
     def wait_for_workers(self, n_workers: int, timeout=None):
         import time
 
-        from .utils import parse_timedelta
 
         deadline = None if timeout is None else time.monotonic() + parse_timedelta(timeout)
         while len(self._core.info()["workers"]) < n_workers:
@@ -997,7 +1020,6 @@ def wait(fs, timeout=None, return_when=ALL_COMPLETED):
         return DoneAndNotDoneFutures(set(), set())
     client = fs[0].client
     any_ = return_when == FIRST_COMPLETED
-    from .utils import parse_timedelta
 
     t = parse_timedelta(timeout)
     ok = client._core.wait([f._wire for f in fs], t, any_)
@@ -1051,7 +1073,6 @@ class as_completed:
             return
         client = next(iter(pending.values())).client
         if block:
-            from .utils import parse_timedelta
 
             t = parse_timedelta(self._timeout)
             if not client._core.wait(list(pending), t, True) and t is not None:

@@ -433,6 +433,8 @@ fn worker_to_py<'py>(py: Python<'py>, w: &WorkerInfo) -> PyResult<Bound<'py, PyD
     d.set_item("nkeys", w.nkeys)?;
     d.set_item("bytes_in", w.bytes_in)?;
     d.set_item("bytes_out", w.bytes_out)?;
+    d.set_item("retiring", w.retiring)?;
+    d.set_item("occupancy", w.occupancy)?;
     Ok(d)
 }
 
@@ -585,6 +587,18 @@ impl ClientCore {
             d.set_item(k, ws)?;
         }
         Ok(d)
+    }
+
+    /// Retire workers by name or address; returns (retired, [(name, why)]).
+    #[allow(clippy::type_complexity)]
+    fn retire_workers(
+        &self,
+        py: Python<'_>,
+        workers: Vec<String>,
+        timeout: f64,
+    ) -> PyResult<(Vec<String>, Vec<(String, String)>)> {
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| self.core.retire_workers(workers, timeout)).map_err(client_err)
     }
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

@@ -361,6 +361,7 @@ fn handle_msg(
         (Role::Client, Msg::UnpublishDataset { id, name }) => state.unpublish_dataset(peer, id, &name),
         (Role::Client, Msg::GetDataset { id, name }) => state.get_dataset(peer, id, &name),
         (Role::Client, Msg::ListDatasets { id }) => state.list_datasets(peer, id),
+        (Role::Client | Role::Monitor, Msg::RetireWorkers { id, workers }) => state.retire_workers(peer, id, workers),
         (_, Msg::Error { reason }) => tracing::warn!("peer {peer} reported: {reason}"),
         (role, other) => {
             return Err(format!("unexpected message from a {role:?}: {}", variant_name(&other)));

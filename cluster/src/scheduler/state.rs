@@ -14,8 +14,8 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::protocol::{
-    key_split, Blob, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, Msg, Priority, TaskSpec, TaskStreamRecord,
-    WorkerInfo,
+    key_split, Blob, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, LoadSummary, Msg, Priority, TaskSpec,
+    TaskStreamRecord, WorkerInfo,
 };
 
 /// Identifies a connected peer (worker or client) for the lifetime of its connection.
@@ -27,6 +27,10 @@ const FIRE_AND_FORGET: PeerId = u64::MAX;
 const DATASETS: PeerId = u64::MAX - 1;
 
 type TaskId = u32;
+
+/// Expected duration of a task whose group has not finished one yet
+/// (Dask's `unknown-task-duration`).
+const UNKNOWN_TASK_DURATION: f64 = 0.5;
 
 /// Dask's scheduler task states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -209,6 +213,8 @@ struct Worker {
     ready: u32,
     bytes_in: u64,
     bytes_out: u64,
+    /// Being retired: no new tasks; closed once its unique data has a copy elsewhere.
+    retiring: bool,
 }
 
 impl Worker {
@@ -235,6 +241,28 @@ struct Group {
     counts: [u64; 8],
     nbytes: u64,
     changed_at: u64,
+    /// Sum and number of observed run times, for the mean duration.
+    duration_sum: f64,
+    duration_n: u64,
+}
+
+impl Group {
+    fn duration(&self) -> f64 {
+        if self.duration_n == 0 {
+            UNKNOWN_TASK_DURATION
+        } else {
+            self.duration_sum / self.duration_n as f64
+        }
+    }
+}
+
+/// A pending `RetireWorkers` request.
+#[derive(Debug)]
+struct Retirement {
+    requester: PeerId,
+    id: u64,
+    workers: Vec<(PeerId, String)>,
+    failed: Vec<(String, String)>,
 }
 
 /// Where a subscriber is in the event stream.
@@ -265,6 +293,9 @@ pub struct SchedulerState {
     out: Vec<(PeerId, Envelope)>,
     /// Published datasets: name -> (keys held, pickled object).
     datasets: FxHashMap<String, (Vec<Key>, Bytes)>,
+    retirements: Vec<Retirement>,
+    /// Keys being copied off retiring workers, and where to.
+    replicating: FxHashMap<TaskId, PeerId>,
 }
 
 impl SchedulerState {
@@ -287,6 +318,8 @@ impl SchedulerState {
             version: 0,
             out: Vec::new(),
             datasets: FxHashMap::default(),
+            retirements: Vec::new(),
+            replicating: FxHashMap::default(),
         }
     }
 
@@ -370,7 +403,14 @@ impl SchedulerState {
             return g;
         }
         let g = self.groups.len() as u32;
-        self.groups.push(Group { name: name.clone(), counts: [0; 8], nbytes: 0, changed_at: 0 });
+        self.groups.push(Group {
+            name: name.clone(),
+            counts: [0; 8],
+            nbytes: 0,
+            changed_at: 0,
+            duration_sum: 0.0,
+            duration_n: 0,
+        });
         self.group_ids.insert(name, g);
         g
     }
@@ -462,6 +502,7 @@ impl SchedulerState {
                 ready: 0,
                 bytes_in: 0,
                 bytes_out: 0,
+                retiring: false,
             },
         );
         self.worker_order.push(peer);
@@ -479,6 +520,11 @@ impl SchedulerState {
     /// A worker left (closed or died): its running tasks are rescheduled
     /// and results held only by it are recomputed when still needed.
     pub fn remove_worker(&mut self, peer: PeerId) {
+        self.drop_worker(peer);
+        self.check_retirements();
+    }
+
+    fn drop_worker(&mut self, peer: PeerId) {
         let Some(w) = self.workers.remove(&peer) else {
             return;
         };
@@ -816,9 +862,12 @@ impl SchedulerState {
                 .copied()
                 .filter(|p| {
                     let w = &self.workers[p];
-                    r.workers.iter().any(|n| {
-                        *n == w.name || *n == w.address || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
-                    })
+                    !w.retiring
+                        && r.workers.iter().any(|n| {
+                            *n == w.name
+                                || *n == w.address
+                                || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
+                        })
                 })
                 .collect();
             if !allowed.is_empty() {
@@ -841,7 +890,7 @@ impl SchedulerState {
         }
         let mut best: Option<(u64, f64, PeerId)> = None;
         for (w, bytes) in held {
-            let Some(worker) = self.workers.get(&w) else {
+            let Some(worker) = self.workers.get(&w).filter(|w| !w.retiring) else {
                 continue;
             };
             let load = worker.load();
@@ -859,7 +908,11 @@ impl SchedulerState {
     fn least_loaded(&self, it: impl Iterator<Item = PeerId>) -> Option<PeerId> {
         let mut best: Option<(f64, PeerId)> = None;
         for p in it {
-            let load = self.workers[&p].load();
+            let w = &self.workers[&p];
+            if w.retiring {
+                continue;
+            }
+            let load = w.load();
             if best.is_none_or(|(l, _)| load < l) {
                 best = Some((load, p));
             }
@@ -898,7 +951,7 @@ impl SchedulerState {
             let mut best: Option<(f64, PeerId)> = None;
             for &w in &self.worker_order {
                 let worker = &self.workers[&w];
-                if worker.processing.len() < worker.slots(sat) {
+                if !worker.retiring && worker.processing.len() < worker.slots(sat) {
                     let load = worker.load();
                     if best.is_none_or(|(l, _)| load < l) {
                         best = Some((load, w));
@@ -916,7 +969,7 @@ impl SchedulerState {
             let Some(worker) = self.workers.get(&w) else {
                 return;
             };
-            if worker.processing.len() >= worker.slots(self.config.worker_saturation) {
+            if worker.retiring || worker.processing.len() >= worker.slots(self.config.worker_saturation) {
                 return;
             }
             let (_, id) = self.queue.pop_first().expect("non-empty");
@@ -972,11 +1025,17 @@ impl SchedulerState {
             t.processing_on = None;
             t.nbytes = nbytes;
         }
-        self.groups[group as usize].nbytes += nbytes;
+        let g = &mut self.groups[group as usize];
+        g.nbytes += nbytes;
+        if stop >= start {
+            g.duration_sum += stop - start;
+            g.duration_n += 1;
+        }
         self.set_state(id, TaskState::Memory);
         self.add_replica(id, worker);
         self.on_memory(id);
         self.fill_worker(worker);
+        self.check_retirements();
     }
 
     fn add_replica(&mut self, id: TaskId, worker: PeerId) {
@@ -1081,6 +1140,7 @@ impl SchedulerState {
             self.set_erred(id, Arc::new(ErrorInfo { exception, traceback, text }));
         }
         self.fill_worker(worker);
+        self.check_retirements();
     }
 
     /// Mark `root` and every dependent that waits on it as erred.
@@ -1147,7 +1207,9 @@ impl SchedulerState {
                 self.transition_to_waiting(d);
             }
         }
+        self.replicating.remove(&id);
         self.fill_all_workers();
+        self.check_retirements();
     }
 
     /// A worker received replicas of keys (fetched dependencies).
@@ -1162,6 +1224,7 @@ impl SchedulerState {
         if !unknown.is_empty() {
             self.send(worker, Msg::FreeKeys { keys: unknown });
         }
+        self.check_retirements();
     }
 
     /// Data a client put on `worker` directly.
@@ -1428,6 +1491,10 @@ impl SchedulerState {
 
     /// Every worker, as clients and monitors see it.
     pub fn worker_infos(&self) -> Vec<WorkerInfo> {
+        // Per-worker occupancy uses the cluster-wide mean of processing work,
+        // which costs O(groups) instead of O(processing tasks).
+        let load = self.load();
+        let per_task = if load.processing > 0 { load.occupancy / load.processing as f64 } else { 0.0 };
         self.worker_order
             .iter()
             .map(|p| {
@@ -1447,9 +1514,141 @@ impl SchedulerState {
                     nkeys: w.has_what.len() as u64,
                     bytes_in: w.bytes_in,
                     bytes_out: w.bytes_out,
+                    retiring: w.retiring,
+                    occupancy: w.processing.len() as f64 * per_task,
                 }
             })
             .collect()
+    }
+
+    /// Queued and running work, with expected durations learned per task group.
+    pub fn load(&self) -> LoadSummary {
+        let mut l = LoadSummary::default();
+        for g in &self.groups {
+            let d = g.duration();
+            let processing = g.counts[TaskState::Processing.index()];
+            let waiting = g.counts[TaskState::Queued.index()] + g.counts[TaskState::NoWorker.index()];
+            l.queued += g.counts[TaskState::Queued.index()];
+            l.no_worker += g.counts[TaskState::NoWorker.index()];
+            l.processing += processing;
+            l.occupancy += processing as f64 * d;
+            l.queued_occupancy += waiting as f64 * d;
+        }
+        l
+    }
+
+    // ---- retiring workers -------------------------------------------------
+
+    /// Retire workers by name or address: they get no new tasks, results
+    /// only they hold are copied to other workers, then they are closed.
+    /// `requester` gets `WorkersRetired { id, .. }` once every one is done.
+    pub fn retire_workers(&mut self, requester: PeerId, id: u64, names: Vec<String>) {
+        let mut r = Retirement { requester, id, workers: Vec::new(), failed: Vec::new() };
+        for n in names {
+            let found = self.worker_order.iter().copied().find(|p| {
+                let w = &self.workers[p];
+                w.name == n || w.address == n || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
+            });
+            match found {
+                Some(p) => {
+                    let w = self.workers.get_mut(&p).expect("listed worker");
+                    w.retiring = true;
+                    r.workers.push((p, w.name.clone()));
+                }
+                None => r.failed.push((n, "no such worker".into())),
+            }
+        }
+        self.version += 1;
+        self.retirements.push(r);
+        self.check_retirements();
+    }
+
+    /// Move retirements forward: copy unique data off idle retiring workers,
+    /// close those with nothing left to copy, answer finished requests.
+    fn check_retirements(&mut self) {
+        if self.retirements.is_empty() {
+            return;
+        }
+        let retiring: Vec<PeerId> = self.worker_order.iter().copied().filter(|p| self.workers[p].retiring).collect();
+        let mut acquire: FxHashMap<PeerId, Vec<DepInfo>> = FxHashMap::default();
+        let mut stuck: Vec<(PeerId, String)> = Vec::new();
+        let mut close = Vec::new();
+        for p in retiring {
+            let w = &self.workers[&p];
+            if !w.processing.is_empty() {
+                continue;
+            }
+            let mut unique: Vec<TaskId> =
+                w.has_what.iter().copied().filter(|&id| self.t(id).who_has.len() == 1).collect();
+            if unique.is_empty() {
+                close.push(p);
+                continue;
+            }
+            unique.sort_unstable();
+            for id in unique {
+                let target = self.replicating.get(&id).copied();
+                if target.is_some_and(|t| self.workers.get(&t).is_some_and(|w| !w.retiring)) {
+                    continue;
+                }
+                let dest = self.worker_order.iter().copied().filter(|q| !self.workers[q].retiring).min_by_key(|q| {
+                    let planned: u64 = acquire.get(q).map_or(0, |v| v.iter().map(|d| d.nbytes).sum());
+                    (self.workers[q].nbytes + planned, *q)
+                });
+                let Some(dest) = dest else {
+                    stuck.push((p, "no other worker can hold its data".into()));
+                    break;
+                };
+                self.replicating.insert(id, dest);
+                let t = self.t(id);
+                acquire.entry(dest).or_default().push(DepInfo {
+                    key: t.key.to_string(),
+                    nbytes: t.nbytes,
+                    who_has: vec![self.workers[&p].address.clone()],
+                });
+            }
+        }
+        let mut dests: Vec<(PeerId, Vec<DepInfo>)> = acquire.into_iter().collect();
+        dests.sort_by_key(|d| d.0);
+        for (dest, keys) in dests {
+            self.send(dest, Msg::AcquireReplicas { keys });
+        }
+        for (p, why) in stuck {
+            if let Some(w) = self.workers.get_mut(&p) {
+                w.retiring = false;
+            }
+            for r in &mut self.retirements {
+                if let Some(i) = r.workers.iter().position(|(q, _)| *q == p) {
+                    let (_, name) = r.workers.remove(i);
+                    r.failed.push((name, why.clone()));
+                }
+            }
+        }
+        for p in close {
+            self.send(p, Msg::CloseWorker { reason: "retired".into() });
+            self.drop_worker(p);
+        }
+        let tasks = &self.tasks;
+        self.replicating
+            .retain(|id, _| tasks.get(*id as usize).and_then(|t| t.as_ref()).is_some_and(|t| t.who_has.len() == 1));
+        let workers = &self.workers;
+        let mut answered = Vec::new();
+        self.retirements.retain(|r| {
+            if r.workers.iter().any(|(p, _)| workers.contains_key(p)) {
+                return true;
+            }
+            answered.push((
+                r.requester,
+                Msg::WorkersRetired {
+                    id: r.id,
+                    retired: r.workers.iter().map(|(_, n)| n.clone()).collect(),
+                    failed: r.failed.clone(),
+                },
+            ));
+            false
+        });
+        for (peer, msg) in answered {
+            self.send(peer, msg);
+        }
     }
 
     // ---- events -----------------------------------------------------------
@@ -1497,6 +1696,7 @@ impl SchedulerState {
             groups,
             workers: self.worker_infos(),
             ntasks: self.keys.len() as u64,
+            load: self.load(),
         }
     }
 
@@ -1665,6 +1865,87 @@ mod tests {
         assert_eq!(computes(&mut s), vec![(other, "a".to_string())]);
         finish(&mut s, other, "a", 8);
         assert_eq!(computes(&mut s), vec![(other, "b".to_string())]);
+    }
+
+    #[test]
+    fn retiring_a_worker_copies_its_data_first_and_gives_it_no_new_work() {
+        let mut s = with_workers(2);
+        s.update_graph(C1, vec![spec("a", &[]), spec("b", &[])], vec!["a".into(), "b".into()]);
+        let placed = computes(&mut s);
+        let (w1, k1) = placed[0].clone();
+        let (w2, k2) = placed[1].clone();
+        assert_ne!(w1, w2);
+        finish(&mut s, w2, &k2, 8);
+        s.take_outgoing();
+        // w1 still runs its task: retirement waits for it.
+        let name1 = s.worker_infos().into_iter().find(|w| s.workers[&w1].address == w.address).unwrap().name;
+        s.retire_workers(C2, 7, vec![name1.clone()]);
+        assert!(s.take_outgoing().is_empty());
+        assert!(s.worker_infos().iter().any(|w| w.retiring));
+        // New work goes only to the other worker.
+        s.update_graph(C1, vec![spec("c", &[])], vec!["c".into()]);
+        assert_eq!(computes(&mut s), vec![(w2, "c".to_string())]);
+        finish(&mut s, w1, &k1, 16);
+        let out = s.take_outgoing();
+        let acquire: Vec<_> = out
+            .iter()
+            .filter_map(|(p, e)| match &e.msg {
+                Msg::AcquireReplicas { keys } => Some((*p, keys[0].key.clone(), keys[0].who_has.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acquire, vec![(w2, k1.clone(), vec![s.workers[&w1].address.clone()])]);
+        // The copy arrives: the worker is closed and the requester answered.
+        s.add_keys(w2, &[(k1.clone(), 16)]);
+        s.validate().unwrap();
+        let out = s.take_outgoing();
+        assert!(out.iter().any(|(p, e)| *p == w1 && matches!(e.msg, Msg::CloseWorker { .. })));
+        assert!(out
+            .iter()
+            .any(|(p, e)| *p == C2
+                && e.msg == Msg::WorkersRetired { id: 7, retired: vec![name1.clone()], failed: vec![] }));
+        assert_eq!(s.nworkers(), 1);
+        assert_eq!(s.who_has(&k1), vec![s.workers[&w2].address.clone()]);
+        assert_eq!(s.task_state(&k1), Some(TaskState::Memory));
+    }
+
+    #[test]
+    fn retiring_the_last_worker_holding_data_is_refused() {
+        let mut s = with_workers(1);
+        s.update_graph(C1, vec![spec("a", &[])], vec!["a".into()]);
+        computes(&mut s);
+        finish(&mut s, W1, "a", 8);
+        s.retire_workers(C2, 1, vec!["w0".into(), "nope".into()]);
+        let out = s.take_outgoing();
+        let reply = out.iter().find(|(p, _)| *p == C2).map(|(_, e)| e.msg.clone());
+        assert_eq!(
+            reply,
+            Some(Msg::WorkersRetired {
+                id: 1,
+                retired: vec![],
+                failed: vec![
+                    ("nope".into(), "no such worker".into()),
+                    ("w0".into(), "no other worker can hold its data".into())
+                ],
+            })
+        );
+        assert_eq!(s.nworkers(), 1);
+        assert!(!s.worker_infos()[0].retiring);
+    }
+
+    #[test]
+    fn load_uses_durations_learned_per_group() {
+        let mut s = with_workers(1);
+        let tasks: Vec<_> = (0..5).map(|i| spec(&format!("x-{i}"), &[])).collect();
+        s.update_graph(C1, tasks, (0..5).map(|i| format!("x-{i}")).collect());
+        let l = s.load();
+        // Unknown durations count 0.5 s each; 2 in flight (saturation 1.1 x 1 thread), 3 queued.
+        assert_eq!((l.processing, l.queued), (2, 3));
+        assert!((l.occupancy - 1.0).abs() < 1e-9 && (l.queued_occupancy - 1.5).abs() < 1e-9);
+        s.task_finished(W1, "x-0", 8, 10.0, 12.0, 0, 0.0);
+        let l = s.load();
+        assert!((l.occupancy - 4.0).abs() < 1e-9, "{l:?}");
+        assert!((l.queued_occupancy - 4.0).abs() < 1e-9, "{l:?}");
     }
 
     #[test]

@@ -146,22 +146,7 @@ impl WorkerState {
             }
             missing += 1;
             self.dep_waiters.entry(d.key.clone()).or_default().insert(key.clone());
-            let f = self.fetching.entry(d.key.clone()).or_insert_with(|| Fetching {
-                holders: Vec::new(),
-                tried: Vec::new(),
-                in_flight: false,
-            });
-            for h in &d.who_has {
-                if !f.holders.contains(h) {
-                    f.holders.push(h.clone());
-                }
-            }
-            if !f.in_flight {
-                if let Some(h) = f.holders.iter().find(|h| !f.tried.contains(h)).cloned() {
-                    f.in_flight = true;
-                    by_worker.entry(h).or_default().push(d.key.clone());
-                }
-            }
+            self.plan_fetch(&d.key, &d.who_has, &mut by_worker);
         }
         let task = WTask {
             state: if missing == 0 { WState::Ready } else { WState::Waiting },
@@ -177,12 +162,38 @@ impl WorkerState {
         if ready {
             self.ready.push(Reverse((priority, key)));
         }
+        self.push_fetches(by_worker);
+        self.schedule();
+    }
+
+    /// Note where `key` can come from and, unless a fetch is in flight,
+    /// add it to the batch for the first holder not tried yet.
+    fn plan_fetch(&mut self, key: &Key, who_has: &[String], by_worker: &mut FxHashMap<String, Vec<Key>>) {
+        let f = self.fetching.entry(key.clone()).or_insert_with(|| Fetching {
+            holders: Vec::new(),
+            tried: Vec::new(),
+            in_flight: false,
+        });
+        for h in who_has {
+            if !f.holders.contains(h) {
+                f.holders.push(h.clone());
+            }
+        }
+        if !f.in_flight {
+            if let Some(h) = f.holders.iter().find(|h| !f.tried.contains(h)).cloned() {
+                f.in_flight = true;
+                by_worker.entry(h).or_default().push(key.clone());
+            }
+        }
+    }
+
+    /// One `Fetch` per peer, in a stable order.
+    fn push_fetches(&mut self, by_worker: FxHashMap<String, Vec<Key>>) {
         let mut fetches: Vec<(String, Vec<Key>)> = by_worker.into_iter().collect();
         fetches.sort();
         for (worker, keys) in fetches {
             self.out.push(Instruction::Fetch { worker, keys });
         }
-        self.schedule();
     }
 
     fn schedule(&mut self) {
@@ -320,6 +331,20 @@ impl WorkerState {
         if !drop.is_empty() {
             self.out.push(Instruction::Free { keys: drop });
         }
+    }
+
+    /// Fetch copies of keys that no task here needs (data moving off a
+    /// retiring worker); they are reported with `AddKeys` like dependencies.
+    pub fn acquire_replicas(&mut self, keys: Vec<DepInfo>) {
+        let mut by_worker: FxHashMap<String, Vec<Key>> = FxHashMap::default();
+        for d in keys {
+            if self.data.contains_key(&d.key) {
+                self.send(Msg::AddKeys { keys: vec![(d.key, d.nbytes)] });
+                continue;
+            }
+            self.plan_fetch(&d.key, &d.who_has, &mut by_worker);
+        }
+        self.push_fetches(by_worker);
     }
 
     /// A client put data here directly.
