@@ -1,17 +1,32 @@
 //! `dask-ctl`: the operator's command line for dask-rs.
 //!
-//! A thin binary: argument parsing and process lifecycle only. The runtime
-//! lives in the `cluster` crate.
+//! A thin binary: argument parsing and process lifecycle. The runtime lives in
+//! the `cluster` crate, scaling in `adaptive`, backends in `deployers`; this
+//! crate adds the cluster registry, the config merge, the detached manager and
+//! the lifecycle commands (`up`, `list`, `status`, `scale`, `adapt`, `down`...).
+
+mod config;
+mod control;
+mod ctl;
+mod manager;
+mod registry;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use cluster::scheduler::{self, SchedulerConfig};
 
 #[derive(Parser)]
-#[command(name = "dask-ctl", version, about = "Run and manage dask-rs clusters")]
+#[command(
+    name = "dask-ctl",
+    version,
+    about = "Run and manage dask-rs clusters",
+    long_about = "Run and manage dask-rs clusters.\n\n`dask-ctl up` starts a cluster that outlives the shell; `list`, `status`, \
+                  `scale`, `adapt`, `logs`, `snippet` and `down` manage it by name from any shell. Python clients \
+                  connect with `Client(\"NAME\")`."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,6 +34,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a cluster (scheduler, workers and scaling) that outlives this shell.
+    Up(ctl::UpArgs),
+    /// List registered clusters.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a cluster's workers, scaling policy and recent decisions.
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a fixed number of workers (turns adaptive scaling off).
+    Scale { name: String, workers: usize },
+    /// Scale with the load between a minimum and a maximum.
+    Adapt {
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        minimum: usize,
+        #[arg(long, default_value_t = ctl::DEFAULT_MAXIMUM)]
+        maximum: usize,
+    },
+    /// Stop a cluster: every worker, the scheduler and its manager.
+    Down { name: String },
+    /// Print the manager's log, or one worker's.
+    Logs { name: String, worker: Option<String> },
+    /// Print Python code that connects to a cluster.
+    Snippet { name: String },
+    /// Show backend options merged from the config file, DASK_RS_* variables and flags.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Run a cluster's manager (started by `up`; not for direct use).
+    #[command(hide = true)]
+    Manager { dir: std::path::PathBuf },
     /// Run a scheduler in the foreground (pure Rust, no Python needed).
     Scheduler {
         /// Interface to listen on.
@@ -31,7 +86,7 @@ enum Command {
         #[arg(long, default_value = "1.1")]
         worker_saturation: f64,
         /// A worker silent this long is removed, e.g. 60s, 5m.
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         worker_ttl: Duration,
         /// Worker deaths a task may cause before it errs with KilledWorker.
         #[arg(long, default_value_t = 3)]
@@ -46,8 +101,8 @@ enum Command {
         nthreads: usize,
         #[arg(long)]
         name: Option<String>,
-        /// How long each task takes, e.g. 0, 10ms, 1s.
-        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        /// How long each task takes, e.g. 0ms, 10ms, 1s.
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
         duration: Duration,
         /// Bytes each task returns.
         #[arg(long, default_value_t = 8)]
@@ -55,18 +110,16 @@ enum Command {
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "" | "s" => v,
-        "ms" => v / 1e3,
-        "us" => v / 1e6,
-        "m" => v * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (use us, ms, s, m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the merged options and where each value came from.
+    Show {
+        #[arg(long, default_value = "local")]
+        backend: String,
+        /// YAML file with a section per backend (default: ~/.config/dask-rs/cluster.yaml if present).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -75,14 +128,33 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     match cli.command {
+        Command::Up(args) => ctl::up(args),
+        Command::List { json } => ctl::list(json),
+        Command::Status { name, json } => ctl::status(&name, json),
+        Command::Scale { name, workers } => ctl::scale(&name, workers),
+        Command::Adapt { name, minimum, maximum } => ctl::adapt(&name, minimum, maximum),
+        Command::Down { name } => ctl::down(&name),
+        Command::Logs { name, worker } => ctl::logs(&name, worker.as_deref()),
+        Command::Snippet { name } => ctl::snippet(&name),
+        Command::Config { command: ConfigCommand::Show { backend, config } } => {
+            let file = config.or_else(config::default_file);
+            let merged = config::merge(&backend, file.as_deref(), &Default::default())?;
+            print!("{}", config::render(&backend, &merged));
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "dask-ctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manager { dir } => manager::run(dir),
         Command::Scheduler { host, port, worker_saturation, worker_ttl, allowed_failures } => {
             let config = SchedulerConfig { worker_saturation, worker_ttl, allowed_failures, ..Default::default() };
-            rt.block_on(run_scheduler(host, port, config))
+            rt()?.block_on(run_scheduler(host, port, config))
         }
         Command::SimWorker { scheduler, nthreads, name, duration, result_size } => {
-            rt.block_on(run_sim_worker(scheduler, nthreads, name, duration, result_size))
+            rt()?.block_on(run_sim_worker(scheduler, nthreads, name, duration, result_size))
         }
     }
 }

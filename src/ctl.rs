@@ -1,0 +1,576 @@
+//! The lifecycle commands: `up`, `list`, `status`, `scale`, `adapt`, `down`,
+//! `logs`, `snippet`. They talk to a cluster's manager over its control
+//! socket and fall back to the registry when the manager is gone.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cluster::client::{ClientCore, Reply};
+use serde_yaml_ng::Value;
+
+use crate::config;
+use crate::control::{self, Request, Status};
+use crate::registry::{self, ClusterRecord};
+
+/// Adaptive maximum when `--maximum` is not given: scaling is always bounded.
+pub const DEFAULT_MAXIMUM: usize = 16;
+
+const BACKENDS: &[&str] = &["local"];
+const PLANNED: &[&str] = &["ssh", "slurm", "sge", "kubernetes", "marathon"];
+
+/// `dask-ctl up`.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Where workers run: local.
+    #[arg(long, default_value = "local")]
+    backend: String,
+    /// Cluster name (default: BACKEND-XXXX).
+    #[arg(long)]
+    name: Option<String>,
+    /// Fixed number of workers (default for local: one per core).
+    #[arg(long, conflicts_with = "adapt")]
+    workers: Option<usize>,
+    /// Scale with the load between --minimum and --maximum.
+    #[arg(long)]
+    adapt: bool,
+    #[arg(long, default_value_t = 0, requires = "adapt")]
+    minimum: usize,
+    #[arg(long, default_value_t = DEFAULT_MAXIMUM, requires = "adapt")]
+    maximum: usize,
+    /// YAML file with a section per backend (default: ~/.config/dask-rs/cluster.yaml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Interface the scheduler listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Scheduler port (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// How long to wait for the workers to connect, e.g. 60s, 5m.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// The Python that runs workers (default: python3 on PATH).
+    #[arg(long)]
+    python: Option<String>,
+    /// Threads per worker process.
+    #[arg(long)]
+    nthreads: Option<u32>,
+    /// Memory limit per worker process, e.g. 4GiB.
+    #[arg(long)]
+    memory_limit: Option<String>,
+    /// Worker processes per job or host.
+    #[arg(long)]
+    processes: Option<u32>,
+    /// Cores per job (batch backends).
+    #[arg(long)]
+    cores: Option<u32>,
+    /// Memory per job (batch backends).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Wall-clock limit per job (batch backends).
+    #[arg(long)]
+    walltime: Option<String>,
+    /// Queue or partition (batch backends).
+    #[arg(long)]
+    queue: Option<String>,
+    /// Account or project (batch backends).
+    #[arg(long)]
+    account: Option<String>,
+    /// Extra batch directive (repeatable).
+    #[arg(long)]
+    job_extra: Vec<String>,
+    /// Shell line run before each worker starts (repeatable).
+    #[arg(long)]
+    prologue: Vec<String>,
+    /// Extra arguments for the worker command, e.g. "--resources GPU=1".
+    #[arg(long, allow_hyphen_values = true)]
+    worker_extra_args: Option<String>,
+    /// Scheduler address workers should connect to, if not the listening one.
+    #[arg(long)]
+    contact_address: Option<String>,
+}
+
+impl UpArgs {
+    fn flags(&self) -> BTreeMap<String, Value> {
+        let mut m = BTreeMap::new();
+        let mut s = |k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), Value::String(v.clone()));
+            }
+        };
+        s("python", &self.python);
+        s("memory_limit", &self.memory_limit);
+        s("memory", &self.memory);
+        s("walltime", &self.walltime);
+        s("queue", &self.queue);
+        s("account", &self.account);
+        s("contact_address", &self.contact_address);
+        for (k, v) in [("nthreads", self.nthreads), ("processes", self.processes), ("cores", self.cores)] {
+            if let Some(v) = v {
+                m.insert(k.to_string(), Value::Number(v.into()));
+            }
+        }
+        let list = |v: &[String]| Value::Sequence(v.iter().cloned().map(Value::String).collect());
+        if !self.job_extra.is_empty() {
+            m.insert("job_extra".into(), list(&self.job_extra));
+        }
+        if !self.prologue.is_empty() {
+            m.insert("prologue".into(), list(&self.prologue));
+        }
+        if let Some(a) = &self.worker_extra_args {
+            let words: Vec<String> = a.split_whitespace().map(String::from).collect();
+            m.insert("worker_extra_args".into(), list(&words));
+        }
+        m
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn check_backend(b: &str) -> Result<()> {
+    if BACKENDS.contains(&b) {
+        Ok(())
+    } else if PLANNED.contains(&b) {
+        bail!("the {b} backend is not available in this version of dask-ctl (available: {})", BACKENDS.join(", "))
+    } else {
+        bail!("unknown backend {b:?} (available: {})", BACKENDS.join(", "))
+    }
+}
+
+/// The Python must exist and import dask_rs.
+fn check_python(python: &str) -> Result<String> {
+    let path = config::which(python).ok_or_else(|| anyhow!("python {python:?} not found (set --python)"))?;
+    let out = Command::new(&path)
+        .args(["-c", "import dask_rs"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", path.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("").trim();
+        bail!("{} cannot import dask_rs ({last}); install dask-rs into it or choose another --python", path.display());
+    }
+    Ok(path.to_string_lossy().into_owned())
+}
+
+fn random_suffix() -> String {
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
+    format!("{:04x}", n & 0xffff)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `dask-ctl up`.
+pub fn up(args: UpArgs) -> Result<()> {
+    check_backend(&args.backend)?;
+    let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", args.backend, random_suffix()));
+    registry::check_name(&name)?;
+    let dir = registry::dir(&name);
+    if dir.join("cluster.json").exists() {
+        let rec = ClusterRecord::load(&dir)?;
+        if rec.manager_alive() {
+            bail!(
+                "a cluster named {name:?} already exists ({}); choose another --name or run `dask-ctl down {name}`",
+                rec.address.unwrap_or_default()
+            );
+        }
+        bail!(
+            "a cluster named {name:?} is registered but its manager is not running; run `dask-ctl down {name}` first"
+        );
+    }
+    let file = args.config.clone().or_else(config::default_file);
+    let mut merged = config::merge(&args.backend, file.as_deref(), &args.flags())?;
+    merged.options.python = check_python(&merged.options.python)?;
+    if args.port != 0 {
+        std::net::TcpListener::bind((args.host.as_str(), args.port))
+            .map_err(|e| anyhow!("port {} on {} is not available: {e}", args.port, args.host))?;
+    }
+    let (workers, adapt) = if args.adapt {
+        if args.maximum < args.minimum {
+            bail!("--maximum {} is below --minimum {}", args.maximum, args.minimum);
+        }
+        (None, Some((args.minimum, args.maximum)))
+    } else {
+        let default = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (Some(args.workers.unwrap_or(default)), None)
+    };
+    let rec = ClusterRecord {
+        name: name.clone(),
+        backend: args.backend.clone(),
+        created: unix_now(),
+        options: merged.options,
+        workers,
+        adapt,
+        host: args.host.clone(),
+        port: args.port,
+        address: None,
+        dashboard: None,
+        manager_pid: None,
+        manager_start: None,
+    };
+    std::fs::create_dir_all(registry::log_dir(&dir)).with_context(|| format!("creating {}", dir.display()))?;
+    rec.save(&dir)?;
+
+    // The manager runs detached in its own session, so closing this shell
+    // (or Ctrl-C here) does not stop the cluster.
+    let log_path = registry::log_dir(&dir).join("manager.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("manager").arg(&dir).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the cluster manager")?;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let address = loop {
+        if let Some(status) = child.try_wait()? {
+            let log = tail(&log_path, 20);
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("the cluster manager exited ({status}):\n{log}");
+        }
+        if let Some(a) = ClusterRecord::load(&dir).ok().and_then(|r| r.address) {
+            break a;
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster manager did not start its scheduler within 30 s; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if let Some(n) = workers.filter(|n| *n > 0) {
+        wait_for_workers(&name, &address, n, args.timeout)?;
+    }
+    println!("Cluster {name} is up ({} backend)", rec.backend);
+    println!("  scheduler: {address}");
+    println!("  dashboard: not served by this version");
+    match (workers, adapt) {
+        (Some(n), _) => println!("  workers:   {n} (fixed; `dask-ctl scale {name} N` to change)"),
+        (_, Some((lo, hi))) => println!("  workers:   adaptive, {lo} to {hi}"),
+        _ => {}
+    }
+    println!();
+    print!("{}", snippet_text(&name, &address));
+    Ok(())
+}
+
+fn wait_for_workers(name: &str, address: &str, n: usize, timeout: Duration) -> Result<()> {
+    let core = ClientCore::connect(address, "dask-ctl", Duration::from_secs(10))?;
+    let deadline = Instant::now() + timeout;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last = usize::MAX;
+    loop {
+        let have = match core.info()? {
+            Reply::Info { workers, .. } => workers.len(),
+            _ => 0,
+        };
+        if have != last {
+            if tty {
+                eprint!("\rworkers connected: {have}/{n}");
+            } else {
+                eprintln!("workers connected: {have}/{n}");
+            }
+            let _ = std::io::stderr().flush();
+            last = have;
+        }
+        if have >= n {
+            if tty {
+                eprintln!();
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            if tty {
+                eprintln!();
+            }
+            bail!(
+                "only {have} of {n} workers connected within {}; the cluster stays up: see `dask-ctl status {name}` \
+                 and `dask-ctl logs {name}`",
+                humantime::format_duration(timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn snippet_text(name: &str, address: &str) -> String {
+    format!("    from dask_rs import Client\n    client = Client(\"{name}\")  # or Client(\"{address}\")\n")
+}
+
+/// A live cluster's status, or why there is none.
+fn live_status(dir: &Path, rec: &ClusterRecord) -> Result<Status> {
+    if !rec.manager_alive() {
+        bail!(
+            "the manager of {} is not running (pid {:?}); `dask-ctl down {}` cleans up",
+            rec.name,
+            rec.manager_pid,
+            rec.name
+        );
+    }
+    let r = control::request(dir, &Request::Status, Duration::from_secs(5))?;
+    r.status.ok_or_else(|| anyhow!("{}", r.error))
+}
+
+fn fmt_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+fn fmt_age(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// `dask-ctl list`.
+pub fn list(json: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for (dir, rec) in registry::list() {
+        let st = live_status(&dir, &rec);
+        let status = match (&st, rec.manager_alive()) {
+            (Ok(_), _) => "running".to_string(),
+            (Err(_), true) => "unresponsive".to_string(),
+            (Err(_), false) => "dead".to_string(),
+        };
+        rows.push((rec, st.ok(), status));
+    }
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(rec, st, status)| {
+                serde_json::json!({
+                    "name": rec.name,
+                    "backend": rec.backend,
+                    "address": rec.address,
+                    "dashboard": rec.dashboard,
+                    "workers": st.as_ref().map_or(0, |s| s.running),
+                    "pending": st.as_ref().map_or(0, |s| s.pending),
+                    "threads": st.as_ref().map_or(0, |s| s.threads),
+                    "memory": st.as_ref().map_or(0, |s| s.memory_limit),
+                    "tasks": st.as_ref().map_or(0, |s| s.tasks),
+                    "policy": st.as_ref().map(|s| s.policy.clone()),
+                    "created": rec.created,
+                    "status": status,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("No clusters. Start one with `dask-ctl up`.");
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<8} {:<24} {:>9} {:>7} {:>10} {:>7} {:>6}  STATUS",
+        "NAME", "BACKEND", "ADDRESS", "WORKERS", "THREADS", "MEMORY", "TASKS", "AGE"
+    );
+    let now = unix_now();
+    for (rec, st, status) in rows {
+        let (workers, threads, memory, tasks) = match &st {
+            Some(s) => (
+                format!("{}/{}", s.running, s.pending),
+                s.threads.to_string(),
+                fmt_bytes(s.memory_limit),
+                s.tasks.to_string(),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<20} {:<8} {:<24} {:>9} {:>7} {:>10} {:>7} {:>6}  {status}",
+            rec.name,
+            rec.backend,
+            rec.address.clone().unwrap_or_else(|| "-".into()),
+            workers,
+            threads,
+            memory,
+            tasks,
+            fmt_age(now - rec.created)
+        );
+    }
+    println!("(WORKERS = running/pending)");
+    Ok(())
+}
+
+/// `dask-ctl status NAME`.
+pub fn status(name: &str, json: bool) -> Result<()> {
+    let (dir, rec) = registry::find(name)?;
+    let st = live_status(&dir, &rec)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!("Cluster {} ({} backend), up {}", st.name, st.backend, fmt_age(unix_now() - rec.created));
+    println!("  scheduler: {}", st.address);
+    println!("  scaling:   {}", st.policy);
+    println!(
+        "  workers:   {} running, {} pending; {} threads, {} memory limit, {} managed",
+        st.running,
+        st.pending,
+        st.threads,
+        fmt_bytes(st.memory_limit),
+        fmt_bytes(st.managed)
+    );
+    println!("  tasks:     {}", st.tasks);
+    println!();
+    println!(
+        "{:<24} {:<9} {:<24} {:>7} {:>10} {:>10} {:>10}  DETAIL",
+        "WORKER", "STATE", "ADDRESS", "THREADS", "MEMORY", "MANAGED", "PROCESSING"
+    );
+    for w in &st.workers {
+        println!(
+            "{:<24} {:<9} {:<24} {:>7} {:>10} {:>10} {:>10}  {}",
+            w.name,
+            w.state,
+            if w.address.is_empty() { "-" } else { &w.address },
+            w.nthreads,
+            fmt_bytes(w.memory_limit),
+            fmt_bytes(w.managed),
+            w.processing,
+            w.detail
+        );
+    }
+    if !st.decisions.is_empty() {
+        println!();
+        println!("Recent scaling decisions:");
+        for d in st.decisions.iter().rev().take(10).rev() {
+            println!(
+                "  {:>6} ago  {:<14} target {:<3} requested {:<3} running {:<3} pending {:<3} {}",
+                fmt_age(unix_now() - d.time),
+                d.kind,
+                d.target,
+                d.requested,
+                d.running,
+                d.pending,
+                d.reason
+            );
+        }
+    }
+    Ok(())
+}
+
+fn send(name: &str, req: Request) -> Result<()> {
+    let (dir, rec) = registry::find(name)?;
+    if !rec.manager_alive() {
+        bail!("the manager of {name} is not running; `dask-ctl down {name}` cleans up");
+    }
+    let r = control::request(&dir, &req, Duration::from_secs(30))?;
+    if !r.ok {
+        bail!("{}", r.error);
+    }
+    Ok(())
+}
+
+/// `dask-ctl scale NAME N`.
+pub fn scale(name: &str, n: usize) -> Result<()> {
+    send(name, Request::Scale { n })?;
+    println!("Scaling {name} to {n} workers");
+    Ok(())
+}
+
+/// `dask-ctl adapt NAME --minimum A --maximum B`.
+pub fn adapt(name: &str, minimum: usize, maximum: usize) -> Result<()> {
+    if maximum < minimum {
+        bail!("--maximum {maximum} is below --minimum {minimum}");
+    }
+    send(name, Request::Adapt { minimum, maximum })?;
+    println!("Scaling {name} adaptively between {minimum} and {maximum} workers");
+    Ok(())
+}
+
+/// `dask-ctl down NAME`: through the manager when it runs, from the
+/// registry's records when it does not; then checks nothing is left.
+pub fn down(name: &str) -> Result<()> {
+    let (dir, rec) = registry::find(name)?;
+    let owned = registry::load_owned(&dir);
+    let mut notes = Vec::new();
+    if rec.manager_alive() {
+        let pid = rec.manager_pid.expect("alive implies a pid");
+        match control::request(&dir, &Request::Down, Duration::from_secs(120)) {
+            Ok(r) if !r.ok => notes.push(r.error),
+            Ok(_) => {}
+            Err(e) => notes.push(format!("manager did not answer ({e}); stopping it")),
+        }
+        if deployers::process::terminate(pid, rec.manager_start, Duration::from_secs(30)).is_err() {
+            notes.push(format!("manager pid {pid} would not stop"));
+        }
+    } else {
+        println!("The manager of {name} is not running; removing what it started");
+    }
+    for e in deployers::cleanup(&owned) {
+        notes.push(e);
+    }
+    let alive = deployers::any_alive(&owned);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    for n in &notes {
+        eprintln!("warning: {n}");
+    }
+    if !alive.is_empty() {
+        bail!("still running after down: {}", alive.join(", "));
+    }
+    println!("Cluster {name} is down ({} worker process(es) stopped, scheduler stopped)", owned.len());
+    Ok(())
+}
+
+/// `dask-ctl logs NAME [WORKER]`.
+pub fn logs(name: &str, worker: Option<&str>) -> Result<()> {
+    let (dir, _) = registry::find(name)?;
+    let logs = registry::log_dir(&dir);
+    let file = logs.join(format!("{}.log", worker.unwrap_or("manager")));
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            print!("{text}");
+            Ok(())
+        }
+        Err(_) => {
+            let mut known: Vec<String> = std::fs::read_dir(&logs)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".log")).map(String::from))
+                        .filter(|n| n != "manager")
+                        .collect()
+                })
+                .unwrap_or_default();
+            known.sort();
+            bail!("no log for {:?} in {name} (workers with logs: {})", worker.unwrap_or("manager"), known.join(", "))
+        }
+    }
+}
+
+/// `dask-ctl snippet NAME`.
+pub fn snippet(name: &str) -> Result<()> {
+    let (_, rec) = registry::find(name)?;
+    let address = rec.address.ok_or_else(|| anyhow!("{name} has no scheduler address yet"))?;
+    print!("{}", snippet_text(name, &address));
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The cluster manager: the detached process `dask-ctl up` starts. It runs
+//! the scheduler, the backend and the Adaptive controller, answers the
+//! control socket, and on `down` (or SIGTERM) removes every worker it owns,
+//! stops the scheduler and deletes the cluster's registry entry.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use adaptive::{tick, ClusterView, Controller, ControllerConfig, DaskAdaptive, Fixed, Policy, Retirer, WorkerStatus};
+use anyhow::{Context, Result};
+use cluster::client::ClientCore;
+use cluster::protocol::EventsUpdate;
+use cluster::scheduler::{self, SchedulerConfig};
+use deployers::local::LocalBackend;
+use deployers::Deployer;
+
+use crate::control::{Request, Response, Status, WorkerRow};
+use crate::registry::{self, ClusterRecord};
+
+type Command = (Request, SyncSender<Response>);
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Retires through the scheduler, so data moves off first.
+struct SchedulerRetirer<'a>(&'a ClientCore);
+
+impl Retirer for SchedulerRetirer<'_> {
+    fn retire(&mut self, workers: &[String]) -> Result<Vec<String>, String> {
+        let (retired, failed) =
+            self.0.retire_workers(workers.to_vec(), Duration::from_secs(120)).map_err(|e| e.to_string())?;
+        for (name, why) in &failed {
+            tracing::warn!("could not retire {name}: {why}");
+        }
+        if retired.is_empty() && !failed.is_empty() {
+            return Err(failed.into_iter().map(|(n, w)| format!("{n}: {w}")).collect::<Vec<_>>().join("; "));
+        }
+        Ok(retired)
+    }
+}
+
+fn policy_for(rec: &ClusterRecord) -> Box<dyn Policy> {
+    match rec.adapt {
+        Some((lo, hi)) => Box::new(DaskAdaptive::new(lo, hi, rec.options.nthreads)),
+        None => Box::new(Fixed(rec.workers.unwrap_or(0))),
+    }
+}
+
+/// Run the manager of the cluster registered in `dir` until `down`.
+pub fn run(dir: PathBuf) -> Result<()> {
+    let mut rec = ClusterRecord::load(&dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let sched = rt
+        .block_on(scheduler::start(&rec.host, rec.port, SchedulerConfig::default()))
+        .with_context(|| format!("cannot listen on {}:{}", rec.host, rec.port))?;
+    let address = sched.address.clone();
+    let (tx, rx) = sync_channel::<Command>(16);
+    serve_control(&dir, tx.clone())?;
+    {
+        let tx = tx.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            let (reply, _) = sync_channel(1);
+            let _ = tx.try_send((Request::Down, reply));
+        });
+    }
+    let core = ClientCore::connect(&address, "dask-ctl-manager", Duration::from_secs(10))?;
+    core.subscribe(Duration::from_millis(250))?;
+    rec.address = Some(address.clone());
+    rec.manager_pid = Some(std::process::id());
+    rec.manager_start = deployers::process::start_time(std::process::id());
+    rec.save(&dir)?;
+    println!("manager of {} ({} backend): scheduler at {address}", rec.name, rec.backend);
+
+    let mut backend: Box<dyn Deployer> = match rec.backend.as_str() {
+        "local" => Box::new(LocalBackend::new(rec.options.clone(), &address, &rec.name, registry::log_dir(&dir))),
+        other => anyhow::bail!("backend {other:?} is not available"),
+    };
+    let mut ctrl = Controller::new(policy_for(&rec), ControllerConfig::default());
+    let mut latest = EventsUpdate::default();
+    let mut owned_saved = Vec::new();
+    let interval = Duration::from_secs_f64(ctrl.config().interval);
+    let mut next_tick = Instant::now();
+    let down_reply = loop {
+        match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            Ok((req, reply)) => match req {
+                Request::Down => break Some(reply),
+                Request::Status => {
+                    if let Some(u) = core.take_events(Duration::ZERO).pop() {
+                        latest = u;
+                    }
+                    let _ = reply.send(Response::ok(Some(status(&rec, &ctrl, &mut *backend, &latest))));
+                }
+                Request::Scale { n } => {
+                    rec.workers = Some(n);
+                    rec.adapt = None;
+                    ctrl.set_policy(policy_for(&rec));
+                    let _ = rec.save(&dir);
+                    next_tick = Instant::now();
+                    let _ = reply.send(Response::ok(None));
+                }
+                Request::Adapt { minimum, maximum } => {
+                    if maximum < minimum {
+                        let _ = reply.send(Response::err(format!("maximum {maximum} is below minimum {minimum}")));
+                        continue;
+                    }
+                    rec.workers = None;
+                    rec.adapt = Some((minimum, maximum));
+                    ctrl.set_policy(policy_for(&rec));
+                    let _ = rec.save(&dir);
+                    next_tick = Instant::now();
+                    let _ = reply.send(Response::ok(None));
+                }
+            },
+            Err(RecvTimeoutError::Timeout) => {
+                next_tick = Instant::now() + interval;
+                if let Some(u) = core.take_events(Duration::ZERO).pop() {
+                    latest = u;
+                }
+                let view = ClusterView::from(&latest);
+                tick(&mut ctrl, unix_now(), &view, &mut *backend, &mut SchedulerRetirer(&core));
+                let owned = backend.owned();
+                if owned != owned_saved {
+                    let _ = registry::save_owned(&dir, &owned);
+                    owned_saved = owned;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break None,
+        }
+    };
+    println!("shutting down {}", rec.name);
+    if let Err(e) = backend.close() {
+        eprintln!("{e}");
+    }
+    let leftovers = deployers::cleanup(&backend.owned());
+    for l in &leftovers {
+        eprintln!("could not stop {l}");
+    }
+    sched.stop();
+    rt.block_on(sched.wait());
+    drop(core);
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(reply) = down_reply {
+        let _ = reply.send(if leftovers.is_empty() { Response::ok(None) } else { Response::err(leftovers.join("; ")) });
+    }
+    // Give the control thread a moment to write the answer.
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(())
+}
+
+fn status(rec: &ClusterRecord, ctrl: &Controller, backend: &mut dyn Deployer, latest: &EventsUpdate) -> Status {
+    let records = backend.workers().unwrap_or_default();
+    let mut rows = Vec::new();
+    let mut running = 0;
+    let mut pending = 0;
+    for r in records.iter().filter(|r| r.status != WorkerStatus::Failed) {
+        let w = latest.workers.iter().find(|w| w.name == r.name);
+        let state = match w {
+            Some(w) if w.retiring => "retiring",
+            Some(_) => "running",
+            None => "pending",
+        };
+        if w.is_some() {
+            running += 1;
+        } else {
+            pending += 1;
+        }
+        rows.push(WorkerRow {
+            name: r.name.clone(),
+            state: state.into(),
+            detail: r.detail.clone(),
+            address: w.map(|w| w.address.clone()).unwrap_or_default(),
+            nthreads: w.map_or(rec.options.nthreads, |w| w.nthreads),
+            memory_limit: w.map_or(0, |w| w.memory_limit),
+            managed: w.map_or(0, |w| w.managed),
+            processing: w.map_or(0, |w| w.processing),
+        });
+    }
+    for w in latest.workers.iter().filter(|w| !records.iter().any(|r| r.name == w.name)) {
+        rows.push(WorkerRow {
+            name: w.name.clone(),
+            state: "external".into(),
+            detail: format!("pid {}", w.pid),
+            address: w.address.clone(),
+            nthreads: w.nthreads,
+            memory_limit: w.memory_limit,
+            managed: w.managed,
+            processing: w.processing,
+        });
+    }
+    let decisions: Vec<_> = ctrl.decisions().cloned().collect();
+    Status {
+        name: rec.name.clone(),
+        backend: rec.backend.clone(),
+        address: rec.address.clone().unwrap_or_default(),
+        dashboard: rec.dashboard.clone(),
+        policy: ctrl.policy().describe(),
+        requested: running + pending,
+        running,
+        pending,
+        threads: latest.workers.iter().map(|w| w.nthreads as u64).sum(),
+        memory_limit: latest.workers.iter().map(|w| w.memory_limit).sum(),
+        managed: latest.workers.iter().map(|w| w.managed).sum(),
+        tasks: latest.ntasks,
+        workers: rows,
+        decisions: decisions[decisions.len().saturating_sub(50)..].to_vec(),
+    }
+}
+
+/// Accept control connections on a thread; each request goes to the
+/// controller loop, which answers through a channel.
+fn serve_control(dir: &Path, tx: SyncSender<Command>) -> Result<()> {
+    let path = registry::socket(dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let tx = Arc::new(Mutex::new(tx));
+    std::thread::Builder::new().name("dask-ctl-control".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                if BufReader::new(&conn).read_line(&mut line).is_err() {
+                    return;
+                }
+                let response = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let (reply_tx, reply_rx): (SyncSender<Response>, Receiver<Response>) = sync_channel(1);
+                        let sent = tx.lock().map(|t| t.send((req, reply_tx)).is_ok()).unwrap_or(false);
+                        if !sent {
+                            Response::err("the manager is shutting down")
+                        } else {
+                            reply_rx
+                                .recv_timeout(Duration::from_secs(300))
+                                .unwrap_or_else(|_| Response::err("no answer"))
+                        }
+                    }
+                    Err(e) => Response::err(format!("bad request: {e}")),
+                };
+                let mut out = serde_json::to_string(&response).unwrap_or_default();
+                out.push('\n');
+                let _ = (&conn).write_all(out.as_bytes());
+            });
+        }
+    })?;
+    Ok(())
+}

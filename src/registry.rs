@@ -1,0 +1,125 @@
+//! The cluster registry: one directory per cluster under
+//! `$XDG_STATE_HOME/dask-rs/clusters/NAME` (or `~/.local/state/...`), holding
+//! `cluster.json` (what `up` asked for and where the manager and scheduler
+//! are), `owned.json` (what the backend started, for cleanup after a crash),
+//! the manager's control socket and the logs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use deployers::{Owned, WorkerOptions};
+use serde::{Deserialize, Serialize};
+
+/// `cluster.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub name: String,
+    pub backend: String,
+    /// Unix time `up` ran.
+    pub created: f64,
+    pub options: WorkerOptions,
+    /// Fixed size, or `None` when adaptive.
+    pub workers: Option<usize>,
+    pub adapt: Option<(usize, usize)>,
+    /// Interface and port the scheduler listens on.
+    pub host: String,
+    pub port: u16,
+    /// Filled in by the manager once the scheduler listens.
+    pub address: Option<String>,
+    pub dashboard: Option<String>,
+    pub manager_pid: Option<u32>,
+    pub manager_start: Option<u64>,
+}
+
+/// Where registries live.
+pub fn root() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/state")
+    });
+    base.join("dask-rs").join("clusters")
+}
+
+/// The directory of cluster `name`.
+pub fn dir(name: &str) -> PathBuf {
+    root().join(name)
+}
+
+/// Cluster names are used as directory and worker names.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 40
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || name.starts_with('-')
+    {
+        bail!("invalid cluster name {name:?}: use up to 40 letters, digits, '-' and '_'");
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+impl ClusterRecord {
+    pub fn load(dir: &Path) -> Result<ClusterRecord> {
+        let path = dir.join("cluster.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_atomic(&dir.join("cluster.json"), &serde_json::to_vec_pretty(self)?)
+    }
+
+    /// Whether the manager process recorded here still runs.
+    pub fn manager_alive(&self) -> bool {
+        self.manager_pid.is_some_and(|pid| deployers::process::is_alive(pid, self.manager_start))
+    }
+}
+
+/// Cluster `name`, or a clear error listing what exists.
+pub fn find(name: &str) -> Result<(PathBuf, ClusterRecord)> {
+    let d = dir(name);
+    if !d.join("cluster.json").exists() {
+        let known: Vec<String> = list().into_iter().map(|(_, r)| r.name).collect();
+        if known.is_empty() {
+            bail!("no cluster named {name:?} (no clusters are registered in {})", root().display());
+        }
+        bail!("no cluster named {name:?} (known: {})", known.join(", "));
+    }
+    let rec = ClusterRecord::load(&d)?;
+    Ok((d, rec))
+}
+
+/// Every registered cluster, by name.
+pub fn list() -> Vec<(PathBuf, ClusterRecord)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(root()) {
+        for e in rd.flatten() {
+            if let Ok(rec) = ClusterRecord::load(&e.path()) {
+                out.push((e.path(), rec));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    out
+}
+
+pub fn load_owned(dir: &Path) -> Vec<Owned> {
+    std::fs::read_to_string(dir.join("owned.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
+pub fn save_owned(dir: &Path, owned: &[Owned]) -> Result<()> {
+    write_atomic(&dir.join("owned.json"), &serde_json::to_vec_pretty(owned)?)
+}
+
+pub fn socket(dir: &Path) -> PathBuf {
+    dir.join("control.sock")
+}
+
+pub fn log_dir(dir: &Path) -> PathBuf {
+    dir.join("logs")
+}
