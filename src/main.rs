@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start a cluster (scheduler, workers and scaling) that outlives this shell.
-    Up(ctl::UpArgs),
+    Up(Box<ctl::UpArgs>),
     /// List registered clusters.
     List {
         /// Print a JSON array instead of a table.
@@ -130,7 +130,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     match cli.command {
-        Command::Up(args) => ctl::up(args),
+        Command::Up(args) => ctl::up(*args),
         Command::List { json } => ctl::list(json),
         Command::Status { name, json } => ctl::status(&name, json),
         Command::Scale { name, workers } => ctl::scale(&name, workers),

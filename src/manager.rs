@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use adaptive::{tick, ClusterView, Controller, ControllerConfig, DaskAdaptive, Fixed, Policy, Retirer, WorkerStatus};
 use anyhow::{Context, Result};
-use cluster::client::ClientCore;
+use cluster::client::{ClientCore, Reply};
 use cluster::protocol::EventsUpdate;
 use cluster::scheduler::{self, SchedulerConfig};
 use deployers::local::LocalBackend;
@@ -94,10 +94,13 @@ pub fn run(dir: PathBuf) -> Result<()> {
             Ok((req, reply)) => match req {
                 Request::Down => break Some(reply),
                 Request::Status => {
-                    if let Some(u) = core.take_events(Duration::ZERO).pop() {
-                        latest = u;
+                    // Ask the scheduler now rather than use the last event update.
+                    let mut fresh = latest.clone();
+                    if let Ok(Reply::Info { workers, ntasks, .. }) = core.info() {
+                        fresh.workers = workers;
+                        fresh.ntasks = ntasks;
                     }
-                    let _ = reply.send(Response::ok(Some(status(&rec, &ctrl, &mut *backend, &latest))));
+                    let _ = reply.send(Response::ok(Some(status(&rec, &ctrl, &mut *backend, &fresh))));
                 }
                 Request::Scale { n } => {
                     rec.workers = Some(n);

@@ -259,6 +259,33 @@ class _Datasets:
         return len(self._client.list_datasets())
 
 
+def registry_dir() -> str:
+    """Where ``dask-ctl up`` records clusters (``$XDG_STATE_HOME/dask-rs/clusters``)."""
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "dask-rs", "clusters")
+
+
+def cluster_address(name: str) -> str:
+    """The scheduler address of the cluster ``dask-ctl up`` registered as ``name``."""
+    import json
+    import os
+
+    path = os.path.join(registry_dir(), name, "cluster.json")
+    try:
+        with open(path) as f:
+            address = json.load(f).get("address")
+    except FileNotFoundError:
+        raise ValueError(
+            f"{name!r} is neither an address (tcp://HOST:PORT) nor a cluster registered by dask-ctl "
+            f"(nothing at {path}; see `dask-ctl list`)"
+        ) from None
+    if not address:
+        raise ValueError(f"cluster {name!r} is still starting (no scheduler address yet)")
+    return address
+
+
 class Client:
     """Connect to a dask-rs scheduler and run work on its workers.
 
@@ -312,6 +339,8 @@ class Client:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} when connecting to an address")
         if not isinstance(address, str):
             raise TypeError(f"address must be a string or a cluster, got {type(address).__name__}")
+        if "://" not in address and ":" not in address:
+            address = cluster_address(address)
         if "://" not in address:
             address = f"tcp://{address}"
         self.id = name or f"Client-{uuid.uuid4()}"
