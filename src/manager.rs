@@ -100,7 +100,7 @@ pub fn run(dir: PathBuf) -> Result<()> {
                         fresh.workers = workers;
                         fresh.ntasks = ntasks;
                     }
-                    let _ = reply.send(Response::ok(Some(status(&rec, &ctrl, &mut *backend, &fresh))));
+                    let _ = reply.send(Response::ok(Some(status(&rec, &mut ctrl, &mut *backend, &fresh))));
                 }
                 Request::Scale { n } => {
                     rec.workers = Some(n);
@@ -159,8 +159,10 @@ pub fn run(dir: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn status(rec: &ClusterRecord, ctrl: &Controller, backend: &mut dyn Deployer, latest: &EventsUpdate) -> Status {
+fn status(rec: &ClusterRecord, ctrl: &mut Controller, backend: &mut dyn Deployer, latest: &EventsUpdate) -> Status {
     let records = backend.workers().unwrap_or_default();
+    // The backend reports a failure once: the controller must still see it.
+    ctrl.note_failures(unix_now(), &records);
     let mut rows = Vec::new();
     let mut running = 0;
     let mut pending = 0;

@@ -159,9 +159,10 @@ impl Controller {
         self.record(now, kind, target, format!("{reason}; retrying in {delay:.0} s"));
     }
 
-    /// Decide what to do given the scheduler's view and the backend's workers.
-    pub fn step(&mut self, now: f64, view: &ClusterView, records: &[WorkerRecord]) -> Action {
-        let connected: HashSet<&str> = view.workers.iter().map(|w| w.name.as_str()).collect();
+    /// Log (and back off for) the `Failed` records among `records`. `step`
+    /// does this itself; call it for records read outside `step`, since a
+    /// backend reports each failure only once.
+    pub fn note_failures(&mut self, now: f64, records: &[WorkerRecord]) {
         for r in records.iter().filter(|r| r.status == WorkerStatus::Failed) {
             if self.ever_connected.contains(&r.name) {
                 self.record(
@@ -175,6 +176,12 @@ impl Controller {
             }
             self.ever_connected.remove(&r.name);
         }
+    }
+
+    /// Decide what to do given the scheduler's view and the backend's workers.
+    pub fn step(&mut self, now: f64, view: &ClusterView, records: &[WorkerRecord]) -> Action {
+        self.note_failures(now, records);
+        let connected: HashSet<&str> = view.workers.iter().map(|w| w.name.as_str()).collect();
         let live: Vec<&WorkerRecord> = records.iter().filter(|r| r.status != WorkerStatus::Failed).collect();
         let mut running = Vec::new();
         let mut pending = Vec::new();
@@ -402,27 +409,7 @@ mod tests {
     }
 
     fn view(names: &[String], queued_tasks: u64) -> ClusterView {
-        let workers = names
-            .iter()
-            .map(|n| WorkerInfo {
-                address: format!("tcp://h/{n}"),
-                name: n.clone(),
-                nthreads: 1,
-                memory_limit: 1 << 30,
-                pid: 1,
-                managed: 0,
-                rss: 0,
-                spilled: 0,
-                executing: 0,
-                ready: 0,
-                processing: 0,
-                nkeys: 0,
-                bytes_in: 0,
-                bytes_out: 0,
-                retiring: false,
-                occupancy: 0.0,
-            })
-            .collect();
+        let workers = names.iter().map(|n| WorkerInfo::new(n.clone(), format!("tcp://h/{n}"), 1, 1 << 30)).collect();
         let load =
             LoadSummary { queued: queued_tasks, queued_occupancy: queued_tasks as f64 * 0.5, ..Default::default() };
         ClusterView { workers, load }
@@ -532,6 +519,19 @@ mod tests {
         // Without back-off it would resubmit every 2 s (30 times).
         assert!(b.scale_ups <= 7, "{} submissions", b.scale_ups);
         assert!(c.decisions().any(|d| d.kind == "worker_failed" && d.reason.contains("before connecting")));
+    }
+
+    #[test]
+    fn failures_read_outside_a_step_still_count() {
+        // A status display reads the backend between checks; the failure it
+        // consumed must still reach the controller.
+        let mut c = Controller::new(Box::new(Fixed(1)), ControllerConfig::default());
+        let rec = WorkerRecord { name: "w0".into(), status: WorkerStatus::Failed, detail: "exit status 1".into() };
+        c.note_failures(5.0, &[rec]);
+        assert_eq!(c.failures(), 1);
+        // Backing off: no scale-up until 6 s.
+        assert_eq!(c.step(5.5, &ClusterView::default(), &[]), Action::Hold);
+        assert_eq!(c.step(6.0, &ClusterView::default(), &[]), Action::ScaleUp(1));
     }
 
     #[test]

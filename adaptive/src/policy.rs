@@ -113,24 +113,7 @@ mod tests {
     use cluster::protocol::{LoadSummary, WorkerInfo};
 
     fn worker(name: &str, nthreads: u32, managed: u64, limit: u64) -> WorkerInfo {
-        WorkerInfo {
-            address: format!("tcp://h/{name}"),
-            name: name.into(),
-            nthreads,
-            memory_limit: limit,
-            pid: 1,
-            managed,
-            rss: 0,
-            spilled: 0,
-            executing: 0,
-            ready: 0,
-            processing: 0,
-            nkeys: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            retiring: false,
-            occupancy: 0.0,
-        }
+        WorkerInfo { managed, ..WorkerInfo::new(name, format!("tcp://h/{name}"), nthreads, limit) }
     }
 
     #[test]

@@ -177,6 +177,31 @@ pub struct WorkerInfo {
     pub occupancy: f64,
 }
 
+impl WorkerInfo {
+    /// An idle worker with nothing in memory (for simulations and tests;
+    /// the scheduler fills in every field).
+    pub fn new(name: impl Into<String>, address: impl Into<String>, nthreads: u32, memory_limit: u64) -> Self {
+        WorkerInfo {
+            address: address.into(),
+            name: name.into(),
+            nthreads,
+            memory_limit,
+            pid: 0,
+            managed: 0,
+            rss: 0,
+            spilled: 0,
+            executing: 0,
+            ready: 0,
+            processing: 0,
+            nkeys: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            retiring: false,
+            occupancy: 0.0,
+        }
+    }
+}
+
 /// One finished task, for the task stream.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct TaskStreamRecord {

@@ -1491,9 +1491,12 @@ impl SchedulerState {
 
     /// Every worker, as clients and monitors see it.
     pub fn worker_infos(&self) -> Vec<WorkerInfo> {
-        // Per-worker occupancy uses the cluster-wide mean of processing work,
-        // which costs O(groups) instead of O(processing tasks).
-        let load = self.load();
+        self.worker_infos_with(&self.load())
+    }
+
+    /// Per-worker occupancy uses the cluster-wide mean of processing work
+    /// (`load`), which costs O(groups) instead of O(processing tasks).
+    fn worker_infos_with(&self, load: &LoadSummary) -> Vec<WorkerInfo> {
         let per_task = if load.processing > 0 { load.occupancy / load.processing as f64 } else { 0.0 };
         self.worker_order
             .iter()
@@ -1686,6 +1689,7 @@ impl SchedulerState {
                 nbytes: g.nbytes,
             })
             .collect();
+        let load = self.load();
         cursor.stream_seen = self.stream_total;
         cursor.version_seen = self.version;
         cursor.started = true;
@@ -1694,9 +1698,9 @@ impl SchedulerState {
             stream,
             stream_dropped: dropped,
             groups,
-            workers: self.worker_infos(),
+            workers: self.worker_infos_with(&load),
             ntasks: self.keys.len() as u64,
-            load: self.load(),
+            load,
         }
     }
 
