@@ -107,6 +107,10 @@ pub fn merge(backend: &str, file: Option<&Path>, flags: &BTreeMap<String, Value>
         if let Ok(text) = std::env::var(&var) {
             let v: Value = if STRING_KEYS.contains(&k.as_str()) {
                 Value::String(text)
+            } else if k == "hosts" {
+                Value::Sequence(
+                    text.split([',', ' ']).filter(|h| !h.is_empty()).map(|h| Value::String(h.into())).collect(),
+                )
             } else {
                 serde_yaml_ng::from_str(&text).with_context(|| format!("{var}: cannot parse {text:?}"))?
             };
@@ -132,7 +136,7 @@ pub fn merge(backend: &str, file: Option<&Path>, flags: &BTreeMap<String, Value>
 }
 
 fn is_list_key(k: &str) -> bool {
-    matches!(k, "job_extra" | "prologue" | "worker_extra_args" | "hosts")
+    matches!(k, "job_extra" | "prologue" | "worker_extra_args" | "hosts" | "ssh_args")
 }
 
 /// `config show`: one line per key with its value and source.

@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cluster::client::{ClientCore, Reply};
 use serde_yaml_ng::Value;
 
 use crate::config;
@@ -20,13 +19,13 @@ use crate::registry::{self, ClusterRecord};
 /// Adaptive maximum when `--maximum` is not given: scaling is always bounded.
 pub const DEFAULT_MAXIMUM: usize = 16;
 
-const BACKENDS: &[&str] = &["local"];
-const PLANNED: &[&str] = &["ssh", "slurm", "sge", "kubernetes", "marathon"];
+const BACKENDS: &[&str] = &["local", "ssh"];
+const PLANNED: &[&str] = &["slurm", "sge", "kubernetes", "marathon"];
 
 /// `dask-ctl up`.
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// Where workers run: local.
+    /// Where workers run: local or ssh.
     #[arg(long, default_value = "local")]
     backend: String,
     /// Cluster name (default: BACKEND-XXXX).
@@ -45,9 +44,9 @@ pub struct UpArgs {
     /// YAML file with a section per backend (default: ~/.config/dask-rs/cluster.yaml if present).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Interface the scheduler listens on.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
+    /// Interface the scheduler listens on (default: 127.0.0.1; 0.0.0.0 for ssh).
+    #[arg(long)]
+    host: Option<String>,
     /// Scheduler port (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     port: u16,
@@ -90,9 +89,16 @@ pub struct UpArgs {
     /// Extra arguments for the worker command, e.g. "--resources GPU=1".
     #[arg(long, allow_hyphen_values = true)]
     worker_extra_args: Option<String>,
-    /// Scheduler address workers should connect to, if not the listening one.
+    /// Scheduler address workers should connect to, if not the listening one
+    /// (HOST or tcp://HOST:PORT; ssh default: the address each host sees us from).
     #[arg(long)]
     contact_address: Option<String>,
+    /// Hosts for the ssh backend, comma-separated (ssh destinations: host, user@host, aliases).
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<String>,
+    /// Extra argument for every ssh call, e.g. --ssh-arg=-F --ssh-arg=~/.ssh/cluster_config (repeatable).
+    #[arg(long = "ssh-arg", allow_hyphen_values = true)]
+    ssh_args: Vec<String>,
 }
 
 impl UpArgs {
@@ -121,6 +127,12 @@ impl UpArgs {
         }
         if !self.prologue.is_empty() {
             m.insert("prologue".into(), list(&self.prologue));
+        }
+        if !self.hosts.is_empty() {
+            m.insert("hosts".into(), list(&self.hosts));
+        }
+        if !self.ssh_args.is_empty() {
+            m.insert("ssh_args".into(), list(&self.ssh_args));
         }
         if let Some(a) = &self.worker_extra_args {
             let words: Vec<String> = a.split_whitespace().map(String::from).collect();
@@ -160,6 +172,36 @@ fn check_python(python: &str) -> Result<String> {
     Ok(path.to_string_lossy().into_owned())
 }
 
+/// Every ssh host answers and imports dask_rs with the configured Python
+/// (checked in parallel; all failures are reported together).
+fn check_ssh_hosts(options: &deployers::WorkerOptions) -> Result<()> {
+    if options.hosts.is_empty() {
+        bail!("the ssh backend needs hosts: --hosts HOST1,HOST2 or `hosts:` in the ssh section of the config");
+    }
+    if let Some(h) = options.hosts.iter().find(|h| h.starts_with('-') || h.trim().is_empty()) {
+        bail!("invalid host {h:?}");
+    }
+    if config::which("ssh").is_none() {
+        bail!("the ssh backend needs the `ssh` command on PATH");
+    }
+    let results: Vec<(String, Result<String, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = options
+            .hosts
+            .iter()
+            .map(|h| (h.clone(), s.spawn(move || deployers::ssh::check_host(options, h))))
+            .collect();
+        handles.into_iter().map(|(h, t)| (h, t.join().unwrap_or_else(|_| Err("check panicked".into())))).collect()
+    });
+    let errors: Vec<String> = results.iter().filter_map(|(_, r)| r.clone().err()).collect();
+    if !errors.is_empty() {
+        bail!("{}", errors.join("\n"));
+    }
+    for (h, r) in results {
+        tracing::debug!("ssh host {h} ok ({})", r.unwrap_or_default());
+    }
+    Ok(())
+}
+
 fn random_suffix() -> String {
     let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
     format!("{:04x}", n & 0xffff)
@@ -191,10 +233,20 @@ pub fn up(args: UpArgs) -> Result<()> {
     }
     let file = args.config.clone().or_else(config::default_file);
     let mut merged = config::merge(&args.backend, file.as_deref(), &args.flags())?;
-    merged.options.python = check_python(&merged.options.python)?;
+    let host = match (&args.host, args.backend.as_str()) {
+        (Some(h), _) => h.clone(),
+        // Remote workers must reach the scheduler: listen on every interface.
+        (None, "ssh") => "0.0.0.0".to_string(),
+        (None, _) => "127.0.0.1".to_string(),
+    };
+    if args.backend == "ssh" {
+        check_ssh_hosts(&merged.options)?;
+    } else {
+        merged.options.python = check_python(&merged.options.python)?;
+    }
     if args.port != 0 {
-        std::net::TcpListener::bind((args.host.as_str(), args.port))
-            .map_err(|e| anyhow!("port {} on {} is not available: {e}", args.port, args.host))?;
+        std::net::TcpListener::bind((host.as_str(), args.port))
+            .map_err(|e| anyhow!("port {} on {host} is not available: {e}", args.port))?;
     }
     let (workers, adapt) = if args.adapt {
         if args.maximum < args.minimum {
@@ -212,7 +264,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         options: merged.options,
         workers,
         adapt,
-        host: args.host.clone(),
+        host,
         port: args.port,
         address: None,
         dashboard: None,
@@ -253,7 +305,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     };
     if let Some(n) = workers.filter(|n| *n > 0) {
-        wait_for_workers(&name, &address, n, args.timeout)?;
+        wait_for_workers(&dir, &name, n, args.timeout)?;
     }
     println!("Cluster {name} is up ({} backend)", rec.backend);
     println!("  scheduler: {address}");
@@ -268,16 +320,38 @@ pub fn up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
-fn wait_for_workers(name: &str, address: &str, n: usize, timeout: Duration) -> Result<()> {
-    let core = ClientCore::connect(address, "dask-ctl", Duration::from_secs(10))?;
+/// Wait for `n` workers to connect, showing progress and why workers fail;
+/// gives up early when every attempt fails three times over.
+fn wait_for_workers(dir: &Path, name: &str, n: usize, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last = usize::MAX;
+    let mut seen_failures = 0;
+    let give_up = |msg: String| -> Result<()> {
+        if tty {
+            eprintln!();
+        }
+        bail!("{msg}; the cluster stays up: see `dask-ctl status {name}` and `dask-ctl logs {name}`")
+    };
     loop {
-        let have = match core.info()? {
-            Reply::Info { workers, .. } => workers.len(),
-            _ => 0,
-        };
+        let st = control::request(dir, &Request::Status, Duration::from_secs(10))?
+            .status
+            .ok_or_else(|| anyhow!("the manager of {name} did not answer"))?;
+        let failures: Vec<&str> = st
+            .decisions
+            .iter()
+            .filter(|d| d.kind == "worker_failed" || d.kind == "backend_error")
+            .map(|d| d.reason.as_str())
+            .collect();
+        for f in failures.iter().skip(seen_failures) {
+            if tty {
+                eprintln!();
+            }
+            eprintln!("warning: {f}");
+            last = usize::MAX;
+        }
+        seen_failures = failures.len();
+        let have = st.running;
         if have != last {
             if tty {
                 eprint!("\rworkers connected: {have}/{n}");
@@ -293,17 +367,16 @@ fn wait_for_workers(name: &str, address: &str, n: usize, timeout: Duration) -> R
             }
             return Ok(());
         }
-        if Instant::now() > deadline {
-            if tty {
-                eprintln!();
-            }
-            bail!(
-                "only {have} of {n} workers connected within {}; the cluster stays up: see `dask-ctl status {name}` \
-                 and `dask-ctl logs {name}`",
-                humantime::format_duration(timeout)
-            );
+        if have == 0 && failures.len() >= 3 * n {
+            return give_up(format!("workers keep failing before they connect ({} attempts)", failures.len()));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() > deadline {
+            return give_up(format!(
+                "only {have} of {n} workers connected within {}",
+                humantime::format_duration(timeout)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -16,6 +16,7 @@ use cluster::client::{ClientCore, Reply};
 use cluster::protocol::EventsUpdate;
 use cluster::scheduler::{self, SchedulerConfig};
 use deployers::local::LocalBackend;
+use deployers::ssh::SshBackend;
 use deployers::Deployer;
 
 use crate::control::{Request, Response, Status, WorkerRow};
@@ -82,6 +83,16 @@ pub fn run(dir: PathBuf) -> Result<()> {
 
     let mut backend: Box<dyn Deployer> = match rec.backend.as_str() {
         "local" => Box::new(LocalBackend::new(rec.options.clone(), &address, &rec.name, registry::log_dir(&dir))),
+        "ssh" => {
+            // Workers on other hosts cannot use the loopback form of a wildcard address.
+            let listen = match rec.host.as_str() {
+                "0.0.0.0" | "::" | "[::]" => {
+                    format!("tcp://{}:{}", rec.host, deployers::port_of(&address).unwrap_or(0))
+                }
+                _ => address.clone(),
+            };
+            Box::new(SshBackend::new(rec.options.clone(), &listen, &rec.name, registry::log_dir(&dir))?)
+        }
         other => anyhow::bail!("backend {other:?} is not available"),
     };
     let mut ctrl = Controller::new(policy_for(&rec), ControllerConfig::default());

@@ -7,6 +7,7 @@
 
 pub mod local;
 pub mod process;
+pub mod ssh;
 
 use serde::{Deserialize, Serialize};
 
@@ -52,14 +53,36 @@ pub struct WorkerOptions {
     pub prologue: Vec<String>,
     /// Extra arguments for `python -m dask_rs worker`.
     pub worker_extra_args: Vec<String>,
-    /// Hosts to start workers on (ssh).
+    /// Hosts to start workers on (ssh): anything `ssh` accepts as a destination.
     pub hosts: Vec<String>,
+    /// Extra arguments for every `ssh` call, before the host (`-F FILE`, `-i KEY`, `-J JUMP`).
+    pub ssh_args: Vec<String>,
     /// Scheduler address workers connect to, when it differs from the one it
     /// listens on (NAT, several interfaces).
     pub contact_address: Option<String>,
 }
 
 impl WorkerOptions {
+    /// The address workers should connect to: `contact_address` (a bare host
+    /// gets the scheduler's port) or else the scheduler's own address.
+    pub fn contact(&self, scheduler: &str) -> String {
+        match self.contact_address.as_deref().filter(|c| !c.is_empty()) {
+            None => scheduler.to_string(),
+            Some(c) => {
+                let c = c.strip_prefix("tcp://").unwrap_or(c);
+                let has_port = match c.rfind(':') {
+                    Some(i) => !c.starts_with('[') || c[..i].ends_with(']'),
+                    None => false,
+                };
+                if has_port {
+                    format!("tcp://{c}")
+                } else {
+                    format!("tcp://{c}:{}", port_of(scheduler).unwrap_or(8786))
+                }
+            }
+        }
+    }
+
     /// The worker command for one worker named `name`.
     pub fn worker_command(&self, scheduler: &str, name: &str) -> Vec<String> {
         let mut cmd = vec![
@@ -82,12 +105,28 @@ impl WorkerOptions {
     }
 }
 
+/// The port of a `tcp://HOST:PORT` address.
+pub fn port_of(address: &str) -> Option<u16> {
+    address.rsplit(':').next()?.parse().ok()
+}
+
+/// Quote `s` for a POSIX shell (single quotes; safe for any bytes but NUL).
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// Something a backend started, recorded so it can be removed after a crash.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Owned {
     /// A local process; `start_time` (from /proc) guards against pid reuse.
     Process { name: String, pid: u32, start_time: u64 },
+    /// A worker process on another host, found there by its unique `--name`;
+    /// `ssh` is the command prefix (with the destination) that reaches it.
+    Remote { name: String, host: String, ssh: Vec<String> },
 }
 
 /// A backend that also says what it owns.
@@ -99,25 +138,51 @@ pub trait Deployer: Backend {
 pub fn cleanup(owned: &[Owned]) -> Vec<String> {
     let mut errors = Vec::new();
     for o in owned {
-        match o {
-            Owned::Process { name, pid, start_time } => {
-                if let Err(e) = process::terminate(*pid, Some(*start_time), std::time::Duration::from_secs(5)) {
-                    errors.push(format!("{name} (pid {pid}): {e}"));
-                }
+        if let Owned::Process { name, pid, start_time } = o {
+            if let Err(e) = process::terminate(*pid, Some(*start_time), std::time::Duration::from_secs(5)) {
+                errors.push(format!("{name} (pid {pid}): {e}"));
             }
+        }
+    }
+    for (ssh, names) in remote_groups(owned) {
+        if let Err(e) = ssh::stop_remote(&ssh, &names, std::time::Duration::from_secs(10)) {
+            errors.push(format!("{} on {}: {e}", names.join(", "), ssh.last().map_or("?", String::as_str)));
         }
     }
     errors
 }
 
+/// Remote workers grouped by the ssh command that reaches their host.
+fn remote_groups(owned: &[Owned]) -> Vec<(Vec<String>, Vec<String>)> {
+    let mut groups: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+    for o in owned {
+        if let Owned::Remote { name, ssh, .. } = o {
+            match groups.iter_mut().find(|(s, _)| s == ssh) {
+                Some((_, names)) => names.push(name.clone()),
+                None => groups.push((ssh.clone(), vec![name.clone()])),
+            }
+        }
+    }
+    groups
+}
+
 /// Whether anything in `owned` is still alive.
 pub fn any_alive(owned: &[Owned]) -> Vec<String> {
-    owned
+    let mut alive: Vec<String> = owned
         .iter()
         .filter_map(|o| match o {
             Owned::Process { name, pid, start_time } => {
                 process::is_alive(*pid, Some(*start_time)).then(|| format!("{name} (pid {pid})"))
             }
+            Owned::Remote { .. } => None,
         })
-        .collect()
+        .collect();
+    for (ssh, names) in remote_groups(owned) {
+        let host = ssh.last().cloned().unwrap_or_default();
+        match ssh::signal_remote(&ssh, &names, "0") {
+            Ok(found) => alive.extend(found.into_iter().map(|(n, pid)| format!("{n} (pid {pid} on {host})"))),
+            Err(e) => alive.push(format!("{} on {host}: cannot check ({e})", names.join(", "))),
+        }
+    }
+    alive
 }

@@ -41,7 +41,7 @@ impl LocalBackend {
     fn spawn(&mut self) -> Result<(), BackendError> {
         let name = format!("{}-{}", self.prefix, self.next);
         self.next += 1;
-        let contact = self.options.contact_address.clone().unwrap_or_else(|| self.scheduler.clone());
+        let contact = self.options.contact(&self.scheduler);
         let argv = self.options.worker_command(&contact, &name);
         std::fs::create_dir_all(&self.log_dir).map_err(|e| BackendError::ScaleUp(e.to_string()))?;
         let log_path = self.log_dir.join(format!("{name}.log"));

@@ -19,7 +19,7 @@ import cloudpickle
 
 from . import _core
 from ._serialize import dumps, loads, run_task, sizeof
-from .utils import parse_bytes
+from .utils import parse_bytes, route_host
 
 _thread_state = threading.local()
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -95,13 +95,17 @@ def main(argv=None) -> int:
     p.add_argument("--nthreads", type=int, default=1, help="executor threads (default 1)")
     p.add_argument("--name", default=None, help="unique worker name (default: random)")
     p.add_argument("--memory-limit", default="auto", help="e.g. 4GiB, 500MB or 'auto' (default)")
-    p.add_argument("--host", default="127.0.0.1", help="interface for the data port")
+    p.add_argument("--host", default=None,
+                   help="interface for the data port (default: the one that reaches the scheduler)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the scheduler")
     p.add_argument("--nworkers", type=int, default=None,
                    help="run this many worker processes under a supervisor that restarts them")
     args = p.parse_args(argv)
     if args.nthreads < 1:
         p.error("--nthreads must be at least 1")
+    scheduler = args.scheduler if "://" in args.scheduler else f"tcp://{args.scheduler}"
+    if args.host is None:
+        args.host = route_host(scheduler)
     if args.nworkers is not None:
         if args.nworkers < 1:
             p.error("--nworkers must be at least 1")
@@ -119,7 +123,6 @@ def main(argv=None) -> int:
         memory_limit = args.memory_limit if args.memory_limit == "auto" else parse_bytes(args.memory_limit)
     except ValueError as e:
         p.error(str(e))
-    scheduler = args.scheduler if "://" in args.scheduler else f"tcp://{args.scheduler}"
     try:
         handle = start(scheduler, args.name, args.nthreads, memory_limit, args.host, args.connect_timeout)
     except (OSError, ValueError) as e:

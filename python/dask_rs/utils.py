@@ -64,6 +64,28 @@ def parse_timedelta(s: int | float | str | None, default: str = "s") -> float | 
     return float(m.group(1)) * scale[unit]
 
 
+def route_host(address: str) -> str:
+    """The local IP this machine uses to reach ``address`` (``tcp://HOST:PORT``).
+
+    A worker listens there by default, so that peers on other hosts reach it as
+    they reach the scheduler (Dask picks its worker interface the same way).
+    """
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::", "localhost"):
+        return "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port or 8786)))
+            return s.getsockname()[0]
+    except (OSError, ValueError):
+        return "127.0.0.1"
+
+
 def wire_key(key) -> str:
     """The string form a key travels under (tuple keys are stringified)."""
     return key if isinstance(key, str) else str(key)

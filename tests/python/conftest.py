@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -107,3 +108,24 @@ def wait_until(pred, timeout=10.0, interval=0.02, msg="condition"):
             return
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {msg}")
+
+
+@pytest.fixture
+def ctl(tmp_path, monkeypatch):
+    """Run dask-ctl as a separate shell would; tears down whatever is left."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+    def run(*args, check=True, timeout=120):
+        p = subprocess.run([DASK_CTL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            cmd = " ".join(args)
+            raise AssertionError(f"dask-ctl {cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p
+
+    yield run
+    for c in json.loads(run("list", "--json").stdout):
+        run("down", c["name"], check=False)

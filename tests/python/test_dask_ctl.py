@@ -13,29 +13,8 @@ import time
 
 import pytest
 
-from conftest import DASK_CTL, HERE, wait_until
+from conftest import wait_until
 from dask_rs import Client
-
-
-@pytest.fixture
-def ctl(tmp_path, monkeypatch):
-    """Run dask-ctl as a separate shell would; tears down whatever is left."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-
-    def run(*args, check=True, timeout=120):
-        p = subprocess.run([DASK_CTL, *args], env=env, capture_output=True, text=True, timeout=timeout)
-        if check and p.returncode != 0:
-            cmd = " ".join(args)
-            raise AssertionError(f"dask-ctl {cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-        return p
-
-    yield run
-    for c in json.loads(run("list", "--json").stdout):
-        run("down", c["name"], check=False)
 
 
 def status(ctl, name):
@@ -160,7 +139,7 @@ def test_adaptive_burst_scales_up_then_idles_back_without_losing_data(ctl):
 
 def test_clear_errors(ctl, tmp_path):
     r = ctl("up", "--backend", "nope", check=False)
-    assert r.returncode != 0 and 'unknown backend "nope" (available: local)' in r.stderr
+    assert r.returncode != 0 and 'unknown backend "nope" (available: local, ssh)' in r.stderr
     r = ctl("up", "--backend", "slurm", check=False)
     assert r.returncode != 0 and "slurm backend is not available" in r.stderr
     r = ctl("up", "--workers", "1", "--python", "/nonexistent/python3", check=False)
@@ -205,6 +184,7 @@ def test_config_show_help_and_completions(ctl, tmp_path):
         "--backend", "--workers", "--adapt", "--minimum", "--maximum", "--nthreads", "--memory-limit",
         "--python", "--processes", "--cores", "--memory", "--walltime", "--queue", "--account",
         "--job-extra", "--prologue", "--worker-extra-args", "--config", "--contact-address",
+        "--hosts", "--ssh-arg",
     )
     for flag in flags:
         assert flag in help_up, flag

@@ -1,0 +1,374 @@
+//! The ssh backend: workers on a list of hosts, started with the system
+//! `ssh` (so `~/.ssh/config`, agents and ProxyJump apply).
+//!
+//! Each worker is one `ssh HOST 'exec python -m dask_rs worker ...'` child of
+//! the manager: the worker's output streams back into its log file and the
+//! ssh process ends when the worker does, which is how a dead worker is
+//! noticed. Workers are stopped, and found again after a manager crash, by
+//! their unique `--name` on the remote host (never by pid alone, which the
+//! manager may not have learnt yet and the host may have reused).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
+
+/// The line a remote worker's shell prints before it becomes the worker.
+const MARKER: &str = "dask-rs: worker pid ";
+
+/// Lists (signal 0) or signals the worker processes named in "$@" and prints
+/// "NAME PID" for each; TERM is followed by CONT so that a stopped worker
+/// acts on it. One line, so that any login shell passes it to sh.
+const SIGNAL_SCRIPT: &str = r#"sig=$1; shift; me=$$; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$me" ] && continue; c=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue; for n in "$@"; do case "$c" in *" dask_rs worker "*" --name $n "*) if [ "$sig" = 0 ] || kill -"$sig" "$p" 2>/dev/null; then echo "$n $p"; [ "$sig" = TERM ] && kill -CONT "$p" 2>/dev/null; fi;; esac; done; done"#;
+
+/// The `ssh` command prefix reaching `host`: the user's arguments first (the
+/// first value of an option wins), then ours.
+pub fn ssh_prefix(options: &WorkerOptions, host: &str) -> Vec<String> {
+    let mut argv = vec!["ssh".to_string()];
+    argv.extend(options.ssh_args.iter().cloned());
+    for o in ["BatchMode=yes", "ConnectTimeout=15", "ServerAliveInterval=15"] {
+        argv.push("-o".into());
+        argv.push(o.into());
+    }
+    argv.push(host.to_string());
+    argv
+}
+
+/// `ssh ... HOST` running `script` under `/bin/sh` with `args` as "$@".
+fn remote(ssh: &[String], script: &str, args: &[String]) -> Command {
+    let mut line = format!("exec /bin/sh -c {} sh", sh_quote(script));
+    for a in args {
+        line.push(' ');
+        line.push_str(&sh_quote(a));
+    }
+    let mut cmd = Command::new(&ssh[0]);
+    cmd.args(&ssh[1..]).arg(line).stdin(Stdio::null());
+    cmd
+}
+
+fn host_of(ssh: &[String]) -> &str {
+    ssh.last().map_or("?", String::as_str)
+}
+
+/// What ssh printed on failure, without its noise.
+fn last_line(text: &str) -> String {
+    text.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("").to_string()
+}
+
+/// Send `sig` ("TERM", "KILL", or "0" to only look) to the named workers on
+/// the host; returns the (name, pid) pairs found.
+pub fn signal_remote(ssh: &[String], names: &[String], sig: &str) -> Result<Vec<(String, u32)>, String> {
+    let mut args = vec![sig.to_string()];
+    args.extend(names.iter().cloned());
+    let out = remote(ssh, SIGNAL_SCRIPT, &args).output().map_err(|e| format!("cannot run {}: {e}", ssh[0]))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ssh {} failed ({}): {}",
+            host_of(ssh),
+            out.status,
+            last_line(&String::from_utf8_lossy(&out.stderr))
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (n, p) = l.rsplit_once(' ')?;
+            Some((n.to_string(), p.parse().ok()?))
+        })
+        .collect())
+}
+
+/// SIGTERM the named workers, wait up to `grace` for them to exit, SIGKILL
+/// what is left; fails if any is still there.
+pub fn stop_remote(ssh: &[String], names: &[String], grace: Duration) -> Result<(), String> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut left = signal_remote(ssh, names, "TERM")?;
+    let deadline = Instant::now() + grace;
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        left = signal_remote(ssh, names, "0")?;
+    }
+    if !left.is_empty() {
+        signal_remote(ssh, names, "KILL")?;
+        std::thread::sleep(Duration::from_millis(300));
+        left = signal_remote(ssh, names, "0")?;
+    }
+    if left.is_empty() {
+        Ok(())
+    } else {
+        let pids: Vec<String> = left.iter().map(|(n, p)| format!("{n} (pid {p})")).collect();
+        Err(format!("still running after SIGKILL: {}", pids.join(", ")))
+    }
+}
+
+/// Check that `host` answers over ssh and that its Python imports dask_rs;
+/// returns the host's own name for it. The error says which of the two failed.
+pub fn check_host(options: &WorkerOptions, host: &str) -> Result<String, String> {
+    let ssh = ssh_prefix(options, host);
+    let script = r#"command -v "$1" >/dev/null 2>&1 || { echo "$1: not found" >&2; exit 127; }; exec "$1" -c 'import socket, dask_rs; print(socket.gethostname())'"#;
+    let out = remote(&ssh, script, std::slice::from_ref(&options.python))
+        .output()
+        .map_err(|e| format!("cannot run ssh: {e}"))?;
+    let err = last_line(&String::from_utf8_lossy(&out.stderr));
+    match out.status.code() {
+        Some(0) => Ok(last_line(&String::from_utf8_lossy(&out.stdout))),
+        Some(255) => Err(format!("cannot reach host {host} over ssh: {err}")),
+        Some(127) => Err(format!("host {host}: python {:?} not found (set --python)", options.python)),
+        _ => Err(format!(
+            "host {host}: {} cannot import dask_rs ({err}); install dask-rs there or choose another --python",
+            options.python
+        )),
+    }
+}
+
+struct RemoteWorker {
+    name: String,
+    host: String,
+    child: Child,
+    log: PathBuf,
+    pid: Option<u32>,
+}
+
+/// Workers on ssh hosts, placed on the host with the fewest of ours.
+pub struct SshBackend {
+    options: WorkerOptions,
+    scheduler: String,
+    prefix: String,
+    log_dir: PathBuf,
+    workers: Vec<RemoteWorker>,
+    failed: Vec<WorkerRecord>,
+    next: u64,
+}
+
+impl SshBackend {
+    /// Workers connect to `scheduler` (or `contact_address`), are named
+    /// `PREFIX-N` and log to `log_dir/NAME.log`. When the scheduler listens
+    /// on every interface and no contact address is set, each worker uses
+    /// the address its ssh connection came from (`$SSH_CONNECTION`).
+    pub fn new(options: WorkerOptions, scheduler: &str, prefix: &str, log_dir: PathBuf) -> Result<Self, BackendError> {
+        if options.hosts.is_empty() {
+            return Err(BackendError::ScaleUp("the ssh backend needs at least one host (--hosts)".into()));
+        }
+        if let Some(h) = options.hosts.iter().find(|h| h.starts_with('-') || h.is_empty()) {
+            return Err(BackendError::ScaleUp(format!("invalid host {h:?}")));
+        }
+        Ok(SshBackend {
+            options,
+            scheduler: scheduler.to_string(),
+            prefix: prefix.to_string(),
+            log_dir,
+            workers: Vec::new(),
+            failed: Vec::new(),
+            next: 0,
+        })
+    }
+
+    /// The shell lines that run on the host: prologue, the address to use,
+    /// the marker with the pid, then the worker in place of the shell.
+    pub fn start_script(&self, name: &str) -> String {
+        let mut lines: Vec<String> = self.options.prologue.clone();
+        let wildcard = ["tcp://0.0.0.0:", "tcp://[::]:", "tcp://:::"].iter().any(|p| self.scheduler.starts_with(p));
+        if self.options.contact_address.is_none() && wildcard {
+            let port = crate::port_of(&self.scheduler).unwrap_or(8786);
+            lines.push("ip=${SSH_CONNECTION%% *}".into());
+            lines.push(r#"case $ip in *:*) ip="[$ip]";; esac"#.into());
+            lines.push(format!("addr=tcp://$ip:{port}"));
+        } else {
+            lines.push(format!("addr={}", sh_quote(&self.options.contact(&self.scheduler))));
+        }
+        lines.push(format!(r#"echo "{MARKER}$$ on $(hostname)""#));
+        let argv = self.options.worker_command("\0", name);
+        let words: Vec<String> =
+            argv.iter().map(|a| if a == "\0" { r#""$addr""#.to_string() } else { sh_quote(a) }).collect();
+        lines.push(format!("exec {}", words.join(" ")));
+        lines.join("; ")
+    }
+
+    fn spawn(&mut self) -> Result<(), BackendError> {
+        let host = self
+            .options
+            .hosts
+            .iter()
+            .min_by_key(|h| self.workers.iter().filter(|w| &w.host == *h).count())
+            .cloned()
+            .expect("hosts is not empty");
+        let name = format!("{}-{}", self.prefix, self.next);
+        self.next += 1;
+        std::fs::create_dir_all(&self.log_dir).map_err(|e| BackendError::ScaleUp(e.to_string()))?;
+        let log_path = self.log_dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| BackendError::ScaleUp(format!("{}: {e}", log_path.display())))?;
+        let err = log.try_clone().map_err(|e| BackendError::ScaleUp(e.to_string()))?;
+        let ssh = ssh_prefix(&self.options, &host);
+        let mut cmd = remote(&ssh, &self.start_script(&name), &[]);
+        cmd.stdout(log).stderr(err);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().map_err(|e| BackendError::ScaleUp(format!("cannot run ssh: {e}")))?;
+        tracing::info!("starting worker {name} on {host} (ssh pid {})", child.id());
+        self.workers.push(RemoteWorker { name, host, child, log: log_path, pid: None });
+        Ok(())
+    }
+}
+
+impl Backend for SshBackend {
+    fn kind(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn scale_up(&mut self, n: usize) -> Result<(), BackendError> {
+        while self.workers.len() < n {
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
+    fn scale_down(&mut self, names: &[String]) -> Result<(), BackendError> {
+        let (gone, keep): (Vec<RemoteWorker>, Vec<RemoteWorker>) =
+            std::mem::take(&mut self.workers).into_iter().partition(|w| names.contains(&w.name));
+        self.workers = keep;
+        let mut errors = Vec::new();
+        let mut hosts: Vec<&String> = gone.iter().map(|w| &w.host).collect();
+        hosts.dedup();
+        for host in hosts {
+            let on_host: Vec<String> = gone.iter().filter(|w| &w.host == host).map(|w| w.name.clone()).collect();
+            if let Err(e) = stop_remote(&ssh_prefix(&self.options, host), &on_host, Duration::from_secs(10)) {
+                errors.push(format!("{host}: {e}"));
+            }
+        }
+        // The ssh processes end with their workers; one that hangs is stopped here.
+        for mut w in gone {
+            let _ = crate::process::terminate(w.child.id(), None, Duration::from_secs(2));
+            let _ = w.child.wait();
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::ScaleDown(errors.join("; ")))
+        }
+    }
+
+    fn workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.workers.len() {
+            let w = &mut self.workers[i];
+            if let Ok(Some(status)) = w.child.try_wait() {
+                let w = self.workers.remove(i);
+                let log = std::fs::read_to_string(&w.log).unwrap_or_default();
+                let why = if status.code() == Some(255) { "ssh failed" } else { "worker exited" };
+                self.failed.push(WorkerRecord {
+                    name: w.name,
+                    status: WorkerStatus::Failed,
+                    detail: format!("on {}: {why} ({status}): {}", w.host, last_line(&log)),
+                });
+                continue;
+            }
+            if w.pid.is_none() {
+                let log = std::fs::read_to_string(&w.log).unwrap_or_default();
+                w.pid = log.lines().find_map(|l| l.strip_prefix(MARKER)?.split(' ').next()?.parse().ok());
+            }
+            out.push(match w.pid {
+                Some(pid) => WorkerRecord {
+                    name: w.name.clone(),
+                    status: WorkerStatus::Running,
+                    detail: format!("pid {pid} on {}", w.host),
+                },
+                None => WorkerRecord {
+                    name: w.name.clone(),
+                    status: WorkerStatus::Pending,
+                    detail: format!("connecting to {}", w.host),
+                },
+            });
+            i += 1;
+        }
+        out.append(&mut self.failed);
+        Ok(out)
+    }
+}
+
+impl Deployer for SshBackend {
+    fn owned(&self) -> Vec<Owned> {
+        self.workers
+            .iter()
+            .map(|w| Owned::Remote {
+                name: w.name.clone(),
+                host: w.host.clone(),
+                ssh: ssh_prefix(&self.options, &w.host),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_script_quotes_and_finds_the_scheduler() {
+        let opts = WorkerOptions {
+            python: "/opt/my env/python".into(),
+            nthreads: 2,
+            hosts: vec!["a".into()],
+            prologue: vec!["module load python".into()],
+            worker_extra_args: vec!["--x".into(), "it's".into()],
+            ..Default::default()
+        };
+        let b = SshBackend::new(opts.clone(), "tcp://0.0.0.0:8786", "c", PathBuf::from("/tmp")).unwrap();
+        assert_eq!(
+            b.start_script("c-0"),
+            r#"module load python; ip=${SSH_CONNECTION%% *}; case $ip in *:*) ip="[$ip]";; esac; addr=tcp://$ip:8786; echo "dask-rs: worker pid $$ on $(hostname)"; exec '/opt/my env/python' -m dask_rs worker "$addr" --name c-0 --nthreads 2 --x 'it'\''s'"#
+        );
+        let b = SshBackend::new(
+            WorkerOptions { contact_address: Some("10.0.0.1".into()), ..opts.clone() },
+            "tcp://0.0.0.0:9000",
+            "c",
+            PathBuf::from("/tmp"),
+        )
+        .unwrap();
+        assert!(b.start_script("c-1").contains("addr=tcp://10.0.0.1:9000;"), "{}", b.start_script("c-1"));
+        let b = SshBackend::new(opts, "tcp://10.1.2.3:9000", "c", PathBuf::from("/tmp")).unwrap();
+        assert!(b.start_script("c-1").contains("addr=tcp://10.1.2.3:9000;"));
+    }
+
+    #[test]
+    fn bad_host_lists_are_refused() {
+        for hosts in [vec![], vec!["-oProxyCommand=x".to_string()]] {
+            let opts = WorkerOptions { hosts, ..Default::default() };
+            assert!(SshBackend::new(opts, "tcp://127.0.0.1:1", "c", PathBuf::from("/tmp")).is_err());
+        }
+    }
+
+    #[test]
+    fn signal_script_runs_under_sh_and_finds_workers_by_name() {
+        // Run the script locally with sh in place of ssh: a process whose
+        // command line looks like a worker's is found by its name only.
+        let mut fake = Command::new("sh")
+            .args(["-c", "while :; do sleep 0.1; done", "x", "-m", "dask_rs", "worker", "tcp://h:1", "--name", "zz-3"])
+            .arg("--nthreads=1")
+            .spawn()
+            .unwrap();
+        let run = |names: &[&str], sig: &str| {
+            let mut args = vec![sig.to_string()];
+            args.extend(names.iter().map(|n| n.to_string()));
+            let out = Command::new("sh").arg("-c").arg(SIGNAL_SCRIPT).arg("sh").args(&args).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let listed = run(&["zz-3", "zz-30"], "0");
+        assert_eq!(listed.trim(), format!("zz-3 {}", fake.id()));
+        assert_eq!(run(&["zz-"], "0").trim(), "", "names match whole words only");
+        run(&["zz-3"], "TERM");
+        assert!(fake.wait().unwrap().code().is_none(), "killed by the signal");
+    }
+
+    #[test]
+    fn contact_addresses() {
+        let o = |c: &str| WorkerOptions { contact_address: Some(c.into()), ..Default::default() };
+        assert_eq!(o("10.0.0.1").contact("tcp://0.0.0.0:4000"), "tcp://10.0.0.1:4000");
+        assert_eq!(o("tcp://node1:5000").contact("tcp://0.0.0.0:4000"), "tcp://node1:5000");
+        assert_eq!(o("[::1]").contact("tcp://[::]:4000"), "tcp://[::1]:4000");
+        assert_eq!(WorkerOptions::default().contact("tcp://127.0.0.1:4000"), "tcp://127.0.0.1:4000");
+    }
+}

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# sshd-up.sh - test hosts for the ssh backend: N network namespaces on a private
+# bridge, each with its own hostname and an sshd (key login for root only).
+#
+#   host i: netns dkrssh<i>, hostname dkrhost<i>, sshd on 10.77.41.(10+i):22
+#   this machine: 10.77.41.1 on bridge dkrbr0 (the subnet exists nowhere else)
+#
+# The namespaces share files, users and pids with this machine, not its network:
+# a scheduler the hosts must reach listens on 10.77.41.1 or 0.0.0.0.
+# Writes $STATE/ssh_config (Host dkrhost<i>) and $STATE/env. Idempotent.
+# Stop with sshd-down.sh, which kills only the pids recorded here.
+# Needs root. Installs openssh-server/client and iproute2 from Debian if missing.
+set -euo pipefail
+STATE=${DASK_RS_TEST_STATE:-/var/lib/dask-rs-tests}/sshd
+NHOSTS=${SSH_HOSTS:-2}
+PKGS=(openssh-server openssh-client iproute2 util-linux)
+BR=dkrbr0
+GW=10.77.41.1
+
+[ "$(id -u)" = 0 ] || { echo "sshd-up.sh: needs root" >&2; exit 1; }
+say() { printf '[sshd-up] %s\n' "$*"; }
+# live PIDFILE EXE: print the recorded pid if it runs EXE and is not a zombie
+live() {
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] && [ -d "/proc/$pid" ] || return 1
+  [ "$(readlink -f "/proc/$pid/exe")" = "$(readlink -f "$2")" ] || return 1
+  [ "$(awk '{print $3}' "/proc/$pid/stat")" != Z ] || return 1
+  echo "$pid"
+}
+banner() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/22 && head -c 4 <&3" 2>/dev/null | grep -q SSH-; }
+
+missing=()
+for p in "${PKGS[@]}"; do
+  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  # Package scripts must not start a system sshd.
+  made=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made=1; fi
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ $made = 1 ] && rm -f /usr/sbin/policy-rc.d
+fi
+
+# sshd's StrictModes checks every directory up to /: keys stay out of /tmp.
+install -d -m 755 "$(dirname "$STATE")"
+install -d -m 700 "$STATE"
+install -d -m 755 /run/sshd
+[ -s "$STATE/host_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$STATE/host_key"
+[ -s "$STATE/client_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$STATE/client_key"
+install -m 600 "$STATE/client_key.pub" "$STATE/authorized_keys"
+
+touch "$STATE/created"
+if ! ip link show "$BR" >/dev/null 2>&1; then ip link add "$BR" type bridge; fi
+grep -qxF "bridge $BR" "$STATE/created" || echo "bridge $BR" >>"$STATE/created"
+addrs=$(ip -o -4 addr show dev "$BR")
+[[ $addrs == *"inet $GW/24 "* ]] || ip addr add "$GW/24" dev "$BR"
+ip link set "$BR" up
+
+{
+  printf 'Host *\n  User root\n  IdentityFile %s\n  IdentitiesOnly yes\n' "$STATE/client_key"
+  printf '  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n'
+} >"$STATE/ssh_config.tmp"
+for i in $(seq 1 "$NHOSTS"); do
+  ns=dkrssh$i; ip4=10.77.41.$((10 + i))
+  [ -e "/run/netns/$ns" ] || ip netns add "$ns"
+  grep -qxF "netns $ns" "$STATE/created" || echo "netns $ns" >>"$STATE/created"
+  if ! ip link show "$ns-h" >/dev/null 2>&1; then
+    ip link add "$ns-h" type veth peer name "$ns-n"
+    ip link set "$ns-n" netns "$ns"
+  fi
+  ip link set "$ns-h" master "$BR" up
+  addrs=$(ip -n "$ns" -o -4 addr show dev "$ns-n")
+  [[ $addrs == *"inet $ip4/24 "* ]] || ip -n "$ns" addr add "$ip4/24" dev "$ns-n"
+  ip -n "$ns" link set "$ns-n" up
+  ip -n "$ns" link set lo up
+  cat >"$STATE/sshd_config.$ns" <<CFG
+ListenAddress $ip4
+Port 22
+HostKey $STATE/host_key
+PidFile $STATE/sshd-$ns.pid.sshd
+AuthorizedKeysFile $STATE/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PrintMotd no
+MaxStartups 100:30:200
+MaxSessions 100
+LogLevel VERBOSE
+CFG
+  if pid=$(live "$STATE/sshd-$ns.pid" /usr/sbin/sshd); then
+    say "dkrhost$i: sshd already running (pid $pid)"
+  else
+    # netns exec -> unshare --uts (own hostname) -> exec sshd -D: $! is sshd itself.
+    ip netns exec "$ns" unshare --uts /bin/sh -c "hostname dkrhost$i && exec /usr/sbin/sshd -D -e -f $STATE/sshd_config.$ns" \
+      >>"$STATE/sshd-$ns.log" 2>&1 </dev/null &
+    echo $! >"$STATE/sshd-$ns.pid"
+    for _ in $(seq 1 100); do banner "$ip4" && break; sleep 0.1; done
+    banner "$ip4" || { echo "sshd in $ns did not start:"; tail "$STATE/sshd-$ns.log"; exit 1; }
+    say "dkrhost$i: sshd pid $(cat "$STATE/sshd-$ns.pid") on $ip4:22"
+  fi
+  printf 'Host dkrhost%s\n  HostName %s\n' "$i" "$ip4" >>"$STATE/ssh_config.tmp"
+done
+mv "$STATE/ssh_config.tmp" "$STATE/ssh_config"
+for i in $(seq 1 "$NHOSTS"); do
+  out=$(ssh -F "$STATE/ssh_config" "dkrhost$i" hostname) || { echo "ssh dkrhost$i failed"; exit 1; }
+  [ "$out" = "dkrhost$i" ] || { echo "dkrhost$i answered as $out"; exit 1; }
+done
+printf 'DASK_RS_TEST_SSH_CONFIG=%s\nDASK_RS_TEST_SSH_GATEWAY=%s\nDASK_RS_TEST_SSH_HOSTS=%s\n' \
+  "$STATE/ssh_config" "$GW" "$(seq -s, -f 'dkrhost%g' 1 "$NHOSTS")" >"$STATE/env"
+say "ready: ssh -F $STATE/ssh_config dkrhost1"
