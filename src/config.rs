@@ -31,7 +31,8 @@ impl std::fmt::Display for Source {
 }
 
 /// Keys whose values are strings even when they look like numbers.
-const STRING_KEYS: &[&str] = &["python", "memory_limit", "memory", "walltime", "queue", "account", "contact_address"];
+const STRING_KEYS: &[&str] =
+    &["python", "memory_limit", "memory", "walltime", "queue", "account", "contact_address", "log_directory"];
 
 /// Every option key, in display order.
 pub fn keys() -> Vec<String> {
@@ -75,7 +76,6 @@ pub fn merge(backend: &str, file: Option<&Path>, flags: &BTreeMap<String, Value>
     let keys = keys();
     let mut sources: BTreeMap<String, (Value, Source)> = BTreeMap::new();
     sources.insert("python".into(), (Value::String(python3_on_path()), Source::Default));
-    sources.insert("nthreads".into(), (Value::Number(1.into()), Source::Default));
     sources.insert("processes".into(), (Value::Number(1.into()), Source::Default));
 
     if let Some(path) = file {
@@ -136,7 +136,10 @@ pub fn merge(backend: &str, file: Option<&Path>, flags: &BTreeMap<String, Value>
 }
 
 fn is_list_key(k: &str) -> bool {
-    matches!(k, "job_extra" | "prologue" | "worker_extra_args" | "hosts" | "ssh_args")
+    matches!(
+        k,
+        "job_extra" | "prologue" | "epilogue" | "job_directives_skip" | "worker_extra_args" | "hosts" | "ssh_args"
+    )
 }
 
 /// `config show`: one line per key with its value and source.

@@ -47,7 +47,7 @@ impl Retirer for SchedulerRetirer<'_> {
 
 fn policy_for(rec: &ClusterRecord) -> Box<dyn Policy> {
     match rec.adapt {
-        Some((lo, hi)) => Box::new(DaskAdaptive::new(lo, hi, rec.options.nthreads)),
+        Some((lo, hi)) => Box::new(DaskAdaptive::new(lo, hi, rec.options.threads())),
         None => Box::new(Fixed(rec.workers.unwrap_or(0))),
     }
 }
@@ -194,7 +194,7 @@ fn status(rec: &ClusterRecord, ctrl: &mut Controller, backend: &mut dyn Deployer
             state: state.into(),
             detail: r.detail.clone(),
             address: w.map(|w| w.address.clone()).unwrap_or_default(),
-            nthreads: w.map_or(rec.options.nthreads, |w| w.nthreads),
+            nthreads: w.map_or(rec.options.threads(), |w| w.nthreads),
             memory_limit: w.map_or(0, |w| w.memory_limit),
             managed: w.map_or(0, |w| w.managed),
             processing: w.map_or(0, |w| w.processing),

@@ -5,6 +5,7 @@
 //! manager died. Options mean the same thing in every backend
 //! ([`WorkerOptions`]).
 
+pub mod batch;
 pub mod local;
 pub mod process;
 pub mod ssh;
@@ -31,7 +32,7 @@ pub enum DeployError {
 pub struct WorkerOptions {
     /// The Python that runs `python -m dask_rs worker`.
     pub python: String,
-    /// Threads per worker process.
+    /// Threads per worker process; 0 = cores / processes for batch jobs, else 1.
     pub nthreads: u32,
     /// Memory limit per worker process (`4GiB`), passed to the worker.
     pub memory_limit: Option<String>,
@@ -51,6 +52,12 @@ pub struct WorkerOptions {
     pub job_extra: Vec<String>,
     /// Shell lines run before the worker starts (module loads, venv activation).
     pub prologue: Vec<String>,
+    /// Shell lines run after the worker exits (batch jobs).
+    pub epilogue: Vec<String>,
+    /// Generated batch directives to leave out: any line containing one of these.
+    pub job_directives_skip: Vec<String>,
+    /// Where batch jobs write their output (default: the cluster's log directory).
+    pub log_directory: Option<String>,
     /// Extra arguments for `python -m dask_rs worker`.
     pub worker_extra_args: Vec<String>,
     /// Hosts to start workers on (ssh): anything `ssh` accepts as a destination.
@@ -63,6 +70,16 @@ pub struct WorkerOptions {
 }
 
 impl WorkerOptions {
+    /// Threads per worker process: `nthreads`, or cores shared among the
+    /// job's processes, or 1.
+    pub fn threads(&self) -> u32 {
+        if self.nthreads > 0 {
+            self.nthreads
+        } else {
+            self.cores.map_or(1, |c| (c / self.processes.max(1)).max(1))
+        }
+    }
+
     /// The address workers should connect to: `contact_address` (a bare host
     /// gets the scheduler's port) or else the scheduler's own address.
     pub fn contact(&self, scheduler: &str) -> String {
@@ -94,7 +111,7 @@ impl WorkerOptions {
             "--name".into(),
             name.to_string(),
             "--nthreads".into(),
-            self.nthreads.max(1).to_string(),
+            self.threads().to_string(),
         ];
         if let Some(m) = &self.memory_limit {
             cmd.push("--memory-limit".into());
@@ -108,6 +125,30 @@ impl WorkerOptions {
 /// The port of a `tcp://HOST:PORT` address.
 pub fn port_of(address: &str) -> Option<u16> {
     address.rsplit(':').next()?.parse().ok()
+}
+
+/// Bytes in `4GiB`, `500MB`, `2G`, `1e9` (Dask's units: k/M/G/T are powers of
+/// 1000, Ki/Mi/Gi/Ti powers of 1024; a trailing `B` is optional).
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.trim().parse().ok()?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.strip_suffix('b').unwrap_or(&unit);
+    let mult: f64 = match unit {
+        "" => 1.0,
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        "t" => 1e12,
+        "ki" => 1024.0,
+        "mi" => 1024f64.powi(2),
+        "gi" => 1024f64.powi(3),
+        "ti" => 1024f64.powi(4),
+        _ => return None,
+    };
+    (num >= 0.0).then(|| (num * mult) as u64)
 }
 
 /// Quote `s` for a POSIX shell (single quotes; safe for any bytes but NUL).
@@ -127,6 +168,8 @@ pub enum Owned {
     /// A worker process on another host, found there by its unique `--name`;
     /// `ssh` is the command prefix (with the destination) that reaches it.
     Remote { name: String, host: String, ssh: Vec<String> },
+    /// A batch job (`system` is `slurm` or `sge`).
+    Job { name: String, system: String, id: String },
 }
 
 /// A backend that also says what it owns.
@@ -144,12 +187,33 @@ pub fn cleanup(owned: &[Owned]) -> Vec<String> {
             }
         }
     }
+    for (system, ids) in job_groups(owned) {
+        if let Some(sys) = batch::System::from_name(&system) {
+            if let Err(e) = sys.cancel(&ids) {
+                errors.push(format!("{system} jobs {}: {e}", ids.join(", ")));
+            }
+        }
+    }
     for (ssh, names) in remote_groups(owned) {
         if let Err(e) = ssh::stop_remote(&ssh, &names, std::time::Duration::from_secs(10)) {
             errors.push(format!("{} on {}: {e}", names.join(", "), ssh.last().map_or("?", String::as_str)));
         }
     }
     errors
+}
+
+/// Batch job ids grouped by batch system.
+fn job_groups(owned: &[Owned]) -> Vec<(String, Vec<String>)> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for o in owned {
+        if let Owned::Job { system, id, .. } = o {
+            match groups.iter_mut().find(|(s, _)| s == system) {
+                Some((_, ids)) => ids.push(id.clone()),
+                None => groups.push((system.clone(), vec![id.clone()])),
+            }
+        }
+    }
+    groups
 }
 
 /// Remote workers grouped by the ssh command that reaches their host.
@@ -174,9 +238,21 @@ pub fn any_alive(owned: &[Owned]) -> Vec<String> {
             Owned::Process { name, pid, start_time } => {
                 process::is_alive(*pid, Some(*start_time)).then(|| format!("{name} (pid {pid})"))
             }
-            Owned::Remote { .. } => None,
+            Owned::Remote { .. } | Owned::Job { .. } => None,
         })
         .collect();
+    for (system, ids) in job_groups(owned) {
+        match batch::System::from_name(&system).map(|s| s.poll(&ids)) {
+            Some(Ok(states)) => alive.extend(
+                states
+                    .into_iter()
+                    .filter(|(_, st)| !matches!(st, batch::JobState::Ended(_)))
+                    .map(|(id, st)| format!("{system} job {id} ({})", st.batch_state())),
+            ),
+            Some(Err(e)) => alive.push(format!("{system} jobs {}: cannot check ({e})", ids.join(", "))),
+            None => {}
+        }
+    }
     for (ssh, names) in remote_groups(owned) {
         let host = ssh.last().cloned().unwrap_or_default();
         match ssh::signal_remote(&ssh, &names, "0") {

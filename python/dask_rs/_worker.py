@@ -10,16 +10,18 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import random
 import signal
 import sys
 import threading
+import time
 import uuid
 
 import cloudpickle
 
 from . import _core
 from ._serialize import dumps, loads, run_task, sizeof
-from .utils import parse_bytes, route_host
+from .utils import parse_bytes, parse_timedelta, route_host
 
 _thread_state = threading.local()
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -89,6 +91,21 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
     )
 
 
+def _retire_self(scheduler: str, handle) -> None:
+    """Lifetime reached: ask the scheduler to retire this worker (its results
+    are copied elsewhere, then the scheduler closes it); close anyway if it
+    cannot."""
+    from .client import Client
+
+    print(f"dask_rs worker: lifetime reached; retiring {handle.address}", flush=True)
+    try:
+        with Client(scheduler, set_as_default=False, timeout=10) as c:
+            c.retire_workers([handle.address], timeout=120)
+    except Exception as e:  # noqa: BLE001 - any failure ends in a plain close
+        print(f"dask_rs worker: could not retire gracefully ({e}); closing", file=sys.stderr, flush=True)
+        handle.stop()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dask_rs worker", description="Run a dask-rs worker.")
     p.add_argument("scheduler", help="scheduler address, tcp://HOST:PORT")
@@ -98,6 +115,10 @@ def main(argv=None) -> int:
     p.add_argument("--host", default=None,
                    help="interface for the data port (default: the one that reaches the scheduler)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the scheduler")
+    p.add_argument("--lifetime", default=None,
+                   help="retire gracefully (data moved to other workers) after this long, e.g. 55m")
+    p.add_argument("--lifetime-stagger", default="0s",
+                   help="randomise the lifetime by up to this much either way, so workers leave one by one")
     p.add_argument("--nworkers", type=int, default=None,
                    help="run this many worker processes under a supervisor that restarts them")
     args = p.parse_args(argv)
@@ -121,8 +142,12 @@ def main(argv=None) -> int:
         return supervise(child_argv, child_names(args.name, args.nworkers, os.getpid()))
     try:
         memory_limit = args.memory_limit if args.memory_limit == "auto" else parse_bytes(args.memory_limit)
+        lifetime = parse_timedelta(args.lifetime)
+        stagger = parse_timedelta(args.lifetime_stagger) or 0.0
     except ValueError as e:
         p.error(str(e))
+    if lifetime is not None:
+        lifetime = max(0.0, lifetime + random.uniform(-stagger, stagger))
     try:
         handle = start(scheduler, args.name, args.nthreads, memory_limit, args.host, args.connect_timeout)
     except (OSError, ValueError) as e:
@@ -135,8 +160,11 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    deadline = None if lifetime is None else time.monotonic() + lifetime
     while not handle.wait(0.2):
-        pass
+        if deadline is not None and time.monotonic() >= deadline:
+            deadline = None
+            threading.Thread(target=_retire_self, args=(scheduler, handle), daemon=True).start()
     try:
         handle.result()
     except OSError as e:

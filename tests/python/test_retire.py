@@ -44,3 +44,19 @@ def test_retire_workers_moves_data_then_closes_the_worker(procs):
             c.retire_workers(["nobody"])
         assert c.gather(on_a[:2]) == [make(0, 200_000), make(1, 200_000)]
         assert c.submit(sum, [1, 2]).result(timeout=10) == 3
+
+
+def test_worker_lifetime_retires_it_without_losing_data(procs):
+    p = procs.spawn([DASK_CTL, "scheduler", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    address = p.stdout.readline().split()[-1]
+    short = start_worker(procs, address, "short", extra=["--lifetime", "3s", "--lifetime-stagger", "0.5s"],
+                         stdout=subprocess.PIPE, text=True)
+    start_worker(procs, address, "long")
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=20)
+        held = [c.submit(make, i, 100_000, workers=["short"], pure=False) for i in range(10)]
+        c.gather(held)
+        assert short.wait(15) == 0, "the worker left on its own, cleanly"
+        assert "lifetime reached" in short.stdout.read()
+        assert [w["name"] for w in c.scheduler_info()["workers"].values()] == ["long"]
+        assert c.gather(held) == [make(i, 100_000) for i in range(10)]
