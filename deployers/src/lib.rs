@@ -148,7 +148,7 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
         "ti" => 1024f64.powi(4),
         _ => return None,
     };
-    (num >= 0.0).then(|| (num * mult) as u64)
+    (num >= 0.0).then_some((num * mult) as u64)
 }
 
 /// Quote `s` for a POSIX shell (single quotes; safe for any bytes but NUL).
