@@ -12,6 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_yaml_ng::Value;
 
+use deployers::batch::{BatchBackend, System};
+
 use crate::config;
 use crate::control::{self, Request, Status};
 use crate::registry::{self, ClusterRecord};
@@ -19,13 +21,13 @@ use crate::registry::{self, ClusterRecord};
 /// Adaptive maximum when `--maximum` is not given: scaling is always bounded.
 pub const DEFAULT_MAXIMUM: usize = 16;
 
-const BACKENDS: &[&str] = &["local", "ssh"];
-const PLANNED: &[&str] = &["slurm", "sge", "kubernetes", "marathon"];
+const BACKENDS: &[&str] = &["local", "ssh", "slurm", "sge"];
+const PLANNED: &[&str] = &["kubernetes", "marathon"];
 
 /// `dask-ctl up`.
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// Where workers run: local or ssh.
+    /// Where workers run: local, ssh, slurm or sge.
     #[arg(long, default_value = "local")]
     backend: String,
     /// Cluster name (default: BACKEND-XXXX).
@@ -44,7 +46,7 @@ pub struct UpArgs {
     /// YAML file with a section per backend (default: ~/.config/dask-rs/cluster.yaml if present).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Interface the scheduler listens on (default: 127.0.0.1; 0.0.0.0 for ssh).
+    /// Interface the scheduler listens on (default: 127.0.0.1; 0.0.0.0 for ssh, slurm, sge).
     #[arg(long)]
     host: Option<String>,
     /// Scheduler port (0 picks a free one).
@@ -80,8 +82,8 @@ pub struct UpArgs {
     /// Account or project (batch backends).
     #[arg(long)]
     account: Option<String>,
-    /// Extra batch directive (repeatable).
-    #[arg(long)]
+    /// Extra batch directive, e.g. --job-extra=--exclusive (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
     job_extra: Vec<String>,
     /// Shell line run before each worker starts (repeatable).
     #[arg(long)]
@@ -90,9 +92,19 @@ pub struct UpArgs {
     #[arg(long, allow_hyphen_values = true)]
     worker_extra_args: Option<String>,
     /// Scheduler address workers should connect to, if not the listening one
-    /// (HOST or tcp://HOST:PORT; ssh default: the address each host sees us from).
+    /// (HOST or tcp://HOST:PORT; ssh default: the address each host sees us from;
+    /// slurm/sge default: this machine's hostname).
     #[arg(long)]
     contact_address: Option<String>,
+    /// Shell line run after the worker exits, in batch jobs (repeatable).
+    #[arg(long)]
+    epilogue: Vec<String>,
+    /// Leave out generated batch directives containing this text (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    job_directives_skip: Vec<String>,
+    /// Where batch jobs write their output (default: the cluster's log directory).
+    #[arg(long)]
+    log_directory: Option<String>,
     /// Hosts for the ssh backend, comma-separated (ssh destinations: host, user@host, aliases).
     #[arg(long, value_delimiter = ',')]
     hosts: Vec<String>,
@@ -116,6 +128,7 @@ impl UpArgs {
         s("queue", &self.queue);
         s("account", &self.account);
         s("contact_address", &self.contact_address);
+        s("log_directory", &self.log_directory);
         for (k, v) in [("nthreads", self.nthreads), ("processes", self.processes), ("cores", self.cores)] {
             if let Some(v) = v {
                 m.insert(k.to_string(), Value::Number(v.into()));
@@ -127,6 +140,12 @@ impl UpArgs {
         }
         if !self.prologue.is_empty() {
             m.insert("prologue".into(), list(&self.prologue));
+        }
+        if !self.epilogue.is_empty() {
+            m.insert("epilogue".into(), list(&self.epilogue));
+        }
+        if !self.job_directives_skip.is_empty() {
+            m.insert("job_directives_skip".into(), list(&self.job_directives_skip));
         }
         if !self.hosts.is_empty() {
             m.insert("hosts".into(), list(&self.hosts));
@@ -170,6 +189,79 @@ fn check_python(python: &str) -> Result<String> {
         bail!("{} cannot import dask_rs ({last}); install dask-rs into it or choose another --python", path.display());
     }
     Ok(path.to_string_lossy().into_owned())
+}
+
+/// Where the scheduler listens: `--host`, or every interface when workers
+/// run on other machines.
+fn listen_host(args: &UpArgs) -> String {
+    match (&args.host, args.backend.as_str()) {
+        (Some(h), _) => h.clone(),
+        (None, "ssh" | "slurm" | "sge") => "0.0.0.0".to_string(),
+        (None, _) => "127.0.0.1".to_string(),
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    if r == 0 {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".into()
+    }
+}
+
+/// Batch commands on PATH, the Python checked (a warning only: compute nodes
+/// may see another one), and the address jobs connect to.
+fn prepare_batch(system: System, host: &str, options: &mut deployers::WorkerOptions) -> Result<()> {
+    for c in system.commands() {
+        if config::which(c).is_none() {
+            bail!("the {} backend needs `{c}` on PATH (is {} installed here?)", system.name(), system.name());
+        }
+    }
+    match check_python(&options.python) {
+        Ok(p) => options.python = p,
+        Err(e) => eprintln!("warning: {e} (here; jobs run it on their nodes)"),
+    }
+    if options.contact_address.is_none() && matches!(host, "0.0.0.0" | "::") {
+        options.contact_address = Some(hostname());
+    }
+    Ok(())
+}
+
+/// Ask the batch system whether it accepts this cluster's jobs (bad
+/// partition, queue or account) before anything starts.
+fn verify_batch(system: System, options: &deployers::WorkerOptions) -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("dask-ctl-verify-{}", std::process::id()));
+    let b = BatchBackend::new(system, options.clone(), "tcp://127.0.0.1:8786", "verify", tmp.clone(), tmp.clone())?;
+    let r = b.verify();
+    let _ = std::fs::remove_dir_all(&tmp);
+    r.map_err(|e| anyhow!("{e}"))
+}
+
+/// `dask-ctl job-script`: the script `up` would submit for one worker.
+pub fn job_script(args: UpArgs) -> Result<()> {
+    check_backend(&args.backend)?;
+    let Some(system) = System::from_name(&args.backend) else {
+        bail!("job-script is for batch backends (slurm, sge), not {}", args.backend);
+    };
+    let file = args.config.clone().or_else(config::default_file);
+    let mut merged = config::merge(&args.backend, file.as_deref(), &args.flags())?;
+    let host = listen_host(&args);
+    if merged.options.contact_address.is_none() && matches!(host.as_str(), "0.0.0.0" | "::") {
+        merged.options.contact_address = Some(hostname());
+    }
+    let name = args.name.clone().unwrap_or_else(|| format!("{}-XXXX", args.backend));
+    let port = if args.port == 0 { 8786 } else { args.port };
+    let logs = registry::log_dir(&registry::dir(&name));
+    let b = BatchBackend::new(system, merged.options, &format!("tcp://{host}:{port}"), &name, logs.clone(), logs)?;
+    print!("{}", b.script(&format!("{name}-0")));
+    if args.port == 0 {
+        eprintln!("(the scheduler port is chosen by `up`; pass --port to fix it)");
+    }
+    Ok(())
 }
 
 /// Every ssh host answers and imports dask_rs with the configured Python
@@ -233,16 +325,14 @@ pub fn up(args: UpArgs) -> Result<()> {
     }
     let file = args.config.clone().or_else(config::default_file);
     let mut merged = config::merge(&args.backend, file.as_deref(), &args.flags())?;
-    let host = match (&args.host, args.backend.as_str()) {
-        (Some(h), _) => h.clone(),
-        // Remote workers must reach the scheduler: listen on every interface.
-        (None, "ssh") => "0.0.0.0".to_string(),
-        (None, _) => "127.0.0.1".to_string(),
-    };
-    if args.backend == "ssh" {
-        check_ssh_hosts(&merged.options)?;
-    } else {
-        merged.options.python = check_python(&merged.options.python)?;
+    let host = listen_host(&args);
+    match System::from_name(&args.backend) {
+        Some(system) => {
+            prepare_batch(system, &host, &mut merged.options)?;
+            verify_batch(system, &merged.options)?;
+        }
+        None if args.backend == "ssh" => check_ssh_hosts(&merged.options)?,
+        None => merged.options.python = check_python(&merged.options.python)?,
     }
     if args.port != 0 {
         std::net::TcpListener::bind((host.as_str(), args.port))
@@ -366,6 +456,11 @@ fn wait_for_workers(dir: &Path, name: &str, n: usize, timeout: Duration) -> Resu
                 eprintln!();
             }
             return Ok(());
+        }
+        if have == 0 {
+            if let Some(d) = st.decisions.iter().rev().find(|d| d.kind == "backend_error") {
+                return give_up(d.reason.clone());
+            }
         }
         if have == 0 && failures.len() >= 3 * n {
             return give_up(format!("workers keep failing before they connect ({} attempts)", failures.len()));
@@ -611,7 +706,10 @@ pub fn down(name: &str) -> Result<()> {
     if !alive.is_empty() {
         bail!("still running after down: {}", alive.join(", "));
     }
-    println!("Cluster {name} is down ({} worker process(es) stopped, scheduler stopped)", owned.len());
+    let jobs = owned.iter().filter(|o| matches!(o, deployers::Owned::Job { .. })).count();
+    let what =
+        if jobs > 0 { format!("{jobs} batch job(s) cancelled") } else { format!("{} worker(s) stopped", owned.len()) };
+    println!("Cluster {name} is down ({what}, scheduler stopped)");
     Ok(())
 }
 

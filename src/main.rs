@@ -64,6 +64,8 @@ enum Command {
     Logs { name: String, worker: Option<String> },
     /// Print Python code that connects to a cluster.
     Snippet { name: String },
+    /// Print the batch job script `up` would submit for one worker (slurm, sge).
+    JobScript(Box<ctl::UpArgs>),
     /// Show backend options merged from the config file, DASK_RS_* variables and flags.
     Config {
         #[command(subcommand)]
@@ -138,6 +140,7 @@ fn main() -> Result<()> {
         Command::Down { name } => ctl::down(&name),
         Command::Logs { name, worker } => ctl::logs(&name, worker.as_deref()),
         Command::Snippet { name } => ctl::snippet(&name),
+        Command::JobScript(args) => ctl::job_script(*args),
         Command::Config { command: ConfigCommand::Show { backend, config } } => {
             let file = config.or_else(config::default_file);
             let merged = config::merge(&backend, file.as_deref(), &Default::default())?;

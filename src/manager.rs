@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use cluster::client::{ClientCore, Reply};
 use cluster::protocol::EventsUpdate;
 use cluster::scheduler::{self, SchedulerConfig};
+use deployers::batch::{BatchBackend, System};
 use deployers::local::LocalBackend;
 use deployers::ssh::SshBackend;
 use deployers::Deployer;
@@ -92,6 +93,11 @@ pub fn run(dir: PathBuf) -> Result<()> {
                 _ => address.clone(),
             };
             Box::new(SshBackend::new(rec.options.clone(), &listen, &rec.name, registry::log_dir(&dir))?)
+        }
+        kind @ ("slurm" | "sge") => {
+            let system = System::from_name(kind).expect("a batch system");
+            let logs = registry::log_dir(&dir);
+            Box::new(BatchBackend::new(system, rec.options.clone(), &address, &rec.name, logs, dir.join("jobs"))?)
         }
         other => anyhow::bail!("backend {other:?} is not available"),
     };

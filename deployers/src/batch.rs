@@ -262,6 +262,29 @@ impl System {
         }
     }
 
+    /// Wait until none of `ids` is queued, running or being deleted (Grid
+    /// Engine's `dr`: its processes may still run).
+    pub fn wait_settled(self, ids: &[String], timeout: std::time::Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let busy: Vec<String> = self
+                .poll(ids)?
+                .into_iter()
+                .filter(|(_, s)| {
+                    !matches!(s, JobState::Ended(_)) || (self == System::Sge && s.batch_state().contains('d'))
+                })
+                .map(|(id, s)| format!("{id} ({})", s.batch_state()))
+                .collect();
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("still in the queue after cancelling: {}", busy.join(", ")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
     /// The state of each job in `ids`, in one batch command. Jobs the batch
     /// system does not list are `Ended("gone")`.
     pub fn poll(self, ids: &[String]) -> Result<Vec<(String, JobState)>, String> {

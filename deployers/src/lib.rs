@@ -189,7 +189,7 @@ pub fn cleanup(owned: &[Owned]) -> Vec<String> {
     }
     for (system, ids) in job_groups(owned) {
         if let Some(sys) = batch::System::from_name(&system) {
-            if let Err(e) = sys.cancel(&ids) {
+            if let Err(e) = sys.cancel(&ids).and_then(|()| sys.wait_settled(&ids, std::time::Duration::from_secs(30))) {
                 errors.push(format!("{system} jobs {}: {e}", ids.join(", ")));
             }
         }

@@ -115,9 +115,10 @@ def main(argv=None) -> int:
     p.add_argument("--host", default=None,
                    help="interface for the data port (default: the one that reaches the scheduler)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the scheduler")
-    p.add_argument("--lifetime", default=None,
+    p.add_argument("--lifetime", default=os.environ.get("DASK_DISTRIBUTED__WORKER__LIFETIME__DURATION"),
                    help="retire gracefully (data moved to other workers) after this long, e.g. 55m")
-    p.add_argument("--lifetime-stagger", default="0s",
+    p.add_argument("--lifetime-stagger",
+                   default=os.environ.get("DASK_DISTRIBUTED__WORKER__LIFETIME__STAGGER", "0s"),
                    help="randomise the lifetime by up to this much either way, so workers leave one by one")
     p.add_argument("--nworkers", type=int, default=None,
                    help="run this many worker processes under a supervisor that restarts them")

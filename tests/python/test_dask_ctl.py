@@ -109,7 +109,7 @@ def test_down_cleans_up_after_the_manager_died(ctl, tmp_path):
     # live orphans from records is covered by the deployers unit tests).
     out = ctl("down", "crashy").stdout
     assert "not running; removing what it started" in out
-    assert "Cluster crashy is down (2 worker process(es) stopped" in out
+    assert "Cluster crashy is down (2 worker(s) stopped" in out
     assert not any(alive(p) for p in started)
     assert json.loads(ctl("list", "--json").stdout) == []
 
