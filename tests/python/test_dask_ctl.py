@@ -139,9 +139,9 @@ def test_adaptive_burst_scales_up_then_idles_back_without_losing_data(ctl):
 
 def test_clear_errors(ctl, tmp_path):
     r = ctl("up", "--backend", "nope", check=False)
-    assert r.returncode != 0 and 'unknown backend "nope" (available: local, ssh)' in r.stderr
-    r = ctl("up", "--backend", "slurm", check=False)
-    assert r.returncode != 0 and "slurm backend is not available" in r.stderr
+    assert r.returncode != 0 and 'unknown backend "nope" (available: local, ssh, slurm, sge)' in r.stderr
+    r = ctl("up", "--backend", "kubernetes", check=False)
+    assert r.returncode != 0 and "kubernetes backend is not available" in r.stderr
     r = ctl("up", "--workers", "1", "--python", "/nonexistent/python3", check=False)
     assert r.returncode != 0 and "not found" in r.stderr
     bare = os.path.join(sys.base_prefix, "bin", "python3")
@@ -189,7 +189,8 @@ def test_config_show_help_and_completions(ctl, tmp_path):
     for flag in flags:
         assert flag in help_up, flag
     top = ctl("--help").stdout
-    subs = ("up", "list", "status", "scale", "adapt", "down", "logs", "snippet", "config", "completions")
+    subs = ("up", "list", "status", "scale", "adapt", "down", "logs", "snippet", "config", "completions",
+            "job-script")
     for sub in subs:
         assert f"\n  {sub}" in top, sub
     bash = ctl("completions", "bash").stdout
