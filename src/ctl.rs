@@ -52,6 +52,9 @@ pub struct UpArgs {
     /// Scheduler port (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     port: u16,
+    /// Most workers (batch jobs) waiting to start at once (default 64).
+    #[arg(long)]
+    max_pending: Option<usize>,
     /// How long to wait for the workers to connect, e.g. 60s, 5m.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -360,6 +363,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         dashboard: None,
         manager_pid: None,
         manager_start: None,
+        max_pending: args.max_pending,
     };
     std::fs::create_dir_all(registry::log_dir(&dir)).with_context(|| format!("creating {}", dir.display()))?;
     rec.save(&dir)?;

@@ -101,7 +101,11 @@ pub fn run(dir: PathBuf) -> Result<()> {
         }
         other => anyhow::bail!("backend {other:?} is not available"),
     };
-    let mut ctrl = Controller::new(policy_for(&rec), ControllerConfig::default());
+    let mut config = ControllerConfig::default();
+    if let Some(m) = rec.max_pending {
+        config.max_pending = m.max(1);
+    }
+    let mut ctrl = Controller::new(policy_for(&rec), config);
     let mut latest = EventsUpdate::default();
     let mut owned_saved = Vec::new();
     let interval = Duration::from_secs_f64(ctrl.config().interval);

@@ -29,6 +29,9 @@ pub struct ClusterRecord {
     pub dashboard: Option<String>,
     pub manager_pid: Option<u32>,
     pub manager_start: Option<u64>,
+    /// Most workers (batch jobs) waiting to start at once; `None` = the controller's default.
+    #[serde(default)]
+    pub max_pending: Option<usize>,
 }
 
 /// Where registries live.

@@ -132,15 +132,19 @@ def test_refused_jobs_and_missing_commands_are_clear(ctl, slurm, sge, tmp_path):
 def test_slurm_adaptive_counts_pending_jobs_and_retires_idle_ones(ctl, slurm):
     # Jobs are held for 4 s after submission (--begin), as on a busy cluster:
     # while they wait, the controller must not submit more.
-    up(ctl, "slurm", "ad", "--adapt", "--minimum", "0", "--maximum", "3", "--job-extra", "--begin=now+4")
+    # At most 2 jobs may wait at once (--max-pending): the third is submitted
+    # only once one of the first two runs.
+    up(ctl, "slurm", "ad", "--adapt", "--minimum", "0", "--maximum", "3", "--max-pending", "2",
+       "--job-extra", "--begin=now+4")
     with Client("ad") as c:
         t0 = time.time()
         futs = c.map(slow, range(30))
-        wait_until(lambda: len(queue("slurm", "ad")) == 3, timeout=30, msg="3 jobs submitted")
+        wait_until(lambda: len(queue("slurm", "ad")) == 2, timeout=30, msg="2 jobs submitted")
         pending = [j for j in queue("slurm", "ad") if j.endswith("PENDING")]
-        assert len(pending) == 3, queue("slurm", "ad")
+        assert len(pending) == 2, queue("slurm", "ad")
         time.sleep(2)
-        assert len(queue("slurm", "ad")) == 3, "no duplicate submissions while jobs wait"
+        assert len(queue("slurm", "ad")) == 2, "no more submissions while 2 jobs wait"
+        wait_until(lambda: len(queue("slurm", "ad")) == 3, timeout=30, msg="the third job")
         wait_until(lambda: status(ctl, "ad")["running"] >= 1, timeout=60, msg="a worker")
         first = time.time() - t0
         assert c.gather(futs) == list(range(30))
@@ -154,7 +158,7 @@ def test_slurm_adaptive_counts_pending_jobs_and_retires_idle_ones(ctl, slurm):
                  for d in st["decisions"]]
     submitted = {w for d in st["decisions"] if d["kind"] == "scale_up" for w in [d["reason"]]}
     ups = [d for d in decisions if d[1] == "scale_up"]
-    assert len(ups) <= 2, decisions
+    assert len(ups) <= 3, decisions
     assert [d for d in decisions if d[1] in ("retire", "scale_down")], decisions
     print(f"slurm adaptive: first worker {first:.1f} s after the burst, work done at {done:.1f} s, "
           f"back to 0 at {idle:.1f} s; {len(submitted)} scale-ups")
