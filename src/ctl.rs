@@ -228,10 +228,16 @@ fn prepare_batch(system: System, host: &str, options: &mut deployers::WorkerOpti
         Ok(p) => options.python = p,
         Err(e) => eprintln!("warning: {e} (here; jobs run it on their nodes)"),
     }
+    default_contact(host, options);
+    Ok(())
+}
+
+/// Batch jobs on other nodes reach a scheduler listening everywhere at this
+/// machine's hostname, unless a contact address is set.
+fn default_contact(host: &str, options: &mut deployers::WorkerOptions) {
     if options.contact_address.is_none() && matches!(host, "0.0.0.0" | "::") {
         options.contact_address = Some(hostname());
     }
-    Ok(())
 }
 
 /// Ask the batch system whether it accepts this cluster's jobs (bad
@@ -253,9 +259,7 @@ pub fn job_script(args: UpArgs) -> Result<()> {
     let file = args.config.clone().or_else(config::default_file);
     let mut merged = config::merge(&args.backend, file.as_deref(), &args.flags())?;
     let host = listen_host(&args);
-    if merged.options.contact_address.is_none() && matches!(host.as_str(), "0.0.0.0" | "::") {
-        merged.options.contact_address = Some(hostname());
-    }
+    default_contact(&host, &mut merged.options);
     let name = args.name.clone().unwrap_or_else(|| format!("{}-XXXX", args.backend));
     let port = if args.port == 0 { 8786 } else { args.port };
     let logs = registry::log_dir(&registry::dir(&name));

@@ -10,7 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::{parse_bytes, sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
+use crate::{
+    last_line, parse_bytes, sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus,
+};
 
 /// A batch system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,8 +452,12 @@ impl BatchBackend {
     }
 
     fn last_log_line(path: &Path) -> String {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        text.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("no output").to_string()
+        let line = last_line(&std::fs::read_to_string(path).unwrap_or_default());
+        if line.is_empty() {
+            "no output".into()
+        } else {
+            line
+        }
     }
 }
 

@@ -151,6 +151,24 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
     (num >= 0.0).then_some((num * mult) as u64)
 }
 
+/// The last non-empty line of `text` (what a failed command or worker said last).
+pub(crate) fn last_line(text: &str) -> String {
+    text.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("").to_string()
+}
+
+/// Create `log_dir/NAME.log` for a worker; returns its path and two handles
+/// (stdout, stderr) on it.
+pub(crate) fn worker_log(
+    log_dir: &std::path::Path,
+    name: &str,
+) -> Result<(std::path::PathBuf, std::fs::File, std::fs::File), BackendError> {
+    std::fs::create_dir_all(log_dir).map_err(|e| BackendError::ScaleUp(format!("{}: {e}", log_dir.display())))?;
+    let path = log_dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&path).map_err(|e| BackendError::ScaleUp(format!("{}: {e}", path.display())))?;
+    let err = out.try_clone().map_err(|e| BackendError::ScaleUp(e.to_string()))?;
+    Ok((path, out, err))
+}
+
 /// Quote `s` for a POSIX shell (single quotes; safe for any bytes but NUL).
 pub fn sh_quote(s: &str) -> String {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
@@ -202,32 +220,32 @@ pub fn cleanup(owned: &[Owned]) -> Vec<String> {
     errors
 }
 
-/// Batch job ids grouped by batch system.
-fn job_groups(owned: &[Owned]) -> Vec<(String, Vec<String>)> {
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-    for o in owned {
-        if let Owned::Job { system, id, .. } = o {
-            match groups.iter_mut().find(|(s, _)| s == system) {
-                Some((_, ids)) => ids.push(id.clone()),
-                None => groups.push((system.clone(), vec![id.clone()])),
-            }
+/// `(key, value)` pairs grouped by key, keys in order of first appearance.
+fn group<K: PartialEq>(pairs: impl Iterator<Item = (K, String)>) -> Vec<(K, Vec<String>)> {
+    let mut groups: Vec<(K, Vec<String>)> = Vec::new();
+    for (k, v) in pairs {
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, vs)) => vs.push(v),
+            None => groups.push((k, vec![v])),
         }
     }
     groups
 }
 
+/// Batch job ids grouped by batch system.
+fn job_groups(owned: &[Owned]) -> Vec<(String, Vec<String>)> {
+    group(owned.iter().filter_map(|o| match o {
+        Owned::Job { system, id, .. } => Some((system.clone(), id.clone())),
+        _ => None,
+    }))
+}
+
 /// Remote workers grouped by the ssh command that reaches their host.
 fn remote_groups(owned: &[Owned]) -> Vec<(Vec<String>, Vec<String>)> {
-    let mut groups: Vec<(Vec<String>, Vec<String>)> = Vec::new();
-    for o in owned {
-        if let Owned::Remote { name, ssh, .. } = o {
-            match groups.iter_mut().find(|(s, _)| s == ssh) {
-                Some((_, names)) => names.push(name.clone()),
-                None => groups.push((ssh.clone(), vec![name.clone()])),
-            }
-        }
-    }
-    groups
+    group(owned.iter().filter_map(|o| match o {
+        Owned::Remote { name, ssh, .. } => Some((ssh.clone(), name.clone())),
+        _ => None,
+    }))
 }
 
 /// Whether anything in `owned` is still alive.

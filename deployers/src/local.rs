@@ -43,11 +43,7 @@ impl LocalBackend {
         self.next += 1;
         let contact = self.options.contact(&self.scheduler);
         let argv = self.options.worker_command(&contact, &name);
-        std::fs::create_dir_all(&self.log_dir).map_err(|e| BackendError::ScaleUp(e.to_string()))?;
-        let log_path = self.log_dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| BackendError::ScaleUp(format!("{}: {e}", log_path.display())))?;
-        let err = log.try_clone().map_err(|e| BackendError::ScaleUp(e.to_string()))?;
+        let (_, log, err) = crate::worker_log(&self.log_dir, &name)?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(log).stderr(err);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
+use crate::{last_line, sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
 
 /// The line a remote worker's shell prints before it becomes the worker.
 const MARKER: &str = "dask-rs: worker pid ";
@@ -49,11 +49,6 @@ fn remote(ssh: &[String], script: &str, args: &[String]) -> Command {
 
 fn host_of(ssh: &[String]) -> &str {
     ssh.last().map_or("?", String::as_str)
-}
-
-/// What ssh printed on failure, without its noise.
-fn last_line(text: &str) -> String {
-    text.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("").to_string()
 }
 
 /// Send `sig` ("TERM", "KILL", or "0" to only look) to the named workers on
@@ -197,11 +192,7 @@ impl SshBackend {
             .expect("hosts is not empty");
         let name = format!("{}-{}", self.prefix, self.next);
         self.next += 1;
-        std::fs::create_dir_all(&self.log_dir).map_err(|e| BackendError::ScaleUp(e.to_string()))?;
-        let log_path = self.log_dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| BackendError::ScaleUp(format!("{}: {e}", log_path.display())))?;
-        let err = log.try_clone().map_err(|e| BackendError::ScaleUp(e.to_string()))?;
+        let (log_path, log, err) = crate::worker_log(&self.log_dir, &name)?;
         let ssh = ssh_prefix(&self.options, &host);
         let mut cmd = remote(&ssh, &self.start_script(&name), &[]);
         cmd.stdout(log).stderr(err);
@@ -231,6 +222,7 @@ impl Backend for SshBackend {
         self.workers = keep;
         let mut errors = Vec::new();
         let mut hosts: Vec<&String> = gone.iter().map(|w| &w.host).collect();
+        hosts.sort();
         hosts.dedup();
         for host in hosts {
             let on_host: Vec<String> = gone.iter().filter(|w| &w.host == host).map(|w| w.name.clone()).collect();

@@ -16,41 +16,21 @@ RUN=/run/gridengine
 PKGS=(gridengine-master gridengine-exec gridengine-client)
 
 [ "$(id -u)" = 0 ] || { echo "sge-up.sh: needs root" >&2; exit 1; }
-say() { printf '[sge-up] %s\n' "$*"; }
-live() {
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] && [ -d "/proc/$pid" ] || return 1
-  [ "$(readlink -f "/proc/$pid/exe")" = "$(readlink -f "$2")" ] || return 1
-  [ "$(awk '{print $3}' "/proc/$pid/stat")" != Z ] || return 1
-  echo "$pid"
-}
-until_ok() {
-  local n=$(($1 * 10)); shift
-  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  return 1
-}
+TAG=sge-up
+. "$(dirname "$(readlink -f "$0")")/common.sh"
 # has LINE CMD...: CMD's output has exactly this line (output captured first: no SIGPIPE)
 has() { local l=$1 out; shift; out=$("$@" 2>/dev/null) || true; grep -qxF -- "$l" <<<"$out"; }
 
 H=$(hostname)
-missing=()
-for p in "${PKGS[@]}"; do
-  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${missing[*]}"
+# debconf answers the packages ask on a first install
+if [ "$(dpkg-query -W -f='${Status}' gridengine-master 2>/dev/null)" != "install ok installed" ]; then
   debconf-set-selections <<SEL
 gridengine-common shared/gridengineconfig boolean true
 gridengine-common shared/gridenginecell string $SGE_CELL
 gridengine-master shared/gridenginemaster string $H
 SEL
-  made=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made=1; fi
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ $made = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
+install_missing "${PKGS[@]}"
 install -d -m 755 "$(dirname "$STATE")" "$STATE"
 
 if [ ! -e /var/spool/gridengine/spooldb/sge ]; then

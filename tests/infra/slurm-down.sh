@@ -4,25 +4,8 @@
 set -uo pipefail
 STATE=${DASK_RS_TEST_STATE:-/var/lib/dask-rs-tests}/slurm
 [ "$(id -u)" = 0 ] || { echo "slurm-down.sh: needs root" >&2; exit 1; }
-say() { printf '[slurm-down] %s\n' "$*"; }
-live() {
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] && [ -d "/proc/$pid" ] || return 1
-  [ "$(readlink -f "/proc/$pid/exe")" = "$(readlink -f "$2")" ] || return 1
-  [ "$(awk '{print $3}' "/proc/$pid/stat")" != Z ] || return 1
-  echo "$pid"
-}
-stop() {
-  local pid
-  if pid=$(live "$STATE/$1.pid" "/usr/sbin/$1"); then
-    kill -TERM "$pid"
-    for _ in $(seq 1 150); do live "$STATE/$1.pid" "/usr/sbin/$1" >/dev/null || break; sleep 0.1; done
-    live "$STATE/$1.pid" "/usr/sbin/$1" >/dev/null && kill -KILL "$pid"
-    say "stopped $1 (pid $pid)"
-  fi
-  rm -f "$STATE/$1.pid"
-}
+TAG=slurm-down
+. "$(dirname "$(readlink -f "$0")")/common.sh"
 if live "$STATE/slurmctld.pid" /usr/sbin/slurmctld >/dev/null; then
   jobs=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')
   if [ -n "${jobs// /}" ]; then
@@ -32,6 +15,4 @@ if live "$STATE/slurmctld.pid" /usr/sbin/slurmctld >/dev/null; then
     for _ in $(seq 1 150); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.1; done
   fi
 fi
-stop slurmd
-stop slurmctld
-stop munged
+for d in slurmd slurmctld munged; do stop_recorded "$d" "$STATE/$d.pid" "/usr/sbin/$d"; done

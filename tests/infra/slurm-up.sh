@@ -12,34 +12,10 @@ PKGS=(slurm-wlm slurmctld slurmd slurm-client munge)
 CONF=/etc/slurm/slurm.conf
 
 [ "$(id -u)" = 0 ] || { echo "slurm-up.sh: needs root" >&2; exit 1; }
-say() { printf '[slurm-up] %s\n' "$*"; }
-live() {
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] && [ -d "/proc/$pid" ] || return 1
-  [ "$(readlink -f "/proc/$pid/exe")" = "$(readlink -f "$2")" ] || return 1
-  [ "$(awk '{print $3}' "/proc/$pid/stat")" != Z ] || return 1
-  echo "$pid"
-}
-# until_ok SECONDS CMD...: retry CMD every 0.1 s
-until_ok() {
-  local n=$(($1 * 10)); shift
-  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  return 1
-}
+TAG=slurm-up
+. "$(dirname "$(readlink -f "$0")")/common.sh"
 
-missing=()
-for p in "${PKGS[@]}"; do
-  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${missing[*]}"
-  made=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made=1; fi
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ $made = 1 ] && rm -f /usr/sbin/policy-rc.d
-fi
+install_missing "${PKGS[@]}"
 install -d -m 755 "$(dirname "$STATE")" "$STATE"
 
 H=$(hostname -s)

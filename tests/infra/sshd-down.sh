@@ -5,25 +5,12 @@
 set -uo pipefail
 STATE=${DASK_RS_TEST_STATE:-/var/lib/dask-rs-tests}/sshd
 [ "$(id -u)" = 0 ] || { echo "sshd-down.sh: needs root" >&2; exit 1; }
-say() { printf '[sshd-down] %s\n' "$*"; }
-live() {
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] && [ -d "/proc/$pid" ] || return 1
-  [ "$(readlink -f "/proc/$pid/exe")" = "$(readlink -f "$2")" ] || return 1
-  [ "$(awk '{print $3}' "/proc/$pid/stat")" != Z ] || return 1
-  echo "$pid"
-}
+TAG=sshd-down
+. "$(dirname "$(readlink -f "$0")")/common.sh"
 [ -f "$STATE/created" ] || { say "nothing to stop"; exit 0; }
 while read -r kind name; do
   [ "$kind" = netns ] || continue
-  if pid=$(live "$STATE/sshd-$name.pid" /usr/sbin/sshd); then
-    kill -TERM "$pid"
-    for _ in $(seq 1 50); do live "$STATE/sshd-$name.pid" /usr/sbin/sshd >/dev/null || break; sleep 0.1; done
-    live "$STATE/sshd-$name.pid" /usr/sbin/sshd >/dev/null && kill -KILL "$pid"
-    say "stopped sshd in $name (pid $pid)"
-  fi
-  rm -f "$STATE/sshd-$name.pid"
+  stop_recorded "sshd in $name" "$STATE/sshd-$name.pid" /usr/sbin/sshd 5
   if [ -e "/run/netns/$name" ]; then
     left=$(ip netns pids "$name" | tr '\n' ' ')
     if [ -n "${left// /}" ]; then

@@ -18,31 +18,11 @@ BR=dkrbr0
 GW=10.77.41.1
 
 [ "$(id -u)" = 0 ] || { echo "sshd-up.sh: needs root" >&2; exit 1; }
-say() { printf '[sshd-up] %s\n' "$*"; }
-# live PIDFILE EXE: print the recorded pid if it runs EXE and is not a zombie
-live() {
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] && [ -d "/proc/$pid" ] || return 1
-  [ "$(readlink -f "/proc/$pid/exe")" = "$(readlink -f "$2")" ] || return 1
-  [ "$(awk '{print $3}' "/proc/$pid/stat")" != Z ] || return 1
-  echo "$pid"
-}
+TAG=sshd-up
+. "$(dirname "$(readlink -f "$0")")/common.sh"
 banner() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/22 && head -c 4 <&3" 2>/dev/null | grep -q SSH-; }
 
-missing=()
-for p in "${PKGS[@]}"; do
-  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${missing[*]}"
-  # Package scripts must not start a system sshd.
-  made=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made=1; fi
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ $made = 1 ] && rm -f /usr/sbin/policy-rc.d
-fi
+install_missing "${PKGS[@]}"
 
 # sshd's StrictModes checks every directory up to /: keys stay out of /tmp.
 install -d -m 755 "$(dirname "$STATE")"
