@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.deps-stamp
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build venv ext demo test test-rust test-python lint fmt bench-sim bench-runtime clean
+.PHONY: build venv ext demo test test-rust test-python lint fmt bench bench-quick bench-sim clean
 
 build: target/release/dask-ctl ext
 
@@ -49,11 +49,17 @@ fmt:
 	cargo fmt --all
 	$(VENV)/bin/ruff check --fix python tests examples bench
 
+# dask-rs side by side with Dask distributed; writes bench/results/latest.{md,json}.
+bench: build
+	$(PY) bench/suite.py
+
+# A subset for after runtime changes (under 2 minutes); bench/results/quick.{md,json}.
+bench-quick: build
+	$(PY) bench/suite.py --quick
+
+# The scheduler alone with simulated workers.
 bench-sim:
 	cargo bench --bench scheduler_sim
-
-bench-runtime: build
-	$(PY) bench/runtime_quick.py
 
 clean:
 	cargo clean
