@@ -9,6 +9,10 @@ use cluster::scheduler::{SchedulerConfig, SchedulerState};
 use cluster::sim::{graphs, simulate_on, SimConfig};
 use cluster::worker::runtime::process_rss as rss;
 
+/// The same allocator as the scheduler in `dask-ctl` and `dask_rs._core`.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let cfg = SimConfig { workers: 2, nthreads: 1, result_size: 8, scheduler: SchedulerConfig::default() };

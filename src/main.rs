@@ -5,6 +5,12 @@
 //! crate adds the cluster registry, the config merge, the detached manager and
 //! the lifecycle commands (`up`, `list`, `status`, `scale`, `adapt`, `down`...).
 
+/// Rust-side allocations (scheduler state, messages, frames) use mimalloc:
+/// glibc's per-thread arenas kept growing and trimming their heaps under a
+/// stream of short tasks, and the page faults cost a third of throughput.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod config;
 mod control;
 mod ctl;

@@ -235,9 +235,17 @@ impl ClientCore {
     pub fn wait(&self, keys: &[Key], timeout: Option<Duration>, any: bool) -> Result<bool, ClientError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.inner.shared.lock().expect("client lock");
+        // For "all", keys before `checked` were seen done and are not looked
+        // at again: one pass over the keys in total, not one per wake-up.
+        let mut checked = 0;
         loop {
             let done = |k: &Key| s.keys.get(k).is_none_or(|st| st.is_done());
-            let satisfied = if any { keys.is_empty() || keys.iter().any(done) } else { keys.iter().all(done) };
+            let satisfied = if any {
+                keys.is_empty() || keys.iter().any(done)
+            } else {
+                checked += keys[checked..].iter().take_while(|k| done(k)).count();
+                checked == keys.len()
+            };
             if satisfied {
                 return Ok(true);
             }

@@ -83,7 +83,15 @@ pub struct SchedulerConfig {
     pub allowed_failures: u32,
     /// A worker silent for this long is removed (checked by the IO shell).
     pub worker_ttl: std::time::Duration,
+    /// Once the queued root tasks' group is known to be short, a worker may
+    /// hold up to this many seconds of their expected run time per thread
+    /// (beyond `worker_saturation`), so the round trip to the scheduler does
+    /// not leave its threads idle between tiny tasks. 0 turns it off.
+    pub pipeline_window: f64,
 }
+
+/// Cap on root tasks in flight per worker thread from `pipeline_window`.
+const MAX_PIPELINE_PER_THREAD: usize = 64;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -92,6 +100,7 @@ impl Default for SchedulerConfig {
             stream_capacity: 100_000,
             allowed_failures: 3,
             worker_ttl: std::time::Duration::from_secs(60),
+            pipeline_window: 0.002,
         }
     }
 }
@@ -943,15 +952,29 @@ impl SchedulerState {
         self.out.push((w, Envelope { msg, frames }));
     }
 
+    /// Queued root tasks worker `w` may hold: `worker_saturation` per thread,
+    /// or more when the next queued task's group is known to be short (see
+    /// [`SchedulerConfig::pipeline_window`]). Memory stays bounded: at most
+    /// a few milliseconds of work per thread is committed ahead.
+    fn root_slots(&self, w: &Worker) -> usize {
+        let base = w.slots(self.config.worker_saturation);
+        let Some(&(_, next)) = self.queue.first() else { return base };
+        let g = &self.groups[self.t(next).group as usize];
+        if base == usize::MAX || g.duration_n == 0 || self.config.pipeline_window <= 0.0 {
+            return base;
+        }
+        let per_thread = (self.config.pipeline_window / g.duration().max(1e-7)) as usize;
+        base.max(w.nthreads as usize * per_thread.min(MAX_PIPELINE_PER_THREAD))
+    }
+
     /// Send queued root tasks to workers with free slots, each to the least
     /// loaded worker that has one.
     fn fill_all_workers(&mut self) {
         while !self.queue.is_empty() {
-            let sat = self.config.worker_saturation;
             let mut best: Option<(f64, PeerId)> = None;
             for &w in &self.worker_order {
                 let worker = &self.workers[&w];
-                if !worker.retiring && worker.processing.len() < worker.slots(sat) {
+                if !worker.retiring && worker.processing.len() < self.root_slots(worker) {
                     let load = worker.load();
                     if best.is_none_or(|(l, _)| load < l) {
                         best = Some((load, w));
@@ -969,7 +992,7 @@ impl SchedulerState {
             let Some(worker) = self.workers.get(&w) else {
                 return;
             };
-            if worker.retiring || worker.processing.len() >= worker.slots(self.config.worker_saturation) {
+            if worker.retiring || worker.processing.len() >= self.root_slots(worker) {
                 return;
             }
             let (_, id) = self.queue.pop_first().expect("non-empty");
@@ -1801,6 +1824,26 @@ mod tests {
         assert_eq!(s.state_counts()["queued"], 8);
         finish(&mut s, W1, &sent[0].1, 8);
         assert_eq!(computes(&mut s).len(), 1, "a finished task frees one slot");
+    }
+
+    #[test]
+    fn short_root_tasks_are_pipelined_long_ones_are_not() {
+        let mut s = with_workers(1);
+        let specs: Vec<_> = (0..200).map(|i| spec(&format!("r-{i}"), &[])).collect();
+        s.update_graph(C1, specs, (0..200).map(|i| format!("r-{i}")).collect());
+        let sent = computes(&mut s);
+        assert_eq!(sent.len(), 2, "duration unknown: worker-saturation applies");
+        // One finished in 10 us: 2 ms of such tasks is 200, capped at 64 per thread.
+        s.task_finished(W1, &sent[0].1, 8, 0.0, 1e-5, 0, 0.0);
+        assert_eq!(computes(&mut s).len(), 63, "64 in flight");
+        s.validate().unwrap();
+        // A group of 1 s tasks gets no more than worker-saturation allows.
+        let mut s2 = with_workers(1);
+        let specs: Vec<_> = (0..10).map(|i| spec(&format!("slow-{i}"), &[])).collect();
+        s2.update_graph(C1, specs, (0..10).map(|i| format!("slow-{i}")).collect());
+        let sent = computes(&mut s2);
+        s2.task_finished(W1, &sent[0].1, 8, 0.0, 1.0, 0, 0.0);
+        assert_eq!(computes(&mut s2).len(), 1, "long tasks: ceil(1.1 x 1) in flight");
     }
 
     #[test]

@@ -31,6 +31,49 @@ pub trait Runner: Send + Sync + 'static {
     fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String>;
     /// Drop values.
     fn free(&self, keys: &[Key]);
+    /// Run `body`, the whole life of one of the worker's threads that call
+    /// the methods above, so per-thread context (a Python thread state) is
+    /// set up once per thread rather than once per call.
+    fn thread_main(&self, body: &mut (dyn FnMut() + Send)) {
+        body()
+    }
+}
+
+/// One thread that runs the runner's data-store work (free, serialize,
+/// store) in order, off the async runtime.
+#[derive(Clone)]
+struct Helper {
+    tx: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl Helper {
+    fn spawn<R: Runner>(runner: Arc<R>) -> std::io::Result<Helper> {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new().name("dask-rs-store".into()).spawn(move || {
+            let mut body = move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            };
+            runner.thread_main(&mut body)
+        })?;
+        Ok(Helper { tx })
+    }
+
+    /// Queue `f` and do not wait for it.
+    fn submit(&self, f: impl FnOnce() + Send + 'static) {
+        let _ = self.tx.send(Box::new(f));
+    }
+
+    /// Run `f` on the helper thread and wait for its result (None if the
+    /// helper is gone).
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(move || {
+            let _ = tx.send(f());
+        });
+        rx.await.ok()
+    }
 }
 
 /// How to start a worker.
@@ -161,22 +204,27 @@ pub async fn run_worker<R: Runner>(
         let rx = job_rx.clone();
         let tx = events_tx.clone();
         let runner = runner.clone();
-        std::thread::Builder::new().name(format!("dask-rs-exec-{thread}")).spawn(move || loop {
-            let job = match rx.lock().expect("job queue").recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            };
-            let start = now();
-            let outcome = runner.execute(&job.key, &job.run_spec, &job.deps, thread as u32);
-            let stop = now();
-            if tx.send(Event::Executed { key: job.key, outcome, start, stop, thread: thread as u32 }).is_err() {
-                return;
-            }
+        std::thread::Builder::new().name(format!("dask-rs-exec-{thread}")).spawn(move || {
+            let r = runner.clone();
+            r.thread_main(&mut || loop {
+                let job = match rx.lock().expect("job queue").recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                };
+                let start = now();
+                let outcome = runner.execute(&job.key, &job.run_spec, &job.deps, thread as u32);
+                let stop = now();
+                let done = Event::Executed { key: job.key, outcome, start, stop, thread: thread as u32 };
+                if tx.send(done).is_err() {
+                    return;
+                }
+            })
         })?;
     }
 
+    let helper = Helper::spawn(runner.clone())?;
     let traffic = Arc::new(Traffic::default());
-    spawn_data_server(listener, address.clone(), runner.clone(), events_tx.clone(), traffic.clone());
+    spawn_data_server(listener, address.clone(), runner.clone(), helper.clone(), events_tx.clone(), traffic.clone());
     let pool = Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout));
 
     let mut state = WorkerState::new(config.nthreads);
@@ -184,6 +232,7 @@ pub async fn run_worker<R: Runner>(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut started = started;
     let mut registered = false;
+    let mut held = Held::default();
     let result = loop {
         tokio::select! {
             _ = shutdown.changed() => break Ok(()),
@@ -207,6 +256,7 @@ pub async fn run_worker<R: Runner>(
                     }
                 }
             }
+            _ = tokio::time::sleep_until(held.deadline()), if held.is_holding() => held.flush(&outbox),
             ev = events.recv() => {
                 let Some(ev) = ev else { break Ok(()) };
                 let mut stop = None;
@@ -215,9 +265,20 @@ pub async fn run_worker<R: Runner>(
                     apply(&mut state, ev, &mut stop);
                 }
                 for ins in state.take_instructions() {
-                    carry_out(ins, &outbox, &job_tx, &runner, &pool, &events_tx);
+                    match ins {
+                        Instruction::Send(env) if is_result(&env.msg) => held.push(env),
+                        Instruction::Send(env) => {
+                            held.flush(&outbox);
+                            let _ = outbox.send(env);
+                        }
+                        ins => carry_out(ins, &job_tx, &runner, &helper, &pool, &events_tx),
+                    }
+                }
+                if !state.busy() || held.full() {
+                    held.flush(&outbox);
                 }
                 if let Some(r) = stop {
+                    held.flush(&outbox);
                     break r;
                 }
             }
@@ -269,29 +330,73 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
     }
 }
 
+/// Results held back while this worker is busy, so that a stream of short
+/// tasks reports to the scheduler in batches instead of one message (and
+/// one wake-up on each side) per task. Sent at once when the worker has
+/// nothing left to run, so an idle worker never sits on a result.
+#[derive(Default)]
+struct Held {
+    msgs: Vec<Envelope>,
+    since: Option<tokio::time::Instant>,
+}
+
+/// Most results held at once.
+const HOLD_MAX: usize = 16;
+/// Longest a result is held.
+const HOLD_FOR: Duration = Duration::from_micros(1000);
+
+fn is_result(msg: &Msg) -> bool {
+    matches!(msg, Msg::TaskFinished { .. } | Msg::TaskErred { .. })
+}
+
+impl Held {
+    fn push(&mut self, env: Envelope) {
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+        self.msgs.push(env);
+    }
+
+    fn is_holding(&self) -> bool {
+        !self.msgs.is_empty()
+    }
+
+    fn full(&self) -> bool {
+        self.msgs.len() >= HOLD_MAX
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.since.map_or_else(tokio::time::Instant::now, |t| t + HOLD_FOR)
+    }
+
+    fn flush(&mut self, outbox: &comm::Outbox) {
+        self.since = None;
+        for env in self.msgs.drain(..) {
+            let _ = outbox.send(env);
+        }
+    }
+}
+
 static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 
 fn carry_out<R: Runner>(
     ins: Instruction,
-    outbox: &comm::Outbox,
     jobs: &std::sync::mpsc::Sender<Job>,
     runner: &Arc<R>,
+    helper: &Helper,
     pool: &Arc<ConnectionPool>,
     events: &mpsc::UnboundedSender<Event>,
 ) {
     match ins {
-        Instruction::Send(env) => {
-            let _ = outbox.send(env);
-        }
+        Instruction::Send(_) => unreachable!("sent by the runtime loop"),
         Instruction::Execute { key, run_spec, deps } => {
             let _ = jobs.send(Job { key, run_spec, deps });
         }
         Instruction::Free { keys } => {
             let runner = runner.clone();
-            tokio::task::spawn_blocking(move || runner.free(&keys));
+            helper.submit(move || runner.free(&keys));
         }
         Instruction::Fetch { worker, keys } => {
             let runner = runner.clone();
+            let helper = helper.clone();
             let pool = pool.clone();
             let events = events.clone();
             tokio::spawn(async move {
@@ -299,13 +404,12 @@ fn carry_out<R: Runner>(
                 let reply = pool.request(&worker, Envelope::new(Msg::GetData { id, keys: keys.clone() })).await;
                 let (stored, failed) = match reply {
                     Ok(Envelope { msg: Msg::Data { items, missing, .. }, frames }) => {
-                        let res = tokio::task::spawn_blocking(move || store_items(&*runner, items, frames)).await;
-                        match res {
-                            Ok((stored, mut failed)) => {
+                        match helper.run(move || store_items(&*runner, items, frames)).await {
+                            Some((stored, mut failed)) => {
                                 failed.extend(missing);
                                 (stored, failed)
                             }
-                            Err(_) => (Vec::new(), keys),
+                            None => (Vec::new(), keys),
                         }
                     }
                     Ok(other) => {
@@ -350,6 +454,7 @@ fn spawn_data_server<R: Runner>(
     listener: TcpListener,
     address: String,
     runner: Arc<R>,
+    helper: Helper,
     events: mpsc::UnboundedSender<Event>,
     traffic: Arc<Traffic>,
 ) {
@@ -359,6 +464,7 @@ fn spawn_data_server<R: Runner>(
                 continue;
             };
             let runner = runner.clone();
+            let helper = helper.clone();
             let events = events.clone();
             let address = address.clone();
             let traffic = traffic.clone();
@@ -382,7 +488,7 @@ fn spawn_data_server<R: Runner>(
                     traffic.bytes_in.fetch_add(reader.bytes_read - last_in, Ordering::Relaxed);
                     last_in = reader.bytes_read;
                     for env in batch {
-                        let reply = serve(&runner, env, &events).await;
+                        let reply = serve(&runner, &helper, env, &events).await;
                         let before = writer.bytes_written;
                         if writer.write_batch(std::slice::from_ref(&reply)).await.is_err() {
                             return;
@@ -395,12 +501,17 @@ fn spawn_data_server<R: Runner>(
     });
 }
 
-async fn serve<R: Runner>(runner: &Arc<R>, env: Envelope, events: &mpsc::UnboundedSender<Event>) -> Envelope {
+async fn serve<R: Runner>(
+    runner: &Arc<R>,
+    helper: &Helper,
+    env: Envelope,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Envelope {
     let Envelope { msg, frames } = env;
     match msg {
         Msg::GetData { id, keys } => {
             let r = runner.clone();
-            let values = tokio::task::spawn_blocking(move || r.serialize(&keys)).await.unwrap_or_default();
+            let values = helper.run(move || r.serialize(&keys)).await.unwrap_or_default();
             let mut out_frames = Vec::new();
             let mut items = Vec::with_capacity(values.len());
             let mut missing = Vec::new();
@@ -417,8 +528,7 @@ async fn serve<R: Runner>(runner: &Arc<R>, env: Envelope, events: &mpsc::Unbound
         }
         Msg::PutData { id, items } => {
             let r = runner.clone();
-            let (stored, failed) =
-                tokio::task::spawn_blocking(move || store_items(&*r, items, frames)).await.unwrap_or_default();
+            let (stored, failed) = helper.run(move || store_items(&*r, items, frames)).await.unwrap_or_default();
             if !failed.is_empty() {
                 return Envelope::new(Msg::Error { reason: format!("could not store keys {failed:?}") });
             }

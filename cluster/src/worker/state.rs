@@ -66,6 +66,7 @@ pub struct WorkerState {
     nthreads: usize,
     tasks: FxHashMap<Key, WTask>,
     ready: BinaryHeap<Reverse<(Priority, Key)>>,
+    /// Tasks handed to the executor: running, or queued behind a running one.
     executing: usize,
     data: FxHashMap<Key, u64>,
     managed: u64,
@@ -106,7 +107,13 @@ impl WorkerState {
 
     /// Tasks running now.
     pub fn executing(&self) -> usize {
-        self.executing
+        self.executing.min(self.nthreads)
+    }
+
+    /// Whether tasks are running or ready to run: more results will follow
+    /// shortly without anything from the scheduler.
+    pub fn busy(&self) -> bool {
+        self.executing > 0 || !self.ready.is_empty()
     }
 
     /// Tasks ready to run and waiting for a thread.
@@ -196,8 +203,11 @@ impl WorkerState {
         }
     }
 
+    /// Hand ready tasks to the executor: one running and one queued per
+    /// thread, so a thread starts its next task as soon as one ends instead
+    /// of waiting for the runtime loop to hear of it.
     fn schedule(&mut self) {
-        while self.executing < self.nthreads {
+        while self.executing < 2 * self.nthreads {
             let Some(Reverse((_, key))) = self.ready.pop() else {
                 return;
             };
@@ -367,20 +377,32 @@ mod tests {
     }
 
     #[test]
-    fn runs_at_most_nthreads_in_priority_order() {
+    fn hands_two_tasks_per_thread_to_the_executor_in_priority_order() {
         let mut w = WorkerState::new(1);
-        for (i, k) in ["c", "a", "b"].iter().enumerate() {
-            let p = Priority { user: 0, generation: 0, order: [3, 1, 2][i] };
+        for (i, k) in ["c", "a", "b", "d"].iter().enumerate() {
+            let p = Priority { user: 0, generation: 0, order: [3, 1, 2, 0][i] };
             w.compute_task(k.to_string(), Bytes::new(), vec![], p, 0.0);
         }
+        // One running and one queued behind it; the rest wait in priority order.
         let ins = w.take_instructions();
-        assert_eq!(ins.len(), 1);
-        assert!(matches!(&ins[0], Instruction::Execute { key, .. } if key == "c"));
+        let keys: Vec<&str> = ins
+            .iter()
+            .map(|i| match i {
+                Instruction::Execute { key, .. } => key.as_str(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(keys, ["c", "a"]);
+        assert_eq!(w.executing(), 1, "reported as running: at most one per thread");
+        assert!(w.busy());
         w.execute_done("c".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
         let ins = w.take_instructions();
         assert!(matches!(&ins[0], Instruction::Send(_)));
-        assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "a"));
-        assert_eq!(w.executing(), 1);
+        assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "d"), "{ins:?}");
+        for k in ["a", "d", "b"] {
+            w.execute_done(k.into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+        }
+        assert!(!w.busy());
     }
 
     #[test]
