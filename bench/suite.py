@@ -143,7 +143,8 @@ def merge(c, n, tag):
 
 
 def _two_workers(c):
-    addrs = sorted(c.scheduler_info()["workers"])
+    c.wait_for_workers(2)
+    addrs = sorted(c.nthreads())
     assert len(addrs) >= 2, addrs
     return addrs[0], addrs[1]
 
@@ -270,7 +271,7 @@ def child(system, names, quick):
     client = Client(cluster)
     client.wait_for_workers(2)
     out["startup"] = time.perf_counter() - t
-    addrs = sorted(client.scheduler_info()["workers"])
+    addrs = sorted(client.nthreads())
     rss = [client.submit(worker_rss, workers=[a], pure=False).result()[1] for a in addrs]
     out["idle-worker-rss"] = statistics.mean(rss) / 2**20
     by_name = {w.name: w for w in WORKLOADS}
