@@ -5,19 +5,6 @@
 """
 
 from ._core import CommError
-from .client import (
-    ALL_COMPLETED,
-    FIRST_COMPLETED,
-    Client,
-    Future,
-    KilledWorker,
-    as_completed,
-    default_client,
-    fire_and_forget,
-    get_client,
-    wait,
-)
-from .cluster import LocalCluster
 
 __version__ = "0.1.0"
 
@@ -35,3 +22,17 @@ __all__ = [
     "get_client",
     "wait",
 ]
+
+
+def __getattr__(name):
+    # The client side (and dask with it) loads on first use, so a worker
+    # process (``python -m dask_rs worker``) starts without importing dask.
+    if name == "LocalCluster":
+        from .cluster import LocalCluster
+
+        return LocalCluster
+    if name in __all__:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'dask_rs' has no attribute {name!r}")

@@ -16,15 +16,24 @@ from collections import OrderedDict
 
 import cloudpickle
 
-try:  # dask's sizeof knows numpy, pandas and friends
-    from dask.sizeof import sizeof as _sizeof
-except Exception:  # pragma: no cover - dask is optional
-    _sizeof = None
+_sizeof = None
+# dask's sizeof answers sys.getsizeof for these too; skipping its dispatch
+# (and importing dask only when a task returns something else) keeps tiny
+# tasks cheap and idle workers small.
+_PLAIN = (int, float, bool, type(None), str, bytes)
 
 
 def sizeof(obj) -> int:
     """Best estimate of the memory `obj` holds."""
-    if _sizeof is not None:
+    global _sizeof
+    if type(obj) in _PLAIN:
+        return sys.getsizeof(obj)
+    if _sizeof is None:
+        try:  # dask's sizeof knows numpy, pandas and friends
+            from dask.sizeof import sizeof as _sizeof
+        except Exception:  # pragma: no cover - dask is optional
+            _sizeof = False
+    if _sizeof:
         try:
             return int(_sizeof(obj))
         except Exception:
