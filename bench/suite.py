@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import add
 from pathlib import Path
 
@@ -80,7 +80,6 @@ class Workload:
     run: object
     reps: int = 3
     quick: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def roundtrip(c, n):
@@ -158,7 +157,7 @@ def transfer(c, mb, times):
     speeds = []
     for i in range(times):
         x = c.submit(make_array, nbytes, i, workers=[a], pure=False)
-        x.result() if mb <= 1 else _wait(c, x)
+        _wait(c, x)
         t = time.perf_counter()
         got = c.submit(nbytes_of, x, workers=[b], pure=False).result()
         speeds.append(got / (time.perf_counter() - t) / 1e6)

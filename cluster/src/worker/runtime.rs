@@ -205,8 +205,7 @@ pub async fn run_worker<R: Runner>(
         let tx = events_tx.clone();
         let runner = runner.clone();
         std::thread::Builder::new().name(format!("dask-rs-exec-{thread}")).spawn(move || {
-            let r = runner.clone();
-            r.thread_main(&mut || loop {
+            runner.thread_main(&mut || loop {
                 let job = match rx.lock().expect("job queue").recv() {
                     Ok(j) => j,
                     Err(_) => return,
