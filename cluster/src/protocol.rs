@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; peers that speak another version are refused
 /// during the handshake with a clear error.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Four bytes every connection starts with, so a stranger (an HTTP client,
 /// random bytes) is recognised before any frame is parsed.
@@ -318,6 +318,10 @@ pub enum Msg {
         start: f64,
         stop: f64,
         thread: u32,
+    },
+    /// A running task left its thread to wait for tasks it launched.
+    TaskSeceded {
+        key: Key,
     },
     /// Replicas that arrived on the worker (fetched dependencies).
     AddKeys {

@@ -20,7 +20,10 @@ __all__ = [
     "default_client",
     "fire_and_forget",
     "get_client",
+    "rejoin",
+    "secede",
     "wait",
+    "worker_client",
 ]
 
 

@@ -24,6 +24,7 @@ from ._serialize import dumps, loads, run_task, sizeof
 from .utils import parse_bytes, parse_timedelta, route_host
 
 _thread_state = threading.local()
+_scheduler_address: str | None = None
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -66,6 +67,34 @@ def execute(run_spec, values, key, thread):
     return (True, result, sizeof(result), type(result).__name__)
 
 
+def scheduler_address() -> str | None:
+    """Address of the scheduler this process's worker joined (None outside workers)."""
+    return _scheduler_address
+
+
+def current_key():
+    """Key of the task running on this thread, or None."""
+    return getattr(_thread_state, "key", None)
+
+
+def secede() -> None:
+    """Leave the worker's thread pool for the rest of this task.
+
+    Call it before waiting on tasks this task launched: the worker starts
+    another thread in its place and the scheduler stops counting this task
+    against the worker, so the launched tasks can run even on a worker with
+    one thread. Raises ``ValueError`` outside a task.
+    """
+    if not _core.secede():
+        raise ValueError("secede() must be called from inside a task running on a dask-rs worker")
+
+
+def rejoin() -> None:
+    """Take a place in the worker's thread pool again after `secede`."""
+    if not _core.rejoin():
+        raise ValueError("rejoin() must be called from inside a task running on a dask-rs worker")
+
+
 def total_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -76,6 +105,8 @@ def total_memory() -> int:
 def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_limit=0,
           host: str = "127.0.0.1", timeout: float = 10.0):
     """Start a worker in this process; returns its handle once registered."""
+    global _scheduler_address
+    _scheduler_address = scheduler
     if memory_limit == "auto":
         memory_limit = total_memory()
     return _core.start_worker(

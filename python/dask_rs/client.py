@@ -8,6 +8,7 @@ and bytes back into Python objects.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import itertools
 import pickle
@@ -31,6 +32,9 @@ __all__ = [
     "default_client",
     "fire_and_forget",
     "get_client",
+    "worker_client",
+    "secede",
+    "rejoin",
     "FIRST_COMPLETED",
     "ALL_COMPLETED",
 ]
@@ -39,6 +43,20 @@ FIRST_COMPLETED = "FIRST_COMPLETED"
 ALL_COMPLETED = "ALL_COMPLETED"
 
 _default_client: Client | None = None
+
+
+def secede() -> None:
+    """Leave the worker's thread pool for the rest of this task (see `worker_client`)."""
+    from ._worker import secede as _secede
+
+    _secede()
+
+
+def rejoin() -> None:
+    """Take a place in the worker's thread pool again after `secede`."""
+    from ._worker import rejoin as _rejoin
+
+    _rejoin()
 _clients: weakref.WeakSet = close_at_exit()
 
 
@@ -51,8 +69,51 @@ def default_client(c: Client | None = None) -> Client:
     raise ValueError("No clients found. Start a client and point it to a scheduler: Client('tcp://...')")
 
 
-def get_client() -> Client:
-    return default_client()
+_worker_client_lock = threading.Lock()
+
+
+def get_client(address=None, timeout=None, resolve_address=True) -> Client:
+    """The current client; inside a task on a worker process, a client of
+    that worker's scheduler (made on first use and shared by its tasks)."""
+    if address is None and _default_client is not None and _default_client.status == "running":
+        return _default_client
+    from . import _worker
+
+    scheduler = address or _worker.scheduler_address()
+    if scheduler is None:
+        return default_client()
+    with _worker_client_lock:
+        c = _default_client
+        if c is not None and c.status == "running" and c.scheduler_address == scheduler:
+            return c
+        return Client(scheduler, timeout=timeout or 10, name=f"worker-client-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def worker_client(timeout=None, separate_thread=True):
+    """Inside a task: a client for launching tasks and waiting on them.
+
+    With ``separate_thread`` (the default) the task secedes from the worker's
+    thread pool while inside the block and rejoins after, so tasks that
+    launch tasks do not deadlock even with one thread per worker::
+
+        def fib(n):
+            if n < 2:
+                return n
+            with worker_client() as c:
+                a, b = c.submit(fib, n - 1), c.submit(fib, n - 2)
+                return a.result() + b.result()
+    """
+    from . import _worker
+
+    client = get_client(timeout=timeout)
+    if separate_thread:
+        _worker.secede()
+    try:
+        yield client
+    finally:
+        if separate_thread:
+            _worker.rejoin()
 
 
 def _is_future(obj) -> bool:
@@ -348,7 +409,7 @@ class Client:
         self.scheduler_address = address
         self.status = "running"
         self._refcount: dict = defaultdict(int)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._order = itertools.count()
         self._callbacks: dict = defaultdict(list)
         self._callback_thread = None
@@ -385,8 +446,10 @@ class Client:
                 return
             del self._refcount[wire]
             self._callbacks.pop(wire, None)
-        if self.status == "running":
-            self._core.release([wire])
+            # Under the lock: a submit of the same key from another thread
+            # then reaches the core after this release, not before it.
+            if self.status == "running":
+                self._core.release([wire])
 
     def _status(self, wire: str):
         if self.status != "running":
@@ -440,9 +503,8 @@ class Client:
                 key = f"{_funcname(func)}-{uuid.uuid4().hex}"
         wire = wire_key(key)
         with self._lock:
-            known = self._refcount.get(wire, 0) > 0
-        if known:
-            return Future(key, self)
+            if self._refcount.get(wire, 0) > 0:
+                return Future(key, self)
         spec, deps = self._dumps_call(func, args, kwargs)
         fut = Future(key, self)
         self._core.submit(

@@ -697,6 +697,20 @@ fn protocol_version() -> u32 {
     cluster::protocol::PROTOCOL_VERSION
 }
 
+/// Leave the worker's thread pool for the rest of the running task (the
+/// worker starts another thread in its place). False outside a task.
+#[pyfunction]
+fn secede() -> bool {
+    cluster::worker::secede()
+}
+
+/// Count the running (seceded) task against the worker's threads again.
+/// False outside a task.
+#[pyfunction]
+fn rejoin() -> bool {
+    cluster::worker::rejoin()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CommError", m.py().get_type::<CommError>())?;
@@ -705,6 +719,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WorkerHandle>()?;
     m.add_class::<SchedulerHandle>()?;
     m.add_function(wrap_pyfunction!(start_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(secede, m)?)?;
+    m.add_function(wrap_pyfunction!(rejoin, m)?)?;
     m.add_function(wrap_pyfunction!(start_scheduler, m)?)?;
     m.add_function(wrap_pyfunction!(protocol_version, m)?)?;
     Ok(())

@@ -313,6 +313,7 @@ fn handle_msg(
             state.task_erred(peer, &key, exception, traceback, text, start, stop, thread)
         }
         (Role::Worker, Msg::AddKeys { keys }) => state.add_keys(peer, &keys),
+        (Role::Worker, Msg::TaskSeceded { key }) => state.task_seceded(peer, &key),
         (Role::Worker, Msg::MissingData { key, workers }) => state.missing_data(peer, &key, &workers),
         (Role::Worker, Msg::Heartbeat { rss, spilled, executing, ready, bytes_in, bytes_out, .. }) => {
             state.worker_metrics(peer, rss, spilled, executing, ready, bytes_in, bytes_out)

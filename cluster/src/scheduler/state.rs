@@ -214,6 +214,9 @@ struct Worker {
     memory_limit: u64,
     pid: u32,
     processing: FxHashSet<TaskId>,
+    /// Tasks in `processing` that seceded from their thread (they launch and
+    /// wait for other tasks): they take no thread and count toward no limit.
+    long_running: FxHashSet<TaskId>,
     has_what: FxHashSet<TaskId>,
     nbytes: u64,
     rss: u64,
@@ -234,8 +237,19 @@ impl Worker {
         ((self.nthreads as f64 * saturation).ceil() as usize).max(1)
     }
 
+    /// Tasks assigned here that occupy (or wait for) a thread.
+    fn busy(&self) -> usize {
+        self.processing.len() - self.long_running.len()
+    }
+
     fn load(&self) -> f64 {
-        self.processing.len() as f64 / self.nthreads.max(1) as f64
+        self.busy() as f64 / self.nthreads.max(1) as f64
+    }
+
+    /// Forget `id` as assigned here.
+    fn unprocess(&mut self, id: TaskId) {
+        self.processing.remove(&id);
+        self.long_running.remove(&id);
     }
 }
 
@@ -503,6 +517,7 @@ impl SchedulerState {
                 memory_limit,
                 pid,
                 processing: FxHashSet::default(),
+                long_running: FxHashSet::default(),
                 has_what: FxHashSet::default(),
                 nbytes: 0,
                 rss: 0,
@@ -619,7 +634,7 @@ impl SchedulerState {
             TaskState::Processing => {
                 if let Some(w) = self.tm(id).processing_on.take() {
                     if let Some(worker) = self.workers.get_mut(&w) {
-                        worker.processing.remove(&id);
+                        worker.unprocess(id);
                     }
                     let key = self.t(id).key.to_string();
                     self.send(w, Msg::FreeKeys { keys: vec![key] });
@@ -974,7 +989,7 @@ impl SchedulerState {
             let mut best: Option<(f64, PeerId)> = None;
             for &w in &self.worker_order {
                 let worker = &self.workers[&w];
-                if !worker.retiring && worker.processing.len() < self.root_slots(worker) {
+                if !worker.retiring && worker.busy() < self.root_slots(worker) {
                     let load = worker.load();
                     if best.is_none_or(|(l, _)| load < l) {
                         best = Some((load, w));
@@ -992,7 +1007,7 @@ impl SchedulerState {
             let Some(worker) = self.workers.get(&w) else {
                 return;
             };
-            if worker.retiring || worker.processing.len() >= self.root_slots(worker) {
+            if worker.retiring || worker.busy() >= self.root_slots(worker) {
                 return;
             }
             let (_, id) = self.queue.pop_first().expect("non-empty");
@@ -1030,7 +1045,7 @@ impl SchedulerState {
         }
         let group = self.t(id).group;
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.processing.remove(&id);
+            w.unprocess(id);
             let rec = TaskStreamRecord {
                 key: key.to_string(),
                 group: self.groups[group as usize].name.clone(),
@@ -1059,6 +1074,20 @@ impl SchedulerState {
         self.on_memory(id);
         self.fill_worker(worker);
         self.check_retirements();
+    }
+
+    /// A task left its thread to wait for tasks it launched (`secede`): it
+    /// stays assigned to `worker` (and is rescheduled if the worker dies) but
+    /// no longer holds a slot, so the tasks it waits for can run there.
+    pub fn task_seceded(&mut self, worker: PeerId, key: &str) {
+        let Some(&id) = self.keys.get(key) else { return };
+        if self.t(id).state != TaskState::Processing || self.t(id).processing_on != Some(worker) {
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.long_running.insert(id);
+        }
+        self.fill_worker(worker);
     }
 
     fn add_replica(&mut self, id: TaskId, worker: PeerId) {
@@ -1141,7 +1170,7 @@ impl SchedulerState {
             return;
         }
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.processing.remove(&id);
+            w.unprocess(id);
             let rec = TaskStreamRecord {
                 key: key.to_string(),
                 group: self.groups[group as usize].name.clone(),
@@ -1844,6 +1873,28 @@ mod tests {
         let sent = computes(&mut s2);
         s2.task_finished(W1, &sent[0].1, 8, 0.0, 1.0, 0, 0.0);
         assert_eq!(computes(&mut s2).len(), 1, "long tasks: ceil(1.1 x 1) in flight");
+    }
+
+    #[test]
+    fn seceded_tasks_free_their_slot_for_the_tasks_they_launch() {
+        let mut s = with_workers(1);
+        s.add_client(C1);
+        s.update_graph(C1, vec![spec("parent", &[])], vec!["parent".into()]);
+        s.update_graph(
+            C1,
+            vec![spec("a", &[]), spec("b", &[]), spec("c", &[])],
+            vec!["a".into(), "b".into(), "c".into()],
+        );
+        // One thread, saturation 1.1: two root tasks in flight, the rest queued.
+        assert_eq!(computes(&mut s).len(), 2);
+        assert_eq!(s.task_state("b"), Some(TaskState::Queued));
+        s.task_seceded(W1, "parent");
+        assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
+        assert_eq!(s.task_state("parent"), Some(TaskState::Processing));
+        // A seceded task lost with its worker is still rescheduled.
+        s.remove_worker(W1);
+        assert_eq!(s.task_state("parent"), Some(TaskState::Queued));
+        s.validate().unwrap();
     }
 
     #[test]

@@ -5,5 +5,5 @@
 pub mod runtime;
 pub mod state;
 
-pub use runtime::{run_worker, Runner, WorkerConfig, WorkerError};
+pub use runtime::{current_task, rejoin, run_worker, secede, Runner, WorkerConfig, WorkerError};
 pub use state::{ExecOutcome, Instruction, WorkerState};

@@ -124,12 +124,134 @@ enum Event {
     Executed { key: Key, outcome: ExecOutcome, start: f64, stop: f64, thread: u32 },
     Fetched { worker: String, stored: Vec<(Key, u64)>, failed: Vec<Key> },
     DataPut(Vec<(Key, u64)>),
+    Seceded(Key),
+    Rejoined(Key),
 }
 
 struct Job {
     key: Key,
     run_spec: Bytes,
     deps: Vec<Key>,
+}
+
+/// The executor threads: each takes one job at a time from the shared queue.
+struct Executors<R: Runner> {
+    jobs: Mutex<std::sync::mpsc::Receiver<Job>>,
+    events: mpsc::UnboundedSender<Event>,
+    runner: Arc<R>,
+}
+
+impl<R: Runner> Executors<R> {
+    fn spawn(self: &Arc<Self>, thread: u32) -> std::io::Result<()> {
+        let me = self.clone();
+        std::thread::Builder::new().name(format!("dask-rs-exec-{thread}")).spawn(move || {
+            let runner = me.runner.clone();
+            runner.thread_main(&mut || me.run(thread))
+        })?;
+        Ok(())
+    }
+
+    fn run(self: &Arc<Self>, thread: u32) {
+        loop {
+            let job = match self.jobs.lock().expect("job queue").recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            let me = self.clone();
+            let on_secede: SecedeHook = Arc::new(move |key: &Key, replace: bool| {
+                // Another thread takes this one's place; this one ends with its task.
+                if replace {
+                    if let Err(e) = me.spawn(thread) {
+                        tracing::error!("cannot start an executor thread in place of a seceded task: {e}");
+                    }
+                }
+                let _ = me.events.send(Event::Seceded(key.clone()));
+            });
+            let events = self.events.clone();
+            let on_rejoin: Arc<dyn Fn(&Key) + Send + Sync> = Arc::new(move |key: &Key| {
+                let _ = events.send(Event::Rejoined(key.clone()));
+            });
+            TASK.with(|t| {
+                *t.borrow_mut() =
+                    Some(TaskContext { key: job.key.clone(), replaced: false, detached: false, on_secede, on_rejoin })
+            });
+            let start = now();
+            let outcome = self.runner.execute(&job.key, &job.run_spec, &job.deps, thread);
+            let stop = now();
+            let seceded = TASK.with(|t| t.borrow_mut().take().is_some_and(|c| c.replaced));
+            let done = Event::Executed { key: job.key, outcome, start, stop, thread };
+            if self.events.send(done).is_err() || seceded {
+                return;
+            }
+        }
+    }
+}
+
+/// Called when a task secedes; `true` asks for a thread in its place.
+type SecedeHook = Arc<dyn Fn(&Key, bool) + Send + Sync>;
+
+/// The task running on this executor thread.
+struct TaskContext {
+    key: Key,
+    /// Another thread was started in this one's place: this one ends with the task.
+    replaced: bool,
+    /// Seceded and not rejoined: the task does not count as running.
+    detached: bool,
+    on_secede: SecedeHook,
+    on_rejoin: Arc<dyn Fn(&Key) + Send + Sync>,
+}
+
+thread_local! {
+    static TASK: std::cell::RefCell<Option<TaskContext>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Key of the task running on the calling thread, if it is an executor thread.
+pub fn current_task() -> Option<Key> {
+    TASK.with(|t| t.borrow().as_ref().map(|c| c.key.clone()))
+}
+
+/// Leave the worker's thread pool for the rest of the calling task (Dask's
+/// `secede`): another thread starts in its place and the scheduler stops
+/// counting the task against the worker, so tasks it launches and waits for
+/// can run. Returns false when not called from a task.
+pub fn secede() -> bool {
+    let ctx = TASK.with(|t| {
+        let mut t = t.borrow_mut();
+        let c = t.as_mut()?;
+        if c.detached {
+            return Some(None);
+        }
+        c.detached = true;
+        let replace = !std::mem::replace(&mut c.replaced, true);
+        Some(Some((c.key.clone(), replace, c.on_secede.clone())))
+    });
+    match ctx {
+        Some(Some((key, replace, f))) => {
+            f(&key, replace);
+            true
+        }
+        Some(None) => true,
+        None => false,
+    }
+}
+
+/// Count the calling (seceded) task as running again (Dask's `rejoin`):
+/// the worker hands out no task in its place until it ends. Returns false
+/// when not called from a task.
+pub fn rejoin() -> bool {
+    let ctx = TASK.with(|t| {
+        let mut t = t.borrow_mut();
+        let c = t.as_mut()?;
+        Some(std::mem::replace(&mut c.detached, false).then(|| (c.key.clone(), c.on_rejoin.clone())))
+    });
+    match ctx {
+        Some(Some((key, f))) => {
+            f(&key);
+            true
+        }
+        Some(None) => true,
+        None => false,
+    }
 }
 
 #[derive(Default)]
@@ -199,26 +321,9 @@ pub async fn run_worker<R: Runner>(
 
     // Executor threads: each takes one job at a time.
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
-    let job_rx = Arc::new(Mutex::new(job_rx));
+    let pool = Arc::new(Executors { jobs: Mutex::new(job_rx), events: events_tx.clone(), runner: runner.clone() });
     for thread in 0..config.nthreads.max(1) {
-        let rx = job_rx.clone();
-        let tx = events_tx.clone();
-        let runner = runner.clone();
-        std::thread::Builder::new().name(format!("dask-rs-exec-{thread}")).spawn(move || {
-            runner.thread_main(&mut || loop {
-                let job = match rx.lock().expect("job queue").recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                };
-                let start = now();
-                let outcome = runner.execute(&job.key, &job.run_spec, &job.deps, thread as u32);
-                let stop = now();
-                let done = Event::Executed { key: job.key, outcome, start, stop, thread: thread as u32 };
-                if tx.send(done).is_err() {
-                    return;
-                }
-            })
-        })?;
+        pool.spawn(thread as u32)?;
     }
 
     let helper = Helper::spawn(runner.clone())?;
@@ -326,6 +431,8 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
             }
         }
         Event::DataPut(items) => state.data_put(items),
+        Event::Seceded(key) => state.secede(&key),
+        Event::Rejoined(key) => state.rejoin(&key),
     }
 }
 

@@ -44,6 +44,8 @@ struct WTask {
     missing: u32,
     fetch_started: Option<f64>,
     transfer: f64,
+    /// Left its thread (`secede`) and does not count as executing.
+    seceded: bool,
 }
 
 #[derive(Debug)]
@@ -163,6 +165,7 @@ impl WorkerState {
             missing,
             fetch_started: if missing > 0 { Some(now) } else { None },
             transfer: 0.0,
+            seceded: false,
         };
         let ready = task.state == WState::Ready;
         self.tasks.insert(key.clone(), task);
@@ -286,7 +289,9 @@ impl WorkerState {
         let Some(t) = self.tasks.remove(&key) else {
             return;
         };
-        self.executing = self.executing.saturating_sub(1);
+        if !t.seceded {
+            self.executing = self.executing.saturating_sub(1);
+        }
         match (t.state, outcome) {
             (WState::Cancelled, ExecOutcome::Ok { .. }) => {
                 self.out.push(Instruction::Free { keys: vec![key] });
@@ -307,6 +312,30 @@ impl WorkerState {
             }
         }
         self.schedule();
+    }
+
+    /// A running task left its thread to wait for tasks it launched: its
+    /// thread no longer counts (the runtime starts another in its place) and
+    /// the scheduler hears of it, so the launched tasks can run here.
+    pub fn secede(&mut self, key: &str) {
+        let Some(t) = self.tasks.get_mut(key) else { return };
+        if t.seceded || !matches!(t.state, WState::Executing | WState::Cancelled) {
+            return;
+        }
+        t.seceded = true;
+        self.executing = self.executing.saturating_sub(1);
+        self.send(Msg::TaskSeceded { key: key.to_string() });
+        self.schedule();
+    }
+
+    /// A seceded task takes a thread again: it counts as executing until it
+    /// ends, so no new task is handed out in its place meanwhile.
+    pub fn rejoin(&mut self, key: &str) {
+        let Some(t) = self.tasks.get_mut(key) else { return };
+        if t.seceded {
+            t.seceded = false;
+            self.executing += 1;
+        }
     }
 
     /// The scheduler released keys: drop data and forget tasks.
@@ -443,6 +472,28 @@ mod tests {
         assert!(
             matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, Msg::MissingData { key, workers } if key == "x" && workers.len() == 2))
         );
+    }
+
+    #[test]
+    fn seceded_task_frees_its_thread_until_it_rejoins() {
+        let mut w = WorkerState::new(1);
+        for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
+            let p = Priority { user: 0, generation: 0, order: i as u64 };
+            w.compute_task(k.to_string(), Bytes::new(), vec![], p, 0.0);
+        }
+        assert_eq!(w.take_instructions().len(), 2, "a runs, b queued behind it");
+        w.secede("a");
+        let ins = w.take_instructions();
+        assert!(matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, Msg::TaskSeceded { key } if key == "a")));
+        assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "c"), "{ins:?}");
+        w.secede("a");
+        assert!(w.take_instructions().is_empty(), "seceding twice changes nothing");
+        w.rejoin("a");
+        w.execute_done("b".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+        let ins = w.take_instructions();
+        assert!(!ins.iter().any(|i| matches!(i, Instruction::Execute { .. })), "a holds a thread again: {ins:?}");
+        w.execute_done("a".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+        assert!(w.take_instructions().iter().any(|i| matches!(i, Instruction::Execute { key, .. } if key == "d")));
     }
 
     #[test]
