@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
 use crate::comm::{self, CommError, ConnectionPool, Outbox};
-use crate::protocol::{Blob, Envelope, EventsUpdate, Key, Msg, Role, TaskSpec, WorkerInfo};
+use crate::protocol::{Blob, CoordOp, CoordValue, Envelope, EventsUpdate, Key, Msg, Role, TaskSpec, WorkerInfo};
 
 /// Errors of the client core.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,9 @@ pub enum Reply {
     Info { address: String, workers: Vec<WorkerInfo>, ntasks: u64, nclients: u64, bytes_in: u64, bytes_out: u64 },
     Dataset { error: String, data: Option<Bytes>, names: Vec<String> },
     Retired { retired: Vec<String>, failed: Vec<(String, String)> },
+    /// Answer to a coordination operation; `values` holds the payloads of
+    /// `CoordValue::Values`, resolved from their frames.
+    Coord { error: String, value: CoordValue, values: Vec<(Bytes, Vec<Key>)> },
 }
 
 #[derive(Default)]
@@ -356,10 +359,21 @@ impl ClientCore {
     }
 
     fn query(&self, msg_for: impl FnOnce(u64) -> Msg, timeout: Duration) -> Result<Reply, ClientError> {
+        self.query_with_frames(|id| Envelope::new(msg_for(id)), timeout)
+    }
+
+    fn query_with_frames(
+        &self,
+        env_for: impl FnOnce(u64) -> Envelope,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.inner.shared.lock().expect("client lock").pending_replies.insert(id, tx);
-        self.send(Envelope::new(msg_for(id)))?;
+        if let Err(e) = self.send(env_for(id)) {
+            self.inner.shared.lock().expect("client lock").pending_replies.remove(&id);
+            return Err(e);
+        }
         match self.rt.block_on(async { tokio::time::timeout(timeout, rx).await }) {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(ClientError::Closed("connection closed while waiting for a reply".into())),
@@ -437,6 +451,47 @@ impl ClientCore {
         }
     }
 
+    /// An operation on a coordination primitive. `payload` is the value of a
+    /// set or put (sent as its own frame when large); the operation's own
+    /// timeout is enforced by the scheduler, so this waits that long plus the
+    /// client's timeout (forever when the operation has none). Returns the
+    /// answer, or the scheduler's error text.
+    #[allow(clippy::type_complexity)]
+    pub fn coordinate(
+        &self,
+        op: CoordOp,
+        payload: Option<Bytes>,
+    ) -> Result<Result<(CoordValue, Vec<(Bytes, Vec<Key>)>), String>, ClientError> {
+        let op_timeout = match &op {
+            CoordOp::VariableGet { timeout, .. }
+            | CoordOp::QueuePut { timeout, .. }
+            | CoordOp::QueueGet { timeout, .. }
+            | CoordOp::SemAcquire { timeout, .. }
+            | CoordOp::EventWait { timeout, .. } => Some(*timeout),
+            _ => None,
+        };
+        let wait = match op_timeout {
+            Some(None) => Duration::from_secs(10 * 365 * 86400),
+            Some(Some(t)) => Duration::from_secs_f64(t.max(0.0)) + self.timeout,
+            None => self.timeout,
+        };
+        let mut op = op;
+        let mut frames = Vec::new();
+        if let Some(p) = payload {
+            match &mut op {
+                CoordOp::VariableSet { value, .. } | CoordOp::QueuePut { value, .. } => {
+                    *value = Blob::new(p, &mut frames)
+                }
+                _ => {}
+            }
+        }
+        match self.query_with_frames(|id| Envelope { msg: Msg::Coord { id, op }, frames }, wait)? {
+            Reply::Coord { error, value, values } if error.is_empty() => Ok(Ok((value, values))),
+            Reply::Coord { error, .. } => Ok(Err(error)),
+            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// Subscribe to the scheduler's events every `interval`.
     pub fn subscribe(&self, interval: Duration) -> Result<(), ClientError> {
         self.send(Envelope::new(Msg::Subscribe { interval_ms: interval.as_millis() as u64 }))
@@ -489,6 +544,19 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let data = data.and_then(|d| d.resolve(&frames));
                     let _ = tx.send(Reply::Dataset { error, data, names });
+                }
+                continue;
+            }
+            Msg::CoordReply { id, error, value } => {
+                if let Some(tx) = s.pending_replies.remove(&id) {
+                    let values = match &value {
+                        CoordValue::Values(v) => v
+                            .iter()
+                            .map(|(b, keys)| (b.resolve(&frames).unwrap_or_default(), keys.clone()))
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    let _ = tx.send(Reply::Coord { error, value, values });
                 }
                 continue;
             }

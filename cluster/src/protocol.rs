@@ -269,6 +269,81 @@ pub struct EventsUpdate {
     pub load: LoadSummary,
 }
 
+/// An operation on a coordination primitive kept on the scheduler
+/// (`Variable`, `Queue`, `Lock`/`Semaphore`, `Event`). Timeouts are seconds;
+/// `None` waits as long as it takes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum CoordOp {
+    VariableSet {
+        name: String,
+        value: Blob,
+        keys: Vec<Key>,
+    },
+    VariableGet {
+        name: String,
+        timeout: Option<f64>,
+    },
+    VariableDelete {
+        name: String,
+    },
+    /// Append; waits while the queue holds `maxsize` items (0: unbounded).
+    QueuePut {
+        name: String,
+        value: Blob,
+        keys: Vec<Key>,
+        maxsize: u64,
+        timeout: Option<f64>,
+    },
+    /// Take one item (`batch: None`, waiting for it), `n` items (waiting for
+    /// all of them), or every item there is (`Some(0)`, never waits).
+    QueueGet {
+        name: String,
+        batch: Option<u64>,
+        timeout: Option<f64>,
+    },
+    QueueSize {
+        name: String,
+    },
+    /// Take a lease on semaphore `name` (created with `max_leases` on first use).
+    SemAcquire {
+        name: String,
+        max_leases: u32,
+        lease: String,
+        timeout: Option<f64>,
+    },
+    SemRelease {
+        name: String,
+        lease: String,
+    },
+    /// Leases held now.
+    SemValue {
+        name: String,
+    },
+    EventSet {
+        name: String,
+    },
+    EventClear {
+        name: String,
+    },
+    EventWait {
+        name: String,
+        timeout: Option<f64>,
+    },
+    EventIsSet {
+        name: String,
+    },
+}
+
+/// Answer to a [`CoordOp`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum CoordValue {
+    Unit,
+    Bool(bool),
+    Int(u64),
+    /// Pickled values and the keys of the futures inside each.
+    Values(Vec<(Blob, Vec<Key>)>),
+}
+
 /// Every message of the protocol.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Msg {
@@ -430,7 +505,19 @@ pub enum Msg {
         workers: Vec<String>,
     },
 
+    /// An operation on a coordination primitive; answered by `CoordReply`.
+    Coord {
+        id: u64,
+        op: CoordOp,
+    },
+
     // -- scheduler -> client -------------------------------------------------
+    /// Answer to `Coord`: `error` is empty on success.
+    CoordReply {
+        id: u64,
+        error: String,
+        value: CoordValue,
+    },
     KeyInMemory {
         key: Key,
         nbytes: u64,

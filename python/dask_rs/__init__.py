@@ -13,9 +13,14 @@ __all__ = [
     "FIRST_COMPLETED",
     "Client",
     "CommError",
+    "Event",
     "Future",
     "KilledWorker",
     "LocalCluster",
+    "Lock",
+    "Queue",
+    "Semaphore",
+    "Variable",
     "as_completed",
     "default_client",
     "fire_and_forget",
@@ -34,6 +39,10 @@ def __getattr__(name):
         from .cluster import LocalCluster
 
         return LocalCluster
+    if name in ("Event", "Lock", "Queue", "Semaphore", "Variable"):
+        from . import coordination
+
+        return getattr(coordination, name)
     if name in __all__:
         from . import client
 

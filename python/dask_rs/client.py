@@ -295,6 +295,20 @@ def _dumps_with_futures(obj, keys: list) -> bytes:
     return buf.getvalue()
 
 
+_loads_lock = threading.Lock()
+
+
+def _loads_with_client(client, data):
+    """Unpickle ``data``, rebuilding the futures inside it for ``client``."""
+    global _default_client
+    with _loads_lock:
+        previous, _default_client = _default_client, client
+        try:
+            return pickle.loads(data)
+        finally:
+            _default_client = previous
+
+
 class _Datasets:
     """`client.datasets`: a mapping view of the published datasets."""
 
@@ -822,12 +836,7 @@ class Client:
             if default is _NO_DEFAULT:
                 raise
             return default
-        global _default_client
-        previous, _default_client = _default_client, self
-        try:
-            return pickle.loads(data)
-        finally:
-            _default_client = previous
+        return _loads_with_client(self, data)
 
     @property
     def datasets(self):

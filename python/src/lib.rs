@@ -669,6 +669,61 @@ impl ClientCore {
         }
     }
 
+    /// An operation on a coordination primitive (see `CoordOp`): `op` is
+    /// one of variable_set/get/delete, queue_put/get/size, sem_acquire/
+    /// release/value, event_set/clear/wait/is_set. Returns None, a bool, an
+    /// int, or a list of `(frame, keys)` values; raises TimeoutError when a
+    /// wait timed out and RuntimeError with the scheduler's words otherwise.
+    #[pyo3(signature = (op, name, value=None, keys=Vec::new(), timeout=None, max_leases=1, lease=String::new(), batch=None, maxsize=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn coordinate<'py>(
+        &self,
+        py: Python<'py>,
+        op: &str,
+        name: String,
+        value: Option<Bound<'py, PyAny>>,
+        keys: Vec<String>,
+        timeout: Option<f64>,
+        max_leases: u32,
+        lease: String,
+        batch: Option<u64>,
+        maxsize: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        use cluster::protocol::{CoordOp, CoordValue};
+        let payload = value.map(|v| to_bytes(&v)).transpose()?;
+        let empty = || Blob::Inline(Bytes::new());
+        let op = match op {
+            "variable_set" => CoordOp::VariableSet { name, value: empty(), keys },
+            "variable_get" => CoordOp::VariableGet { name, timeout },
+            "variable_delete" => CoordOp::VariableDelete { name },
+            "queue_put" => CoordOp::QueuePut { name, value: empty(), keys, maxsize, timeout },
+            "queue_get" => CoordOp::QueueGet { name, batch, timeout },
+            "queue_size" => CoordOp::QueueSize { name },
+            "sem_acquire" => CoordOp::SemAcquire { name, max_leases, lease, timeout },
+            "sem_release" => CoordOp::SemRelease { name, lease },
+            "sem_value" => CoordOp::SemValue { name },
+            "event_set" => CoordOp::EventSet { name },
+            "event_clear" => CoordOp::EventClear { name },
+            "event_wait" => CoordOp::EventWait { name, timeout },
+            "event_is_set" => CoordOp::EventIsSet { name },
+            other => return Err(PyValueError::new_err(format!("unknown coordination operation {other:?}"))),
+        };
+        match py.detach(|| self.core.coordinate(op, payload)).map_err(client_err)? {
+            Ok((CoordValue::Unit, _)) => Ok(py.None().into_bound(py)),
+            Ok((CoordValue::Bool(b), _)) => Ok(pyo3::types::PyBool::new(py, b).to_owned().into_any()),
+            Ok((CoordValue::Int(n), _)) => Ok(n.into_pyobject(py)?.into_any()),
+            Ok((CoordValue::Values(_), values)) => {
+                let items = PyList::empty(py);
+                for (data, keys) in values {
+                    items.append((Bound::new(py, Frame::new(data))?, keys))?;
+                }
+                Ok(items.into_any())
+            }
+            Err(msg) if msg.starts_with("timed out") => Err(PyTimeoutError::new_err(msg)),
+            Err(msg) => Err(PyRuntimeError::new_err(msg)),
+        }
+    }
+
     fn subscribe(&self, interval: f64) -> PyResult<()> {
         self.core.subscribe(Duration::from_secs_f64(interval)).map_err(client_err)
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import start_scheduler, start_worker
-from dask_rs import Client, get_client, rejoin, secede, worker_client
+from dask_rs import Client, Event, Lock, Queue, Semaphore, Variable, get_client, rejoin, secede, worker_client
 
 
 def fib(n):
@@ -56,3 +56,118 @@ def test_secede_and_rejoin_outside_a_task_are_clear_errors():
         secede()
     with pytest.raises(ValueError, match="inside a task"):
         rejoin()
+
+
+# -- coordination primitives --------------------------------------------------
+
+
+def hold_lock_and_record(lock, queue, i):
+    import time
+
+    with lock_held(lock):
+        start = time.time()
+        time.sleep(0.05)
+        queue.put((i, start, time.time()))
+    return i
+
+
+class lock_held:
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        assert self.lock.acquire(timeout=30)
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def wait_for_event(event, timeout):
+    return event.wait(timeout)
+
+
+def read_variable(var):
+    return var.get(timeout=10)
+
+
+def test_variable_shared_between_clients_and_tasks(cluster, client):
+    address, _ = cluster
+    x = client.submit(sum, [1, 2, 3])
+    v = Variable("shared-x", client=client)
+    v.set(x)
+    del x  # the variable keeps the future alive
+    with Client(address, set_as_default=False) as other:
+        got = Variable("shared-x", client=other).get(timeout=5)
+        assert got.result(timeout=10) == 6
+    v.set(42)
+    assert client.submit(read_variable, v, pure=False).result(timeout=20) == 42
+    v.delete()
+    with pytest.raises(TimeoutError, match="Variable"):
+        v.get(timeout=0.2)
+
+
+def test_queue_carries_values_and_futures_between_tasks_and_clients(client):
+    q = Queue("jobs", client=client)
+    client.gather(client.map(lambda i, q=q: q.put(i * 10), range(5), pure=False))
+    assert q.qsize() == 5
+    assert sorted([q.get(timeout=5)] + q.get(batch=2) + q.get(batch=True)) == [0, 10, 20, 30, 40]
+    assert q.get(batch=True) == []
+    f = client.submit(pow, 2, 10)
+    q.put(f)
+    key = f.key
+    del f
+    g = q.get(timeout=5)
+    assert (g.key, g.result(timeout=10)) == (key, 1024)
+    with pytest.raises(TimeoutError, match="Queue"):
+        q.get(timeout=0.2)
+    bounded = Queue("bounded", client=client, maxsize=1)
+    bounded.put("a")
+    with pytest.raises(TimeoutError, match="room"):
+        bounded.put("b", timeout=0.2)
+    assert bounded.get() == "a"
+
+
+def test_lock_excludes_tasks_and_is_returned_when_its_client_leaves(cluster, client):
+    address, _ = cluster
+    lock, q = Lock("critical", client=client), Queue("intervals", client=client)
+    assert sorted(client.gather(client.map(hold_lock_and_record, [lock] * 6, [q] * 6, range(6)))) == list(range(6))
+    spans = sorted((s, e) for _, s, e in q.get(batch=6))
+    assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:])), spans
+    with pytest.raises(ValueError, match="not yet acquired"):
+        Lock("critical", client=client).release()
+    other = Client(address, set_as_default=False)
+    assert Lock("critical", client=other).acquire(timeout=1)
+    assert lock.locked()
+    assert not lock.acquire(blocking=False)
+    other.close()  # a client that leaves gives its lock back
+    assert lock.acquire(timeout=10)
+    lock.release()
+    assert not lock.locked()
+
+
+def test_semaphore_limits_leases(client):
+    sem = Semaphore(max_leases=2, name="pool")
+    sem._client = client
+    assert sem.acquire(timeout=1) and sem.acquire(timeout=1)
+    assert not sem.acquire(timeout=0.2)
+    assert sem.get_value() == 2
+    sem.release()
+    sem.release()
+    with pytest.raises(RuntimeError, match="Released too often"):
+        sem.release()
+    wrong = Semaphore(max_leases=3, name="pool")
+    wrong._client = client
+    with pytest.raises(RuntimeError, match="max_leases=2"):
+        wrong.acquire(timeout=1)
+
+
+def test_event_wakes_a_waiting_task(client):
+    ev = Event("go", client=client)
+    waiting = client.submit(wait_for_event, ev, 30, pure=False)
+    assert not ev.wait(timeout=0.2)
+    assert waiting.status == "pending"
+    ev.set()
+    assert waiting.result(timeout=20) is True
+    assert ev.is_set()
+    ev.clear()
+    assert not ev.is_set()

@@ -1,5 +1,7 @@
-//! The scheduler: a pure state machine ([`state`]) and its network shell ([`server`]).
+//! The scheduler: a pure state machine ([`state`], with the coordination
+//! primitives in [`coord`]) and its network shell ([`server`]).
 
+pub mod coord;
 pub mod server;
 pub mod state;
 

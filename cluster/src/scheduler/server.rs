@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use super::state::{EventCursor, PeerId, SchedulerConfig, SchedulerState};
 use crate::comm::{self, CommError, Outbox};
 use crate::now;
-use crate::protocol::{Envelope, Msg, Role};
+use crate::protocol::{CoordOp, Envelope, Msg, Role};
 
 /// Byte counters of everything that crossed the scheduler's sockets.
 #[derive(Debug, Default)]
@@ -199,6 +199,7 @@ async fn core_loop(
                     subs.remove(&peer);
                 }
                 let t = now();
+                state.coordination_tick(t);
                 for (peer, sub) in subs.iter_mut() {
                     if now_i >= sub.next {
                         sub.next = now_i + sub.interval;
@@ -363,6 +364,15 @@ fn handle_msg(
         (Role::Client, Msg::GetDataset { id, name }) => state.get_dataset(peer, id, &name),
         (Role::Client, Msg::ListDatasets { id }) => state.list_datasets(peer, id),
         (Role::Client | Role::Monitor, Msg::RetireWorkers { id, workers }) => state.retire_workers(peer, id, workers),
+        (Role::Client, Msg::Coord { id, op }) => {
+            let value = match &op {
+                CoordOp::VariableSet { value, .. } | CoordOp::QueuePut { value, .. } => {
+                    Some(value.resolve(&frames).ok_or("coordination value refers to a missing frame")?)
+                }
+                _ => None,
+            };
+            state.coordinate(peer, id, op, value, now())
+        }
         (_, Msg::Error { reason }) => tracing::warn!("peer {peer} reported: {reason}"),
         (role, other) => {
             return Err(format!("unexpected message from a {role:?}: {}", variant_name(&other)));

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use super::coord::{CoordOutput, Coordination};
 use crate::protocol::{
-    key_split, Blob, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, LoadSummary, Msg, Priority, TaskSpec,
+    key_split, Blob, CoordOp, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, LoadSummary, Msg, Priority, TaskSpec,
     TaskStreamRecord, WorkerInfo,
 };
 
@@ -25,6 +26,8 @@ pub type PeerId = u64;
 const FIRE_AND_FORGET: PeerId = u64::MAX;
 /// Pseudo-client that holds the keys of published datasets.
 const DATASETS: PeerId = u64::MAX - 1;
+/// Pseudo-client that holds the keys of values in variables and queues.
+const COORDINATION: PeerId = u64::MAX - 2;
 
 type TaskId = u32;
 
@@ -319,6 +322,8 @@ pub struct SchedulerState {
     retirements: Vec<Retirement>,
     /// Keys being copied off retiring workers, and where to.
     replicating: FxHashMap<TaskId, PeerId>,
+    /// Variables, queues, semaphores and events.
+    coord: Coordination,
 }
 
 impl SchedulerState {
@@ -343,6 +348,7 @@ impl SchedulerState {
             datasets: FxHashMap::default(),
             retirements: Vec::new(),
             replicating: FxHashMap::default(),
+            coord: Coordination::default(),
         }
     }
 
@@ -489,6 +495,8 @@ impl SchedulerState {
                 self.check_release(id);
             }
         }
+        self.coord.peer_gone(peer);
+        self.apply_coordination();
     }
 
     /// A worker registered. Returns an error message if the address is taken.
@@ -1527,6 +1535,52 @@ impl SchedulerState {
         let mut names: Vec<String> = self.datasets.keys().cloned().collect();
         names.sort();
         self.dataset_reply(client, id, String::new(), None, names);
+    }
+
+    // ---- coordination primitives -------------------------------------------
+
+    /// An operation on a variable, queue, semaphore or event.
+    pub fn coordinate(&mut self, peer: PeerId, id: u64, op: CoordOp, value: Option<Bytes>, now: f64) {
+        self.coord.handle(peer, id, op, value, now);
+        self.apply_coordination();
+    }
+
+    /// Answer coordination waits whose timeout passed.
+    pub fn coordination_tick(&mut self, now: f64) {
+        if self.coord.has_waiters() {
+            self.coord.tick(now);
+            self.apply_coordination();
+        }
+    }
+
+    fn apply_coordination(&mut self) {
+        for o in self.coord.take_output() {
+            match o {
+                CoordOutput::Reply(peer, env) => self.out.push((peer, env)),
+                CoordOutput::Hold(keys) => {
+                    for k in keys {
+                        if let Some(&tid) = self.keys.get(k.as_str()) {
+                            self.tm(tid).who_wants.push(COORDINATION);
+                        }
+                    }
+                }
+                CoordOutput::Unhold(keys) => self.unhold_coordination(keys),
+                CoordOutput::Transfer(client, keys) => {
+                    self.want_keys(client, keys.clone());
+                    self.unhold_coordination(keys);
+                }
+            }
+        }
+    }
+
+    fn unhold_coordination(&mut self, keys: Vec<Key>) {
+        for k in keys {
+            let Some(&tid) = self.keys.get(k.as_str()) else { continue };
+            if let Some(pos) = self.t(tid).who_wants.iter().position(|&c| c == COORDINATION) {
+                self.tm(tid).who_wants.swap_remove(pos);
+                self.check_release(tid);
+            }
+        }
     }
 
     // ---- queries ----------------------------------------------------------
