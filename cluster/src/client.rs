@@ -62,12 +62,30 @@ impl KeyStatus {
 #[derive(Debug)]
 pub enum Reply {
     WhoHas(Vec<(Key, Vec<String>)>),
-    Info { address: String, workers: Vec<WorkerInfo>, ntasks: u64, nclients: u64, bytes_in: u64, bytes_out: u64 },
-    Dataset { error: String, data: Option<Bytes>, names: Vec<String> },
-    Retired { retired: Vec<String>, failed: Vec<(String, String)> },
+    Info {
+        address: String,
+        workers: Vec<WorkerInfo>,
+        ntasks: u64,
+        nclients: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    },
+    Dataset {
+        error: String,
+        data: Option<Bytes>,
+        names: Vec<String>,
+    },
+    Retired {
+        retired: Vec<String>,
+        failed: Vec<(String, String)>,
+    },
     /// Answer to a coordination operation; `values` holds the payloads of
     /// `CoordValue::Values`, resolved from their frames.
-    Coord { error: String, value: CoordValue, values: Vec<(Bytes, Vec<Key>)> },
+    Coord {
+        error: String,
+        value: CoordValue,
+        values: Vec<(Bytes, Vec<Key>)>,
+    },
 }
 
 #[derive(Default)]
@@ -550,10 +568,9 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
             Msg::CoordReply { id, error, value } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let values = match &value {
-                        CoordValue::Values(v) => v
-                            .iter()
-                            .map(|(b, keys)| (b.resolve(&frames).unwrap_or_default(), keys.clone()))
-                            .collect(),
+                        CoordValue::Values(v) => {
+                            v.iter().map(|(b, keys)| (b.resolve(&frames).unwrap_or_default(), keys.clone())).collect()
+                        }
                         _ => Vec::new(),
                     };
                     let _ = tx.send(Reply::Coord { error, value, values });
