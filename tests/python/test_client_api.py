@@ -130,7 +130,8 @@ def test_queue_carries_values_and_futures_between_tasks_and_clients(client):
 def test_lock_excludes_tasks_and_is_returned_when_its_client_leaves(cluster, client):
     address, _ = cluster
     lock, q = Lock("critical", client=client), Queue("intervals", client=client)
-    assert sorted(client.gather(client.map(hold_lock_and_record, [lock] * 6, [q] * 6, range(6)))) == list(range(6))
+    done = client.gather(client.map(hold_lock_and_record, [lock] * 6, [q] * 6, range(6)))
+    assert sorted(done) == list(range(6))
     spans = sorted((s, e) for _, s, e in q.get(batch=6))
     assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:])), spans
     with pytest.raises(ValueError, match="not yet acquired"):
