@@ -347,6 +347,33 @@ impl ClientCore {
         }
     }
 
+    /// Run a serialized function call in the worker process at `worker`:
+    /// `Ok(result)` or `Err(exception)`, both serialized.
+    pub fn run_on(&self, worker: &str, call: Bytes) -> Result<Result<Bytes, Bytes>, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let pool = self.pool.clone();
+        let mut frames = Vec::new();
+        let function = Blob::new(call, &mut frames);
+        let env = Envelope { msg: Msg::RunFunction { id, function }, frames };
+        let reply = self.rt.block_on(async move { pool.request(worker, env).await }).map_err(|e| {
+            self.pool.forget(worker);
+            ClientError::Worker { worker: worker.to_string(), source: e }
+        })?;
+        match reply {
+            Envelope { msg: Msg::RunResult { ok, result, .. }, frames } => {
+                let data = result.resolve(&frames).unwrap_or_default();
+                Ok(if ok { Ok(data) } else { Err(data) })
+            }
+            Envelope { msg: Msg::Error { reason }, .. } => {
+                Err(ClientError::WorkerRefused { worker: worker.to_string(), reason })
+            }
+            other => Err(ClientError::WorkerRefused {
+                worker: worker.to_string(),
+                reason: format!("unexpected reply {:?}", other.msg),
+            }),
+        }
+    }
+
     /// Put serialized values on `worker` and register them with the scheduler
     /// as held by this client.
     pub fn scatter(&self, worker: &str, items: Vec<(Key, Vec<Bytes>)>) -> Result<(), ClientError> {

@@ -581,6 +581,18 @@ pub enum Msg {
         id: u64,
         nbytes: Vec<u64>,
     },
+    /// Run a pickled function call in the worker process, outside any task
+    /// (`Client.run`).
+    RunFunction {
+        id: u64,
+        function: Blob,
+    },
+    /// The pickled result, or the pickled exception when `ok` is false.
+    RunResult {
+        id: u64,
+        ok: bool,
+        result: Blob,
+    },
 }
 
 /// A message together with the extra frames its [`Blob::Frame`]s point at.

@@ -25,6 +25,7 @@ __all__ = [
     "default_client",
     "fire_and_forget",
     "get_client",
+    "progress",
     "rejoin",
     "secede",
     "wait",
@@ -39,6 +40,10 @@ def __getattr__(name):
         from .cluster import LocalCluster
 
         return LocalCluster
+    if name == "progress":
+        from .diagnostics import progress
+
+        return progress
     if name in ("Event", "Lock", "Queue", "Semaphore", "Variable"):
         from . import coordination
 

@@ -67,6 +67,42 @@ def execute(run_spec, values, key, thread):
     return (True, result, sizeof(result), type(result).__name__)
 
 
+def run_function(call):
+    """Run a pickled ``(func, args, kwargs)`` outside any task (``Client.run``).
+    Returns ``(True, pickled result)`` or ``(False, pickled exception)``."""
+    try:
+        func, args, kwargs = pickle.loads(call)
+        return (True, cloudpickle.dumps(func(*args, **kwargs), protocol=5))
+    except BaseException as e:  # noqa: BLE001 - the caller gets the exception
+        return (False, dump_exception(e))
+
+
+def install_uploaded_file(filename: str, data: bytes, load: bool = True):
+    """Save an uploaded file where this process imports from and (re)load it."""
+    import importlib
+    import tempfile
+
+    if os.path.basename(filename) != filename or not filename:
+        raise ValueError(f"not a plain file name: {filename!r}")
+    directory = os.path.join(tempfile.gettempdir(), f"dask-rs-uploads-{os.getpid()}")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, filename)
+    with open(path, "wb") as f:
+        f.write(data)
+    root, ext = os.path.splitext(filename)
+    entry = path if ext in (".zip", ".egg", ".whl") else directory
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+    importlib.invalidate_caches()
+    if load and ext in (".py", ".zip", ".egg"):
+        name = root.split("-")[0] if ext != ".py" else root
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+        else:
+            importlib.import_module(name)
+    return len(data)
+
+
 def scheduler_address() -> str | None:
     """Address of the scheduler this process's worker joined (None outside workers)."""
     return _scheduler_address
@@ -118,6 +154,7 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
         execute,
         dumps,
         loads,
+        run_function,
         timeout,
     )
 

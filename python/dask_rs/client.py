@@ -520,12 +520,15 @@ class Client:
             if self._refcount.get(wire, 0) > 0:
                 return Future(key, self)
         spec, deps = self._dumps_call(func, args, kwargs)
-        fut = Future(key, self)
-        self._core.submit(
-            [(wire, spec, deps, int(priority), self._next_order(), self._workers_arg(workers),
-              bool(allow_other_workers), int(retries or 0))],
-            [wire],
-        )
+        # Under the lock: another thread that finds this key known must also
+        # find it in the core, and a release of it cannot slip in between.
+        with self._lock:
+            fut = Future(key, self)
+            self._core.submit(
+                [(wire, spec, deps, int(priority), self._next_order(), self._workers_arg(workers),
+                  bool(allow_other_workers), int(retries or 0))],
+                [wire],
+            )
         return fut
 
     @staticmethod
@@ -575,18 +578,18 @@ class Client:
             keys = [f"{name}-{uid}-{i}" for i in range(len(arg_lists))]
         wl = self._workers_arg(workers)
         tasks = []
-        futures = []
         seen = set()
         for k, a in zip(keys, arg_lists):
             wire = wire_key(k)
-            futures.append(Future(k, self))
             if wire in seen:
                 continue
             seen.add(wire)
             spec, deps = self._dumps_call(func, a, kwargs)
             tasks.append((wire, spec, deps, int(priority), self._next_order(), wl, bool(allow_other_workers),
                           int(retries or 0)))
-        self._core.submit(tasks, [wire_key(k) for k in keys])
+        with self._lock:
+            futures = [Future(k, self) for k in keys]
+            self._core.submit(tasks, [wire_key(k) for k in keys])
         return futures
 
     # -- getting results --
@@ -716,7 +719,6 @@ class Client:
         except Exception:
             prio = {}
         wl = self._workers_arg(workers)
-        futures = {k: Future(k, self) for k in keys}
         tasks = []
         base = self._next_order()
         for i, (k, node) in enumerate(graph.items()):
@@ -729,7 +731,9 @@ class Client:
                 (wire_key(k), spec, [wire_key(d) for d in deps], int(priority), prio.get(k, base + i), wl,
                  bool(allow_other_workers), int(retries or 0))
             )
-        self._core.submit(tasks, [wire_key(k) for k in keys])
+        with self._lock:
+            futures = {k: Future(k, self) for k in keys}
+            self._core.submit(tasks, [wire_key(k) for k in keys])
         return futures
 
     def get(self, dsk, keys, workers=None, allow_other_workers=None, resources=None, sync=True,
@@ -927,6 +931,75 @@ class Client:
                 futures = [futures]
             wires = [f._wire for f in futures]
         return {k: tuple(v) for k, v in self._core.who_has(wires).items()}
+
+    def _resolve_workers(self, workers) -> list:
+        """Addresses of the named workers (names or addresses); all when None."""
+        info = self.scheduler_info()["workers"]
+        if workers is None:
+            return list(info)
+        if isinstance(workers, (str, int)):
+            workers = [workers]
+        out = []
+        for w in workers:
+            w = str(w)
+            addr = next((a for a, i in info.items() if w in (a, i["name"], a.removeprefix("tcp://"))), None)
+            if addr is None:
+                names = sorted(i["name"] for i in info.values())
+                raise ValueError(f"no worker {w!r} in the cluster (workers: {names})")
+            out.append(addr)
+        return out
+
+    def run(self, function, *args, workers=None, wait=True, nanny=False, on_error="raise", **kwargs) -> dict:
+        """Call ``function(*args, **kwargs)`` in every worker process (or those
+        in ``workers``), outside any task; returns ``{address: result}``.
+
+        ``on_error="raise"`` (default) re-raises the first exception,
+        ``"return"`` puts exceptions in the result, ``"ignore"`` drops them.
+        """
+        if on_error not in ("raise", "return", "ignore"):
+            raise ValueError(f"on_error must be 'raise', 'return' or 'ignore', not {on_error!r}")
+        if nanny:
+            raise ValueError("dask_rs workers have no separate nanny process to run functions in")
+        import cloudpickle
+
+        call = cloudpickle.dumps((function, args, kwargs), protocol=5)
+        out = {}
+        for addr in self._resolve_workers(workers):
+            try:
+                ok, data = self._core.run_on(addr, call)
+                if ok:
+                    out[addr] = pickle.loads(data)
+                    continue
+                try:
+                    exc = pickle.loads(data)
+                except Exception:
+                    exc = RuntimeError(bytes(data).decode(errors="replace"))
+            except _core.CommError as e:
+                exc = e
+            if on_error == "raise":
+                raise exc
+            if on_error == "return":
+                out[addr] = exc
+        return out
+
+    def upload_file(self, filename, load: bool = True) -> dict:
+        """Copy a ``.py``, ``.zip``, ``.egg`` or ``.whl`` file to every worker's
+        directory for uploaded files (on its import path) and, with ``load``,
+        import it there, so tasks can use it."""
+        import os
+
+        with open(filename, "rb") as f:
+            data = f.read()
+        from ._worker import install_uploaded_file
+
+        return self.run(install_uploaded_file, os.path.basename(filename), data, load)
+
+    def get_executor(self, **kwargs):
+        """A `concurrent.futures.Executor` that runs calls on this cluster;
+        ``kwargs`` (``pure``, ``workers``, ``retries``, ...) go to every submit."""
+        from .executor import ClientExecutor
+
+        return ClientExecutor(self, **kwargs)
 
     def has_what(self, workers=None, **kwargs) -> dict:
         with self._lock:

@@ -143,6 +143,7 @@ fn background_runtime(thread_name: &str) -> PyResult<BackgroundRuntime> {
 /// Python objects. Lock order: the GIL first, then `store`.
 struct PyRunner {
     execute: Py<PyAny>,
+    run_function: Py<PyAny>,
     dumps: Py<PyAny>,
     loads: Py<PyAny>,
     store: Mutex<FxHashMap<Key, Py<PyAny>>>,
@@ -236,6 +237,22 @@ impl Runner for PyRunner {
         })
     }
 
+    fn run_function(&self, call: Bytes) -> Result<Bytes, Bytes> {
+        Python::attach(|py| {
+            let r = (|| -> PyResult<(bool, Bytes)> {
+                let arg = Bound::new(py, Frame::new(call))?;
+                let out = self.run_function.bind(py).call1((arg,))?;
+                let (ok, data): (bool, Bound<'_, PyAny>) = out.extract()?;
+                Ok((ok, to_bytes(&data)?))
+            })();
+            match r {
+                Ok((true, d)) => Ok(d),
+                Ok((false, d)) => Err(d),
+                Err(e) => Err(Bytes::from(format!("worker failed to run the function: {e}"))),
+            }
+        })
+    }
+
     /// Attach once for the thread's life and detach around the body: the
     /// calls inside then reuse this thread state instead of creating and
     /// destroying one (and its frame stack mapping) per call.
@@ -302,10 +319,10 @@ impl WorkerHandle {
     }
 }
 
-/// Start a worker in this process. `execute`, `dumps` and `loads` come from
+/// Start a worker in this process. `execute`, `dumps`, `loads` and `run_function` come from
 /// `dask_rs._worker`. Returns once the worker registered with the scheduler.
 #[pyfunction]
-#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, timeout=10.0))]
+#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0))]
 #[allow(clippy::too_many_arguments)]
 fn start_worker(
     py: Python<'_>,
@@ -317,6 +334,7 @@ fn start_worker(
     execute: Py<PyAny>,
     dumps: Py<PyAny>,
     loads: Py<PyAny>,
+    run_function: Py<PyAny>,
     timeout: f64,
 ) -> PyResult<WorkerHandle> {
     let rt = background_runtime("dask-rs-worker")?;
@@ -324,7 +342,7 @@ fn start_worker(
     config.memory_limit = memory_limit;
     config.host = host;
     config.connect_timeout = Duration::from_secs_f64(timeout);
-    let runner = Arc::new(PyRunner { execute, dumps, loads, store: Mutex::new(FxHashMap::default()) });
+    let runner = Arc::new(PyRunner { execute, run_function, dumps, loads, store: Mutex::new(FxHashMap::default()) });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (fin_tx, fin_rx) = watch::channel(false);
     let done = Arc::new(Mutex::new(None));
@@ -582,6 +600,23 @@ impl ClientCore {
             out.append((k, frames_to_py(py, parts)?))?;
         }
         Ok((out, missing))
+    }
+
+    /// Run a pickled call in the worker process at `worker`; returns
+    /// `(ok, pickled result or exception)`.
+    fn run_on<'py>(
+        &self,
+        py: Python<'py>,
+        worker: String,
+        call: Bound<'py, PyAny>,
+    ) -> PyResult<(bool, Bound<'py, Frame>)> {
+        let call = to_bytes(&call)?;
+        let r = py.detach(|| self.core.run_on(&worker, call)).map_err(client_err)?;
+        let (ok, data) = match r {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        Ok((ok, Bound::new(py, Frame::new(data))?))
     }
 
     /// Put `[(key, [buffer, ...]), ...]` on `worker`.

@@ -172,3 +172,75 @@ def test_event_wakes_a_waiting_task(client):
     assert ev.is_set()
     ev.clear()
     assert not ev.is_set()
+
+
+# -- cluster-wide calls ------------------------------------------------------
+
+
+def worker_pid():
+    import os
+
+    return os.getpid()
+
+
+def boom():
+    raise KeyError("not here")
+
+
+def test_run_calls_a_function_in_each_worker_process(client):
+    info = client.scheduler_info()["workers"]
+    pids = client.run(worker_pid)
+    assert pids == {a: w["pid"] for a, w in info.items()}
+    name, addr = next((w["name"], a) for a, w in info.items())
+    assert list(client.run(worker_pid, workers=[name])) == [addr]
+    with pytest.raises(KeyError, match="not here"):
+        client.run(boom)
+    errors = client.run(boom, on_error="return")
+    assert len(errors) == len(info) and all(isinstance(e, KeyError) for e in errors.values())
+    with pytest.raises(ValueError, match="no worker 'nobody'"):
+        client.run(worker_pid, workers=["nobody"])
+
+
+def test_upload_file_makes_a_module_importable_by_tasks(client, tmp_path):
+    mod = tmp_path / "uploaded_helper_mod.py"
+    mod.write_text("def triple(x):\n    return 3 * x\n")
+    client.upload_file(str(mod))
+
+    def use(x):
+        import uploaded_helper_mod
+
+        return uploaded_helper_mod.triple(x)
+
+    assert client.gather(client.map(use, range(4))) == [0, 3, 6, 9]
+    mod.write_text("def triple(x):\n    return 30 * x\n")
+    client.upload_file(str(mod))  # a new version replaces the old one
+    assert client.submit(use, 1, pure=False).result(timeout=10) == 30
+
+
+def test_get_executor_behaves_as_a_concurrent_futures_executor(client):
+    import concurrent.futures as cf
+
+    with client.get_executor() as ex:
+        f = ex.submit(pow, 2, 5)
+        assert isinstance(f, cf.Future) and f.result(timeout=10) == 32
+        assert list(ex.map(pow, [2, 3], [3, 2])) == [8, 9]
+        bad = ex.submit(boom)
+        with pytest.raises(KeyError):
+            bad.result(timeout=10)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(pow, 1, 1)
+
+
+def test_progress_draws_a_bar_until_every_future_is_done(client):
+    import io
+    import time
+
+    from dask_rs import progress
+
+    fs = client.map(time.sleep, [0.05] * 6, pure=False)
+    fs.append(client.submit(boom))
+    out = io.StringIO()
+    progress(fs, file=out, notebook=False, interval=0.02)
+    text = out.getvalue()
+    assert "(7/7)" in text and "100% Completed" in text
+    assert all(f.done() for f in fs)

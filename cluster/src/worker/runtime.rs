@@ -31,6 +31,11 @@ pub trait Runner: Send + Sync + 'static {
     fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String>;
     /// Drop values.
     fn free(&self, keys: &[Key]);
+    /// Run a serialized function call in the worker process (`Client.run`):
+    /// `Ok` with the serialized result, or `Err` with the serialized exception.
+    fn run_function(&self, _call: Bytes) -> Result<Bytes, Bytes> {
+        Err(Bytes::from_static(b"this worker cannot run functions"))
+    }
     /// Run `body`, the whole life of one of the worker's threads that call
     /// the methods above, so per-thread context (a Python thread state) is
     /// set up once per thread rather than once per call.
@@ -641,6 +646,22 @@ async fn serve<R: Runner>(
             let nbytes = stored.iter().map(|(_, n)| *n).collect();
             let _ = events.send(Event::DataPut(stored));
             Envelope::new(Msg::PutDataOk { id, nbytes })
+        }
+        Msg::RunFunction { id, function } => {
+            let Some(call) = function.resolve(&frames) else {
+                return Envelope::new(Msg::Error { reason: "function refers to a missing frame".into() });
+            };
+            let r = runner.clone();
+            let outcome = tokio::task::spawn_blocking(move || r.run_function(call))
+                .await
+                .unwrap_or_else(|e| Err(Bytes::from(format!("the function panicked: {e}"))));
+            let (ok, data) = match outcome {
+                Ok(b) => (true, b),
+                Err(b) => (false, b),
+            };
+            let mut out_frames = Vec::new();
+            let result = Blob::new(data, &mut out_frames);
+            Envelope { msg: Msg::RunResult { id, ok, result }, frames: out_frames }
         }
         other => Envelope::new(Msg::Error { reason: format!("unexpected request on a data port: {other:?}") }),
     }
