@@ -37,7 +37,8 @@ def _in_notebook() -> bool:
 def _bar(done: int, total: int, elapsed: float, width: int = 40) -> str:
     frac = done / total if total else 1.0
     filled = int(round(width * frac))
-    return f"[{'#' * filled}{' ' * (width - filled)}] | {frac:4.0%} Completed | {elapsed:4.1f}s ({done}/{total})"
+    bar = "#" * filled + " " * (width - filled)
+    return f"[{bar}] | {frac:4.0%} Completed | {elapsed:4.1f}s ({done}/{total})"
 
 
 def progress(*futures, notebook=None, multi=False, complete=True, interval=0.1, file=None, **kwargs):
