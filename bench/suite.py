@@ -214,6 +214,38 @@ def _pid():
     return os.getpid()
 
 
+def slow_task(x, seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def steal_skew(c, ntasks=24, seconds=0.2):
+    """Makespan of long tasks whose one input sits on one of 4 workers, with
+    work stealing on and off (each on its own fresh cluster)."""
+    rs = type(c).__module__.startswith("dask_rs")
+    out = {}
+    for on in (True, False):
+        if rs:
+            from dask_rs import Client, LocalCluster
+
+            cluster = LocalCluster(n_workers=4, threads_per_worker=1, work_stealing=on)
+        else:
+            import dask
+            from distributed import Client, LocalCluster
+
+            with dask.config.set({"distributed.scheduler.work-stealing": on}):
+                cluster = LocalCluster(n_workers=4, threads_per_worker=1, dashboard_address=":0")
+        with cluster, Client(cluster, set_as_default=False) as cl:
+            cl.wait_for_workers(4)
+            first = sorted(cl.nthreads())[0]
+            data = cl.scatter(list(range(1000)), workers=[first])
+            t = time.perf_counter()
+            pids = cl.gather(cl.map(slow_task, [data] * ntasks, [seconds] * ntasks, pure=False))
+            out["steal-skew-on" if on else "steal-skew-off"] = time.perf_counter() - t
+            out["steal-skew-workers-on" if on else "steal-skew-workers-off"] = len(set(pids))
+    return out
+
+
 W = Workload
 WORKLOADS = [
     W("roundtrip", "single-task round trip, median", "ms",
@@ -236,6 +268,9 @@ WORKLOADS = [
       lambda c, q: array_transpose(c), reps=2),
     W("df-groupby-mean", "dataframe groupby-mean, 10 million rows", "s",
       lambda c, q: dataframe_groupby(c), reps=2),
+    W("steal-skew-on", "skewed: 24 x 0.2 s tasks, input on 1 of 4 workers, stealing on", "s",
+      lambda c, q: steal_skew(c)),
+    W("steal-skew-off", "the same with work stealing off", "s", None),
 ]
 PER_CLUSTER = [
     ("startup", "local cluster start-up, 2 workers connected", "s"),

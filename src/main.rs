@@ -99,6 +99,9 @@ enum Command {
         /// Worker deaths a task may cause before it errs with KilledWorker.
         #[arg(long, default_value_t = 3)]
         allowed_failures: u32,
+        /// Do not move waiting tasks from saturated workers to idle ones.
+        #[arg(long)]
+        no_work_stealing: bool,
     },
     /// Run a worker without Python whose tasks sleep and return zero bytes
     /// (measures the runtime alone).
@@ -158,8 +161,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Manager { dir } => manager::run(dir),
-        Command::Scheduler { host, port, worker_saturation, worker_ttl, allowed_failures } => {
-            let config = SchedulerConfig { worker_saturation, worker_ttl, allowed_failures, ..Default::default() };
+        Command::Scheduler { host, port, worker_saturation, worker_ttl, allowed_failures, no_work_stealing } => {
+            let config = SchedulerConfig {
+                worker_saturation,
+                worker_ttl,
+                allowed_failures,
+                work_stealing: !no_work_stealing,
+                ..Default::default()
+            };
             rt()?.block_on(run_scheduler(host, port, config))
         }
         Command::SimWorker { scheduler, nthreads, name, duration, result_size } => {

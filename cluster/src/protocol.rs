@@ -394,6 +394,11 @@ pub enum Msg {
         stop: f64,
         thread: u32,
     },
+    /// Answer to `StealRequest`: `stolen` if the task was dropped unstarted.
+    StealResponse {
+        key: Key,
+        stolen: bool,
+    },
     /// A running task left its thread to wait for tasks it launched.
     TaskSeceded {
         key: Key,
@@ -427,6 +432,11 @@ pub enum Msg {
     },
     FreeKeys {
         keys: Vec<Key>,
+    },
+    /// Give up `key` if it has not started (work stealing); answered by
+    /// `StealResponse`.
+    StealRequest {
+        key: Key,
     },
     CloseWorker {
         reason: String,

@@ -50,6 +50,7 @@ class LocalCluster:
         silence_logs=None,
         timeout: float = 30,
         worker_saturation: float = 1.1,
+        work_stealing: bool = True,
         python: str | None = None,
         **kwargs,
     ):
@@ -70,7 +71,9 @@ class LocalCluster:
         self.timeout = timeout
         self.python = python or sys.executable
         self.status = "starting"
-        self._scheduler = _core.start_scheduler(host, scheduler_port, float(worker_saturation))
+        self._scheduler = _core.start_scheduler(
+            host, scheduler_port, float(worker_saturation), bool(work_stealing)
+        )
         self.scheduler_address = self._scheduler.address
         self._procs: dict = {}
         self._threads: dict = {}

@@ -417,10 +417,16 @@ impl SchedulerHandle {
 
 /// Start a scheduler in this process.
 #[pyfunction]
-#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1))]
-fn start_scheduler(py: Python<'_>, host: String, port: u16, worker_saturation: f64) -> PyResult<SchedulerHandle> {
+#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1, work_stealing=true))]
+fn start_scheduler(
+    py: Python<'_>,
+    host: String,
+    port: u16,
+    worker_saturation: f64,
+    work_stealing: bool,
+) -> PyResult<SchedulerHandle> {
     let rt = background_runtime("dask-rs-scheduler")?;
-    let config = SchedulerConfig { worker_saturation, ..Default::default() };
+    let config = SchedulerConfig { worker_saturation, work_stealing, ..Default::default() };
     let inner = py
         .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config)))
         .map_err(|e| PyOSError::new_err(format!("cannot start scheduler on {host}:{port}: {e}")))?;

@@ -41,8 +41,8 @@ class Procs:
                 p.wait()
 
 
-def start_scheduler(procs: Procs) -> str:
-    p = procs.spawn([DASK_CTL, "scheduler", "--port", "0"], stdout=subprocess.PIPE, text=True)
+def start_scheduler(procs: Procs, *flags) -> str:
+    p = procs.spawn([DASK_CTL, "scheduler", "--port", "0", *flags], stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     assert line.startswith("Scheduler at "), line
     return line.split()[-1]

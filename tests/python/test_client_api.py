@@ -244,3 +244,30 @@ def test_progress_draws_a_bar_until_every_future_is_done(client):
     text = out.getvalue()
     assert "(7/7)" in text and "100% Completed" in text
     assert all(f.done() for f in fs)
+
+
+# -- scheduling ----------------------------------------------------------------
+
+
+def slow_pid(x, seconds):
+    import os
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@pytest.mark.parametrize("stealing", [True, False])
+def test_work_stealing_spreads_tasks_whose_input_is_on_one_worker(procs, stealing):
+    address = start_scheduler(procs, *([] if stealing else ["--no-work-stealing"]))
+    for i in range(3):
+        start_worker(procs, address, f"s{i}")
+    with Client(address) as c:
+        c.wait_for_workers(3, timeout=20)
+        data = c.scatter(list(range(100)), workers=["s0"])
+        pids = set(c.gather(c.map(slow_pid, [data] * 9, [0.2] * 9, pure=False)))
+        info = c.scheduler_info()["workers"]
+        if stealing:
+            assert len(pids) > 1, "stolen tasks ran on other workers"
+        else:
+            assert pids == {w["pid"] for w in info.values() if w["name"] == "s0"}, "all ran with the input"

@@ -200,6 +200,7 @@ async fn core_loop(
                 }
                 let t = now();
                 state.coordination_tick(t);
+                state.balance();
                 for (peer, sub) in subs.iter_mut() {
                     if now_i >= sub.next {
                         sub.next = now_i + sub.interval;
@@ -315,6 +316,7 @@ fn handle_msg(
         }
         (Role::Worker, Msg::AddKeys { keys }) => state.add_keys(peer, &keys),
         (Role::Worker, Msg::TaskSeceded { key }) => state.task_seceded(peer, &key),
+        (Role::Worker, Msg::StealResponse { key, stolen }) => state.steal_response(peer, &key, stolen),
         (Role::Worker, Msg::MissingData { key, workers }) => state.missing_data(peer, &key, &workers),
         (Role::Worker, Msg::Heartbeat { rss, spilled, executing, ready, bytes_in, bytes_out, .. }) => {
             state.worker_metrics(peer, rss, spilled, executing, ready, bytes_in, bytes_out)

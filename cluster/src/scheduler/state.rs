@@ -91,6 +91,13 @@ pub struct SchedulerConfig {
     /// (beyond `worker_saturation`), so the round trip to the scheduler does
     /// not leave its threads idle between tiny tasks. 0 turns it off.
     pub pipeline_window: f64,
+    /// Move waiting tasks from saturated workers to idle ones when their
+    /// expected run time outweighs the cost of moving their inputs
+    /// (Dask's `work-stealing`).
+    pub work_stealing: bool,
+    /// Bytes per second assumed for moving a task's inputs to another worker
+    /// when deciding whether to steal it (Dask's `bandwidth`, 100 MB/s).
+    pub bandwidth: f64,
 }
 
 /// Cap on root tasks in flight per worker thread from `pipeline_window`.
@@ -104,6 +111,8 @@ impl Default for SchedulerConfig {
             allowed_failures: 3,
             worker_ttl: std::time::Duration::from_secs(60),
             pipeline_window: 0.002,
+            work_stealing: true,
+            bandwidth: 100e6,
         }
     }
 }
@@ -324,6 +333,10 @@ pub struct SchedulerState {
     replicating: FxHashMap<TaskId, PeerId>,
     /// Variables, queues, semaphores and events.
     coord: Coordination,
+    /// Steals asked of a victim and not yet answered: task -> (victim, thief).
+    steals: FxHashMap<TaskId, (PeerId, PeerId)>,
+    /// Tasks moved by stealing, since start.
+    stolen_total: u64,
 }
 
 impl SchedulerState {
@@ -349,6 +362,8 @@ impl SchedulerState {
             retirements: Vec::new(),
             replicating: FxHashMap::default(),
             coord: Coordination::default(),
+            steals: FxHashMap::default(),
+            stolen_total: 0,
         }
     }
 
@@ -1419,6 +1434,7 @@ impl SchedulerState {
         self.set_state(id, TaskState::Forgotten);
         let t = self.tasks[id as usize].take().expect("live task");
         self.keys.remove(&t.key);
+        self.steals.remove(&id);
         self.free_ids.push(id);
         for &d in &t.deps {
             if let Some(Some(dt)) = self.tasks.get_mut(d as usize) {
@@ -1535,6 +1551,127 @@ impl SchedulerState {
         let mut names: Vec<String> = self.datasets.keys().cloned().collect();
         names.sort();
         self.dataset_reply(client, id, String::new(), None, names);
+    }
+
+    // ---- work stealing -------------------------------------------------------
+
+    /// Tasks moved from one worker to another by stealing, since start.
+    pub fn stolen_total(&self) -> u64 {
+        self.stolen_total
+    }
+
+    /// Expected seconds to move `id`'s inputs that `thief` lacks, plus a
+    /// fixed latency for the round trip.
+    fn transfer_cost(&self, id: TaskId, thief: PeerId) -> f64 {
+        let bytes: u64 = self
+            .t(id)
+            .deps
+            .iter()
+            .map(|&d| self.t(d))
+            .filter(|dt| !dt.who_has.contains(&thief))
+            .map(|dt| dt.nbytes)
+            .sum();
+        0.005 + bytes as f64 / self.config.bandwidth.max(1.0)
+    }
+
+    /// Work stealing: for every worker with idle threads, ask saturated
+    /// workers (more tasks assigned than threads) to give up tasks they have
+    /// not started, when a task's expected run time is more than twice the
+    /// time to move its inputs. The victim answers before anything moves
+    /// (`StealResponse`), so a task never runs twice because of a steal.
+    pub fn balance(&mut self) {
+        if !self.config.work_stealing || self.workers.len() < 2 {
+            return;
+        }
+        let mut thieves: Vec<(PeerId, usize)> = Vec::new();
+        let mut victims: Vec<(PeerId, usize)> = Vec::new();
+        for &p in &self.worker_order {
+            let w = &self.workers[&p];
+            if w.retiring {
+                continue;
+            }
+            let incoming = self.steals.values().filter(|(_, t)| *t == p).count();
+            let busy = w.busy() + incoming;
+            let threads = w.nthreads as usize;
+            if busy < threads {
+                // Room for one running and one queued task per thread, so a
+                // thief does not wait a balancing round between stolen tasks.
+                thieves.push((p, 2 * threads - busy));
+            } else if busy > threads {
+                victims.push((p, busy - threads));
+            }
+        }
+        if thieves.is_empty() || victims.is_empty() {
+            return;
+        }
+        // Most over-committed victims first.
+        victims.sort_by_key(|&(p, extra)| (std::cmp::Reverse(extra), p));
+        for (thief, mut room) in thieves {
+            for (victim, extra) in victims.iter_mut() {
+                if room == 0 {
+                    break;
+                }
+                if *extra == 0 {
+                    continue;
+                }
+                // Candidates: the victim's tasks that will run last.
+                let w = &self.workers[victim];
+                let mut cands: Vec<(Priority, TaskId)> = w
+                    .processing
+                    .iter()
+                    .filter(|id| !w.long_running.contains(id) && !self.steals.contains_key(id))
+                    .filter(|&&id| self.t(id).restriction.is_none())
+                    .map(|&id| (self.t(id).priority, id))
+                    .collect();
+                let want = room.min(*extra);
+                if cands.len() > want {
+                    let n = cands.len() - want;
+                    cands.select_nth_unstable(n);
+                    cands.drain(..n);
+                }
+                cands.sort_unstable_by(|a, b| b.cmp(a));
+                for (_, id) in cands {
+                    let compute = self.groups[self.t(id).group as usize].duration();
+                    if compute <= 2.0 * self.transfer_cost(id, thief) {
+                        continue;
+                    }
+                    self.steals.insert(id, (*victim, thief));
+                    let key = self.t(id).key.to_string();
+                    self.send(*victim, Msg::StealRequest { key });
+                    room -= 1;
+                    *extra -= 1;
+                    if room == 0 || *extra == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A victim answered a steal request: `stolen` means it dropped the task
+    /// without starting it, and the task goes to the thief.
+    pub fn steal_response(&mut self, victim: PeerId, key: &str, stolen: bool) {
+        let Some(&id) = self.keys.get(key) else { return };
+        let Some((v, thief)) = self.steals.remove(&id) else { return };
+        if v != victim || !stolen {
+            return;
+        }
+        if self.t(id).state != TaskState::Processing || self.t(id).processing_on != Some(victim) {
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(&victim) {
+            w.unprocess(id);
+        }
+        self.tm(id).processing_on = None;
+        self.stolen_total += 1;
+        match self.workers.get(&thief) {
+            Some(t) if !t.retiring => self.assign(id, thief),
+            _ => {
+                self.set_state(id, TaskState::Released);
+                self.transition_to_waiting(id);
+            }
+        }
+        self.fill_worker(victim);
     }
 
     // ---- coordination primitives -------------------------------------------
@@ -1949,6 +2086,54 @@ mod tests {
         s.remove_worker(W1);
         assert_eq!(s.task_state("parent"), Some(TaskState::Queued));
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn idle_workers_steal_long_tasks_from_a_saturated_one_after_it_agrees() {
+        let mut s = with_workers(2);
+        s.add_client(C1);
+        // All inputs on W1; known-long tasks that need them.
+        s.scatter_done(C1, "tcp://h:0", vec![("x".into(), 1000)]);
+        let tasks: Vec<_> = (0..4).map(|i| spec(&format!("slow-{i}"), &["x"])).collect();
+        s.update_graph(C1, tasks, (0..4).map(|i| format!("slow-{i}")).collect());
+        assert!(computes(&mut s).iter().all(|(w, _)| *w == W1), "placed with their input");
+        let g = s.t(s.keys["slow-0"]).group as usize;
+        s.groups[g].duration_sum = 1.0;
+        s.groups[g].duration_n = 1;
+        s.balance();
+        let asked: Vec<String> = s
+            .take_outgoing()
+            .into_iter()
+            .filter_map(|(p, e)| match e.msg {
+                Msg::StealRequest { key } if p == W1 => Some(key),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked, ["slow-3", "slow-2"], "one idle thread: one task to run, one queued; those that run last");
+        s.balance();
+        assert!(s.take_outgoing().is_empty(), "no second request while one is in flight");
+        // The victim already started it: nothing moves.
+        s.steal_response(W1, "slow-3", false);
+        assert_eq!(s.t(s.keys["slow-3"]).processing_on, Some(W1));
+        // An answer for a request no longer in flight changes nothing either.
+        s.steal_response(W1, "slow-3", true);
+        assert_eq!(s.t(s.keys["slow-3"]).processing_on, Some(W1));
+        s.steal_response(W1, "slow-2", true);
+        assert_eq!(computes(&mut s), [(W2, "slow-2".to_string())]);
+        assert_eq!(s.stolen_total(), 1);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn short_tasks_with_large_inputs_are_not_stolen() {
+        let mut s = with_workers(2);
+        s.add_client(C1);
+        s.scatter_done(C1, "tcp://h:0", vec![("x".into(), 1 << 30)]);
+        let tasks: Vec<_> = (0..4).map(|i| spec(&format!("quick-{i}"), &["x"])).collect();
+        s.update_graph(C1, tasks, (0..4).map(|i| format!("quick-{i}")).collect());
+        computes(&mut s);
+        s.balance();
+        assert!(!s.take_outgoing().iter().any(|(_, e)| matches!(e.msg, Msg::StealRequest { .. })));
     }
 
     #[test]

@@ -408,6 +408,7 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
                         state.compute_task(key, spec, deps, priority, now());
                     }
                     Msg::FreeKeys { keys } => state.free_keys(keys),
+                    Msg::StealRequest { key } => state.steal_request(key),
                     Msg::AcquireReplicas { keys } => state.acquire_replicas(keys),
                     Msg::CloseWorker { reason } => {
                         tracing::info!("scheduler closed this worker: {reason}");

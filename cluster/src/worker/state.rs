@@ -338,6 +338,32 @@ impl WorkerState {
         }
     }
 
+    /// Forget a task that has not started, and its interest in dependencies.
+    fn drop_unstarted(&mut self, key: &str) {
+        let Some(t) = self.tasks.remove(key) else { return };
+        for d in t.deps {
+            if let Some(ws) = self.dep_waiters.get_mut(&d) {
+                ws.remove(key);
+                if ws.is_empty() {
+                    self.dep_waiters.remove(&d);
+                    if self.fetching.get(&d).is_some_and(|f| !f.in_flight) {
+                        self.fetching.remove(&d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The scheduler wants to move `key` to another worker: give it up if
+    /// it has not started (it will not run here), else keep it.
+    pub fn steal_request(&mut self, key: Key) {
+        let stolen = self.tasks.get(&key).is_some_and(|t| matches!(t.state, WState::Waiting | WState::Ready));
+        if stolen {
+            self.drop_unstarted(&key);
+        }
+        self.send(Msg::StealResponse { key, stolen });
+    }
+
     /// The scheduler released keys: drop data and forget tasks.
     pub fn free_keys(&mut self, keys: Vec<Key>) {
         let mut drop = Vec::new();
@@ -346,20 +372,7 @@ impl WorkerState {
                 match t.state {
                     WState::Executing => t.state = WState::Cancelled,
                     WState::Cancelled => {}
-                    WState::Waiting | WState::Ready => {
-                        let t = self.tasks.remove(&key).expect("present");
-                        for d in t.deps {
-                            if let Some(ws) = self.dep_waiters.get_mut(&d) {
-                                ws.remove(&key);
-                                if ws.is_empty() {
-                                    self.dep_waiters.remove(&d);
-                                    if self.fetching.get(&d).is_some_and(|f| !f.in_flight) {
-                                        self.fetching.remove(&d);
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    WState::Waiting | WState::Ready => self.drop_unstarted(&key),
                 }
             }
             if let Some(n) = self.data.remove(&key) {
@@ -494,6 +507,32 @@ mod tests {
         assert!(!ins.iter().any(|i| matches!(i, Instruction::Execute { .. })), "a holds a thread again: {ins:?}");
         w.execute_done("a".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
         assert!(w.take_instructions().iter().any(|i| matches!(i, Instruction::Execute { key, .. } if key == "d")));
+    }
+
+    #[test]
+    fn steal_request_gives_up_only_unstarted_tasks() {
+        let mut w = WorkerState::new(1);
+        for (i, k) in ["a", "b", "c"].iter().enumerate() {
+            let p = Priority { user: 0, generation: 0, order: i as u64 };
+            w.compute_task(k.to_string(), Bytes::new(), vec![], p, 0.0);
+        }
+        w.take_instructions();
+        let answer = |w: &mut WorkerState| match &w.take_instructions()[..] {
+            [Instruction::Send(Envelope { msg: Msg::StealResponse { stolen, .. }, .. })] => *stolen,
+            other => panic!("{other:?}"),
+        };
+        w.steal_request("a".into());
+        assert!(!answer(&mut w), "a is running");
+        w.steal_request("c".into());
+        assert!(answer(&mut w), "c was only ready");
+        w.steal_request("zzz".into());
+        assert!(!answer(&mut w), "unknown task");
+        for k in ["a", "b"] {
+            w.execute_done(k.into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+        }
+        let ran: Vec<Instruction> = w.take_instructions();
+        assert!(!ran.iter().any(|i| matches!(i, Instruction::Execute { key, .. } if key == "c")), "{ran:?}");
+        assert!(!w.busy());
     }
 
     #[test]
