@@ -95,7 +95,12 @@ struct Shared {
     done: Vec<Key>,
     watch_all: bool,
     events: Vec<EventsUpdate>,
+    /// Set for good once the connection is gone and will not come back.
     closed: Option<String>,
+    /// Set while the connection is down and being re-established.
+    reconnecting: Option<String>,
+    /// Interval of the events subscription, renewed after a reconnect.
+    subscribed: Option<u64>,
     pending_replies: FxHashMap<u64, oneshot::Sender<Reply>>,
 }
 
@@ -133,7 +138,7 @@ impl Drop for BackgroundRuntime {
 /// A connected client.
 pub struct ClientCore {
     rt: BackgroundRuntime,
-    outbox: Outbox,
+    outbox: Arc<Mutex<Outbox>>,
     inner: Arc<Inner>,
     pool: Arc<ConnectionPool>,
     next_id: AtomicU64,
@@ -154,27 +159,13 @@ impl ClientCore {
         let conn = rt
             .block_on(comm::connect(address, Role::Client, name, timeout))
             .map_err(|e| ClientError::Connect { addr: address.to_string(), source: e })?;
-        let comm::Connection { mut reader, writer, .. } = conn;
+        let comm::Connection { reader, writer, .. } = conn;
         let inner = Arc::new(Inner { shared: Mutex::new(Shared::default()), cv: Condvar::new() });
         let outbox = {
             let _g = rt.enter();
-            comm::spawn_writer(writer).0
+            Arc::new(Mutex::new(comm::spawn_writer(writer).0))
         };
-        let inner2 = inner.clone();
-        rt.spawn(async move {
-            let why = loop {
-                match reader.read_batch().await {
-                    Ok(batch) => on_batch(&inner2, batch),
-                    Err(CommError::Closed) => break "scheduler closed the connection".to_string(),
-                    Err(e) => break e.to_string(),
-                }
-            };
-            let mut s = inner2.shared.lock().expect("client lock");
-            s.closed = Some(why);
-            s.pending_replies.clear();
-            drop(s);
-            inner2.cv.notify_all();
-        });
+        rt.spawn(read_loop(inner.clone(), outbox.clone(), reader, address.to_string(), name.to_string()));
         Ok(ClientCore {
             rt: BackgroundRuntime::new(rt),
             outbox,
@@ -187,15 +178,19 @@ impl ClientCore {
     }
 
     fn check_open(&self) -> Result<(), ClientError> {
-        match &self.inner.shared.lock().expect("client lock").closed {
-            Some(why) => Err(ClientError::Closed(why.clone())),
-            None => Ok(()),
+        let s = self.inner.shared.lock().expect("client lock");
+        if let Some(why) = &s.closed {
+            return Err(ClientError::Closed(why.clone()));
         }
+        if let Some(why) = &s.reconnecting {
+            return Err(ClientError::Closed(format!("{why}; reconnecting, try again shortly")));
+        }
+        Ok(())
     }
 
     fn send(&self, env: Envelope) -> Result<(), ClientError> {
         self.check_open()?;
-        self.outbox.send(env).map_err(|_| ClientError::Closed("writer stopped".into()))
+        self.outbox.lock().expect("outbox").send(env).map_err(|_| ClientError::Closed("writer stopped".into()))
     }
 
     /// Submit tasks (their `Blob::Frame`s index `frames`) and mark `wanted` pending.
@@ -539,7 +534,9 @@ impl ClientCore {
 
     /// Subscribe to the scheduler's events every `interval`.
     pub fn subscribe(&self, interval: Duration) -> Result<(), ClientError> {
-        self.send(Envelope::new(Msg::Subscribe { interval_ms: interval.as_millis() as u64 }))
+        let interval_ms = interval.as_millis() as u64;
+        self.inner.shared.lock().expect("client lock").subscribed = Some(interval_ms);
+        self.send(Envelope::new(Msg::Subscribe { interval_ms }))
     }
 
     /// Event updates received since the last call, waiting up to `timeout` for one.
@@ -556,6 +553,68 @@ impl ClientCore {
     /// Why the connection closed, if it has.
     pub fn closed_reason(&self) -> Option<String> {
         self.inner.shared.lock().expect("client lock").closed.clone()
+    }
+}
+
+/// How long a client keeps trying to reach a scheduler that went away.
+pub const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Read the scheduler's messages; when the connection drops (not when the
+/// scheduler refused us), mark every key lost, reconnect to the same
+/// address and carry on with the new connection.
+async fn read_loop(
+    inner: Arc<Inner>,
+    outbox: Arc<Mutex<Outbox>>,
+    mut reader: comm::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    address: String,
+    name: String,
+) {
+    loop {
+        let why = loop {
+            match reader.read_batch().await {
+                Ok(batch) => on_batch(&inner, batch),
+                Err(CommError::Closed) => break "scheduler closed the connection".to_string(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        {
+            let mut s = inner.shared.lock().expect("client lock");
+            s.pending_replies.clear();
+            if s.closed.is_some() {
+                drop(s);
+                inner.cv.notify_all();
+                return;
+            }
+            let lost = format!("lost: the connection to the scheduler at {address} dropped ({why})");
+            for st in s.keys.values_mut() {
+                *st = KeyStatus::Cancelled { reason: lost.clone() };
+            }
+            s.reconnecting = Some(format!("the connection to the scheduler at {address} dropped ({why})"));
+        }
+        inner.cv.notify_all();
+        tracing::warn!("lost the scheduler at {address} ({why}); reconnecting");
+        match comm::connect_retrying(&address, Role::Client, &name, RECONNECT_PATIENCE).await {
+            Ok(conn) => {
+                let comm::Connection { reader: r, writer, .. } = conn;
+                reader = r;
+                let new_outbox = comm::spawn_writer(writer).0;
+                let mut s = inner.shared.lock().expect("client lock");
+                if let Some(interval_ms) = s.subscribed {
+                    let _ = new_outbox.send(Envelope::new(Msg::Subscribe { interval_ms }));
+                }
+                *outbox.lock().expect("outbox") = new_outbox;
+                s.reconnecting = None;
+                tracing::info!("reconnected to the scheduler at {address}");
+            }
+            Err(e) => {
+                let mut s = inner.shared.lock().expect("client lock");
+                s.reconnecting = None;
+                s.closed = Some(format!("lost the scheduler at {address} ({why}) and could not reconnect: {e}"));
+                drop(s);
+                inner.cv.notify_all();
+                return;
+            }
+        }
     }
 }
 

@@ -47,6 +47,10 @@ pub enum CommError {
     Encode(#[from] rmp_serde::encode::Error),
     #[error("peer refused the connection: {0}")]
     Refused(String),
+    /// The connection broke during the handshake (a stranger, or a server
+    /// going down); worth retrying, unlike a refusal.
+    #[error("peer refused the connection: {0}")]
+    Handshake(String),
     #[error("protocol version mismatch: peer speaks version {theirs}, we speak version {ours}")]
     Version { ours: u32, theirs: u32 },
     #[error("timed out after {0:?} connecting to {1}")]
@@ -273,7 +277,7 @@ pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> R
         };
         let reply = handshake.await.map_err(|e| match e {
             CommError::Refused(_) | CommError::Version { .. } => e,
-            other => CommError::Refused(format!(
+            other => CommError::Handshake(format!(
                 "not a dask-rs server, or it closed the connection during the handshake ({other})"
             )),
         })?;
@@ -319,6 +323,26 @@ pub async fn accept(stream: TcpStream, server_name: &str) -> Result<(Connection,
 }
 
 /// Sender half of a writer task; cloning is cheap.
+/// Connect like [`connect`], retrying while nothing listens at `addr` (a
+/// scheduler restarting) until `patience` has passed. A peer that answers
+/// and refuses is not retried.
+pub async fn connect_retrying(addr: &str, role: Role, name: &str, patience: Duration) -> Result<Connection, CommError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match connect(addr, role, name, left.clamp(Duration::from_millis(100), Duration::from_secs(5))).await {
+            Ok(c) => return Ok(c),
+            Err(e @ (CommError::Refused(_) | CommError::Version { .. } | CommError::Address(_))) => return Err(e),
+            Err(e) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 pub type Outbox = mpsc::UnboundedSender<Envelope>;
 
 /// Spawn a task that writes everything sent to the returned [`Outbox`],

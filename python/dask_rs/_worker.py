@@ -139,7 +139,7 @@ def total_memory() -> int:
 
 
 def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_limit=0,
-          host: str = "127.0.0.1", timeout: float = 10.0):
+          host: str = "127.0.0.1", timeout: float = 10.0, death_timeout: float = 60.0):
     """Start a worker in this process; returns its handle once registered."""
     global _scheduler_address
     _scheduler_address = scheduler
@@ -156,6 +156,7 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
         loads,
         run_function,
         timeout,
+        death_timeout,
     )
 
 
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--host", default=None,
                    help="interface for the data port (default: the one that reaches the scheduler)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the scheduler")
+    p.add_argument("--death-timeout", default="60s",
+                   help="after losing the scheduler, keep reconnecting this long before closing (0: close at once)")
     p.add_argument("--lifetime", default=os.environ.get("DASK_DISTRIBUTED__WORKER__LIFETIME__DURATION"),
                    help="retire gracefully (data moved to other workers) after this long, e.g. 55m")
     p.add_argument("--lifetime-stagger",
@@ -207,18 +210,21 @@ def main(argv=None) -> int:
             "--memory-limit", str(args.memory_limit),
             "--host", args.host,
             "--connect-timeout", str(args.connect_timeout),
+            "--death-timeout", str(args.death_timeout),
         ]
         return supervise(child_argv, child_names(args.name, args.nworkers, os.getpid()))
     try:
         memory_limit = args.memory_limit if args.memory_limit == "auto" else parse_bytes(args.memory_limit)
         lifetime = parse_timedelta(args.lifetime)
         stagger = parse_timedelta(args.lifetime_stagger) or 0.0
+        death_timeout = parse_timedelta(args.death_timeout) or 0.0
     except ValueError as e:
         p.error(str(e))
     if lifetime is not None:
         lifetime = max(0.0, lifetime + random.uniform(-stagger, stagger))
     try:
-        handle = start(scheduler, args.name, args.nthreads, memory_limit, args.host, args.connect_timeout)
+        handle = start(scheduler, args.name, args.nthreads, memory_limit, args.host, args.connect_timeout,
+                       death_timeout)
     except (OSError, ValueError) as e:
         print(f"dask_rs worker: error: {e}", file=sys.stderr)
         return 1

@@ -322,7 +322,7 @@ impl WorkerHandle {
 /// Start a worker in this process. `execute`, `dumps`, `loads` and `run_function` come from
 /// `dask_rs._worker`. Returns once the worker registered with the scheduler.
 #[pyfunction]
-#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0))]
+#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0))]
 #[allow(clippy::too_many_arguments)]
 fn start_worker(
     py: Python<'_>,
@@ -336,12 +336,14 @@ fn start_worker(
     loads: Py<PyAny>,
     run_function: Py<PyAny>,
     timeout: f64,
+    death_timeout: f64,
 ) -> PyResult<WorkerHandle> {
     let rt = background_runtime("dask-rs-worker")?;
     let mut config = WorkerConfig::new(&scheduler, &name, nthreads);
     config.memory_limit = memory_limit;
     config.host = host;
     config.connect_timeout = Duration::from_secs_f64(timeout);
+    config.death_timeout = Duration::from_secs_f64(death_timeout.max(0.0));
     let runner = Arc::new(PyRunner { execute, run_function, dumps, loads, store: Mutex::new(FxHashMap::default()) });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (fin_tx, fin_rx) = watch::channel(false);

@@ -116,6 +116,42 @@ def test_supervised_workers_come_back_after_a_scheduler_restart(procs):
     assert rejoined < 5, f"workers re-registered after {rejoined:.1f} s"
 
 
+def test_workers_and_the_same_client_reconnect_to_a_restarted_scheduler(procs):
+    from concurrent.futures import CancelledError
+
+    p = procs.spawn([DASK_CTL, "scheduler", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    address = p.stdout.readline().split()[-1]
+    port = address.rsplit(":", 1)[1]
+    workers = [start_worker(procs, address, f"r{i}") for i in range(2)]
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=20)
+        before = c.submit(sum, [1, 2, 3])
+        assert before.result(timeout=10) == 6
+        slow = c.submit(time.sleep, 3, pure=False)
+        p.kill()
+        p.wait()
+        with pytest.raises(CancelledError, match="lost: the connection to the scheduler"):
+            slow.result(timeout=10)
+        t = time.monotonic()
+        procs.spawn([DASK_CTL, "scheduler", "--port", port], stdout=subprocess.DEVNULL)
+        wait_until(lambda: len(_workers_or_none(c)) == 2, timeout=10, interval=0.05, msg="workers to re-register")
+        rejoined = time.monotonic() - t
+        print(f"workers re-registered {rejoined:.2f} s after the scheduler restarted")
+        assert rejoined < 5
+        assert all(w.poll() is None for w in workers), "plain workers reconnected instead of exiting"
+        with pytest.raises(CancelledError, match="lost"):
+            before.result(timeout=5)
+        assert c.submit(sum, [4, 5, 6], pure=False).result(timeout=10) == 15
+        assert c.gather(c.map(abs, range(-10, 0))) == list(range(10, 0, -1))
+
+
+def _workers_or_none(c):
+    try:
+        return c.scheduler_info()["workers"]
+    except Exception:  # still reconnecting
+        return {}
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)

@@ -93,6 +93,9 @@ pub struct WorkerConfig {
     pub host: String,
     pub heartbeat: Duration,
     pub connect_timeout: Duration,
+    /// After losing the scheduler, how long to keep trying to reconnect
+    /// before closing (Dask's `--death-timeout`); zero closes at once.
+    pub death_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -106,6 +109,7 @@ impl WorkerConfig {
             host: "127.0.0.1".into(),
             heartbeat: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(10),
+            death_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -274,9 +278,13 @@ pub fn process_rss() -> u64 {
         .unwrap_or(0)
 }
 
-/// Run a worker until the scheduler closes it, the connection is lost, or
-/// `shutdown` turns true. Returns the worker's address through `started`
-/// once it has registered.
+/// Run a worker until the scheduler closes it, the connection is lost for
+/// longer than `death_timeout`, or `shutdown` turns true. Returns the
+/// worker's address through `started` once it has registered.
+///
+/// When the connection to the scheduler drops, the worker forgets every
+/// task and result (a restarted scheduler knows none of them) and connects
+/// again to the same address, registering under the same name.
 pub async fn run_worker<R: Runner>(
     config: WorkerConfig,
     runner: Arc<R>,
@@ -287,110 +295,141 @@ pub async fn run_worker<R: Runner>(
     let local = listener.local_addr()?;
     let address = format!("tcp://{}:{}", local.ip(), local.port());
 
-    let conn = comm::connect(&config.scheduler, Role::Worker, &config.name, config.connect_timeout)
-        .await
-        .map_err(|e| WorkerError::Connect { addr: config.scheduler.clone(), source: e })?;
-    let comm::Connection { mut reader, writer, .. } = conn;
-    let (outbox, _writer) = comm::spawn_writer(writer);
-    let _ = outbox.send(Envelope::new(Msg::RegisterWorker {
-        name: config.name.clone(),
-        address: address.clone(),
-        nthreads: config.nthreads as u32,
-        memory_limit: config.memory_limit,
-        pid: std::process::id(),
-    }));
-
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-    {
-        let tx = events_tx.clone();
-        tokio::spawn(async move {
-            loop {
-                match reader.read_batch().await {
-                    Ok(b) => {
-                        if tx.send(Event::FromScheduler(b)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(CommError::Closed) => {
-                        let _ = tx.send(Event::SchedulerClosed(None));
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Event::SchedulerClosed(Some(e)));
-                        return;
-                    }
-                }
-            }
-        });
-    }
-
     // Executor threads: each takes one job at a time.
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let pool = Arc::new(Executors { jobs: Mutex::new(job_rx), events: events_tx.clone(), runner: runner.clone() });
     for thread in 0..config.nthreads.max(1) {
         pool.spawn(thread as u32)?;
     }
-
     let helper = Helper::spawn(runner.clone())?;
     let traffic = Arc::new(Traffic::default());
     spawn_data_server(listener, address.clone(), runner.clone(), helper.clone(), events_tx.clone(), traffic.clone());
-    let pool = Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout));
+    let peers = Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout));
 
-    let mut state = WorkerState::new(config.nthreads);
-    let mut heartbeat = tokio::time::interval(config.heartbeat);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut started = started;
-    let mut registered = false;
-    let mut held = Held::default();
-    let result = loop {
-        tokio::select! {
-            _ = shutdown.changed() => break Ok(()),
-            _ = heartbeat.tick() => {
-                let _ = outbox.send(Envelope::new(Msg::Heartbeat {
-                    managed: state.managed(),
-                    rss: process_rss(),
-                    spilled: 0,
-                    executing: state.executing() as u32,
-                    ready: state.nready() as u32,
-                    nkeys: state.nkeys() as u64,
-                    bytes_in: traffic.bytes_in.load(Ordering::Relaxed) + pool.bytes_in.load(Ordering::Relaxed),
-                    bytes_out: traffic.bytes_out.load(Ordering::Relaxed) + pool.bytes_out.load(Ordering::Relaxed),
-                }));
-                if !registered {
-                    // The scheduler answers a bad registration with an error
-                    // at once; no error by the first heartbeat means we are in.
-                    registered = true;
-                    if let Some(s) = started.take() {
-                        let _ = s.send(address.clone());
-                    }
-                }
+    let mut state = WorkerState::new(config.nthreads);
+    let mut first = true;
+    let result = 'sessions: loop {
+        let conn = if first {
+            comm::connect(&config.scheduler, Role::Worker, &config.name, config.connect_timeout).await
+        } else {
+            tracing::warn!(
+                "lost the scheduler at {}; reconnecting for up to {:?}",
+                config.scheduler,
+                config.death_timeout
+            );
+            let patience = config.death_timeout;
+            tokio::select! {
+                _ = shutdown.changed() => break 'sessions Ok(()),
+                c = comm::connect_retrying(&config.scheduler, Role::Worker, &config.name, patience) => c,
             }
-            _ = tokio::time::sleep_until(held.deadline()), if held.is_holding() => held.flush(&outbox),
-            ev = events.recv() => {
-                let Some(ev) = ev else { break Ok(()) };
-                let mut stop = None;
-                apply(&mut state, ev, &mut stop);
-                while let Ok(ev) = events.try_recv() {
-                    apply(&mut state, ev, &mut stop);
-                }
-                for ins in state.take_instructions() {
-                    match ins {
-                        Instruction::Send(env) if is_result(&env.msg) => held.push(env),
-                        Instruction::Send(env) => {
-                            held.flush(&outbox);
-                            let _ = outbox.send(env);
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) if first => break Err(WorkerError::Connect { addr: config.scheduler.clone(), source: e }),
+            Err(e) => break Err(WorkerError::SchedulerLost(format!("could not reconnect: {e}"))),
+        };
+        first = false;
+        let comm::Connection { mut reader, writer, .. } = conn;
+        let (outbox, _writer) = comm::spawn_writer(writer);
+        let _ = outbox.send(Envelope::new(Msg::RegisterWorker {
+            name: config.name.clone(),
+            address: address.clone(),
+            nthreads: config.nthreads as u32,
+            memory_limit: config.memory_limit,
+            pid: std::process::id(),
+        }));
+        {
+            let tx = events_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    match reader.read_batch().await {
+                        Ok(b) => {
+                            if tx.send(Event::FromScheduler(b)).is_err() {
+                                return;
+                            }
                         }
-                        ins => carry_out(ins, &job_tx, &runner, &helper, &pool, &events_tx),
+                        Err(CommError::Closed) => {
+                            let _ = tx.send(Event::SchedulerClosed(None));
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Event::SchedulerClosed(Some(e)));
+                            return;
+                        }
                     }
                 }
-                if !state.busy() || held.full() {
-                    held.flush(&outbox);
+            });
+        }
+        let mut heartbeat = tokio::time::interval(config.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut registered = false;
+        let mut held = Held::default();
+        let outcome = loop {
+            tokio::select! {
+                _ = shutdown.changed() => break Some(Ok(())),
+                _ = heartbeat.tick() => {
+                    let _ = outbox.send(Envelope::new(Msg::Heartbeat {
+                        managed: state.managed(),
+                        rss: process_rss(),
+                        spilled: 0,
+                        executing: state.executing() as u32,
+                        ready: state.nready() as u32,
+                        nkeys: state.nkeys() as u64,
+                        bytes_in: traffic.bytes_in.load(Ordering::Relaxed) + peers.bytes_in.load(Ordering::Relaxed),
+                        bytes_out: traffic.bytes_out.load(Ordering::Relaxed) + peers.bytes_out.load(Ordering::Relaxed),
+                    }));
+                    if !registered {
+                        // The scheduler answers a bad registration with an error
+                        // at once; no error by the first heartbeat means we are in.
+                        registered = true;
+                        if let Some(s) = started.take() {
+                            let _ = s.send(address.clone());
+                        }
+                    }
                 }
-                if let Some(r) = stop {
-                    held.flush(&outbox);
-                    break r;
+                _ = tokio::time::sleep_until(held.deadline()), if held.is_holding() => held.flush(&outbox),
+                ev = events.recv() => {
+                    let Some(ev) = ev else { break Some(Ok(())) };
+                    let mut stop = None;
+                    apply(&mut state, ev, &mut stop);
+                    while let Ok(ev) = events.try_recv() {
+                        apply(&mut state, ev, &mut stop);
+                    }
+                    for ins in state.take_instructions() {
+                        match ins {
+                            Instruction::Send(env) if is_result(&env.msg) => held.push(env),
+                            Instruction::Send(env) => {
+                                held.flush(&outbox);
+                                let _ = outbox.send(env);
+                            }
+                            ins => carry_out(ins, &job_tx, &runner, &helper, &peers, &events_tx),
+                        }
+                    }
+                    if !state.busy() || held.full() {
+                        held.flush(&outbox);
+                    }
+                    if let Some(r) = stop {
+                        held.flush(&outbox);
+                        break Some(r);
+                    }
                 }
             }
+        };
+        match outcome {
+            Some(Err(WorkerError::SchedulerLost(why))) if registered && !config.death_timeout.is_zero() => {
+                tracing::warn!("connection to the scheduler lost: {why}");
+                // A restarted scheduler knows none of this worker's tasks or data.
+                let keys = state.reset();
+                if !keys.is_empty() {
+                    let r = runner.clone();
+                    helper.submit(move || r.free(&keys));
+                }
+                continue 'sessions;
+            }
+            Some(r) => break r,
+            None => break Ok(()),
         }
     };
     drop(job_tx);

@@ -287,6 +287,10 @@ impl WorkerState {
     /// A task finished running on an executor thread.
     pub fn execute_done(&mut self, key: Key, outcome: ExecOutcome, start: f64, stop: f64, thread: u32) {
         let Some(t) = self.tasks.remove(&key) else {
+            // Unknown: assigned before a reset. Its result is not wanted.
+            if matches!(outcome, ExecOutcome::Ok { .. }) && !self.data.contains_key(&key) {
+                self.out.push(Instruction::Free { keys: vec![key] });
+            }
             return;
         };
         if !t.seceded {
@@ -312,6 +316,15 @@ impl WorkerState {
             }
         }
         self.schedule();
+    }
+
+    /// Forget every task and result (the scheduler was lost; a new one knows
+    /// none of them). Returns the keys to drop from the store. Tasks still
+    /// running finish into the void: their results are dropped as unknown.
+    pub fn reset(&mut self) -> Vec<Key> {
+        let keys: Vec<Key> = self.data.keys().cloned().collect();
+        *self = WorkerState::new(self.nthreads);
+        keys
     }
 
     /// A running task left its thread to wait for tasks it launched: its
