@@ -185,7 +185,8 @@ def main(argv=None) -> int:
                    help="interface for the data port (default: the one that reaches the scheduler)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the scheduler")
     p.add_argument("--death-timeout", default="60s",
-                   help="after losing the scheduler, keep reconnecting this long before closing (0: close at once)")
+                   help="after losing the scheduler, keep reconnecting this long before closing "
+                        "(0: close at once)")
     p.add_argument("--lifetime", default=os.environ.get("DASK_DISTRIBUTED__WORKER__LIFETIME__DURATION"),
                    help="retire gracefully (data moved to other workers) after this long, e.g. 55m")
     p.add_argument("--lifetime-stagger",

@@ -139,33 +139,101 @@ fn background_runtime(thread_name: &str) -> PyResult<BackgroundRuntime> {
 
 // ---- the worker ----------------------------------------------------------
 
+/// Where a stored result lives.
+enum Slot {
+    Memory(Py<PyAny>),
+    /// Spilled: its serialized frames are in this file.
+    Disk(std::path::PathBuf),
+}
+
+/// Write frames to `path`: a count, then each frame's length and bytes.
+fn write_frames(path: &std::path::Path, frames: &[Bytes]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    f.write_all(&(frames.len() as u64).to_le_bytes())?;
+    for fr in frames {
+        f.write_all(&(fr.len() as u64).to_le_bytes())?;
+        f.write_all(fr)?;
+    }
+    f.flush()
+}
+
+/// Read frames written by [`write_frames`].
+fn read_frames(path: &std::path::Path) -> std::io::Result<Vec<Bytes>> {
+    let data = Bytes::from(std::fs::read(path)?);
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("corrupt spill file {path:?}"));
+    let word = |at: usize| -> std::io::Result<usize> {
+        let b = data.get(at..at + 8).ok_or_else(bad)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    };
+    let n = word(0)?;
+    let mut at = 8;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = word(at)?;
+        at += 8;
+        if at + len > data.len() {
+            return Err(bad());
+        }
+        out.push(data.slice(at..at + len));
+        at += len;
+    }
+    Ok(out)
+}
+
 /// Runs tasks by calling into `dask_rs._worker`, keeping results as live
-/// Python objects. Lock order: the GIL first, then `store`.
+/// Python objects, or spilled to files in `spill_dir` when the memory policy
+/// says so. Lock order: the GIL first, then `store`.
 struct PyRunner {
     execute: Py<PyAny>,
     run_function: Py<PyAny>,
     dumps: Py<PyAny>,
     loads: Py<PyAny>,
-    store: Mutex<FxHashMap<Key, Py<PyAny>>>,
+    store: Mutex<FxHashMap<Key, Slot>>,
+    spill_dir: std::path::PathBuf,
+    spill_seq: std::sync::atomic::AtomicU64,
+}
+
+impl Drop for PyRunner {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.spill_dir);
+    }
+}
+
+impl PyRunner {
+    /// A stored value as a Python object, read back from disk if spilled
+    /// (the store keeps it on disk).
+    fn value(&self, py: Python<'_>, key: &str) -> PyResult<Option<Py<PyAny>>> {
+        let path = {
+            let store = self.store.lock().expect("store");
+            match store.get(key) {
+                None => return Ok(None),
+                Some(Slot::Memory(o)) => return Ok(Some(o.clone_ref(py))),
+                Some(Slot::Disk(p)) => p.clone(),
+            }
+        };
+        let frames = read_frames(&path).map_err(|e| PyOSError::new_err(format!("reading spilled {key}: {e}")))?;
+        let out = self.loads.bind(py).call1((frames_to_py(py, frames)?,))?;
+        Ok(Some(out.cast::<PyTuple>()?.get_item(0)?.unbind()))
+    }
+
+    fn dumps_frames(&self, py: Python<'_>, o: Py<PyAny>) -> PyResult<Vec<Bytes>> {
+        let parts = self.dumps.bind(py).call1((o,))?;
+        parts.try_iter()?.map(|p| to_bytes(&p?)).collect()
+    }
 }
 
 impl Runner for PyRunner {
     fn execute(&self, key: &str, run_spec: &Bytes, deps: &[Key], thread: u32) -> ExecOutcome {
         Python::attach(|py| {
             let r = (|| -> PyResult<ExecOutcome> {
-                let values: Vec<Py<PyAny>> = {
-                    let store = self.store.lock().expect("store");
-                    let mut v = Vec::with_capacity(deps.len());
-                    for d in deps {
-                        match store.get(d) {
-                            Some(o) => v.push(o.clone_ref(py)),
-                            None => {
-                                return Err(PyRuntimeError::new_err(format!("dependency {d} is not on this worker")))
-                            }
-                        }
+                let mut values: Vec<Py<PyAny>> = Vec::with_capacity(deps.len());
+                for d in deps {
+                    match self.value(py, d)? {
+                        Some(v) => values.push(v),
+                        None => return Err(PyRuntimeError::new_err(format!("dependency {d} is not on this worker"))),
                     }
-                    v
-                };
+                }
                 let spec = Bound::new(py, Frame::new(run_spec.clone()))?;
                 let out = self.execute.bind(py).call1((spec, PyList::new(py, values)?, key, thread))?;
                 let t = out.cast::<PyTuple>()?;
@@ -173,7 +241,7 @@ impl Runner for PyRunner {
                     let value = t.get_item(1)?.unbind();
                     let nbytes: u64 = t.get_item(2)?.extract()?;
                     let type_name: String = t.get_item(3)?.extract()?;
-                    self.store.lock().expect("store").insert(key.to_string(), value);
+                    self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value));
                     Ok(ExecOutcome::Ok { nbytes, type_name })
                 } else {
                     Ok(ExecOutcome::Err {
@@ -193,20 +261,33 @@ impl Runner for PyRunner {
 
     fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)> {
         Python::attach(|py| {
-            let objs: Vec<Option<Py<PyAny>>> = {
+            enum Got {
+                Obj(Py<PyAny>),
+                File(std::path::PathBuf),
+            }
+            let got: Vec<Option<Got>> = {
                 let store = self.store.lock().expect("store");
-                keys.iter().map(|k| store.get(k).map(|o| o.clone_ref(py))).collect()
+                keys.iter()
+                    .map(|k| match store.get(k) {
+                        Some(Slot::Memory(o)) => Some(Got::Obj(o.clone_ref(py))),
+                        Some(Slot::Disk(p)) => Some(Got::File(p.clone())),
+                        None => None,
+                    })
+                    .collect()
             };
             keys.iter()
-                .zip(objs)
-                .map(|(k, o)| {
-                    let frames = o.and_then(|o| {
-                        let r = (|| -> PyResult<Vec<Bytes>> {
-                            let parts = self.dumps.bind(py).call1((o,))?;
-                            parts.try_iter()?.map(|p| to_bytes(&p?)).collect()
-                        })();
-                        r.map_err(|e| tracing::warn!("cannot serialize {k}: {e}")).ok()
-                    });
+                .zip(got)
+                .map(|(k, g)| {
+                    let frames = match g {
+                        None => None,
+                        // Spilled data goes out as it lies on disk, never unpickled.
+                        Some(Got::File(p)) => {
+                            read_frames(&p).map_err(|e| tracing::warn!("cannot read spilled {k}: {e}")).ok()
+                        }
+                        Some(Got::Obj(o)) => {
+                            self.dumps_frames(py, o).map_err(|e| tracing::warn!("cannot serialize {k}: {e}")).ok()
+                        }
+                    };
                     (k.clone(), frames)
                 })
                 .collect()
@@ -221,7 +302,7 @@ impl Runner for PyRunner {
                 let t = out.cast::<PyTuple>()?;
                 let value = t.get_item(0)?.unbind();
                 let nbytes: u64 = t.get_item(1)?.extract()?;
-                self.store.lock().expect("store").insert(key.to_string(), value);
+                self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value));
                 Ok(nbytes)
             })();
             r.map_err(|e| e.to_string())
@@ -232,8 +313,51 @@ impl Runner for PyRunner {
         Python::attach(|_py| {
             let mut store = self.store.lock().expect("store");
             for k in keys {
-                store.remove(k);
+                if let Some(Slot::Disk(p)) = store.remove(k) {
+                    let _ = std::fs::remove_file(p);
+                }
             }
+        })
+    }
+
+    fn spill(&self, keys: &[Key]) -> Vec<(Key, bool)> {
+        Python::attach(|py| {
+            keys.iter()
+                .map(|k| {
+                    let obj = match self.store.lock().expect("store").get(k) {
+                        Some(Slot::Memory(o)) => o.clone_ref(py),
+                        _ => return (k.clone(), false),
+                    };
+                    let frames = match self.dumps_frames(py, obj) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::warn!("cannot spill {k}: {e}");
+                            return (k.clone(), false);
+                        }
+                    };
+                    let n = self.spill_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let path = self.spill_dir.join(format!("{n}.spill"));
+                    let written = std::fs::create_dir_all(&self.spill_dir)
+                        .and_then(|_| py.detach(|| write_frames(&path, &frames)));
+                    drop(frames);
+                    if let Err(e) = written {
+                        tracing::warn!("cannot spill {k} to {path:?}: {e}");
+                        let _ = std::fs::remove_file(&path);
+                        return (k.clone(), false);
+                    }
+                    let mut store = self.store.lock().expect("store");
+                    match store.get_mut(k) {
+                        Some(slot @ Slot::Memory(_)) => {
+                            *slot = Slot::Disk(path);
+                            (k.clone(), true)
+                        }
+                        _ => {
+                            let _ = std::fs::remove_file(&path);
+                            (k.clone(), false)
+                        }
+                    }
+                })
+                .collect()
         })
     }
 
@@ -259,6 +383,11 @@ impl Runner for PyRunner {
     fn thread_main(&self, body: &mut (dyn FnMut() + Send)) {
         Python::attach(|py| py.detach(body))
     }
+}
+
+/// `name` with anything but letters, digits, `-` and `_` replaced.
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 /// A worker running on background threads of this process.
@@ -344,7 +473,16 @@ fn start_worker(
     config.host = host;
     config.connect_timeout = Duration::from_secs_f64(timeout);
     config.death_timeout = Duration::from_secs_f64(death_timeout.max(0.0));
-    let runner = Arc::new(PyRunner { execute, run_function, dumps, loads, store: Mutex::new(FxHashMap::default()) });
+    let spill_dir = std::env::temp_dir().join(format!("dask-rs-spill-{}-{}", std::process::id(), sanitize(&name)));
+    let runner = Arc::new(PyRunner {
+        execute,
+        run_function,
+        dumps,
+        loads,
+        store: Mutex::new(FxHashMap::default()),
+        spill_dir,
+        spill_seq: std::sync::atomic::AtomicU64::new(0),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (fin_tx, fin_rx) = watch::channel(false);
     let done = Arc::new(Mutex::new(None));

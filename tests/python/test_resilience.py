@@ -134,7 +134,8 @@ def test_workers_and_the_same_client_reconnect_to_a_restarted_scheduler(procs):
             slow.result(timeout=10)
         t = time.monotonic()
         procs.spawn([DASK_CTL, "scheduler", "--port", port], stdout=subprocess.DEVNULL)
-        wait_until(lambda: len(_workers_or_none(c)) == 2, timeout=10, interval=0.05, msg="workers to re-register")
+        wait_until(lambda: len(_workers_or_none(c)) == 2, timeout=10, interval=0.05,
+                   msg="workers to re-register")
         rejoined = time.monotonic() - t
         print(f"workers re-registered {rejoined:.2f} s after the scheduler restarted")
         assert rejoined < 5

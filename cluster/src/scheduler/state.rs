@@ -1751,7 +1751,7 @@ impl SchedulerState {
                     nthreads: w.nthreads,
                     memory_limit: w.memory_limit,
                     pid: w.pid,
-                    managed: w.nbytes,
+                    managed: w.nbytes.saturating_sub(w.spilled),
                     rss: w.rss,
                     spilled: w.spilled,
                     executing: w.executing,

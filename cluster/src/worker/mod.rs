@@ -2,8 +2,10 @@
 //! ([`runtime`]) that talks to the scheduler and peers and drives a
 //! [`Runner`](runtime::Runner), which owns the data and runs tasks.
 
+pub mod memory;
 pub mod runtime;
 pub mod state;
 
+pub use memory::MemoryConfig;
 pub use runtime::{current_task, rejoin, run_worker, secede, Runner, WorkerConfig, WorkerError};
 pub use state::{ExecOutcome, Instruction, WorkerState};

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use super::memory::{self, MemoryConfig};
 use super::state::{ExecOutcome, Instruction, WorkerState};
 use crate::comm::{self, CommError, ConnectionPool};
 use crate::now;
@@ -31,6 +32,12 @@ pub trait Runner: Send + Sync + 'static {
     fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String>;
     /// Drop values.
     fn free(&self, keys: &[Key]);
+    /// Write stored values to disk and drop them from memory; they stay
+    /// readable (by `execute` and `serialize`) until freed. Returns for each
+    /// key whether it was spilled. The default cannot spill.
+    fn spill(&self, keys: &[Key]) -> Vec<(Key, bool)> {
+        keys.iter().map(|k| (k.clone(), false)).collect()
+    }
     /// Run a serialized function call in the worker process (`Client.run`):
     /// `Ok` with the serialized result, or `Err` with the serialized exception.
     fn run_function(&self, _call: Bytes) -> Result<Bytes, Bytes> {
@@ -123,6 +130,8 @@ pub enum WorkerError {
     Refused(String),
     #[error("lost the connection to the scheduler: {0}")]
     SchedulerLost(String),
+    #[error("closing to free memory: {0}")]
+    Memory(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -135,6 +144,7 @@ enum Event {
     DataPut(Vec<(Key, u64)>),
     Seceded(Key),
     Rejoined(Key),
+    Spilled(Vec<(Key, bool)>),
 }
 
 struct Job {
@@ -308,7 +318,15 @@ pub async fn run_worker<R: Runner>(
     let peers = Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout));
 
     let mut started = started;
-    let mut state = WorkerState::new(config.nthreads);
+    let mem_config = MemoryConfig::new(config.memory_limit);
+    let spill_at = mem_config.spill_bytes();
+    if spill_at.is_some() {
+        memory::configure_allocator();
+    }
+    let mut last_trim = tokio::time::Instant::now();
+    let mut state = WorkerState::with_memory(config.nthreads, mem_config);
+    let mut memory_tick = tokio::time::interval(Duration::from_millis(100));
+    memory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut first = true;
     let result = 'sessions: loop {
         let conn = if first {
@@ -371,9 +389,9 @@ pub async fn run_worker<R: Runner>(
                 _ = shutdown.changed() => break Some(Ok(())),
                 _ = heartbeat.tick() => {
                     let _ = outbox.send(Envelope::new(Msg::Heartbeat {
-                        managed: state.managed(),
+                        managed: state.managed_in_memory(),
                         rss: process_rss(),
-                        spilled: 0,
+                        spilled: state.spilled(),
                         executing: state.executing() as u32,
                         ready: state.nready() as u32,
                         nkeys: state.nkeys() as u64,
@@ -386,6 +404,28 @@ pub async fn run_worker<R: Runner>(
                         registered = true;
                         if let Some(s) = started.take() {
                             let _ = s.send(address.clone());
+                        }
+                    }
+                }
+                _ = memory_tick.tick(), if config.memory_limit > 0 => {
+                    let mut rss = process_rss();
+                    if spill_at.is_some_and(|s| rss > s) && last_trim.elapsed() > Duration::from_millis(500) {
+                        // Freed buffers may still sit in the heap: give them back first.
+                        memory::trim_heap();
+                        last_trim = tokio::time::Instant::now();
+                        rss = process_rss();
+                    }
+                    if let Some(why) = state.memory_tick(rss, now()) {
+                        tracing::error!("{why}; closing");
+                        break Some(Err(WorkerError::Memory(why)));
+                    }
+                    for ins in state.take_instructions() {
+                        match ins {
+                            Instruction::Send(env) => {
+                                held.flush(&outbox);
+                                let _ = outbox.send(env);
+                            }
+                            ins => carry_out(ins, &job_tx, &runner, &helper, &peers, &events_tx),
                         }
                     }
                 }
@@ -477,6 +517,7 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
         }
         Event::DataPut(items) => state.data_put(items),
         Event::Seceded(key) => state.secede(&key),
+        Event::Spilled(results) => state.spill_done(results),
         Event::Rejoined(key) => state.rejoin(&key),
     }
 }
@@ -544,6 +585,13 @@ fn carry_out<R: Runner>(
         Instruction::Free { keys } => {
             let runner = runner.clone();
             helper.submit(move || runner.free(&keys));
+        }
+        Instruction::Spill { keys } => {
+            let runner = runner.clone();
+            let events = events.clone();
+            helper.submit(move || {
+                let _ = events.send(Event::Spilled(runner.spill(&keys)));
+            });
         }
         Instruction::Fetch { worker, keys } => {
             let runner = runner.clone();

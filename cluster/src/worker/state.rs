@@ -11,6 +11,7 @@ use std::collections::BinaryHeap;
 use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use super::memory::{MemoryConfig, MemoryManager, Verdict};
 use crate::protocol::{Blob, DepInfo, Envelope, Key, Msg, Priority};
 
 /// What the runtime must do.
@@ -24,6 +25,9 @@ pub enum Instruction {
     Send(Envelope),
     /// Drop these keys from the data store.
     Free { keys: Vec<Key> },
+    /// Write these results to disk and drop them from memory; report with
+    /// [`WorkerState::spill_done`].
+    Spill { keys: Vec<Key> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,10 +79,18 @@ pub struct WorkerState {
     fetching: FxHashMap<Key, Fetching>,
     dep_waiters: FxHashMap<Key, FxHashSet<Key>>,
     out: Vec<Instruction>,
+    mem: MemoryManager,
+    mem_config: MemoryConfig,
 }
 
 impl WorkerState {
+    /// A worker with no memory limit.
     pub fn new(nthreads: usize) -> Self {
+        Self::with_memory(nthreads, MemoryConfig::new(0))
+    }
+
+    /// A worker whose results are spilled, and which pauses, by `memory`.
+    pub fn with_memory(nthreads: usize, memory: MemoryConfig) -> Self {
         WorkerState {
             nthreads: nthreads.max(1),
             tasks: FxHashMap::default(),
@@ -89,6 +101,8 @@ impl WorkerState {
             fetching: FxHashMap::default(),
             dep_waiters: FxHashMap::default(),
             out: Vec::new(),
+            mem: MemoryManager::new(memory.clone()),
+            mem_config: memory,
         }
     }
 
@@ -97,9 +111,64 @@ impl WorkerState {
         std::mem::take(&mut self.out)
     }
 
-    /// Bytes of results held.
+    /// Bytes of results held (in memory and spilled).
     pub fn managed(&self) -> u64 {
         self.managed
+    }
+
+    /// Bytes of results held in memory.
+    pub fn managed_in_memory(&self) -> u64 {
+        self.mem.memory()
+    }
+
+    /// Bytes of results spilled to disk.
+    pub fn spilled(&self) -> u64 {
+        self.mem.spilled()
+    }
+
+    /// Whether the memory policy paused task execution.
+    pub fn paused(&self) -> bool {
+        self.mem.paused()
+    }
+
+    fn stored(&mut self, key: &Key, nbytes: u64) {
+        self.mem.add(key, nbytes);
+        let keys = self.mem.spill_for_target();
+        if !keys.is_empty() {
+            self.out.push(Instruction::Spill { keys });
+        }
+    }
+
+    /// The process uses `rss` bytes at time `now`: spill, pause or resume
+    /// per the memory policy. Returns why the process must exit, if it must.
+    pub fn memory_tick(&mut self, rss: u64, now: f64) -> Option<String> {
+        let was_paused = self.mem.paused();
+        let (keys, verdict) = self.mem.check(rss, now);
+        if !keys.is_empty() {
+            self.out.push(Instruction::Spill { keys });
+        }
+        match verdict {
+            Verdict::Terminate(why) => return Some(why),
+            Verdict::Pause if !was_paused => tracing::warn!(
+                "pausing: process memory {} MiB is above the pause threshold; {} MiB of results in memory",
+                rss >> 20,
+                self.mem.memory() >> 20
+            ),
+            Verdict::Run if was_paused => {
+                tracing::info!("resuming: process memory {} MiB", rss >> 20);
+                self.schedule();
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// The store wrote results to disk (`true`) or failed to (`false`).
+    pub fn spill_done(&mut self, results: Vec<(Key, bool)>) {
+        for (key, ok) in results {
+            self.mem.spill_done(&key, ok);
+        }
+        self.schedule();
     }
 
     /// Number of keys in the store.
@@ -210,6 +279,9 @@ impl WorkerState {
     /// thread, so a thread starts its next task as soon as one ends instead
     /// of waiting for the runtime loop to hear of it.
     fn schedule(&mut self) {
+        if self.mem.paused() || self.mem.throttled() {
+            return;
+        }
         while self.executing < 2 * self.nthreads {
             let Some(Reverse((_, key))) = self.ready.pop() else {
                 return;
@@ -223,6 +295,9 @@ impl WorkerState {
             t.state = WState::Executing;
             self.executing += 1;
             let instr = Instruction::Execute { key, run_spec: t.run_spec.clone(), deps: t.deps.clone() };
+            for d in &t.deps {
+                self.mem.touch(d);
+            }
             self.out.push(instr);
         }
     }
@@ -234,6 +309,7 @@ impl WorkerState {
             self.fetching.remove(&key);
             if self.data.insert(key.clone(), nbytes).is_none() {
                 self.managed += nbytes;
+                self.stored(&key, nbytes);
             }
             added.push((key.clone(), nbytes));
             if let Some(waiters) = self.dep_waiters.remove(&key) {
@@ -304,6 +380,7 @@ impl WorkerState {
             (_, ExecOutcome::Ok { nbytes, type_name }) => {
                 if self.data.insert(key.clone(), nbytes).is_none() {
                     self.managed += nbytes;
+                    self.stored(&key, nbytes);
                 }
                 self.send(Msg::TaskFinished { key, nbytes, type_name, start, stop, thread, transfer: t.transfer });
             }
@@ -323,7 +400,7 @@ impl WorkerState {
     /// running finish into the void: their results are dropped as unknown.
     pub fn reset(&mut self) -> Vec<Key> {
         let keys: Vec<Key> = self.data.keys().cloned().collect();
-        *self = WorkerState::new(self.nthreads);
+        *self = WorkerState::with_memory(self.nthreads, self.mem_config.clone());
         keys
     }
 
@@ -390,6 +467,7 @@ impl WorkerState {
             }
             if let Some(n) = self.data.remove(&key) {
                 self.managed = self.managed.saturating_sub(n);
+                self.mem.remove(&key);
                 drop.push(key);
             }
         }
@@ -415,10 +493,11 @@ impl WorkerState {
     /// A client put data here directly.
     pub fn data_put(&mut self, items: Vec<(Key, u64)>) {
         for (key, nbytes) in items {
-            if let Some(old) = self.data.insert(key, nbytes) {
+            if let Some(old) = self.data.insert(key.clone(), nbytes) {
                 self.managed = self.managed.saturating_sub(old);
             }
             self.managed += nbytes;
+            self.stored(&key, nbytes);
         }
     }
 }

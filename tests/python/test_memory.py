@@ -1,0 +1,61 @@
+"""Memory management with real worker processes: results beyond the
+memory limit are spilled to disk and read back transparently; the worker
+processes stay under the terminate threshold."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import start_scheduler, start_worker, wait_until
+from dask_rs import Client
+
+MB = 1_000_000
+LIMIT = 300 * MB
+
+
+def make_block(i, nbytes):
+    import numpy as np
+
+    return np.full(nbytes // 8, float(i))
+
+
+def block_sum(a):
+    return float(a.sum())
+
+
+def test_intermediates_three_times_the_memory_limit_are_spilled_and_read_back(procs):
+    address = start_scheduler(procs)
+    workers = [start_worker(procs, address, f"m{i}", extra=["--memory-limit", str(LIMIT)]) for i in range(2)]
+    nblocks, block = 180, 10 * MB  # 1.8 GB: three times the cluster's 600 MB
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=20)
+        pids = {w["pid"] for w in c.scheduler_info()["workers"].values()}
+        c.subscribe_events(0.1)
+        blocks = c.map(make_block, range(nblocks), [block] * nblocks)
+        c.gather(c.map(len, blocks))  # every block exists at once (held by `blocks`)
+
+        def metric(name):
+            return sum(w["metrics"][name] for w in c.scheduler_info()["workers"].values())
+
+        # Spilling settles with each worker's results in memory at or under
+        # its target (60% of the limit); heartbeats carry the figures.
+        target = 2 * 0.6 * LIMIT
+        wait_until(lambda: metric("managed_bytes") <= target and metric("spilled_bytes") > 0,
+                   timeout=10, msg="results in memory to settle under the target")
+        spilled, in_memory = metric("spilled_bytes"), metric("managed_bytes")
+        assert spilled + in_memory >= nblocks * block * 0.99
+        assert spilled >= nblocks * block - target, (spilled, in_memory)
+        # Spilled blocks are read back for tasks, and for the client.
+        sums = c.gather(c.map(block_sum, blocks))
+        assert sums == [float(i) * block / 8 for i in range(nblocks)]
+        assert c.gather(blocks[0]).sum() == 0 and c.gather(blocks[-1])[0] == nblocks - 1
+        time.sleep(0.3)
+        updates = c.events(1.0)
+        seen = [w for u in updates for w in u["workers"]]
+        assert max(w["spilled"] for w in seen) > 0, "the events API shows spilled bytes"
+        assert max(w["rss"] for w in seen) < 0.95 * LIMIT, "workers stayed under the terminate threshold"
+        assert {w["pid"] for w in c.scheduler_info()["workers"].values()} == pids, "no worker restarted"
+        print(f"spilled {spilled / 1e6:.0f} MB, {in_memory / 1e6:.0f} MB in memory; "
+              f"peak worker RSS {max(w['rss'] for w in seen) / 1e6:.0f} MB of {LIMIT / 1e6:.0f} MB")
+        del blocks
+    assert all(w.poll() is None for w in workers)
