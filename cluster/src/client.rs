@@ -101,6 +101,8 @@ struct Shared {
     reconnecting: Option<String>,
     /// Interval of the events subscription, renewed after a reconnect.
     subscribed: Option<u64>,
+    /// Pending keys no current worker can run, and why.
+    no_worker: FxHashMap<Key, String>,
     pending_replies: FxHashMap<u64, oneshot::Sender<Reply>>,
 }
 
@@ -550,9 +552,16 @@ impl ClientCore {
         self.send(Envelope::new(Msg::Shutdown))
     }
 
-    /// Why the connection closed, if it has.
+    /// Why no current worker can run `key`, while that is so.
+    pub fn no_worker_reason(&self, key: &str) -> Option<String> {
+        let s = self.inner.shared.lock().expect("client lock");
+        s.no_worker.get(key).filter(|_| matches!(s.keys.get(key), Some(KeyStatus::Pending))).cloned()
+    }
+
+    /// Why the connection is down, if it is (for good, or while reconnecting).
     pub fn closed_reason(&self) -> Option<String> {
-        self.inner.shared.lock().expect("client lock").closed.clone()
+        let s = self.inner.shared.lock().expect("client lock");
+        s.closed.clone().or_else(|| s.reconnecting.clone())
     }
 }
 
@@ -632,6 +641,14 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
                 },
             ),
             Msg::KeyCancelled { key, reason } => (key, KeyStatus::Cancelled { reason }),
+            Msg::KeyNoWorker { key, reason } => {
+                if reason.is_empty() {
+                    s.no_worker.remove(&key);
+                } else if s.keys.contains_key(&key) {
+                    s.no_worker.insert(key, reason);
+                }
+                continue;
+            }
             Msg::WhoHasReply { id, who_has } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let _ = tx.send(Reply::WhoHas(who_has));

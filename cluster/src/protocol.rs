@@ -544,6 +544,12 @@ pub enum Msg {
         key: Key,
         reason: String,
     },
+    /// `key` cannot run on any current worker (its `workers=` name none, or
+    /// there are no workers), and why; an empty `reason` means it can again.
+    KeyNoWorker {
+        key: Key,
+        reason: String,
+    },
     WhoHasReply {
         id: u64,
         who_has: Vec<(Key, Vec<String>)>,

@@ -207,7 +207,19 @@ class Future:
     # -- state --
     @property
     def status(self) -> str:
-        return _unpack_status(self.client._status(self._wire))
+        """``pending``, ``no-worker`` (no current worker may run it: see
+        `no_worker_reason`), ``finished``, ``error``, ``cancelled`` or ``lost``."""
+        st = _unpack_status(self.client._status(self._wire))
+        if st == "pending" and self.no_worker_reason() is not None:
+            return "no-worker"
+        return st
+
+    def no_worker_reason(self):
+        """Why no current worker can run this task (e.g. its ``workers=``
+        name none of them), or None."""
+        if self.client.status != "running":
+            return None
+        return self.client._core.no_worker_reason(self._wire)
 
     def done(self) -> bool:
         return self.status != "pending"
@@ -475,7 +487,9 @@ class Client:
         t = parse_timedelta(timeout)
         if not self._core.wait(list(wires), t, any):
             if t is not None:
-                raise TimeoutError(f"{len(wires)} futures not done within {t} s")
+                why = next(filter(None, (self._core.no_worker_reason(w) for w in wires)), None)
+                hint = f" ({why})" if why else ""
+                raise TimeoutError(f"{len(wires)} futures not done within {t} s{hint}")
             return False
         return True
 

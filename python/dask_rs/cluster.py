@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 
@@ -77,6 +78,10 @@ class LocalCluster:
         self.scheduler_address = self._scheduler.address
         self._procs: dict = {}
         self._threads: dict = {}
+        self._started: dict = {}
+        self._exits: dict = {}
+        self._plock = threading.RLock()
+        self.restarts = 0
         self._logs = tempfile.TemporaryDirectory(prefix="dask-rs-")
         self._next = 0
         self._monitor = _core.ClientCore(self.scheduler_address, "LocalCluster", float(timeout))
@@ -87,6 +92,8 @@ class LocalCluster:
             self.close()
             raise
         self.status = "running"
+        if processes:
+            threading.Thread(target=self._watch, name="LocalCluster-watch", daemon=True).start()
 
     # -- workers --
     def _start_one(self):
@@ -100,7 +107,12 @@ class LocalCluster:
                 self.timeout,
             )
             return name
-        log = open(os.path.join(self._logs.name, f"worker-{name}.log"), "wb")
+        self._spawn(name)
+        return name
+
+    def _spawn(self, name):
+        """Start worker process ``name`` (again, after a crash: same name, same log)."""
+        log = open(os.path.join(self._logs.name, f"worker-{name}.log"), "ab")
         cmd = [
             self.python, "-m", "dask_rs", "worker", self.scheduler_address,
             "--name", name,
@@ -111,7 +123,34 @@ class LocalCluster:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-        return name
+        self._started[name] = time.monotonic()
+
+    def _watch(self):
+        """Restart worker processes that crash (Dask's nannies): a worker that
+        exits with a non-zero status comes back under the same name, after a
+        delay that grows while it keeps failing at once."""
+        delays: dict = {}
+        while self.status in ("starting", "running"):
+            time.sleep(0.1)
+            with self._plock:
+                if self.status != "running":
+                    continue
+                now = time.monotonic()
+                for name, (proc, log) in list(self._procs.items()):
+                    code = proc.poll()
+                    if code is None or code == 0:
+                        continue
+                    if name not in self._exits:
+                        lived = now - self._started.get(name, now)
+                        delays[name] = 0.0 if lived > 10 else min(10.0, max(0.2, delays.get(name, 0.0) * 2))
+                        self._exits[name] = now
+                    if now - self._exits[name] < delays[name]:
+                        continue
+                    del self._exits[name]
+                    log.write(f"worker {name} exited with status {code}; restarting\n".encode())
+                    log.close()
+                    self.restarts += 1
+                    self._spawn(name)
 
     def _worker_names(self) -> set:
         return {w["name"] for w in self._monitor.info()["workers"]}
@@ -132,13 +171,13 @@ class LocalCluster:
 
     def scale(self, n: int):
         """Bring the number of workers to ``n``."""
-        current = list(self._procs) + list(self._threads)
-        if n > len(current):
-            new = {self._start_one() for _ in range(n - len(current))}
-            self._wait_for(new)
-        elif n < len(current):
+        with self._plock:
+            current = list(self._procs) + list(self._threads)
+            new = {self._start_one() for _ in range(max(0, n - len(current)))}
             for name in sorted(current, key=int)[n:]:
                 self._stop_worker(name)
+        if new:
+            self._wait_for(new)
 
     def _stop_worker(self, name):
         if name in self._threads:
@@ -146,7 +185,8 @@ class LocalCluster:
             h.stop()
             h.wait(5)
             return
-        proc, log = self._procs.pop(name)
+        with self._plock:
+            proc, log = self._procs.pop(name)
         if proc.poll() is None:
             proc.terminate()
             try:

@@ -922,6 +922,11 @@ impl ClientCore {
         self.core.shutdown_scheduler().map_err(client_err)
     }
 
+    /// Why no current worker can run `key` (None when one can, or it is done).
+    fn no_worker_reason(&self, key: &str) -> Option<String> {
+        self.core.no_worker_reason(key)
+    }
+
     fn closed_reason(&self) -> Option<String> {
         self.core.closed_reason()
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import start_scheduler, start_worker
+from conftest import start_scheduler, start_worker, wait_until
 from dask_rs import Client, Event, Lock, Queue, Semaphore, Variable, get_client, rejoin, secede, worker_client
 
 
@@ -271,3 +271,15 @@ def test_work_stealing_spreads_tasks_whose_input_is_on_one_worker(procs, stealin
             assert len(pids) > 1, "stolen tasks ran on other workers"
         else:
             assert pids == {w["pid"] for w in info.values() if w["name"] == "s0"}, "all ran with the input"
+
+
+def test_workers_naming_no_worker_is_visible_instead_of_a_silent_hang(client):
+    f = client.submit(pow, 3, 3, workers=["nobody"], pure=False)
+    wait_until(lambda: f.status == "no-worker", timeout=10, msg="no-worker status")
+    assert 'no worker matches workers=["nobody"]' in f.no_worker_reason()
+    with pytest.raises(TimeoutError, match="no-worker: no worker matches"):
+        f.result(timeout=0.3)
+    # With allow_other_workers the same restriction is only a preference.
+    g = client.submit(pow, 3, 3, workers=["nobody"], allow_other_workers=True, pure=False)
+    assert g.result(timeout=10) == 27 and g.no_worker_reason() is None
+    f.cancel()

@@ -42,3 +42,29 @@ def test_bad_arguments():
         LocalCluster(n_workers=1, wokers=3)
     with pytest.raises(ValueError, match="could not interpret"):
         LocalCluster(n_workers=1, memory_limit="a lot")
+
+
+def test_a_crashed_worker_process_is_restarted_under_the_same_name():
+    import os
+    import signal
+
+    from conftest import wait_until
+
+    with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster) as c:
+        info = c.scheduler_info()["workers"]
+        victim = next(w for w in info.values() if w["name"] == "0")
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def back():
+            ws = c.scheduler_info()["workers"].values()
+            return len(ws) == 2 and any(w["name"] == "0" and w["pid"] != victim["pid"] for w in ws)
+
+        wait_until(back, timeout=20, msg="worker 0 restarted")
+        assert cluster.restarts == 1
+        assert c.gather(c.map(abs, range(-4, 0))) == [4, 3, 2, 1]
+        cluster.scale(1)  # a worker stopped on purpose stays stopped
+        wait_until(lambda: len(c.scheduler_info()["workers"]) == 1, msg="scale down")
+        import time
+
+        time.sleep(0.5)
+        assert len(c.scheduler_info()["workers"]) == 1 and cluster.restarts == 1

@@ -558,6 +558,9 @@ impl SchedulerState {
         for id in stuck {
             if self.t(id).state == TaskState::NoWorker {
                 self.make_ready(id);
+                if self.t(id).state != TaskState::NoWorker {
+                    self.tell_wanters(id, String::new());
+                }
             }
         }
         self.fill_all_workers();
@@ -893,7 +896,22 @@ impl SchedulerState {
             None => {
                 self.set_state(id, TaskState::NoWorker);
                 self.no_worker.insert((prio, id));
+                let reason = match &self.t(id).restriction {
+                    Some(r) if !r.loose => format!("no-worker: no worker matches workers={:?}", r.workers),
+                    _ => "no-worker: there are no workers".to_string(),
+                };
+                self.tell_wanters(id, reason);
             }
+        }
+    }
+
+    /// Tell the clients that want `id` whether it can run (see `KeyNoWorker`).
+    fn tell_wanters(&mut self, id: TaskId, reason: String) {
+        let key = self.t(id).key.to_string();
+        let clients: Vec<PeerId> =
+            self.t(id).who_wants.iter().copied().filter(|c| self.clients.contains_key(c)).collect();
+        for c in clients {
+            self.send(c, Msg::KeyNoWorker { key: key.clone(), reason: reason.clone() });
         }
     }
 
@@ -2295,6 +2313,30 @@ mod tests {
         assert_eq!(s.task_state("pinned"), Some(TaskState::NoWorker));
         s.add_worker(W2, "gpu-box".into(), "tcp://h:9".into(), 1, 0, 0).unwrap();
         assert_eq!(computes(&mut s), vec![(W2, "pinned".to_string())]);
+    }
+
+    #[test]
+    fn clients_hear_when_a_task_has_no_worker_and_when_it_has_one_again() {
+        let mut s = with_workers(1);
+        s.add_client(C1);
+        let (mut t, spec_bytes) = spec("pinned", &[]);
+        t.workers = Some(vec!["later".into()]);
+        s.update_graph(C1, vec![(t, spec_bytes)], vec!["pinned".into()]);
+        let told = |s: &mut SchedulerState| -> Vec<String> {
+            s.take_outgoing()
+                .into_iter()
+                .filter_map(|(p, e)| match e.msg {
+                    Msg::KeyNoWorker { reason, .. } if p == C1 => Some(reason),
+                    _ => None,
+                })
+                .collect()
+        };
+        let r = told(&mut s);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("no worker matches workers=[\"later\"]"), "{r:?}");
+        s.add_worker(W2, "later".into(), "tcp://h:9".into(), 1, 1 << 30, 0).unwrap();
+        assert_eq!(told(&mut s), [String::new()]);
+        assert_eq!(s.task_state("pinned"), Some(TaskState::Processing));
     }
 
     #[test]
