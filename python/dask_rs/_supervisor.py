@@ -3,9 +3,10 @@
 SIGTERM/SIGINT to all of them.
 
 A worker that exits with status 0 was closed on purpose (the scheduler shut
-down or retired it) and is not restarted; any other exit is a crash and the
-worker comes back under the same name, with a growing delay if it keeps
-failing at once (for example while the scheduler is down).
+down or retired it) and is not restarted; one that retired at the end of its
+``--lifetime`` with ``--lifetime-restart`` comes back at once; any other exit
+is a crash and the worker comes back under the same name, with a growing
+delay if it keeps failing at once (for example while the scheduler is down).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+
+from ._worker import LIFETIME_RESTART
 
 RESTART_DELAY_MAX = 10.0
 HEALTHY_AFTER = 10.0  # a worker that lived this long resets its back-off
@@ -77,7 +80,12 @@ def supervise(worker_argv: list, names: list) -> int:
             c.delay = 0.0 if lived > HEALTHY_AFTER else min(RESTART_DELAY_MAX, max(0.2, c.delay * 2))
             c.restart_at = now + c.delay
             c.restarts += 1
-            msg = f"worker {c.name} exited with status {code}; restarting in {c.delay:.1f} s"
+            if code == LIFETIME_RESTART:
+                c.delay = 0.0
+                c.restart_at = now
+                msg = f"worker {c.name} reached the end of its lifetime; starting a fresh one"
+            else:
+                msg = f"worker {c.name} exited with status {code}; restarting in {c.delay:.1f} s"
             print(msg, file=sys.stderr, flush=True)
             c.proc = None
             alive += 1

@@ -24,6 +24,9 @@ from ._serialize import dumps, loads, run_task, sizeof
 from .utils import parse_bytes, parse_timedelta, route_host
 
 _thread_state = threading.local()
+#: Exit status of a worker that retired at the end of its lifetime and asks
+#: its supervisor for a fresh process (``--lifetime-restart``).
+LIFETIME_RESTART = 3
 _scheduler_address: str | None = None
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -192,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--lifetime-stagger",
                    default=os.environ.get("DASK_DISTRIBUTED__WORKER__LIFETIME__STAGGER", "0s"),
                    help="randomise the lifetime by up to this much either way, so workers leave one by one")
+    p.add_argument("--lifetime-restart", action="store_true",
+                   help="after retiring at the end of its lifetime, exit so that the supervisor "
+                        "(--nworkers) starts a fresh worker in its place")
     p.add_argument("--nworkers", type=int, default=None,
                    help="run this many worker processes under a supervisor that restarts them")
     args = p.parse_args(argv)
@@ -212,7 +218,12 @@ def main(argv=None) -> int:
             "--host", args.host,
             "--connect-timeout", str(args.connect_timeout),
             "--death-timeout", str(args.death_timeout),
+            "--lifetime-stagger", str(args.lifetime_stagger),
         ]
+        if args.lifetime:
+            child_argv += ["--lifetime", str(args.lifetime)]
+        if args.lifetime_restart:
+            child_argv.append("--lifetime-restart")
         return supervise(child_argv, child_names(args.name, args.nworkers, os.getpid()))
     try:
         memory_limit = args.memory_limit if args.memory_limit == "auto" else parse_bytes(args.memory_limit)
@@ -237,13 +248,18 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     deadline = None if lifetime is None else time.monotonic() + lifetime
+    retired = False
     while not handle.wait(0.2):
         if deadline is not None and time.monotonic() >= deadline:
             deadline = None
+            retired = True
             threading.Thread(target=_retire_self, args=(scheduler, handle), daemon=True).start()
     try:
         handle.result()
     except OSError as e:
         print(f"dask_rs worker: {e}", file=sys.stderr)
         return 1
+    if retired and args.lifetime_restart:
+        print("dask_rs worker: lifetime over; exiting to be restarted", flush=True)
+        return LIFETIME_RESTART
     return 0

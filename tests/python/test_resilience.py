@@ -146,6 +146,27 @@ def test_workers_and_the_same_client_reconnect_to_a_restarted_scheduler(procs):
         assert c.gather(c.map(abs, range(-10, 0))) == list(range(10, 0, -1))
 
 
+def test_lifetime_restart_retires_then_starts_a_fresh_worker(procs):
+    address = scheduler(procs)
+    start_worker(procs, address, "keeper")
+    start_worker(procs, address, "lt", extra=["--nworkers", "1", "--lifetime", "3s", "--lifetime-restart"],
+                 stderr=subprocess.DEVNULL)
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=20)
+        old = next(w["pid"] for w in c.scheduler_info()["workers"].values() if w["name"] == "lt")
+        x = c.submit(sum, [1, 2, 3], workers=["lt"])
+        assert x.result(timeout=10) == 6
+
+        def fresh():
+            ws = c.scheduler_info()["workers"].values()
+            return any(w["name"] == "lt" and w["pid"] != old for w in ws)
+
+        wait_until(fresh, timeout=20, msg="a fresh lt worker")
+        assert not _alive(old)
+        # The result was moved off before the old process left.
+        assert x.result(timeout=10) == 6 and c.who_has([x])[x.key]
+
+
 def _workers_or_none(c):
     try:
         return c.scheduler_info()["workers"]
