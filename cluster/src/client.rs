@@ -449,6 +449,11 @@ impl ClientCore {
         self.send(Envelope::new(Msg::RetryKeys { keys }))
     }
 
+    /// Copy each of `keys` to more workers until `n` hold it (see `who_has`).
+    pub fn replicate(&self, keys: Vec<Key>, n: u32) -> Result<(), ClientError> {
+        self.send(Envelope::new(Msg::Replicate { keys, n }))
+    }
+
     /// Keep computing `keys` even once this client releases them.
     pub fn fire_and_forget(&self, keys: Vec<Key>) -> Result<(), ClientError> {
         self.send(Envelope::new(Msg::FireAndForget { keys }))

@@ -515,6 +515,11 @@ pub enum Msg {
         workers: Vec<String>,
     },
 
+    /// Copy each of `keys` (in memory) to other workers until `n` hold it.
+    Replicate {
+        keys: Vec<Key>,
+        n: u32,
+    },
     /// An operation on a coordination primitive; answered by `CoordReply`.
     Coord {
         id: u64,

@@ -1008,6 +1008,34 @@ class Client:
 
         return self.run(install_uploaded_file, os.path.basename(filename), data, load)
 
+    def replicate(self, futures, n=None, workers=None, branching_factor=2, timeout=60, **kwargs):
+        """Copy the results of ``futures`` to more workers until ``n`` of them
+        (default: every worker) hold each; returns once they do."""
+        import time
+
+        if workers is not None:
+            raise ValueError("replicate(workers=...) is not supported; copies go to the least loaded workers")
+        fs: list = []
+        _collect_futures(futures, fs)
+        if not fs:
+            return
+        nworkers = len(self.scheduler_info()["workers"])
+        want = nworkers if n is None else int(n)
+        if want < 1:
+            raise ValueError(f"n must be at least 1, got {n!r}")
+        want = min(want, nworkers)
+        wires = list({f._wire for f in fs})
+        self._wait_keys(wires, timeout)
+        self._core.replicate(wires, want)
+        deadline = time.monotonic() + (parse_timedelta(timeout) or 60)
+        while True:
+            short = {k: v for k, v in self._core.who_has(wires).items() if len(v) < want}
+            if not short:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(short)} keys not on {want} workers within {timeout} s")
+            time.sleep(0.02)
+
     def get_executor(self, **kwargs):
         """A `concurrent.futures.Executor` that runs calls on this cluster;
         ``kwargs`` (``pure``, ``workers``, ``retries``, ...) go to every submit."""

@@ -922,6 +922,11 @@ impl ClientCore {
         self.core.shutdown_scheduler().map_err(client_err)
     }
 
+    /// Copy each of `keys` to more workers until `n` hold it.
+    fn replicate(&self, keys: Vec<String>, n: u32) -> PyResult<()> {
+        self.core.replicate(keys, n).map_err(client_err)
+    }
+
     /// Why no current worker can run `key` (None when one can, or it is done).
     fn no_worker_reason(&self, key: &str) -> Option<String> {
         self.core.no_worker_reason(key)

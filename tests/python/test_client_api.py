@@ -283,3 +283,16 @@ def test_workers_naming_no_worker_is_visible_instead_of_a_silent_hang(client):
     g = client.submit(pow, 3, 3, workers=["nobody"], allow_other_workers=True, pure=False)
     assert g.result(timeout=10) == 27 and g.no_worker_reason() is None
     f.cancel()
+
+
+def test_replicate_copies_results_to_more_workers(client):
+    x = client.submit(list, range(1000), workers=["w0"], pure=False)
+    y = client.submit(len, x, workers=["w0"], pure=False)
+    assert y.result(timeout=10) == 1000
+    assert len(client.who_has([x])[x.key]) == 1
+    client.replicate([x], n=2)
+    assert len(client.who_has([x])[x.key]) == 2
+    client.replicate(x)  # every worker
+    assert len(client.who_has([x])[x.key]) == len(client.scheduler_info()["workers"])
+    with pytest.raises(ValueError, match="at least 1"):
+        client.replicate(x, n=0)

@@ -1571,6 +1571,42 @@ impl SchedulerState {
         self.dataset_reply(client, id, String::new(), None, names);
     }
 
+    /// Copy each of `keys` that is in memory to more workers until `n` (at
+    /// most every non-retiring worker) hold it; the workers holding the
+    /// fewest bytes receive the copies. Copies are reported by `AddKeys`.
+    pub fn replicate(&mut self, keys: &[Key], n: usize) {
+        let mut by_dest: FxHashMap<PeerId, Vec<DepInfo>> = FxHashMap::default();
+        for k in keys {
+            let Some(&id) = self.keys.get(k.as_str()) else { continue };
+            let t = self.t(id);
+            if t.state != TaskState::Memory || t.who_has.len() >= n {
+                continue;
+            }
+            let mut cands: Vec<(u64, PeerId)> = self
+                .worker_order
+                .iter()
+                .copied()
+                .filter(|p| !t.who_has.contains(p))
+                .filter_map(|p| self.workers.get(&p).filter(|w| !w.retiring).map(|w| (w.nbytes, p)))
+                .collect();
+            cands.sort_unstable();
+            let holders: Vec<String> =
+                t.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect();
+            for (_, dest) in cands.into_iter().take(n - t.who_has.len()) {
+                by_dest.entry(dest).or_default().push(DepInfo {
+                    key: k.clone(),
+                    nbytes: t.nbytes,
+                    who_has: holders.clone(),
+                });
+            }
+        }
+        let mut dests: Vec<_> = by_dest.into_iter().collect();
+        dests.sort_by_key(|(p, _)| *p);
+        for (dest, keys) in dests {
+            self.send(dest, Msg::AcquireReplicas { keys });
+        }
+    }
+
     // ---- work stealing -------------------------------------------------------
 
     /// Tasks moved from one worker to another by stealing, since start.
@@ -2337,6 +2373,29 @@ mod tests {
         s.add_worker(W2, "later".into(), "tcp://h:9".into(), 1, 1 << 30, 0).unwrap();
         assert_eq!(told(&mut s), [String::new()]);
         assert_eq!(s.task_state("pinned"), Some(TaskState::Processing));
+    }
+
+    #[test]
+    fn replicate_copies_to_the_least_loaded_workers_until_n_hold_it() {
+        let mut s = with_workers(3);
+        s.add_client(C1);
+        s.scatter_done(C1, "tcp://h:0", vec![("x".into(), 100)]);
+        s.scatter_done(C1, "tcp://h:1", vec![("big".into(), 1000)]);
+        s.take_outgoing();
+        s.replicate(&["x".into(), "unknown".into()], 2);
+        let sent: Vec<(PeerId, String)> = s
+            .take_outgoing()
+            .into_iter()
+            .filter_map(|(p, e)| match e.msg {
+                Msg::AcquireReplicas { keys } => Some((p, keys[0].key.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, [(W1 + 2, "x".to_string())], "the worker holding nothing gets the copy");
+        s.add_keys(W1 + 2, &[("x".into(), 100)]);
+        assert_eq!(s.who_has("x").len(), 2);
+        s.replicate(&["x".into()], 2);
+        assert!(s.take_outgoing().is_empty(), "already on two workers");
     }
 
     #[test]
