@@ -449,6 +449,11 @@ impl ClientCore {
         self.send(Envelope::new(Msg::RetryKeys { keys }))
     }
 
+    /// Forget every task and restart every worker process.
+    pub fn restart(&self) -> Result<(), ClientError> {
+        self.send(Envelope::new(Msg::Restart))
+    }
+
     /// Copy each of `keys` to more workers until `n` hold it (see `who_has`).
     pub fn replicate(&self, keys: Vec<Key>, n: u32) -> Result<(), ClientError> {
         self.send(Envelope::new(Msg::Replicate { keys, n }))
@@ -712,7 +717,9 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
             let was_done = st.is_done();
             // A finished key may still be reported erred/lost later; a
             // cancellation never overrides a result the client already has.
-            if !(matches!(status, KeyStatus::Cancelled { .. }) && was_done) {
+            // (Except after a restart: then the result is gone.)
+            let gone = matches!(&status, KeyStatus::Cancelled { reason } if reason == crate::protocol::RESTARTED);
+            if gone || !(matches!(status, KeyStatus::Cancelled { .. }) && was_done) {
                 *st = status;
             }
             if s.watch_all && !was_done {

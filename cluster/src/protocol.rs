@@ -20,6 +20,9 @@ pub const MAGIC: [u8; 4] = *b"DRS\x01";
 /// Payloads at least this large go into their own frame instead of frame 0.
 pub const INLINE_LIMIT: usize = 16 * 1024;
 
+/// Reason given with `KeyCancelled` for every key when the cluster restarts.
+pub const RESTARTED: &str = "the cluster restarted";
+
 /// A task key as it travels on the wire (clients stringify tuple keys).
 pub type Key = String;
 
@@ -433,6 +436,9 @@ pub enum Msg {
     FreeKeys {
         keys: Vec<Key>,
     },
+    /// Exit so that the worker's supervisor starts a fresh process
+    /// (`Client.restart`).
+    RestartWorker,
     /// Give up `key` if it has not started (work stealing); answered by
     /// `StealResponse`.
     StealRequest {
@@ -515,6 +521,8 @@ pub enum Msg {
         workers: Vec<String>,
     },
 
+    /// Forget every task and restart every worker process (`Client.restart`).
+    Restart,
     /// Copy each of `keys` (in memory) to other workers until `n` hold it.
     Replicate {
         keys: Vec<Key>,

@@ -4,7 +4,8 @@ SIGTERM/SIGINT to all of them.
 
 A worker that exits with status 0 was closed on purpose (the scheduler shut
 down or retired it) and is not restarted; one that retired at the end of its
-``--lifetime`` with ``--lifetime-restart`` comes back at once; any other exit
+``--lifetime`` with ``--lifetime-restart``, or was told to restart, comes back
+at once; any other exit
 is a crash and the worker comes back under the same name, with a growing
 delay if it keeps failing at once (for example while the scheduler is down).
 """
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from ._worker import LIFETIME_RESTART
+from ._worker import RESTART_STATUS
 
 RESTART_DELAY_MAX = 10.0
 HEALTHY_AFTER = 10.0  # a worker that lived this long resets its back-off
@@ -80,10 +81,10 @@ def supervise(worker_argv: list, names: list) -> int:
             c.delay = 0.0 if lived > HEALTHY_AFTER else min(RESTART_DELAY_MAX, max(0.2, c.delay * 2))
             c.restart_at = now + c.delay
             c.restarts += 1
-            if code == LIFETIME_RESTART:
+            if code == RESTART_STATUS:
                 c.delay = 0.0
                 c.restart_at = now
-                msg = f"worker {c.name} reached the end of its lifetime; starting a fresh one"
+                msg = f"worker {c.name} asked for a fresh process (lifetime over, or a restart); starting one"
             else:
                 msg = f"worker {c.name} exited with status {code}; restarting in {c.delay:.1f} s"
             print(msg, file=sys.stderr, flush=True)

@@ -24,9 +24,10 @@ from ._serialize import dumps, loads, run_task, sizeof
 from .utils import parse_bytes, parse_timedelta, route_host
 
 _thread_state = threading.local()
-#: Exit status of a worker that retired at the end of its lifetime and asks
-#: its supervisor for a fresh process (``--lifetime-restart``).
-LIFETIME_RESTART = 3
+#: Exit status of a worker that asks its supervisor for a fresh process: it
+#: retired at the end of its lifetime (``--lifetime-restart``) or the
+#: scheduler asked for a restart (``Client.restart``).
+RESTART_STATUS = 3
 _scheduler_address: str | None = None
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -257,9 +258,12 @@ def main(argv=None) -> int:
     try:
         handle.result()
     except OSError as e:
+        if "restart requested" in str(e):
+            print("dask_rs worker: restart requested; exiting to be restarted", flush=True)
+            return RESTART_STATUS
         print(f"dask_rs worker: {e}", file=sys.stderr)
         return 1
     if retired and args.lifetime_restart:
         print("dask_rs worker: lifetime over; exiting to be restarted", flush=True)
-        return LIFETIME_RESTART
+        return RESTART_STATUS
     return 0

@@ -1008,6 +1008,30 @@ class Client:
 
         return self.run(install_uploaded_file, os.path.basename(filename), data, load)
 
+    def restart(self, timeout=60, wait_for_workers: bool = True, **kwargs):
+        """Forget every task and restart every worker process.
+
+        Every future of every client is cancelled ("the cluster restarted").
+        Workers must run under a supervisor (``--nworkers``, `LocalCluster`,
+        ``dask-ctl``) to come back; with ``wait_for_workers`` this returns once
+        each worker is back under its name, in a new process."""
+        import time
+
+        before = {w["name"]: w["pid"] for w in self.scheduler_info()["workers"].values()}
+        self._core.restart()
+        if not wait_for_workers:
+            return
+        deadline = time.monotonic() + (parse_timedelta(timeout) or 60)
+        while True:
+            now = {w["name"]: w["pid"] for w in self.scheduler_info()["workers"].values()}
+            if all(n in now and now[n] != pid for n, pid in before.items()):
+                return
+            if time.monotonic() > deadline:
+                missing = sorted(n for n, pid in before.items() if now.get(n) in (None, pid))
+                raise TimeoutError(f"workers {missing} did not come back within {timeout} s of the restart "
+                                   "(workers restart only under a supervisor)")
+            time.sleep(0.05)
+
     def replicate(self, futures, n=None, workers=None, branching_factor=2, timeout=60, **kwargs):
         """Copy the results of ``futures`` to more workers until ``n`` of them
         (default: every worker) hold each; returns once they do."""

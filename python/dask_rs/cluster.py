@@ -142,7 +142,8 @@ class LocalCluster:
                         continue
                     if name not in self._exits:
                         lived = now - self._started.get(name, now)
-                        delays[name] = 0.0 if lived > 10 else min(10.0, max(0.2, delays.get(name, 0.0) * 2))
+                        fresh = lived > 10 or code == 3  # 3: the worker asked for a fresh process
+                        delays[name] = 0.0 if fresh else min(10.0, max(0.2, delays.get(name, 0.0) * 2))
                         self._exits[name] = now
                     if now - self._exits[name] < delays[name]:
                         continue

@@ -922,6 +922,11 @@ impl ClientCore {
         self.core.shutdown_scheduler().map_err(client_err)
     }
 
+    /// Forget every task and restart every worker process.
+    fn restart(&self) -> PyResult<()> {
+        self.core.restart().map_err(client_err)
+    }
+
     /// Copy each of `keys` to more workers until `n` hold it.
     fn replicate(&self, keys: Vec<String>, n: u32) -> PyResult<()> {
         self.core.replicate(keys, n).map_err(client_err)

@@ -68,3 +68,19 @@ def test_a_crashed_worker_process_is_restarted_under_the_same_name():
 
         time.sleep(0.5)
         assert len(c.scheduler_info()["workers"]) == 1 and cluster.restarts == 1
+
+
+def test_restart_cancels_futures_and_brings_every_worker_back_fresh():
+    from concurrent.futures import CancelledError
+
+    with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster) as c:
+        pids = {w["pid"] for w in c.scheduler_info()["workers"].values()}
+        x = c.submit(sum, [1, 2])
+        assert x.result(timeout=10) == 3
+        c.restart(timeout=30)
+        info = c.scheduler_info()["workers"].values()
+        assert sorted(w["name"] for w in info) == ["0", "1"]
+        assert not pids & {w["pid"] for w in info}, "fresh processes"
+        with pytest.raises(CancelledError, match="restarted"):
+            x.result(timeout=5)
+        assert c.submit(sum, [1, 2], pure=False).result(timeout=10) == 3

@@ -1607,6 +1607,40 @@ impl SchedulerState {
         }
     }
 
+    /// `Client.restart`: every client hears that each of its keys was
+    /// cancelled, every task and dataset is forgotten, and every worker is
+    /// asked to exit for its supervisor to start a fresh process (which
+    /// registers anew). Clients and coordination primitives stay.
+    pub fn restart(&mut self) {
+        let mut cancelled: Vec<(PeerId, Key)> = Vec::new();
+        for t in self.tasks.iter().flatten() {
+            for &c in &t.who_wants {
+                if self.clients.contains_key(&c) {
+                    cancelled.push((c, t.key.to_string()));
+                }
+            }
+        }
+        for (c, key) in cancelled {
+            self.send(c, Msg::KeyCancelled { key, reason: crate::protocol::RESTARTED.into() });
+        }
+        for &w in &self.worker_order {
+            self.out.push((w, Envelope::new(Msg::RestartWorker)));
+        }
+        let out = std::mem::take(&mut self.out);
+        let coord = std::mem::take(&mut self.coord);
+        let clients: Vec<PeerId> = self.clients.keys().copied().collect();
+        let stream_total = self.stream_total;
+        let version = self.version;
+        *self = SchedulerState::new(self.config.clone());
+        self.out = out;
+        self.coord = coord;
+        self.stream_total = stream_total;
+        self.version = version + 1;
+        for c in clients {
+            self.add_client(c);
+        }
+    }
+
     // ---- work stealing -------------------------------------------------------
 
     /// Tasks moved from one worker to another by stealing, since start.
@@ -2396,6 +2430,20 @@ mod tests {
         assert_eq!(s.who_has("x").len(), 2);
         s.replicate(&["x".into()], 2);
         assert!(s.take_outgoing().is_empty(), "already on two workers");
+    }
+
+    #[test]
+    fn restart_cancels_every_key_and_restarts_every_worker() {
+        let mut s = with_workers(2);
+        s.add_client(C1);
+        s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
+        s.take_outgoing();
+        s.restart();
+        let out = s.take_outgoing();
+        assert!(out.iter().any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyCancelled { key, .. } if key == "b")));
+        assert_eq!(out.iter().filter(|(_, e)| matches!(e.msg, Msg::RestartWorker)).count(), 2);
+        assert_eq!((s.ntasks(), s.nworkers(), s.nclients()), (0, 0, 1));
+        s.validate().unwrap();
     }
 
     #[test]

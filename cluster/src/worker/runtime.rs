@@ -132,6 +132,8 @@ pub enum WorkerError {
     SchedulerLost(String),
     #[error("closing to free memory: {0}")]
     Memory(String),
+    #[error("restart requested by the scheduler")]
+    Restart,
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -493,6 +495,7 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
                         tracing::info!("scheduler closed this worker: {reason}");
                         *stop = Some(Ok(()));
                     }
+                    Msg::RestartWorker => *stop = Some(Err(WorkerError::Restart)),
                     Msg::Error { reason } => *stop = Some(Err(WorkerError::Refused(reason))),
                     other => tracing::warn!("unexpected message from scheduler: {other:?}"),
                 }
