@@ -146,6 +146,40 @@ enum Slot {
     Disk(std::path::PathBuf),
 }
 
+/// The stored results, each with the sequence number of its insertion, so a
+/// free issued before a result was (re)stored never removes it.
+#[derive(Default)]
+struct Store {
+    slots: FxHashMap<Key, (u64, Slot)>,
+}
+
+impl Store {
+    fn get(&self, key: &str) -> Option<&Slot> {
+        self.slots.get(key).map(|(_, s)| s)
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut Slot> {
+        self.slots.get_mut(key).map(|(_, s)| s)
+    }
+
+    fn insert(&mut self, key: String, slot: Slot, seq: &std::sync::atomic::AtomicU64) {
+        let n = seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.slots.insert(key, (n, slot));
+    }
+
+    /// Remove `key` if it was stored before `mark`.
+    fn remove_older(&mut self, key: &str, mark: u64) -> Option<Slot> {
+        match self.slots.get(key) {
+            Some((n, _)) if *n < mark => self.slots.remove(key).map(|(_, s)| s),
+            _ => None,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+}
+
 /// Write frames to `path`: a count, then each frame's length and bytes.
 fn write_frames(path: &std::path::Path, frames: &[Bytes]) -> std::io::Result<()> {
     use std::io::Write;
@@ -189,7 +223,9 @@ struct PyRunner {
     run_function: Py<PyAny>,
     dumps: Py<PyAny>,
     loads: Py<PyAny>,
-    store: Mutex<FxHashMap<Key, Slot>>,
+    store: Mutex<Store>,
+    /// Insertion counter of `store` (see [`Store`]).
+    stored_seq: std::sync::atomic::AtomicU64,
     spill_dir: std::path::PathBuf,
     spill_seq: std::sync::atomic::AtomicU64,
 }
@@ -241,7 +277,7 @@ impl Runner for PyRunner {
                     let value = t.get_item(1)?.unbind();
                     let nbytes: u64 = t.get_item(2)?.extract()?;
                     let type_name: String = t.get_item(3)?.extract()?;
-                    self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value));
+                    self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value), &self.stored_seq);
                     Ok(ExecOutcome::Ok { nbytes, type_name })
                 } else {
                     Ok(ExecOutcome::Err {
@@ -302,7 +338,7 @@ impl Runner for PyRunner {
                 let t = out.cast::<PyTuple>()?;
                 let value = t.get_item(0)?.unbind();
                 let nbytes: u64 = t.get_item(1)?.extract()?;
-                self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value));
+                self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value), &self.stored_seq);
                 Ok(nbytes)
             })();
             r.map_err(|e| e.to_string())
@@ -310,10 +346,18 @@ impl Runner for PyRunner {
     }
 
     fn free(&self, keys: &[Key]) {
+        self.free_older(keys, u64::MAX)
+    }
+
+    fn mark(&self) -> u64 {
+        self.stored_seq.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn free_older(&self, keys: &[Key], mark: u64) {
         Python::attach(|_py| {
             let mut store = self.store.lock().expect("store");
             for k in keys {
-                if let Some(Slot::Disk(p)) = store.remove(k) {
+                if let Some(Slot::Disk(p)) = store.remove_older(k, mark) {
                     let _ = std::fs::remove_file(p);
                 }
             }
@@ -479,7 +523,8 @@ fn start_worker(
         run_function,
         dumps,
         loads,
-        store: Mutex::new(FxHashMap::default()),
+        store: Mutex::new(Store::default()),
+        stored_seq: std::sync::atomic::AtomicU64::new(0),
         spill_dir,
         spill_seq: std::sync::atomic::AtomicU64::new(0),
     });

@@ -32,6 +32,16 @@ pub trait Runner: Send + Sync + 'static {
     fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String>;
     /// Drop values.
     fn free(&self, keys: &[Key]);
+    /// A mark of the store's state now: [`free_older`](Self::free_older)
+    /// with it spares values stored after this call.
+    fn mark(&self) -> u64 {
+        0
+    }
+    /// Drop values stored before `mark` (a free is carried out after other
+    /// threads may have stored the same key again: those stay).
+    fn free_older(&self, keys: &[Key], _mark: u64) {
+        self.free(keys)
+    }
     /// Write stored values to disk and drop them from memory; they stay
     /// readable (by `execute` and `serialize`) until freed. Returns for each
     /// key whether it was spilled. The default cannot spill.
@@ -586,8 +596,11 @@ fn carry_out<R: Runner>(
             let _ = jobs.send(Job { key, run_spec, deps });
         }
         Instruction::Free { keys } => {
+            // Executor threads store results without the helper: a result
+            // computed again after this free was issued must survive it.
+            let mark = runner.mark();
             let runner = runner.clone();
-            helper.submit(move || runner.free(&keys));
+            helper.submit(move || runner.free_older(&keys, mark));
         }
         Instruction::Spill { keys } => {
             let runner = runner.clone();
