@@ -534,8 +534,11 @@ fn start_worker(
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let done2 = done.clone();
     let r2 = runner.clone();
+    let spill_dir = runner.spill_dir.clone();
     rt.spawn(async move {
         let res = cluster::worker::run_worker(config, r2, stop_rx, Some(started_tx)).await;
+        // Spilled results die with the worker: do not leave them on disk.
+        let _ = std::fs::remove_dir_all(&spill_dir);
         *done2.lock().expect("done") = Some(res.map_err(|e| e.to_string()));
         let _ = fin_tx.send(true);
     });

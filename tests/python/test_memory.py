@@ -4,6 +4,8 @@ processes stay under the terminate threshold."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 from conftest import start_scheduler, start_worker, wait_until
@@ -59,3 +61,10 @@ def test_intermediates_three_times_the_memory_limit_are_spilled_and_read_back(pr
               f"peak worker RSS {max(w['rss'] for w in seen) / 1e6:.0f} MB of {LIMIT / 1e6:.0f} MB")
         del blocks
     assert all(w.poll() is None for w in workers)
+    dirs = [os.path.join(tempfile.gettempdir(), f"dask-rs-spill-{w.pid}-m{i}") for i, w in enumerate(workers)]
+    assert any(os.path.isdir(d) for d in dirs)
+    for w in workers:
+        w.terminate()
+        assert w.wait(10) == 0
+    assert not any(os.path.exists(d) for d in dirs), "spill files removed when the worker stops"
+
