@@ -237,20 +237,38 @@ impl Drop for PyRunner {
 }
 
 impl PyRunner {
-    /// A stored value as a Python object, read back from disk if spilled
-    /// (the store keeps it on disk).
-    fn value(&self, py: Python<'_>, key: &str) -> PyResult<Option<Py<PyAny>>> {
-        let path = {
+    /// Stored values as Python objects (one store lock for all of them),
+    /// spilled ones read back from disk (the store keeps them on disk).
+    /// Errs naming the first key not held.
+    fn values(&self, py: Python<'_>, keys: &[Key]) -> PyResult<Vec<Py<PyAny>>> {
+        enum Got {
+            Obj(Py<PyAny>),
+            File(std::path::PathBuf),
+        }
+        let got: Vec<Got> = {
             let store = self.store.lock().expect("store");
-            match store.get(key) {
-                None => return Ok(None),
-                Some(Slot::Memory(o)) => return Ok(Some(o.clone_ref(py))),
-                Some(Slot::Disk(p)) => p.clone(),
+            let mut v = Vec::with_capacity(keys.len());
+            for k in keys {
+                v.push(match store.get(k) {
+                    Some(Slot::Memory(o)) => Got::Obj(o.clone_ref(py)),
+                    Some(Slot::Disk(p)) => Got::File(p.clone()),
+                    None => return Err(PyRuntimeError::new_err(format!("dependency {k} is not on this worker"))),
+                });
             }
+            v
         };
-        let frames = read_frames(&path).map_err(|e| PyOSError::new_err(format!("reading spilled {key}: {e}")))?;
-        let out = self.loads.bind(py).call1((frames_to_py(py, frames)?,))?;
-        Ok(Some(out.cast::<PyTuple>()?.get_item(0)?.unbind()))
+        keys.iter()
+            .zip(got)
+            .map(|(k, g)| match g {
+                Got::Obj(o) => Ok(o),
+                Got::File(path) => {
+                    let frames =
+                        read_frames(&path).map_err(|e| PyOSError::new_err(format!("reading spilled {k}: {e}")))?;
+                    let out = self.loads.bind(py).call1((frames_to_py(py, frames)?,))?;
+                    Ok(out.cast::<PyTuple>()?.get_item(0)?.unbind())
+                }
+            })
+            .collect()
     }
 
     fn dumps_frames(&self, py: Python<'_>, o: Py<PyAny>) -> PyResult<Vec<Bytes>> {
@@ -263,13 +281,7 @@ impl Runner for PyRunner {
     fn execute(&self, key: &str, run_spec: &Bytes, deps: &[Key], thread: u32) -> ExecOutcome {
         Python::attach(|py| {
             let r = (|| -> PyResult<ExecOutcome> {
-                let mut values: Vec<Py<PyAny>> = Vec::with_capacity(deps.len());
-                for d in deps {
-                    match self.value(py, d)? {
-                        Some(v) => values.push(v),
-                        None => return Err(PyRuntimeError::new_err(format!("dependency {d} is not on this worker"))),
-                    }
-                }
+                let values = self.values(py, deps)?;
                 let spec = Bound::new(py, Frame::new(run_spec.clone()))?;
                 let out = self.execute.bind(py).call1((spec, PyList::new(py, values)?, key, thread))?;
                 let t = out.cast::<PyTuple>()?;

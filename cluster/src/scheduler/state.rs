@@ -100,6 +100,9 @@ pub struct SchedulerConfig {
     pub bandwidth: f64,
 }
 
+/// Seconds a steal costs before any data moves (the request's round trip).
+const STEAL_LATENCY: f64 = 0.005;
+
 /// Cap on root tasks in flight per worker thread from `pipeline_window`.
 const MAX_PIPELINE_PER_THREAD: usize = 64;
 
@@ -1522,23 +1525,31 @@ impl SchedulerState {
             return self.dataset_reply(client, id, err, None, Vec::new());
         }
         if let Some((old, _)) = self.datasets.remove(&name) {
-            self.release_dataset_keys(old);
+            self.unhold_keys(&old, DATASETS);
         }
-        for k in &keys {
-            let tid = self.keys[k.as_str()];
-            self.tm(tid).who_wants.push(DATASETS);
-        }
+        self.hold_keys(&keys, DATASETS);
         self.datasets.insert(name, (keys, data));
         self.dataset_reply(client, id, String::new(), None, Vec::new());
     }
 
-    fn release_dataset_keys(&mut self, keys: Vec<Key>) {
+    /// Keep `keys` alive on behalf of a pseudo-client (`DATASETS`,
+    /// `COORDINATION`); each call holds once more.
+    fn hold_keys(&mut self, keys: &[Key], holder: PeerId) {
+        for k in keys {
+            if let Some(&tid) = self.keys.get(k.as_str()) {
+                self.tm(tid).who_wants.push(holder);
+            }
+        }
+    }
+
+    /// Undo one [`hold_keys`](Self::hold_keys) of `keys` by `holder`.
+    fn unhold_keys(&mut self, keys: &[Key], holder: PeerId) {
         for k in keys {
             let Some(&tid) = self.keys.get(k.as_str()) else { continue };
-            if let Some(pos) = self.t(tid).who_wants.iter().position(|&c| c == DATASETS) {
+            if let Some(pos) = self.t(tid).who_wants.iter().position(|&c| c == holder) {
                 self.tm(tid).who_wants.swap_remove(pos);
+                self.check_release(tid);
             }
-            self.check_release(tid);
         }
     }
 
@@ -1546,7 +1557,7 @@ impl SchedulerState {
     pub fn unpublish_dataset(&mut self, client: PeerId, id: u64, name: &str) {
         match self.datasets.remove(name) {
             Some((keys, _)) => {
-                self.release_dataset_keys(keys);
+                self.unhold_keys(&keys, DATASETS);
                 self.dataset_reply(client, id, String::new(), None, Vec::new());
             }
             None => self.dataset_reply(client, id, format!("Dataset {name:?} not found"), None, Vec::new()),
@@ -1659,7 +1670,7 @@ impl SchedulerState {
             .filter(|dt| !dt.who_has.contains(&thief))
             .map(|dt| dt.nbytes)
             .sum();
-        0.005 + bytes as f64 / self.config.bandwidth.max(1.0)
+        STEAL_LATENCY + bytes as f64 / self.config.bandwidth.max(1.0)
     }
 
     /// Work stealing: for every worker with idle threads, ask saturated
@@ -1708,7 +1719,11 @@ impl SchedulerState {
                     .processing
                     .iter()
                     .filter(|id| !w.long_running.contains(id) && !self.steals.contains_key(id))
-                    .filter(|&&id| self.t(id).restriction.is_none())
+                    // Never worth moving: restricted, or shorter than any move.
+                    .filter(|&&id| {
+                        let t = self.t(id);
+                        t.restriction.is_none() && self.groups[t.group as usize].duration() > 2.0 * STEAL_LATENCY
+                    })
                     .map(|&id| (self.t(id).priority, id))
                     .collect();
                 let want = room.min(*extra);
@@ -1782,28 +1797,12 @@ impl SchedulerState {
         for o in self.coord.take_output() {
             match o {
                 CoordOutput::Reply(peer, env) => self.out.push((peer, env)),
-                CoordOutput::Hold(keys) => {
-                    for k in keys {
-                        if let Some(&tid) = self.keys.get(k.as_str()) {
-                            self.tm(tid).who_wants.push(COORDINATION);
-                        }
-                    }
-                }
-                CoordOutput::Unhold(keys) => self.unhold_coordination(keys),
+                CoordOutput::Hold(keys) => self.hold_keys(&keys, COORDINATION),
+                CoordOutput::Unhold(keys) => self.unhold_keys(&keys, COORDINATION),
                 CoordOutput::Transfer(client, keys) => {
                     self.want_keys(client, keys.clone());
-                    self.unhold_coordination(keys);
+                    self.unhold_keys(&keys, COORDINATION);
                 }
-            }
-        }
-    }
-
-    fn unhold_coordination(&mut self, keys: Vec<Key>) {
-        for k in keys {
-            let Some(&tid) = self.keys.get(k.as_str()) else { continue };
-            if let Some(pos) = self.t(tid).who_wants.iter().position(|&c| c == COORDINATION) {
-                self.tm(tid).who_wants.swap_remove(pos);
-                self.check_release(tid);
             }
         }
     }

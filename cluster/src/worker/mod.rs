@@ -7,5 +7,5 @@ pub mod runtime;
 pub mod state;
 
 pub use memory::MemoryConfig;
-pub use runtime::{current_task, rejoin, run_worker, secede, Runner, WorkerConfig, WorkerError};
+pub use runtime::{rejoin, run_worker, secede, Runner, WorkerConfig, WorkerError};
 pub use state::{ExecOutcome, Instruction, WorkerState};

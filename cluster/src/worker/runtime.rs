@@ -183,29 +183,34 @@ impl<R: Runner> Executors<R> {
     }
 
     fn run(self: &Arc<Self>, thread: u32) {
+        // The secede/rejoin hooks are made once per thread; a task only sets its key.
+        let me = self.clone();
+        let on_secede: SecedeHook = Arc::new(move |key: &Key, replace: bool| {
+            // Another thread takes this one's place; this one ends with its task.
+            if replace {
+                if let Err(e) = me.spawn(thread) {
+                    tracing::error!("cannot start an executor thread in place of a seceded task: {e}");
+                }
+            }
+            let _ = me.events.send(Event::Seceded(key.clone()));
+        });
+        let events = self.events.clone();
+        let on_rejoin: RejoinHook = Arc::new(move |key: &Key| {
+            let _ = events.send(Event::Rejoined(key.clone()));
+        });
         loop {
             let job = match self.jobs.lock().expect("job queue").recv() {
                 Ok(j) => j,
                 Err(_) => return,
             };
-            let me = self.clone();
-            let on_secede: SecedeHook = Arc::new(move |key: &Key, replace: bool| {
-                // Another thread takes this one's place; this one ends with its task.
-                if replace {
-                    if let Err(e) = me.spawn(thread) {
-                        tracing::error!("cannot start an executor thread in place of a seceded task: {e}");
-                    }
-                }
-                let _ = me.events.send(Event::Seceded(key.clone()));
-            });
-            let events = self.events.clone();
-            let on_rejoin: Arc<dyn Fn(&Key) + Send + Sync> = Arc::new(move |key: &Key| {
-                let _ = events.send(Event::Rejoined(key.clone()));
-            });
-            TASK.with(|t| {
-                *t.borrow_mut() =
-                    Some(TaskContext { key: job.key.clone(), replaced: false, detached: false, on_secede, on_rejoin })
-            });
+            let ctx = TaskContext {
+                key: job.key.clone(),
+                replaced: false,
+                detached: false,
+                on_secede: on_secede.clone(),
+                on_rejoin: on_rejoin.clone(),
+            };
+            TASK.with(|t| *t.borrow_mut() = Some(ctx));
             let start = now();
             let outcome = self.runner.execute(&job.key, &job.run_spec, &job.deps, thread);
             let stop = now();
@@ -220,6 +225,8 @@ impl<R: Runner> Executors<R> {
 
 /// Called when a task secedes; `true` asks for a thread in its place.
 type SecedeHook = Arc<dyn Fn(&Key, bool) + Send + Sync>;
+/// Called when a seceded task rejoins.
+type RejoinHook = Arc<dyn Fn(&Key) + Send + Sync>;
 
 /// The task running on this executor thread.
 struct TaskContext {
@@ -229,16 +236,11 @@ struct TaskContext {
     /// Seceded and not rejoined: the task does not count as running.
     detached: bool,
     on_secede: SecedeHook,
-    on_rejoin: Arc<dyn Fn(&Key) + Send + Sync>,
+    on_rejoin: RejoinHook,
 }
 
 thread_local! {
     static TASK: std::cell::RefCell<Option<TaskContext>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Key of the task running on the calling thread, if it is an executor thread.
-pub fn current_task() -> Option<Key> {
-    TASK.with(|t| t.borrow().as_ref().map(|c| c.key.clone()))
 }
 
 /// Leave the worker's thread pool for the rest of the calling task (Dask's
