@@ -123,6 +123,9 @@ pub struct TaskSpec {
     pub allow_other_workers: bool,
     /// How many times to re-run the task if it raises.
     pub retries: u32,
+    /// Abstract resources the task holds while it runs (`{"GPU": 1}`); only
+    /// workers declaring at least these amounts may run it.
+    pub resources: Resources,
 }
 
 impl TaskSpec {
@@ -138,6 +141,7 @@ impl TaskSpec {
             workers: None,
             allow_other_workers: false,
             retries: 0,
+            resources: Vec::new(),
         }
     }
 }
@@ -149,6 +153,59 @@ pub struct DepInfo {
     pub nbytes: u64,
     /// Addresses of workers holding it.
     pub who_has: Vec<String>,
+}
+
+/// Named amounts of abstract resources (`GPU=2,MEM=10e9`), as a worker
+/// declares them or a task needs them. Names are unique within one list.
+pub type Resources = Vec<(String, f64)>;
+
+/// Parse `"GPU=2,MEM=10e9"` (also space-separated) into [`Resources`].
+pub fn parse_resources(text: &str) -> Result<Resources, String> {
+    let mut out: Resources = Vec::new();
+    for item in text.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, amount) = item.split_once('=').ok_or_else(|| format!("resource {item:?} is not NAME=AMOUNT"))?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(format!("resource {item:?} has no name"));
+        }
+        let amount: f64 =
+            amount.trim().parse().map_err(|_| format!("resource {name}: {:?} is not a number", amount.trim()))?;
+        if !amount.is_finite() || amount < 0.0 {
+            return Err(format!("resource {name}: amount {amount} must be a finite number >= 0"));
+        }
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("resource {name} is given twice"));
+        }
+        out.push((name.to_string(), amount));
+    }
+    Ok(out)
+}
+
+/// What a worker tells the scheduler when it joins.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Registration {
+    pub name: String,
+    /// Address peers fetch data from, `tcp://host:port`.
+    pub address: String,
+    pub nthreads: u32,
+    pub memory_limit: u64,
+    pub pid: u32,
+    /// Resources the worker offers to tasks that ask for them.
+    pub resources: Resources,
+}
+
+impl Registration {
+    /// A worker without resources, with pid 0 (for simulations and tests).
+    pub fn new(name: impl Into<String>, address: impl Into<String>, nthreads: u32, memory_limit: u64) -> Self {
+        Registration {
+            name: name.into(),
+            address: address.into(),
+            nthreads,
+            memory_limit,
+            pid: 0,
+            resources: Vec::new(),
+        }
+    }
 }
 
 /// One worker as the scheduler describes it.
@@ -178,6 +235,9 @@ pub struct WorkerInfo {
     pub retiring: bool,
     /// Expected seconds of work assigned to it (task durations learned per group).
     pub occupancy: f64,
+    /// Resources it declared.
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 impl WorkerInfo {
@@ -201,6 +261,7 @@ impl WorkerInfo {
             bytes_out: 0,
             retiring: false,
             occupancy: 0.0,
+            resources: Vec::new(),
         }
     }
 }
@@ -368,14 +429,7 @@ pub enum Msg {
     },
 
     // -- worker -> scheduler -------------------------------------------------
-    RegisterWorker {
-        name: String,
-        /// Address peers fetch data from, `tcp://host:port`.
-        address: String,
-        nthreads: u32,
-        memory_limit: u64,
-        pid: u32,
-    },
+    RegisterWorker(Registration),
     TaskFinished {
         key: Key,
         nbytes: u64,
@@ -432,6 +486,8 @@ pub enum Msg {
         run_spec: Blob,
         deps: Vec<DepInfo>,
         priority: Priority,
+        /// Held from the moment the task is handed to a thread until it ends.
+        resources: Resources,
     },
     FreeKeys {
         keys: Vec<Key>,

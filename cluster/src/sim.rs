@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
-use crate::protocol::{Key, Msg, TaskSpec};
+use crate::protocol::{Key, Msg, Registration, TaskSpec};
 use crate::scheduler::{PeerId, SchedulerConfig, SchedulerState};
 use crate::worker::{ExecOutcome, Runner};
 
@@ -127,7 +127,7 @@ pub fn simulate_on(
     let workers: Vec<PeerId> = (0..cfg.workers as u64).map(|i| 100 + i).collect();
     for (i, &w) in workers.iter().enumerate() {
         state
-            .add_worker(w, format!("sim-{i}"), format!("tcp://sim:{i}"), cfg.nthreads, 1 << 32, 0)
+            .add_worker(w, Registration::new(format!("sim-{i}"), format!("tcp://sim:{i}"), cfg.nthreads, 1 << 32))
             .expect("fresh worker");
     }
     let _ = state.take_outgoing();

@@ -142,9 +142,22 @@ def total_memory() -> int:
         return 0
 
 
+def format_resources(resources) -> str:
+    """``{"GPU": 2}`` (or an already formatted ``"GPU=2"``) as ``"GPU=2"``."""
+    if resources is None:
+        return ""
+    if isinstance(resources, str):
+        return resources
+    if not isinstance(resources, dict):
+        raise TypeError(f"resources must be a dict like {{'GPU': 2}} or a string 'GPU=2', not {resources!r}")
+    return ",".join(f"{name}={amount!r}" for name, amount in resources.items())
+
+
 def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_limit=0,
-          host: str = "127.0.0.1", timeout: float = 10.0, death_timeout: float = 60.0):
-    """Start a worker in this process; returns its handle once registered."""
+          host: str = "127.0.0.1", timeout: float = 10.0, death_timeout: float = 60.0, resources=None):
+    """Start a worker in this process; returns its handle once registered.
+    ``resources`` (``{"GPU": 2}`` or ``"GPU=2,MEM=10e9"``) are offered to
+    tasks submitted with ``resources=``."""
     global _scheduler_address
     _scheduler_address = scheduler
     if memory_limit == "auto":
@@ -161,6 +174,7 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
         run_function,
         timeout,
         death_timeout,
+        format_resources(resources),
     )
 
 
@@ -199,12 +213,18 @@ def main(argv=None) -> int:
     p.add_argument("--lifetime-restart", action="store_true",
                    help="after retiring at the end of its lifetime, exit so that the supervisor "
                         "(--nworkers) starts a fresh worker in its place")
+    p.add_argument("--resources", default=os.environ.get("DASK_RS_WORKER_RESOURCES", ""),
+                   help='abstract resources for tasks submitted with resources=, e.g. "GPU=2,MEM=10e9"')
     p.add_argument("--nworkers", type=int, default=None,
                    help="run this many worker processes under a supervisor that restarts them")
     args = p.parse_args(argv)
     if args.nthreads < 1:
         p.error("--nthreads must be at least 1")
     scheduler = args.scheduler if "://" in args.scheduler else f"tcp://{args.scheduler}"
+    try:
+        _core.parse_resources(args.resources)
+    except ValueError as e:
+        p.error(f"--resources: {e}")
     if args.host is None:
         args.host = route_host(scheduler)
     if args.nworkers is not None:
@@ -220,6 +240,7 @@ def main(argv=None) -> int:
             "--connect-timeout", str(args.connect_timeout),
             "--death-timeout", str(args.death_timeout),
             "--lifetime-stagger", str(args.lifetime_stagger),
+            "--resources", args.resources,
         ]
         if args.lifetime:
             child_argv += ["--lifetime", str(args.lifetime)]
@@ -237,7 +258,7 @@ def main(argv=None) -> int:
         lifetime = max(0.0, lifetime + random.uniform(-stagger, stagger))
     try:
         handle = start(scheduler, args.name, args.nthreads, memory_limit, args.host, args.connect_timeout,
-                       death_timeout)
+                       death_timeout, args.resources)
     except (OSError, ValueError) as e:
         print(f"dask_rs worker: error: {e}", file=sys.stderr)
         return 1

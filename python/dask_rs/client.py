@@ -116,6 +116,21 @@ def worker_client(timeout=None, separate_thread=True):
             _worker.rejoin()
 
 
+def _graph_annotations(dsk) -> dict:
+    """``dask.annotate`` annotations of an expression or HighLevelGraph, as
+    ``{name: {key: value}}``; empty for a plain dict."""
+    get = getattr(dsk, "__dask_annotations__", None)
+    if get is not None:
+        return dict(get() or {})
+    layers = getattr(dsk, "layers", None)
+    out: dict = {}
+    if isinstance(layers, dict):
+        for layer in layers.values():
+            for name, value in (getattr(layer, "annotations", None) or {}).items():
+                out.setdefault(name, {}).update({k: value(k) if callable(value) else value for k in layer})
+    return out
+
+
 def _is_future(obj) -> bool:
     return isinstance(obj, Future)
 
@@ -505,6 +520,22 @@ class Client:
             workers = [workers]
         return [str(w) for w in workers]
 
+    @staticmethod
+    def _resources_arg(resources):
+        """``{"GPU": 1}`` as the core's ``[("GPU", 1.0)]``; bad input raises."""
+        if not resources:
+            return []
+        if not isinstance(resources, dict):
+            raise TypeError(f"resources= must be a dict like {{'GPU': 1}}, not {type(resources).__name__}")
+        out = []
+        for name, amount in resources.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool):
+                raise TypeError(f"resources={resources!r}: the amount of {name!r} must be a number")
+            if not amount >= 0 or amount == float("inf"):
+                raise ValueError(f"resources={resources!r}: the amount of {name!r} must be finite and >= 0")
+            out.append((str(name), float(amount)))
+        return out
+
     def submit(
         self,
         func,
@@ -533,6 +564,7 @@ class Client:
         with self._lock:
             if self._refcount.get(wire, 0) > 0:
                 return Future(key, self)
+        res = self._resources_arg(resources)
         spec, deps = self._dumps_call(func, args, kwargs)
         # Under the lock: another thread that finds this key known must also
         # find it in the core, and a release of it cannot slip in between.
@@ -540,7 +572,7 @@ class Client:
             fut = Future(key, self)
             self._core.submit(
                 [(wire, spec, deps, int(priority), self._next_order(), self._workers_arg(workers),
-                  bool(allow_other_workers), int(retries or 0))],
+                  bool(allow_other_workers), int(retries or 0), res)],
                 [wire],
             )
         return fut
@@ -591,6 +623,7 @@ class Client:
             uid = uuid.uuid4().hex
             keys = [f"{name}-{uid}-{i}" for i in range(len(arg_lists))]
         wl = self._workers_arg(workers)
+        res = self._resources_arg(resources)
         tasks = []
         seen = set()
         for k, a in zip(keys, arg_lists):
@@ -600,7 +633,7 @@ class Client:
             seen.add(wire)
             spec, deps = self._dumps_call(func, a, kwargs)
             tasks.append((wire, spec, deps, int(priority), self._next_order(), wl, bool(allow_other_workers),
-                          int(retries or 0)))
+                          int(retries or 0), res))
         with self._lock:
             futures = [Future(k, self) for k in keys]
             self._core.submit(tasks, [wire_key(k) for k in keys])
@@ -717,9 +750,14 @@ class Client:
         self._core.cancel([f._wire for f in futures])
 
     # -- dask graphs and collections --
-    def _graph_to_futures(self, dsk, keys, workers=None, allow_other_workers=False, priority=0, retries=0):
+    def _graph_to_futures(self, dsk, keys, workers=None, allow_other_workers=False, priority=0, retries=0,
+                          resources=None):
+        """Submit a graph; the arguments apply to every task, and ``dask.annotate``
+        annotations (``resources``, ``workers``, ``allow_other_workers``, ``retries``,
+        ``priority``) override them per task."""
         from dask._task_spec import convert_legacy_graph
 
+        annotations = _graph_annotations(dsk)
         if hasattr(dsk, "__dask_graph__"):
             dsk = dsk.__dask_graph__()
         dsk = dict(dsk)
@@ -733,6 +771,12 @@ class Client:
         except Exception:
             prio = {}
         wl = self._workers_arg(workers)
+        res = self._resources_arg(resources)
+        an_workers = annotations.get("workers", {})
+        an_loose = annotations.get("allow_other_workers", {})
+        an_res = annotations.get("resources", {})
+        an_retries = annotations.get("retries", {})
+        an_prio = annotations.get("priority", {})
         tasks = []
         base = self._next_order()
         for i, (k, node) in enumerate(graph.items()):
@@ -742,8 +786,11 @@ class Client:
             except Exception as e:
                 raise TypeError(f"Could not serialize task {k!r}: {type(e).__name__}: {e}") from e
             tasks.append(
-                (wire_key(k), spec, [wire_key(d) for d in deps], int(priority), prio.get(k, base + i), wl,
-                 bool(allow_other_workers), int(retries or 0))
+                (wire_key(k), spec, [wire_key(d) for d in deps], int(an_prio.get(k, priority) or 0),
+                 prio.get(k, base + i),
+                 self._workers_arg(an_workers[k]) if k in an_workers else wl,
+                 bool(an_loose.get(k, allow_other_workers)), int(an_retries.get(k, retries) or 0),
+                 self._resources_arg(an_res[k]) if k in an_res else res)
             )
         with self._lock:
             futures = {k: Future(k, self) for k in keys}
@@ -755,7 +802,8 @@ class Client:
             **kwargs):
         """Compute a dask graph (a dict, HighLevelGraph or expression) for ``keys``."""
         flat = list(_flatten(keys))
-        futures = self._graph_to_futures(dsk, flat, workers, bool(allow_other_workers), priority, retries)
+        futures = self._graph_to_futures(dsk, flat, workers, bool(allow_other_workers), priority, retries,
+                                         resources)
         packed = _pack(keys, futures)
         if not sync:
             return packed
@@ -788,7 +836,7 @@ class Client:
             expr = FinalizeCompute(collections_to_expr(variables, optimize_graph)).optimize()
             names = list(flatten(expr.__dask_keys__()))
             futures_dict = self._graph_to_futures(
-                expr, names, workers, allow_other_workers, priority, retries
+                expr, names, workers, allow_other_workers, priority, retries, resources
             )
         out = []
         i = 0
@@ -814,7 +862,7 @@ class Client:
         expr = collections_to_expr(collections, optimize_graph).optimize()
         keys = expr.__dask_keys__()
         futures = self._graph_to_futures(expr, list(flatten(keys)), workers,
-                                         bool(allow_other_workers), priority, retries)
+                                         bool(allow_other_workers), priority, retries, resources)
         post = [c.__dask_postpersist__() for c in collections]
         result = [func({k: futures[k] for k in flatten(ks)}, *args) for (func, args), ks in zip(post, keys)]
         return result[0] if singleton else result
@@ -904,6 +952,7 @@ class Client:
                 "nthreads": w["nthreads"],
                 "memory_limit": w["memory_limit"],
                 "pid": w["pid"],
+                "resources": w["resources"],
                 "metrics": {
                     "managed_bytes": w["managed"],
                     "memory": w["rss"],

@@ -36,7 +36,8 @@ def _default_layout(n_workers, threads_per_worker):
 class LocalCluster:
     """A cluster on this machine.
 
-    ``processes=False`` runs the workers as threads of this process instead.
+    ``processes=False`` runs the workers as threads of this process instead;
+    ``resources={"GPU": 1}`` is given to every worker (``--resources``).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class LocalCluster:
         worker_saturation: float = 1.1,
         work_stealing: bool = True,
         python: str | None = None,
+        resources: dict | None = None,
         **kwargs,
     ):
         unknown = set(kwargs) - {"asynchronous", "loop", "protocol", "interface", "worker_class"}
@@ -66,6 +68,10 @@ class LocalCluster:
 
             memory_limit = total_memory() // max(n_workers, 1) if memory_limit == "auto" else 0
         self.memory_limit = parse_bytes(memory_limit)
+        from ._worker import format_resources
+
+        self.resources = format_resources(resources)
+        _core.parse_resources(self.resources)
         self.threads_per_worker = threads_per_worker
         self.processes = processes
         self.host = host
@@ -104,7 +110,7 @@ class LocalCluster:
 
             self._threads[name] = start(
                 self.scheduler_address, name, self.threads_per_worker, self.memory_limit, self.host,
-                self.timeout,
+                self.timeout, resources=self.resources,
             )
             return name
         self._spawn(name)
@@ -119,6 +125,7 @@ class LocalCluster:
             "--nthreads", str(self.threads_per_worker),
             "--memory-limit", str(self.memory_limit),
             "--host", self.host,
+            "--resources", self.resources,
         ]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")

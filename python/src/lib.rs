@@ -504,10 +504,16 @@ impl WorkerHandle {
     }
 }
 
+/// Parse a `--resources` value, `"GPU=2,MEM=10e9"`, into `[(name, amount)]`.
+#[pyfunction]
+fn parse_resources(text: &str) -> PyResult<Vec<(String, f64)>> {
+    cluster::protocol::parse_resources(text).map_err(PyValueError::new_err)
+}
+
 /// Start a worker in this process. `execute`, `dumps`, `loads` and `run_function` come from
 /// `dask_rs._worker`. Returns once the worker registered with the scheduler.
 #[pyfunction]
-#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0))]
+#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0, resources=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_worker(
     py: Python<'_>,
@@ -522,13 +528,17 @@ fn start_worker(
     run_function: Py<PyAny>,
     timeout: f64,
     death_timeout: f64,
+    resources: Option<String>,
 ) -> PyResult<WorkerHandle> {
+    let resources = cluster::protocol::parse_resources(resources.as_deref().unwrap_or(""))
+        .map_err(|e| PyValueError::new_err(format!("--resources: {e}")))?;
     let rt = background_runtime("dask-rs-worker")?;
     let mut config = WorkerConfig::new(&scheduler, &name, nthreads);
     config.memory_limit = memory_limit;
     config.host = host;
     config.connect_timeout = Duration::from_secs_f64(timeout);
     config.death_timeout = Duration::from_secs_f64(death_timeout.max(0.0));
+    config.resources = resources;
     let spill_dir = std::env::temp_dir().join(format!("dask-rs-spill-{}-{}", std::process::id(), sanitize(&name)));
     let runner = Arc::new(PyRunner {
         execute,
@@ -672,6 +682,11 @@ fn worker_to_py<'py>(py: Python<'py>, w: &WorkerInfo) -> PyResult<Bound<'py, PyD
     d.set_item("bytes_out", w.bytes_out)?;
     d.set_item("retiring", w.retiring)?;
     d.set_item("occupancy", w.occupancy)?;
+    let resources = PyDict::new(py);
+    for (name, amount) in &w.resources {
+        resources.set_item(name, amount)?;
+    }
+    d.set_item("resources", resources)?;
     Ok(d)
 }
 
@@ -721,7 +736,8 @@ fn events_to_py<'py>(py: Python<'py>, u: &EventsUpdate) -> PyResult<Bound<'py, P
     Ok(d)
 }
 
-type PyTask<'py> = (String, Bound<'py, PyAny>, Vec<String>, i32, u64, Option<Vec<String>>, bool, u32);
+type PyTask<'py> =
+    (String, Bound<'py, PyAny>, Vec<String>, i32, u64, Option<Vec<String>>, bool, u32, Vec<(String, f64)>);
 
 #[pymethods]
 impl ClientCore {
@@ -746,14 +762,25 @@ impl ClientCore {
         self.core.address.clone()
     }
 
-    /// Submit tasks `(key, run_spec, deps, priority, order, workers, allow_other_workers, retries)`.
+    /// Submit tasks `(key, run_spec, deps, priority, order, workers, allow_other_workers, retries,
+    /// resources)`.
     fn submit(&self, py: Python<'_>, tasks: Vec<PyTask<'_>>, wanted: Vec<String>) -> PyResult<()> {
         let mut frames = Vec::new();
         let mut specs = Vec::with_capacity(tasks.len());
-        for (key, run_spec, deps, priority, order, workers, allow_other_workers, retries) in tasks {
+        for (key, run_spec, deps, priority, order, workers, allow_other_workers, retries, resources) in tasks {
             let data = to_bytes(&run_spec)?;
             let run_spec = Blob::new(data, &mut frames);
-            specs.push(TaskSpec { key, run_spec, deps, priority, order, workers, allow_other_workers, retries });
+            specs.push(TaskSpec {
+                key,
+                run_spec,
+                deps,
+                priority,
+                order,
+                workers,
+                allow_other_workers,
+                retries,
+                resources,
+            });
         }
         py.detach(|| self.core.submit(specs, frames, wanted)).map_err(client_err)
     }
@@ -1029,6 +1056,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ClientCore>()?;
     m.add_class::<WorkerHandle>()?;
     m.add_class::<SchedulerHandle>()?;
+    m.add_function(wrap_pyfunction!(parse_resources, m)?)?;
     m.add_function(wrap_pyfunction!(start_worker, m)?)?;
     m.add_function(wrap_pyfunction!(secede, m)?)?;
     m.add_function(wrap_pyfunction!(rejoin, m)?)?;

@@ -301,8 +301,8 @@ fn handle_msg(
 ) -> Result<(), String> {
     let Envelope { msg, frames } = env;
     match (role, msg) {
-        (Role::Worker, Msg::RegisterWorker { name, address, nthreads, memory_limit, pid }) => {
-            state.add_worker(peer, name, address, nthreads, memory_limit, pid)?;
+        (Role::Worker, Msg::RegisterWorker(reg)) => {
+            state.add_worker(peer, reg)?;
             p.registered_worker = true;
         }
         (Role::Worker, _) if !p.registered_worker => return Err("a worker must send RegisterWorker first".into()),

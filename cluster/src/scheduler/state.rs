@@ -15,8 +15,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::coord::{CoordOutput, Coordination};
 use crate::protocol::{
-    key_split, Blob, CoordOp, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, LoadSummary, Msg, Priority, TaskSpec,
-    TaskStreamRecord, WorkerInfo,
+    key_split, Blob, CoordOp, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, LoadSummary, Msg, Priority,
+    Registration, Resources, TaskSpec, TaskStreamRecord, WorkerInfo,
 };
 
 /// Identifies a connected peer (worker or client) for the lifetime of its connection.
@@ -128,10 +128,48 @@ struct ErrorInfo {
     text: String,
 }
 
+/// Where a task may run.
 #[derive(Debug)]
 struct Restriction {
+    /// Worker names or addresses; empty: any worker.
     workers: Vec<String>,
+    /// With `workers`: others may run it when none of those can.
     loose: bool,
+    /// Amounts the worker must declare (always strict, as in Dask).
+    resources: Resources,
+}
+
+impl Restriction {
+    fn from_spec(workers: Option<Vec<String>>, loose: bool, resources: Resources) -> Option<Box<Self>> {
+        let workers = workers.unwrap_or_default();
+        if workers.is_empty() && resources.is_empty() {
+            return None;
+        }
+        Some(Box::new(Restriction { workers, loose, resources }))
+    }
+
+    fn names(&self, w: &Worker) -> bool {
+        self.workers
+            .iter()
+            .any(|n| *n == w.name || *n == w.address || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://"))
+    }
+
+    fn has_resources(&self, w: &Worker) -> bool {
+        self.resources.iter().all(|(name, need)| w.resources.iter().any(|(n, have)| n == name && have >= need))
+    }
+
+    /// Why no current worker qualifies.
+    fn reason(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.workers.is_empty() && !self.loose {
+            parts.push(format!("workers={:?}", self.workers));
+        }
+        if !self.resources.is_empty() {
+            let r: Vec<String> = self.resources.iter().map(|(n, a)| format!("{n}={a}")).collect();
+            parts.push(format!("resources {{{}}}", r.join(", ")));
+        }
+        format!("no-worker: no worker matches {}", parts.join(" and "))
+    }
 }
 
 /// A task's dependents: a vector while small, a hash set once large, so
@@ -242,6 +280,7 @@ struct Worker {
     bytes_out: u64,
     /// Being retired: no new tasks; closed once its unique data has a copy elsewhere.
     retiring: bool,
+    resources: Resources,
 }
 
 impl Worker {
@@ -517,17 +556,9 @@ impl SchedulerState {
         self.apply_coordination();
     }
 
-    /// A worker registered. Returns an error message if the address is taken.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_worker(
-        &mut self,
-        peer: PeerId,
-        name: String,
-        address: String,
-        nthreads: u32,
-        memory_limit: u64,
-        pid: u32,
-    ) -> Result<(), String> {
+    /// A worker registered. Returns an error message if the address or name is taken.
+    pub fn add_worker(&mut self, peer: PeerId, reg: Registration) -> Result<(), String> {
+        let Registration { name, address, nthreads, memory_limit, pid, resources } = reg;
         if self.workers.values().any(|w| w.address == address) {
             return Err(format!("a worker with address {address} is already registered"));
         }
@@ -553,6 +584,7 @@ impl SchedulerState {
                 bytes_in: 0,
                 bytes_out: 0,
                 retiring: false,
+                resources,
             },
         );
         self.worker_order.push(peer);
@@ -721,8 +753,7 @@ impl SchedulerState {
                 continue;
             }
             let group = self.group_id(&spec.key);
-            let restriction =
-                spec.workers.map(|w| Box::new(Restriction { workers: w, loose: spec.allow_other_workers }));
+            let restriction = Restriction::from_spec(spec.workers, spec.allow_other_workers, spec.resources);
             let task = Task {
                 key: spec.key.clone().into_boxed_str(),
                 state: TaskState::Released,
@@ -900,7 +931,7 @@ impl SchedulerState {
                 self.set_state(id, TaskState::NoWorker);
                 self.no_worker.insert((prio, id));
                 let reason = match &self.t(id).restriction {
-                    Some(r) if !r.loose => format!("no-worker: no worker matches workers={:?}", r.workers),
+                    Some(r) if !self.workers.is_empty() => r.reason(),
                     _ => "no-worker: there are no workers".to_string(),
                 };
                 self.tell_wanters(id, reason);
@@ -923,30 +954,22 @@ impl SchedulerState {
         if self.workers.is_empty() {
             return None;
         }
-        if let Some(r) = &t.restriction {
-            let allowed: Vec<PeerId> = self
-                .worker_order
-                .iter()
-                .copied()
-                .filter(|p| {
-                    let w = &self.workers[p];
-                    !w.retiring
-                        && r.workers.iter().any(|n| {
-                            *n == w.name
-                                || *n == w.address
-                                || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
-                        })
-                })
-                .collect();
-            if !allowed.is_empty() {
-                return self.least_loaded(allowed.into_iter());
+        // Workers with the resources the task needs (all, without a restriction).
+        let fits = |p: &PeerId| {
+            let w = &self.workers[p];
+            !w.retiring && t.restriction.as_ref().is_none_or(|r| r.has_resources(w))
+        };
+        if let Some(r) = t.restriction.as_ref().filter(|r| !r.workers.is_empty()) {
+            let named = self.worker_order.iter().copied().filter(|p| fits(p) && r.names(&self.workers[p]));
+            if let Some(w) = self.least_loaded(named) {
+                return Some(w);
             }
             if !r.loose {
                 return None;
             }
         }
         if t.deps.is_empty() {
-            return self.least_loaded(self.worker_order.iter().copied());
+            return self.least_loaded(self.worker_order.iter().copied().filter(fits));
         }
         // Prefer the worker holding the most dependency bytes, then the least loaded.
         let mut held: FxHashMap<PeerId, u64> = FxHashMap::default();
@@ -958,10 +981,10 @@ impl SchedulerState {
         }
         let mut best: Option<(u64, f64, PeerId)> = None;
         for (w, bytes) in held {
-            let Some(worker) = self.workers.get(&w).filter(|w| !w.retiring) else {
+            if !self.workers.contains_key(&w) || !fits(&w) {
                 continue;
-            };
-            let load = worker.load();
+            }
+            let load = self.workers[&w].load();
             let better = match best {
                 None => true,
                 Some((bh, bl, bw)) => bytes > bh || (bytes == bh && (load < bl || (load == bl && w < bw))),
@@ -970,7 +993,7 @@ impl SchedulerState {
                 best = Some((bytes, load, w));
             }
         }
-        best.map(|b| b.2).or_else(|| self.least_loaded(self.worker_order.iter().copied()))
+        best.map(|b| b.2).or_else(|| self.least_loaded(self.worker_order.iter().copied().filter(fits)))
     }
 
     fn least_loaded(&self, it: impl Iterator<Item = PeerId>) -> Option<PeerId> {
@@ -1007,7 +1030,8 @@ impl SchedulerState {
             .collect();
         let mut frames = Vec::new();
         let run_spec = Blob::new(t.run_spec.clone().unwrap_or_default(), &mut frames);
-        let msg = Msg::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority };
+        let resources = t.restriction.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
+        let msg = Msg::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority, resources };
         self.out.push((w, Envelope { msg, frames }));
     }
 
@@ -1849,6 +1873,7 @@ impl SchedulerState {
                     bytes_out: w.bytes_out,
                     retiring: w.retiring,
                     occupancy: w.processing.len() as f64 * per_task,
+                    resources: w.resources.clone(),
                 }
             })
             .collect()
@@ -2085,7 +2110,7 @@ mod tests {
         let mut s = SchedulerState::new(SchedulerConfig::default());
         for i in 0..n {
             let w = W1 + i as PeerId;
-            s.add_worker(w, format!("w{i}"), format!("tcp://h:{i}"), 1, 1 << 30, 0).unwrap();
+            s.add_worker(w, Registration::new(format!("w{i}"), format!("tcp://h:{i}"), 1, 1 << 30)).unwrap();
         }
         s
     }
@@ -2380,8 +2405,59 @@ mod tests {
         s.update_graph(C1, vec![(t, spec_bytes)], vec!["pinned".into()]);
         assert!(computes(&mut s).is_empty());
         assert_eq!(s.task_state("pinned"), Some(TaskState::NoWorker));
-        s.add_worker(W2, "gpu-box".into(), "tcp://h:9".into(), 1, 0, 0).unwrap();
+        s.add_worker(W2, Registration::new("gpu-box", "tcp://h:9", 1, 0)).unwrap();
         assert_eq!(computes(&mut s), vec![(W2, "pinned".to_string())]);
+    }
+
+    #[test]
+    fn tasks_needing_resources_go_only_to_workers_declaring_enough() {
+        let mut s = with_workers(2);
+        s.add_client(C1);
+        let gpu = |key: &str, amount: f64| {
+            let (mut t, b) = spec(key, &[]);
+            t.resources = vec![("GPU".into(), amount)];
+            (t, b)
+        };
+        s.update_graph(
+            C1,
+            vec![gpu("a", 1.0), gpu("b", 1.0), gpu("big", 4.0)],
+            vec!["a".into(), "b".into(), "big".into()],
+        );
+        // No worker declares GPU: all three wait, and the client hears why.
+        let out = s.take_outgoing();
+        let reasons: Vec<String> = out
+            .iter()
+            .filter_map(|(_, e)| match &e.msg {
+                Msg::KeyNoWorker { reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reasons.len(), 3);
+        assert!(reasons[0].contains("no worker matches resources {GPU=1}"), "{reasons:?}");
+        assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::ComputeTask { .. })));
+        let mut reg = Registration::new("gpu", "tcp://h:9", 4, 0);
+        reg.resources = vec![("GPU".into(), 2.0)];
+        s.add_worker(20, reg).unwrap();
+        // Both one-GPU tasks go to the GPU worker, whatever the others' load;
+        // four GPUs are more than any worker has.
+        let out = s.take_outgoing();
+        let sent: Vec<(PeerId, String, Resources)> = out
+            .into_iter()
+            .filter_map(|(p, e)| match e.msg {
+                Msg::ComputeTask { key, resources, .. } => Some((p, key, resources)),
+                _ => None,
+            })
+            .collect();
+        let gpu1 = vec![("GPU".to_string(), 1.0)];
+        assert_eq!(sent, vec![(20, "a".into(), gpu1.clone()), (20, "b".into(), gpu1)]);
+        assert_eq!(s.task_state("big"), Some(TaskState::NoWorker));
+        s.validate().unwrap();
+        // A dependent without resources may run anywhere (here: with its input).
+        finish(&mut s, 20, "a", 8);
+        s.update_graph(C1, vec![spec("after", &["a"])], vec!["after".into()]);
+        assert_eq!(computes(&mut s), vec![(20, "after".to_string())]);
+        let info = s.worker_infos_with(&s.load());
+        assert_eq!(info.iter().find(|w| w.name == "gpu").unwrap().resources, vec![("GPU".to_string(), 2.0)]);
     }
 
     #[test]
@@ -2403,7 +2479,7 @@ mod tests {
         let r = told(&mut s);
         assert_eq!(r.len(), 1);
         assert!(r[0].contains("no worker matches workers=[\"later\"]"), "{r:?}");
-        s.add_worker(W2, "later".into(), "tcp://h:9".into(), 1, 1 << 30, 0).unwrap();
+        s.add_worker(W2, Registration::new("later", "tcp://h:9", 1, 1 << 30)).unwrap();
         assert_eq!(told(&mut s), [String::new()]);
         assert_eq!(s.task_state("pinned"), Some(TaskState::Processing));
     }
@@ -2457,7 +2533,7 @@ mod tests {
     #[test]
     fn duplicate_worker_names_are_refused() {
         let mut s = with_workers(1);
-        let err = s.add_worker(W2, "w0".into(), "tcp://h:77".into(), 1, 0, 0).unwrap_err();
+        let err = s.add_worker(W2, Registration::new("w0", "tcp://h:77", 1, 0)).unwrap_err();
         assert!(err.contains("already registered"));
     }
 
@@ -2499,11 +2575,11 @@ mod tests {
     #[test]
     fn a_task_that_keeps_killing_workers_errs_with_killed_worker() {
         let mut s = SchedulerState::new(SchedulerConfig { allowed_failures: 1, ..Default::default() });
-        s.add_worker(W1, "a".into(), "tcp://h:1".into(), 1, 0, 0).unwrap();
+        s.add_worker(W1, Registration::new("a", "tcp://h:1", 1, 0)).unwrap();
         s.update_graph(C1, vec![spec("bomb", &[])], vec!["bomb".into()]);
         assert_eq!(computes(&mut s), vec![(W1, "bomb".to_string())]);
         s.remove_worker(W1);
-        s.add_worker(W2, "b".into(), "tcp://h:2".into(), 1, 0, 0).unwrap();
+        s.add_worker(W2, Registration::new("b", "tcp://h:2", 1, 0)).unwrap();
         assert_eq!(computes(&mut s), vec![(W2, "bomb".to_string())], "first death is forgiven");
         s.remove_worker(W2);
         s.validate().unwrap();

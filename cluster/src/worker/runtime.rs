@@ -18,7 +18,7 @@ use super::memory::{self, MemoryConfig};
 use super::state::{ExecOutcome, Instruction, WorkerState};
 use crate::comm::{self, CommError, ConnectionPool};
 use crate::now;
-use crate::protocol::{Blob, Envelope, Key, Msg, Role};
+use crate::protocol::{Blob, Envelope, Key, Msg, Registration, Resources, Role};
 
 /// Owns a worker's data and runs its tasks. Methods are called from
 /// blocking threads, never from the async runtime's threads.
@@ -113,6 +113,8 @@ pub struct WorkerConfig {
     /// After losing the scheduler, how long to keep trying to reconnect
     /// before closing (Dask's `--death-timeout`); zero closes at once.
     pub death_timeout: Duration,
+    /// Resources offered to tasks that ask for them (`--resources`).
+    pub resources: Resources,
 }
 
 impl WorkerConfig {
@@ -127,6 +129,7 @@ impl WorkerConfig {
             heartbeat: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(10),
             death_timeout: Duration::from_secs(60),
+            resources: Vec::new(),
         }
     }
 }
@@ -338,7 +341,7 @@ pub async fn run_worker<R: Runner>(
         memory::configure_allocator();
     }
     let mut last_trim = tokio::time::Instant::now();
-    let mut state = WorkerState::with_memory(config.nthreads, mem_config);
+    let mut state = WorkerState::with_memory(config.nthreads, mem_config).with_resources(config.resources.clone());
     let mut memory_tick = tokio::time::interval(Duration::from_millis(100));
     memory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut first = true;
@@ -365,13 +368,14 @@ pub async fn run_worker<R: Runner>(
         first = false;
         let comm::Connection { mut reader, writer, .. } = conn;
         let (outbox, _writer) = comm::spawn_writer(writer);
-        let _ = outbox.send(Envelope::new(Msg::RegisterWorker {
+        let _ = outbox.send(Envelope::new(Msg::RegisterWorker(Registration {
             name: config.name.clone(),
             address: address.clone(),
             nthreads: config.nthreads as u32,
             memory_limit: config.memory_limit,
             pid: std::process::id(),
-        }));
+            resources: config.resources.clone(),
+        })));
         {
             let tx = events_tx.clone();
             tokio::spawn(async move {
@@ -496,9 +500,9 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
             for env in batch {
                 let Envelope { msg, frames } = env;
                 match msg {
-                    Msg::ComputeTask { key, run_spec, deps, priority } => {
+                    Msg::ComputeTask { key, run_spec, deps, priority, resources } => {
                         let spec = run_spec.resolve(&frames).unwrap_or_default();
-                        state.compute_task(key, spec, deps, priority, now());
+                        state.compute_task(key, spec, deps, priority, resources, now());
                     }
                     Msg::FreeKeys { keys } => state.free_keys(keys),
                     Msg::StealRequest { key } => state.steal_request(key),

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::memory::{MemoryConfig, MemoryManager, Verdict};
-use crate::protocol::{Blob, DepInfo, Envelope, Key, Msg, Priority};
+use crate::protocol::{Blob, DepInfo, Envelope, Key, Msg, Priority, Resources};
 
 /// What the runtime must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +50,8 @@ struct WTask {
     transfer: f64,
     /// Left its thread (`secede`) and does not count as executing.
     seceded: bool,
+    /// Held from hand-over to an executor thread until the task ends.
+    resources: Resources,
 }
 
 #[derive(Debug)]
@@ -72,6 +74,11 @@ pub struct WorkerState {
     nthreads: usize,
     tasks: FxHashMap<Key, WTask>,
     ready: BinaryHeap<Reverse<(Priority, Key)>>,
+    /// Ready tasks that need resources; the first runs once they are free.
+    constrained: BinaryHeap<Reverse<(Priority, Key)>>,
+    /// Resources declared, and what is not held by running tasks.
+    resources: Resources,
+    available: Resources,
     /// Tasks handed to the executor: running, or queued behind a running one.
     executing: usize,
     data: FxHashMap<Key, u64>,
@@ -95,6 +102,9 @@ impl WorkerState {
             nthreads: nthreads.max(1),
             tasks: FxHashMap::default(),
             ready: BinaryHeap::new(),
+            constrained: BinaryHeap::new(),
+            resources: Vec::new(),
+            available: Vec::new(),
             executing: 0,
             data: FxHashMap::default(),
             managed: 0,
@@ -104,6 +114,13 @@ impl WorkerState {
             mem: MemoryManager::new(memory.clone()),
             mem_config: memory,
         }
+    }
+
+    /// Offer `resources` to tasks that need them (`--resources`).
+    pub fn with_resources(mut self, resources: Resources) -> Self {
+        self.available = resources.clone();
+        self.resources = resources;
+        self
     }
 
     /// Instructions produced since the last call.
@@ -184,7 +201,7 @@ impl WorkerState {
     /// Whether tasks are running or ready to run: more results will follow
     /// shortly without anything from the scheduler.
     pub fn busy(&self) -> bool {
-        self.executing > 0 || !self.ready.is_empty()
+        self.executing > 0 || !self.ready.is_empty() || !self.constrained.is_empty()
     }
 
     /// Tasks ready to run and waiting for a thread.
@@ -197,7 +214,15 @@ impl WorkerState {
     }
 
     /// The scheduler assigned a task.
-    pub fn compute_task(&mut self, key: Key, run_spec: Bytes, deps: Vec<DepInfo>, priority: Priority, now: f64) {
+    pub fn compute_task(
+        &mut self,
+        key: Key,
+        run_spec: Bytes,
+        deps: Vec<DepInfo>,
+        priority: Priority,
+        resources: Resources,
+        now: f64,
+    ) {
         if let Some(t) = self.tasks.get_mut(&key) {
             if t.state == WState::Cancelled {
                 t.state = WState::Executing;
@@ -235,11 +260,12 @@ impl WorkerState {
             fetch_started: if missing > 0 { Some(now) } else { None },
             transfer: 0.0,
             seceded: false,
+            resources,
         };
         let ready = task.state == WState::Ready;
         self.tasks.insert(key.clone(), task);
         if ready {
-            self.ready.push(Reverse((priority, key)));
+            self.enqueue(priority, key);
         }
         self.push_fetches(by_worker);
         self.schedule();
@@ -275,15 +301,58 @@ impl WorkerState {
         }
     }
 
+    /// Queue a ready task: with the others, or apart if it needs resources.
+    fn enqueue(&mut self, priority: Priority, key: Key) {
+        let constrained = self.tasks.get(&key).is_some_and(|t| !t.resources.is_empty());
+        let heap = if constrained { &mut self.constrained } else { &mut self.ready };
+        heap.push(Reverse((priority, key)));
+    }
+
+    fn resources_free(&self, need: &Resources) -> bool {
+        need.iter().all(|(name, amount)| self.available.iter().any(|(n, have)| n == name && *have + 1e-9 >= *amount))
+    }
+
+    /// Take (`sign` -1) or give back (`sign` 1) a task's resources.
+    fn move_resources(&mut self, need: &Resources, sign: f64) {
+        for (name, amount) in need {
+            if let Some((_, have)) = self.available.iter_mut().find(|(n, _)| n == name) {
+                *have += sign * amount;
+            }
+        }
+    }
+
+    /// Priority of the first constrained task, if its resources are free
+    /// (dropping entries for tasks no longer ready).
+    fn next_constrained(&mut self) -> Option<Priority> {
+        while let Some(Reverse((priority, key))) = self.constrained.peek() {
+            match self.tasks.get(key) {
+                Some(t) if t.state == WState::Ready => {
+                    return self.resources_free(&t.resources).then_some(*priority);
+                }
+                _ => {
+                    self.constrained.pop();
+                }
+            }
+        }
+        None
+    }
+
     /// Hand ready tasks to the executor: one running and one queued per
     /// thread, so a thread starts its next task as soon as one ends instead
-    /// of waiting for the runtime loop to hear of it.
+    /// of waiting for the runtime loop to hear of it. Tasks that need
+    /// resources go in priority order with the rest once theirs are free.
     fn schedule(&mut self) {
         if self.mem.paused() || self.mem.throttled() {
             return;
         }
         while self.executing < 2 * self.nthreads {
-            let Some(Reverse((_, key))) = self.ready.pop() else {
+            let constrained = self.next_constrained();
+            let heap = match (constrained, self.ready.peek()) {
+                (Some(c), Some(Reverse((r, _)))) if c > *r => &mut self.ready,
+                (Some(_), _) => &mut self.constrained,
+                (None, _) => &mut self.ready,
+            };
+            let Some(Reverse((_, key))) = heap.pop() else {
                 return;
             };
             let Some(t) = self.tasks.get_mut(&key) else {
@@ -295,8 +364,12 @@ impl WorkerState {
             t.state = WState::Executing;
             self.executing += 1;
             let instr = Instruction::Execute { key, run_spec: t.run_spec.clone(), deps: t.deps.clone() };
+            let need = if t.resources.is_empty() { None } else { Some(t.resources.clone()) };
             for d in &t.deps {
                 self.mem.touch(d);
+            }
+            if let Some(need) = need {
+                self.move_resources(&need, -1.0);
             }
             self.out.push(instr);
         }
@@ -322,7 +395,8 @@ impl WorkerState {
                                 if let Some(s) = t.fetch_started {
                                     t.transfer = now - s;
                                 }
-                                self.ready.push(Reverse((t.priority, w)));
+                                let priority = t.priority;
+                                self.enqueue(priority, w);
                             }
                         }
                     }
@@ -372,6 +446,7 @@ impl WorkerState {
         if !t.seceded {
             self.executing = self.executing.saturating_sub(1);
         }
+        self.move_resources(&t.resources, 1.0);
         match (t.state, outcome) {
             (WState::Cancelled, ExecOutcome::Ok { .. }) => {
                 self.out.push(Instruction::Free { keys: vec![key] });
@@ -400,7 +475,7 @@ impl WorkerState {
     /// running finish into the void: their results are dropped as unknown.
     pub fn reset(&mut self) -> Vec<Key> {
         let keys: Vec<Key> = self.data.keys().cloned().collect();
-        *self = WorkerState::with_memory(self.nthreads, self.mem_config.clone());
+        *self = WorkerState::with_memory(self.nthreads, self.mem_config.clone()).with_resources(self.resources.clone());
         keys
     }
 
@@ -511,11 +586,46 @@ mod tests {
     }
 
     #[test]
+    fn tasks_needing_resources_wait_until_theirs_are_free() {
+        let mut w = WorkerState::new(4).with_resources(vec![("GPU".into(), 1.0)]);
+        let gpu = vec![("GPU".to_string(), 1.0)];
+        for (k, order, res) in [("g1", 0, gpu.clone()), ("g2", 1, gpu.clone()), ("cpu", 2, vec![])] {
+            let p = Priority { user: 0, generation: 0, order };
+            w.compute_task(k.to_string(), Bytes::new(), vec![], p, res, 0.0);
+        }
+        let executed = |w: &mut WorkerState| -> Vec<String> {
+            w.take_instructions()
+                .into_iter()
+                .filter_map(|i| match i {
+                    Instruction::Execute { key, .. } => Some(key),
+                    _ => None,
+                })
+                .collect()
+        };
+        // One GPU: the second GPU task waits although threads are free; the
+        // CPU task behind it in priority does not wait for it.
+        assert_eq!(executed(&mut w), ["g1", "cpu"]);
+        assert!(w.busy());
+        w.execute_done("cpu".into(), ExecOutcome::Ok { nbytes: 1, type_name: "int".into() }, 0.0, 1.0, 0);
+        assert!(executed(&mut w).is_empty());
+        w.execute_done("g1".into(), ExecOutcome::Ok { nbytes: 1, type_name: "int".into() }, 0.0, 1.0, 0);
+        assert_eq!(executed(&mut w), ["g2"]);
+        // A released waiting task does not block the queue, and a reset
+        // gives every resource back.
+        let p = Priority { user: 0, generation: 0, order: 9 };
+        w.compute_task("g3".into(), Bytes::new(), vec![], p, gpu.clone(), 0.0);
+        w.free_keys(vec!["g3".into()]);
+        w.reset();
+        w.compute_task("g4".into(), Bytes::new(), vec![], p, gpu, 0.0);
+        assert_eq!(executed(&mut w), ["g4"]);
+    }
+
+    #[test]
     fn hands_two_tasks_per_thread_to_the_executor_in_priority_order() {
         let mut w = WorkerState::new(1);
         for (i, k) in ["c", "a", "b", "d"].iter().enumerate() {
             let p = Priority { user: 0, generation: 0, order: [3, 1, 2, 0][i] };
-            w.compute_task(k.to_string(), Bytes::new(), vec![], p, 0.0);
+            w.compute_task(k.to_string(), Bytes::new(), vec![], p, vec![], 0.0);
         }
         // One running and one queued behind it; the rest wait in priority order.
         let ins = w.take_instructions();
@@ -543,7 +653,7 @@ mod tests {
     fn fetches_missing_deps_batched_per_peer_then_runs() {
         let mut w = WorkerState::new(2);
         let deps = vec![dep("x", "tcp://a:1"), dep("y", "tcp://a:1"), dep("z", "tcp://b:1")];
-        w.compute_task("t".into(), Bytes::new(), deps, Priority::default(), 0.0);
+        w.compute_task("t".into(), Bytes::new(), deps, Priority::default(), vec![], 0.0);
         let ins = w.take_instructions();
         assert_eq!(
             ins,
@@ -565,7 +675,7 @@ mod tests {
     fn failed_fetch_tries_other_holder_then_reports_missing() {
         let mut w = WorkerState::new(1);
         let d = DepInfo { key: "x".into(), nbytes: 8, who_has: vec!["tcp://a:1".into(), "tcp://b:1".into()] };
-        w.compute_task("t".into(), Bytes::new(), vec![d], Priority::default(), 0.0);
+        w.compute_task("t".into(), Bytes::new(), vec![d], Priority::default(), vec![], 0.0);
         w.take_instructions();
         w.fetch_failed("tcp://a:1", vec!["x".into()]);
         assert_eq!(
@@ -584,7 +694,7 @@ mod tests {
         let mut w = WorkerState::new(1);
         for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
             let p = Priority { user: 0, generation: 0, order: i as u64 };
-            w.compute_task(k.to_string(), Bytes::new(), vec![], p, 0.0);
+            w.compute_task(k.to_string(), Bytes::new(), vec![], p, vec![], 0.0);
         }
         assert_eq!(w.take_instructions().len(), 2, "a runs, b queued behind it");
         w.secede("a");
@@ -606,7 +716,7 @@ mod tests {
         let mut w = WorkerState::new(1);
         for (i, k) in ["a", "b", "c"].iter().enumerate() {
             let p = Priority { user: 0, generation: 0, order: i as u64 };
-            w.compute_task(k.to_string(), Bytes::new(), vec![], p, 0.0);
+            w.compute_task(k.to_string(), Bytes::new(), vec![], p, vec![], 0.0);
         }
         w.take_instructions();
         let answer = |w: &mut WorkerState| match &w.take_instructions()[..] {
@@ -630,7 +740,7 @@ mod tests {
     #[test]
     fn cancelled_while_executing_discards_result() {
         let mut w = WorkerState::new(1);
-        w.compute_task("t".into(), Bytes::new(), vec![], Priority::default(), 0.0);
+        w.compute_task("t".into(), Bytes::new(), vec![], Priority::default(), vec![], 0.0);
         w.take_instructions();
         w.free_keys(vec!["t".into()]);
         w.execute_done("t".into(), ExecOutcome::Ok { nbytes: 8, type_name: String::new() }, 0.0, 1.0, 0);
