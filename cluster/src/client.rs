@@ -79,6 +79,12 @@ pub enum Reply {
         retired: Vec<String>,
         failed: Vec<(String, String)>,
     },
+    Rebalanced {
+        moved: u64,
+        bytes: u64,
+        failed: u64,
+        error: String,
+    },
     /// Answer to a coordination operation; `values` holds the payloads of
     /// `CoordValue::Values`, resolved from their frames.
     Coord {
@@ -503,6 +509,24 @@ impl ClientCore {
         }
     }
 
+    /// Move results from workers holding more managed memory than the mean
+    /// to workers holding less (`keys`/`workers` empty: all); waits up to
+    /// `timeout` for the moves. Returns keys moved, bytes moved and keys
+    /// that could not move, or the scheduler's error text.
+    #[allow(clippy::type_complexity)]
+    pub fn rebalance(
+        &self,
+        keys: Vec<Key>,
+        workers: Vec<String>,
+        timeout: Duration,
+    ) -> Result<Result<(u64, u64, u64), String>, ClientError> {
+        match self.query(|id| Msg::Rebalance { id, keys, workers }, timeout)? {
+            Reply::Rebalanced { error, .. } if !error.is_empty() => Ok(Err(error)),
+            Reply::Rebalanced { moved, bytes, failed, .. } => Ok(Ok((moved, bytes, failed))),
+            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// An operation on a coordination primitive. `payload` is the value of a
     /// set or put (sent as its own frame when large); the operation's own
     /// timeout is enforced by the scheduler, so this waits that long plus the
@@ -693,6 +717,12 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
             Msg::WorkersRetired { id, retired, failed } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let _ = tx.send(Reply::Retired { retired, failed });
+                }
+                continue;
+            }
+            Msg::Rebalanced { id, moved, bytes, failed, error } => {
+                if let Some(tx) = s.pending_replies.remove(&id) {
+                    let _ = tx.send(Reply::Rebalanced { moved, bytes, failed, error });
                 }
                 continue;
             }

@@ -577,6 +577,14 @@ pub enum Msg {
         workers: Vec<String>,
     },
 
+    /// Move results from workers holding more managed memory than the mean
+    /// to workers holding less (`keys` empty: any key; `workers` empty: all
+    /// workers take part). Answered by `Rebalanced` once the moves are done.
+    Rebalance {
+        id: u64,
+        keys: Vec<Key>,
+        workers: Vec<String>,
+    },
     /// Forget every task and restart every worker process (`Client.restart`).
     Restart,
     /// Copy each of `keys` (in memory) to other workers until `n` hold it.
@@ -638,6 +646,15 @@ pub enum Msg {
         id: u64,
         retired: Vec<String>,
         failed: Vec<(String, String)>,
+    },
+    /// Answer to `Rebalance`: keys and bytes moved, keys that could not move
+    /// (copy failed, a worker left), and `error` (empty on success).
+    Rebalanced {
+        id: u64,
+        moved: u64,
+        bytes: u64,
+        failed: u64,
+        error: String,
     },
     /// Answer to the dataset requests: `error` is empty on success.
     DatasetReply {

@@ -1127,6 +1127,28 @@ class Client:
             out = {a: v for a, v in out.items() if a in workers}
         return {a: tuple(v) for a, v in out.items()}
 
+    def rebalance(self, futures=None, workers=None, timeout=60, **kwargs) -> dict:
+        """Even out memory: move results (of ``futures``, or all) from workers
+        holding more managed memory than the mean to workers holding less,
+        among ``workers`` (names or addresses; default all). A moved result is
+        copied first and freed on its old worker only once the copy arrived,
+        so nothing is lost if a worker dies meanwhile; results a running task
+        needs stay. Returns once the moves are done, with
+        ``{"moved": keys, "bytes": n, "failed": keys not moved}``."""
+        wires: list = []
+        if futures is not None:
+            fs: list = []
+            _collect_futures(futures, fs)
+            if not fs:
+                return {"moved": 0, "bytes": 0, "failed": 0}
+            wires = list({f._wire for f in fs})
+            self._wait_keys(wires, timeout)
+        if isinstance(workers, str):
+            workers = [workers]
+        names = [str(w) for w in workers or []]
+        moved, nbytes, failed = self._core.rebalance(wires, names, parse_timedelta(timeout) or 60.0)
+        return {"moved": moved, "bytes": nbytes, "failed": failed}
+
     def retire_workers(self, workers=None, close_workers: bool = True, timeout=60, **kwargs) -> dict:
         """Retire workers gracefully: they get no new tasks, results only they
         hold are copied to other workers, then they close. ``workers`` are

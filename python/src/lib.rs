@@ -882,6 +882,19 @@ impl ClientCore {
         py.detach(|| self.core.retire_workers(workers, timeout)).map_err(client_err)
     }
 
+    /// Rebalance results among workers; returns (keys moved, bytes moved,
+    /// keys that could not move). An unknown worker raises `ValueError`.
+    fn rebalance(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        workers: Vec<String>,
+        timeout: f64,
+    ) -> PyResult<(u64, u64, u64)> {
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| self.core.rebalance(keys, workers, timeout)).map_err(client_err)?.map_err(PyValueError::new_err)
+    }
+
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let r = py.detach(|| self.core.info()).map_err(client_err)?;
         let Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out } = r else {

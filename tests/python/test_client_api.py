@@ -296,3 +296,33 @@ def test_replicate_copies_results_to_more_workers(client):
     assert len(client.who_has([x])[x.key]) == len(client.scheduler_info()["workers"])
     with pytest.raises(ValueError, match="at least 1"):
         client.replicate(x, n=0)
+
+
+def test_rebalance_evens_out_results_and_loses_none(client):
+    names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+    data = [list(range(i, i + 20_000)) for i in range(9)]
+    futures = client.scatter(data, workers=["w0"], hash=False)
+    held = lambda: {names[a]: len(ks) for a, ks in client.has_what().items()}  # noqa: E731
+    assert held() == {"w0": 9, "w1": 0, "w2": 0}
+    report = client.rebalance(futures)
+    assert report["moved"] == 6 and report["failed"] == 0 and report["bytes"] > 0
+    assert held() == {"w0": 3, "w1": 3, "w2": 3}
+    # Moved, not copied: each result is on exactly one worker, and intact.
+    assert all(len(h) == 1 for h in client.who_has(futures).values())
+    assert client.gather(futures) == data
+    # Balanced already: nothing moves.
+    assert client.rebalance(futures)["moved"] == 0
+    client.cancel(futures)
+
+
+def test_rebalance_within_named_workers_and_bad_input(client):
+    names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+    futures = client.scatter([bytes(10_000) for _ in range(4)], workers=["w1"], hash=False)
+    report = client.rebalance(futures, workers=["w1", "w2"])
+    assert report["moved"] == 2
+    where = {names[h[0]] for h in client.who_has(futures).values()}
+    assert where == {"w1", "w2"}
+    with pytest.raises(ValueError, match="no such worker: nobody"):
+        client.rebalance(workers=["w1", "nobody"])
+    assert client.rebalance([]) == {"moved": 0, "bytes": 0, "failed": 0}
+    client.cancel(futures)

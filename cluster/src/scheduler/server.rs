@@ -360,6 +360,7 @@ fn handle_msg(
         (Role::Client, Msg::FireAndForget { keys }) => state.fire_and_forget(&keys),
         (Role::Client, Msg::Replicate { keys, n }) => state.replicate(&keys, n as usize),
         (Role::Client, Msg::Restart) => state.restart(),
+        (Role::Client, Msg::Rebalance { id, keys, workers }) => state.rebalance(peer, id, keys, workers),
         (Role::Client, Msg::PublishDataset { id, name, keys, data, overwrite }) => {
             let data = data.resolve(&frames).ok_or("dataset refers to a missing frame")?;
             state.publish_dataset(peer, id, name, keys, data, overwrite)

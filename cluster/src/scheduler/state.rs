@@ -14,6 +14,7 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::coord::{CoordOutput, Coordination};
+use super::rebalance::{self, Candidate};
 use crate::protocol::{
     key_split, Blob, CoordOp, DepInfo, Envelope, EventsUpdate, GroupCounts, Key, LoadSummary, Msg, Priority,
     Registration, Resources, TaskSpec, TaskStreamRecord, WorkerInfo,
@@ -342,6 +343,17 @@ struct Retirement {
     failed: Vec<(String, String)>,
 }
 
+/// A pending `Rebalance` request: moves not yet done, key -> (from, to).
+#[derive(Debug)]
+struct Rebalancing {
+    requester: PeerId,
+    id: u64,
+    pending: FxHashMap<Key, (PeerId, PeerId)>,
+    moved: u64,
+    bytes: u64,
+    failed: u64,
+}
+
 /// Where a subscriber is in the event stream.
 #[derive(Debug, Default, Clone)]
 pub struct EventCursor {
@@ -379,6 +391,7 @@ pub struct SchedulerState {
     steals: FxHashMap<TaskId, (PeerId, PeerId)>,
     /// Tasks moved by stealing, since start.
     stolen_total: u64,
+    rebalances: Vec<Rebalancing>,
 }
 
 impl SchedulerState {
@@ -406,6 +419,7 @@ impl SchedulerState {
             coord: Coordination::default(),
             steals: FxHashMap::default(),
             stolen_total: 0,
+            rebalances: Vec::new(),
         }
     }
 
@@ -607,6 +621,7 @@ impl SchedulerState {
     pub fn remove_worker(&mut self, peer: PeerId) {
         self.drop_worker(peer);
         self.check_retirements();
+        self.check_rebalances();
     }
 
     fn drop_worker(&mut self, peer: PeerId) {
@@ -1328,8 +1343,15 @@ impl SchedulerState {
             }
         }
         self.replicating.remove(&id);
+        for r in &mut self.rebalances {
+            if r.pending.get(key).is_some_and(|&(_, to)| to == worker) {
+                r.pending.remove(key);
+                r.failed += 1;
+            }
+        }
         self.fill_all_workers();
         self.check_retirements();
+        self.check_rebalances();
     }
 
     /// A worker received replicas of keys (fetched dependencies).
@@ -1337,7 +1359,10 @@ impl SchedulerState {
         let mut unknown = Vec::new();
         for (k, _) in keys {
             match self.keys.get(k.as_str()) {
-                Some(&id) if self.t(id).state == TaskState::Memory => self.add_replica(id, worker),
+                Some(&id) if self.t(id).state == TaskState::Memory => {
+                    self.add_replica(id, worker);
+                    self.rebalance_arrived(id, worker);
+                }
                 _ => unknown.push(k.clone()),
             }
         }
@@ -1345,6 +1370,7 @@ impl SchedulerState {
             self.send(worker, Msg::FreeKeys { keys: unknown });
         }
         self.check_retirements();
+        self.check_rebalances();
     }
 
     /// Data a client put on `worker` directly.
@@ -1642,6 +1668,146 @@ impl SchedulerState {
         }
     }
 
+    /// `Client.rebalance`: move results (`keys`, or all) among `workers` (or
+    /// all non-retiring ones) from those holding more managed memory than
+    /// the mean to those holding less (plan in [`rebalance::plan`]). Each
+    /// move copies the key to its recipient; when the copy arrives the
+    /// sender's is freed, unless a task running there needs it. Keys that a
+    /// running task needs are not moved. `requester` gets `Rebalanced` once
+    /// every move is done or abandoned.
+    pub fn rebalance(&mut self, requester: PeerId, id: u64, keys: Vec<Key>, workers: Vec<String>) {
+        let mut participants: Vec<PeerId> = Vec::new();
+        let mut unknown: Vec<String> = Vec::new();
+        if workers.is_empty() {
+            participants.extend(self.worker_order.iter().copied().filter(|p| !self.workers[p].retiring));
+        }
+        for n in &workers {
+            let found = self.worker_order.iter().copied().find(|p| {
+                let w = &self.workers[p];
+                w.name == *n || w.address == *n || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
+            });
+            match found {
+                Some(p) if !participants.contains(&p) => participants.push(p),
+                Some(_) => {}
+                None => unknown.push(n.clone()),
+            }
+        }
+        if !unknown.is_empty() {
+            let error = format!("rebalance: no such worker: {}", unknown.join(", "));
+            self.send(requester, Msg::Rebalanced { id, moved: 0, bytes: 0, failed: 0, error });
+            return;
+        }
+        let loads: Vec<(PeerId, u64)> = participants
+            .iter()
+            .map(|p| {
+                let w = &self.workers[p];
+                (*p, w.nbytes.saturating_sub(w.spilled))
+            })
+            .collect();
+        let mut ids: Vec<TaskId> = if keys.is_empty() {
+            participants.iter().flat_map(|p| self.workers[p].has_what.iter().copied()).collect()
+        } else {
+            keys.iter().filter_map(|k| self.keys.get(k.as_str()).copied()).collect()
+        };
+        ids.sort_unstable();
+        ids.dedup();
+        let candidates: Vec<Candidate<TaskId>> = ids
+            .into_iter()
+            .filter(|&t| self.t(t).state == TaskState::Memory && !self.needed_by_running(t, None))
+            .map(|t| Candidate { id: t, nbytes: self.t(t).nbytes, holders: self.t(t).who_has.clone() })
+            .collect();
+        let moves = rebalance::plan(&loads, &candidates);
+        let mut by_dest: FxHashMap<PeerId, Vec<DepInfo>> = FxHashMap::default();
+        let mut pending = FxHashMap::default();
+        for (t, from, to) in moves {
+            let task = self.t(t);
+            let key = task.key.to_string();
+            by_dest.entry(to).or_default().push(DepInfo {
+                key: key.clone(),
+                nbytes: task.nbytes,
+                who_has: vec![self.workers[&from].address.clone()],
+            });
+            pending.insert(key, (from, to));
+        }
+        let mut dests: Vec<(PeerId, Vec<DepInfo>)> = by_dest.into_iter().collect();
+        dests.sort_by_key(|d| d.0);
+        for (dest, keys) in dests {
+            self.send(dest, Msg::AcquireReplicas { keys });
+        }
+        self.rebalances.push(Rebalancing { requester, id, pending, moved: 0, bytes: 0, failed: 0 });
+        self.check_rebalances();
+    }
+
+    /// Whether a task processing (on `on`, or anywhere) needs `id` as input.
+    fn needed_by_running(&self, id: TaskId, on: Option<PeerId>) -> bool {
+        self.t(id).dependents.iter().any(|d| {
+            let dt = self.t(d);
+            dt.state == TaskState::Processing && on.is_none_or(|w| dt.processing_on == Some(w))
+        })
+    }
+
+    /// A copy of `id` reached `worker`: finish a rebalancing move to it by
+    /// freeing the sender's copy (kept if a task running there needs it).
+    fn rebalance_arrived(&mut self, id: TaskId, worker: PeerId) {
+        let key = self.t(id).key.to_string();
+        let mut senders = Vec::new();
+        for r in &mut self.rebalances {
+            if let Some(&(from, to)) = r.pending.get(&key) {
+                if to == worker {
+                    r.pending.remove(&key);
+                    r.moved += 1;
+                    r.bytes += self.tasks[id as usize].as_ref().map_or(0, |t| t.nbytes);
+                    senders.push(from);
+                }
+            }
+        }
+        for from in senders {
+            if from == worker || !self.t(id).who_has.contains(&from) || self.needed_by_running(id, Some(from)) {
+                continue;
+            }
+            let nbytes = self.t(id).nbytes;
+            if let Some(w) = self.workers.get_mut(&from) {
+                if w.has_what.remove(&id) {
+                    w.nbytes = w.nbytes.saturating_sub(nbytes);
+                }
+            }
+            self.tm(id).who_has.retain(|&p| p != from);
+            self.send(from, Msg::FreeKeys { keys: vec![key.clone()] });
+        }
+    }
+
+    /// Abandon moves whose key or workers are gone; answer finished requests.
+    fn check_rebalances(&mut self) {
+        if self.rebalances.is_empty() {
+            return;
+        }
+        let mut answers = Vec::new();
+        let (keys, tasks, workers) = (&self.keys, &self.tasks, &self.workers);
+        self.rebalances.retain_mut(|r| {
+            r.pending.retain(|key, (from, to)| {
+                let alive = workers.contains_key(from) && workers.contains_key(to);
+                let in_memory = keys
+                    .get(key.as_str())
+                    .and_then(|&id| tasks[id as usize].as_ref())
+                    .is_some_and(|t| t.state == TaskState::Memory);
+                if !(alive && in_memory) {
+                    r.failed += 1;
+                }
+                alive && in_memory
+            });
+            if !r.pending.is_empty() {
+                return true;
+            }
+            let msg =
+                Msg::Rebalanced { id: r.id, moved: r.moved, bytes: r.bytes, failed: r.failed, error: String::new() };
+            answers.push((r.requester, msg));
+            false
+        });
+        for (peer, msg) in answers {
+            self.send(peer, msg);
+        }
+    }
+
     /// `Client.restart`: every client hears that each of its keys was
     /// cancelled, every task and dataset is forgotten, and every worker is
     /// asked to exit for its supervisor to start a fresh process (which
@@ -1657,6 +1823,11 @@ impl SchedulerState {
         }
         for (c, key) in cancelled {
             self.send(c, Msg::KeyCancelled { key, reason: crate::protocol::RESTARTED.into() });
+        }
+        for r in std::mem::take(&mut self.rebalances) {
+            let (moved, bytes, failed) = (r.moved, r.bytes, r.failed + r.pending.len() as u64);
+            let error = crate::protocol::RESTARTED.to_string();
+            self.send(r.requester, Msg::Rebalanced { id: r.id, moved, bytes, failed, error });
         }
         for &w in &self.worker_order {
             self.out.push((w, Envelope::new(Msg::RestartWorker)));
@@ -2482,6 +2653,86 @@ mod tests {
         s.add_worker(W2, Registration::new("later", "tcp://h:9", 1, 1 << 30)).unwrap();
         assert_eq!(told(&mut s), [String::new()]);
         assert_eq!(s.task_state("pinned"), Some(TaskState::Processing));
+    }
+
+    #[test]
+    fn rebalance_copies_then_frees_the_sender_and_answers_when_done() {
+        let mut s = with_workers(3);
+        s.add_client(C1);
+        let keys: Vec<(Key, u64)> = (0..6).map(|i| (format!("x-{i}"), 100)).collect();
+        s.scatter_done(C1, "tcp://h:0", keys);
+        // A task running on w0 needs x-0 (largest-first ties go by id: x-0 first).
+        s.update_graph(C1, vec![spec("use", &["x-0"])], vec!["use".into()]);
+        s.take_outgoing();
+        s.rebalance(C1, 7, vec![], vec![]);
+        let mut acquire: Vec<(PeerId, Vec<String>)> = s
+            .take_outgoing()
+            .into_iter()
+            .filter_map(|(p, e)| match e.msg {
+                Msg::AcquireReplicas { keys } => Some((p, keys.into_iter().map(|d| d.key).collect())),
+                _ => None,
+            })
+            .collect();
+        acquire.sort();
+        // 600 bytes over three workers: two keys to each of w1 and w2, never x-0.
+        assert_eq!(acquire.iter().map(|(_, k)| k.len()).collect::<Vec<_>>(), [2, 2]);
+        assert!(acquire.iter().all(|(_, k)| !k.contains(&"x-0".to_string())), "{acquire:?}");
+        // w1's copies arrive: w0's are freed; w2's first copy fails.
+        let (w1, w1_keys) = acquire[0].clone();
+        s.add_keys(w1, &w1_keys.iter().map(|k| (k.clone(), 100)).collect::<Vec<_>>());
+        let out = s.take_outgoing();
+        let freed: Vec<String> = out
+            .iter()
+            .filter_map(|(p, e)| match &e.msg {
+                Msg::FreeKeys { keys } if *p == W1 => Some(keys.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(freed, w1_keys);
+        assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::Rebalanced { .. })));
+        for k in &w1_keys {
+            assert_eq!(s.who_has(k), vec!["tcp://h:1".to_string()]);
+        }
+        let (w2, w2_keys) = acquire[1].clone();
+        s.missing_data(w2, &w2_keys[0], &[]);
+        s.add_keys(w2, &[(w2_keys[1].clone(), 100)]);
+        let answers: Vec<Msg> = s.take_outgoing().into_iter().filter(|(p, _)| *p == C1).map(|(_, e)| e.msg).collect();
+        assert!(
+            answers.iter().any(|m| matches!(m, Msg::Rebalanced { id: 7, moved: 3, bytes: 300, failed: 1, error }
+                if error.is_empty())),
+            "{answers:?}"
+        );
+        assert_eq!(s.who_has(&w2_keys[0]), vec!["tcp://h:0".to_string()], "a failed copy keeps the original");
+        s.validate().unwrap();
+        // Unknown workers are an error; balanced already: answered at once.
+        s.rebalance(C1, 8, vec![], vec!["nobody".into()]);
+        let out = s.take_outgoing();
+        assert!(
+            matches!(&out[0].1.msg, Msg::Rebalanced { id: 8, error, .. } if error.contains("no such worker: nobody"))
+        );
+        s.rebalance(C1, 9, vec!["x-1".into()], vec!["w1".into(), "w2".into()]);
+        let out = s.take_outgoing();
+        assert!(matches!(&out[0].1.msg, Msg::Rebalanced { id: 9, moved: 0, failed: 0, .. }), "{out:?}");
+    }
+
+    #[test]
+    fn a_recipient_dying_mid_rebalance_loses_nothing_and_the_request_is_answered() {
+        let mut s = with_workers(2);
+        s.add_client(C1);
+        s.scatter_done(C1, "tcp://h:0", vec![("a".into(), 100), ("b".into(), 100)]);
+        s.take_outgoing();
+        s.rebalance(C1, 1, vec![], vec![]);
+        assert!(s.take_outgoing().iter().any(|(p, e)| *p == W2 && matches!(e.msg, Msg::AcquireReplicas { .. })));
+        s.remove_worker(W2);
+        let out = s.take_outgoing();
+        assert!(
+            out.iter().any(|(p, e)| *p == C1 && matches!(e.msg, Msg::Rebalanced { id: 1, moved: 0, failed: 1, .. })),
+            "{out:?}"
+        );
+        assert_eq!(s.who_has("a"), ["tcp://h:0"]);
+        assert_eq!(s.who_has("b"), ["tcp://h:0"]);
+        s.validate().unwrap();
     }
 
     #[test]
