@@ -217,6 +217,17 @@ def test_upload_file_makes_a_module_importable_by_tasks(client, tmp_path):
     assert client.submit(use, 1, pure=False).result(timeout=10) == 30
 
 
+def test_upload_file_reports_a_module_that_fails_to_import(client, tmp_path):
+    bad = tmp_path / "uploaded_broken_mod.py"
+    bad.write_text("def oops(:\n")
+    with pytest.raises(SyntaxError):
+        client.upload_file(str(bad))
+    with pytest.raises(FileNotFoundError):
+        client.upload_file(str(tmp_path / "missing.py"))
+    # The workers are unharmed.
+    assert client.submit(pow, 2, 3, pure=False).result(timeout=10) == 8
+
+
 def test_get_executor_behaves_as_a_concurrent_futures_executor(client):
     import concurrent.futures as cf
 
