@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from ._worker import RESTART_STATUS
+from ._worker import RESTART_STATUS, remove_spill_dirs
 
 RESTART_DELAY_MAX = 10.0
 HEALTHY_AFTER = 10.0  # a worker that lived this long resets its back-off
@@ -32,10 +32,12 @@ class _Child:
         self.delay = 0.0
         self.restart_at = 0.0
         self.restarts = 0
+        self.cleaned = False  # spill directory of a crashed process removed
 
     def start(self):
         self.proc = subprocess.Popen(self.cmd)
         self.started = time.monotonic()
+        self.cleaned = False
 
 
 def child_names(name: str | None, nworkers: int, pid: int) -> list:
@@ -75,6 +77,9 @@ def supervise(worker_argv: list, names: list) -> int:
             if code is None:
                 alive += 1
                 continue
+            if code != 0 and not c.cleaned:
+                remove_spill_dirs(c.proc.pid)
+                c.cleaned = True
             if stopping or code == 0:
                 continue
             lived = now - c.started

@@ -142,6 +142,18 @@ def total_memory() -> int:
         return 0
 
 
+def remove_spill_dirs(pid: int) -> None:
+    """Remove the spill directory of worker process ``pid`` after it died
+    without cleaning up (SIGKILL, out of memory): its spilled results are of
+    no use to anyone once the process is gone."""
+    import glob
+    import shutil
+    import tempfile
+
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), f"dask-rs-spill-{int(pid)}-*")):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def format_resources(resources) -> str:
     """``{"GPU": 2}`` (or an already formatted ``"GPU=2"``) as ``"GPU=2"``."""
     if resources is None:

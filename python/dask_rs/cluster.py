@@ -16,6 +16,7 @@ import time
 import weakref
 
 from . import _core
+from ._worker import remove_spill_dirs
 from .utils import close_at_exit, format_bytes, parse_bytes
 
 _clusters: weakref.WeakSet = close_at_exit()
@@ -148,6 +149,7 @@ class LocalCluster:
                     if code is None or code == 0:
                         continue
                     if name not in self._exits:
+                        remove_spill_dirs(proc.pid)
                         lived = now - self._started.get(name, now)
                         fresh = lived > 10 or code == 3  # 3: the worker asked for a fresh process
                         delays[name] = 0.0 if fresh else min(10.0, max(0.2, delays.get(name, 0.0) * 2))
@@ -203,6 +205,8 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         log.close()
+        if proc.returncode != 0:
+            remove_spill_dirs(proc.pid)
 
     @property
     def workers(self) -> dict:

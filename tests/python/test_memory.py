@@ -68,3 +68,22 @@ def test_intermediates_three_times_the_memory_limit_are_spilled_and_read_back(pr
         assert w.wait(10) == 0
     assert not any(os.path.exists(d) for d in dirs), "spill files removed when the worker stops"
 
+
+
+def test_the_supervisor_removes_the_spill_files_of_a_killed_worker(procs):
+    import signal
+
+    address = start_scheduler(procs)
+    start_worker(procs, address, "k", extra=["--nworkers", "1", "--memory-limit", str(100 * MB)])
+    with Client(address) as c:
+        c.wait_for_workers(1, timeout=20)
+        pid = next(iter(c.scheduler_info()["workers"].values()))["pid"]
+        blocks = c.map(make_block, range(12), [10 * MB] * 12)  # 120 MB: beyond the 60 MB target
+        c.gather(c.map(len, blocks))
+        spill_dir = os.path.join(tempfile.gettempdir(), f"dask-rs-spill-{pid}-k")
+        wait_until(lambda: os.path.isdir(spill_dir) and os.listdir(spill_dir), timeout=10, msg="spill files")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(spill_dir), timeout=10, msg="spill directory removed")
+        # The supervisor started a fresh worker under the same name.
+        wait_until(lambda: [w["pid"] for w in c.scheduler_info()["workers"].values() if w["name"] == "k"]
+                   not in ([], [pid]), timeout=20, msg="a fresh worker")

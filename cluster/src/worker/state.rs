@@ -86,6 +86,8 @@ pub struct WorkerState {
     fetching: FxHashMap<Key, Fetching>,
     dep_waiters: FxHashMap<Key, FxHashSet<Key>>,
     out: Vec<Instruction>,
+    /// Fetches held back while paused.
+    deferred_fetches: Vec<(String, Vec<Key>)>,
     mem: MemoryManager,
     mem_config: MemoryConfig,
 }
@@ -111,6 +113,7 @@ impl WorkerState {
             fetching: FxHashMap::default(),
             dep_waiters: FxHashMap::default(),
             out: Vec::new(),
+            deferred_fetches: Vec::new(),
             mem: MemoryManager::new(memory.clone()),
             mem_config: memory,
         }
@@ -173,6 +176,12 @@ impl WorkerState {
             ),
             Verdict::Run if was_paused => {
                 tracing::info!("resuming: process memory {} MiB", rss >> 20);
+                for (worker, mut keys) in std::mem::take(&mut self.deferred_fetches) {
+                    keys.retain(|k| self.fetching.contains_key(k));
+                    if !keys.is_empty() {
+                        self.out.push(Instruction::Fetch { worker, keys });
+                    }
+                }
                 self.schedule();
             }
             _ => {}
@@ -297,6 +306,16 @@ impl WorkerState {
         let mut fetches: Vec<(String, Vec<Key>)> = by_worker.into_iter().collect();
         fetches.sort();
         for (worker, keys) in fetches {
+            self.fetch(worker, keys);
+        }
+    }
+
+    /// Fetch now, or once the worker resumes if it is paused (a paused worker
+    /// takes in no more data).
+    fn fetch(&mut self, worker: String, keys: Vec<Key>) {
+        if self.mem.paused() {
+            self.deferred_fetches.push((worker, keys));
+        } else {
             self.out.push(Instruction::Fetch { worker, keys });
         }
     }
@@ -430,7 +449,7 @@ impl WorkerState {
             }
         }
         for (worker, keys) in retry {
-            self.out.push(Instruction::Fetch { worker, keys });
+            self.fetch(worker, keys);
         }
     }
 
@@ -618,6 +637,28 @@ mod tests {
         w.reset();
         w.compute_task("g4".into(), Bytes::new(), vec![], p, gpu, 0.0);
         assert_eq!(executed(&mut w), ["g4"]);
+    }
+
+    #[test]
+    fn a_paused_worker_fetches_nothing_until_it_resumes() {
+        let mut w = WorkerState::with_memory(1, MemoryConfig::new(1000));
+        assert_eq!(w.memory_tick(900, 0.0), None);
+        assert!(w.paused());
+        w.take_instructions();
+        w.compute_task("t".into(), Bytes::new(), vec![dep("x", "tcp://a:1")], Priority::default(), vec![], 0.0);
+        w.acquire_replicas(vec![dep("y", "tcp://b:1")]);
+        assert!(!w.take_instructions().iter().any(|i| matches!(i, Instruction::Fetch { .. })));
+        assert_eq!(w.memory_tick(100, 1.0), None);
+        assert!(!w.paused());
+        let fetches: Vec<Instruction> =
+            w.take_instructions().into_iter().filter(|i| matches!(i, Instruction::Fetch { .. })).collect();
+        assert_eq!(
+            fetches,
+            [
+                Instruction::Fetch { worker: "tcp://a:1".into(), keys: vec!["x".into()] },
+                Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["y".into()] },
+            ]
+        );
     }
 
     #[test]
