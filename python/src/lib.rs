@@ -236,37 +236,40 @@ impl Drop for PyRunner {
     }
 }
 
+/// A stored value taken out of the store's lock: the object, or its spill file.
+enum Held {
+    Obj(Py<PyAny>),
+    File(std::path::PathBuf),
+}
+
 impl PyRunner {
     /// Stored values as Python objects (one store lock for all of them),
     /// spilled ones read back from disk (the store keeps them on disk).
     /// Errs naming the first key not held.
     fn values(&self, py: Python<'_>, keys: &[Key]) -> PyResult<Vec<Py<PyAny>>> {
-        enum Got {
-            Obj(Py<PyAny>),
-            File(std::path::PathBuf),
-        }
-        let got: Vec<Got> = {
-            let store = self.store.lock().expect("store");
-            let mut v = Vec::with_capacity(keys.len());
-            for k in keys {
-                v.push(match store.get(k) {
-                    Some(Slot::Memory(o)) => Got::Obj(o.clone_ref(py)),
-                    Some(Slot::Disk(p)) => Got::File(p.clone()),
-                    None => return Err(PyRuntimeError::new_err(format!("dependency {k} is not on this worker"))),
-                });
-            }
-            v
-        };
         keys.iter()
-            .zip(got)
+            .zip(self.lookup(py, keys))
             .map(|(k, g)| match g {
-                Got::Obj(o) => Ok(o),
-                Got::File(path) => {
+                None => Err(PyRuntimeError::new_err(format!("dependency {k} is not on this worker"))),
+                Some(Held::Obj(o)) => Ok(o),
+                Some(Held::File(path)) => {
                     let frames =
                         read_frames(&path).map_err(|e| PyOSError::new_err(format!("reading spilled {k}: {e}")))?;
                     let out = self.loads.bind(py).call1((frames_to_py(py, frames)?,))?;
                     Ok(out.cast::<PyTuple>()?.get_item(0)?.unbind())
                 }
+            })
+            .collect()
+    }
+
+    /// Where each of `keys` is, under one store lock (`None`: not held).
+    fn lookup(&self, py: Python<'_>, keys: &[Key]) -> Vec<Option<Held>> {
+        let store = self.store.lock().expect("store");
+        keys.iter()
+            .map(|k| match store.get(k) {
+                Some(Slot::Memory(o)) => Some(Held::Obj(o.clone_ref(py))),
+                Some(Slot::Disk(p)) => Some(Held::File(p.clone())),
+                None => None,
             })
             .collect()
     }
@@ -309,30 +312,16 @@ impl Runner for PyRunner {
 
     fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)> {
         Python::attach(|py| {
-            enum Got {
-                Obj(Py<PyAny>),
-                File(std::path::PathBuf),
-            }
-            let got: Vec<Option<Got>> = {
-                let store = self.store.lock().expect("store");
-                keys.iter()
-                    .map(|k| match store.get(k) {
-                        Some(Slot::Memory(o)) => Some(Got::Obj(o.clone_ref(py))),
-                        Some(Slot::Disk(p)) => Some(Got::File(p.clone())),
-                        None => None,
-                    })
-                    .collect()
-            };
             keys.iter()
-                .zip(got)
+                .zip(self.lookup(py, keys))
                 .map(|(k, g)| {
                     let frames = match g {
                         None => None,
                         // Spilled data goes out as it lies on disk, never unpickled.
-                        Some(Got::File(p)) => {
+                        Some(Held::File(p)) => {
                             read_frames(&p).map_err(|e| tracing::warn!("cannot read spilled {k}: {e}")).ok()
                         }
-                        Some(Got::Obj(o)) => {
+                        Some(Held::Obj(o)) => {
                             self.dumps_frames(py, o).map_err(|e| tracing::warn!("cannot serialize {k}: {e}")).ok()
                         }
                     };

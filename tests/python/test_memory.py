@@ -74,11 +74,11 @@ def test_the_supervisor_removes_the_spill_files_of_a_killed_worker(procs):
     import signal
 
     address = start_scheduler(procs)
-    start_worker(procs, address, "k", extra=["--nworkers", "1", "--memory-limit", str(100 * MB)])
+    start_worker(procs, address, "k", extra=["--nworkers", "1", "--memory-limit", str(LIMIT)])
     with Client(address) as c:
         c.wait_for_workers(1, timeout=20)
         pid = next(iter(c.scheduler_info()["workers"].values()))["pid"]
-        blocks = c.map(make_block, range(12), [10 * MB] * 12)  # 120 MB: beyond the 60 MB target
+        blocks = c.map(make_block, range(24), [10 * MB] * 24)  # 240 MB: beyond the 180 MB target
         c.gather(c.map(len, blocks))
         spill_dir = os.path.join(tempfile.gettempdir(), f"dask-rs-spill-{pid}-k")
         wait_until(lambda: os.path.isdir(spill_dir) and os.listdir(spill_dir), timeout=10, msg="spill files")
