@@ -1044,11 +1044,11 @@ fn secede() -> bool {
     cluster::worker::secede()
 }
 
-/// Count the running (seceded) task against the worker's threads again.
-/// False outside a task.
+/// Take a place in the worker's thread pool again after `secede`, waiting
+/// (without the GIL) for a pool thread to be free. False outside a task.
 #[pyfunction]
-fn rejoin() -> bool {
-    cluster::worker::rejoin()
+fn rejoin(py: Python<'_>) -> bool {
+    py.detach(cluster::worker::rejoin)
 }
 
 #[pymodule]

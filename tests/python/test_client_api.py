@@ -51,6 +51,36 @@ def test_get_client_inside_a_task_reaches_the_same_scheduler(client):
     assert client.submit(launch_and_sum, 10).result(timeout=30) == 90
 
 
+def sleep_and_stamp(seconds):
+    import time
+
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def secede_launch_rejoin(seconds):
+    import time
+
+    c = get_client()
+    secede()
+    other = c.submit(sleep_and_stamp, seconds, pure=False)
+    time.sleep(seconds / 4)  # `other` starts on the thread that took this one's place
+    rejoin()  # the one thread is busy with `other`: wait for it
+    return time.time(), other.result()
+
+
+def test_rejoin_waits_for_a_free_thread(one_thread):
+    c = one_thread
+    rejoined, (other_start, other_end) = c.submit(secede_launch_rejoin, 1.0).result(timeout=30)
+    assert other_start < rejoined, "the launched task ran while its parent was seceded"
+    assert rejoined >= other_end, "rejoin returned while the worker's only thread was busy"
+    # The thread went back to the pool: the worker still runs tasks one at a time.
+    spans = c.gather(c.map(sleep_and_stamp, [0.2] * 3, pure=False))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+
+
 def test_secede_and_rejoin_outside_a_task_are_clear_errors():
     with pytest.raises(ValueError, match="inside a task"):
         secede()

@@ -154,18 +154,32 @@ pub enum WorkerError {
 enum Event {
     FromScheduler(Vec<Envelope>),
     SchedulerClosed(Option<CommError>),
-    Executed { key: Key, outcome: ExecOutcome, start: f64, stop: f64, thread: u32 },
-    Fetched { worker: String, stored: Vec<(Key, u64)>, failed: Vec<Key> },
+    Executed {
+        key: Key,
+        outcome: ExecOutcome,
+        start: f64,
+        stop: f64,
+        thread: u32,
+    },
+    Fetched {
+        worker: String,
+        stored: Vec<(Key, u64)>,
+        failed: Vec<Key>,
+    },
     DataPut(Vec<(Key, u64)>),
     Seceded(Key),
-    Rejoined(Key),
+    /// A seceded task asks for a place in the pool; the sender hears the
+    /// number of the thread that gave its place up.
+    Rejoined(Key, std::sync::mpsc::SyncSender<u32>),
     Spilled(Vec<(Key, bool)>),
 }
 
-struct Job {
-    key: Key,
-    run_spec: Bytes,
-    deps: Vec<Key>,
+enum Job {
+    /// Run a task.
+    Task { key: Key, run_spec: Bytes, deps: Vec<Key> },
+    /// Leave the pool, handing this thread's place (and number) to a
+    /// seceded task that rejoins.
+    Yield(std::sync::mpsc::SyncSender<u32>),
 }
 
 /// The executor threads: each takes one job at a time from the shared queue.
@@ -185,13 +199,14 @@ impl<R: Runner> Executors<R> {
         Ok(())
     }
 
-    fn run(self: &Arc<Self>, thread: u32) {
+    fn run(self: &Arc<Self>, mut thread: u32) {
         // The secede/rejoin hooks are made once per thread; a task only sets its key.
         let me = self.clone();
-        let on_secede: SecedeHook = Arc::new(move |key: &Key, replace: bool| {
-            // Another thread takes this one's place; this one ends with its task.
-            if replace {
-                if let Err(e) = me.spawn(thread) {
+        let on_secede: SecedeHook = Arc::new(move |key: &Key, replace: Option<u32>| {
+            // Another thread takes this one's place; this one leaves the
+            // pool with its task unless the task rejoins.
+            if let Some(number) = replace {
+                if let Err(e) = me.spawn(number) {
                     tracing::error!("cannot start an executor thread in place of a seceded task: {e}");
                 }
             }
@@ -199,15 +214,29 @@ impl<R: Runner> Executors<R> {
         });
         let events = self.events.clone();
         let on_rejoin: RejoinHook = Arc::new(move |key: &Key| {
-            let _ = events.send(Event::Rejoined(key.clone()));
+            // Wait for a pool thread to give its place up (at once when one
+            // is idle, else when one finishes its task), as Dask's rejoin.
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            if events.send(Event::Rejoined(key.clone(), tx)).is_err() {
+                return None;
+            }
+            rx.recv().ok()
         });
         loop {
             let job = match self.jobs.lock().expect("job queue").recv() {
                 Ok(j) => j,
                 Err(_) => return,
             };
+            let (key, run_spec, deps) = match job {
+                Job::Task { key, run_spec, deps } => (key, run_spec, deps),
+                Job::Yield(to) => {
+                    let _ = to.send(thread);
+                    return;
+                }
+            };
             let ctx = TaskContext {
-                key: job.key.clone(),
+                key: key.clone(),
+                thread,
                 replaced: false,
                 detached: false,
                 on_secede: on_secede.clone(),
@@ -215,26 +244,36 @@ impl<R: Runner> Executors<R> {
             };
             TASK.with(|t| *t.borrow_mut() = Some(ctx));
             let start = now();
-            let outcome = self.runner.execute(&job.key, &job.run_spec, &job.deps, thread);
+            let outcome = self.runner.execute(&key, &run_spec, &deps, thread);
             let stop = now();
-            let seceded = TASK.with(|t| t.borrow_mut().take().is_some_and(|c| c.replaced));
-            let done = Event::Executed { key: job.key, outcome, start, stop, thread };
+            let ctx = TASK.with(|t| t.borrow_mut().take());
+            let seceded = ctx.as_ref().is_some_and(|c| c.replaced);
+            let done = Event::Executed { key, outcome, start, stop, thread };
             if self.events.send(done).is_err() || seceded {
                 return;
+            }
+            // A task that rejoined took another thread's place and number.
+            if let Some(c) = ctx {
+                thread = c.thread;
             }
         }
     }
 }
 
-/// Called when a task secedes; `true` asks for a thread in its place.
-type SecedeHook = Arc<dyn Fn(&Key, bool) + Send + Sync>;
-/// Called when a seceded task rejoins.
-type RejoinHook = Arc<dyn Fn(&Key) + Send + Sync>;
+/// Called when a task secedes, with the number for the thread to start in
+/// its place (none when it already left the pool once and rejoined not).
+type SecedeHook = Arc<dyn Fn(&Key, Option<u32>) + Send + Sync>;
+/// Called when a seceded task rejoins; blocks until a pool thread gives its
+/// place up and returns that thread's number (none when the worker is closing).
+type RejoinHook = Arc<dyn Fn(&Key) -> Option<u32> + Send + Sync>;
 
 /// The task running on this executor thread.
 struct TaskContext {
     key: Key,
-    /// Another thread was started in this one's place: this one ends with the task.
+    /// The number this thread shows in the task stream.
+    thread: u32,
+    /// Another thread was started in this one's place: this one ends with
+    /// the task (unless it rejoins and takes a pool thread's place).
     replaced: bool,
     /// Seceded and not rejoined: the task does not count as running.
     detached: bool,
@@ -258,7 +297,7 @@ pub fn secede() -> bool {
             return Some(None);
         }
         c.detached = true;
-        let replace = !std::mem::replace(&mut c.replaced, true);
+        let replace = (!std::mem::replace(&mut c.replaced, true)).then_some(c.thread);
         Some(Some((c.key.clone(), replace, c.on_secede.clone())))
     });
     match ctx {
@@ -271,9 +310,11 @@ pub fn secede() -> bool {
     }
 }
 
-/// Count the calling (seceded) task as running again (Dask's `rejoin`):
-/// the worker hands out no task in its place until it ends. Returns false
-/// when not called from a task.
+/// Take a place in the worker's thread pool again after [`secede`] (Dask's
+/// `rejoin`): blocks until a pool thread is free, which then leaves the pool,
+/// so the worker never runs more tasks at once than it has threads. The
+/// task counts as running from the call on. Returns false when not called
+/// from a task.
 pub fn rejoin() -> bool {
     let ctx = TASK.with(|t| {
         let mut t = t.borrow_mut();
@@ -282,7 +323,15 @@ pub fn rejoin() -> bool {
     });
     match ctx {
         Some(Some((key, f))) => {
-            f(&key);
+            // Not under the borrow: the hook blocks.
+            if let Some(number) = f(&key) {
+                TASK.with(|t| {
+                    if let Some(c) = t.borrow_mut().as_mut() {
+                        c.replaced = false;
+                        c.thread = number;
+                    }
+                });
+            }
             true
         }
         Some(None) => true,
@@ -451,9 +500,9 @@ pub async fn run_worker<R: Runner>(
                 ev = events.recv() => {
                     let Some(ev) = ev else { break Some(Ok(())) };
                     let mut stop = None;
-                    apply(&mut state, ev, &mut stop);
+                    apply(&mut state, ev, &mut stop, &job_tx);
                     while let Ok(ev) = events.try_recv() {
-                        apply(&mut state, ev, &mut stop);
+                        apply(&mut state, ev, &mut stop, &job_tx);
                     }
                     for ins in state.take_instructions() {
                         match ins {
@@ -494,7 +543,12 @@ pub async fn run_worker<R: Runner>(
     result
 }
 
-fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), WorkerError>>) {
+fn apply(
+    state: &mut WorkerState,
+    ev: Event,
+    stop: &mut Option<Result<(), WorkerError>>,
+    jobs: &std::sync::mpsc::Sender<Job>,
+) {
     match ev {
         Event::FromScheduler(batch) => {
             for env in batch {
@@ -537,7 +591,10 @@ fn apply(state: &mut WorkerState, ev: Event, stop: &mut Option<Result<(), Worker
         Event::DataPut(items) => state.data_put(items),
         Event::Seceded(key) => state.secede(&key),
         Event::Spilled(results) => state.spill_done(results),
-        Event::Rejoined(key) => state.rejoin(&key),
+        Event::Rejoined(key, waiter) => {
+            state.rejoin(&key);
+            let _ = jobs.send(Job::Yield(waiter));
+        }
     }
 }
 
@@ -599,7 +656,7 @@ fn carry_out<R: Runner>(
     match ins {
         Instruction::Send(_) => unreachable!("sent by the runtime loop"),
         Instruction::Execute { key, run_spec, deps } => {
-            let _ = jobs.send(Job { key, run_spec, deps });
+            let _ = jobs.send(Job::Task { key, run_spec, deps });
         }
         Instruction::Free { keys } => {
             // Executor threads store results without the helper: a result
