@@ -43,6 +43,11 @@ impl MemoryConfig {
         self.bytes(self.spill)
     }
 
+    /// Managed memory above which results are spilled (None without a limit).
+    pub fn target_bytes(&self) -> Option<u64> {
+        self.bytes(self.target)
+    }
+
     fn bytes(&self, fraction: f64) -> Option<u64> {
         (self.limit > 0 && fraction > 0.0).then_some((self.limit as f64 * fraction) as u64)
     }
@@ -239,12 +244,19 @@ impl MemoryManager {
 /// Make the C allocator give freed memory back to the system readily (as
 /// Dask's nanny does with `MALLOC_TRIM_THRESHOLD_=65536`): large results
 /// (numpy buffers) otherwise stay in the process's heap after they are
-/// spilled or released, and count as unmanaged memory.
+/// spilled or released, and count as unmanaged memory. It costs: glibc then
+/// maps and unmaps every large buffer (a fixed mmap threshold), about a
+/// fifth of the time of an array sum, so the worker turns it on only once
+/// its memory nears the target.
 pub fn configure_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts glibc's allocator parameters.
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 65536);
+        // Large buffers are mapped on their own again (glibc had raised
+        // this threshold as buffers were freed), so freeing one unmaps it.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::malloc_trim(0);
     }
 }
 

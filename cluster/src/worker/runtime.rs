@@ -386,9 +386,8 @@ pub async fn run_worker<R: Runner>(
     let mut started = started;
     let mem_config = MemoryConfig::new(config.memory_limit);
     let spill_at = mem_config.spill_bytes();
-    if spill_at.is_some() {
-        memory::configure_allocator();
-    }
+    // Tune the allocator for giving memory back once memory gets scarce.
+    let mut tune_allocator_at = mem_config.target_bytes();
     let mut last_trim = tokio::time::Instant::now();
     let mut state = WorkerState::with_memory(config.nthreads, mem_config).with_resources(config.resources.clone());
     let mut memory_tick = tokio::time::interval(Duration::from_millis(100));
@@ -476,6 +475,10 @@ pub async fn run_worker<R: Runner>(
                 }
                 _ = memory_tick.tick(), if config.memory_limit > 0 => {
                     let mut rss = process_rss();
+                    if tune_allocator_at.is_some_and(|t| rss > t) {
+                        memory::configure_allocator();
+                        tune_allocator_at = None;
+                    }
                     if spill_at.is_some_and(|s| rss > s) && last_trim.elapsed() > Duration::from_millis(500) {
                         // Freed buffers may still sit in the heap: give them back first.
                         memory::trim_heap();
