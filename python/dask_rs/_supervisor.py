@@ -45,8 +45,10 @@ def child_names(name: str | None, nworkers: int, pid: int) -> list:
     return [base] if nworkers == 1 else [f"{base}-{i}" for i in range(nworkers)]
 
 
-def supervise(worker_argv: list, names: list) -> int:
-    """Run one worker per name with ``worker_argv + ["--name", name]``."""
+def supervise(worker_argv: list, names: list, local_directory: str | None = None) -> int:
+    """Run one worker per name with ``worker_argv + ["--name", name]``;
+    ``local_directory`` is where the workers spill (to clean up after one
+    that died)."""
     cmd = [sys.executable, "-m", "dask_rs", "worker", *worker_argv]
     children = [_Child(n, [*cmd, "--name", n]) for n in names]
     stopping = False
@@ -78,7 +80,7 @@ def supervise(worker_argv: list, names: list) -> int:
                 alive += 1
                 continue
             if code != 0 and not c.cleaned:
-                remove_spill_dirs(c.proc.pid)
+                remove_spill_dirs(c.proc.pid, local_directory)
                 c.cleaned = True
             if stopping or code == 0:
                 continue

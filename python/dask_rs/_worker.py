@@ -142,7 +142,7 @@ def total_memory() -> int:
         return 0
 
 
-def remove_spill_dirs(pid: int) -> None:
+def remove_spill_dirs(pid: int, local_directory: str | None = None) -> None:
     """Remove the spill directory of worker process ``pid`` after it died
     without cleaning up (SIGKILL, out of memory): its spilled results are of
     no use to anyone once the process is gone."""
@@ -150,7 +150,8 @@ def remove_spill_dirs(pid: int) -> None:
     import shutil
     import tempfile
 
-    for d in glob.glob(os.path.join(tempfile.gettempdir(), f"dask-rs-spill-{int(pid)}-*")):
+    base = local_directory or tempfile.gettempdir()
+    for d in glob.glob(os.path.join(base, f"dask-rs-spill-{int(pid)}-*")):
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -166,10 +167,13 @@ def format_resources(resources) -> str:
 
 
 def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_limit=0,
-          host: str = "127.0.0.1", timeout: float = 10.0, death_timeout: float = 60.0, resources=None):
+          host: str = "127.0.0.1", timeout: float = 10.0, death_timeout: float = 60.0, resources=None,
+          local_directory: str | None = None):
     """Start a worker in this process; returns its handle once registered.
     ``resources`` (``{"GPU": 2}`` or ``"GPU=2,MEM=10e9"``) are offered to
-    tasks submitted with ``resources=``."""
+    tasks submitted with ``resources=``; spilled results go under
+    ``local_directory`` (made if missing; default the system's temporary
+    directory)."""
     global _scheduler_address
     _scheduler_address = scheduler
     if memory_limit == "auto":
@@ -187,6 +191,7 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
         timeout,
         death_timeout,
         format_resources(resources),
+        local_directory or None,
     )
 
 
@@ -227,6 +232,9 @@ def main(argv=None) -> int:
                         "(--nworkers) starts a fresh worker in its place")
     p.add_argument("--resources", default=os.environ.get("DASK_RS_WORKER_RESOURCES", ""),
                    help='abstract resources for tasks submitted with resources=, e.g. "GPU=2,MEM=10e9"')
+    p.add_argument("--local-directory", default=os.environ.get("DASK_TEMPORARY_DIRECTORY") or None,
+                   help="directory for spilled results, e.g. node-local scratch "
+                        "(default: $DASK_TEMPORARY_DIRECTORY, else the system's temporary directory)")
     p.add_argument("--nworkers", type=int, default=None,
                    help="run this many worker processes under a supervisor that restarts them")
     args = p.parse_args(argv)
@@ -258,7 +266,9 @@ def main(argv=None) -> int:
             child_argv += ["--lifetime", str(args.lifetime)]
         if args.lifetime_restart:
             child_argv.append("--lifetime-restart")
-        return supervise(child_argv, child_names(args.name, args.nworkers, os.getpid()))
+        if args.local_directory:
+            child_argv += ["--local-directory", args.local_directory]
+        return supervise(child_argv, child_names(args.name, args.nworkers, os.getpid()), args.local_directory)
     try:
         memory_limit = args.memory_limit if args.memory_limit == "auto" else parse_bytes(args.memory_limit)
         lifetime = parse_timedelta(args.lifetime)
@@ -270,7 +280,7 @@ def main(argv=None) -> int:
         lifetime = max(0.0, lifetime + random.uniform(-stagger, stagger))
     try:
         handle = start(scheduler, args.name, args.nthreads, memory_limit, args.host, args.connect_timeout,
-                       death_timeout, args.resources)
+                       death_timeout, args.resources, args.local_directory)
     except (OSError, ValueError) as e:
         print(f"dask_rs worker: error: {e}", file=sys.stderr)
         return 1

@@ -38,7 +38,8 @@ class LocalCluster:
     """A cluster on this machine.
 
     ``processes=False`` runs the workers as threads of this process instead;
-    ``resources={"GPU": 1}`` is given to every worker (``--resources``).
+    ``resources={"GPU": 1}`` is given to every worker (``--resources``);
+    ``local_directory`` is where workers spill results (``--local-directory``).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class LocalCluster:
         work_stealing: bool = True,
         python: str | None = None,
         resources: dict | None = None,
+        local_directory: str | None = None,
         **kwargs,
     ):
         unknown = set(kwargs) - {"asynchronous", "loop", "protocol", "interface", "worker_class"}
@@ -73,6 +75,7 @@ class LocalCluster:
 
         self.resources = format_resources(resources)
         _core.parse_resources(self.resources)
+        self.local_directory = os.fspath(local_directory) if local_directory else None
         self.threads_per_worker = threads_per_worker
         self.processes = processes
         self.host = host
@@ -111,7 +114,7 @@ class LocalCluster:
 
             self._threads[name] = start(
                 self.scheduler_address, name, self.threads_per_worker, self.memory_limit, self.host,
-                self.timeout, resources=self.resources,
+                self.timeout, resources=self.resources, local_directory=self.local_directory,
             )
             return name
         self._spawn(name)
@@ -128,6 +131,8 @@ class LocalCluster:
             "--host", self.host,
             "--resources", self.resources,
         ]
+        if self.local_directory:
+            cmd += ["--local-directory", self.local_directory]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
@@ -149,7 +154,7 @@ class LocalCluster:
                     if code is None or code == 0:
                         continue
                     if name not in self._exits:
-                        remove_spill_dirs(proc.pid)
+                        remove_spill_dirs(proc.pid, self.local_directory)
                         lived = now - self._started.get(name, now)
                         fresh = lived > 10 or code == 3  # 3: the worker asked for a fresh process
                         delays[name] = 0.0 if fresh else min(10.0, max(0.2, delays.get(name, 0.0) * 2))
@@ -206,7 +211,7 @@ class LocalCluster:
                 proc.wait()
         log.close()
         if proc.returncode != 0:
-            remove_spill_dirs(proc.pid)
+            remove_spill_dirs(proc.pid, self.local_directory)
 
     @property
     def workers(self) -> dict:

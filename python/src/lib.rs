@@ -500,9 +500,11 @@ fn parse_resources(text: &str) -> PyResult<Vec<(String, f64)>> {
 }
 
 /// Start a worker in this process. `execute`, `dumps`, `loads` and `run_function` come from
-/// `dask_rs._worker`. Returns once the worker registered with the scheduler.
+/// `dask_rs._worker`. Spilled results go under `local_directory` (made if
+/// missing; default the system temporary directory). Returns once the
+/// worker registered with the scheduler.
 #[pyfunction]
-#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0, resources=None))]
+#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0, resources=None, local_directory=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_worker(
     py: Python<'_>,
@@ -518,9 +520,20 @@ fn start_worker(
     timeout: f64,
     death_timeout: f64,
     resources: Option<String>,
+    local_directory: Option<std::path::PathBuf>,
 ) -> PyResult<WorkerHandle> {
     let resources = cluster::protocol::parse_resources(resources.as_deref().unwrap_or(""))
         .map_err(|e| PyValueError::new_err(format!("--resources: {e}")))?;
+    let local_directory = match local_directory {
+        Some(dir) => {
+            // Fail now, not at the first spill under memory pressure.
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| tempfile_probe(&dir))
+                .map_err(|e| PyOSError::new_err(format!("--local-directory {}: {e}", dir.display())))?;
+            dir
+        }
+        None => std::env::temp_dir(),
+    };
     let rt = background_runtime("dask-rs-worker")?;
     let mut config = WorkerConfig::new(&scheduler, &name, nthreads);
     config.memory_limit = memory_limit;
@@ -528,7 +541,7 @@ fn start_worker(
     config.connect_timeout = Duration::from_secs_f64(timeout);
     config.death_timeout = Duration::from_secs_f64(death_timeout.max(0.0));
     config.resources = resources;
-    let spill_dir = std::env::temp_dir().join(format!("dask-rs-spill-{}-{}", std::process::id(), sanitize(&name)));
+    let spill_dir = local_directory.join(format!("dask-rs-spill-{}-{}", std::process::id(), sanitize(&name)));
     let runner = Arc::new(PyRunner {
         execute,
         run_function,
@@ -1032,6 +1045,13 @@ impl ClientCore {
 }
 
 /// The protocol version this build speaks.
+/// Check that files can be made in `dir` (the worker's spill location).
+fn tempfile_probe(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".dask-rs-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
 #[pyfunction]
 fn protocol_version() -> u32 {
     cluster::protocol::PROTOCOL_VERSION

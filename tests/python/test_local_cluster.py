@@ -42,6 +42,10 @@ def test_bad_arguments():
         LocalCluster(n_workers=1, wokers=3)
     with pytest.raises(ValueError, match="could not interpret"):
         LocalCluster(n_workers=1, memory_limit="a lot")
+    with pytest.raises(RuntimeError, match="--local-directory /proc/nope: No such file"):
+        LocalCluster(n_workers=1, local_directory="/proc/nope")
+    with pytest.raises(OSError, match="--local-directory /proc/nope"):
+        LocalCluster(n_workers=1, processes=False, local_directory="/proc/nope")
 
 
 def test_a_crashed_worker_process_is_restarted_under_the_same_name():

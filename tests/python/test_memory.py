@@ -70,20 +70,36 @@ def test_intermediates_three_times_the_memory_limit_are_spilled_and_read_back(pr
 
 
 
-def test_the_supervisor_removes_the_spill_files_of_a_killed_worker(procs):
+def test_spill_files_go_under_local_directory_and_the_supervisor_removes_them_after_a_kill(procs, tmp_path):
     import signal
 
+    scratch = tmp_path / "scratch" / "dask"  # made by the worker
     address = start_scheduler(procs)
-    start_worker(procs, address, "k", extra=["--nworkers", "1", "--memory-limit", str(LIMIT)])
+    start_worker(procs, address, "k", extra=["--nworkers", "1", "--memory-limit", str(LIMIT),
+                                             "--local-directory", str(scratch)])
     with Client(address) as c:
         c.wait_for_workers(1, timeout=20)
         pid = next(iter(c.scheduler_info()["workers"].values()))["pid"]
         blocks = c.map(make_block, range(24), [10 * MB] * 24)  # 240 MB: beyond the 180 MB target
-        c.gather(c.map(len, blocks))
-        spill_dir = os.path.join(tempfile.gettempdir(), f"dask-rs-spill-{pid}-k")
+        assert c.gather(c.map(block_sum, blocks))[-1] == 23 * 10 * MB / 8
+        spill_dir = str(scratch / f"dask-rs-spill-{pid}-k")
         wait_until(lambda: os.path.isdir(spill_dir) and os.listdir(spill_dir), timeout=10, msg="spill files")
+        assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"dask-rs-spill-{pid}-k"))
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not os.path.exists(spill_dir), timeout=10, msg="spill directory removed")
         # The supervisor started a fresh worker under the same name.
         wait_until(lambda: [w["pid"] for w in c.scheduler_info()["workers"].values() if w["name"] == "k"]
                    not in ([], [pid]), timeout=20, msg="a fresh worker")
+
+
+def test_an_unusable_local_directory_is_a_clear_error_at_start(procs, tmp_path):
+    import subprocess
+
+    afile = tmp_path / "not-a-dir"
+    afile.write_text("")
+    address = start_scheduler(procs)
+    w = start_worker(procs, address, "bad", extra=["--local-directory", str(afile / "sub")],
+                     stderr=subprocess.PIPE)
+    assert w.wait(20) == 1
+    err = w.stderr.read().decode()
+    assert f"--local-directory {afile / 'sub'}" in err and "Not a directory" in err, err
