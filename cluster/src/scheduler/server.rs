@@ -13,7 +13,8 @@ use rustc_hash::FxHashMap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use super::state::{EventCursor, PeerId, SchedulerConfig, SchedulerState};
+use super::events::EventCursor;
+use super::state::{PeerId, SchedulerConfig, SchedulerState};
 use crate::comm::{self, CommError, Outbox};
 use crate::now;
 use crate::protocol::{CoordOp, Envelope, Msg, Role};

@@ -1,0 +1,147 @@
+//! Placement: which worker runs a ready task, and how queued root tasks
+//! are handed to workers as their slots free up.
+
+use rustc_hash::FxHashMap;
+use crate::protocol::{Blob, DepInfo, Envelope, Msg};
+use super::state::{PeerId, SchedulerState, TaskState};
+use super::task::TaskId;
+use super::workers::Worker;
+
+/// Cap on root tasks in flight per worker thread from `pipeline_window`.
+pub(super) const MAX_PIPELINE_PER_THREAD: usize = 64;
+
+impl SchedulerState {
+    pub(super) fn decide_worker(&self, id: TaskId) -> Option<PeerId> {
+        let t = self.t(id);
+        if self.workers.is_empty() {
+            return None;
+        }
+        // Workers with the resources the task needs (all, without a restriction).
+        let fits = |p: &PeerId| {
+            let w = &self.workers[p];
+            !w.retiring && t.restriction.as_ref().is_none_or(|r| r.has_resources(w))
+        };
+        if let Some(r) = t.restriction.as_ref().filter(|r| !r.workers.is_empty()) {
+            let named = self.worker_order.iter().copied().filter(|p| fits(p) && r.names(&self.workers[p]));
+            if let Some(w) = self.least_loaded(named) {
+                return Some(w);
+            }
+            if !r.loose {
+                return None;
+            }
+        }
+        if t.deps.is_empty() {
+            return self.least_loaded(self.worker_order.iter().copied().filter(fits));
+        }
+        // Prefer the worker holding the most dependency bytes, then the least loaded.
+        let mut held: FxHashMap<PeerId, u64> = FxHashMap::default();
+        for &d in &t.deps {
+            let dt = self.t(d);
+            for &w in &dt.who_has {
+                *held.entry(w).or_default() += dt.nbytes.max(1);
+            }
+        }
+        let mut best: Option<(u64, f64, PeerId)> = None;
+        for (w, bytes) in held {
+            if !self.workers.contains_key(&w) || !fits(&w) {
+                continue;
+            }
+            let load = self.workers[&w].load();
+            let better = match best {
+                None => true,
+                Some((bh, bl, bw)) => bytes > bh || (bytes == bh && (load < bl || (load == bl && w < bw))),
+            };
+            if better {
+                best = Some((bytes, load, w));
+            }
+        }
+        best.map(|b| b.2).or_else(|| self.least_loaded(self.worker_order.iter().copied().filter(fits)))
+    }
+
+    pub(super) fn least_loaded(&self, it: impl Iterator<Item = PeerId>) -> Option<PeerId> {
+        let mut best: Option<(f64, PeerId)> = None;
+        for p in it {
+            let w = &self.workers[&p];
+            if w.retiring {
+                continue;
+            }
+            let load = w.load();
+            if best.is_none_or(|(l, _)| load < l) {
+                best = Some((load, p));
+            }
+        }
+        best.map(|b| b.1)
+    }
+
+    pub(super) fn assign(&mut self, id: TaskId, w: PeerId) {
+        self.set_state(id, TaskState::Processing);
+        self.tm(id).processing_on = Some(w);
+        self.workers.get_mut(&w).expect("worker").processing.insert(id);
+        let t = self.t(id);
+        let deps: Vec<DepInfo> = t
+            .deps
+            .iter()
+            .map(|&d| {
+                let dt = self.t(d);
+                DepInfo {
+                    key: dt.key.to_string(),
+                    nbytes: dt.nbytes,
+                    who_has: dt.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
+                }
+            })
+            .collect();
+        let mut frames = Vec::new();
+        let run_spec = Blob::new(t.run_spec.clone().unwrap_or_default(), &mut frames);
+        let resources = t.restriction.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
+        let msg = Msg::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority, resources };
+        self.out.push((w, Envelope { msg, frames }));
+    }
+
+    /// Queued root tasks worker `w` may hold: `worker_saturation` per thread,
+    /// or more when the next queued task's group is known to be short (see
+    /// [`SchedulerConfig::pipeline_window`]). Memory stays bounded: at most
+    /// a few milliseconds of work per thread is committed ahead.
+    pub(super) fn root_slots(&self, w: &Worker) -> usize {
+        let base = w.slots(self.config.worker_saturation);
+        let Some(&(_, next)) = self.queue.first() else { return base };
+        let g = &self.groups[self.t(next).group as usize];
+        if base == usize::MAX || g.duration_n == 0 || self.config.pipeline_window <= 0.0 {
+            return base;
+        }
+        let per_thread = (self.config.pipeline_window / g.duration().max(1e-7)) as usize;
+        base.max(w.nthreads as usize * per_thread.min(MAX_PIPELINE_PER_THREAD))
+    }
+
+    /// Send queued root tasks to workers with free slots, each to the least
+    /// loaded worker that has one.
+    pub(super) fn fill_all_workers(&mut self) {
+        while !self.queue.is_empty() {
+            let mut best: Option<(f64, PeerId)> = None;
+            for &w in &self.worker_order {
+                let worker = &self.workers[&w];
+                if !worker.retiring && worker.busy() < self.root_slots(worker) {
+                    let load = worker.load();
+                    if best.is_none_or(|(l, _)| load < l) {
+                        best = Some((load, w));
+                    }
+                }
+            }
+            let Some((_, w)) = best else { return };
+            let (_, id) = self.queue.pop_first().expect("non-empty");
+            self.assign(id, w);
+        }
+    }
+
+    pub(super) fn fill_worker(&mut self, w: PeerId) {
+        while !self.queue.is_empty() {
+            let Some(worker) = self.workers.get(&w) else {
+                return;
+            };
+            if worker.retiring || worker.busy() >= self.root_slots(worker) {
+                return;
+            }
+            let (_, id) = self.queue.pop_first().expect("non-empty");
+            self.assign(id, w);
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! Tests of the scheduler state machine.
+
+use bytes::Bytes;
+use crate::protocol::{Blob, Key, Msg, Registration, Resources, TaskSpec};
+use super::events::EventCursor;
+use super::state::{PeerId, SchedulerConfig, SchedulerState, TaskState};
+
+const C1: PeerId = 1;
+const C2: PeerId = 2;
+const W1: PeerId = 10;
+const W2: PeerId = 11;
+
+fn spec(key: &str, deps: &[&str]) -> (TaskSpec, Option<Bytes>) {
+    let t = TaskSpec::new(key, deps.iter().map(|d| d.to_string()).collect());
+    (t, Some(Bytes::from_static(b"spec")))
+}
+
+fn with_workers(n: usize) -> SchedulerState {
+    let mut s = SchedulerState::new(SchedulerConfig::default());
+    for i in 0..n {
+        let w = W1 + i as PeerId;
+        s.add_worker(w, Registration::new(format!("w{i}"), format!("tcp://h:{i}"), 1, 1 << 30)).unwrap();
+    }
+    s
+}
+
+fn computes(s: &mut SchedulerState) -> Vec<(PeerId, String)> {
+    s.take_outgoing()
+        .into_iter()
+        .filter_map(|(p, e)| match e.msg {
+            Msg::ComputeTask { key, .. } => Some((p, key)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finish(s: &mut SchedulerState, w: PeerId, key: &str, nbytes: u64) {
+    s.task_finished(w, key, nbytes, 0.0, 1.0, 0, 0.0);
+    s.validate().unwrap();
+}
+
+#[test]
+fn places_task_where_most_dependency_bytes_are() {
+    let mut s = with_workers(2);
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &[])], vec!["a".into(), "b".into()]);
+    let sent = computes(&mut s);
+    assert_eq!(sent.len(), 2);
+    let wa = sent.iter().find(|(_, k)| k == "a").unwrap().0;
+    let wb = sent.iter().find(|(_, k)| k == "b").unwrap().0;
+    assert_ne!(wa, wb, "root tasks spread over idle workers");
+    finish(&mut s, wa, "a", 1_000);
+    finish(&mut s, wb, "b", 10);
+    s.update_graph(C1, vec![spec("c", &["a", "b"])], vec!["c".into()]);
+    assert_eq!(computes(&mut s), vec![(wa, "c".to_string())]);
+}
+
+#[test]
+fn root_tasks_are_queued_on_the_scheduler() {
+    let mut s = with_workers(1);
+    let specs: Vec<_> = (0..10).map(|i| spec(&format!("r-{i}"), &[])).collect();
+    let keys = (0..10).map(|i| format!("r-{i}")).collect();
+    s.update_graph(C1, specs, keys);
+    let sent = computes(&mut s);
+    assert_eq!(sent.len(), 2, "ceil(1.1 x 1 thread) in flight");
+    assert_eq!(s.state_counts()["queued"], 8);
+    finish(&mut s, W1, &sent[0].1, 8);
+    assert_eq!(computes(&mut s).len(), 1, "a finished task frees one slot");
+}
+
+#[test]
+fn short_root_tasks_are_pipelined_long_ones_are_not() {
+    let mut s = with_workers(1);
+    let specs: Vec<_> = (0..200).map(|i| spec(&format!("r-{i}"), &[])).collect();
+    s.update_graph(C1, specs, (0..200).map(|i| format!("r-{i}")).collect());
+    let sent = computes(&mut s);
+    assert_eq!(sent.len(), 2, "duration unknown: worker-saturation applies");
+    // One finished in 10 us: 2 ms of such tasks is 200, capped at 64 per thread.
+    s.task_finished(W1, &sent[0].1, 8, 0.0, 1e-5, 0, 0.0);
+    assert_eq!(computes(&mut s).len(), 63, "64 in flight");
+    s.validate().unwrap();
+    // A group of 1 s tasks gets no more than worker-saturation allows.
+    let mut s2 = with_workers(1);
+    let specs: Vec<_> = (0..10).map(|i| spec(&format!("slow-{i}"), &[])).collect();
+    s2.update_graph(C1, specs, (0..10).map(|i| format!("slow-{i}")).collect());
+    let sent = computes(&mut s2);
+    s2.task_finished(W1, &sent[0].1, 8, 0.0, 1.0, 0, 0.0);
+    assert_eq!(computes(&mut s2).len(), 1, "long tasks: ceil(1.1 x 1) in flight");
+}
+
+#[test]
+fn seceded_tasks_free_their_slot_for_the_tasks_they_launch() {
+    let mut s = with_workers(1);
+    s.add_client(C1);
+    s.update_graph(C1, vec![spec("parent", &[])], vec!["parent".into()]);
+    s.update_graph(
+        C1,
+        vec![spec("a", &[]), spec("b", &[]), spec("c", &[])],
+        vec!["a".into(), "b".into(), "c".into()],
+    );
+    // One thread, saturation 1.1: two root tasks in flight, the rest queued.
+    assert_eq!(computes(&mut s).len(), 2);
+    assert_eq!(s.task_state("b"), Some(TaskState::Queued));
+    s.task_seceded(W1, "parent");
+    assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
+    assert_eq!(s.task_state("parent"), Some(TaskState::Processing));
+    // A seceded task lost with its worker is still rescheduled.
+    s.remove_worker(W1);
+    assert_eq!(s.task_state("parent"), Some(TaskState::Queued));
+    s.validate().unwrap();
+}
+
+#[test]
+fn idle_workers_steal_long_tasks_from_a_saturated_one_after_it_agrees() {
+    let mut s = with_workers(2);
+    s.add_client(C1);
+    // All inputs on W1; known-long tasks that need them.
+    s.scatter_done(C1, "tcp://h:0", vec![("x".into(), 1000)]);
+    let tasks: Vec<_> = (0..4).map(|i| spec(&format!("slow-{i}"), &["x"])).collect();
+    s.update_graph(C1, tasks, (0..4).map(|i| format!("slow-{i}")).collect());
+    assert!(computes(&mut s).iter().all(|(w, _)| *w == W1), "placed with their input");
+    let g = s.t(s.keys["slow-0"]).group as usize;
+    s.groups[g].duration_sum = 1.0;
+    s.groups[g].duration_n = 1;
+    s.balance();
+    let asked: Vec<String> = s
+        .take_outgoing()
+        .into_iter()
+        .filter_map(|(p, e)| match e.msg {
+            Msg::StealRequest { key } if p == W1 => Some(key),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, ["slow-3", "slow-2"], "one idle thread: one task to run, one queued; those that run last");
+    s.balance();
+    assert!(s.take_outgoing().is_empty(), "no second request while one is in flight");
+    // The victim already started it: nothing moves.
+    s.steal_response(W1, "slow-3", false);
+    assert_eq!(s.t(s.keys["slow-3"]).processing_on, Some(W1));
+    // An answer for a request no longer in flight changes nothing either.
+    s.steal_response(W1, "slow-3", true);
+    assert_eq!(s.t(s.keys["slow-3"]).processing_on, Some(W1));
+    s.steal_response(W1, "slow-2", true);
+    assert_eq!(computes(&mut s), [(W2, "slow-2".to_string())]);
+    assert_eq!(s.stolen_total(), 1);
+    s.validate().unwrap();
+}
+
+#[test]
+fn short_tasks_with_large_inputs_are_not_stolen() {
+    let mut s = with_workers(2);
+    s.add_client(C1);
+    s.scatter_done(C1, "tcp://h:0", vec![("x".into(), 1 << 30)]);
+    let tasks: Vec<_> = (0..4).map(|i| spec(&format!("quick-{i}"), &["x"])).collect();
+    s.update_graph(C1, tasks, (0..4).map(|i| format!("quick-{i}")).collect());
+    computes(&mut s);
+    s.balance();
+    assert!(!s.take_outgoing().iter().any(|(_, e)| matches!(e.msg, Msg::StealRequest { .. })));
+}
+
+#[test]
+fn released_results_are_freed_and_forgotten() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
+    let sent = computes(&mut s);
+    assert_eq!(sent, vec![(W1, "a".to_string())]);
+    finish(&mut s, W1, "a", 8);
+    assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
+    finish(&mut s, W1, "b", 8);
+    let out = s.take_outgoing();
+    let freed: Vec<&Msg> = out.iter().map(|(_, e)| &e.msg).filter(|m| matches!(m, Msg::FreeKeys { .. })).collect();
+    assert_eq!(freed, vec![&Msg::FreeKeys { keys: vec!["a".into()] }], "a is not wanted once b is done");
+    assert!(out.iter().any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyInMemory { key, .. } if key == "b")));
+    s.release_keys(C1, &["b".into()]);
+    s.validate().unwrap();
+    assert_eq!(s.ntasks(), 0, "everything forgotten");
+}
+
+#[test]
+fn errors_propagate_to_dependents_and_reach_the_client() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
+    computes(&mut s);
+    s.task_erred(W1, "a", Bytes::new(), Bytes::new(), "ZeroDivisionError: boom".into(), 0.0, 1.0, 0);
+    s.validate().unwrap();
+    assert_eq!(s.task_state("b"), Some(TaskState::Erred));
+    let out = s.take_outgoing();
+    assert!(out.iter().any(|(p, e)| *p == C1
+        && matches!(&e.msg, Msg::KeyErred { key, text, .. } if key == "b" && text.contains("boom"))));
+}
+
+#[test]
+fn pure_keys_are_computed_once_across_clients() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("inc-1", &[])], vec!["inc-1".into()]);
+    s.update_graph(C2, vec![spec("inc-1", &[])], vec!["inc-1".into()]);
+    assert_eq!(computes(&mut s).len(), 1);
+    s.task_finished(W1, "inc-1", 8, 0.0, 1.0, 0, 0.0);
+    let told: Vec<PeerId> = s
+        .take_outgoing()
+        .into_iter()
+        .filter(|(_, e)| matches!(e.msg, Msg::KeyInMemory { .. }))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(told, vec![C1, C2]);
+    s.release_keys(C1, &["inc-1".into()]);
+    assert_eq!(s.task_state("inc-1"), Some(TaskState::Memory), "C2 still holds it");
+    s.release_keys(C2, &["inc-1".into()]);
+    assert_eq!(s.ntasks(), 0);
+}
+
+#[test]
+fn lost_worker_tasks_are_rescheduled_and_lost_results_recomputed() {
+    let mut s = with_workers(2);
+    s.update_graph(C1, vec![spec("a", &[])], vec!["a".into()]);
+    let (wa, _) = computes(&mut s)[0].clone();
+    finish(&mut s, wa, "a", 8);
+    s.update_graph(C1, vec![spec("b", &["a"])], vec!["b".into()]);
+    assert_eq!(computes(&mut s), vec![(wa, "b".to_string())]);
+    s.remove_worker(wa);
+    s.validate().unwrap();
+    let other = if wa == W1 { W2 } else { W1 };
+    // a was only on the dead worker: recomputed first, then b.
+    assert_eq!(computes(&mut s), vec![(other, "a".to_string())]);
+    finish(&mut s, other, "a", 8);
+    assert_eq!(computes(&mut s), vec![(other, "b".to_string())]);
+}
+
+#[test]
+fn retiring_a_worker_copies_its_data_first_and_gives_it_no_new_work() {
+    let mut s = with_workers(2);
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &[])], vec!["a".into(), "b".into()]);
+    let placed = computes(&mut s);
+    let (w1, k1) = placed[0].clone();
+    let (w2, k2) = placed[1].clone();
+    assert_ne!(w1, w2);
+    finish(&mut s, w2, &k2, 8);
+    s.take_outgoing();
+    // w1 still runs its task: retirement waits for it.
+    let name1 = s.worker_infos().into_iter().find(|w| s.workers[&w1].address == w.address).unwrap().name;
+    s.retire_workers(C2, 7, vec![name1.clone()]);
+    assert!(s.take_outgoing().is_empty());
+    assert!(s.worker_infos().iter().any(|w| w.retiring));
+    // New work goes only to the other worker.
+    s.update_graph(C1, vec![spec("c", &[])], vec!["c".into()]);
+    assert_eq!(computes(&mut s), vec![(w2, "c".to_string())]);
+    finish(&mut s, w1, &k1, 16);
+    let out = s.take_outgoing();
+    let acquire: Vec<_> = out
+        .iter()
+        .filter_map(|(p, e)| match &e.msg {
+            Msg::AcquireReplicas { keys } => Some((*p, keys[0].key.clone(), keys[0].who_has.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acquire, vec![(w2, k1.clone(), vec![s.workers[&w1].address.clone()])]);
+    // The copy arrives: the worker is closed and the requester answered.
+    s.add_keys(w2, &[(k1.clone(), 16)]);
+    s.validate().unwrap();
+    let out = s.take_outgoing();
+    assert!(out.iter().any(|(p, e)| *p == w1 && matches!(e.msg, Msg::CloseWorker { .. })));
+    assert!(out
+        .iter()
+        .any(|(p, e)| *p == C2
+            && e.msg == Msg::WorkersRetired { id: 7, retired: vec![name1.clone()], failed: vec![] }));
+    assert_eq!(s.nworkers(), 1);
+    assert_eq!(s.who_has(&k1), vec![s.workers[&w2].address.clone()]);
+    assert_eq!(s.task_state(&k1), Some(TaskState::Memory));
+}
+
+#[test]
+fn retiring_the_last_worker_holding_data_is_refused() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("a", &[])], vec!["a".into()]);
+    computes(&mut s);
+    finish(&mut s, W1, "a", 8);
+    s.retire_workers(C2, 1, vec!["w0".into(), "nope".into()]);
+    let out = s.take_outgoing();
+    let reply = out.iter().find(|(p, _)| *p == C2).map(|(_, e)| e.msg.clone());
+    assert_eq!(
+        reply,
+        Some(Msg::WorkersRetired {
+            id: 1,
+            retired: vec![],
+            failed: vec![
+                ("nope".into(), "no such worker".into()),
+                ("w0".into(), "no other worker can hold its data".into())
+            ],
+        })
+    );
+    assert_eq!(s.nworkers(), 1);
+    assert!(!s.worker_infos()[0].retiring);
+}
+
+#[test]
+fn load_uses_durations_learned_per_group() {
+    let mut s = with_workers(1);
+    let tasks: Vec<_> = (0..5).map(|i| spec(&format!("x-{i}"), &[])).collect();
+    s.update_graph(C1, tasks, (0..5).map(|i| format!("x-{i}")).collect());
+    let l = s.load();
+    // Unknown durations count 0.5 s each; 2 in flight (saturation 1.1 x 1 thread), 3 queued.
+    assert_eq!((l.processing, l.queued), (2, 3));
+    assert!((l.occupancy - 1.0).abs() < 1e-9 && (l.queued_occupancy - 1.5).abs() < 1e-9);
+    s.task_finished(W1, "x-0", 8, 10.0, 12.0, 0, 0.0);
+    let l = s.load();
+    assert!((l.occupancy - 4.0).abs() < 1e-9, "{l:?}");
+    assert!((l.queued_occupancy - 4.0).abs() < 1e-9, "{l:?}");
+}
+
+#[test]
+fn worker_restrictions_wait_for_the_named_worker() {
+    let mut s = with_workers(1);
+    let (mut t, spec_bytes) = spec("pinned", &[]);
+    t.workers = Some(vec!["gpu-box".into()]);
+    s.update_graph(C1, vec![(t, spec_bytes)], vec!["pinned".into()]);
+    assert!(computes(&mut s).is_empty());
+    assert_eq!(s.task_state("pinned"), Some(TaskState::NoWorker));
+    s.add_worker(W2, Registration::new("gpu-box", "tcp://h:9", 1, 0)).unwrap();
+    assert_eq!(computes(&mut s), vec![(W2, "pinned".to_string())]);
+}
+
+#[test]
+fn tasks_needing_resources_go_only_to_workers_declaring_enough() {
+    let mut s = with_workers(2);
+    s.add_client(C1);
+    let gpu = |key: &str, amount: f64| {
+        let (mut t, b) = spec(key, &[]);
+        t.resources = vec![("GPU".into(), amount)];
+        (t, b)
+    };
+    s.update_graph(
+        C1,
+        vec![gpu("a", 1.0), gpu("b", 1.0), gpu("big", 4.0)],
+        vec!["a".into(), "b".into(), "big".into()],
+    );
+    // No worker declares GPU: all three wait, and the client hears why.
+    let out = s.take_outgoing();
+    let reasons: Vec<String> = out
+        .iter()
+        .filter_map(|(_, e)| match &e.msg {
+            Msg::KeyNoWorker { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons.len(), 3);
+    assert!(reasons[0].contains("no worker matches resources {GPU=1}"), "{reasons:?}");
+    assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::ComputeTask { .. })));
+    let mut reg = Registration::new("gpu", "tcp://h:9", 4, 0);
+    reg.resources = vec![("GPU".into(), 2.0)];
+    s.add_worker(20, reg).unwrap();
+    // Both one-GPU tasks go to the GPU worker, whatever the others' load;
+    // four GPUs are more than any worker has.
+    let out = s.take_outgoing();
+    let sent: Vec<(PeerId, String, Resources)> = out
+        .into_iter()
+        .filter_map(|(p, e)| match e.msg {
+            Msg::ComputeTask { key, resources, .. } => Some((p, key, resources)),
+            _ => None,
+        })
+        .collect();
+    let gpu1 = vec![("GPU".to_string(), 1.0)];
+    assert_eq!(sent, vec![(20, "a".into(), gpu1.clone()), (20, "b".into(), gpu1)]);
+    assert_eq!(s.task_state("big"), Some(TaskState::NoWorker));
+    s.validate().unwrap();
+    // A dependent without resources may run anywhere (here: with its input).
+    finish(&mut s, 20, "a", 8);
+    s.update_graph(C1, vec![spec("after", &["a"])], vec!["after".into()]);
+    assert_eq!(computes(&mut s), vec![(20, "after".to_string())]);
+    let info = s.worker_infos_with(&s.load());
+    assert_eq!(info.iter().find(|w| w.name == "gpu").unwrap().resources, vec![("GPU".to_string(), 2.0)]);
+}
+
+#[test]
+fn clients_hear_when_a_task_has_no_worker_and_when_it_has_one_again() {
+    let mut s = with_workers(1);
+    s.add_client(C1);
+    let (mut t, spec_bytes) = spec("pinned", &[]);
+    t.workers = Some(vec!["later".into()]);
+    s.update_graph(C1, vec![(t, spec_bytes)], vec!["pinned".into()]);
+    let told = |s: &mut SchedulerState| -> Vec<String> {
+        s.take_outgoing()
+            .into_iter()
+            .filter_map(|(p, e)| match e.msg {
+                Msg::KeyNoWorker { reason, .. } if p == C1 => Some(reason),
+                _ => None,
+            })
+            .collect()
+    };
+    let r = told(&mut s);
+    assert_eq!(r.len(), 1);
+    assert!(r[0].contains("no worker matches workers=[\"later\"]"), "{r:?}");
+    s.add_worker(W2, Registration::new("later", "tcp://h:9", 1, 1 << 30)).unwrap();
+    assert_eq!(told(&mut s), [String::new()]);
+    assert_eq!(s.task_state("pinned"), Some(TaskState::Processing));
+}
+
+#[test]
+fn rebalance_copies_then_frees_the_sender_and_answers_when_done() {
+    let mut s = with_workers(3);
+    s.add_client(C1);
+    let keys: Vec<(Key, u64)> = (0..6).map(|i| (format!("x-{i}"), 100)).collect();
+    s.scatter_done(C1, "tcp://h:0", keys);
+    // A task running on w0 needs x-0 (largest-first ties go by id: x-0 first).
+    s.update_graph(C1, vec![spec("use", &["x-0"])], vec!["use".into()]);
+    s.take_outgoing();
+    s.rebalance(C1, 7, vec![], vec![]);
+    let mut acquire: Vec<(PeerId, Vec<String>)> = s
+        .take_outgoing()
+        .into_iter()
+        .filter_map(|(p, e)| match e.msg {
+            Msg::AcquireReplicas { keys } => Some((p, keys.into_iter().map(|d| d.key).collect())),
+            _ => None,
+        })
+        .collect();
+    acquire.sort();
+    // 600 bytes over three workers: two keys to each of w1 and w2, never x-0.
+    assert_eq!(acquire.iter().map(|(_, k)| k.len()).collect::<Vec<_>>(), [2, 2]);
+    assert!(acquire.iter().all(|(_, k)| !k.contains(&"x-0".to_string())), "{acquire:?}");
+    // w1's copies arrive: w0's are freed; w2's first copy fails.
+    let (w1, w1_keys) = acquire[0].clone();
+    s.add_keys(w1, &w1_keys.iter().map(|k| (k.clone(), 100)).collect::<Vec<_>>());
+    let out = s.take_outgoing();
+    let freed: Vec<String> = out
+        .iter()
+        .filter_map(|(p, e)| match &e.msg {
+            Msg::FreeKeys { keys } if *p == W1 => Some(keys.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(freed, w1_keys);
+    assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::Rebalanced { .. })));
+    for k in &w1_keys {
+        assert_eq!(s.who_has(k), vec!["tcp://h:1".to_string()]);
+    }
+    let (w2, w2_keys) = acquire[1].clone();
+    s.missing_data(w2, &w2_keys[0], &[]);
+    s.add_keys(w2, &[(w2_keys[1].clone(), 100)]);
+    let answers: Vec<Msg> = s.take_outgoing().into_iter().filter(|(p, _)| *p == C1).map(|(_, e)| e.msg).collect();
+    assert!(
+        answers.iter().any(|m| matches!(m, Msg::Rebalanced { id: 7, moved: 3, bytes: 300, failed: 1, error }
+            if error.is_empty())),
+        "{answers:?}"
+    );
+    assert_eq!(s.who_has(&w2_keys[0]), vec!["tcp://h:0".to_string()], "a failed copy keeps the original");
+    s.validate().unwrap();
+    // Unknown workers are an error; balanced already: answered at once.
+    s.rebalance(C1, 8, vec![], vec!["nobody".into()]);
+    let out = s.take_outgoing();
+    assert!(
+        matches!(&out[0].1.msg, Msg::Rebalanced { id: 8, error, .. } if error.contains("no such worker: nobody"))
+    );
+    s.rebalance(C1, 9, vec!["x-1".into()], vec!["w1".into(), "w2".into()]);
+    let out = s.take_outgoing();
+    assert!(matches!(&out[0].1.msg, Msg::Rebalanced { id: 9, moved: 0, failed: 0, .. }), "{out:?}");
+}
+
+#[test]
+fn a_recipient_dying_mid_rebalance_loses_nothing_and_the_request_is_answered() {
+    let mut s = with_workers(2);
+    s.add_client(C1);
+    s.scatter_done(C1, "tcp://h:0", vec![("a".into(), 100), ("b".into(), 100)]);
+    s.take_outgoing();
+    s.rebalance(C1, 1, vec![], vec![]);
+    assert!(s.take_outgoing().iter().any(|(p, e)| *p == W2 && matches!(e.msg, Msg::AcquireReplicas { .. })));
+    s.remove_worker(W2);
+    let out = s.take_outgoing();
+    assert!(
+        out.iter().any(|(p, e)| *p == C1 && matches!(e.msg, Msg::Rebalanced { id: 1, moved: 0, failed: 1, .. })),
+        "{out:?}"
+    );
+    assert_eq!(s.who_has("a"), ["tcp://h:0"]);
+    assert_eq!(s.who_has("b"), ["tcp://h:0"]);
+    s.validate().unwrap();
+}
+
+#[test]
+fn replicate_copies_to_the_least_loaded_workers_until_n_hold_it() {
+    let mut s = with_workers(3);
+    s.add_client(C1);
+    s.scatter_done(C1, "tcp://h:0", vec![("x".into(), 100)]);
+    s.scatter_done(C1, "tcp://h:1", vec![("big".into(), 1000)]);
+    s.take_outgoing();
+    s.replicate(&["x".into(), "unknown".into()], 2);
+    let sent: Vec<(PeerId, String)> = s
+        .take_outgoing()
+        .into_iter()
+        .filter_map(|(p, e)| match e.msg {
+            Msg::AcquireReplicas { keys } => Some((p, keys[0].key.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, [(W1 + 2, "x".to_string())], "the worker holding nothing gets the copy");
+    s.add_keys(W1 + 2, &[("x".into(), 100)]);
+    assert_eq!(s.who_has("x").len(), 2);
+    s.replicate(&["x".into()], 2);
+    assert!(s.take_outgoing().is_empty(), "already on two workers");
+}
+
+#[test]
+fn restart_cancels_every_key_and_restarts_every_worker() {
+    let mut s = with_workers(2);
+    s.add_client(C1);
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
+    s.take_outgoing();
+    s.restart();
+    let out = s.take_outgoing();
+    assert!(out.iter().any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyCancelled { key, .. } if key == "b")));
+    assert_eq!(out.iter().filter(|(_, e)| matches!(e.msg, Msg::RestartWorker)).count(), 2);
+    assert_eq!((s.ntasks(), s.nworkers(), s.nclients()), (0, 0, 1));
+    s.validate().unwrap();
+}
+
+#[test]
+fn unknown_dependency_errs_with_a_clear_message() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("b", &["gone"])], vec!["b".into()]);
+    let out = s.take_outgoing();
+    assert!(out.iter().any(|(_, e)| matches!(&e.msg,
+        Msg::KeyErred { text, .. } if text.contains("\"gone\" is not known to the scheduler"))));
+}
+
+#[test]
+fn duplicate_worker_names_are_refused() {
+    let mut s = with_workers(1);
+    let err = s.add_worker(W2, Registration::new("w0", "tcp://h:77", 1, 0)).unwrap_err();
+    assert!(err.contains("already registered"));
+}
+
+#[test]
+fn events_give_a_snapshot_then_only_changes() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("x-1", &[]), spec("y-1", &[])], vec!["x-1".into(), "y-1".into()]);
+    let mut cur = EventCursor::default();
+    let snap = s.events_since(&mut cur, 0.0);
+    assert_eq!(snap.groups.len(), 2);
+    assert!(snap.stream.is_empty());
+    let sent = computes(&mut s);
+    let x_worker = sent.iter().find(|(_, k)| k == "x-1").unwrap().0;
+    finish(&mut s, x_worker, "x-1", 8);
+    let delta = s.events_since(&mut cur, 1.0);
+    assert_eq!(delta.stream.len(), 1);
+    assert_eq!(delta.groups.len(), 1, "only the x group changed");
+    assert_eq!(delta.groups[0].memory, 1);
+    assert!(s.events_since(&mut cur, 2.0).stream.is_empty());
+}
+
+#[test]
+fn retries_rerun_a_failing_task() {
+    let mut s = with_workers(1);
+    let (mut t, b) = spec("flaky", &[]);
+    t.retries = 2;
+    s.update_graph(C1, vec![(t, b)], vec!["flaky".into()]);
+    for _ in 0..2 {
+        assert_eq!(computes(&mut s).len(), 1);
+        s.task_erred(W1, "flaky", Bytes::new(), Bytes::new(), "OSError".into(), 0.0, 1.0, 0);
+        s.validate().unwrap();
+        assert_ne!(s.task_state("flaky"), Some(TaskState::Erred));
+    }
+    assert_eq!(computes(&mut s).len(), 1, "third attempt");
+    s.task_erred(W1, "flaky", Bytes::new(), Bytes::new(), "OSError".into(), 0.0, 1.0, 0);
+    assert_eq!(s.task_state("flaky"), Some(TaskState::Erred));
+}
+
+#[test]
+fn a_task_that_keeps_killing_workers_errs_with_killed_worker() {
+    let mut s = SchedulerState::new(SchedulerConfig { allowed_failures: 1, ..Default::default() });
+    s.add_worker(W1, Registration::new("a", "tcp://h:1", 1, 0)).unwrap();
+    s.update_graph(C1, vec![spec("bomb", &[])], vec!["bomb".into()]);
+    assert_eq!(computes(&mut s), vec![(W1, "bomb".to_string())]);
+    s.remove_worker(W1);
+    s.add_worker(W2, Registration::new("b", "tcp://h:2", 1, 0)).unwrap();
+    assert_eq!(computes(&mut s), vec![(W2, "bomb".to_string())], "first death is forgiven");
+    s.remove_worker(W2);
+    s.validate().unwrap();
+    assert_eq!(s.task_state("bomb"), Some(TaskState::Erred));
+    assert!(s.take_outgoing().iter().any(|(_, e)| matches!(&e.msg,
+        Msg::KeyErred { text, .. } if text.starts_with("KilledWorker:") && text.contains("tcp://h:2"))));
+}
+
+#[test]
+fn retry_reruns_the_erred_chain() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
+    computes(&mut s);
+    s.task_erred(W1, "a", Bytes::new(), Bytes::new(), "boom".into(), 0.0, 1.0, 0);
+    assert_eq!(s.task_state("b"), Some(TaskState::Erred));
+    s.take_outgoing();
+    s.retry_keys(&["b".into()]);
+    s.validate().unwrap();
+    assert_eq!(computes(&mut s), vec![(W1, "a".to_string())]);
+    finish(&mut s, W1, "a", 8);
+    assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
+}
+
+#[test]
+fn fire_and_forget_runs_after_release_then_forgets() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("side-effect", &[])], vec!["side-effect".into()]);
+    s.fire_and_forget(&["side-effect".into()]);
+    s.release_keys(C1, &["side-effect".into()]);
+    assert_eq!(computes(&mut s).len(), 1, "still computed");
+    finish(&mut s, W1, "side-effect", 8);
+    assert_eq!(s.ntasks(), 0, "forgotten once done");
+}
+
+#[test]
+fn datasets_hold_keys_until_unpublished() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("x", &[])], vec!["x".into()]);
+    computes(&mut s);
+    finish(&mut s, W1, "x", 8);
+    s.publish_dataset(C1, 1, "mine".into(), vec!["x".into()], Bytes::from_static(b"pickled"), false);
+    s.publish_dataset(C1, 2, "mine".into(), vec!["x".into()], Bytes::new(), false);
+    let out = s.take_outgoing();
+    assert!(out.iter().any(
+        |(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 2, error, .. } if error.contains("already exists"))
+    ));
+    s.release_keys(C1, &["x".into()]);
+    assert_eq!(s.task_state("x"), Some(TaskState::Memory), "held by the dataset");
+    s.get_dataset(C2, 3, "mine");
+    s.list_datasets(C2, 4);
+    let out = s.take_outgoing();
+    assert!(out.iter().any(|(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 3, data: Some(Blob::Inline(b)), .. } if &b[..] == b"pickled")));
+    assert!(out.iter().any(
+        |(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 4, names, .. } if names == &vec!["mine".to_string()])
+    ));
+    s.unpublish_dataset(C2, 5, "mine");
+    assert_eq!(s.ntasks(), 0);
+}
