@@ -1,11 +1,11 @@
 //! Glue between the scheduler and [`Coordination`](super::coord::Coordination):
 //! operations in, replies out, and the keys held by stored values.
 
-use bytes::Bytes;
-use crate::protocol::CoordOp;
 use super::coord::CoordOutput;
-use super::holders::COORDINATION;
+use super::holders::Holder;
 use super::state::{PeerId, SchedulerState};
+use crate::protocol::CoordOp;
+use bytes::Bytes;
 
 impl SchedulerState {
     /// An operation on a variable, queue, semaphore or event.
@@ -26,11 +26,11 @@ impl SchedulerState {
         for o in self.coord.take_output() {
             match o {
                 CoordOutput::Reply(peer, env) => self.out.push((peer, env)),
-                CoordOutput::Hold(keys) => self.hold_keys(&keys, COORDINATION),
-                CoordOutput::Unhold(keys) => self.unhold_keys(&keys, COORDINATION),
+                CoordOutput::Hold(keys) => self.hold_keys(&keys, Holder::Coordination),
+                CoordOutput::Unhold(keys) => self.unhold_keys(&keys, Holder::Coordination),
                 CoordOutput::Transfer(client, keys) => {
                     self.want_keys(client, keys.clone());
-                    self.unhold_keys(&keys, COORDINATION);
+                    self.unhold_keys(&keys, Holder::Coordination);
                 }
             }
         }

@@ -1,13 +1,20 @@
 //! Published datasets: named objects whose futures the scheduler holds
 //! until they are unpublished.
 
-use bytes::Bytes;
-use crate::protocol::{Blob, Envelope, Key, Msg};
-use super::holders::DATASETS;
+use super::holders::Holder;
 use super::state::{PeerId, SchedulerState};
+use crate::protocol::{Blob, Envelope, Key, Msg};
+use bytes::Bytes;
 
 impl SchedulerState {
-    pub(super) fn dataset_reply(&mut self, client: PeerId, id: u64, error: String, data: Option<Bytes>, names: Vec<String>) {
+    pub(super) fn dataset_reply(
+        &mut self,
+        client: PeerId,
+        id: u64,
+        error: String,
+        data: Option<Bytes>,
+        names: Vec<String>,
+    ) {
         let mut frames = Vec::new();
         let data = data.map(|d| Blob::new(d, &mut frames));
         self.out.push((client, Envelope { msg: Msg::DatasetReply { id, error, data, names }, frames }));
@@ -32,9 +39,9 @@ impl SchedulerState {
             return self.dataset_reply(client, id, err, None, Vec::new());
         }
         if let Some((old, _)) = self.datasets.remove(&name) {
-            self.unhold_keys(&old, DATASETS);
+            self.unhold_keys(&old, Holder::Datasets);
         }
-        self.hold_keys(&keys, DATASETS);
+        self.hold_keys(&keys, Holder::Datasets);
         self.datasets.insert(name, (keys, data));
         self.dataset_reply(client, id, String::new(), None, Vec::new());
     }
@@ -43,7 +50,7 @@ impl SchedulerState {
     pub fn unpublish_dataset(&mut self, client: PeerId, id: u64, name: &str) {
         match self.datasets.remove(name) {
             Some((keys, _)) => {
-                self.unhold_keys(&keys, DATASETS);
+                self.unhold_keys(&keys, Holder::Datasets);
                 self.dataset_reply(client, id, String::new(), None, Vec::new());
             }
             None => self.dataset_reply(client, id, format!("Dataset {name:?} not found"), None, Vec::new()),

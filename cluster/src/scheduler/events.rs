@@ -1,9 +1,9 @@
 //! What observers read: the task stream, counts per group, worker infos,
 //! the load summary, and point queries (`who_has`, state counts).
 
-use rustc_hash::FxHashMap;
-use crate::protocol::{EventsUpdate, GroupCounts, Key, LoadSummary, Msg, TaskStreamRecord, WorkerInfo};
 use super::state::{PeerId, SchedulerState, TaskState};
+use crate::protocol::{EventsUpdate, GroupCounts, Key, LoadSummary, Msg, TaskStreamRecord, WorkerInfo};
+use rustc_hash::FxHashMap;
 
 /// Where a subscriber is in the event stream.
 #[derive(Debug, Default, Clone)]
@@ -21,12 +21,7 @@ impl SchedulerState {
 
     /// Addresses of workers holding `key`.
     pub fn who_has(&self, key: &str) -> Vec<String> {
-        match self.keys.get(key) {
-            Some(&id) => {
-                self.t(id).who_has.iter().filter_map(|w| self.workers.get(w)).map(|w| w.address.clone()).collect()
-            }
-            None => Vec::new(),
-        }
+        self.keys.get(key).map(|&id| self.addresses(&self.t(id).who_has)).unwrap_or_default()
     }
 
     /// Number of tasks the scheduler holds (not forgotten).

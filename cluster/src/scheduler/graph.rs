@@ -1,11 +1,10 @@
 //! Graph intake: tasks submitted by clients (and data scattered by them)
 //! become known, and move from released to waiting to ready.
 
-use std::sync::Arc;
-use bytes::Bytes;
-use crate::protocol::{Key, Msg, Priority, TaskSpec};
 use super::state::{PeerId, SchedulerState, TaskState};
-use super::task::{Dependents, ErrorInfo, Restriction, Task, TaskId};
+use super::task::{ErrorInfo, Restriction, Task, TaskId};
+use crate::protocol::{Key, Msg, Priority, TaskSpec};
+use bytes::Bytes;
 
 impl SchedulerState {
     /// A client submitted tasks and wants `wanted` of them.
@@ -27,27 +26,9 @@ impl SchedulerState {
             }
             let group = self.group_id(&spec.key);
             let restriction = Restriction::from_spec(spec.workers, spec.allow_other_workers, spec.resources);
-            let task = Task {
-                key: spec.key.clone().into_boxed_str(),
-                state: TaskState::Released,
-                run_spec,
-                deps: Vec::new(),
-                dependents: Dependents::new(),
-                waiting_on: 0,
-                waiters: 0,
-                who_wants: Vec::new(),
-                who_has: Vec::new(),
-                processing_on: None,
-                nbytes: 0,
-                priority: Priority { user: -spec.priority, generation, order: spec.order },
-                group,
-                restriction,
-                error: None,
-                retries: spec.retries,
-                suspicious: 0,
-            };
+            let priority = Priority { user: -spec.priority, generation, order: spec.order };
+            let task = Task { restriction, retries: spec.retries, ..Task::new(&spec.key, group, run_spec, priority) };
             let id = self.insert_task(task);
-            self.groups[group as usize].counts[TaskState::Released.index()] += 1;
             fresh.push((id, spec.deps));
         }
         let mut unknown: Vec<(TaskId, Key)> = Vec::new();
@@ -66,20 +47,12 @@ impl SchedulerState {
         }
         for k in &wanted {
             if let Some(&id) = self.keys.get(k.as_str()) {
-                let t = self.tm(id);
-                if !t.who_wants.contains(&client) {
-                    t.who_wants.push(client);
-                }
-                self.clients.get_mut(&client).expect("client").wants.insert(id);
+                self.client_wants(client, id);
             }
         }
         for (id, k) in unknown {
-            let err = Arc::new(ErrorInfo {
-                exception: Bytes::new(),
-                traceback: Bytes::new(),
-                text: format!("dependency {k:?} is not known to the scheduler (was its future released?)"),
-            });
-            self.set_erred(id, err);
+            let text = format!("dependency {k:?} is not known to the scheduler (was its future released?)");
+            self.set_erred(id, ErrorInfo::scheduler(text));
         }
         for (id, _) in &fresh {
             if self.t(*id).state == TaskState::Released {
@@ -104,10 +77,7 @@ impl SchedulerState {
         for k in keys {
             match self.keys.get(k.as_str()) {
                 Some(&id) => {
-                    if !self.t(id).who_wants.contains(&client) {
-                        self.tm(id).who_wants.push(client);
-                    }
-                    self.clients.get_mut(&client).expect("client").wants.insert(id);
+                    self.client_wants(client, id);
                     match self.t(id).state {
                         TaskState::Memory | TaskState::Erred => self.report_to(client, id),
                         TaskState::Released => self.transition_to_waiting(id),
@@ -125,8 +95,7 @@ impl SchedulerState {
     /// Data a client put on `worker` directly.
     pub fn scatter_done(&mut self, client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>) {
         self.add_client(client);
-        let worker = self.workers.iter().find(|(_, w)| w.address == worker_addr).map(|(p, _)| *p);
-        let Some(worker) = worker else {
+        let Some(worker) = self.worker_by_address(worker_addr) else {
             for (k, _) in keys {
                 self.send(client, Msg::KeyCancelled { key: k, reason: format!("worker {worker_addr} is gone") });
             }
@@ -137,34 +106,11 @@ impl SchedulerState {
                 Some(&id) => id,
                 None => {
                     let group = self.group_id(&k);
-                    let task = Task {
-                        key: k.clone().into_boxed_str(),
-                        state: TaskState::Released,
-                        run_spec: None,
-                        deps: Vec::new(),
-                        dependents: Dependents::new(),
-                        waiting_on: 0,
-                        waiters: 0,
-                        who_wants: Vec::new(),
-                        who_has: Vec::new(),
-                        processing_on: None,
-                        nbytes,
-                        priority: Priority::default(),
-                        group,
-                        restriction: None,
-                        error: None,
-                        retries: 0,
-                        suspicious: 0,
-                    };
-                    let id = self.insert_task(task);
-                    self.groups[group as usize].counts[TaskState::Released.index()] += 1;
-                    id
+                    let task = Task { nbytes, ..Task::new(&k, group, None, Priority::default()) };
+                    self.insert_task(task)
                 }
             };
-            if !self.t(id).who_wants.contains(&client) {
-                self.tm(id).who_wants.push(client);
-            }
-            self.clients.get_mut(&client).expect("client").wants.insert(id);
+            self.client_wants(client, id);
             if self.t(id).state != TaskState::Memory {
                 self.unassign(id);
                 self.tm(id).nbytes = nbytes;
@@ -180,7 +126,9 @@ impl SchedulerState {
         }
     }
 
+    /// Add a released task to the table, the key index and its group's counts.
     pub(super) fn insert_task(&mut self, task: Task) -> TaskId {
+        self.groups[task.group as usize].counts[TaskState::Released.index()] += 1;
         let key = task.key.clone();
         let id = match self.free_ids.pop() {
             Some(id) => {
@@ -215,15 +163,9 @@ impl SchedulerState {
                 continue;
             }
             if self.t(id).run_spec.is_none() {
-                let err = Arc::new(ErrorInfo {
-                    exception: Bytes::new(),
-                    traceback: Bytes::new(),
-                    text: format!(
-                        "key {} cannot be recomputed: it has no recipe (scattered data lost?)",
-                        self.t(id).key
-                    ),
-                });
-                self.set_erred(id, err);
+                let text =
+                    format!("key {} cannot be recomputed: it has no recipe (scattered data lost?)", self.t(id).key);
+                self.set_erred(id, ErrorInfo::scheduler(text));
                 continue;
             }
             let mut missing = 0;
@@ -273,9 +215,7 @@ impl SchedulerState {
     /// Tell the clients that want `id` whether it can run (see `KeyNoWorker`).
     pub(super) fn tell_wanters(&mut self, id: TaskId, reason: String) {
         let key = self.t(id).key.to_string();
-        let clients: Vec<PeerId> =
-            self.t(id).who_wants.iter().copied().filter(|c| self.clients.contains_key(c)).collect();
-        for c in clients {
+        for c in self.clients_of(id) {
             self.send(c, Msg::KeyNoWorker { key: key.clone(), reason: reason.clone() });
         }
     }

@@ -1,11 +1,11 @@
 //! Placement: which worker runs a ready task, and how queued root tasks
 //! are handed to workers as their slots free up.
 
-use rustc_hash::FxHashMap;
-use crate::protocol::{Blob, DepInfo, Envelope, Msg};
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::TaskId;
 use super::workers::Worker;
+use crate::protocol::{Blob, DepInfo, Envelope, Msg};
+use rustc_hash::FxHashMap;
 
 /// Cap on root tasks in flight per worker thread from `pipeline_window`.
 pub(super) const MAX_PIPELINE_PER_THREAD: usize = 64;
@@ -83,11 +83,7 @@ impl SchedulerState {
             .iter()
             .map(|&d| {
                 let dt = self.t(d);
-                DepInfo {
-                    key: dt.key.to_string(),
-                    nbytes: dt.nbytes,
-                    who_has: dt.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
-                }
+                DepInfo { key: dt.key.to_string(), nbytes: dt.nbytes, who_has: self.addresses(&dt.who_has) }
             })
             .collect();
         let mut frames = Vec::new();

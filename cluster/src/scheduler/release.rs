@@ -1,10 +1,10 @@
 //! Releasing and forgetting: keys nobody wants any more, cancellation,
 //! retries, fire-and-forget, and `restart`, which forgets everything.
 
-use crate::protocol::{Envelope, Key, Msg};
-use super::holders::FIRE_AND_FORGET;
+use super::holders::Holder;
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::TaskId;
+use crate::protocol::{Envelope, Key, Msg};
 
 impl SchedulerState {
     /// A client no longer holds futures for `keys`.
@@ -13,11 +13,7 @@ impl SchedulerState {
             let Some(&id) = self.keys.get(k.as_str()) else {
                 continue;
             };
-            self.tm(id).who_wants.retain(|&p| p != client);
-            if let Some(c) = self.clients.get_mut(&client) {
-                c.wants.remove(&id);
-            }
-            self.check_release(id);
+            self.client_releases(client, id);
         }
     }
 
@@ -41,14 +37,10 @@ impl SchedulerState {
             }
             match t.state {
                 TaskState::Memory => {
-                    let holders = std::mem::take(&mut self.tm(id).who_has);
                     let nbytes = self.t(id).nbytes;
                     let key = self.t(id).key.to_string();
-                    for w in holders {
-                        if let Some(worker) = self.workers.get_mut(&w) {
-                            worker.has_what.remove(&id);
-                            worker.nbytes = worker.nbytes.saturating_sub(nbytes);
-                        }
+                    for w in self.t(id).who_has.clone() {
+                        self.remove_replica(id, w);
                         self.send(w, Msg::FreeKeys { keys: vec![key.clone()] });
                     }
                     let g = self.t(id).group as usize;
@@ -115,11 +107,7 @@ impl SchedulerState {
             let Some(&id) = self.keys.get(k.as_str()) else { continue };
             match self.t(id).state {
                 TaskState::Memory | TaskState::Erred => {}
-                _ => {
-                    if !self.t(id).who_wants.contains(&FIRE_AND_FORGET) {
-                        self.tm(id).who_wants.push(FIRE_AND_FORGET);
-                    }
-                }
+                _ => self.hold(id, Holder::FireAndForget),
             }
         }
     }
@@ -127,14 +115,13 @@ impl SchedulerState {
     /// `Client.restart`: every client hears that each of its keys was
     /// cancelled, every task and dataset is forgotten, and every worker is
     /// asked to exit for its supervisor to start a fresh process (which
-    /// registers anew). Clients and coordination primitives stay.
+    /// registers anew). Clients, coordination primitives and the running counters
+    /// (task-stream total, tasks stolen) stay.
     pub fn restart(&mut self) {
         let mut cancelled: Vec<(PeerId, Key)> = Vec::new();
         for t in self.tasks.iter().flatten() {
-            for &c in &t.who_wants {
-                if self.clients.contains_key(&c) {
-                    cancelled.push((c, t.key.to_string()));
-                }
+            for c in t.who_wants.iter().filter_map(|h| h.client()) {
+                cancelled.push((c, t.key.to_string()));
             }
         }
         for (c, key) in cancelled {
@@ -148,18 +135,51 @@ impl SchedulerState {
         for &w in &self.worker_order {
             self.out.push((w, Envelope::new(Msg::RestartWorker)));
         }
-        let out = std::mem::take(&mut self.out);
-        let coord = std::mem::take(&mut self.coord);
-        let clients: Vec<PeerId> = self.clients.keys().copied().collect();
-        let stream_total = self.stream_total;
-        let version = self.version;
-        *self = SchedulerState::new(self.config.clone());
-        self.out = out;
-        self.coord = coord;
-        self.stream_total = stream_total;
-        self.version = version + 1;
-        for c in clients {
-            self.add_client(c);
+        // Every field is named, so a new one cannot be forgotten here.
+        let SchedulerState {
+            config: _,
+            tasks,
+            free_ids,
+            keys,
+            workers,
+            worker_order,
+            clients,
+            queue,
+            no_worker,
+            generation,
+            groups,
+            group_ids,
+            stream,
+            stream_total: _,
+            version,
+            out: _,
+            datasets,
+            retirements,
+            replicating,
+            coord: _,
+            steals,
+            stolen_total: _,
+            rebalances,
+        } = self;
+        tasks.clear();
+        free_ids.clear();
+        keys.clear();
+        workers.clear();
+        worker_order.clear();
+        for c in clients.values_mut() {
+            c.wants.clear();
         }
+        queue.clear();
+        no_worker.clear();
+        *generation = 0;
+        groups.clear();
+        group_ids.clear();
+        stream.clear();
+        *version += 1;
+        datasets.clear();
+        retirements.clear();
+        replicating.clear();
+        steals.clear();
+        rebalances.clear();
     }
 }

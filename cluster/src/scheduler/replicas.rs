@@ -1,12 +1,12 @@
 //! Copies of results: `replicate` (more copies) and `rebalance` (moving
 //! results from workers above the mean managed memory to those below).
 
-use rustc_hash::FxHashMap;
-use crate::protocol::{DepInfo, Key, Msg};
 use super::rebalance;
 use super::rebalance::Candidate;
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::TaskId;
+use crate::protocol::{DepInfo, Key, Msg};
+use rustc_hash::FxHashMap;
 
 /// A pending `Rebalance` request: moves not yet done, key -> (from, to).
 #[derive(Debug)]
@@ -39,8 +39,7 @@ impl SchedulerState {
                 .filter_map(|p| self.workers.get(&p).filter(|w| !w.retiring).map(|w| (w.nbytes, p)))
                 .collect();
             cands.sort_unstable();
-            let holders: Vec<String> =
-                t.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect();
+            let holders = self.addresses(&t.who_has);
             for (_, dest) in cands.into_iter().take(n - t.who_has.len()) {
                 by_dest.entry(dest).or_default().push(DepInfo {
                     key: k.clone(),
@@ -49,8 +48,14 @@ impl SchedulerState {
                 });
             }
         }
-        let mut dests: Vec<_> = by_dest.into_iter().collect();
-        dests.sort_by_key(|(p, _)| *p);
+        self.send_acquire(by_dest);
+    }
+
+    /// Ask each destination to fetch its keys (`AcquireReplicas`), in a
+    /// fixed order of destinations.
+    pub(super) fn send_acquire(&mut self, by_dest: FxHashMap<PeerId, Vec<DepInfo>>) {
+        let mut dests: Vec<(PeerId, Vec<DepInfo>)> = by_dest.into_iter().collect();
+        dests.sort_by_key(|d| d.0);
         for (dest, keys) in dests {
             self.send(dest, Msg::AcquireReplicas { keys });
         }
@@ -70,11 +75,7 @@ impl SchedulerState {
             participants.extend(self.worker_order.iter().copied().filter(|p| !self.workers[p].retiring));
         }
         for n in &workers {
-            let found = self.worker_order.iter().copied().find(|p| {
-                let w = &self.workers[p];
-                w.name == *n || w.address == *n || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
-            });
-            match found {
+            match self.find_worker(n) {
                 Some(p) if !participants.contains(&p) => participants.push(p),
                 Some(_) => {}
                 None => unknown.push(n.clone()),
@@ -117,11 +118,7 @@ impl SchedulerState {
             });
             pending.insert(key, (from, to));
         }
-        let mut dests: Vec<(PeerId, Vec<DepInfo>)> = by_dest.into_iter().collect();
-        dests.sort_by_key(|d| d.0);
-        for (dest, keys) in dests {
-            self.send(dest, Msg::AcquireReplicas { keys });
-        }
+        self.send_acquire(by_dest);
         self.rebalances.push(Rebalancing { requester, id, pending, moved: 0, bytes: 0, failed: 0 });
         self.check_rebalances();
     }
@@ -153,13 +150,7 @@ impl SchedulerState {
             if from == worker || !self.t(id).who_has.contains(&from) || self.needed_by_running(id, Some(from)) {
                 continue;
             }
-            let nbytes = self.t(id).nbytes;
-            if let Some(w) = self.workers.get_mut(&from) {
-                if w.has_what.remove(&id) {
-                    w.nbytes = w.nbytes.saturating_sub(nbytes);
-                }
-            }
-            self.tm(id).who_has.retain(|&p| p != from);
+            self.remove_replica(id, from);
             self.send(from, Msg::FreeKeys { keys: vec![key.clone()] });
         }
     }

@@ -1,12 +1,21 @@
 //! What workers report about tasks: finished, erred, seceded, replicas
 //! that arrived, data they could not fetch; and telling clients.
 
-use std::sync::Arc;
-use bytes::Bytes;
-use crate::protocol::{Blob, Envelope, Key, Msg, TaskStreamRecord};
-use super::holders::{DATASETS, FIRE_AND_FORGET};
+use super::holders::Holder;
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::{ErrorInfo, TaskId};
+use crate::protocol::{Blob, Envelope, Key, Msg, TaskStreamRecord};
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// How one execution of a task went, for the task stream.
+struct TaskRun {
+    thread: u32,
+    start: f64,
+    stop: f64,
+    transfer: f64,
+    erred: bool,
+}
 
 impl SchedulerState {
     /// A worker finished a task.
@@ -36,25 +45,8 @@ impl SchedulerState {
             return;
         }
         let group = self.t(id).group;
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.unprocess(id);
-            let rec = TaskStreamRecord {
-                key: key.to_string(),
-                group: self.groups[group as usize].name.clone(),
-                worker: w.address.clone(),
-                thread,
-                start,
-                stop,
-                transfer,
-                erred: false,
-            };
-            self.push_stream(rec);
-        }
-        {
-            let t = self.tm(id);
-            t.processing_on = None;
-            t.nbytes = nbytes;
-        }
+        self.ran_on(id, worker, TaskRun { thread, start, stop, transfer, erred: false });
+        self.tm(id).nbytes = nbytes;
         let g = &mut self.groups[group as usize];
         g.nbytes += nbytes;
         if stop >= start {
@@ -66,6 +58,28 @@ impl SchedulerState {
         self.on_memory(id);
         self.fill_worker(worker);
         self.check_retirements();
+    }
+
+    /// `id`, processing on `worker`, ran there and ended: no longer
+    /// assigned, and recorded in the task stream.
+    fn ran_on(&mut self, id: TaskId, worker: PeerId, run: TaskRun) {
+        self.tm(id).processing_on = None;
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        w.unprocess(id);
+        let worker = w.address.clone();
+        let TaskRun { thread, start, stop, transfer, erred } = run;
+        let t = self.t(id);
+        let rec = TaskStreamRecord {
+            key: t.key.to_string(),
+            group: self.groups[t.group as usize].name.clone(),
+            worker,
+            thread,
+            start,
+            stop,
+            transfer,
+            erred,
+        };
+        self.push_stream(rec);
     }
 
     /// A task left its thread to wait for tasks it launched (`secede`): it
@@ -92,10 +106,23 @@ impl SchedulerState {
         }
     }
 
+    /// `worker` no longer holds `id`; whether it did.
+    pub(super) fn remove_replica(&mut self, id: TaskId, worker: PeerId) -> bool {
+        let nbytes = self.t(id).nbytes;
+        let held = self.workers.get_mut(&worker).is_some_and(|w| {
+            let held = w.has_what.remove(&id);
+            if held {
+                w.nbytes = w.nbytes.saturating_sub(nbytes);
+            }
+            held
+        });
+        self.tm(id).who_has.retain(|&p| p != worker);
+        held
+    }
+
     pub(super) fn on_memory(&mut self, id: TaskId) {
-        self.tm(id).who_wants.retain(|&c| c != FIRE_AND_FORGET);
-        let wants = self.t(id).who_wants.clone();
-        for c in wants {
+        self.unhold_all(id, Holder::FireAndForget);
+        for c in self.clients_of(id) {
             self.report_to(c, id);
         }
         for d in self.t(id).dependents.to_vec() {
@@ -116,16 +143,13 @@ impl SchedulerState {
     }
 
     pub(super) fn report_to(&mut self, client: PeerId, id: TaskId) {
-        if client == FIRE_AND_FORGET || client == DATASETS {
-            return;
-        }
         let t = self.t(id);
         let msg = match t.state {
             TaskState::Memory => Msg::KeyInMemory {
                 key: t.key.to_string(),
                 nbytes: t.nbytes,
                 type_name: String::new(),
-                workers: t.who_has.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect(),
+                workers: self.addresses(&t.who_has),
             },
             TaskState::Erred => {
                 let e = t.error.as_ref().expect("erred task has error");
@@ -157,25 +181,11 @@ impl SchedulerState {
         let Some(&id) = self.keys.get(key) else {
             return;
         };
-        let (state, on, group) = (self.t(id).state, self.t(id).processing_on, self.t(id).group);
+        let (state, on) = (self.t(id).state, self.t(id).processing_on);
         if state != TaskState::Processing || on != Some(worker) {
             return;
         }
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.unprocess(id);
-            let rec = TaskStreamRecord {
-                key: key.to_string(),
-                group: self.groups[group as usize].name.clone(),
-                worker: w.address.clone(),
-                thread,
-                start,
-                stop,
-                transfer: 0.0,
-                erred: true,
-            };
-            self.push_stream(rec);
-        }
-        self.tm(id).processing_on = None;
+        self.ran_on(id, worker, TaskRun { thread, start, stop, transfer: 0.0, erred: true });
         if self.t(id).retries > 0 {
             self.tm(id).retries -= 1;
             self.set_state(id, TaskState::Released);
@@ -206,9 +216,8 @@ impl SchedulerState {
             stack.extend(self.t(id).dependents.iter());
         }
         for &id in &touched {
-            self.tm(id).who_wants.retain(|&c| c != FIRE_AND_FORGET);
-            let wants = self.t(id).who_wants.clone();
-            for c in wants {
+            self.unhold_all(id, Holder::FireAndForget);
+            for c in self.clients_of(id) {
                 self.report_to(c, id);
             }
         }
@@ -227,15 +236,8 @@ impl SchedulerState {
             return;
         };
         for h in holders {
-            let peer = self.workers.iter().find(|(_, w)| &w.address == h).map(|(p, _)| *p);
-            if let Some(p) = peer {
-                let nbytes = self.t(id).nbytes;
-                if let Some(w) = self.workers.get_mut(&p) {
-                    if w.has_what.remove(&id) {
-                        w.nbytes = w.nbytes.saturating_sub(nbytes);
-                    }
-                }
-                self.tm(id).who_has.retain(|&x| x != p);
+            if let Some(p) = self.worker_by_address(h) {
+                self.remove_replica(id, p);
             }
         }
         // Tasks on the reporting worker that needed it are rescheduled.

@@ -1,10 +1,10 @@
 //! Retiring workers: no new tasks, results only they hold copied
 //! elsewhere, then closed.
 
-use rustc_hash::FxHashMap;
-use crate::protocol::{DepInfo, Msg};
 use super::state::{PeerId, SchedulerState};
 use super::task::TaskId;
+use crate::protocol::{DepInfo, Msg};
+use rustc_hash::FxHashMap;
 
 /// A pending `RetireWorkers` request.
 #[derive(Debug)]
@@ -22,11 +22,7 @@ impl SchedulerState {
     pub fn retire_workers(&mut self, requester: PeerId, id: u64, names: Vec<String>) {
         let mut r = Retirement { requester, id, workers: Vec::new(), failed: Vec::new() };
         for n in names {
-            let found = self.worker_order.iter().copied().find(|p| {
-                let w = &self.workers[p];
-                w.name == n || w.address == n || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://")
-            });
-            match found {
+            match self.find_worker(&n) {
                 Some(p) => {
                     let w = self.workers.get_mut(&p).expect("listed worker");
                     w.retiring = true;
@@ -84,11 +80,7 @@ impl SchedulerState {
                 });
             }
         }
-        let mut dests: Vec<(PeerId, Vec<DepInfo>)> = acquire.into_iter().collect();
-        dests.sort_by_key(|d| d.0);
-        for (dest, keys) in dests {
-            self.send(dest, Msg::AcquireReplicas { keys });
-        }
+        self.send_acquire(acquire);
         for (p, why) in stuck {
             if let Some(w) = self.workers.get_mut(&p) {
                 w.retiring = false;

@@ -8,16 +8,16 @@
 //! the in-process simulator in `crate::sim` drive the same code. The other
 //! files of this folder add `impl SchedulerState` blocks, one concern each.
 
-use std::collections::{BTreeSet, VecDeque};
-use bytes::Bytes;
-use rustc_hash::FxHashMap;
-use crate::protocol::{Envelope, Key, Msg, Priority, TaskStreamRecord, key_split};
 use super::coord::Coordination;
 use super::holders::Client;
 use super::replicas::Rebalancing;
 use super::retire::Retirement;
 use super::task::{Group, Task, TaskId};
 use super::workers::Worker;
+use crate::protocol::{key_split, Envelope, Key, Msg, Priority, TaskStreamRecord};
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeSet, VecDeque};
 
 /// Identifies a connected peer (worker or client) for the lifetime of its connection.
 pub type PeerId = u64;

@@ -1,9 +1,9 @@
 //! Work stealing: idle workers take unstarted long tasks from saturated
 //! ones, once the victim agrees.
 
-use crate::protocol::{Msg, Priority};
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::TaskId;
+use crate::protocol::{Msg, Priority};
 
 /// Seconds a steal costs before any data moves (the request's round trip).
 pub(super) const STEAL_LATENCY: f64 = 0.005;

@@ -1,11 +1,12 @@
 //! What the scheduler keeps per task and per task group.
 
-use std::sync::Arc;
-use bytes::Bytes;
-use rustc_hash::FxHashSet;
-use crate::protocol::{Priority, Resources};
+use super::holders::Holder;
 use super::state::{PeerId, TaskState};
 use super::workers::Worker;
+use crate::protocol::{Priority, Resources};
+use bytes::Bytes;
+use rustc_hash::FxHashSet;
+use std::sync::Arc;
 
 pub(super) type TaskId = u32;
 
@@ -19,6 +20,13 @@ pub(super) struct ErrorInfo {
     pub(super) exception: Bytes,
     pub(super) traceback: Bytes,
     pub(super) text: String,
+}
+
+impl ErrorInfo {
+    /// An error the scheduler itself raises (no Python exception to carry).
+    pub(super) fn scheduler(text: String) -> Arc<Self> {
+        Arc::new(ErrorInfo { exception: Bytes::new(), traceback: Bytes::new(), text })
+    }
 }
 
 /// Where a task may run.
@@ -42,9 +50,7 @@ impl Restriction {
     }
 
     pub(super) fn names(&self, w: &Worker) -> bool {
-        self.workers
-            .iter()
-            .any(|n| *n == w.name || *n == w.address || n.strip_prefix("tcp://") == w.address.strip_prefix("tcp://"))
+        self.workers.iter().any(|n| w.answers_to(n))
     }
 
     pub(super) fn has_resources(&self, w: &Worker) -> bool {
@@ -138,7 +144,8 @@ pub(super) struct Task {
     pub(super) waiting_on: u32,
     /// Dependents in an active state: while non-zero the result must stay.
     pub(super) waiters: u32,
-    pub(super) who_wants: Vec<PeerId>,
+    /// Clients and pseudo-clients holding it (see `holders`).
+    pub(super) who_wants: Vec<Holder>,
     pub(super) who_has: Vec<PeerId>,
     pub(super) processing_on: Option<PeerId>,
     pub(super) nbytes: u64,
@@ -150,6 +157,31 @@ pub(super) struct Task {
     pub(super) retries: u32,
     /// Workers that died while running this task.
     pub(super) suspicious: u32,
+}
+
+impl Task {
+    /// A released task without dependencies, restrictions or retries.
+    pub(super) fn new(key: &str, group: u32, run_spec: Option<Bytes>, priority: Priority) -> Self {
+        Task {
+            key: key.into(),
+            state: TaskState::Released,
+            run_spec,
+            deps: Vec::new(),
+            dependents: Dependents::new(),
+            waiting_on: 0,
+            waiters: 0,
+            who_wants: Vec::new(),
+            who_has: Vec::new(),
+            processing_on: None,
+            nbytes: 0,
+            priority,
+            group,
+            restriction: None,
+            error: None,
+            retries: 0,
+            suspicious: 0,
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -1,9 +1,9 @@
 //! Tests of the scheduler state machine.
 
-use bytes::Bytes;
-use crate::protocol::{Blob, Key, Msg, Registration, Resources, TaskSpec};
 use super::events::EventCursor;
 use super::state::{PeerId, SchedulerConfig, SchedulerState, TaskState};
+use crate::protocol::{Blob, Key, Msg, Registration, Resources, TaskSpec};
+use bytes::Bytes;
 
 const C1: PeerId = 1;
 const C2: PeerId = 2;
@@ -92,11 +92,7 @@ fn seceded_tasks_free_their_slot_for_the_tasks_they_launch() {
     let mut s = with_workers(1);
     s.add_client(C1);
     s.update_graph(C1, vec![spec("parent", &[])], vec!["parent".into()]);
-    s.update_graph(
-        C1,
-        vec![spec("a", &[]), spec("b", &[]), spec("c", &[])],
-        vec!["a".into(), "b".into(), "c".into()],
-    );
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &[]), spec("c", &[])], vec!["a".into(), "b".into(), "c".into()]);
     // One thread, saturation 1.1: two root tasks in flight, the rest queued.
     assert_eq!(computes(&mut s).len(), 2);
     assert_eq!(s.task_state("b"), Some(TaskState::Queued));
@@ -184,8 +180,10 @@ fn errors_propagate_to_dependents_and_reach_the_client() {
     s.validate().unwrap();
     assert_eq!(s.task_state("b"), Some(TaskState::Erred));
     let out = s.take_outgoing();
-    assert!(out.iter().any(|(p, e)| *p == C1
-        && matches!(&e.msg, Msg::KeyErred { key, text, .. } if key == "b" && text.contains("boom"))));
+    assert!(out
+        .iter()
+        .any(|(p, e)| *p == C1
+            && matches!(&e.msg, Msg::KeyErred { key, text, .. } if key == "b" && text.contains("boom"))));
 }
 
 #[test]
@@ -258,10 +256,11 @@ fn retiring_a_worker_copies_its_data_first_and_gives_it_no_new_work() {
     s.validate().unwrap();
     let out = s.take_outgoing();
     assert!(out.iter().any(|(p, e)| *p == w1 && matches!(e.msg, Msg::CloseWorker { .. })));
-    assert!(out
-        .iter()
-        .any(|(p, e)| *p == C2
-            && e.msg == Msg::WorkersRetired { id: 7, retired: vec![name1.clone()], failed: vec![] }));
+    assert!(
+        out.iter()
+            .any(|(p, e)| *p == C2
+                && e.msg == Msg::WorkersRetired { id: 7, retired: vec![name1.clone()], failed: vec![] })
+    );
     assert_eq!(s.nworkers(), 1);
     assert_eq!(s.who_has(&k1), vec![s.workers[&w2].address.clone()]);
     assert_eq!(s.task_state(&k1), Some(TaskState::Memory));
@@ -327,11 +326,7 @@ fn tasks_needing_resources_go_only_to_workers_declaring_enough() {
         t.resources = vec![("GPU".into(), amount)];
         (t, b)
     };
-    s.update_graph(
-        C1,
-        vec![gpu("a", 1.0), gpu("b", 1.0), gpu("big", 4.0)],
-        vec!["a".into(), "b".into(), "big".into()],
-    );
+    s.update_graph(C1, vec![gpu("a", 1.0), gpu("b", 1.0), gpu("big", 4.0)], vec!["a".into(), "b".into(), "big".into()]);
     // No worker declares GPU: all three wait, and the client hears why.
     let out = s.take_outgoing();
     let reasons: Vec<String> = out
@@ -446,9 +441,7 @@ fn rebalance_copies_then_frees_the_sender_and_answers_when_done() {
     // Unknown workers are an error; balanced already: answered at once.
     s.rebalance(C1, 8, vec![], vec!["nobody".into()]);
     let out = s.take_outgoing();
-    assert!(
-        matches!(&out[0].1.msg, Msg::Rebalanced { id: 8, error, .. } if error.contains("no such worker: nobody"))
-    );
+    assert!(matches!(&out[0].1.msg, Msg::Rebalanced { id: 8, error, .. } if error.contains("no such worker: nobody")));
     s.rebalance(C1, 9, vec!["x-1".into()], vec!["w1".into(), "w2".into()]);
     let out = s.take_outgoing();
     assert!(matches!(&out[0].1.msg, Msg::Rebalanced { id: 9, moved: 0, failed: 0, .. }), "{out:?}");
@@ -612,18 +605,20 @@ fn datasets_hold_keys_until_unpublished() {
     s.publish_dataset(C1, 1, "mine".into(), vec!["x".into()], Bytes::from_static(b"pickled"), false);
     s.publish_dataset(C1, 2, "mine".into(), vec!["x".into()], Bytes::new(), false);
     let out = s.take_outgoing();
-    assert!(out.iter().any(
-        |(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 2, error, .. } if error.contains("already exists"))
-    ));
+    assert!(out
+        .iter()
+        .any(|(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 2, error, .. } if error.contains("already exists"))));
     s.release_keys(C1, &["x".into()]);
     assert_eq!(s.task_state("x"), Some(TaskState::Memory), "held by the dataset");
     s.get_dataset(C2, 3, "mine");
     s.list_datasets(C2, 4);
     let out = s.take_outgoing();
-    assert!(out.iter().any(|(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 3, data: Some(Blob::Inline(b)), .. } if &b[..] == b"pickled")));
     assert!(out.iter().any(
-        |(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 4, names, .. } if names == &vec!["mine".to_string()])
+        |(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 3, data: Some(Blob::Inline(b)), .. } if &b[..] == b"pickled")
     ));
+    assert!(out
+        .iter()
+        .any(|(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 4, names, .. } if names == &vec!["mine".to_string()])));
     s.unpublish_dataset(C2, 5, "mine");
     assert_eq!(s.ntasks(), 0);
 }

@@ -1,12 +1,10 @@
 //! Workers joining, reporting metrics and leaving, and what their
 //! departure does to the tasks they ran and the results they held.
 
-use std::sync::Arc;
-use bytes::Bytes;
-use rustc_hash::FxHashSet;
-use crate::protocol::{Msg, Registration, Resources};
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::{ErrorInfo, TaskId};
+use crate::protocol::{Msg, Registration, Resources};
+use rustc_hash::FxHashSet;
 
 #[derive(Debug)]
 pub(super) struct Worker {
@@ -56,7 +54,33 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Whether `name` names this worker: its name, its address, or its
+    /// address with or without `tcp://`.
+    pub(super) fn answers_to(&self, name: &str) -> bool {
+        name == self.name
+            || name == self.address
+            || name.strip_prefix("tcp://").unwrap_or(name)
+                == self.address.strip_prefix("tcp://").unwrap_or(&self.address)
+    }
+}
+
 impl SchedulerState {
+    /// The first worker (in joining order) that `name` names (see [`Worker::answers_to`]).
+    pub(super) fn find_worker(&self, name: &str) -> Option<PeerId> {
+        self.worker_order.iter().copied().find(|p| self.workers[p].answers_to(name))
+    }
+
+    /// The worker listening at exactly `address`.
+    pub(super) fn worker_by_address(&self, address: &str) -> Option<PeerId> {
+        self.workers.iter().find(|(_, w)| w.address == address).map(|(p, _)| *p)
+    }
+
+    /// Addresses of the live workers among `peers`, in that order.
+    pub(super) fn addresses(&self, peers: &[PeerId]) -> Vec<String> {
+        peers.iter().filter_map(|p| self.workers.get(p)).map(|w| w.address.clone()).collect()
+    }
+
     /// A worker registered. Returns an error message if the address or name is taken.
     pub fn add_worker(&mut self, peer: PeerId, reg: Registration) -> Result<(), String> {
         let Registration { name, address, nthreads, memory_limit, pid, resources } = reg;
@@ -145,8 +169,7 @@ impl SchedulerState {
                         w.address,
                         w.name
                     );
-                    let err = Arc::new(ErrorInfo { exception: Bytes::new(), traceback: Bytes::new(), text });
-                    self.set_erred(id, err);
+                    self.set_erred(id, ErrorInfo::scheduler(text));
                 } else {
                     self.set_state(id, TaskState::Released);
                     self.transition_to_waiting(id);
@@ -179,12 +202,8 @@ impl SchedulerState {
             if self.t(id).run_spec.is_some() {
                 self.transition_to_waiting(id);
             } else {
-                let err = Arc::new(ErrorInfo {
-                    exception: Bytes::new(),
-                    traceback: Bytes::new(),
-                    text: format!("data for scattered key {} was lost with its worker", self.t(id).key),
-                });
-                self.set_erred(id, err);
+                let text = format!("data for scattered key {} was lost with its worker", self.t(id).key);
+                self.set_erred(id, ErrorInfo::scheduler(text));
             }
         } else {
             self.check_release(id);
