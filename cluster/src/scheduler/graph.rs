@@ -149,7 +149,8 @@ impl SchedulerState {
         // Iterative post-order walk over released dependencies.
         let mut stack = vec![(root, false)];
         while let Some((id, expanded)) = stack.pop() {
-            if self.t(id).state != TaskState::Released {
+            // Erring one task can release and forget another on the stack.
+            if self.live(id).is_none_or(|t| t.state != TaskState::Released) {
                 continue;
             }
             if !expanded {
@@ -174,6 +175,12 @@ impl SchedulerState {
                 match self.t(d).state {
                     TaskState::Memory => {}
                     TaskState::Erred => failed = self.t(d).error.clone(),
+                    // Brought back above unless it could not be: it erred and,
+                    // wanted by nothing active yet, was released again.
+                    TaskState::Released => {
+                        let text = format!("dependency {} was lost and cannot be recomputed", self.t(d).key);
+                        failed = Some(ErrorInfo::scheduler(text));
+                    }
                     _ => missing += 1,
                 }
             }

@@ -30,6 +30,8 @@ mod validate;
 mod workers;
 
 #[cfg(test)]
+mod random_test;
+#[cfg(test)]
 mod tests;
 
 pub use events::EventCursor;

@@ -83,6 +83,7 @@ impl SchedulerState {
 
     /// Re-run erred `keys`, together with the erred tasks they depend on.
     pub fn retry_keys(&mut self, keys: &[Key]) {
+        let mut released = Vec::new();
         for k in keys {
             let Some(&root) = self.keys.get(k.as_str()) else { continue };
             let mut stack = vec![root];
@@ -92,10 +93,17 @@ impl SchedulerState {
                 }
                 self.tm(id).error = None;
                 self.set_state(id, TaskState::Released);
+                released.push(id);
                 stack.extend(self.t(id).deps.iter().copied());
             }
-            if self.t(root).state == TaskState::Released {
-                self.transition_to_waiting(root);
+        }
+        // Every released task someone holds runs again (or errs again);
+        // the rest are released for good.
+        for id in released {
+            match self.live(id) {
+                Some(t) if t.state == TaskState::Released && !t.who_wants.is_empty() => self.transition_to_waiting(id),
+                Some(t) if t.state == TaskState::Released => self.check_release(id),
+                _ => {}
             }
         }
         self.fill_all_workers();

@@ -222,7 +222,9 @@ impl SchedulerState {
             }
         }
         for id in touched {
-            let deps = self.t(id).deps.clone();
+            // Releasing one erred task can forget another.
+            let Some(t) = self.live(id) else { continue };
+            let deps = t.deps.clone();
             for d in deps {
                 self.check_release(d);
             }
@@ -274,6 +276,9 @@ impl SchedulerState {
                     self.add_replica(id, worker);
                     self.rebalance_arrived(id, worker);
                 }
+                // A copy that arrived where the task is being recomputed: the
+                // task's own result follows; freeing the key would cancel it.
+                Some(&id) if self.t(id).processing_on == Some(worker) => {}
                 _ => unknown.push(k.clone()),
             }
         }

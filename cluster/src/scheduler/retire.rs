@@ -81,6 +81,7 @@ impl SchedulerState {
             }
         }
         self.send_acquire(acquire);
+        let back_in_service = !stuck.is_empty();
         for (p, why) in stuck {
             if let Some(w) = self.workers.get_mut(&p) {
                 w.retiring = false;
@@ -91,6 +92,9 @@ impl SchedulerState {
                     r.failed.push((name, why.clone()));
                 }
             }
+        }
+        if back_in_service {
+            self.worker_available();
         }
         for p in close {
             self.send(p, Msg::CloseWorker { reason: "retired".into() });

@@ -180,6 +180,11 @@ impl SchedulerState {
         self.tasks[id as usize].as_ref().expect("live task")
     }
 
+    /// The task `id`, unless it was forgotten.
+    pub(super) fn live(&self, id: TaskId) -> Option<&Task> {
+        self.tasks.get(id as usize).and_then(Option::as_ref)
+    }
+
     pub(super) fn tm(&mut self, id: TaskId) -> &mut Task {
         self.tasks[id as usize].as_mut().expect("live task")
     }

@@ -1,22 +1,130 @@
-//! Tests of the scheduler state machine.
+//! Tests of the scheduler state machine. Every test drives a [`Checked`]
+//! scheduler, whose invariants are validated after every event.
+
+use std::ops::Deref;
+
+use bytes::Bytes;
 
 use super::events::EventCursor;
 use super::state::{PeerId, SchedulerConfig, SchedulerState, TaskState};
-use crate::protocol::{Blob, Key, Msg, Registration, Resources, TaskSpec};
-use bytes::Bytes;
+use crate::protocol::{Blob, Envelope, Key, Msg, Registration, Resources, TaskSpec};
 
 const C1: PeerId = 1;
 const C2: PeerId = 2;
 const W1: PeerId = 10;
 const W2: PeerId = 11;
 
-fn spec(key: &str, deps: &[&str]) -> (TaskSpec, Option<Bytes>) {
+/// A scheduler that checks [`SchedulerState::validate`] after every event.
+/// Queries go through `Deref`; events only through the methods below, so an
+/// event cannot reach the state unchecked (`raw` is for setting up internals).
+pub(super) struct Checked(SchedulerState);
+
+impl Deref for Checked {
+    type Target = SchedulerState;
+    fn deref(&self) -> &SchedulerState {
+        &self.0
+    }
+}
+
+macro_rules! checked_events {
+    ($(fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?;)*) => {
+        impl Checked {
+            $(
+                pub(super) fn $name(&mut self, $($arg: $ty),*) $(-> $ret)? {
+                    if std::env::var_os("DASK_RS_TRACE").is_some() {
+                        eprintln!("{}{:?}", stringify!($name), ($(&$arg,)*));
+                    }
+                    let r = self.0.$name($($arg),*);
+                    if let Ok(keys) = std::env::var("DASK_RS_TRACE_KEYS") {
+                        for k in keys.split(',') {
+                            eprint!("    {}", self.describe(k));
+                        }
+                    }
+                    if let Err(e) = self.0.validate() {
+                        panic!("invariant broken after {}: {e}", stringify!($name));
+                    }
+                    r
+                }
+            )*
+        }
+    };
+}
+
+checked_events! {
+    fn add_client(peer: PeerId);
+    fn remove_client(peer: PeerId);
+    fn add_worker(peer: PeerId, reg: Registration) -> Result<(), String>;
+    fn remove_worker(peer: PeerId);
+    fn update_graph(client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>);
+    fn want_keys(client: PeerId, keys: Vec<Key>);
+    fn scatter_done(client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>);
+    fn task_finished(worker: PeerId, key: &str, nbytes: u64, start: f64, stop: f64, thread: u32, transfer: f64);
+    fn task_seceded(worker: PeerId, key: &str);
+    fn task_erred(worker: PeerId, key: &str, exception: Bytes, traceback: Bytes, text: String, start: f64, stop: f64, thread: u32);
+    fn missing_data(worker: PeerId, key: &str, holders: &[String]);
+    fn add_keys(worker: PeerId, keys: &[(Key, u64)]);
+    fn release_keys(client: PeerId, keys: &[Key]);
+    fn cancel_keys(client: PeerId, keys: Vec<Key>);
+    fn retry_keys(keys: &[Key]);
+    fn fire_and_forget(keys: &[Key]);
+    fn restart();
+    fn publish_dataset(client: PeerId, id: u64, name: String, keys: Vec<Key>, data: Bytes, overwrite: bool);
+    fn unpublish_dataset(client: PeerId, id: u64, name: &str);
+    fn get_dataset(client: PeerId, id: u64, name: &str);
+    fn list_datasets(client: PeerId, id: u64);
+    fn replicate(keys: &[Key], n: usize);
+    fn rebalance(requester: PeerId, id: u64, keys: Vec<Key>, workers: Vec<String>);
+    fn retire_workers(requester: PeerId, id: u64, names: Vec<String>);
+    fn balance();
+    fn steal_response(victim: PeerId, key: &str, stolen: bool);
+    fn who_has_reply(client: PeerId, id: u64, keys: Vec<Key>);
+}
+
+impl Checked {
+    pub(super) fn new(config: SchedulerConfig) -> Self {
+        Checked(SchedulerState::new(config))
+    }
+
+    pub(super) fn take_outgoing(&mut self) -> Vec<(PeerId, Envelope)> {
+        self.0.take_outgoing()
+    }
+
+    /// A task and its dependencies, for failure messages.
+    pub(super) fn describe(&self, key: &str) -> String {
+        let Some(&id) = self.keys.get(key) else { return format!("{key}: unknown") };
+        let mut out = String::new();
+        let mut stack = vec![(id, 0)];
+        while let Some((id, depth)) = stack.pop() {
+            let t = self.t(id);
+            out += &format!(
+                "{}{} {:?} on {:?} has {:?} waiting_on {}\n",
+                "  ".repeat(depth),
+                t.key,
+                t.state,
+                t.processing_on,
+                t.who_has,
+                t.waiting_on
+            );
+            stack.extend(t.deps.iter().map(|&d| (d, depth + 1)));
+        }
+        out
+    }
+
+    /// The state itself, to set up internals a test needs (learned durations).
+    pub(super) fn raw(&mut self) -> &mut SchedulerState {
+        &mut self.0
+    }
+}
+
+pub(super) fn spec(key: &str, deps: &[&str]) -> (TaskSpec, Option<Bytes>) {
     let t = TaskSpec::new(key, deps.iter().map(|d| d.to_string()).collect());
     (t, Some(Bytes::from_static(b"spec")))
 }
 
-fn with_workers(n: usize) -> SchedulerState {
-    let mut s = SchedulerState::new(SchedulerConfig::default());
+/// `n` workers with one thread each: peers `W1`, `W1 + 1`, ..., named `w0`,
+/// `w1`, ..., at `tcp://h:0`, `tcp://h:1`, ...
+pub(super) fn with_workers(n: usize) -> Checked {
+    let mut s = Checked::new(SchedulerConfig::default());
     for i in 0..n {
         let w = W1 + i as PeerId;
         s.add_worker(w, Registration::new(format!("w{i}"), format!("tcp://h:{i}"), 1, 1 << 30)).unwrap();
@@ -24,7 +132,8 @@ fn with_workers(n: usize) -> SchedulerState {
     s
 }
 
-fn computes(s: &mut SchedulerState) -> Vec<(PeerId, String)> {
+/// The `ComputeTask`s sent since the last call, as (worker, key).
+pub(super) fn computes(s: &mut Checked) -> Vec<(PeerId, String)> {
     s.take_outgoing()
         .into_iter()
         .filter_map(|(p, e)| match e.msg {
@@ -34,9 +143,14 @@ fn computes(s: &mut SchedulerState) -> Vec<(PeerId, String)> {
         .collect()
 }
 
-fn finish(s: &mut SchedulerState, w: PeerId, key: &str, nbytes: u64) {
+/// `w` reports `key` finished with a result of `nbytes`.
+pub(super) fn finish(s: &mut Checked, w: PeerId, key: &str, nbytes: u64) {
     s.task_finished(w, key, nbytes, 0.0, 1.0, 0, 0.0);
-    s.validate().unwrap();
+}
+
+/// `w` reports that `key` raised `text`.
+pub(super) fn fail(s: &mut Checked, w: PeerId, key: &str, text: &str) {
+    s.task_erred(w, key, Bytes::new(), Bytes::new(), text.into(), 0.0, 1.0, 0);
 }
 
 #[test]
@@ -77,7 +191,6 @@ fn short_root_tasks_are_pipelined_long_ones_are_not() {
     // One finished in 10 us: 2 ms of such tasks is 200, capped at 64 per thread.
     s.task_finished(W1, &sent[0].1, 8, 0.0, 1e-5, 0, 0.0);
     assert_eq!(computes(&mut s).len(), 63, "64 in flight");
-    s.validate().unwrap();
     // A group of 1 s tasks gets no more than worker-saturation allows.
     let mut s2 = with_workers(1);
     let specs: Vec<_> = (0..10).map(|i| spec(&format!("slow-{i}"), &[])).collect();
@@ -102,7 +215,6 @@ fn seceded_tasks_free_their_slot_for_the_tasks_they_launch() {
     // A seceded task lost with its worker is still rescheduled.
     s.remove_worker(W1);
     assert_eq!(s.task_state("parent"), Some(TaskState::Queued));
-    s.validate().unwrap();
 }
 
 #[test]
@@ -115,8 +227,8 @@ fn idle_workers_steal_long_tasks_from_a_saturated_one_after_it_agrees() {
     s.update_graph(C1, tasks, (0..4).map(|i| format!("slow-{i}")).collect());
     assert!(computes(&mut s).iter().all(|(w, _)| *w == W1), "placed with their input");
     let g = s.t(s.keys["slow-0"]).group as usize;
-    s.groups[g].duration_sum = 1.0;
-    s.groups[g].duration_n = 1;
+    s.raw().groups[g].duration_sum = 1.0;
+    s.raw().groups[g].duration_n = 1;
     s.balance();
     let asked: Vec<String> = s
         .take_outgoing()
@@ -138,7 +250,6 @@ fn idle_workers_steal_long_tasks_from_a_saturated_one_after_it_agrees() {
     s.steal_response(W1, "slow-2", true);
     assert_eq!(computes(&mut s), [(W2, "slow-2".to_string())]);
     assert_eq!(s.stolen_total(), 1);
-    s.validate().unwrap();
 }
 
 #[test]
@@ -167,7 +278,6 @@ fn released_results_are_freed_and_forgotten() {
     assert_eq!(freed, vec![&Msg::FreeKeys { keys: vec!["a".into()] }], "a is not wanted once b is done");
     assert!(out.iter().any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyInMemory { key, .. } if key == "b")));
     s.release_keys(C1, &["b".into()]);
-    s.validate().unwrap();
     assert_eq!(s.ntasks(), 0, "everything forgotten");
 }
 
@@ -176,8 +286,7 @@ fn errors_propagate_to_dependents_and_reach_the_client() {
     let mut s = with_workers(1);
     s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
     computes(&mut s);
-    s.task_erred(W1, "a", Bytes::new(), Bytes::new(), "ZeroDivisionError: boom".into(), 0.0, 1.0, 0);
-    s.validate().unwrap();
+    fail(&mut s, W1, "a", "ZeroDivisionError: boom");
     assert_eq!(s.task_state("b"), Some(TaskState::Erred));
     let out = s.take_outgoing();
     assert!(out
@@ -215,7 +324,6 @@ fn lost_worker_tasks_are_rescheduled_and_lost_results_recomputed() {
     s.update_graph(C1, vec![spec("b", &["a"])], vec!["b".into()]);
     assert_eq!(computes(&mut s), vec![(wa, "b".to_string())]);
     s.remove_worker(wa);
-    s.validate().unwrap();
     let other = if wa == W1 { W2 } else { W1 };
     // a was only on the dead worker: recomputed first, then b.
     assert_eq!(computes(&mut s), vec![(other, "a".to_string())]);
@@ -253,7 +361,6 @@ fn retiring_a_worker_copies_its_data_first_and_gives_it_no_new_work() {
     assert_eq!(acquire, vec![(w2, k1.clone(), vec![s.workers[&w1].address.clone()])]);
     // The copy arrives: the worker is closed and the requester answered.
     s.add_keys(w2, &[(k1.clone(), 16)]);
-    s.validate().unwrap();
     let out = s.take_outgoing();
     assert!(out.iter().any(|(p, e)| *p == w1 && matches!(e.msg, Msg::CloseWorker { .. })));
     assert!(
@@ -355,7 +462,6 @@ fn tasks_needing_resources_go_only_to_workers_declaring_enough() {
     let gpu1 = vec![("GPU".to_string(), 1.0)];
     assert_eq!(sent, vec![(20, "a".into(), gpu1.clone()), (20, "b".into(), gpu1)]);
     assert_eq!(s.task_state("big"), Some(TaskState::NoWorker));
-    s.validate().unwrap();
     // A dependent without resources may run anywhere (here: with its input).
     finish(&mut s, 20, "a", 8);
     s.update_graph(C1, vec![spec("after", &["a"])], vec!["after".into()]);
@@ -371,7 +477,7 @@ fn clients_hear_when_a_task_has_no_worker_and_when_it_has_one_again() {
     let (mut t, spec_bytes) = spec("pinned", &[]);
     t.workers = Some(vec!["later".into()]);
     s.update_graph(C1, vec![(t, spec_bytes)], vec!["pinned".into()]);
-    let told = |s: &mut SchedulerState| -> Vec<String> {
+    let told = |s: &mut Checked| -> Vec<String> {
         s.take_outgoing()
             .into_iter()
             .filter_map(|(p, e)| match e.msg {
@@ -437,7 +543,6 @@ fn rebalance_copies_then_frees_the_sender_and_answers_when_done() {
         "{answers:?}"
     );
     assert_eq!(s.who_has(&w2_keys[0]), vec!["tcp://h:0".to_string()], "a failed copy keeps the original");
-    s.validate().unwrap();
     // Unknown workers are an error; balanced already: answered at once.
     s.rebalance(C1, 8, vec![], vec!["nobody".into()]);
     let out = s.take_outgoing();
@@ -463,7 +568,6 @@ fn a_recipient_dying_mid_rebalance_loses_nothing_and_the_request_is_answered() {
     );
     assert_eq!(s.who_has("a"), ["tcp://h:0"]);
     assert_eq!(s.who_has("b"), ["tcp://h:0"]);
-    s.validate().unwrap();
 }
 
 #[test]
@@ -500,7 +604,6 @@ fn restart_cancels_every_key_and_restarts_every_worker() {
     assert!(out.iter().any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyCancelled { key, .. } if key == "b")));
     assert_eq!(out.iter().filter(|(_, e)| matches!(e.msg, Msg::RestartWorker)).count(), 2);
     assert_eq!((s.ntasks(), s.nworkers(), s.nclients()), (0, 0, 1));
-    s.validate().unwrap();
 }
 
 #[test]
@@ -545,18 +648,17 @@ fn retries_rerun_a_failing_task() {
     s.update_graph(C1, vec![(t, b)], vec!["flaky".into()]);
     for _ in 0..2 {
         assert_eq!(computes(&mut s).len(), 1);
-        s.task_erred(W1, "flaky", Bytes::new(), Bytes::new(), "OSError".into(), 0.0, 1.0, 0);
-        s.validate().unwrap();
+        fail(&mut s, W1, "flaky", "OSError");
         assert_ne!(s.task_state("flaky"), Some(TaskState::Erred));
     }
     assert_eq!(computes(&mut s).len(), 1, "third attempt");
-    s.task_erred(W1, "flaky", Bytes::new(), Bytes::new(), "OSError".into(), 0.0, 1.0, 0);
+    fail(&mut s, W1, "flaky", "OSError");
     assert_eq!(s.task_state("flaky"), Some(TaskState::Erred));
 }
 
 #[test]
 fn a_task_that_keeps_killing_workers_errs_with_killed_worker() {
-    let mut s = SchedulerState::new(SchedulerConfig { allowed_failures: 1, ..Default::default() });
+    let mut s = Checked::new(SchedulerConfig { allowed_failures: 1, ..Default::default() });
     s.add_worker(W1, Registration::new("a", "tcp://h:1", 1, 0)).unwrap();
     s.update_graph(C1, vec![spec("bomb", &[])], vec!["bomb".into()]);
     assert_eq!(computes(&mut s), vec![(W1, "bomb".to_string())]);
@@ -564,7 +666,6 @@ fn a_task_that_keeps_killing_workers_errs_with_killed_worker() {
     s.add_worker(W2, Registration::new("b", "tcp://h:2", 1, 0)).unwrap();
     assert_eq!(computes(&mut s), vec![(W2, "bomb".to_string())], "first death is forgiven");
     s.remove_worker(W2);
-    s.validate().unwrap();
     assert_eq!(s.task_state("bomb"), Some(TaskState::Erred));
     assert!(s.take_outgoing().iter().any(|(_, e)| matches!(&e.msg,
         Msg::KeyErred { text, .. } if text.starts_with("KilledWorker:") && text.contains("tcp://h:2"))));
@@ -575,11 +676,10 @@ fn retry_reruns_the_erred_chain() {
     let mut s = with_workers(1);
     s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
     computes(&mut s);
-    s.task_erred(W1, "a", Bytes::new(), Bytes::new(), "boom".into(), 0.0, 1.0, 0);
+    fail(&mut s, W1, "a", "boom");
     assert_eq!(s.task_state("b"), Some(TaskState::Erred));
     s.take_outgoing();
     s.retry_keys(&["b".into()]);
-    s.validate().unwrap();
     assert_eq!(computes(&mut s), vec![(W1, "a".to_string())]);
     finish(&mut s, W1, "a", 8);
     assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
@@ -621,4 +721,22 @@ fn datasets_hold_keys_until_unpublished() {
         .any(|(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 4, names, .. } if names == &vec!["mine".to_string()])));
     s.unpublish_dataset(C2, 5, "mine");
     assert_eq!(s.ntasks(), 0);
+}
+
+#[test]
+fn retrying_a_task_whose_scattered_input_was_lost_errs_again() {
+    let mut s = with_workers(2);
+    s.add_client(C1);
+    s.scatter_done(C1, "tcp://h:0", vec![("data".into(), 100)]);
+    s.update_graph(C1, vec![spec("b", &["data"]), spec("a", &["b"])], vec!["a".into()]);
+    s.release_keys(C1, &["data".into()]);
+    s.remove_worker(W1);
+    assert_eq!(s.task_state("a"), Some(TaskState::Erred));
+    s.take_outgoing();
+    s.retry_keys(&["a".into()]);
+    assert_eq!(s.task_state("a"), Some(TaskState::Erred), "{}", s.describe("a"));
+    assert!(s
+        .take_outgoing()
+        .iter()
+        .any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyErred { key, .. } if key == "a")));
 }

@@ -114,6 +114,13 @@ impl SchedulerState {
         );
         self.worker_order.push(peer);
         self.version += 1;
+        self.worker_available();
+        Ok(())
+    }
+
+    /// A worker can take work (it joined, or stopped retiring): tasks that
+    /// had no worker try again, and queued root tasks are handed out.
+    pub(super) fn worker_available(&mut self) {
         let stuck: Vec<TaskId> = std::mem::take(&mut self.no_worker).into_iter().map(|(_, id)| id).collect();
         for id in stuck {
             if self.t(id).state == TaskState::NoWorker {
@@ -124,7 +131,6 @@ impl SchedulerState {
             }
         }
         self.fill_all_workers();
-        Ok(())
     }
 
     /// A worker left (closed or died): its running tasks are rescheduled
@@ -150,12 +156,16 @@ impl SchedulerState {
             }
         }
         for id in lost {
-            self.lose_data(id);
+            // Losing one result can release (and forget) another lost one.
+            if self.live(id).is_some_and(|t| t.state == TaskState::Memory && t.who_has.is_empty()) {
+                self.lose_data(id);
+            }
         }
-        let mut processing: Vec<TaskId> = w.processing.into_iter().collect();
+        // Tasks it ran, unless losing its results already rescheduled or forgot them.
+        let mut processing: Vec<TaskId> = w.processing.into_iter().filter(|&id| self.live(id).is_some()).collect();
         processing.sort_by_key(|&id| self.t(id).priority);
         for id in processing {
-            let t = self.t(id);
+            let Some(t) = self.live(id) else { continue };
             if t.state == TaskState::Processing && t.processing_on == Some(peer) {
                 self.tm(id).processing_on = None;
                 self.tm(id).suspicious += 1;
@@ -188,7 +198,8 @@ impl SchedulerState {
         // Dependents that were counting on this result wait again.
         let dependents = self.t(id).dependents.to_vec();
         for d in &dependents {
-            let st = self.t(*d).state;
+            // Rescheduling one dependent can forget another.
+            let Some(st) = self.live(*d).map(|t| t.state) else { continue };
             if st == TaskState::Waiting {
                 self.tm(*d).waiting_on += 1;
             } else if matches!(st, TaskState::Queued | TaskState::NoWorker | TaskState::Processing) {
@@ -197,7 +208,9 @@ impl SchedulerState {
                 self.transition_to_waiting(*d);
             }
         }
-        let wanted = !self.t(id).who_wants.is_empty() || self.t(id).waiters > 0;
+        // Rescheduling a dependent may have brought it back, or forgotten it.
+        let Some(t) = self.live(id).filter(|t| t.state == TaskState::Released) else { return };
+        let wanted = !t.who_wants.is_empty() || t.waiters > 0;
         if wanted {
             if self.t(id).run_spec.is_some() {
                 self.transition_to_waiting(id);
