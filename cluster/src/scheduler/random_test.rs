@@ -118,11 +118,7 @@ impl World {
                     }
                 }
                 Msg::StealRequest { key } => self.steals.push((peer, key)),
-                Msg::RestartWorker | Msg::CloseWorker { .. } => {
-                    if self.running.contains_key(&peer) {
-                        self.kill(peer);
-                    }
-                }
+                Msg::RestartWorker | Msg::CloseWorker { .. } if self.running.contains_key(&peer) => self.kill(peer),
                 _ => {}
             }
         }

@@ -28,6 +28,7 @@ impl Deref for Checked {
 
 macro_rules! checked_events {
     ($(fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?;)*) => {
+        #[allow(clippy::too_many_arguments)]
         impl Checked {
             $(
                 pub(super) fn $name(&mut self, $($arg: $ty),*) $(-> $ret)? {

@@ -66,7 +66,8 @@ impl SchedulerState {
             }
             match (t.state, t.processing_on) {
                 (TaskState::Processing, Some(w)) => {
-                    if !self.workers.get(&w).is_some_and(|w| w.processing.contains(&id)) {
+                    let listed = self.workers.get(&w).is_some_and(|w| w.processing.contains(&id));
+                    if !listed {
                         return Err(format!("{key}: worker does not list it"));
                     }
                 }
