@@ -5,7 +5,9 @@
 //! client lets go, nothing is left.
 //!
 //! `DASK_RS_RANDOM_CASES` (default 150) sets how many cases run;
-//! `DASK_RS_RANDOM_SEED` replays one case (its seed is printed on failure).
+//! `DASK_RS_RANDOM_SEED` replays one case (its seed is printed on failure);
+//! with `DASK_RS_TRACE=1` every event is printed, and `DASK_RS_TRACE_KEYS=a,b`
+//! prints those tasks (and their dependencies) after each one.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -39,7 +39,7 @@ impl SchedulerState {
                 TaskState::Memory => {
                     let nbytes = self.t(id).nbytes;
                     let key = self.t(id).key.to_string();
-                    for w in self.t(id).who_has.clone() {
+                    for w in std::mem::take(&mut self.tm(id).who_has) {
                         self.remove_replica(id, w);
                         self.send(w, Msg::FreeKeys { keys: vec![key.clone()] });
                     }

@@ -106,18 +106,15 @@ impl SchedulerState {
         }
     }
 
-    /// `worker` no longer holds `id`; whether it did.
-    pub(super) fn remove_replica(&mut self, id: TaskId, worker: PeerId) -> bool {
+    /// `worker` no longer holds `id`.
+    pub(super) fn remove_replica(&mut self, id: TaskId, worker: PeerId) {
         let nbytes = self.t(id).nbytes;
-        let held = self.workers.get_mut(&worker).is_some_and(|w| {
-            let held = w.has_what.remove(&id);
-            if held {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if w.has_what.remove(&id) {
                 w.nbytes = w.nbytes.saturating_sub(nbytes);
             }
-            held
-        });
+        }
         self.tm(id).who_has.retain(|&p| p != worker);
-        held
     }
 
     pub(super) fn on_memory(&mut self, id: TaskId) {

@@ -55,13 +55,13 @@ impl Worker {
 }
 
 impl Worker {
-    /// Whether `name` names this worker: its name, its address, or its
-    /// address with or without `tcp://`.
+    /// Whether `name` names this worker: its name, or its address with or
+    /// without `tcp://`.
     pub(super) fn answers_to(&self, name: &str) -> bool {
-        name == self.name
-            || name == self.address
-            || name.strip_prefix("tcp://").unwrap_or(name)
-                == self.address.strip_prefix("tcp://").unwrap_or(&self.address)
+        fn bare(a: &str) -> &str {
+            a.strip_prefix("tcp://").unwrap_or(a)
+        }
+        name == self.name || bare(name) == bare(&self.address)
     }
 }
 
@@ -162,8 +162,8 @@ impl SchedulerState {
             }
         }
         // Tasks it ran, unless losing its results already rescheduled or forgot them.
-        let mut processing: Vec<TaskId> = w.processing.into_iter().filter(|&id| self.live(id).is_some()).collect();
-        processing.sort_by_key(|&id| self.t(id).priority);
+        let mut processing: Vec<TaskId> = w.processing.into_iter().collect();
+        processing.sort_by_key(|&id| self.live(id).map(|t| t.priority));
         for id in processing {
             let Some(t) = self.live(id) else { continue };
             if t.state == TaskState::Processing && t.processing_on == Some(peer) {
