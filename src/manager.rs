@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use adaptive::{tick, ClusterView, Controller, ControllerConfig, DaskAdaptive, Fixed, Policy, Retirer, WorkerStatus};
 use anyhow::{Context, Result};
-use cluster::client::{ClientCore, Reply};
-use cluster::protocol::EventsUpdate;
+use cluster::client::ClientCore;
+use cluster::protocol::{ClusterInfo, EventsUpdate};
 use cluster::scheduler::{self, SchedulerConfig};
 use deployers::batch::{BatchBackend, System};
 use deployers::local::LocalBackend;
@@ -117,7 +117,7 @@ pub fn run(dir: PathBuf) -> Result<()> {
                 Request::Status => {
                     // Ask the scheduler now rather than use the last event update.
                     let mut fresh = latest.clone();
-                    if let Ok(Reply::Info { workers, ntasks, .. }) = core.info() {
+                    if let Ok(ClusterInfo { workers, ntasks, .. }) = core.info() {
                         fresh.workers = workers;
                         fresh.ntasks = ntasks;
                     }

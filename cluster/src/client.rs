@@ -14,7 +14,10 @@ use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
 use crate::comm::{self, CommError, ConnectionPool, Outbox};
-use crate::protocol::{Blob, CoordOp, CoordValue, Envelope, EventsUpdate, Key, Msg, Role, TaskSpec, WorkerInfo};
+use crate::protocol::{
+    Blob, ClusterInfo, CoordOp, CoordValue, DataReply, DataRequest, DatasetValue, Envelope, EventsUpdate, FromClient,
+    Key, RebalanceStats, Role, TaskSpec, ToClient,
+};
 
 /// Errors of the client core.
 #[derive(Debug, thiserror::Error)]
@@ -62,37 +65,22 @@ impl KeyStatus {
 #[derive(Debug)]
 pub enum Reply {
     WhoHas(Vec<(Key, Vec<String>)>),
-    Info {
-        address: String,
-        workers: Vec<WorkerInfo>,
-        ntasks: u64,
-        nclients: u64,
-        bytes_in: u64,
-        bytes_out: u64,
-    },
-    Dataset {
-        error: String,
-        data: Option<Bytes>,
-        names: Vec<String>,
-    },
+    Info(ClusterInfo),
+    /// A dataset request's answer: the dataset's bytes, or the names of the
+    /// datasets, or the scheduler's error text.
+    Dataset(Result<(Option<Bytes>, Vec<String>), String>),
     Retired {
         retired: Vec<String>,
         failed: Vec<(String, String)>,
     },
-    Rebalanced {
-        moved: u64,
-        bytes: u64,
-        failed: u64,
-        error: String,
-    },
-    /// Answer to a coordination operation; `values` holds the payloads of
-    /// `CoordValue::Values`, resolved from their frames.
-    Coord {
-        error: String,
-        value: CoordValue,
-        values: Vec<(Bytes, Vec<Key>)>,
-    },
+    Rebalanced(Result<RebalanceStats, String>),
+    /// Answer to a coordination operation, with the payloads of
+    /// `CoordValue::Values` resolved from their frames.
+    Coord(CoordResult),
 }
+
+/// A coordination answer: the value and any payloads, or the error text.
+pub type CoordResult = Result<(CoordValue, Vec<(Bytes, Vec<Key>)>), String>;
 
 #[derive(Default)]
 struct Shared {
@@ -146,7 +134,7 @@ impl Drop for BackgroundRuntime {
 /// A connected client.
 pub struct ClientCore {
     rt: BackgroundRuntime,
-    outbox: Arc<Mutex<Outbox>>,
+    outbox: Arc<Mutex<Outbox<FromClient>>>,
     inner: Arc<Inner>,
     pool: Arc<ConnectionPool>,
     next_id: AtomicU64,
@@ -196,7 +184,7 @@ impl ClientCore {
         Ok(())
     }
 
-    fn send(&self, env: Envelope) -> Result<(), ClientError> {
+    fn send(&self, env: Envelope<FromClient>) -> Result<(), ClientError> {
         self.check_open()?;
         self.outbox.lock().expect("outbox").send(env).map_err(|_| ClientError::Closed("writer stopped".into()))
     }
@@ -204,7 +192,7 @@ impl ClientCore {
     /// Submit tasks (their `Blob::Frame`s index `frames`) and mark `wanted` pending.
     pub fn submit(&self, tasks: Vec<TaskSpec>, frames: Vec<Bytes>, wanted: Vec<Key>) -> Result<(), ClientError> {
         self.mark_pending(&wanted);
-        self.send(Envelope { msg: Msg::UpdateGraph { tasks, wanted }, frames })
+        self.send(Envelope { msg: FromClient::UpdateGraph { tasks, wanted }, frames })
     }
 
     fn mark_pending(&self, keys: &[Key]) {
@@ -220,7 +208,7 @@ impl ClientCore {
     /// Hold futures for keys submitted elsewhere.
     pub fn want(&self, keys: Vec<Key>) -> Result<(), ClientError> {
         self.mark_pending(&keys);
-        self.send(Envelope::new(Msg::WantKeys { keys }))
+        self.send(Envelope::new(FromClient::WantKeys { keys }))
     }
 
     /// Release keys: the scheduler may free their results.
@@ -231,7 +219,7 @@ impl ClientCore {
                 s.keys.remove(k);
             }
         }
-        self.send(Envelope::new(Msg::ReleaseKeys { keys }))
+        self.send(Envelope::new(FromClient::ReleaseKeys { keys }))
     }
 
     /// Cancel keys for this client.
@@ -246,7 +234,7 @@ impl ClientCore {
             }
         }
         self.inner.cv.notify_all();
-        self.send(Envelope::new(Msg::CancelKeys { keys }))
+        self.send(Envelope::new(FromClient::CancelKeys { keys }))
     }
 
     /// Current status of `key` (`None` if the client does not hold it).
@@ -323,13 +311,13 @@ impl ClientCore {
         let pool = self.pool.clone();
         let reply = self
             .rt
-            .block_on(async move { pool.request(worker, Envelope::new(Msg::GetData { id, keys })).await })
+            .block_on(async move { pool.request(worker, Envelope::new(DataRequest::GetData { id, keys })).await })
             .map_err(|e| {
                 self.pool.forget(worker);
                 ClientError::Worker { worker: worker.to_string(), source: e }
             })?;
         match reply {
-            Envelope { msg: Msg::Data { items, missing, .. }, mut frames } => {
+            Envelope { msg: DataReply::Data { items, missing, .. }, mut frames } => {
                 let mut out = Vec::with_capacity(items.len());
                 let mut missing = missing;
                 for (k, blobs) in items {
@@ -340,7 +328,7 @@ impl ClientCore {
                 }
                 Ok((out, missing))
             }
-            Envelope { msg: Msg::Error { reason }, .. } => {
+            Envelope { msg: DataReply::Error { reason }, .. } => {
                 Err(ClientError::WorkerRefused { worker: worker.to_string(), reason })
             }
             other => Err(ClientError::WorkerRefused {
@@ -357,17 +345,17 @@ impl ClientCore {
         let pool = self.pool.clone();
         let mut frames = Vec::new();
         let function = Blob::new(call, &mut frames);
-        let env = Envelope { msg: Msg::RunFunction { id, function }, frames };
+        let env = Envelope { msg: DataRequest::RunFunction { id, function }, frames };
         let reply = self.rt.block_on(async move { pool.request(worker, env).await }).map_err(|e| {
             self.pool.forget(worker);
             ClientError::Worker { worker: worker.to_string(), source: e }
         })?;
         match reply {
-            Envelope { msg: Msg::RunResult { ok, result, .. }, frames } => {
-                let data = result.resolve(&frames).unwrap_or_default();
-                Ok(if ok { Ok(data) } else { Err(data) })
-            }
-            Envelope { msg: Msg::Error { reason }, .. } => {
+            Envelope { msg: DataReply::RunResult { result, .. }, frames } => Ok(match result {
+                Ok(b) => Ok(b.resolve(&frames).unwrap_or_default()),
+                Err(b) => Err(b.resolve(&frames).unwrap_or_default()),
+            }),
+            Envelope { msg: DataReply::Error { reason }, .. } => {
                 Err(ClientError::WorkerRefused { worker: worker.to_string(), reason })
             }
             other => Err(ClientError::WorkerRefused {
@@ -390,15 +378,17 @@ impl ClientCore {
         let pool = self.pool.clone();
         let reply = self
             .rt
-            .block_on(async move { pool.request(worker, Envelope { msg: Msg::PutData { id, items }, frames }).await })
+            .block_on(async move {
+                pool.request(worker, Envelope { msg: DataRequest::PutData { id, items }, frames }).await
+            })
             .map_err(|e| ClientError::Worker { worker: worker.to_string(), source: e })?;
         match reply.msg {
-            Msg::PutDataOk { nbytes, .. } => {
+            DataReply::PutDataOk { nbytes, .. } => {
                 self.mark_pending(&keys);
                 let keys = keys.into_iter().zip(nbytes).collect();
-                self.send(Envelope::new(Msg::ScatterDone { keys, worker: worker.to_string() }))
+                self.send(Envelope::new(FromClient::ScatterDone { keys, worker: worker.to_string() }))
             }
-            Msg::Error { reason } => Err(ClientError::WorkerRefused { worker: worker.to_string(), reason }),
+            DataReply::Error { reason } => Err(ClientError::WorkerRefused { worker: worker.to_string(), reason }),
             other => Err(ClientError::WorkerRefused {
                 worker: worker.to_string(),
                 reason: format!("unexpected reply {other:?}"),
@@ -406,13 +396,13 @@ impl ClientCore {
         }
     }
 
-    fn query(&self, msg_for: impl FnOnce(u64) -> Msg, timeout: Duration) -> Result<Reply, ClientError> {
+    fn query(&self, msg_for: impl FnOnce(u64) -> FromClient, timeout: Duration) -> Result<Reply, ClientError> {
         self.query_with_frames(|id| Envelope::new(msg_for(id)), timeout)
     }
 
     fn query_with_frames(
         &self,
-        env_for: impl FnOnce(u64) -> Envelope,
+        env_for: impl FnOnce(u64) -> Envelope<FromClient>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -431,15 +421,18 @@ impl ClientCore {
 
     /// Which workers hold `keys`.
     pub fn who_has(&self, keys: Vec<Key>) -> Result<Vec<(Key, Vec<String>)>, ClientError> {
-        match self.query(|id| Msg::WhoHas { id, keys }, self.timeout)? {
+        match self.query(|id| FromClient::WhoHas { id, keys }, self.timeout)? {
             Reply::WhoHas(v) => Ok(v),
             other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
         }
     }
 
     /// The scheduler's view of the cluster.
-    pub fn info(&self) -> Result<Reply, ClientError> {
-        self.query(|id| Msg::GetInfo { id }, self.timeout)
+    pub fn info(&self) -> Result<ClusterInfo, ClientError> {
+        match self.query(|id| FromClient::GetInfo { id }, self.timeout)? {
+            Reply::Info(info) => Ok(info),
+            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+        }
     }
 
     /// Run erred keys (and the erred tasks they depend on) again.
@@ -452,22 +445,22 @@ impl ClientCore {
                 }
             }
         }
-        self.send(Envelope::new(Msg::RetryKeys { keys }))
+        self.send(Envelope::new(FromClient::RetryKeys { keys }))
     }
 
     /// Forget every task and restart every worker process.
     pub fn restart(&self) -> Result<(), ClientError> {
-        self.send(Envelope::new(Msg::Restart))
+        self.send(Envelope::new(FromClient::Restart))
     }
 
     /// Copy each of `keys` to more workers until `n` hold it (see `who_has`).
     pub fn replicate(&self, keys: Vec<Key>, n: u32) -> Result<(), ClientError> {
-        self.send(Envelope::new(Msg::Replicate { keys, n }))
+        self.send(Envelope::new(FromClient::Replicate { keys, n }))
     }
 
     /// Keep computing `keys` even once this client releases them.
     pub fn fire_and_forget(&self, keys: Vec<Key>) -> Result<(), ClientError> {
-        self.send(Envelope::new(Msg::FireAndForget { keys }))
+        self.send(Envelope::new(FromClient::FireAndForget { keys }))
     }
 
     /// A dataset request: `Ok((data, names))`, or the scheduler's error text.
@@ -479,17 +472,16 @@ impl ClientCore {
         let reply = self.query(
             |id| match request {
                 DatasetRequest::Publish { name, keys, data, overwrite } => {
-                    Msg::PublishDataset { id, name, keys, data: Blob::Inline(data), overwrite }
+                    FromClient::PublishDataset { id, name, keys, data: Blob::Inline(data), overwrite }
                 }
-                DatasetRequest::Unpublish { name } => Msg::UnpublishDataset { id, name },
-                DatasetRequest::Get { name } => Msg::GetDataset { id, name },
-                DatasetRequest::List => Msg::ListDatasets { id },
+                DatasetRequest::Unpublish { name } => FromClient::UnpublishDataset { id, name },
+                DatasetRequest::Get { name } => FromClient::GetDataset { id, name },
+                DatasetRequest::List => FromClient::ListDatasets { id },
             },
             self.timeout,
         )?;
         match reply {
-            Reply::Dataset { error, data, names } if error.is_empty() => Ok(Ok((data, names))),
-            Reply::Dataset { error, .. } => Ok(Err(error)),
+            Reply::Dataset(result) => Ok(result),
             other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
         }
     }
@@ -503,7 +495,7 @@ impl ClientCore {
         workers: Vec<String>,
         timeout: Duration,
     ) -> Result<(Vec<String>, Vec<(String, String)>), ClientError> {
-        match self.query(|id| Msg::RetireWorkers { id, workers }, timeout)? {
+        match self.query(|id| FromClient::RetireWorkers { id, workers }, timeout)? {
             Reply::Retired { retired, failed } => Ok((retired, failed)),
             other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
         }
@@ -520,9 +512,8 @@ impl ClientCore {
         workers: Vec<String>,
         timeout: Duration,
     ) -> Result<Result<(u64, u64, u64), String>, ClientError> {
-        match self.query(|id| Msg::Rebalance { id, keys, workers }, timeout)? {
-            Reply::Rebalanced { error, .. } if !error.is_empty() => Ok(Err(error)),
-            Reply::Rebalanced { moved, bytes, failed, .. } => Ok(Ok((moved, bytes, failed))),
+        match self.query(|id| FromClient::Rebalance { id, keys, workers }, timeout)? {
+            Reply::Rebalanced(result) => Ok(result.map(|r| (r.moved, r.bytes, r.failed))),
             other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
         }
     }
@@ -532,12 +523,7 @@ impl ClientCore {
     /// timeout is enforced by the scheduler, so this waits that long plus the
     /// client's timeout (forever when the operation has none). Returns the
     /// answer, or the scheduler's error text.
-    #[allow(clippy::type_complexity)]
-    pub fn coordinate(
-        &self,
-        op: CoordOp,
-        payload: Option<Bytes>,
-    ) -> Result<Result<(CoordValue, Vec<(Bytes, Vec<Key>)>), String>, ClientError> {
+    pub fn coordinate(&self, op: CoordOp, payload: Option<Bytes>) -> Result<CoordResult, ClientError> {
         let op_timeout = match &op {
             CoordOp::VariableGet { timeout, .. }
             | CoordOp::QueuePut { timeout, .. }
@@ -561,9 +547,8 @@ impl ClientCore {
                 _ => {}
             }
         }
-        match self.query_with_frames(|id| Envelope { msg: Msg::Coord { id, op }, frames }, wait)? {
-            Reply::Coord { error, value, values } if error.is_empty() => Ok(Ok((value, values))),
-            Reply::Coord { error, .. } => Ok(Err(error)),
+        match self.query_with_frames(|id| Envelope { msg: FromClient::Coord { id, op }, frames }, wait)? {
+            Reply::Coord(result) => Ok(result),
             other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
         }
     }
@@ -572,7 +557,7 @@ impl ClientCore {
     pub fn subscribe(&self, interval: Duration) -> Result<(), ClientError> {
         let interval_ms = interval.as_millis() as u64;
         self.inner.shared.lock().expect("client lock").subscribed = Some(interval_ms);
-        self.send(Envelope::new(Msg::Subscribe { interval_ms }))
+        self.send(Envelope::new(FromClient::Subscribe { interval_ms }))
     }
 
     /// Event updates received since the last call, waiting up to `timeout` for one.
@@ -583,7 +568,7 @@ impl ClientCore {
 
     /// Ask the scheduler to shut down with its workers.
     pub fn shutdown_scheduler(&self) -> Result<(), ClientError> {
-        self.send(Envelope::new(Msg::Shutdown))
+        self.send(Envelope::new(FromClient::Shutdown))
     }
 
     /// Why no current worker can run `key`, while that is so.
@@ -607,7 +592,7 @@ pub const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
 /// address and carry on with the new connection.
 async fn read_loop(
     inner: Arc<Inner>,
-    outbox: Arc<Mutex<Outbox>>,
+    outbox: Arc<Mutex<Outbox<FromClient>>>,
     mut reader: comm::FrameReader<tokio::net::tcp::OwnedReadHalf>,
     address: String,
     name: String,
@@ -643,7 +628,7 @@ async fn read_loop(
                 let new_outbox = comm::spawn_writer(writer).0;
                 let mut s = inner.shared.lock().expect("client lock");
                 if let Some(interval_ms) = s.subscribed {
-                    let _ = new_outbox.send(Envelope::new(Msg::Subscribe { interval_ms }));
+                    let _ = new_outbox.send(Envelope::new(FromClient::Subscribe { interval_ms }));
                 }
                 *outbox.lock().expect("outbox") = new_outbox;
                 s.reconnecting = None;
@@ -661,12 +646,12 @@ async fn read_loop(
     }
 }
 
-fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
+fn on_batch(inner: &Inner, batch: Vec<Envelope<ToClient>>) {
     let mut s = inner.shared.lock().expect("client lock");
     for Envelope { msg, frames } in batch {
         let (key, status) = match msg {
-            Msg::KeyInMemory { key, nbytes, workers, .. } => (key, KeyStatus::Finished { nbytes, workers }),
-            Msg::KeyErred { key, exception, traceback, text } => (
+            ToClient::KeyInMemory { key, nbytes, workers } => (key, KeyStatus::Finished { nbytes, workers }),
+            ToClient::KeyErred { key, exception, traceback, text } => (
                 key,
                 KeyStatus::Erred {
                     exception: exception.resolve(&frames).unwrap_or_default(),
@@ -674,71 +659,75 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope>) {
                     text,
                 },
             ),
-            Msg::KeyCancelled { key, reason } => (key, KeyStatus::Cancelled { reason }),
-            Msg::KeyNoWorker { key, reason } => {
-                if reason.is_empty() {
-                    s.no_worker.remove(&key);
-                } else if s.keys.contains_key(&key) {
-                    s.no_worker.insert(key, reason);
+            ToClient::KeyCancelled { key, reason } => (key, KeyStatus::Cancelled { reason }),
+            ToClient::KeyNoWorker { key, reason } => {
+                match reason {
+                    None => drop(s.no_worker.remove(&key)),
+                    Some(reason) if s.keys.contains_key(&key) => drop(s.no_worker.insert(key, reason)),
+                    Some(_) => {}
                 }
                 continue;
             }
-            Msg::WhoHasReply { id, who_has } => {
+            ToClient::WhoHasReply { id, who_has } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let _ = tx.send(Reply::WhoHas(who_has));
                 }
                 continue;
             }
-            Msg::Info { id, address, workers, ntasks, nclients, bytes_in, bytes_out } => {
+            ToClient::Info { id, info } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
-                    let _ = tx.send(Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out });
+                    let _ = tx.send(Reply::Info(info));
                 }
                 continue;
             }
-            Msg::DatasetReply { id, error, data, names } => {
+            ToClient::DatasetReply { id, result } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
-                    let data = data.and_then(|d| d.resolve(&frames));
-                    let _ = tx.send(Reply::Dataset { error, data, names });
+                    let result = result.map(|v| match v {
+                        DatasetValue::Done => (None, Vec::new()),
+                        DatasetValue::Data(d) => (d.resolve(&frames), Vec::new()),
+                        DatasetValue::Names(names) => (None, names),
+                    });
+                    let _ = tx.send(Reply::Dataset(result));
                 }
                 continue;
             }
-            Msg::CoordReply { id, error, value } => {
+            ToClient::CoordReply { id, result } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
-                    let values = match &value {
-                        CoordValue::Values(v) => {
-                            v.iter().map(|(b, keys)| (b.resolve(&frames).unwrap_or_default(), keys.clone())).collect()
-                        }
-                        _ => Vec::new(),
-                    };
-                    let _ = tx.send(Reply::Coord { error, value, values });
+                    let result = result.map(|value| {
+                        let values = match &value {
+                            CoordValue::Values(v) => v
+                                .iter()
+                                .map(|(b, keys)| (b.resolve(&frames).unwrap_or_default(), keys.clone()))
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        (value, values)
+                    });
+                    let _ = tx.send(Reply::Coord(result));
                 }
                 continue;
             }
-            Msg::WorkersRetired { id, retired, failed } => {
+            ToClient::WorkersRetired { id, retired, failed } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let _ = tx.send(Reply::Retired { retired, failed });
                 }
                 continue;
             }
-            Msg::Rebalanced { id, moved, bytes, failed, error } => {
+            ToClient::Rebalanced { id, result } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
-                    let _ = tx.send(Reply::Rebalanced { moved, bytes, failed, error });
+                    let _ = tx.send(Reply::Rebalanced(result));
                 }
                 continue;
             }
-            Msg::Events(u) => {
+            ToClient::Events(u) => {
                 s.events.push(u);
                 if s.events.len() > 1000 {
                     s.events.remove(0);
                 }
                 continue;
             }
-            Msg::Error { reason } => {
+            ToClient::Error { reason } => {
                 s.closed = Some(reason);
-                continue;
-            }
-            other => {
-                tracing::warn!("client: unexpected message {other:?}");
                 continue;
             }
         };

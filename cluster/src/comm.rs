@@ -3,9 +3,11 @@
 //!
 //! Wire format of one batch: `u32 nframes`, then `nframes` x `u64` frame
 //! lengths (little endian), then the frames. Frame 0 is msgpack of
-//! `[(Msg, n_extra_frames), ...]`; each message's extra frames follow in order.
-//! A connection starts with [`MAGIC`] from the side that opened it, then a
-//! [`Msg::Hello`] batch answered by [`Msg::Welcome`] or [`Msg::Error`].
+//! `[(message, n_extra_frames), ...]`; each message's extra frames follow in
+//! order. A connection starts with [`MAGIC`] from the side that opened it,
+//! then a [`Handshake::Hello`] batch answered by [`Handshake::Welcome`] or
+//! [`Handshake::Refused`]. After that each side writes the message type of
+//! its direction (see [`crate::protocol`]); the types are generic here.
 
 use std::io::IoSlice;
 use std::time::Duration;
@@ -16,7 +18,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::protocol::{Envelope, Msg, Role, MAGIC, PROTOCOL_VERSION};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::protocol::{DataReply, DataRequest, Envelope, Handshake, Role, MAGIC, PROTOCOL_VERSION};
 
 /// Largest number of frames one batch may carry.
 pub const MAX_FRAMES: u32 = 1 << 20;
@@ -91,7 +96,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Read one batch; `Err(Closed)` on a clean end of stream.
-    pub async fn read_batch(&mut self) -> Result<Vec<Envelope>, CommError> {
+    pub async fn read_batch<M: DeserializeOwned>(&mut self) -> Result<Vec<Envelope<M>>, CommError> {
         let mut n = [0u8; 4];
         read_exact_or_closed(&mut self.inner, &mut n).await?;
         let nframes = u32::from_le_bytes(n);
@@ -151,10 +156,10 @@ async fn read_into<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, len: usi
 }
 
 /// Split a batch's frames into envelopes.
-fn split_batch(frames: Vec<Bytes>) -> Result<Vec<Envelope>, CommError> {
+fn split_batch<M: DeserializeOwned>(frames: Vec<Bytes>) -> Result<Vec<Envelope<M>>, CommError> {
     let mut it = frames.into_iter();
     let head = it.next().ok_or_else(|| CommError::Malformed("empty batch".into()))?;
-    let msgs: Vec<(Msg, u32)> = rmp_serde::from_slice(&head)?;
+    let msgs: Vec<(M, u32)> = rmp_serde::from_slice(&head)?;
     let mut out = Vec::with_capacity(msgs.len());
     for (msg, n) in msgs {
         let mut frames = Vec::with_capacity(n as usize);
@@ -171,8 +176,8 @@ fn split_batch(frames: Vec<Bytes>) -> Result<Vec<Envelope>, CommError> {
 
 /// Encode a batch into its header bytes (counts, lengths, frame 0 and small
 /// frames) and the large frames to write after it without copying.
-pub fn encode_batch(batch: &[Envelope]) -> Result<(Vec<u8>, Vec<Bytes>), CommError> {
-    let head: Vec<(&Msg, u32)> = batch.iter().map(|e| (&e.msg, e.frames.len() as u32)).collect();
+pub fn encode_batch<M: Serialize>(batch: &[Envelope<M>]) -> Result<(Vec<u8>, Vec<Bytes>), CommError> {
+    let head: Vec<(&M, u32)> = batch.iter().map(|e| (&e.msg, e.frames.len() as u32)).collect();
     let frame0 = rmp_serde::to_vec(&head)?;
     let extra: Vec<&Bytes> = batch.iter().flat_map(|e| e.frames.iter()).collect();
     let nframes = 1 + extra.len();
@@ -213,7 +218,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Write one batch and flush it.
-    pub async fn write_batch(&mut self, batch: &[Envelope]) -> Result<(), CommError> {
+    pub async fn write_batch<M: Serialize>(&mut self, batch: &[Envelope<M>]) -> Result<(), CommError> {
         let (head, large) = encode_batch(batch)?;
         self.bytes_written += head.len() as u64 + large.iter().map(|b| b.len() as u64).sum::<u64>();
         if large.is_empty() {
@@ -228,7 +233,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
-    pub async fn write_one(&mut self, msg: Msg) -> Result<(), CommError> {
+    pub async fn write_one<M: Serialize>(&mut self, msg: M) -> Result<(), CommError> {
         self.write_batch(&[Envelope::new(msg)]).await
     }
 
@@ -272,8 +277,8 @@ pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> R
         let mut writer = FrameWriter::new(w);
         let handshake = async {
             writer.write_magic().await?;
-            writer.write_one(Msg::Hello { protocol: PROTOCOL_VERSION, role, name: name.to_string() }).await?;
-            reader.read_batch().await
+            writer.write_one(Handshake::Hello { protocol: PROTOCOL_VERSION, role, name: name.to_string() }).await?;
+            reader.read_batch::<Handshake>().await
         };
         let reply = handshake.await.map_err(|e| match e {
             CommError::Refused(_) | CommError::Version { .. } => e,
@@ -282,8 +287,8 @@ pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> R
             )),
         })?;
         match reply.into_iter().next().map(|e| e.msg) {
-            Some(Msg::Welcome { server, .. }) => Ok(Connection { reader, writer, peer_name: server }),
-            Some(Msg::Error { reason }) => Err(CommError::Refused(reason)),
+            Some(Handshake::Welcome { server, .. }) => Ok(Connection { reader, writer, peer_name: server }),
+            Some(Handshake::Refused { reason }) => Err(CommError::Refused(reason)),
             other => Err(CommError::Refused(format!("not a dask-rs server (unexpected reply {other:?})"))),
         }
     };
@@ -293,18 +298,24 @@ pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> R
     }
 }
 
-/// Server side of the handshake on an accepted stream: checks magic and
-/// protocol version, answers, and returns the peer's role and name.
-pub async fn accept(stream: TcpStream, server_name: &str) -> Result<(Connection, Role), CommError> {
+/// Server side of the handshake on an accepted stream: checks magic,
+/// protocol version and that the peer's role is one of `serves` (else
+/// refuses with `wrong_role`'s text), answers, and returns the peer's role.
+pub async fn accept(
+    stream: TcpStream,
+    server_name: &str,
+    serves: &[Role],
+    wrong_role: impl Fn(Role) -> String,
+) -> Result<(Connection, Role), CommError> {
     prepare(&stream);
     let (r, w) = stream.into_split();
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
     let hello = async {
         reader.read_magic().await?;
-        let batch = reader.read_batch().await?;
+        let batch = reader.read_batch::<Handshake>().await?;
         match batch.into_iter().next().map(|e| e.msg) {
-            Some(Msg::Hello { protocol, role, name }) => Ok((protocol, role, name)),
+            Some(Handshake::Hello { protocol, role, name }) => Ok((protocol, role, name)),
             other => Err(CommError::Malformed(format!("expected Hello, got {other:?}"))),
         }
     };
@@ -312,17 +323,26 @@ pub async fn accept(stream: TcpStream, server_name: &str) -> Result<(Connection,
         Ok(r) => r?,
         Err(_) => return Err(CommError::Malformed("no handshake within 10 s".into())),
     };
-    if protocol != PROTOCOL_VERSION {
-        let err = CommError::Version { ours: PROTOCOL_VERSION, theirs: protocol };
-        let _ = writer.write_one(Msg::Error { reason: err.to_string() }).await;
+    let refusal = if protocol != PROTOCOL_VERSION {
+        Some(CommError::Version { ours: PROTOCOL_VERSION, theirs: protocol })
+    } else if !serves.contains(&role) {
+        Some(CommError::Refused(wrong_role(role)))
+    } else {
+        None
+    };
+    if let Some(err) = refusal {
+        let reason = match &err {
+            CommError::Refused(r) => r.clone(),
+            other => other.to_string(),
+        };
+        let _ = writer.write_one(Handshake::Refused { reason }).await;
         writer.shutdown().await;
         return Err(err);
     }
-    writer.write_one(Msg::Welcome { protocol: PROTOCOL_VERSION, server: server_name.to_string() }).await?;
+    writer.write_one(Handshake::Welcome { protocol: PROTOCOL_VERSION, server: server_name.to_string() }).await?;
     Ok((Connection { reader, writer, peer_name: name }, role))
 }
 
-/// Sender half of a writer task; cloning is cheap.
 /// Connect like [`connect`], retrying while nothing listens at `addr` (a
 /// scheduler restarting) until `patience` has passed. A peer that answers
 /// and refuses is not retried.
@@ -343,21 +363,24 @@ pub async fn connect_retrying(addr: &str, role: Role, name: &str, patience: Dura
     }
 }
 
-pub type Outbox = mpsc::UnboundedSender<Envelope>;
+/// Sender half of a writer task (see [`spawn_writer`]); cloning is cheap.
+pub type Outbox<M> = mpsc::UnboundedSender<Envelope<M>>;
 
 /// Spawn a task that writes everything sent to the returned [`Outbox`],
 /// batching whatever has queued up while the previous write was in flight.
 /// An idle connection writes each message at once: no timers, no latency.
-pub fn spawn_writer(writer: FrameWriter<OwnedWriteHalf>) -> (Outbox, tokio::task::JoinHandle<u64>) {
+pub fn spawn_writer<M: Serialize + Send + Sync + 'static>(
+    writer: FrameWriter<OwnedWriteHalf>,
+) -> (Outbox<M>, tokio::task::JoinHandle<u64>) {
     spawn_counting_writer(writer, None)
 }
 
 /// As [`spawn_writer`], adding every byte written to `counter` as it goes.
-pub fn spawn_counting_writer(
+pub fn spawn_counting_writer<M: Serialize + Send + Sync + 'static>(
     mut writer: FrameWriter<OwnedWriteHalf>,
     counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
-) -> (Outbox, tokio::task::JoinHandle<u64>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
+) -> (Outbox<M>, tokio::task::JoinHandle<u64>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Envelope<M>>();
     let handle = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(64);
         while let Some(first) = rx.recv().await {
@@ -410,7 +433,7 @@ impl ConnectionPool {
     }
 
     /// Send `request` to `addr` and return the reply.
-    pub async fn request(&self, addr: &str, request: Envelope) -> Result<Envelope, CommError> {
+    pub async fn request(&self, addr: &str, request: Envelope<DataRequest>) -> Result<Envelope<DataReply>, CommError> {
         let pooled = self.idle.lock().expect("pool lock").get_mut(addr).and_then(|v| v.pop());
         let mut conn = match pooled {
             Some(c) => c,
@@ -448,10 +471,10 @@ mod tests {
         let mut frames = Vec::new();
         let big = Bytes::from(vec![3u8; 200_000]);
         let blob = Blob::new(big.clone(), &mut frames);
-        let e1 = Envelope { msg: Msg::PutData { id: 1, items: vec![("x".into(), vec![blob])] }, frames };
-        let e2 = Envelope::new(Msg::FreeKeys { keys: vec!["a".into(), "b".into()] });
+        let e1 = Envelope { msg: DataRequest::PutData { id: 1, items: vec![("x".into(), vec![blob])] }, frames };
+        let e2 = Envelope::new(DataRequest::GetData { id: 2, keys: vec!["a".into(), "b".into()] });
         w.write_batch(&[e1.clone(), e2.clone()]).await.unwrap();
-        let got = r.read_batch().await.unwrap();
+        let got = r.read_batch::<DataRequest>().await.unwrap();
         assert_eq!(got, vec![e1, e2]);
         // Large frames get their own allocation, uniquely owned (writable).
         let mut got = got;
@@ -464,7 +487,7 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(1024);
         let mut r = FrameReader::new(b);
         a.write_all(&[0xff; 64]).await.unwrap();
-        assert!(matches!(r.read_batch().await, Err(CommError::Malformed(_))));
+        assert!(matches!(r.read_batch::<DataRequest>().await, Err(CommError::Malformed(_))));
     }
 
     #[test]

@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
-use crate::protocol::{Key, Msg, Registration, TaskSpec};
-use crate::scheduler::{PeerId, SchedulerConfig, SchedulerState};
+use crate::protocol::{
+    Envelope, FromClient, FromWorker, Key, Registration, TaskFinished, TaskSpec, ToClient, ToWorker,
+};
+use crate::scheduler::{Outgoing, PeerId, SchedulerConfig, SchedulerState};
 use crate::worker::{ExecOutcome, Runner};
 
 /// Graph shapes used by benchmarks and tests.
@@ -126,15 +128,14 @@ pub fn simulate_on(
 ) -> SimReport {
     let workers: Vec<PeerId> = (0..cfg.workers as u64).map(|i| 100 + i).collect();
     for (i, &w) in workers.iter().enumerate() {
-        state
-            .add_worker(w, Registration::new(format!("sim-{i}"), format!("tcp://sim:{i}"), cfg.nthreads, 1 << 32))
-            .expect("fresh worker");
+        let reg = Registration::new(format!("sim-{i}"), format!("tcp://sim:{i}"), cfg.nthreads, 1 << 32);
+        state.handle_worker(w, FromWorker::RegisterWorker(reg).into()).expect("fresh worker");
     }
     let _ = state.take_outgoing();
     let ntasks = specs.len() as u64;
     let started = Instant::now();
-    let with_specs = specs.into_iter().map(|s| (s, Some(Bytes::new()))).collect();
-    state.update_graph(CLIENT, with_specs, wanted.clone());
+    let graph = FromClient::UpdateGraph { tasks: specs, wanted: wanted.clone() };
+    state.handle_client(CLIENT, graph.into(), 0.0).expect("a valid graph");
     let peak = state.ntasks();
     after_submit(state);
     let mut remaining: FxHashMap<Key, ()> = wanted.iter().map(|k| (k.clone(), ())).collect();
@@ -142,13 +143,20 @@ pub fn simulate_on(
     let mut out = Vec::new();
     loop {
         state.drain_outgoing_into(&mut out);
-        for (peer, env) in out.drain(..) {
-            match env.msg {
-                Msg::ComputeTask { key, .. } => running.push_back((peer, key)),
-                Msg::KeyInMemory { key, .. } | Msg::KeyCancelled { key, .. } => {
+        for (peer, msg) in out.drain(..) {
+            match msg {
+                Outgoing::Worker(Envelope { msg: ToWorker::ComputeTask { key, .. }, .. }) => {
+                    running.push_back((peer, key))
+                }
+                Outgoing::Client(Envelope {
+                    msg: ToClient::KeyInMemory { key, .. } | ToClient::KeyCancelled { key, .. },
+                    ..
+                }) => {
                     remaining.remove(&key);
                 }
-                Msg::KeyErred { key, text, .. } => panic!("simulated task {key} erred: {text}"),
+                Outgoing::Client(Envelope { msg: ToClient::KeyErred { key, text, .. }, .. }) => {
+                    panic!("simulated task {key} erred: {text}")
+                }
                 _ => {}
             }
         }
@@ -158,9 +166,10 @@ pub fn simulate_on(
         let Some((w, key)) = running.pop_front() else {
             panic!("simulation stalled with {} keys outstanding", remaining.len());
         };
-        state.task_finished(w, &key, cfg.result_size, 0.0, 0.0, 0, 0.0);
+        let report = FromWorker::TaskFinished(TaskFinished::instant(key, cfg.result_size));
+        state.handle_worker(w, report.into()).expect("a valid report");
     }
-    state.release_keys(CLIENT, &wanted);
+    state.handle_client(CLIENT, FromClient::ReleaseKeys { keys: wanted }.into(), 0.0).expect("a valid release");
     let elapsed = started.elapsed();
     let _ = state.take_outgoing();
     SimReport { tasks: ntasks, elapsed, peak_tasks: peak, leftover_tasks: state.ntasks() }
@@ -207,7 +216,7 @@ impl Runner for SimRunner {
         }
         let value = Bytes::from(vec![0u8; self.result_size as usize]);
         self.store.lock().expect("store").insert(key.to_string(), value);
-        ExecOutcome::Ok { nbytes: self.result_size, type_name: "bytes".into() }
+        ExecOutcome::Ok { nbytes: self.result_size }
     }
 
     fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)> {

@@ -58,7 +58,7 @@ def dump_traceback(tb) -> bytes:
 
 
 def execute(run_spec, values, key, thread):
-    """Run one task. Returns ``(True, value, nbytes, type_name)`` or
+    """Run one task. Returns ``(True, value, nbytes)`` or
     ``(False, exception_bytes, traceback_bytes, text)``."""
     _thread_state.key = key
     try:
@@ -68,7 +68,7 @@ def execute(run_spec, values, key, thread):
         return (False, dump_exception(e), dump_traceback(tb), f"{type(e).__name__}: {e}")
     finally:
         _thread_state.key = None
-    return (True, result, sizeof(result), type(result).__name__)
+    return (True, result, sizeof(result))
 
 
 def run_function(call):

@@ -26,8 +26,8 @@ use pyo3::{create_exception, ffi};
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
-use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, DatasetRequest, KeyStatus, Reply};
-use cluster::protocol::{Blob, EventsUpdate, Key, TaskSpec, WorkerInfo};
+use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, DatasetRequest, KeyStatus};
+use cluster::protocol::{Blob, ClusterInfo, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
 
@@ -291,9 +291,8 @@ impl Runner for PyRunner {
                 if t.get_item(0)?.is_truthy()? {
                     let value = t.get_item(1)?.unbind();
                     let nbytes: u64 = t.get_item(2)?.extract()?;
-                    let type_name: String = t.get_item(3)?.extract()?;
                     self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value), &self.stored_seq);
-                    Ok(ExecOutcome::Ok { nbytes, type_name })
+                    Ok(ExecOutcome::Ok { nbytes })
                 } else {
                     Ok(ExecOutcome::Err {
                         exception: t.get_item(1)?.extract::<Vec<u8>>()?.into(),
@@ -898,10 +897,8 @@ impl ClientCore {
     }
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let r = py.detach(|| self.core.info()).map_err(client_err)?;
-        let Reply::Info { address, workers, ntasks, nclients, bytes_in, bytes_out } = r else {
-            return Err(CommError::new_err("unexpected reply"));
-        };
+        let info = py.detach(|| self.core.info()).map_err(client_err)?;
+        let ClusterInfo { address, workers, ntasks, nclients, bytes_in, bytes_out } = info;
         let d = PyDict::new(py);
         d.set_item("address", address)?;
         d.set_item("ntasks", ntasks)?;

@@ -14,13 +14,13 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
 use super::state::PeerId;
-use crate::protocol::{Blob, CoordOp, CoordValue, Envelope, Key, Msg};
+use crate::protocol::{Blob, CoordOp, CoordValue, Envelope, Key, ToClient};
 
 /// What the scheduler must do after a coordination call.
 #[derive(Debug)]
 pub enum CoordOutput {
     /// Send this reply to the peer.
-    Reply(PeerId, Envelope),
+    Reply(PeerId, Envelope<ToClient>),
     /// Keep these keys alive on behalf of a stored value.
     Hold(Vec<Key>),
     /// A stored value is gone: its keys may be released.
@@ -94,11 +94,7 @@ impl Coordination {
     }
 
     fn reply(&mut self, w: Waiter, result: Result<CoordValue, String>) {
-        let (error, value) = match result {
-            Ok(v) => (String::new(), v),
-            Err(e) => (e, CoordValue::Unit),
-        };
-        self.out.push(CoordOutput::Reply(w.peer, Envelope::new(Msg::CoordReply { id: w.id, error, value })));
+        self.out.push(CoordOutput::Reply(w.peer, Envelope::new(ToClient::CoordReply { id: w.id, result })));
     }
 
     fn reply_values(&mut self, w: Waiter, items: Vec<Stored>, transfer: bool) {
@@ -110,7 +106,7 @@ impl Coordination {
             }
             values.push((Blob::new(it.data, &mut frames), it.keys));
         }
-        let msg = Msg::CoordReply { id: w.id, error: String::new(), value: CoordValue::Values(values) };
+        let msg = ToClient::CoordReply { id: w.id, result: Ok(CoordValue::Values(values)) };
         self.out.push(CoordOutput::Reply(w.peer, Envelope { msg, frames }));
     }
 
@@ -405,9 +401,10 @@ mod tests {
         c.take_output()
             .into_iter()
             .filter_map(|o| match o {
-                CoordOutput::Reply(p, Envelope { msg: Msg::CoordReply { id, error, value }, .. }) => {
-                    Some((p, id, error, value))
-                }
+                CoordOutput::Reply(p, Envelope { msg: ToClient::CoordReply { id, result }, .. }) => match result {
+                    Ok(value) => Some((p, id, String::new(), value)),
+                    Err(error) => Some((p, id, error, CoordValue::Unit)),
+                },
                 _ => None,
             })
             .collect()
@@ -457,9 +454,10 @@ mod tests {
         assert!(matches!(&out[0], CoordOutput::Hold(k) if k == &["k".to_string()]));
         assert!(out.iter().any(|o| matches!(o, CoordOutput::Transfer(1, k) if k == &["k".to_string()])));
         let got = out.iter().find_map(|o| match o {
-            CoordOutput::Reply(1, Envelope { msg: Msg::CoordReply { value: CoordValue::Values(v), .. }, .. }) => {
-                Some(v.clone())
-            }
+            CoordOutput::Reply(
+                1,
+                Envelope { msg: ToClient::CoordReply { result: Ok(CoordValue::Values(v)), .. }, .. },
+            ) => Some(v.clone()),
             _ => None,
         });
         assert_eq!(got.unwrap()[0].0, Blob::Inline(Bytes::from_static(b"v")));

@@ -25,7 +25,7 @@ impl SchedulerState {
     pub(super) fn apply_coordination(&mut self) {
         for o in self.coord.take_output() {
             match o {
-                CoordOutput::Reply(peer, env) => self.out.push((peer, env)),
+                CoordOutput::Reply(peer, env) => self.send_client(peer, env),
                 CoordOutput::Hold(keys) => self.hold_keys(&keys, Holder::Coordination),
                 CoordOutput::Unhold(keys) => self.unhold_keys(&keys, Holder::Coordination),
                 CoordOutput::Transfer(client, keys) => {

@@ -3,21 +3,12 @@
 
 use super::holders::Holder;
 use super::state::{PeerId, SchedulerState};
-use crate::protocol::{Blob, Envelope, Key, Msg};
+use crate::protocol::{Blob, DatasetValue, Envelope, Key, ToClient};
 use bytes::Bytes;
 
 impl SchedulerState {
-    pub(super) fn dataset_reply(
-        &mut self,
-        client: PeerId,
-        id: u64,
-        error: String,
-        data: Option<Bytes>,
-        names: Vec<String>,
-    ) {
-        let mut frames = Vec::new();
-        let data = data.map(|d| Blob::new(d, &mut frames));
-        self.out.push((client, Envelope { msg: Msg::DatasetReply { id, error, data, names }, frames }));
+    fn dataset_reply(&mut self, client: PeerId, id: u64, result: Result<DatasetValue, String>) {
+        self.send_client(client, ToClient::DatasetReply { id, result });
     }
 
     /// Publish `keys` and a pickled object under `name`.
@@ -31,19 +22,18 @@ impl SchedulerState {
         overwrite: bool,
     ) {
         if self.datasets.contains_key(&name) && !overwrite {
-            let err = format!("Dataset {name:?} already exists");
-            return self.dataset_reply(client, id, err, None, Vec::new());
+            return self.dataset_reply(client, id, Err(format!("Dataset {name:?} already exists")));
         }
         if let Some(k) = keys.iter().find(|k| !self.keys.contains_key(k.as_str())) {
             let err = format!("cannot publish {name:?}: key {k:?} is not known to the scheduler");
-            return self.dataset_reply(client, id, err, None, Vec::new());
+            return self.dataset_reply(client, id, Err(err));
         }
         if let Some((old, _)) = self.datasets.remove(&name) {
             self.unhold_keys(&old, Holder::Datasets);
         }
         self.hold_keys(&keys, Holder::Datasets);
         self.datasets.insert(name, (keys, data));
-        self.dataset_reply(client, id, String::new(), None, Vec::new());
+        self.dataset_reply(client, id, Ok(DatasetValue::Done));
     }
 
     /// Remove a published dataset.
@@ -51,9 +41,9 @@ impl SchedulerState {
         match self.datasets.remove(name) {
             Some((keys, _)) => {
                 self.unhold_keys(&keys, Holder::Datasets);
-                self.dataset_reply(client, id, String::new(), None, Vec::new());
+                self.dataset_reply(client, id, Ok(DatasetValue::Done));
             }
-            None => self.dataset_reply(client, id, format!("Dataset {name:?} not found"), None, Vec::new()),
+            None => self.dataset_reply(client, id, Err(format!("Dataset {name:?} not found"))),
         }
     }
 
@@ -61,10 +51,12 @@ impl SchedulerState {
     pub fn get_dataset(&mut self, client: PeerId, id: u64, name: &str) {
         match self.datasets.get(name) {
             Some((_, data)) => {
-                let data = data.clone();
-                self.dataset_reply(client, id, String::new(), Some(data), Vec::new());
+                let mut frames = Vec::new();
+                let data = Blob::new(data.clone(), &mut frames);
+                let msg = ToClient::DatasetReply { id, result: Ok(DatasetValue::Data(data)) };
+                self.send_client(client, Envelope { msg, frames });
             }
-            None => self.dataset_reply(client, id, format!("Dataset {name:?} not found"), None, Vec::new()),
+            None => self.dataset_reply(client, id, Err(format!("Dataset {name:?} not found"))),
         }
     }
 
@@ -72,6 +64,6 @@ impl SchedulerState {
     pub fn list_datasets(&mut self, client: PeerId, id: u64) {
         let mut names: Vec<String> = self.datasets.keys().cloned().collect();
         names.sort();
-        self.dataset_reply(client, id, String::new(), None, names);
+        self.dataset_reply(client, id, Ok(DatasetValue::Names(names)));
     }
 }

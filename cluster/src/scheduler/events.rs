@@ -2,7 +2,7 @@
 //! the load summary, and point queries (`who_has`, state counts).
 
 use super::state::{PeerId, SchedulerState, TaskState};
-use crate::protocol::{EventsUpdate, GroupCounts, Key, LoadSummary, Msg, TaskStreamRecord, WorkerInfo};
+use crate::protocol::{EventsUpdate, GroupCounts, Key, LoadSummary, TaskStreamRecord, ToClient, WorkerInfo};
 use rustc_hash::FxHashMap;
 
 /// Where a subscriber is in the event stream.
@@ -64,7 +64,7 @@ impl SchedulerState {
             (k, holders)
         });
         let who_has = who_has.collect();
-        self.send(client, Msg::WhoHasReply { id, who_has });
+        self.send_client(client, ToClient::WhoHasReply { id, who_has });
     }
 
     /// Every worker, as clients and monitors see it.

@@ -3,7 +3,7 @@
 
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::{ErrorInfo, Restriction, Task, TaskId};
-use crate::protocol::{Key, Msg, Priority, TaskSpec};
+use crate::protocol::{Key, Priority, TaskSpec, ToClient};
 use bytes::Bytes;
 
 impl SchedulerState {
@@ -84,9 +84,10 @@ impl SchedulerState {
                         _ => {}
                     }
                 }
-                None => {
-                    self.send(client, Msg::KeyCancelled { key: k, reason: "key is not known to the scheduler".into() })
-                }
+                None => self.send_client(
+                    client,
+                    ToClient::KeyCancelled { key: k, reason: "key is not known to the scheduler".into() },
+                ),
             }
         }
         self.fill_all_workers();
@@ -97,7 +98,10 @@ impl SchedulerState {
         self.add_client(client);
         let Some(worker) = self.worker_by_address(worker_addr) else {
             for (k, _) in keys {
-                self.send(client, Msg::KeyCancelled { key: k, reason: format!("worker {worker_addr} is gone") });
+                self.send_client(
+                    client,
+                    ToClient::KeyCancelled { key: k, reason: format!("worker {worker_addr} is gone") },
+                );
             }
             return;
         };
@@ -214,16 +218,16 @@ impl SchedulerState {
                     Some(r) if !self.workers.is_empty() => r.reason(),
                     _ => "no-worker: there are no workers".to_string(),
                 };
-                self.tell_wanters(id, reason);
+                self.tell_wanters(id, Some(reason));
             }
         }
     }
 
     /// Tell the clients that want `id` whether it can run (see `KeyNoWorker`).
-    pub(super) fn tell_wanters(&mut self, id: TaskId, reason: String) {
+    pub(super) fn tell_wanters(&mut self, id: TaskId, reason: Option<String>) {
         let key = self.t(id).key.to_string();
         for c in self.clients_of(id) {
-            self.send(c, Msg::KeyNoWorker { key: key.clone(), reason: reason.clone() });
+            self.send_client(c, ToClient::KeyNoWorker { key: key.clone(), reason: reason.clone() });
         }
     }
 }

@@ -16,6 +16,7 @@ mod datasets;
 mod events;
 mod graph;
 mod holders;
+mod inbox;
 mod placement;
 mod rebalance;
 mod release;
@@ -36,4 +37,4 @@ mod tests;
 
 pub use events::EventCursor;
 pub use server::{start, SchedulerHandle};
-pub use state::{PeerId, SchedulerConfig, SchedulerState, TaskState};
+pub use state::{Outgoing, PeerId, SchedulerConfig, SchedulerState, TaskState};

@@ -4,7 +4,7 @@
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::TaskId;
 use super::workers::Worker;
-use crate::protocol::{Blob, DepInfo, Envelope, Msg};
+use crate::protocol::{Blob, DepInfo, Envelope, ToWorker};
 use rustc_hash::FxHashMap;
 
 /// Cap on root tasks in flight per worker thread from `pipeline_window`.
@@ -89,8 +89,8 @@ impl SchedulerState {
         let mut frames = Vec::new();
         let run_spec = Blob::new(t.run_spec.clone().unwrap_or_default(), &mut frames);
         let resources = t.restriction.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
-        let msg = Msg::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority, resources };
-        self.out.push((w, Envelope { msg, frames }));
+        let msg = ToWorker::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority, resources };
+        self.send_worker(w, Envelope { msg, frames });
     }
 
     /// Queued root tasks worker `w` may hold: `worker_saturation` per thread,

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 
 use super::state::{PeerId, SchedulerConfig, TaskState};
-use super::tests::{spec, Checked};
-use crate::protocol::{Key, Msg, Registration};
+use super::tests::{erred, spec, Checked, Msg};
+use crate::protocol::{Key, Registration, TaskErred, TaskFinished, ToWorker};
 
 /// xorshift64*: small, seedable, no dependency.
 struct Rng(u64);
@@ -102,25 +102,29 @@ impl World {
     fn deliver(&mut self) {
         for (peer, env) in self.s.take_outgoing() {
             match env.msg {
-                Msg::ComputeTask { key, .. } => {
+                Msg::W(ToWorker::ComputeTask { key, .. }) => {
                     if let Some(r) = self.running.get_mut(&peer) {
                         r.insert(key);
                     }
                 }
-                Msg::FreeKeys { keys } => {
+                Msg::W(ToWorker::FreeKeys { keys }) => {
                     if let Some(r) = self.running.get_mut(&peer) {
                         for k in &keys {
                             r.remove(k);
                         }
                     }
                 }
-                Msg::AcquireReplicas { keys } => {
+                Msg::W(ToWorker::AcquireReplicas { keys }) => {
                     if let Some(a) = self.acquiring.get_mut(&peer) {
                         a.extend(keys.into_iter().map(|d| d.key));
                     }
                 }
-                Msg::StealRequest { key } => self.steals.push((peer, key)),
-                Msg::RestartWorker | Msg::CloseWorker { .. } if self.running.contains_key(&peer) => self.kill(peer),
+                Msg::W(ToWorker::StealRequest { key }) => self.steals.push((peer, key)),
+                Msg::W(ToWorker::RestartWorker) | Msg::W(ToWorker::CloseWorker { .. })
+                    if self.running.contains_key(&peer) =>
+                {
+                    self.kill(peer)
+                }
                 _ => {}
             }
         }
@@ -179,10 +183,13 @@ impl World {
             15..=44 => {
                 if let Some((w, k)) = self.running_task() {
                     if self.rng.chance(10) {
-                        self.s.task_erred(w, &k, Bytes::new(), Bytes::new(), "ValueError".into(), 0.0, 0.1, 0);
+                        self.s.task_erred(w, TaskErred { stop: 0.1, ..erred(&k, "ValueError") }, &[]);
                     } else {
                         let stop = if self.rng.chance(50) { 0.001 } else { 0.5 };
-                        self.s.task_finished(w, &k, 1 + self.rng.below(1000) as u64, 0.0, stop, 0, 0.0);
+                        self.s.task_finished(
+                            w,
+                            &TaskFinished { stop, ..TaskFinished::instant(k.clone(), 1 + self.rng.below(1000) as u64) },
+                        );
                     }
                     self.running.get_mut(&w).unwrap().remove(&k);
                 }
@@ -333,7 +340,7 @@ impl World {
                 break;
             };
             self.running.get_mut(&w).unwrap().remove(&k);
-            self.s.task_finished(w, &k, 10, 0.0, 0.001, 0, 0.0);
+            self.s.task_finished(w, &TaskFinished { stop: 0.001, ..TaskFinished::instant(k, 10) });
             self.deliver();
         }
         for keys in self.clients.values() {

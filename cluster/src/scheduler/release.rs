@@ -4,7 +4,7 @@
 use super::holders::Holder;
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::TaskId;
-use crate::protocol::{Envelope, Key, Msg};
+use crate::protocol::{Key, ToClient, ToWorker};
 
 impl SchedulerState {
     /// A client no longer holds futures for `keys`.
@@ -21,7 +21,7 @@ impl SchedulerState {
     pub fn cancel_keys(&mut self, client: PeerId, keys: Vec<Key>) {
         self.release_keys(client, &keys);
         for k in keys {
-            self.send(client, Msg::KeyCancelled { key: k, reason: "cancelled by the client".into() });
+            self.send_client(client, ToClient::KeyCancelled { key: k, reason: "cancelled by the client".into() });
         }
     }
 
@@ -41,7 +41,7 @@ impl SchedulerState {
                     let key = self.t(id).key.to_string();
                     for w in std::mem::take(&mut self.tm(id).who_has) {
                         self.remove_replica(id, w);
-                        self.send(w, Msg::FreeKeys { keys: vec![key.clone()] });
+                        self.send_worker(w, ToWorker::FreeKeys { keys: vec![key.clone()] });
                     }
                     let g = self.t(id).group as usize;
                     self.groups[g].nbytes = self.groups[g].nbytes.saturating_sub(nbytes);
@@ -133,15 +133,14 @@ impl SchedulerState {
             }
         }
         for (c, key) in cancelled {
-            self.send(c, Msg::KeyCancelled { key, reason: crate::protocol::RESTARTED.into() });
+            self.send_client(c, ToClient::KeyCancelled { key, reason: crate::protocol::RESTARTED.into() });
         }
         for r in std::mem::take(&mut self.rebalances) {
-            let (moved, bytes, failed) = (r.moved, r.bytes, r.failed + r.pending.len() as u64);
-            let error = crate::protocol::RESTARTED.to_string();
-            self.send(r.requester, Msg::Rebalanced { id: r.id, moved, bytes, failed, error });
+            let result = Err(crate::protocol::RESTARTED.to_string());
+            self.send_client(r.requester, ToClient::Rebalanced { id: r.id, result });
         }
-        for &w in &self.worker_order {
-            self.out.push((w, Envelope::new(Msg::RestartWorker)));
+        for w in self.worker_order.clone() {
+            self.send_worker(w, ToWorker::RestartWorker);
         }
         // Every field is named, so a new one cannot be forgotten here.
         let SchedulerState {

@@ -5,7 +5,7 @@ use super::rebalance;
 use super::rebalance::Candidate;
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::TaskId;
-use crate::protocol::{DepInfo, Key, Msg};
+use crate::protocol::{DepInfo, Key, RebalanceStats, ToClient, ToWorker};
 use rustc_hash::FxHashMap;
 
 /// A pending `Rebalance` request: moves not yet done, key -> (from, to).
@@ -57,7 +57,7 @@ impl SchedulerState {
         let mut dests: Vec<(PeerId, Vec<DepInfo>)> = by_dest.into_iter().collect();
         dests.sort_by_key(|d| d.0);
         for (dest, keys) in dests {
-            self.send(dest, Msg::AcquireReplicas { keys });
+            self.send_worker(dest, ToWorker::AcquireReplicas { keys });
         }
     }
 
@@ -83,7 +83,7 @@ impl SchedulerState {
         }
         if !unknown.is_empty() {
             let error = format!("rebalance: no such worker: {}", unknown.join(", "));
-            self.send(requester, Msg::Rebalanced { id, moved: 0, bytes: 0, failed: 0, error });
+            self.send_client(requester, ToClient::Rebalanced { id, result: Err(error) });
             return;
         }
         let loads: Vec<(PeerId, u64)> = participants
@@ -151,7 +151,7 @@ impl SchedulerState {
                 continue;
             }
             self.remove_replica(id, from);
-            self.send(from, Msg::FreeKeys { keys: vec![key.clone()] });
+            self.send_worker(from, ToWorker::FreeKeys { keys: vec![key.clone()] });
         }
     }
 
@@ -177,13 +177,13 @@ impl SchedulerState {
             if !r.pending.is_empty() {
                 return true;
             }
-            let msg =
-                Msg::Rebalanced { id: r.id, moved: r.moved, bytes: r.bytes, failed: r.failed, error: String::new() };
+            let stats = RebalanceStats { moved: r.moved, bytes: r.bytes, failed: r.failed };
+            let msg = ToClient::Rebalanced { id: r.id, result: Ok(stats) };
             answers.push((r.requester, msg));
             false
         });
         for (peer, msg) in answers {
-            self.send(peer, msg);
+            self.send_client(peer, msg);
         }
     }
 }

@@ -4,7 +4,7 @@
 use super::holders::Holder;
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::{ErrorInfo, TaskId};
-use crate::protocol::{Blob, Envelope, Key, Msg, TaskStreamRecord};
+use crate::protocol::{Blob, Envelope, Key, TaskErred, TaskFinished, TaskStreamRecord, ToClient, ToWorker};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -19,19 +19,10 @@ struct TaskRun {
 
 impl SchedulerState {
     /// A worker finished a task.
-    #[allow(clippy::too_many_arguments)]
-    pub fn task_finished(
-        &mut self,
-        worker: PeerId,
-        key: &str,
-        nbytes: u64,
-        start: f64,
-        stop: f64,
-        thread: u32,
-        transfer: f64,
-    ) {
-        let Some(&id) = self.keys.get(key) else {
-            self.send(worker, Msg::FreeKeys { keys: vec![key.to_string()] });
+    pub fn task_finished(&mut self, worker: PeerId, report: &TaskFinished) {
+        let TaskFinished { ref key, nbytes, start, stop, thread, transfer } = *report;
+        let Some(&id) = self.keys.get(key.as_str()) else {
+            self.send_worker(worker, ToWorker::FreeKeys { keys: vec![key.to_string()] });
             return;
         };
         let (state, on) = (self.t(id).state, self.t(id).processing_on);
@@ -40,7 +31,7 @@ impl SchedulerState {
             if t.state == TaskState::Memory && !t.who_has.contains(&worker) {
                 self.add_replica(id, worker);
             } else if !t.who_has.contains(&worker) {
-                self.send(worker, Msg::FreeKeys { keys: vec![key.to_string()] });
+                self.send_worker(worker, ToWorker::FreeKeys { keys: vec![key.to_string()] });
             }
             return;
         }
@@ -142,40 +133,27 @@ impl SchedulerState {
     pub(super) fn report_to(&mut self, client: PeerId, id: TaskId) {
         let t = self.t(id);
         let msg = match t.state {
-            TaskState::Memory => Msg::KeyInMemory {
-                key: t.key.to_string(),
-                nbytes: t.nbytes,
-                type_name: String::new(),
-                workers: self.addresses(&t.who_has),
-            },
+            TaskState::Memory => {
+                ToClient::KeyInMemory { key: t.key.to_string(), nbytes: t.nbytes, workers: self.addresses(&t.who_has) }
+            }
             TaskState::Erred => {
                 let e = t.error.as_ref().expect("erred task has error");
                 let mut frames = Vec::new();
                 let exception = Blob::new(e.exception.clone(), &mut frames);
                 let traceback = Blob::new(e.traceback.clone(), &mut frames);
-                let msg = Msg::KeyErred { key: t.key.to_string(), exception, traceback, text: e.text.clone() };
-                self.out.push((client, Envelope { msg, frames }));
+                let msg = ToClient::KeyErred { key: t.key.to_string(), exception, traceback, text: e.text.clone() };
+                self.send_client(client, Envelope { msg, frames });
                 return;
             }
             _ => return,
         };
-        self.send(client, msg);
+        self.send_client(client, msg);
     }
 
-    /// A task raised on a worker.
-    #[allow(clippy::too_many_arguments)]
-    pub fn task_erred(
-        &mut self,
-        worker: PeerId,
-        key: &str,
-        exception: Bytes,
-        traceback: Bytes,
-        text: String,
-        start: f64,
-        stop: f64,
-        thread: u32,
-    ) {
-        let Some(&id) = self.keys.get(key) else {
+    /// A task raised on a worker; `frames` came with the report.
+    pub fn task_erred(&mut self, worker: PeerId, report: TaskErred, frames: &[Bytes]) {
+        let TaskErred { key, exception, traceback, text, start, stop, thread } = report;
+        let Some(&id) = self.keys.get(key.as_str()) else {
             return;
         };
         let (state, on) = (self.t(id).state, self.t(id).processing_on);
@@ -188,6 +166,8 @@ impl SchedulerState {
             self.set_state(id, TaskState::Released);
             self.transition_to_waiting(id);
         } else {
+            let exception = exception.resolve(frames).unwrap_or_default();
+            let traceback = traceback.resolve(frames).unwrap_or_default();
             self.set_erred(id, Arc::new(ErrorInfo { exception, traceback, text }));
         }
         self.fill_worker(worker);
@@ -280,7 +260,7 @@ impl SchedulerState {
             }
         }
         if !unknown.is_empty() {
-            self.send(worker, Msg::FreeKeys { keys: unknown });
+            self.send_worker(worker, ToWorker::FreeKeys { keys: unknown });
         }
         self.check_retirements();
         self.check_rebalances();

@@ -3,7 +3,7 @@
 
 use super::state::{PeerId, SchedulerState};
 use super::task::TaskId;
-use crate::protocol::{DepInfo, Msg};
+use crate::protocol::{DepInfo, ToClient, ToWorker};
 use rustc_hash::FxHashMap;
 
 /// A pending `RetireWorkers` request.
@@ -97,7 +97,7 @@ impl SchedulerState {
             self.worker_available();
         }
         for p in close {
-            self.send(p, Msg::CloseWorker { reason: "retired".into() });
+            self.send_worker(p, ToWorker::CloseWorker { reason: "retired".into() });
             self.drop_worker(p);
         }
         let tasks = &self.tasks;
@@ -111,7 +111,7 @@ impl SchedulerState {
             }
             answered.push((
                 r.requester,
-                Msg::WorkersRetired {
+                ToClient::WorkersRetired {
                     id: r.id,
                     retired: r.workers.iter().map(|(_, n)| n.clone()).collect(),
                     failed: r.failed.clone(),
@@ -120,7 +120,7 @@ impl SchedulerState {
             false
         });
         for (peer, msg) in answered {
-            self.send(peer, msg);
+            self.send_client(peer, msg);
         }
     }
 }

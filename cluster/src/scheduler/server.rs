@@ -17,7 +17,9 @@ use super::events::EventCursor;
 use super::state::{PeerId, SchedulerConfig, SchedulerState};
 use crate::comm::{self, CommError, Outbox};
 use crate::now;
-use crate::protocol::{CoordOp, Envelope, Msg, Role};
+use crate::protocol::{ClusterInfo, Envelope, FromClient, FromWorker, Role, ToClient, ToWorker};
+use crate::scheduler::Outgoing;
+use serde::de::DeserializeOwned;
 
 /// Byte counters of everything that crossed the scheduler's sockets.
 #[derive(Debug, Default)]
@@ -26,9 +28,23 @@ pub struct ByteCounters {
     pub bytes_out: Arc<AtomicU64>,
 }
 
+/// The sending side of a connection, typed by the peer's role.
+enum Link {
+    /// A worker, and whether it has registered yet.
+    Worker { outbox: Outbox<ToWorker>, registered: bool },
+    /// A client or a monitor.
+    Client { outbox: Outbox<ToClient>, role: Role },
+}
+
+/// Messages read from one connection.
+enum Inbound {
+    Worker(Vec<Envelope<FromWorker>>),
+    Client(Vec<Envelope<FromClient>>),
+}
+
 enum Event {
-    Connected { peer: PeerId, role: Role, outbox: Outbox },
-    Batch { peer: PeerId, msgs: Vec<Envelope> },
+    Connected { peer: PeerId, link: Link },
+    Batch { peer: PeerId, msgs: Inbound },
     Disconnected { peer: PeerId },
 }
 
@@ -117,32 +133,52 @@ async fn serve_peer(
     events: mpsc::UnboundedSender<Event>,
     counters: Arc<ByteCounters>,
 ) -> Result<(), CommError> {
-    let (conn, role) = comm::accept(stream, server_name).await?;
-    let comm::Connection { mut reader, writer, .. } = conn;
-    let (outbox, _writer) = comm::spawn_counting_writer(writer, Some(counters.bytes_out.clone()));
-    let _ = events.send(Event::Connected { peer, role, outbox });
-    let mut seen = 0;
-    let result = loop {
-        match reader.read_batch().await {
-            Ok(msgs) => {
-                counters.bytes_in.fetch_add(reader.bytes_read - seen, Ordering::Relaxed);
-                seen = reader.bytes_read;
-                if events.send(Event::Batch { peer, msgs }).is_err() {
-                    break Ok(());
-                }
-            }
-            Err(CommError::Closed) => break Ok(()),
-            Err(e) => break Err(e),
-        }
+    let serves = [Role::Worker, Role::Client, Role::Monitor];
+    let (conn, role) = comm::accept(stream, server_name, &serves, |_| {
+        format!("{server_name} is a dask-rs scheduler; data is served by the workers' own addresses")
+    })
+    .await?;
+    let comm::Connection { reader, writer, .. } = conn;
+    let bytes_out = Some(counters.bytes_out.clone());
+    let result = if role == Role::Worker {
+        let (outbox, _writer) = comm::spawn_counting_writer(writer, bytes_out);
+        let _ = events.send(Event::Connected { peer, link: Link::Worker { outbox, registered: false } });
+        read_loop(peer, reader, &events, &counters, Inbound::Worker).await
+    } else {
+        let (outbox, _writer) = comm::spawn_counting_writer(writer, bytes_out);
+        let _ = events.send(Event::Connected { peer, link: Link::Client { outbox, role } });
+        read_loop(peer, reader, &events, &counters, Inbound::Client).await
     };
     let _ = events.send(Event::Disconnected { peer });
     result
 }
 
+/// Forward every batch `peer` sends to the core task until the connection ends.
+async fn read_loop<M: DeserializeOwned>(
+    peer: PeerId,
+    mut reader: comm::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    events: &mpsc::UnboundedSender<Event>,
+    counters: &ByteCounters,
+    wrap: fn(Vec<Envelope<M>>) -> Inbound,
+) -> Result<(), CommError> {
+    let mut seen = 0;
+    loop {
+        match reader.read_batch::<M>().await {
+            Ok(msgs) => {
+                counters.bytes_in.fetch_add(reader.bytes_read - seen, Ordering::Relaxed);
+                seen = reader.bytes_read;
+                if events.send(Event::Batch { peer, msgs: wrap(msgs) }).is_err() {
+                    return Ok(());
+                }
+            }
+            Err(CommError::Closed) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 struct Peer {
-    role: Role,
-    outbox: Outbox,
-    registered_worker: bool,
+    link: Link,
     last_seen: tokio::time::Instant,
 }
 
@@ -152,6 +188,19 @@ struct Subscriber {
     next: tokio::time::Instant,
 }
 
+/// Everything the core task owns: the state machine and the connections.
+struct Core {
+    state: SchedulerState,
+    peers: FxHashMap<PeerId, Peer>,
+    subs: FxHashMap<PeerId, Subscriber>,
+    /// The scheduler's own address (for `GetInfo`).
+    address: String,
+    counters: Arc<ByteCounters>,
+    /// A client asked the scheduler to shut down.
+    stopping: bool,
+    worker_ttl: Duration,
+}
+
 async fn core_loop(
     mut events: mpsc::UnboundedReceiver<Event>,
     mut shutdown: watch::Receiver<bool>,
@@ -159,235 +208,196 @@ async fn core_loop(
     address: String,
     counters: Arc<ByteCounters>,
 ) {
-    let worker_ttl = config.worker_ttl;
-    let mut state = SchedulerState::new(config);
-    let mut peers: FxHashMap<PeerId, Peer> = FxHashMap::default();
-    let mut subs: FxHashMap<PeerId, Subscriber> = FxHashMap::default();
+    let mut core = Core {
+        worker_ttl: config.worker_ttl,
+        state: SchedulerState::new(config),
+        peers: FxHashMap::default(),
+        subs: FxHashMap::default(),
+        address,
+        counters,
+        stopping: false,
+    };
     let mut out = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut stopping = false;
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.changed() => stopping = true,
+            _ = shutdown.changed() => core.stopping = true,
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
-                handle(&mut state, &mut peers, &mut subs, ev, &address, &counters, &mut stopping);
+                core.handle(ev);
                 // Drain whatever else is ready before flushing: natural batching.
                 for _ in 0..10_000 {
                     match events.try_recv() {
-                        Ok(ev) => handle(&mut state, &mut peers, &mut subs, ev, &address, &counters, &mut stopping),
+                        Ok(ev) => core.handle(ev),
                         Err(_) => break,
                     }
                 }
             }
-            _ = tick.tick() => {
-                let now_i = tokio::time::Instant::now();
-                let ttl = worker_ttl;
-                let silent: Vec<PeerId> = peers
-                    .iter()
-                    .filter(|(_, p)| p.role == Role::Worker && now_i.duration_since(p.last_seen) > ttl)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for peer in silent {
-                    tracing::warn!("worker {peer} sent nothing for {ttl:?}; removing it");
-                    if let Some(p) = peers.remove(&peer) {
-                        let reason = format!("no heartbeat for {ttl:?}");
-                        let _ = p.outbox.send(Envelope::new(Msg::CloseWorker { reason }));
-                    }
-                    state.remove_worker(peer);
-                    subs.remove(&peer);
-                }
-                let t = now();
-                state.coordination_tick(t);
-                state.balance();
-                for (peer, sub) in subs.iter_mut() {
-                    if now_i >= sub.next {
-                        sub.next = now_i + sub.interval;
-                        let update = state.events_since(&mut sub.cursor, t);
-                        if let Some(p) = peers.get(peer) {
-                            let _ = p.outbox.send(Envelope::new(Msg::Events(update)));
-                        }
-                    }
-                }
-            }
+            _ = tick.tick() => core.tick(),
         }
-        state.drain_outgoing_into(&mut out);
-        for (peer, env) in out.drain(..) {
-            if let Some(p) = peers.get(&peer) {
-                let _ = p.outbox.send(env);
-            }
+        core.state.drain_outgoing_into(&mut out);
+        for (peer, msg) in out.drain(..) {
+            core.send(peer, msg);
         }
-        if stopping {
-            for p in peers.values() {
-                if p.role == Role::Worker {
-                    let _ =
-                        p.outbox.send(Envelope::new(Msg::CloseWorker { reason: "scheduler is shutting down".into() }));
-                }
-            }
+        if core.stopping {
+            core.close_workers("scheduler is shutting down");
             // Dropping the outboxes lets writers flush and close.
-            peers.clear();
+            core.peers.clear();
             tokio::time::sleep(Duration::from_millis(50)).await;
             break;
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    state: &mut SchedulerState,
-    peers: &mut FxHashMap<PeerId, Peer>,
-    subs: &mut FxHashMap<PeerId, Subscriber>,
-    ev: Event,
-    address: &str,
-    counters: &ByteCounters,
-    stopping: &mut bool,
-) {
-    match ev {
-        Event::Connected { peer, role, outbox } => {
-            if role == Role::Client {
-                state.add_client(peer);
-            }
-            peers.insert(peer, Peer { role, outbox, registered_worker: false, last_seen: tokio::time::Instant::now() });
-        }
-        Event::Disconnected { peer } => {
-            if let Some(p) = peers.remove(&peer) {
-                match p.role {
-                    Role::Worker => state.remove_worker(peer),
-                    Role::Client => state.remove_client(peer),
-                    _ => {}
+impl Core {
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Connected { peer, link } => {
+                if matches!(link, Link::Client { role: Role::Client, .. }) {
+                    self.state.add_client(peer);
                 }
+                self.peers.insert(peer, Peer { link, last_seen: tokio::time::Instant::now() });
             }
-            subs.remove(&peer);
-        }
-        Event::Batch { peer, msgs } => {
-            if let Some(p) = peers.get_mut(&peer) {
+            Event::Disconnected { peer } => self.drop_peer(peer),
+            Event::Batch { peer, msgs } => {
+                let Some(p) = self.peers.get_mut(&peer) else { return };
                 p.last_seen = tokio::time::Instant::now();
-            }
-            for env in msgs {
-                let Some(p) = peers.get_mut(&peer) else {
-                    return;
+                let result = match msgs {
+                    Inbound::Worker(msgs) => msgs.into_iter().try_for_each(|env| self.on_worker(peer, env)),
+                    Inbound::Client(msgs) => msgs.into_iter().try_for_each(|env| self.on_client(peer, env)),
                 };
-                let role = p.role;
-                if let Err(reason) = handle_msg(state, p, subs, peer, role, env, address, counters, stopping) {
+                if let Err(reason) = result {
                     tracing::warn!("peer {peer}: {reason}");
-                    let _ = p.outbox.send(Envelope::new(Msg::Error { reason }));
-                    // Dropping the outbox closes the writer and so the connection.
-                    if let Some(p) = peers.remove(&peer) {
-                        if p.role == Role::Worker {
-                            state.remove_worker(peer);
-                        } else if p.role == Role::Client {
-                            state.remove_client(peer);
+                    if let Some(p) = self.peers.get(&peer) {
+                        match &p.link {
+                            Link::Worker { outbox, .. } => drop(outbox.send(ToWorker::Error { reason }.into())),
+                            Link::Client { outbox, .. } => drop(outbox.send(ToClient::Error { reason }.into())),
                         }
                     }
-                    return;
+                    // Dropping the outbox closes the writer and so the connection.
+                    self.drop_peer(peer);
                 }
             }
         }
     }
-}
 
-#[allow(clippy::too_many_arguments)]
-fn handle_msg(
-    state: &mut SchedulerState,
-    p: &mut Peer,
-    subs: &mut FxHashMap<PeerId, Subscriber>,
-    peer: PeerId,
-    role: Role,
-    env: Envelope,
-    address: &str,
-    counters: &ByteCounters,
-    stopping: &mut bool,
-) -> Result<(), String> {
-    let Envelope { msg, frames } = env;
-    match (role, msg) {
-        (Role::Worker, Msg::RegisterWorker(reg)) => {
-            state.add_worker(peer, reg)?;
-            p.registered_worker = true;
-        }
-        (Role::Worker, _) if !p.registered_worker => return Err("a worker must send RegisterWorker first".into()),
-        (Role::Worker, Msg::TaskFinished { key, nbytes, start, stop, thread, transfer, .. }) => {
-            state.task_finished(peer, &key, nbytes, start, stop, thread, transfer)
-        }
-        (Role::Worker, Msg::TaskErred { key, exception, traceback, text, start, stop, thread }) => {
-            let exception = exception.resolve(&frames).unwrap_or_default();
-            let traceback = traceback.resolve(&frames).unwrap_or_default();
-            state.task_erred(peer, &key, exception, traceback, text, start, stop, thread)
-        }
-        (Role::Worker, Msg::AddKeys { keys }) => state.add_keys(peer, &keys),
-        (Role::Worker, Msg::TaskSeceded { key }) => state.task_seceded(peer, &key),
-        (Role::Worker, Msg::StealResponse { key, stolen }) => state.steal_response(peer, &key, stolen),
-        (Role::Worker, Msg::MissingData { key, workers }) => state.missing_data(peer, &key, &workers),
-        (Role::Worker, Msg::Heartbeat { rss, spilled, executing, ready, bytes_in, bytes_out, .. }) => {
-            state.worker_metrics(peer, rss, spilled, executing, ready, bytes_in, bytes_out)
-        }
-        (Role::Client, Msg::UpdateGraph { tasks, wanted }) => {
-            let mut with_specs = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                let spec = t.run_spec.resolve(&frames).ok_or("run_spec refers to a missing frame")?;
-                with_specs.push((t, Some(spec)));
+    /// Forget a peer whose connection ended (or that broke the protocol).
+    fn drop_peer(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.remove(&peer) {
+            match p.link {
+                Link::Worker { .. } => self.state.remove_worker(peer),
+                Link::Client { role: Role::Client, .. } => self.state.remove_client(peer),
+                Link::Client { .. } => {}
             }
-            state.update_graph(peer, with_specs, wanted)
         }
-        (Role::Client, Msg::WantKeys { keys }) => state.want_keys(peer, keys),
-        (Role::Client, Msg::ReleaseKeys { keys }) => state.release_keys(peer, &keys),
-        (Role::Client, Msg::CancelKeys { keys }) => state.cancel_keys(peer, keys),
-        (Role::Client, Msg::ScatterDone { keys, worker }) => state.scatter_done(peer, &worker, keys),
-        (Role::Client, Msg::WhoHas { id, keys }) => state.who_has_reply(peer, id, keys),
-        (Role::Client | Role::Monitor, Msg::GetInfo { id }) => {
-            let _ = p.outbox.send(Envelope::new(Msg::Info {
-                id,
-                address: address.to_string(),
-                workers: state.worker_infos(),
-                ntasks: state.ntasks() as u64,
-                nclients: state.nclients() as u64,
-                bytes_in: counters.bytes_in.load(Ordering::Relaxed),
-                bytes_out: counters.bytes_out.load(Ordering::Relaxed),
-            }));
+        self.subs.remove(&peer);
+    }
+
+    fn on_worker(&mut self, peer: PeerId, env: Envelope<FromWorker>) -> Result<(), String> {
+        let Some(Peer { link: Link::Worker { registered, .. }, .. }) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        match (&env.msg, *registered) {
+            (FromWorker::RegisterWorker(_), false) => *registered = true,
+            (FromWorker::RegisterWorker(_), true) => return Err("a worker registers only once".into()),
+            (_, false) => return Err("a worker must send RegisterWorker first".into()),
+            _ => {}
         }
-        (Role::Client | Role::Monitor, Msg::Subscribe { interval_ms }) => {
-            subs.insert(
-                peer,
-                Subscriber {
+        self.state.handle_worker(peer, env)
+    }
+
+    fn on_client(&mut self, peer: PeerId, env: Envelope<FromClient>) -> Result<(), String> {
+        let role = match self.peers.get(&peer) {
+            Some(Peer { link: Link::Client { role, .. }, .. }) => *role,
+            _ => return Ok(()),
+        };
+        match env.msg {
+            FromClient::GetInfo { id } => {
+                let info = ClusterInfo {
+                    address: self.address.clone(),
+                    workers: self.state.worker_infos(),
+                    ntasks: self.state.ntasks() as u64,
+                    nclients: self.state.nclients() as u64,
+                    bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
+                };
+                self.send(peer, Outgoing::Client(ToClient::Info { id, info }.into()));
+            }
+            FromClient::Subscribe { interval_ms } => {
+                let sub = Subscriber {
                     cursor: EventCursor::default(),
                     interval: Duration::from_millis(interval_ms.max(10)),
                     next: tokio::time::Instant::now(),
-                },
-            );
+                };
+                self.subs.insert(peer, sub);
+            }
+            // A monitor observes and may retire workers (the console's
+            // scale-down); everything else needs a client.
+            FromClient::RetireWorkers { .. } => self.state.handle_client(peer, env, now())?,
+            ref other if role == Role::Monitor => {
+                return Err(format!("a monitor may not send {}", variant_name(other)));
+            }
+            FromClient::Shutdown => self.stopping = true,
+            _ => self.state.handle_client(peer, env, now())?,
         }
-        (Role::Client, Msg::Shutdown) => *stopping = true,
-        (Role::Client, Msg::RetryKeys { keys }) => state.retry_keys(&keys),
-        (Role::Client, Msg::FireAndForget { keys }) => state.fire_and_forget(&keys),
-        (Role::Client, Msg::Replicate { keys, n }) => state.replicate(&keys, n as usize),
-        (Role::Client, Msg::Restart) => state.restart(),
-        (Role::Client, Msg::Rebalance { id, keys, workers }) => state.rebalance(peer, id, keys, workers),
-        (Role::Client, Msg::PublishDataset { id, name, keys, data, overwrite }) => {
-            let data = data.resolve(&frames).ok_or("dataset refers to a missing frame")?;
-            state.publish_dataset(peer, id, name, keys, data, overwrite)
-        }
-        (Role::Client, Msg::UnpublishDataset { id, name }) => state.unpublish_dataset(peer, id, &name),
-        (Role::Client, Msg::GetDataset { id, name }) => state.get_dataset(peer, id, &name),
-        (Role::Client, Msg::ListDatasets { id }) => state.list_datasets(peer, id),
-        (Role::Client | Role::Monitor, Msg::RetireWorkers { id, workers }) => state.retire_workers(peer, id, workers),
-        (Role::Client, Msg::Coord { id, op }) => {
-            let value = match &op {
-                CoordOp::VariableSet { value, .. } | CoordOp::QueuePut { value, .. } => {
-                    Some(value.resolve(&frames).ok_or("coordination value refers to a missing frame")?)
-                }
-                _ => None,
-            };
-            state.coordinate(peer, id, op, value, now())
-        }
-        (_, Msg::Error { reason }) => tracing::warn!("peer {peer} reported: {reason}"),
-        (role, other) => {
-            return Err(format!("unexpected message from a {role:?}: {}", variant_name(&other)));
+        Ok(())
+    }
+
+    /// Hand `msg` to `peer`'s writer, if the peer is still there and of the
+    /// kind the message is for.
+    fn send(&self, peer: PeerId, msg: Outgoing) {
+        match (self.peers.get(&peer).map(|p| &p.link), msg) {
+            (Some(Link::Worker { outbox, .. }), Outgoing::Worker(env)) => drop(outbox.send(env)),
+            (Some(Link::Client { outbox, .. }), Outgoing::Client(env)) => drop(outbox.send(env)),
+            (Some(_), msg) => tracing::error!("scheduler addressed {msg:?} to peer {peer} of the other kind"),
+            (None, _) => {}
         }
     }
-    Ok(())
+
+    fn close_workers(&self, reason: &str) {
+        for p in self.peers.values() {
+            if let Link::Worker { outbox, .. } = &p.link {
+                let _ = outbox.send(ToWorker::CloseWorker { reason: reason.into() }.into());
+            }
+        }
+    }
+
+    /// Periodic work: silent workers, coordination timeouts, balancing and
+    /// the subscribers' updates.
+    fn tick(&mut self) {
+        let now_i = tokio::time::Instant::now();
+        let ttl = self.worker_ttl;
+        let silent: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| matches!(p.link, Link::Worker { .. }) && now_i.duration_since(p.last_seen) > ttl)
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in silent {
+            tracing::warn!("worker {peer} sent nothing for {ttl:?}; removing it");
+            let reason = format!("no heartbeat for {ttl:?}");
+            self.send(peer, Outgoing::Worker(ToWorker::CloseWorker { reason }.into()));
+            self.drop_peer(peer);
+        }
+        let t = now();
+        self.state.coordination_tick(t);
+        self.state.balance();
+        let mut due = Vec::new();
+        for (&peer, sub) in self.subs.iter_mut() {
+            if now_i >= sub.next {
+                sub.next = now_i + sub.interval;
+                due.push((peer, self.state.events_since(&mut sub.cursor, t)));
+            }
+        }
+        for (peer, update) in due {
+            self.send(peer, Outgoing::Client(ToClient::Events(update).into()));
+        }
+    }
 }
 
-fn variant_name(m: &Msg) -> String {
+fn variant_name(m: &FromClient) -> String {
     let s = format!("{m:?}");
     s.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?").to_string()
 }

@@ -14,13 +14,20 @@ use super::replicas::Rebalancing;
 use super::retire::Retirement;
 use super::task::{Group, Task, TaskId};
 use super::workers::Worker;
-use crate::protocol::{key_split, Envelope, Key, Msg, Priority, TaskStreamRecord};
+use crate::protocol::{key_split, Envelope, Key, Priority, TaskStreamRecord, ToClient, ToWorker};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use std::collections::{BTreeSet, VecDeque};
 
 /// Identifies a connected peer (worker or client) for the lifetime of its connection.
 pub type PeerId = u64;
+
+/// A message the scheduler wants sent to a worker or to a client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    Worker(Envelope<ToWorker>),
+    Client(Envelope<ToClient>),
+}
 
 /// Dask's scheduler task states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,7 +125,7 @@ pub struct SchedulerState {
     pub(super) stream: VecDeque<TaskStreamRecord>,
     pub(super) stream_total: u64,
     pub(super) version: u64,
-    pub(super) out: Vec<(PeerId, Envelope)>,
+    pub(super) out: Vec<(PeerId, Outgoing)>,
     /// Published datasets: name -> (keys held, pickled object).
     pub(super) datasets: FxHashMap<String, (Vec<Key>, Bytes)>,
     pub(super) retirements: Vec<Retirement>,
@@ -163,17 +170,21 @@ impl SchedulerState {
     }
 
     /// Messages produced since the last call, with their destinations.
-    pub fn take_outgoing(&mut self) -> Vec<(PeerId, Envelope)> {
+    pub fn take_outgoing(&mut self) -> Vec<(PeerId, Outgoing)> {
         std::mem::take(&mut self.out)
     }
 
     /// Messages produced since the last call, appended to `buf`.
-    pub fn drain_outgoing_into(&mut self, buf: &mut Vec<(PeerId, Envelope)>) {
+    pub fn drain_outgoing_into(&mut self, buf: &mut Vec<(PeerId, Outgoing)>) {
         buf.append(&mut self.out);
     }
 
-    pub(super) fn send(&mut self, peer: PeerId, msg: Msg) {
-        self.out.push((peer, Envelope::new(msg)));
+    pub(super) fn send_worker(&mut self, peer: PeerId, msg: impl Into<Envelope<ToWorker>>) {
+        self.out.push((peer, Outgoing::Worker(msg.into())));
+    }
+
+    pub(super) fn send_client(&mut self, peer: PeerId, msg: impl Into<Envelope<ToClient>>) {
+        self.out.push((peer, Outgoing::Client(msg.into())));
     }
 
     pub(super) fn t(&self, id: TaskId) -> &Task {

@@ -3,7 +3,7 @@
 
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::TaskId;
-use crate::protocol::{Msg, Priority};
+use crate::protocol::{Priority, ToWorker};
 
 /// Seconds a steal costs before any data moves (the request's round trip).
 pub(super) const STEAL_LATENCY: f64 = 0.005;
@@ -95,7 +95,7 @@ impl SchedulerState {
                     }
                     self.steals.insert(id, (*victim, thief));
                     let key = self.t(id).key.to_string();
-                    self.send(*victim, Msg::StealRequest { key });
+                    self.send_worker(*victim, ToWorker::StealRequest { key });
                     room -= 1;
                     *extra -= 1;
                     if room == 0 || *extra == 0 {

@@ -6,13 +6,29 @@ use std::ops::Deref;
 use bytes::Bytes;
 
 use super::events::EventCursor;
-use super::state::{PeerId, SchedulerConfig, SchedulerState, TaskState};
-use crate::protocol::{Blob, Envelope, Key, Msg, Registration, Resources, TaskSpec};
+use super::state::{Outgoing, PeerId, SchedulerConfig, SchedulerState, TaskState};
+use crate::protocol::{
+    Blob, DatasetValue, Key, RebalanceStats, Registration, Resources, TaskErred, TaskFinished, TaskSpec, ToClient,
+    ToWorker,
+};
 
 const C1: PeerId = 1;
 const C2: PeerId = 2;
 const W1: PeerId = 10;
 const W2: PeerId = 11;
+
+/// A message the scheduler sent, to a worker or to a client.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Msg {
+    W(ToWorker),
+    C(ToClient),
+}
+
+/// A sent message without its frames.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Sent {
+    pub msg: Msg,
+}
 
 /// A scheduler that checks [`SchedulerState::validate`] after every event.
 /// Queries go through `Deref`; events only through the methods below, so an
@@ -59,9 +75,9 @@ checked_events! {
     fn update_graph(client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>);
     fn want_keys(client: PeerId, keys: Vec<Key>);
     fn scatter_done(client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>);
-    fn task_finished(worker: PeerId, key: &str, nbytes: u64, start: f64, stop: f64, thread: u32, transfer: f64);
+    fn task_finished(worker: PeerId, report: &TaskFinished);
     fn task_seceded(worker: PeerId, key: &str);
-    fn task_erred(worker: PeerId, key: &str, exception: Bytes, traceback: Bytes, text: String, start: f64, stop: f64, thread: u32);
+    fn task_erred(worker: PeerId, report: TaskErred, frames: &[Bytes]);
     fn missing_data(worker: PeerId, key: &str, holders: &[String]);
     fn add_keys(worker: PeerId, keys: &[(Key, u64)]);
     fn release_keys(client: PeerId, keys: &[Key]);
@@ -86,8 +102,14 @@ impl Checked {
         Checked(SchedulerState::new(config))
     }
 
-    pub(super) fn take_outgoing(&mut self) -> Vec<(PeerId, Envelope)> {
-        self.0.take_outgoing()
+    /// What the scheduler sent since the last call, both directions in one
+    /// type (extra frames dropped) so that tests can match on any message.
+    pub(super) fn take_outgoing(&mut self) -> Vec<(PeerId, Sent)> {
+        let sent = |o| match o {
+            Outgoing::Worker(e) => Sent { msg: Msg::W(e.msg) },
+            Outgoing::Client(e) => Sent { msg: Msg::C(e.msg) },
+        };
+        self.0.take_outgoing().into_iter().map(|(p, o)| (p, sent(o))).collect()
     }
 
     /// A task and its dependencies, for failure messages.
@@ -138,7 +160,7 @@ pub(super) fn computes(s: &mut Checked) -> Vec<(PeerId, String)> {
     s.take_outgoing()
         .into_iter()
         .filter_map(|(p, e)| match e.msg {
-            Msg::ComputeTask { key, .. } => Some((p, key)),
+            Msg::W(ToWorker::ComputeTask { key, .. }) => Some((p, key)),
             _ => None,
         })
         .collect()
@@ -146,12 +168,19 @@ pub(super) fn computes(s: &mut Checked) -> Vec<(PeerId, String)> {
 
 /// `w` reports `key` finished with a result of `nbytes`.
 pub(super) fn finish(s: &mut Checked, w: PeerId, key: &str, nbytes: u64) {
-    s.task_finished(w, key, nbytes, 0.0, 1.0, 0, 0.0);
+    s.task_finished(w, &TaskFinished { stop: 1.0, ..TaskFinished::instant(key, nbytes) });
+}
+
+/// A report that `key` raised `text` (without exception or traceback).
+pub(super) fn erred(key: &str, text: &str) -> TaskErred {
+    let empty = Blob::Inline(Bytes::new());
+    let (exception, traceback) = (empty.clone(), empty);
+    TaskErred { key: key.into(), exception, traceback, text: text.into(), start: 0.0, stop: 1.0, thread: 0 }
 }
 
 /// `w` reports that `key` raised `text`.
 pub(super) fn fail(s: &mut Checked, w: PeerId, key: &str, text: &str) {
-    s.task_erred(w, key, Bytes::new(), Bytes::new(), text.into(), 0.0, 1.0, 0);
+    s.task_erred(w, erred(key, text), &[]);
 }
 
 #[test]
@@ -190,14 +219,14 @@ fn short_root_tasks_are_pipelined_long_ones_are_not() {
     let sent = computes(&mut s);
     assert_eq!(sent.len(), 2, "duration unknown: worker-saturation applies");
     // One finished in 10 us: 2 ms of such tasks is 200, capped at 64 per thread.
-    s.task_finished(W1, &sent[0].1, 8, 0.0, 1e-5, 0, 0.0);
+    s.task_finished(W1, &TaskFinished { stop: 1e-5, ..TaskFinished::instant(&sent[0].1, 8) });
     assert_eq!(computes(&mut s).len(), 63, "64 in flight");
     // A group of 1 s tasks gets no more than worker-saturation allows.
     let mut s2 = with_workers(1);
     let specs: Vec<_> = (0..10).map(|i| spec(&format!("slow-{i}"), &[])).collect();
     s2.update_graph(C1, specs, (0..10).map(|i| format!("slow-{i}")).collect());
     let sent = computes(&mut s2);
-    s2.task_finished(W1, &sent[0].1, 8, 0.0, 1.0, 0, 0.0);
+    s2.task_finished(W1, &TaskFinished { stop: 1.0, ..TaskFinished::instant(&sent[0].1, 8) });
     assert_eq!(computes(&mut s2).len(), 1, "long tasks: ceil(1.1 x 1) in flight");
 }
 
@@ -235,7 +264,7 @@ fn idle_workers_steal_long_tasks_from_a_saturated_one_after_it_agrees() {
         .take_outgoing()
         .into_iter()
         .filter_map(|(p, e)| match e.msg {
-            Msg::StealRequest { key } if p == W1 => Some(key),
+            Msg::W(ToWorker::StealRequest { key }) if p == W1 => Some(key),
             _ => None,
         })
         .collect();
@@ -262,7 +291,7 @@ fn short_tasks_with_large_inputs_are_not_stolen() {
     s.update_graph(C1, tasks, (0..4).map(|i| format!("quick-{i}")).collect());
     computes(&mut s);
     s.balance();
-    assert!(!s.take_outgoing().iter().any(|(_, e)| matches!(e.msg, Msg::StealRequest { .. })));
+    assert!(!s.take_outgoing().iter().any(|(_, e)| matches!(e.msg, Msg::W(ToWorker::StealRequest { .. }))));
 }
 
 #[test]
@@ -275,9 +304,12 @@ fn released_results_are_freed_and_forgotten() {
     assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
     finish(&mut s, W1, "b", 8);
     let out = s.take_outgoing();
-    let freed: Vec<&Msg> = out.iter().map(|(_, e)| &e.msg).filter(|m| matches!(m, Msg::FreeKeys { .. })).collect();
-    assert_eq!(freed, vec![&Msg::FreeKeys { keys: vec!["a".into()] }], "a is not wanted once b is done");
-    assert!(out.iter().any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyInMemory { key, .. } if key == "b")));
+    let freed: Vec<&Msg> =
+        out.iter().map(|(_, e)| &e.msg).filter(|m| matches!(m, Msg::W(ToWorker::FreeKeys { .. }))).collect();
+    assert_eq!(freed, vec![&Msg::W(ToWorker::FreeKeys { keys: vec!["a".into()] })], "a is not wanted once b is done");
+    assert!(out
+        .iter()
+        .any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::C(ToClient::KeyInMemory { key, .. }) if key == "b")));
     s.release_keys(C1, &["b".into()]);
     assert_eq!(s.ntasks(), 0, "everything forgotten");
 }
@@ -290,10 +322,8 @@ fn errors_propagate_to_dependents_and_reach_the_client() {
     fail(&mut s, W1, "a", "ZeroDivisionError: boom");
     assert_eq!(s.task_state("b"), Some(TaskState::Erred));
     let out = s.take_outgoing();
-    assert!(out
-        .iter()
-        .any(|(p, e)| *p == C1
-            && matches!(&e.msg, Msg::KeyErred { key, text, .. } if key == "b" && text.contains("boom"))));
+    assert!(out.iter().any(|(p, e)| *p == C1
+        && matches!(&e.msg, Msg::C(ToClient::KeyErred { key, text, .. }) if key == "b" && text.contains("boom"))));
 }
 
 #[test]
@@ -302,11 +332,11 @@ fn pure_keys_are_computed_once_across_clients() {
     s.update_graph(C1, vec![spec("inc-1", &[])], vec!["inc-1".into()]);
     s.update_graph(C2, vec![spec("inc-1", &[])], vec!["inc-1".into()]);
     assert_eq!(computes(&mut s).len(), 1);
-    s.task_finished(W1, "inc-1", 8, 0.0, 1.0, 0, 0.0);
+    finish(&mut s, W1, "inc-1", 8);
     let told: Vec<PeerId> = s
         .take_outgoing()
         .into_iter()
-        .filter(|(_, e)| matches!(e.msg, Msg::KeyInMemory { .. }))
+        .filter(|(_, e)| matches!(e.msg, Msg::C(ToClient::KeyInMemory { .. })))
         .map(|(p, _)| p)
         .collect();
     assert_eq!(told, vec![C1, C2]);
@@ -355,7 +385,7 @@ fn retiring_a_worker_copies_its_data_first_and_gives_it_no_new_work() {
     let acquire: Vec<_> = out
         .iter()
         .filter_map(|(p, e)| match &e.msg {
-            Msg::AcquireReplicas { keys } => Some((*p, keys[0].key.clone(), keys[0].who_has.clone())),
+            Msg::W(ToWorker::AcquireReplicas { keys }) => Some((*p, keys[0].key.clone(), keys[0].who_has.clone())),
             _ => None,
         })
         .collect();
@@ -363,12 +393,9 @@ fn retiring_a_worker_copies_its_data_first_and_gives_it_no_new_work() {
     // The copy arrives: the worker is closed and the requester answered.
     s.add_keys(w2, &[(k1.clone(), 16)]);
     let out = s.take_outgoing();
-    assert!(out.iter().any(|(p, e)| *p == w1 && matches!(e.msg, Msg::CloseWorker { .. })));
-    assert!(
-        out.iter()
-            .any(|(p, e)| *p == C2
-                && e.msg == Msg::WorkersRetired { id: 7, retired: vec![name1.clone()], failed: vec![] })
-    );
+    assert!(out.iter().any(|(p, e)| *p == w1 && matches!(e.msg, Msg::W(ToWorker::CloseWorker { .. }))));
+    assert!(out.iter().any(|(p, e)| *p == C2
+        && e.msg == Msg::C(ToClient::WorkersRetired { id: 7, retired: vec![name1.clone()], failed: vec![] })));
     assert_eq!(s.nworkers(), 1);
     assert_eq!(s.who_has(&k1), vec![s.workers[&w2].address.clone()]);
     assert_eq!(s.task_state(&k1), Some(TaskState::Memory));
@@ -385,14 +412,14 @@ fn retiring_the_last_worker_holding_data_is_refused() {
     let reply = out.iter().find(|(p, _)| *p == C2).map(|(_, e)| e.msg.clone());
     assert_eq!(
         reply,
-        Some(Msg::WorkersRetired {
+        Some(Msg::C(ToClient::WorkersRetired {
             id: 1,
             retired: vec![],
             failed: vec![
                 ("nope".into(), "no such worker".into()),
                 ("w0".into(), "no other worker can hold its data".into())
             ],
-        })
+        }))
     );
     assert_eq!(s.nworkers(), 1);
     assert!(!s.worker_infos()[0].retiring);
@@ -407,7 +434,7 @@ fn load_uses_durations_learned_per_group() {
     // Unknown durations count 0.5 s each; 2 in flight (saturation 1.1 x 1 thread), 3 queued.
     assert_eq!((l.processing, l.queued), (2, 3));
     assert!((l.occupancy - 1.0).abs() < 1e-9 && (l.queued_occupancy - 1.5).abs() < 1e-9);
-    s.task_finished(W1, "x-0", 8, 10.0, 12.0, 0, 0.0);
+    s.task_finished(W1, &TaskFinished { start: 10.0, stop: 12.0, ..TaskFinished::instant("x-0", 8) });
     let l = s.load();
     assert!((l.occupancy - 4.0).abs() < 1e-9, "{l:?}");
     assert!((l.queued_occupancy - 4.0).abs() < 1e-9, "{l:?}");
@@ -440,13 +467,13 @@ fn tasks_needing_resources_go_only_to_workers_declaring_enough() {
     let reasons: Vec<String> = out
         .iter()
         .filter_map(|(_, e)| match &e.msg {
-            Msg::KeyNoWorker { reason, .. } => Some(reason.clone()),
+            Msg::C(ToClient::KeyNoWorker { reason, .. }) => Some(reason.clone().unwrap_or_default()),
             _ => None,
         })
         .collect();
     assert_eq!(reasons.len(), 3);
     assert!(reasons[0].contains("no worker matches resources {GPU=1}"), "{reasons:?}");
-    assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::ComputeTask { .. })));
+    assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::W(ToWorker::ComputeTask { .. }))));
     let mut reg = Registration::new("gpu", "tcp://h:9", 4, 0);
     reg.resources = vec![("GPU".into(), 2.0)];
     s.add_worker(20, reg).unwrap();
@@ -456,7 +483,7 @@ fn tasks_needing_resources_go_only_to_workers_declaring_enough() {
     let sent: Vec<(PeerId, String, Resources)> = out
         .into_iter()
         .filter_map(|(p, e)| match e.msg {
-            Msg::ComputeTask { key, resources, .. } => Some((p, key, resources)),
+            Msg::W(ToWorker::ComputeTask { key, resources, .. }) => Some((p, key, resources)),
             _ => None,
         })
         .collect();
@@ -482,7 +509,7 @@ fn clients_hear_when_a_task_has_no_worker_and_when_it_has_one_again() {
         s.take_outgoing()
             .into_iter()
             .filter_map(|(p, e)| match e.msg {
-                Msg::KeyNoWorker { reason, .. } if p == C1 => Some(reason),
+                Msg::C(ToClient::KeyNoWorker { reason, .. }) if p == C1 => Some(reason.unwrap_or_default()),
                 _ => None,
             })
             .collect()
@@ -509,7 +536,7 @@ fn rebalance_copies_then_frees_the_sender_and_answers_when_done() {
         .take_outgoing()
         .into_iter()
         .filter_map(|(p, e)| match e.msg {
-            Msg::AcquireReplicas { keys } => Some((p, keys.into_iter().map(|d| d.key).collect())),
+            Msg::W(ToWorker::AcquireReplicas { keys }) => Some((p, keys.into_iter().map(|d| d.key).collect())),
             _ => None,
         })
         .collect();
@@ -524,13 +551,13 @@ fn rebalance_copies_then_frees_the_sender_and_answers_when_done() {
     let freed: Vec<String> = out
         .iter()
         .filter_map(|(p, e)| match &e.msg {
-            Msg::FreeKeys { keys } if *p == W1 => Some(keys.clone()),
+            Msg::W(ToWorker::FreeKeys { keys }) if *p == W1 => Some(keys.clone()),
             _ => None,
         })
         .flatten()
         .collect();
     assert_eq!(freed, w1_keys);
-    assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::Rebalanced { .. })));
+    assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::C(ToClient::Rebalanced { .. }))));
     for k in &w1_keys {
         assert_eq!(s.who_has(k), vec!["tcp://h:1".to_string()]);
     }
@@ -539,18 +566,28 @@ fn rebalance_copies_then_frees_the_sender_and_answers_when_done() {
     s.add_keys(w2, &[(w2_keys[1].clone(), 100)]);
     let answers: Vec<Msg> = s.take_outgoing().into_iter().filter(|(p, _)| *p == C1).map(|(_, e)| e.msg).collect();
     assert!(
-        answers.iter().any(|m| matches!(m, Msg::Rebalanced { id: 7, moved: 3, bytes: 300, failed: 1, error }
-            if error.is_empty())),
+        answers.iter().any(|m| matches!(
+            m,
+            Msg::C(ToClient::Rebalanced { id: 7, result: Ok(RebalanceStats { moved: 3, bytes: 300, failed: 1 }) })
+        )),
         "{answers:?}"
     );
     assert_eq!(s.who_has(&w2_keys[0]), vec!["tcp://h:0".to_string()], "a failed copy keeps the original");
     // Unknown workers are an error; balanced already: answered at once.
     s.rebalance(C1, 8, vec![], vec!["nobody".into()]);
     let out = s.take_outgoing();
-    assert!(matches!(&out[0].1.msg, Msg::Rebalanced { id: 8, error, .. } if error.contains("no such worker: nobody")));
+    assert!(
+        matches!(&out[0].1.msg, Msg::C(ToClient::Rebalanced { id: 8, result: Err(error) }) if error.contains("no such worker: nobody"))
+    );
     s.rebalance(C1, 9, vec!["x-1".into()], vec!["w1".into(), "w2".into()]);
     let out = s.take_outgoing();
-    assert!(matches!(&out[0].1.msg, Msg::Rebalanced { id: 9, moved: 0, failed: 0, .. }), "{out:?}");
+    assert!(
+        matches!(
+            &out[0].1.msg,
+            Msg::C(ToClient::Rebalanced { id: 9, result: Ok(RebalanceStats { moved: 0, failed: 0, .. }) })
+        ),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -560,11 +597,18 @@ fn a_recipient_dying_mid_rebalance_loses_nothing_and_the_request_is_answered() {
     s.scatter_done(C1, "tcp://h:0", vec![("a".into(), 100), ("b".into(), 100)]);
     s.take_outgoing();
     s.rebalance(C1, 1, vec![], vec![]);
-    assert!(s.take_outgoing().iter().any(|(p, e)| *p == W2 && matches!(e.msg, Msg::AcquireReplicas { .. })));
+    assert!(s
+        .take_outgoing()
+        .iter()
+        .any(|(p, e)| *p == W2 && matches!(e.msg, Msg::W(ToWorker::AcquireReplicas { .. }))));
     s.remove_worker(W2);
     let out = s.take_outgoing();
     assert!(
-        out.iter().any(|(p, e)| *p == C1 && matches!(e.msg, Msg::Rebalanced { id: 1, moved: 0, failed: 1, .. })),
+        out.iter().any(|(p, e)| *p == C1
+            && matches!(
+                e.msg,
+                Msg::C(ToClient::Rebalanced { id: 1, result: Ok(RebalanceStats { moved: 0, failed: 1, .. }) })
+            )),
         "{out:?}"
     );
     assert_eq!(s.who_has("a"), ["tcp://h:0"]);
@@ -583,7 +627,7 @@ fn replicate_copies_to_the_least_loaded_workers_until_n_hold_it() {
         .take_outgoing()
         .into_iter()
         .filter_map(|(p, e)| match e.msg {
-            Msg::AcquireReplicas { keys } => Some((p, keys[0].key.clone())),
+            Msg::W(ToWorker::AcquireReplicas { keys }) => Some((p, keys[0].key.clone())),
             _ => None,
         })
         .collect();
@@ -602,8 +646,10 @@ fn restart_cancels_every_key_and_restarts_every_worker() {
     s.take_outgoing();
     s.restart();
     let out = s.take_outgoing();
-    assert!(out.iter().any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyCancelled { key, .. } if key == "b")));
-    assert_eq!(out.iter().filter(|(_, e)| matches!(e.msg, Msg::RestartWorker)).count(), 2);
+    assert!(out
+        .iter()
+        .any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::C(ToClient::KeyCancelled { key, .. }) if key == "b")));
+    assert_eq!(out.iter().filter(|(_, e)| matches!(e.msg, Msg::W(ToWorker::RestartWorker))).count(), 2);
     assert_eq!((s.ntasks(), s.nworkers(), s.nclients()), (0, 0, 1));
 }
 
@@ -613,7 +659,7 @@ fn unknown_dependency_errs_with_a_clear_message() {
     s.update_graph(C1, vec![spec("b", &["gone"])], vec!["b".into()]);
     let out = s.take_outgoing();
     assert!(out.iter().any(|(_, e)| matches!(&e.msg,
-        Msg::KeyErred { text, .. } if text.contains("\"gone\" is not known to the scheduler"))));
+        Msg::C(ToClient::KeyErred { text, .. }) if text.contains("\"gone\" is not known to the scheduler"))));
 }
 
 #[test]
@@ -669,7 +715,7 @@ fn a_task_that_keeps_killing_workers_errs_with_killed_worker() {
     s.remove_worker(W2);
     assert_eq!(s.task_state("bomb"), Some(TaskState::Erred));
     assert!(s.take_outgoing().iter().any(|(_, e)| matches!(&e.msg,
-        Msg::KeyErred { text, .. } if text.starts_with("KilledWorker:") && text.contains("tcp://h:2"))));
+        Msg::C(ToClient::KeyErred { text, .. }) if text.starts_with("KilledWorker:") && text.contains("tcp://h:2"))));
 }
 
 #[test]
@@ -708,18 +754,18 @@ fn datasets_hold_keys_until_unpublished() {
     let out = s.take_outgoing();
     assert!(out
         .iter()
-        .any(|(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 2, error, .. } if error.contains("already exists"))));
+        .any(|(_, e)| matches!(&e.msg, Msg::C(ToClient::DatasetReply { id: 2, result: Err(error) }) if error.contains("already exists"))));
     s.release_keys(C1, &["x".into()]);
     assert_eq!(s.task_state("x"), Some(TaskState::Memory), "held by the dataset");
     s.get_dataset(C2, 3, "mine");
     s.list_datasets(C2, 4);
     let out = s.take_outgoing();
     assert!(out.iter().any(
-        |(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 3, data: Some(Blob::Inline(b)), .. } if &b[..] == b"pickled")
+        |(_, e)| matches!(&e.msg, Msg::C(ToClient::DatasetReply { id: 3, result: Ok(DatasetValue::Data(Blob::Inline(b))) }) if &b[..] == b"pickled")
     ));
     assert!(out
         .iter()
-        .any(|(_, e)| matches!(&e.msg, Msg::DatasetReply { id: 4, names, .. } if names == &vec!["mine".to_string()])));
+        .any(|(_, e)| matches!(&e.msg, Msg::C(ToClient::DatasetReply { id: 4, result: Ok(DatasetValue::Names(names)) }) if names == &vec!["mine".to_string()])));
     s.unpublish_dataset(C2, 5, "mine");
     assert_eq!(s.ntasks(), 0);
 }
@@ -739,5 +785,5 @@ fn retrying_a_task_whose_scattered_input_was_lost_errs_again() {
     assert!(s
         .take_outgoing()
         .iter()
-        .any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::KeyErred { key, .. } if key == "a")));
+        .any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::C(ToClient::KeyErred { key, .. }) if key == "a")));
 }

@@ -3,7 +3,7 @@
 
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::{ErrorInfo, TaskId};
-use crate::protocol::{Msg, Registration, Resources};
+use crate::protocol::{Heartbeat, Registration, Resources, ToWorker};
 use rustc_hash::FxHashSet;
 
 #[derive(Debug)]
@@ -126,7 +126,7 @@ impl SchedulerState {
             if self.t(id).state == TaskState::NoWorker {
                 self.make_ready(id);
                 if self.t(id).state != TaskState::NoWorker {
-                    self.tell_wanters(id, String::new());
+                    self.tell_wanters(id, None);
                 }
             }
         }
@@ -232,7 +232,7 @@ impl SchedulerState {
                         worker.unprocess(id);
                     }
                     let key = self.t(id).key.to_string();
-                    self.send(w, Msg::FreeKeys { keys: vec![key] });
+                    self.send_worker(w, ToWorker::FreeKeys { keys: vec![key] });
                 }
             }
             TaskState::Queued => {
@@ -246,17 +246,8 @@ impl SchedulerState {
     }
 
     /// Heartbeat metrics from a worker.
-    #[allow(clippy::too_many_arguments)]
-    pub fn worker_metrics(
-        &mut self,
-        peer: PeerId,
-        rss: u64,
-        spilled: u64,
-        executing: u32,
-        ready: u32,
-        bytes_in: u64,
-        bytes_out: u64,
-    ) {
+    pub fn worker_metrics(&mut self, peer: PeerId, beat: &Heartbeat) {
+        let Heartbeat { rss, spilled, executing, ready, bytes_in, bytes_out } = *beat;
         if let Some(w) = self.workers.get_mut(&peer) {
             w.rss = rss;
             w.spilled = spilled;

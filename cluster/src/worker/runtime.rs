@@ -18,7 +18,9 @@ use super::memory::{self, MemoryConfig};
 use super::state::{ExecOutcome, Instruction, WorkerState};
 use crate::comm::{self, CommError, ConnectionPool};
 use crate::now;
-use crate::protocol::{Blob, Envelope, Key, Msg, Registration, Resources, Role};
+use crate::protocol::{
+    Blob, DataReply, DataRequest, Envelope, FromWorker, Heartbeat, Key, Registration, Resources, Role, ToWorker,
+};
 
 /// Owns a worker's data and runs its tasks. Methods are called from
 /// blocking threads, never from the async runtime's threads.
@@ -152,7 +154,7 @@ pub enum WorkerError {
 }
 
 enum Event {
-    FromScheduler(Vec<Envelope>),
+    FromScheduler(Vec<Envelope<ToWorker>>),
     SchedulerClosed(Option<CommError>),
     Executed {
         key: Key,
@@ -416,7 +418,7 @@ pub async fn run_worker<R: Runner>(
         first = false;
         let comm::Connection { mut reader, writer, .. } = conn;
         let (outbox, _writer) = comm::spawn_writer(writer);
-        let _ = outbox.send(Envelope::new(Msg::RegisterWorker(Registration {
+        let _ = outbox.send(Envelope::new(FromWorker::RegisterWorker(Registration {
             name: config.name.clone(),
             address: address.clone(),
             nthreads: config.nthreads as u32,
@@ -454,16 +456,14 @@ pub async fn run_worker<R: Runner>(
             tokio::select! {
                 _ = shutdown.changed() => break Some(Ok(())),
                 _ = heartbeat.tick() => {
-                    let _ = outbox.send(Envelope::new(Msg::Heartbeat {
-                        managed: state.managed_in_memory(),
+                    let _ = outbox.send(Envelope::new(FromWorker::Heartbeat(Heartbeat {
                         rss: process_rss(),
                         spilled: state.spilled(),
                         executing: state.executing() as u32,
                         ready: state.nready() as u32,
-                        nkeys: state.nkeys() as u64,
                         bytes_in: traffic.bytes_in.load(Ordering::Relaxed) + peers.bytes_in.load(Ordering::Relaxed),
                         bytes_out: traffic.bytes_out.load(Ordering::Relaxed) + peers.bytes_out.load(Ordering::Relaxed),
-                    }));
+                    })));
                     if !registered {
                         // The scheduler answers a bad registration with an error
                         // at once; no error by the first heartbeat means we are in.
@@ -557,20 +557,19 @@ fn apply(
             for env in batch {
                 let Envelope { msg, frames } = env;
                 match msg {
-                    Msg::ComputeTask { key, run_spec, deps, priority, resources } => {
+                    ToWorker::ComputeTask { key, run_spec, deps, priority, resources } => {
                         let spec = run_spec.resolve(&frames).unwrap_or_default();
                         state.compute_task(key, spec, deps, priority, resources, now());
                     }
-                    Msg::FreeKeys { keys } => state.free_keys(keys),
-                    Msg::StealRequest { key } => state.steal_request(key),
-                    Msg::AcquireReplicas { keys } => state.acquire_replicas(keys),
-                    Msg::CloseWorker { reason } => {
+                    ToWorker::FreeKeys { keys } => state.free_keys(keys),
+                    ToWorker::StealRequest { key } => state.steal_request(key),
+                    ToWorker::AcquireReplicas { keys } => state.acquire_replicas(keys),
+                    ToWorker::CloseWorker { reason } => {
                         tracing::info!("scheduler closed this worker: {reason}");
                         *stop = Some(Ok(()));
                     }
-                    Msg::RestartWorker => *stop = Some(Err(WorkerError::Restart)),
-                    Msg::Error { reason } => *stop = Some(Err(WorkerError::Refused(reason))),
-                    other => tracing::warn!("unexpected message from scheduler: {other:?}"),
+                    ToWorker::RestartWorker => *stop = Some(Err(WorkerError::Restart)),
+                    ToWorker::Error { reason } => *stop = Some(Err(WorkerError::Refused(reason))),
                 }
             }
         }
@@ -607,7 +606,7 @@ fn apply(
 /// nothing left to run, so an idle worker never sits on a result.
 #[derive(Default)]
 struct Held {
-    msgs: Vec<Envelope>,
+    msgs: Vec<Envelope<FromWorker>>,
     since: Option<tokio::time::Instant>,
 }
 
@@ -616,12 +615,12 @@ const HOLD_MAX: usize = 16;
 /// Longest a result is held.
 const HOLD_FOR: Duration = Duration::from_micros(1000);
 
-fn is_result(msg: &Msg) -> bool {
-    matches!(msg, Msg::TaskFinished { .. } | Msg::TaskErred { .. })
+fn is_result(msg: &FromWorker) -> bool {
+    matches!(msg, FromWorker::TaskFinished(_) | FromWorker::TaskErred(_))
 }
 
 impl Held {
-    fn push(&mut self, env: Envelope) {
+    fn push(&mut self, env: Envelope<FromWorker>) {
         self.since.get_or_insert_with(tokio::time::Instant::now);
         self.msgs.push(env);
     }
@@ -638,7 +637,7 @@ impl Held {
         self.since.map_or_else(tokio::time::Instant::now, |t| t + HOLD_FOR)
     }
 
-    fn flush(&mut self, outbox: &comm::Outbox) {
+    fn flush(&mut self, outbox: &comm::Outbox<FromWorker>) {
         self.since = None;
         for env in self.msgs.drain(..) {
             let _ = outbox.send(env);
@@ -682,9 +681,9 @@ fn carry_out<R: Runner>(
             let events = events.clone();
             tokio::spawn(async move {
                 let id = REQUEST_ID.fetch_add(1, Ordering::Relaxed);
-                let reply = pool.request(&worker, Envelope::new(Msg::GetData { id, keys: keys.clone() })).await;
+                let reply = pool.request(&worker, Envelope::new(DataRequest::GetData { id, keys: keys.clone() })).await;
                 let (stored, failed) = match reply {
-                    Ok(Envelope { msg: Msg::Data { items, missing, .. }, frames }) => {
+                    Ok(Envelope { msg: DataReply::Data { items, missing, .. }, frames }) => {
                         match helper.run(move || store_items(&*runner, items, frames)).await {
                             Some((stored, mut failed)) => {
                                 failed.extend(missing);
@@ -750,22 +749,17 @@ fn spawn_data_server<R: Runner>(
             let address = address.clone();
             let traffic = traffic.clone();
             tokio::spawn(async move {
-                let (conn, role) = match comm::accept(stream, &address).await {
-                    Ok(c) => c,
+                let wrong_role = |_| format!("{address} is a dask-rs worker's data port, not a scheduler");
+                let conn = match comm::accept(stream, &address, &[Role::Peer, Role::Client], wrong_role).await {
+                    Ok((c, _)) => c,
                     Err(e) => {
                         tracing::debug!("data connection rejected: {e}");
                         return;
                     }
                 };
                 let comm::Connection { mut reader, mut writer, .. } = conn;
-                if role == Role::Worker {
-                    let reason = format!("{address} is a dask-rs worker's data port, not a scheduler");
-                    let _ = writer.write_one(Msg::Error { reason }).await;
-                    writer.shutdown().await;
-                    return;
-                }
                 let mut last_in = 0;
-                while let Ok(batch) = reader.read_batch().await {
+                while let Ok(batch) = reader.read_batch::<DataRequest>().await {
                     traffic.bytes_in.fetch_add(reader.bytes_read - last_in, Ordering::Relaxed);
                     last_in = reader.bytes_read;
                     for env in batch {
@@ -785,12 +779,12 @@ fn spawn_data_server<R: Runner>(
 async fn serve<R: Runner>(
     runner: &Arc<R>,
     helper: &Helper,
-    env: Envelope,
+    env: Envelope<DataRequest>,
     events: &mpsc::UnboundedSender<Event>,
-) -> Envelope {
+) -> Envelope<DataReply> {
     let Envelope { msg, frames } = env;
     match msg {
-        Msg::GetData { id, keys } => {
+        DataRequest::GetData { id, keys } => {
             let r = runner.clone();
             let values = helper.run(move || r.serialize(&keys)).await.unwrap_or_default();
             let mut out_frames = Vec::new();
@@ -805,34 +799,32 @@ async fn serve<R: Runner>(
                     None => missing.push(key),
                 }
             }
-            Envelope { msg: Msg::Data { id, items, missing }, frames: out_frames }
+            Envelope { msg: DataReply::Data { id, items, missing }, frames: out_frames }
         }
-        Msg::PutData { id, items } => {
+        DataRequest::PutData { id, items } => {
             let r = runner.clone();
             let (stored, failed) = helper.run(move || store_items(&*r, items, frames)).await.unwrap_or_default();
             if !failed.is_empty() {
-                return Envelope::new(Msg::Error { reason: format!("could not store keys {failed:?}") });
+                return Envelope::new(DataReply::Error { reason: format!("could not store keys {failed:?}") });
             }
             let nbytes = stored.iter().map(|(_, n)| *n).collect();
             let _ = events.send(Event::DataPut(stored));
-            Envelope::new(Msg::PutDataOk { id, nbytes })
+            Envelope::new(DataReply::PutDataOk { id, nbytes })
         }
-        Msg::RunFunction { id, function } => {
+        DataRequest::RunFunction { id, function } => {
             let Some(call) = function.resolve(&frames) else {
-                return Envelope::new(Msg::Error { reason: "function refers to a missing frame".into() });
+                return Envelope::new(DataReply::Error { reason: "function refers to a missing frame".into() });
             };
             let r = runner.clone();
             let outcome = tokio::task::spawn_blocking(move || r.run_function(call))
                 .await
                 .unwrap_or_else(|e| Err(Bytes::from(format!("the function panicked: {e}"))));
-            let (ok, data) = match outcome {
-                Ok(b) => (true, b),
-                Err(b) => (false, b),
-            };
             let mut out_frames = Vec::new();
-            let result = Blob::new(data, &mut out_frames);
-            Envelope { msg: Msg::RunResult { id, ok, result }, frames: out_frames }
+            let result = match outcome {
+                Ok(b) => Ok(Blob::new(b, &mut out_frames)),
+                Err(b) => Err(Blob::new(b, &mut out_frames)),
+            };
+            Envelope { msg: DataReply::RunResult { id, result }, frames: out_frames }
         }
-        other => Envelope::new(Msg::Error { reason: format!("unexpected request on a data port: {other:?}") }),
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::memory::{MemoryConfig, MemoryManager, Verdict};
-use crate::protocol::{Blob, DepInfo, Envelope, Key, Msg, Priority, Resources};
+use crate::protocol::{Blob, DepInfo, Envelope, FromWorker, Key, Priority, Resources, TaskErred, TaskFinished};
 
 /// What the runtime must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,7 +22,7 @@ pub enum Instruction {
     /// Fetch `keys` from the worker at `worker`.
     Fetch { worker: String, keys: Vec<Key> },
     /// Send a message to the scheduler.
-    Send(Envelope),
+    Send(Envelope<FromWorker>),
     /// Drop these keys from the data store.
     Free { keys: Vec<Key> },
     /// Write these results to disk and drop them from memory; report with
@@ -64,7 +64,7 @@ struct Fetching {
 /// Result of running a task, as the runtime reports it.
 #[derive(Debug, Clone)]
 pub enum ExecOutcome {
-    Ok { nbytes: u64, type_name: String },
+    Ok { nbytes: u64 },
     Err { exception: Bytes, traceback: Bytes, text: String },
 }
 
@@ -218,7 +218,7 @@ impl WorkerState {
         self.tasks.values().filter(|t| t.state == WState::Ready).count()
     }
 
-    fn send(&mut self, msg: Msg) {
+    fn send(&mut self, msg: FromWorker) {
         self.out.push(Instruction::Send(Envelope::new(msg)));
     }
 
@@ -239,15 +239,14 @@ impl WorkerState {
             return;
         }
         if let Some(&nbytes) = self.data.get(&key) {
-            self.send(Msg::TaskFinished {
+            self.send(FromWorker::TaskFinished(TaskFinished {
                 key,
                 nbytes,
-                type_name: String::new(),
                 start: now,
                 stop: now,
                 thread: 0,
                 transfer: 0.0,
-            });
+            }));
             return;
         }
         let mut missing = 0;
@@ -423,7 +422,7 @@ impl WorkerState {
             }
         }
         if !added.is_empty() {
-            self.send(Msg::AddKeys { keys: added });
+            self.send(FromWorker::AddKeys { keys: added });
         }
         self.schedule();
     }
@@ -444,7 +443,7 @@ impl WorkerState {
                 }
                 None => {
                     let f = self.fetching.remove(&key).expect("present");
-                    self.send(Msg::MissingData { key, workers: f.tried });
+                    self.send(FromWorker::MissingData { key, workers: f.tried });
                 }
             }
         }
@@ -471,18 +470,25 @@ impl WorkerState {
                 self.out.push(Instruction::Free { keys: vec![key] });
             }
             (WState::Cancelled, ExecOutcome::Err { .. }) => {}
-            (_, ExecOutcome::Ok { nbytes, type_name }) => {
+            (_, ExecOutcome::Ok { nbytes }) => {
                 if self.data.insert(key.clone(), nbytes).is_none() {
                     self.managed += nbytes;
                     self.stored(&key, nbytes);
                 }
-                self.send(Msg::TaskFinished { key, nbytes, type_name, start, stop, thread, transfer: t.transfer });
+                self.send(FromWorker::TaskFinished(TaskFinished {
+                    key,
+                    nbytes,
+                    start,
+                    stop,
+                    thread,
+                    transfer: t.transfer,
+                }));
             }
             (_, ExecOutcome::Err { exception, traceback, text }) => {
                 let mut frames = Vec::new();
                 let exception = Blob::new(exception, &mut frames);
                 let traceback = Blob::new(traceback, &mut frames);
-                let msg = Msg::TaskErred { key, exception, traceback, text, start, stop, thread };
+                let msg = FromWorker::TaskErred(TaskErred { key, exception, traceback, text, start, stop, thread });
                 self.out.push(Instruction::Send(Envelope { msg, frames }));
             }
         }
@@ -508,7 +514,7 @@ impl WorkerState {
         }
         t.seceded = true;
         self.executing = self.executing.saturating_sub(1);
-        self.send(Msg::TaskSeceded { key: key.to_string() });
+        self.send(FromWorker::TaskSeceded { key: key.to_string() });
         self.schedule();
     }
 
@@ -545,7 +551,7 @@ impl WorkerState {
         if stolen {
             self.drop_unstarted(&key);
         }
-        self.send(Msg::StealResponse { key, stolen });
+        self.send(FromWorker::StealResponse { key, stolen });
     }
 
     /// The scheduler released keys: drop data and forget tasks.
@@ -576,7 +582,7 @@ impl WorkerState {
         let mut by_worker: FxHashMap<String, Vec<Key>> = FxHashMap::default();
         for d in keys {
             if self.data.contains_key(&d.key) {
-                self.send(Msg::AddKeys { keys: vec![(d.key, d.nbytes)] });
+                self.send(FromWorker::AddKeys { keys: vec![(d.key, d.nbytes)] });
                 continue;
             }
             self.plan_fetch(&d.key, &d.who_has, &mut by_worker);
@@ -625,9 +631,9 @@ mod tests {
         // CPU task behind it in priority does not wait for it.
         assert_eq!(executed(&mut w), ["g1", "cpu"]);
         assert!(w.busy());
-        w.execute_done("cpu".into(), ExecOutcome::Ok { nbytes: 1, type_name: "int".into() }, 0.0, 1.0, 0);
+        w.execute_done("cpu".into(), ExecOutcome::Ok { nbytes: 1 }, 0.0, 1.0, 0);
         assert!(executed(&mut w).is_empty());
-        w.execute_done("g1".into(), ExecOutcome::Ok { nbytes: 1, type_name: "int".into() }, 0.0, 1.0, 0);
+        w.execute_done("g1".into(), ExecOutcome::Ok { nbytes: 1 }, 0.0, 1.0, 0);
         assert_eq!(executed(&mut w), ["g2"]);
         // A released waiting task does not block the queue, and a reset
         // gives every resource back.
@@ -680,12 +686,12 @@ mod tests {
         assert_eq!(keys, ["c", "a"]);
         assert_eq!(w.executing(), 1, "reported as running: at most one per thread");
         assert!(w.busy());
-        w.execute_done("c".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+        w.execute_done("c".into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
         let ins = w.take_instructions();
         assert!(matches!(&ins[0], Instruction::Send(_)));
         assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "d"), "{ins:?}");
         for k in ["a", "d", "b"] {
-            w.execute_done(k.into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+            w.execute_done(k.into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
         }
         assert!(!w.busy());
     }
@@ -726,7 +732,7 @@ mod tests {
         w.fetch_failed("tcp://b:1", vec!["x".into()]);
         let ins = w.take_instructions();
         assert!(
-            matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, Msg::MissingData { key, workers } if key == "x" && workers.len() == 2))
+            matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, FromWorker::MissingData { key, workers } if key == "x" && workers.len() == 2))
         );
     }
 
@@ -740,15 +746,17 @@ mod tests {
         assert_eq!(w.take_instructions().len(), 2, "a runs, b queued behind it");
         w.secede("a");
         let ins = w.take_instructions();
-        assert!(matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, Msg::TaskSeceded { key } if key == "a")));
+        assert!(
+            matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, FromWorker::TaskSeceded { key } if key == "a"))
+        );
         assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "c"), "{ins:?}");
         w.secede("a");
         assert!(w.take_instructions().is_empty(), "seceding twice changes nothing");
         w.rejoin("a");
-        w.execute_done("b".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+        w.execute_done("b".into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
         let ins = w.take_instructions();
         assert!(!ins.iter().any(|i| matches!(i, Instruction::Execute { .. })), "a holds a thread again: {ins:?}");
-        w.execute_done("a".into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+        w.execute_done("a".into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
         assert!(w.take_instructions().iter().any(|i| matches!(i, Instruction::Execute { key, .. } if key == "d")));
     }
 
@@ -761,7 +769,7 @@ mod tests {
         }
         w.take_instructions();
         let answer = |w: &mut WorkerState| match &w.take_instructions()[..] {
-            [Instruction::Send(Envelope { msg: Msg::StealResponse { stolen, .. }, .. })] => *stolen,
+            [Instruction::Send(Envelope { msg: FromWorker::StealResponse { stolen, .. }, .. })] => *stolen,
             other => panic!("{other:?}"),
         };
         w.steal_request("a".into());
@@ -771,7 +779,7 @@ mod tests {
         w.steal_request("zzz".into());
         assert!(!answer(&mut w), "unknown task");
         for k in ["a", "b"] {
-            w.execute_done(k.into(), ExecOutcome::Ok { nbytes: 8, type_name: "int".into() }, 0.0, 1.0, 0);
+            w.execute_done(k.into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
         }
         let ran: Vec<Instruction> = w.take_instructions();
         assert!(!ran.iter().any(|i| matches!(i, Instruction::Execute { key, .. } if key == "c")), "{ran:?}");
@@ -784,7 +792,7 @@ mod tests {
         w.compute_task("t".into(), Bytes::new(), vec![], Priority::default(), vec![], 0.0);
         w.take_instructions();
         w.free_keys(vec!["t".into()]);
-        w.execute_done("t".into(), ExecOutcome::Ok { nbytes: 8, type_name: String::new() }, 0.0, 1.0, 0);
+        w.execute_done("t".into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
         assert_eq!(w.take_instructions(), vec![Instruction::Free { keys: vec!["t".into()] }]);
         assert_eq!(w.nkeys(), 0);
         assert_eq!(w.managed(), 0);

@@ -1,0 +1,391 @@
+//! The messages, one enum per direction.
+//!
+//! | connection (role)       | opener sends    | other side sends |
+//! |-------------------------|-----------------|------------------|
+//! | any, first batch        | [`Handshake`]   | [`Handshake`]    |
+//! | worker -> scheduler     | [`FromWorker`]  | [`ToWorker`]     |
+//! | client/monitor -> sched | [`FromClient`]  | [`ToClient`]     |
+//! | peer -> worker data port| [`DataRequest`] | [`DataReply`]    |
+//!
+//! Answers to requests carry the request's `id` and a `Result`: the value,
+//! or the reason it could not be given.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Blob, CoordOp, CoordValue, DepInfo, EventsUpdate, Key, Priority, Registration, Resources, Role, TaskSpec,
+    WorkerInfo,
+};
+
+/// The first message on every connection, in both directions.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Handshake {
+    /// From the side that opened the connection.
+    Hello { protocol: u32, role: Role, name: String },
+    /// Accepted.
+    Welcome { protocol: u32, server: String },
+    /// Refused (another protocol version, a role this server does not
+    /// serve); the server closes the connection.
+    Refused { reason: String },
+}
+
+/// A task a worker finished (stored its result).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TaskFinished {
+    pub key: Key,
+    /// Size of the result.
+    pub nbytes: u64,
+    /// Execution start and stop, seconds since the Unix epoch.
+    pub start: f64,
+    pub stop: f64,
+    /// Worker thread that ran it.
+    pub thread: u32,
+    /// Seconds spent fetching dependencies before it ran.
+    pub transfer: f64,
+}
+
+impl TaskFinished {
+    /// A task that took no time on thread 0 (for simulations and tests).
+    pub fn instant(key: impl Into<Key>, nbytes: u64) -> Self {
+        TaskFinished { key: key.into(), nbytes, start: 0.0, stop: 0.0, thread: 0, transfer: 0.0 }
+    }
+}
+
+/// A task that raised on a worker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TaskErred {
+    pub key: Key,
+    /// Pickled exception object.
+    pub exception: Blob,
+    /// Pickled traceback (tblib dict) or empty.
+    pub traceback: Blob,
+    /// `repr` of the exception, for humans and non-Python peers.
+    pub text: String,
+    pub start: f64,
+    pub stop: f64,
+    pub thread: u32,
+}
+
+/// A worker's periodic report of its own resource use.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Heartbeat {
+    /// Resident set size of the worker process.
+    pub rss: u64,
+    /// Bytes of results spilled to disk.
+    pub spilled: u64,
+    /// Tasks running now.
+    pub executing: u32,
+    /// Tasks ready to run, waiting for a thread.
+    pub ready: u32,
+    /// Bytes received from peers and clients so far.
+    pub bytes_in: u64,
+    /// Bytes sent to peers and clients so far.
+    pub bytes_out: u64,
+}
+
+/// Worker -> scheduler.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum FromWorker {
+    /// Must come first.
+    RegisterWorker(Registration),
+    TaskFinished(TaskFinished),
+    TaskErred(TaskErred),
+    /// Answer to `StealRequest`: `stolen` if the task was dropped unstarted.
+    StealResponse {
+        key: Key,
+        stolen: bool,
+    },
+    /// A running task left its thread to wait for tasks it launched.
+    TaskSeceded {
+        key: Key,
+    },
+    /// Replicas that arrived on the worker (fetched dependencies).
+    AddKeys {
+        keys: Vec<(Key, u64)>,
+    },
+    /// The worker could not fetch `key` from any of the listed holders.
+    MissingData {
+        key: Key,
+        workers: Vec<String>,
+    },
+    Heartbeat(Heartbeat),
+}
+
+/// Scheduler -> worker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum ToWorker {
+    ComputeTask {
+        key: Key,
+        run_spec: Blob,
+        deps: Vec<DepInfo>,
+        priority: Priority,
+        /// Held from the moment the task is handed to a thread until it ends.
+        resources: Resources,
+    },
+    FreeKeys {
+        keys: Vec<Key>,
+    },
+    /// Exit so that the worker's supervisor starts a fresh process
+    /// (`Client.restart`).
+    RestartWorker,
+    /// Give up `key` if it has not started (work stealing); answered by
+    /// `StealResponse`.
+    StealRequest {
+        key: Key,
+    },
+    /// Leave the cluster (retired, or the scheduler is shutting down).
+    CloseWorker {
+        reason: String,
+    },
+    /// Fetch copies of these keys from their holders (data moving off a
+    /// retiring worker, replication, rebalancing).
+    AcquireReplicas {
+        keys: Vec<DepInfo>,
+    },
+    /// The worker sent something the scheduler refuses; the connection closes.
+    Error {
+        reason: String,
+    },
+}
+
+/// Client (or monitor) -> scheduler.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum FromClient {
+    UpdateGraph {
+        tasks: Vec<TaskSpec>,
+        wanted: Vec<Key>,
+    },
+    /// Declare interest in keys that already exist (e.g. a second client).
+    WantKeys {
+        keys: Vec<Key>,
+    },
+    ReleaseKeys {
+        keys: Vec<Key>,
+    },
+    CancelKeys {
+        keys: Vec<Key>,
+    },
+    /// Data was put on `worker` directly by the client.
+    ScatterDone {
+        keys: Vec<(Key, u64)>,
+        worker: String,
+    },
+    WhoHas {
+        id: u64,
+        keys: Vec<Key>,
+    },
+    GetInfo {
+        id: u64,
+    },
+    /// Subscribe this connection to [`EventsUpdate`]s every `interval_ms`.
+    Subscribe {
+        interval_ms: u64,
+    },
+    /// Ask the scheduler to shut down (used by `LocalCluster.close`).
+    Shutdown,
+    /// Run erred tasks (and the erred tasks they depend on) again.
+    RetryKeys {
+        keys: Vec<Key>,
+    },
+    /// Keep computing `keys` even after this client releases them.
+    FireAndForget {
+        keys: Vec<Key>,
+    },
+    /// Hold `keys` under `name` until unpublished; `data` is the pickled
+    /// object (futures inside it are rebuilt by whoever gets the dataset).
+    PublishDataset {
+        id: u64,
+        name: String,
+        keys: Vec<Key>,
+        data: Blob,
+        overwrite: bool,
+    },
+    UnpublishDataset {
+        id: u64,
+        name: String,
+    },
+    GetDataset {
+        id: u64,
+        name: String,
+    },
+    ListDatasets {
+        id: u64,
+    },
+    /// Retire these workers (names or addresses): no new tasks, their data
+    /// copied to other workers, then closed. Answered by `WorkersRetired`.
+    RetireWorkers {
+        id: u64,
+        workers: Vec<String>,
+    },
+    /// Move results from workers holding more managed memory than the mean
+    /// to workers holding less (`keys` empty: any key; `workers` empty: all
+    /// workers take part). Answered by `Rebalanced` once the moves are done.
+    Rebalance {
+        id: u64,
+        keys: Vec<Key>,
+        workers: Vec<String>,
+    },
+    /// Forget every task and restart every worker process (`Client.restart`).
+    Restart,
+    /// Copy each of `keys` (in memory) to other workers until `n` hold it.
+    Replicate {
+        keys: Vec<Key>,
+        n: u32,
+    },
+    /// An operation on a coordination primitive; answered by `CoordReply`.
+    Coord {
+        id: u64,
+        op: CoordOp,
+    },
+}
+
+/// The cluster as the scheduler sees it (answer to `GetInfo`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ClusterInfo {
+    /// The scheduler's address.
+    pub address: String,
+    pub workers: Vec<WorkerInfo>,
+    /// Tasks the scheduler knows.
+    pub ntasks: u64,
+    pub nclients: u64,
+    /// Bytes the scheduler received and sent.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// What a rebalance moved.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct RebalanceStats {
+    /// Keys moved.
+    pub moved: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Keys that could not move (a copy failed, a worker left).
+    pub failed: u64,
+}
+
+/// Answer to a dataset request.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum DatasetValue {
+    /// Published or unpublished.
+    Done,
+    /// The pickled dataset (`GetDataset`).
+    Data(Blob),
+    /// Names of the published datasets (`ListDatasets`).
+    Names(Vec<String>),
+}
+
+/// Scheduler -> client (or monitor).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum ToClient {
+    KeyInMemory {
+        key: Key,
+        nbytes: u64,
+        workers: Vec<String>,
+    },
+    KeyErred {
+        key: Key,
+        exception: Blob,
+        traceback: Blob,
+        text: String,
+    },
+    KeyCancelled {
+        key: Key,
+        reason: String,
+    },
+    /// `key` cannot run on any current worker (its `workers=` name none, or
+    /// there are no workers), and why; `None` means it can again.
+    KeyNoWorker {
+        key: Key,
+        reason: Option<String>,
+    },
+    WhoHasReply {
+        id: u64,
+        who_has: Vec<(Key, Vec<String>)>,
+    },
+    Info {
+        id: u64,
+        info: ClusterInfo,
+    },
+    Events(EventsUpdate),
+    /// Answer to `RetireWorkers`: names retired, and names not retired with why.
+    WorkersRetired {
+        id: u64,
+        retired: Vec<String>,
+        failed: Vec<(String, String)>,
+    },
+    /// Answer to `Rebalance`, once the moves are done.
+    Rebalanced {
+        id: u64,
+        result: Result<RebalanceStats, String>,
+    },
+    /// Answer to the dataset requests.
+    DatasetReply {
+        id: u64,
+        result: Result<DatasetValue, String>,
+    },
+    /// Answer to `Coord`.
+    CoordReply {
+        id: u64,
+        result: Result<CoordValue, String>,
+    },
+    /// The client sent something the scheduler refuses; the connection closes.
+    Error {
+        reason: String,
+    },
+}
+
+/// Requests to a worker's data port (from other workers and from clients).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum DataRequest {
+    GetData {
+        id: u64,
+        keys: Vec<Key>,
+    },
+    /// Store these values (a client's `scatter`).
+    PutData {
+        id: u64,
+        items: Vec<(Key, Vec<Blob>)>,
+    },
+    /// Run a pickled function call in the worker process, outside any task
+    /// (`Client.run`).
+    RunFunction {
+        id: u64,
+        function: Blob,
+    },
+}
+
+/// Replies from a worker's data port, one per [`DataRequest`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum DataReply {
+    /// Serialized values: each key's frames as produced by the worker's
+    /// serializer, and the keys it does not hold.
+    Data { id: u64, items: Vec<(Key, Vec<Blob>)>, missing: Vec<Key> },
+    /// Sizes of the values stored, in request order.
+    PutDataOk { id: u64, nbytes: Vec<u64> },
+    /// The pickled result, or the pickled exception.
+    RunResult { id: u64, result: Result<Blob, Blob> },
+    /// The request could not be served.
+    Error { reason: String },
+}
+
+/// A message together with the extra frames its [`Blob::Frame`]s point at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope<M> {
+    pub msg: M,
+    pub frames: Vec<Bytes>,
+}
+
+impl<M> Envelope<M> {
+    /// A message without extra frames.
+    pub fn new(msg: M) -> Self {
+        Envelope { msg, frames: Vec::new() }
+    }
+}
+
+impl<M> From<M> for Envelope<M> {
+    fn from(msg: M) -> Self {
+        Envelope::new(msg)
+    }
+}
