@@ -1,104 +1,25 @@
-//! The worker runtime: scheduler connection, data server for peers and
-//! clients, executor threads, and the loop that feeds events to
-//! [`WorkerState`] and carries out its instructions.
-//!
-//! What a task *is* and how data is stored and serialized belongs to the
-//! [`Runner`]: the Python extension implements it with live Python objects,
-//! the simulator with plain bytes.
+//! The worker runtime: the connection to the scheduler (and reconnecting),
+//! and the loop that feeds events to [`WorkerState`] and carries out its
+//! instructions. The executor threads live in `executors`, the data port in
+//! `data_server`; what a task *is* belongs to the [`Runner`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use super::data_server::{spawn_data_server, store_items, Traffic};
+use super::executors::{Executors, Job};
 use super::memory::{self, MemoryConfig};
+use super::runner::{Helper, Runner};
 use super::state::{ExecOutcome, Instruction, WorkerState};
 use crate::comm::{self, CommError, ConnectionPool};
 use crate::now;
 use crate::protocol::{
-    Blob, DataReply, DataRequest, Envelope, FromWorker, Heartbeat, Key, Registration, Resources, Role, ToWorker,
+    DataReply, DataRequest, Envelope, FromWorker, Heartbeat, Key, Registration, Resources, Role, ToWorker,
 };
-
-/// Owns a worker's data and runs its tasks. Methods are called from
-/// blocking threads, never from the async runtime's threads.
-pub trait Runner: Send + Sync + 'static {
-    /// Run a task whose dependencies `deps` are in the store; on success the
-    /// result is stored under `key`.
-    fn execute(&self, key: &str, run_spec: &Bytes, deps: &[Key], thread: u32) -> ExecOutcome;
-    /// Serialize stored values into frames; `None` for keys not held.
-    fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)>;
-    /// Deserialize frames and store the value; returns its size in bytes.
-    fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String>;
-    /// Drop values.
-    fn free(&self, keys: &[Key]);
-    /// A mark of the store's state now: [`free_older`](Self::free_older)
-    /// with it spares values stored after this call.
-    fn mark(&self) -> u64 {
-        0
-    }
-    /// Drop values stored before `mark` (a free is carried out after other
-    /// threads may have stored the same key again: those stay).
-    fn free_older(&self, keys: &[Key], _mark: u64) {
-        self.free(keys)
-    }
-    /// Write stored values to disk and drop them from memory; they stay
-    /// readable (by `execute` and `serialize`) until freed. Returns for each
-    /// key whether it was spilled. The default cannot spill.
-    fn spill(&self, keys: &[Key]) -> Vec<(Key, bool)> {
-        keys.iter().map(|k| (k.clone(), false)).collect()
-    }
-    /// Run a serialized function call in the worker process (`Client.run`):
-    /// `Ok` with the serialized result, or `Err` with the serialized exception.
-    fn run_function(&self, _call: Bytes) -> Result<Bytes, Bytes> {
-        Err(Bytes::from_static(b"this worker cannot run functions"))
-    }
-    /// Run `body`, the whole life of one of the worker's threads that call
-    /// the methods above, so per-thread context (a Python thread state) is
-    /// set up once per thread rather than once per call.
-    fn thread_main(&self, body: &mut (dyn FnMut() + Send)) {
-        body()
-    }
-}
-
-/// One thread that runs the runner's data-store work (free, serialize,
-/// store) in order, off the async runtime.
-#[derive(Clone)]
-struct Helper {
-    tx: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
-}
-
-impl Helper {
-    fn spawn<R: Runner>(runner: Arc<R>) -> std::io::Result<Helper> {
-        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
-        std::thread::Builder::new().name("dask-rs-store".into()).spawn(move || {
-            let mut body = move || {
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            };
-            runner.thread_main(&mut body)
-        })?;
-        Ok(Helper { tx })
-    }
-
-    /// Queue `f` and do not wait for it.
-    fn submit(&self, f: impl FnOnce() + Send + 'static) {
-        let _ = self.tx.send(Box::new(f));
-    }
-
-    /// Run `f` on the helper thread and wait for its result (None if the
-    /// helper is gone).
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(move || {
-            let _ = tx.send(f());
-        });
-        rx.await.ok()
-    }
-}
 
 /// How to start a worker.
 #[derive(Debug, Clone)]
@@ -153,7 +74,9 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-enum Event {
+/// What the runtime loop hears: from the scheduler, the executor threads,
+/// the data port and the helper thread.
+pub(super) enum Event {
     FromScheduler(Vec<Envelope<ToWorker>>),
     SchedulerClosed(Option<CommError>),
     Executed {
@@ -176,177 +99,6 @@ enum Event {
     Spilled(Vec<(Key, bool)>),
 }
 
-enum Job {
-    /// Run a task.
-    Task { key: Key, run_spec: Bytes, deps: Vec<Key> },
-    /// Leave the pool, handing this thread's place (and number) to a
-    /// seceded task that rejoins.
-    Yield(std::sync::mpsc::SyncSender<u32>),
-}
-
-/// The executor threads: each takes one job at a time from the shared queue.
-struct Executors<R: Runner> {
-    jobs: Mutex<std::sync::mpsc::Receiver<Job>>,
-    events: mpsc::UnboundedSender<Event>,
-    runner: Arc<R>,
-}
-
-impl<R: Runner> Executors<R> {
-    fn spawn(self: &Arc<Self>, thread: u32) -> std::io::Result<()> {
-        let me = self.clone();
-        std::thread::Builder::new().name(format!("dask-rs-exec-{thread}")).spawn(move || {
-            let runner = me.runner.clone();
-            runner.thread_main(&mut || me.run(thread))
-        })?;
-        Ok(())
-    }
-
-    fn run(self: &Arc<Self>, mut thread: u32) {
-        // The secede/rejoin hooks are made once per thread; a task only sets its key.
-        let me = self.clone();
-        let on_secede: SecedeHook = Arc::new(move |key: &Key, replace: Option<u32>| {
-            // Another thread takes this one's place; this one leaves the
-            // pool with its task unless the task rejoins.
-            if let Some(number) = replace {
-                if let Err(e) = me.spawn(number) {
-                    tracing::error!("cannot start an executor thread in place of a seceded task: {e}");
-                }
-            }
-            let _ = me.events.send(Event::Seceded(key.clone()));
-        });
-        let events = self.events.clone();
-        let on_rejoin: RejoinHook = Arc::new(move |key: &Key| {
-            // Wait for a pool thread to give its place up (at once when one
-            // is idle, else when one finishes its task), as Dask's rejoin.
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            if events.send(Event::Rejoined(key.clone(), tx)).is_err() {
-                return None;
-            }
-            rx.recv().ok()
-        });
-        loop {
-            let job = match self.jobs.lock().expect("job queue").recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            };
-            let (key, run_spec, deps) = match job {
-                Job::Task { key, run_spec, deps } => (key, run_spec, deps),
-                Job::Yield(to) => {
-                    let _ = to.send(thread);
-                    return;
-                }
-            };
-            let ctx = TaskContext {
-                key: key.clone(),
-                thread,
-                replaced: false,
-                detached: false,
-                on_secede: on_secede.clone(),
-                on_rejoin: on_rejoin.clone(),
-            };
-            TASK.with(|t| *t.borrow_mut() = Some(ctx));
-            let start = now();
-            let outcome = self.runner.execute(&key, &run_spec, &deps, thread);
-            let stop = now();
-            let ctx = TASK.with(|t| t.borrow_mut().take());
-            let seceded = ctx.as_ref().is_some_and(|c| c.replaced);
-            let done = Event::Executed { key, outcome, start, stop, thread };
-            if self.events.send(done).is_err() || seceded {
-                return;
-            }
-            // A task that rejoined took another thread's place and number.
-            if let Some(c) = ctx {
-                thread = c.thread;
-            }
-        }
-    }
-}
-
-/// Called when a task secedes, with the number for the thread to start in
-/// its place (none when it already left the pool once and rejoined not).
-type SecedeHook = Arc<dyn Fn(&Key, Option<u32>) + Send + Sync>;
-/// Called when a seceded task rejoins; blocks until a pool thread gives its
-/// place up and returns that thread's number (none when the worker is closing).
-type RejoinHook = Arc<dyn Fn(&Key) -> Option<u32> + Send + Sync>;
-
-/// The task running on this executor thread.
-struct TaskContext {
-    key: Key,
-    /// The number this thread shows in the task stream.
-    thread: u32,
-    /// Another thread was started in this one's place: this one ends with
-    /// the task (unless it rejoins and takes a pool thread's place).
-    replaced: bool,
-    /// Seceded and not rejoined: the task does not count as running.
-    detached: bool,
-    on_secede: SecedeHook,
-    on_rejoin: RejoinHook,
-}
-
-thread_local! {
-    static TASK: std::cell::RefCell<Option<TaskContext>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Leave the worker's thread pool for the rest of the calling task (Dask's
-/// `secede`): another thread starts in its place and the scheduler stops
-/// counting the task against the worker, so tasks it launches and waits for
-/// can run. Returns false when not called from a task.
-pub fn secede() -> bool {
-    let ctx = TASK.with(|t| {
-        let mut t = t.borrow_mut();
-        let c = t.as_mut()?;
-        if c.detached {
-            return Some(None);
-        }
-        c.detached = true;
-        let replace = (!std::mem::replace(&mut c.replaced, true)).then_some(c.thread);
-        Some(Some((c.key.clone(), replace, c.on_secede.clone())))
-    });
-    match ctx {
-        Some(Some((key, replace, f))) => {
-            f(&key, replace);
-            true
-        }
-        Some(None) => true,
-        None => false,
-    }
-}
-
-/// Take a place in the worker's thread pool again after [`secede`] (Dask's
-/// `rejoin`): blocks until a pool thread is free, which then leaves the pool,
-/// so the worker never runs more tasks at once than it has threads. The
-/// task counts as running from the call on. Returns false when not called
-/// from a task.
-pub fn rejoin() -> bool {
-    let ctx = TASK.with(|t| {
-        let mut t = t.borrow_mut();
-        let c = t.as_mut()?;
-        Some(std::mem::replace(&mut c.detached, false).then(|| (c.key.clone(), c.on_rejoin.clone())))
-    });
-    match ctx {
-        Some(Some((key, f))) => {
-            // Not under the borrow: the hook blocks.
-            if let Some(number) = f(&key) {
-                TASK.with(|t| {
-                    if let Some(c) = t.borrow_mut().as_mut() {
-                        c.replaced = false;
-                        c.thread = number;
-                    }
-                });
-            }
-            true
-        }
-        Some(None) => true,
-        None => false,
-    }
-}
-
-#[derive(Default)]
-struct Traffic {
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-}
-
 /// Resident set size of this process in bytes (0 where unknown).
 pub fn process_rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -358,7 +110,8 @@ pub fn process_rss() -> u64 {
 
 /// Run a worker until the scheduler closes it, the connection is lost for
 /// longer than `death_timeout`, or `shutdown` turns true. Returns the
-/// worker's address through `started` once it has registered.
+/// reason it stopped. `started` hears the worker's data address once the
+/// scheduler accepted it.
 ///
 /// When the connection to the scheduler drops, the worker forgets every
 /// task and result (a restarted scheduler knows none of them) and connects
@@ -366,16 +119,16 @@ pub fn process_rss() -> u64 {
 pub async fn run_worker<R: Runner>(
     config: WorkerConfig,
     runner: Arc<R>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     started: Option<tokio::sync::oneshot::Sender<String>>,
 ) -> Result<(), WorkerError> {
     let listener = TcpListener::bind((config.host.as_str(), 0)).await?;
     let local = listener.local_addr()?;
     let address = format!("tcp://{}:{}", local.ip(), local.port());
 
-    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let (events_tx, events) = mpsc::unbounded_channel::<Event>();
     // Executor threads: each takes one job at a time.
-    let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+    let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
     let pool = Arc::new(Executors { jobs: Mutex::new(job_rx), events: events_tx.clone(), runner: runner.clone() });
     for thread in 0..config.nthreads.max(1) {
         pool.spawn(thread as u32)?;
@@ -383,167 +136,236 @@ pub async fn run_worker<R: Runner>(
     let helper = Helper::spawn(runner.clone())?;
     let traffic = Arc::new(Traffic::default());
     spawn_data_server(listener, address.clone(), runner.clone(), helper.clone(), events_tx.clone(), traffic.clone());
-    let peers = Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout));
-
-    let mut started = started;
     let mem_config = MemoryConfig::new(config.memory_limit);
-    let spill_at = mem_config.spill_bytes();
-    // Tune the allocator for giving memory back once memory gets scarce.
-    let mut tune_allocator_at = mem_config.target_bytes();
-    let mut last_trim = tokio::time::Instant::now();
-    let mut state = WorkerState::with_memory(config.nthreads, mem_config).with_resources(config.resources.clone());
-    let mut memory_tick = tokio::time::interval(Duration::from_millis(100));
-    memory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut first = true;
-    let result = 'sessions: loop {
-        let conn = if first {
-            comm::connect(&config.scheduler, Role::Worker, &config.name, config.connect_timeout).await
-        } else {
+    let mut worker = Worker {
+        peers: Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout)),
+        spill_at: mem_config.spill_bytes(),
+        // Tune the allocator for giving memory back once memory gets scarce.
+        tune_allocator_at: mem_config.target_bytes(),
+        last_trim: tokio::time::Instant::now(),
+        state: WorkerState::with_memory(config.nthreads, mem_config).with_resources(config.resources.clone()),
+        config,
+        runner,
+        address,
+        events,
+        events_tx,
+        jobs,
+        helper,
+        traffic,
+        shutdown,
+        started,
+    };
+    worker.run().await
+}
+
+/// Everything a running worker owns, across connections to the scheduler.
+struct Worker<R: Runner> {
+    config: WorkerConfig,
+    runner: Arc<R>,
+    /// This worker's data address.
+    address: String,
+    state: WorkerState,
+    events: mpsc::UnboundedReceiver<Event>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    jobs: std::sync::mpsc::Sender<Job>,
+    helper: Helper,
+    /// Connections to other workers' data ports.
+    peers: Arc<ConnectionPool>,
+    traffic: Arc<Traffic>,
+    shutdown: watch::Receiver<bool>,
+    started: Option<tokio::sync::oneshot::Sender<String>>,
+    spill_at: Option<u64>,
+    tune_allocator_at: Option<u64>,
+    last_trim: tokio::time::Instant,
+}
+
+/// How one connection to the scheduler ended.
+enum SessionEnd {
+    /// The worker stops, for this reason.
+    Stop(Result<(), WorkerError>),
+    /// The connection broke after registration: connect again.
+    Reconnect(String),
+}
+
+impl<R: Runner> Worker<R> {
+    /// Connect, serve, and reconnect after a lost connection while
+    /// `death_timeout` allows.
+    async fn run(&mut self) -> Result<(), WorkerError> {
+        let config = self.config.clone();
+        let mut conn = comm::connect(&config.scheduler, Role::Worker, &config.name, config.connect_timeout)
+            .await
+            .map_err(|e| WorkerError::Connect { addr: config.scheduler.clone(), source: e })?;
+        loop {
+            match self.session(conn).await {
+                SessionEnd::Stop(r) => return r,
+                SessionEnd::Reconnect(why) => {
+                    tracing::warn!("connection to the scheduler lost: {why}");
+                    // A restarted scheduler knows none of this worker's tasks or data.
+                    let keys = self.state.reset();
+                    if !keys.is_empty() {
+                        let r = self.runner.clone();
+                        self.helper.submit(move || r.free(&keys));
+                    }
+                }
+            }
             tracing::warn!(
                 "lost the scheduler at {}; reconnecting for up to {:?}",
                 config.scheduler,
                 config.death_timeout
             );
             let patience = config.death_timeout;
-            tokio::select! {
-                _ = shutdown.changed() => break 'sessions Ok(()),
-                c = comm::connect_retrying(&config.scheduler, Role::Worker, &config.name, patience) => c,
-            }
-        };
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) if first => break Err(WorkerError::Connect { addr: config.scheduler.clone(), source: e }),
-            Err(e) => break Err(WorkerError::SchedulerLost(format!("could not reconnect: {e}"))),
-        };
-        first = false;
-        let comm::Connection { mut reader, writer, .. } = conn;
+            conn = tokio::select! {
+                _ = self.shutdown.changed() => return Ok(()),
+                c = comm::connect_retrying(&config.scheduler, Role::Worker, &config.name, patience) => {
+                    c.map_err(|e| WorkerError::SchedulerLost(format!("could not reconnect: {e}")))?
+                }
+            };
+        }
+    }
+
+    /// Serve one connection to the scheduler: register, then feed events to
+    /// the state machine and carry out its instructions until it ends.
+    async fn session(&mut self, conn: comm::Connection) -> SessionEnd {
+        let comm::Connection { reader, writer, .. } = conn;
         let (outbox, _writer) = comm::spawn_writer(writer);
+        let config = &self.config;
         let _ = outbox.send(Envelope::new(FromWorker::RegisterWorker(Registration {
             name: config.name.clone(),
-            address: address.clone(),
+            address: self.address.clone(),
             nthreads: config.nthreads as u32,
             memory_limit: config.memory_limit,
             pid: std::process::id(),
             resources: config.resources.clone(),
         })));
-        {
-            let tx = events_tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    match reader.read_batch().await {
-                        Ok(b) => {
-                            if tx.send(Event::FromScheduler(b)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(CommError::Closed) => {
-                            let _ = tx.send(Event::SchedulerClosed(None));
-                            return;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Event::SchedulerClosed(Some(e)));
-                            return;
-                        }
-                    }
-                }
-            });
-        }
+        tokio::spawn(read_scheduler(reader, self.events_tx.clone()));
         let mut heartbeat = tokio::time::interval(config.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut memory_tick = tokio::time::interval(Duration::from_millis(100));
+        memory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let watch_memory = config.memory_limit > 0;
         let mut registered = false;
         let mut held = Held::default();
         let outcome = loop {
             tokio::select! {
-                _ = shutdown.changed() => break Some(Ok(())),
+                _ = self.shutdown.changed() => break Ok(()),
                 _ = heartbeat.tick() => {
-                    let _ = outbox.send(Envelope::new(FromWorker::Heartbeat(Heartbeat {
-                        rss: process_rss(),
-                        spilled: state.spilled(),
-                        executing: state.executing() as u32,
-                        ready: state.nready() as u32,
-                        bytes_in: traffic.bytes_in.load(Ordering::Relaxed) + peers.bytes_in.load(Ordering::Relaxed),
-                        bytes_out: traffic.bytes_out.load(Ordering::Relaxed) + peers.bytes_out.load(Ordering::Relaxed),
-                    })));
+                    let _ = outbox.send(Envelope::new(FromWorker::Heartbeat(self.heartbeat())));
                     if !registered {
                         // The scheduler answers a bad registration with an error
                         // at once; no error by the first heartbeat means we are in.
                         registered = true;
-                        if let Some(s) = started.take() {
-                            let _ = s.send(address.clone());
+                        if let Some(s) = self.started.take() {
+                            let _ = s.send(self.address.clone());
                         }
                     }
                 }
-                _ = memory_tick.tick(), if config.memory_limit > 0 => {
-                    let mut rss = process_rss();
-                    if tune_allocator_at.is_some_and(|t| rss > t) {
-                        memory::configure_allocator();
-                        tune_allocator_at = None;
+                _ = memory_tick.tick(), if watch_memory => {
+                    if let Err(e) = self.check_memory() {
+                        break Err(e);
                     }
-                    if spill_at.is_some_and(|s| rss > s) && last_trim.elapsed() > Duration::from_millis(500) {
-                        // Freed buffers may still sit in the heap: give them back first.
-                        memory::trim_heap();
-                        last_trim = tokio::time::Instant::now();
-                        rss = process_rss();
-                    }
-                    if let Some(why) = state.memory_tick(rss, now()) {
-                        tracing::error!("{why}; closing");
-                        break Some(Err(WorkerError::Memory(why)));
-                    }
-                    for ins in state.take_instructions() {
-                        match ins {
-                            Instruction::Send(env) => {
-                                held.flush(&outbox);
-                                let _ = outbox.send(env);
-                            }
-                            ins => carry_out(ins, &job_tx, &runner, &helper, &peers, &events_tx),
-                        }
-                    }
+                    self.dispatch(&outbox, &mut held, false);
                 }
                 _ = tokio::time::sleep_until(held.deadline()), if held.is_holding() => held.flush(&outbox),
-                ev = events.recv() => {
-                    let Some(ev) = ev else { break Some(Ok(())) };
+                ev = self.events.recv() => {
+                    let Some(ev) = ev else { break Ok(()) };
                     let mut stop = None;
-                    apply(&mut state, ev, &mut stop, &job_tx);
-                    while let Ok(ev) = events.try_recv() {
-                        apply(&mut state, ev, &mut stop, &job_tx);
+                    apply(&mut self.state, ev, &mut stop, &self.jobs);
+                    while let Ok(ev) = self.events.try_recv() {
+                        apply(&mut self.state, ev, &mut stop, &self.jobs);
                     }
-                    for ins in state.take_instructions() {
-                        match ins {
-                            Instruction::Send(env) if is_result(&env.msg) => held.push(env),
-                            Instruction::Send(env) => {
-                                held.flush(&outbox);
-                                let _ = outbox.send(env);
-                            }
-                            ins => carry_out(ins, &job_tx, &runner, &helper, &peers, &events_tx),
-                        }
-                    }
-                    if !state.busy() || held.full() {
-                        held.flush(&outbox);
-                    }
+                    self.dispatch(&outbox, &mut held, true);
                     if let Some(r) = stop {
                         held.flush(&outbox);
-                        break Some(r);
+                        break r;
                     }
                 }
             }
         };
         match outcome {
-            Some(Err(WorkerError::SchedulerLost(why))) if registered && !config.death_timeout.is_zero() => {
-                tracing::warn!("connection to the scheduler lost: {why}");
-                // A restarted scheduler knows none of this worker's tasks or data.
-                let keys = state.reset();
-                if !keys.is_empty() {
-                    let r = runner.clone();
-                    helper.submit(move || r.free(&keys));
-                }
-                continue 'sessions;
+            Err(WorkerError::SchedulerLost(why)) if registered && !self.config.death_timeout.is_zero() => {
+                SessionEnd::Reconnect(why)
             }
-            Some(r) => break r,
-            None => break Ok(()),
+            r => SessionEnd::Stop(r),
         }
-    };
-    drop(job_tx);
-    result
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        let (traffic, peers) = (&self.traffic, &self.peers);
+        Heartbeat {
+            rss: process_rss(),
+            spilled: self.state.spilled(),
+            executing: self.state.executing() as u32,
+            ready: self.state.nready() as u32,
+            bytes_in: traffic.bytes_in.load(Ordering::Relaxed) + peers.bytes_in.load(Ordering::Relaxed),
+            bytes_out: traffic.bytes_out.load(Ordering::Relaxed) + peers.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Measure the process and let the state machine spill, pause or give
+    /// up; `Err` when the worker must close to free memory.
+    fn check_memory(&mut self) -> Result<(), WorkerError> {
+        let mut rss = process_rss();
+        if self.tune_allocator_at.is_some_and(|t| rss > t) {
+            memory::configure_allocator();
+            self.tune_allocator_at = None;
+        }
+        if self.spill_at.is_some_and(|s| rss > s) && self.last_trim.elapsed() > Duration::from_millis(500) {
+            // Freed buffers may still sit in the heap: give them back first.
+            memory::trim_heap();
+            self.last_trim = tokio::time::Instant::now();
+            rss = process_rss();
+        }
+        match self.state.memory_tick(rss, now()) {
+            Some(why) => {
+                tracing::error!("{why}; closing");
+                Err(WorkerError::Memory(why))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Carry out the state machine's instructions. With `hold_results`,
+    /// task results wait in `held` while the worker is busy (see [`Held`]).
+    fn dispatch(&mut self, outbox: &comm::Outbox<FromWorker>, held: &mut Held, hold_results: bool) {
+        for ins in self.state.take_instructions() {
+            match ins {
+                Instruction::Send(env) if hold_results && is_result(&env.msg) => held.push(env),
+                Instruction::Send(env) => {
+                    held.flush(outbox);
+                    let _ = outbox.send(env);
+                }
+                ins => carry_out(ins, &self.jobs, &self.runner, &self.helper, &self.peers, &self.events_tx),
+            }
+        }
+        if hold_results && (!self.state.busy() || held.full()) {
+            held.flush(outbox);
+        }
+    }
+}
+
+/// Forward what the scheduler sends to the runtime loop until the
+/// connection ends.
+async fn read_scheduler(
+    mut reader: comm::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    loop {
+        match reader.read_batch().await {
+            Ok(b) => {
+                if events.send(Event::FromScheduler(b)).is_err() {
+                    return;
+                }
+            }
+            Err(CommError::Closed) => {
+                let _ = events.send(Event::SchedulerClosed(None));
+                return;
+            }
+            Err(e) => {
+                let _ = events.send(Event::SchedulerClosed(Some(e)));
+                return;
+            }
+        }
+    }
 }
 
 fn apply(
@@ -704,127 +526,6 @@ fn carry_out<R: Runner>(
                 };
                 let _ = events.send(Event::Fetched { worker, stored, failed });
             });
-        }
-    }
-}
-
-/// Deserialize and store received items; returns stored sizes and failures.
-fn store_items<R: Runner + ?Sized>(
-    runner: &R,
-    items: Vec<(Key, Vec<Blob>)>,
-    mut frames: Vec<Bytes>,
-) -> (Vec<(Key, u64)>, Vec<Key>) {
-    let mut stored = Vec::with_capacity(items.len());
-    let mut failed = Vec::new();
-    for (key, blobs) in items {
-        let parts: Option<Vec<Bytes>> = blobs.iter().map(|b| b.take(&mut frames)).collect();
-        match parts.ok_or_else(|| "missing frame".to_string()).and_then(|p| runner.store(&key, p)) {
-            Ok(n) => stored.push((key, n)),
-            Err(e) => {
-                tracing::warn!("could not store {key}: {e}");
-                failed.push(key);
-            }
-        }
-    }
-    (stored, failed)
-}
-
-/// Serve `GetData` and `PutData` to peers and clients.
-fn spawn_data_server<R: Runner>(
-    listener: TcpListener,
-    address: String,
-    runner: Arc<R>,
-    helper: Helper,
-    events: mpsc::UnboundedSender<Event>,
-    traffic: Arc<Traffic>,
-) {
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let runner = runner.clone();
-            let helper = helper.clone();
-            let events = events.clone();
-            let address = address.clone();
-            let traffic = traffic.clone();
-            tokio::spawn(async move {
-                let wrong_role = |_| format!("{address} is a dask-rs worker's data port, not a scheduler");
-                let conn = match comm::accept(stream, &address, &[Role::Peer, Role::Client], wrong_role).await {
-                    Ok((c, _)) => c,
-                    Err(e) => {
-                        tracing::debug!("data connection rejected: {e}");
-                        return;
-                    }
-                };
-                let comm::Connection { mut reader, mut writer, .. } = conn;
-                let mut last_in = 0;
-                while let Ok(batch) = reader.read_batch::<DataRequest>().await {
-                    traffic.bytes_in.fetch_add(reader.bytes_read - last_in, Ordering::Relaxed);
-                    last_in = reader.bytes_read;
-                    for env in batch {
-                        let reply = serve(&runner, &helper, env, &events).await;
-                        let before = writer.bytes_written;
-                        if writer.write_batch(std::slice::from_ref(&reply)).await.is_err() {
-                            return;
-                        }
-                        traffic.bytes_out.fetch_add(writer.bytes_written - before, Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
-}
-
-async fn serve<R: Runner>(
-    runner: &Arc<R>,
-    helper: &Helper,
-    env: Envelope<DataRequest>,
-    events: &mpsc::UnboundedSender<Event>,
-) -> Envelope<DataReply> {
-    let Envelope { msg, frames } = env;
-    match msg {
-        DataRequest::GetData { id, keys } => {
-            let r = runner.clone();
-            let values = helper.run(move || r.serialize(&keys)).await.unwrap_or_default();
-            let mut out_frames = Vec::new();
-            let mut items = Vec::with_capacity(values.len());
-            let mut missing = Vec::new();
-            for (key, v) in values {
-                match v {
-                    Some(parts) => {
-                        let blobs = parts.into_iter().map(|p| Blob::new(p, &mut out_frames)).collect();
-                        items.push((key, blobs));
-                    }
-                    None => missing.push(key),
-                }
-            }
-            Envelope { msg: DataReply::Data { id, items, missing }, frames: out_frames }
-        }
-        DataRequest::PutData { id, items } => {
-            let r = runner.clone();
-            let (stored, failed) = helper.run(move || store_items(&*r, items, frames)).await.unwrap_or_default();
-            if !failed.is_empty() {
-                return Envelope::new(DataReply::Error { reason: format!("could not store keys {failed:?}") });
-            }
-            let nbytes = stored.iter().map(|(_, n)| *n).collect();
-            let _ = events.send(Event::DataPut(stored));
-            Envelope::new(DataReply::PutDataOk { id, nbytes })
-        }
-        DataRequest::RunFunction { id, function } => {
-            let Some(call) = function.resolve(&frames) else {
-                return Envelope::new(DataReply::Error { reason: "function refers to a missing frame".into() });
-            };
-            let r = runner.clone();
-            let outcome = tokio::task::spawn_blocking(move || r.run_function(call))
-                .await
-                .unwrap_or_else(|e| Err(Bytes::from(format!("the function panicked: {e}"))));
-            let mut out_frames = Vec::new();
-            let result = match outcome {
-                Ok(b) => Ok(Blob::new(b, &mut out_frames)),
-                Err(b) => Err(Blob::new(b, &mut out_frames)),
-            };
-            Envelope { msg: DataReply::RunResult { id, result }, frames: out_frames }
         }
     }
 }
