@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use deployers::WorkerOptions;
+use deployers::{BackendKind, WorkerOptions};
 use serde_yaml_ng::{Mapping, Value};
 
 /// Where a value came from.
@@ -72,7 +72,7 @@ pub fn which(prog: &str) -> Option<PathBuf> {
 }
 
 /// Merge defaults, `file`'s section for `backend`, the environment and `flags`.
-pub fn merge(backend: &str, file: Option<&Path>, flags: &BTreeMap<String, Value>) -> Result<Merged> {
+pub fn merge(backend: BackendKind, file: Option<&Path>, flags: &BTreeMap<String, Value>) -> Result<Merged> {
     let keys = keys();
     let mut sources: BTreeMap<String, (Value, Source)> = BTreeMap::new();
     sources.insert("python".into(), (Value::String(python3_on_path()), Source::Default));
@@ -85,6 +85,7 @@ pub fn merge(backend: &str, file: Option<&Path>, flags: &BTreeMap<String, Value>
         let Value::Mapping(top) = doc else {
             bail!("config {}: expected a mapping with a section per backend", path.display());
         };
+        let backend = backend.name();
         if let Some(section) = top.get(backend) {
             let Value::Mapping(m) = section else {
                 bail!("config {}: section {backend:?} must be a mapping", path.display());
@@ -143,7 +144,7 @@ fn is_list_key(k: &str) -> bool {
 }
 
 /// `config show`: one line per key with its value and source.
-pub fn render(backend: &str, merged: &Merged) -> String {
+pub fn render(backend: BackendKind, merged: &Merged) -> String {
     let mut out = format!("backend: {backend}\n");
     for k in keys() {
         let (value, source) = match merged.sources.get(&k) {
@@ -173,7 +174,7 @@ mod tests {
         std::env::set_var("DASK_RS_ACCOUNT", "proj42");
         let mut flags = BTreeMap::new();
         flags.insert("memory_limit".to_string(), Value::String("1GiB".into()));
-        let m = merge("local", Some(&file), &flags).unwrap();
+        let m = merge(BackendKind::Local, Some(&file), &flags).unwrap();
         std::env::remove_var("DASK_RS_ACCOUNT");
         assert_eq!(m.options.nthreads, 4);
         assert_eq!(m.options.memory_limit.as_deref(), Some("1GiB"));
@@ -184,13 +185,13 @@ mod tests {
         assert_eq!(m.sources["nthreads"].1, Source::File(file.clone()));
         assert_eq!(m.sources["account"].1, Source::Env("DASK_RS_ACCOUNT".into()));
         assert_eq!(m.sources["memory_limit"].1, Source::Flag);
-        let shown = render("local", &m);
+        let shown = render(BackendKind::Local, &m);
         assert!(shown.contains("account            proj42"), "{shown}");
-        let s = merge("slurm", Some(&file), &BTreeMap::new()).unwrap();
+        let s = merge(BackendKind::Slurm, Some(&file), &BTreeMap::new()).unwrap();
         assert_eq!((s.options.nthreads, s.options.job_extra.clone()), (9, vec!["--exclusive".to_string()]));
 
         std::fs::write(&file, "local:\n  nthread: 4\n").unwrap();
-        let err = merge("local", Some(&file), &BTreeMap::new()).err().unwrap().to_string();
+        let err = merge(BackendKind::Local, Some(&file), &BTreeMap::new()).err().unwrap().to_string();
         assert!(err.contains("unknown key \"nthread\""), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

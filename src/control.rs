@@ -55,7 +55,7 @@ pub struct WorkerRow {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,
-    pub backend: String,
+    pub backend: deployers::BackendKind,
     pub address: String,
     pub dashboard: Option<String>,
     pub policy: String,

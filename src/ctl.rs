@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_yaml_ng::Value;
 
 use deployers::batch::{BatchBackend, System};
+use deployers::BackendKind;
 
 use crate::config;
 use crate::control::{self, Request, Status};
@@ -21,15 +22,12 @@ use crate::registry::{self, ClusterRecord};
 /// Adaptive maximum when `--maximum` is not given: scaling is always bounded.
 pub const DEFAULT_MAXIMUM: usize = 16;
 
-const BACKENDS: &[&str] = &["local", "ssh", "slurm", "sge"];
-const PLANNED: &[&str] = &["kubernetes", "marathon"];
-
 /// `dask-ctl up`.
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
     /// Where workers run: local, ssh, slurm or sge.
     #[arg(long, default_value = "local")]
-    backend: String,
+    backend: BackendKind,
     /// Cluster name (default: BACKEND-XXXX).
     #[arg(long)]
     name: Option<String>,
@@ -164,20 +162,6 @@ impl UpArgs {
     }
 }
 
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-fn check_backend(b: &str) -> Result<()> {
-    if BACKENDS.contains(&b) {
-        Ok(())
-    } else if PLANNED.contains(&b) {
-        bail!("the {b} backend is not available in this version of dask-ctl (available: {})", BACKENDS.join(", "))
-    } else {
-        bail!("unknown backend {b:?} (available: {})", BACKENDS.join(", "))
-    }
-}
-
 /// The Python must exist and import dask_rs.
 fn check_python(python: &str) -> Result<String> {
     let path = config::which(python).ok_or_else(|| anyhow!("python {python:?} not found (set --python)"))?;
@@ -197,10 +181,10 @@ fn check_python(python: &str) -> Result<String> {
 /// Where the scheduler listens: `--host`, or every interface when workers
 /// run on other machines.
 fn listen_host(args: &UpArgs) -> String {
-    match (&args.host, args.backend.as_str()) {
-        (Some(h), _) => h.clone(),
-        (None, "ssh" | "slurm" | "sge") => "0.0.0.0".to_string(),
-        (None, _) => "127.0.0.1".to_string(),
+    match &args.host {
+        Some(h) => h.clone(),
+        None if args.backend.remote_workers() => "0.0.0.0".to_string(),
+        None => "127.0.0.1".to_string(),
     }
 }
 
@@ -235,7 +219,7 @@ fn prepare_batch(system: System, host: &str, options: &mut deployers::WorkerOpti
 /// Batch jobs on other nodes reach a scheduler listening everywhere at this
 /// machine's hostname, unless a contact address is set.
 fn default_contact(host: &str, options: &mut deployers::WorkerOptions) {
-    if options.contact_address.is_none() && matches!(host, "0.0.0.0" | "::") {
+    if options.contact_address.is_none() && cluster::comm::is_wildcard_host(host) {
         options.contact_address = Some(hostname());
     }
 }
@@ -252,12 +236,11 @@ fn verify_batch(system: System, options: &deployers::WorkerOptions) -> Result<()
 
 /// `dask-ctl job-script`: the script `up` would submit for one worker.
 pub fn job_script(args: UpArgs) -> Result<()> {
-    check_backend(&args.backend)?;
-    let Some(system) = System::from_name(&args.backend) else {
+    let Some(system) = args.backend.batch_system() else {
         bail!("job-script is for batch backends (slurm, sge), not {}", args.backend);
     };
     let file = args.config.clone().or_else(config::default_file);
-    let mut merged = config::merge(&args.backend, file.as_deref(), &args.flags())?;
+    let mut merged = config::merge(args.backend, file.as_deref(), &args.flags())?;
     let host = listen_host(&args);
     default_contact(&host, &mut merged.options);
     let name = args.name.clone().unwrap_or_else(|| format!("{}-XXXX", args.backend));
@@ -314,7 +297,6 @@ fn tail(path: &Path, lines: usize) -> String {
 
 /// `dask-ctl up`.
 pub fn up(args: UpArgs) -> Result<()> {
-    check_backend(&args.backend)?;
     let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", args.backend, random_suffix()));
     registry::check_name(&name)?;
     let dir = registry::dir(&name);
@@ -331,14 +313,14 @@ pub fn up(args: UpArgs) -> Result<()> {
         );
     }
     let file = args.config.clone().or_else(config::default_file);
-    let mut merged = config::merge(&args.backend, file.as_deref(), &args.flags())?;
+    let mut merged = config::merge(args.backend, file.as_deref(), &args.flags())?;
     let host = listen_host(&args);
-    match System::from_name(&args.backend) {
+    match args.backend.batch_system() {
         Some(system) => {
             prepare_batch(system, &host, &mut merged.options)?;
             verify_batch(system, &merged.options)?;
         }
-        None if args.backend == "ssh" => check_ssh_hosts(&merged.options)?,
+        None if args.backend == BackendKind::Ssh => check_ssh_hosts(&merged.options)?,
         None => merged.options.python = check_python(&merged.options.python)?,
     }
     if args.port != 0 {
@@ -356,8 +338,8 @@ pub fn up(args: UpArgs) -> Result<()> {
     };
     let rec = ClusterRecord {
         name: name.clone(),
-        backend: args.backend.clone(),
-        created: unix_now(),
+        backend: args.backend,
+        created: cluster::now(),
         options: merged.options,
         workers,
         adapt,
@@ -569,7 +551,7 @@ pub fn list(json: bool) -> Result<()> {
         "{:<20} {:<8} {:<24} {:>9} {:>7} {:>10} {:>7} {:>6}  STATUS",
         "NAME", "BACKEND", "ADDRESS", "WORKERS", "THREADS", "MEMORY", "TASKS", "AGE"
     );
-    let now = unix_now();
+    let now = cluster::now();
     for (rec, st, status) in rows {
         let (workers, threads, memory, tasks) = match &st {
             Some(s) => (
@@ -604,7 +586,7 @@ pub fn status(name: &str, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(());
     }
-    println!("Cluster {} ({} backend), up {}", st.name, st.backend, fmt_age(unix_now() - rec.created));
+    println!("Cluster {} ({} backend), up {}", st.name, st.backend, fmt_age(cluster::now() - rec.created));
     println!("  scheduler: {}", st.address);
     println!("  scaling:   {}", st.policy);
     println!(
@@ -640,7 +622,7 @@ pub fn status(name: &str, json: bool) -> Result<()> {
         for d in st.decisions.iter().rev().take(10).rev() {
             println!(
                 "  {:>6} ago  {:<14} target {:<3} requested {:<3} running {:<3} pending {:<3} {}",
-                fmt_age(unix_now() - d.time),
+                fmt_age(cluster::now() - d.time),
                 d.kind,
                 d.target,
                 d.requested,

@@ -126,7 +126,7 @@ enum ConfigCommand {
     /// Print the merged options and where each value came from.
     Show {
         #[arg(long, default_value = "local")]
-        backend: String,
+        backend: deployers::BackendKind,
         /// YAML file with a section per backend (default: ~/.config/dask-rs/cluster.yaml if present).
         #[arg(long)]
         config: Option<std::path::PathBuf>,
@@ -152,8 +152,8 @@ fn main() -> Result<()> {
         Command::JobScript(args) => ctl::job_script(*args),
         Command::Config { command: ConfigCommand::Show { backend, config } } => {
             let file = config.or_else(config::default_file);
-            let merged = config::merge(&backend, file.as_deref(), &Default::default())?;
-            print!("{}", config::render(&backend, &merged));
+            let merged = config::merge(backend, file.as_deref(), &Default::default())?;
+            print!("{}", config::render(backend, &merged));
             Ok(())
         }
         Command::Completions { shell } => {

@@ -8,26 +8,22 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use adaptive::{tick, ClusterView, Controller, ControllerConfig, DaskAdaptive, Fixed, Policy, Retirer, WorkerStatus};
 use anyhow::{Context, Result};
 use cluster::client::ClientCore;
 use cluster::protocol::{ClusterInfo, EventsUpdate};
 use cluster::scheduler::{self, SchedulerConfig};
-use deployers::batch::{BatchBackend, System};
+use deployers::batch::BatchBackend;
 use deployers::local::LocalBackend;
 use deployers::ssh::SshBackend;
-use deployers::Deployer;
+use deployers::{BackendKind, Deployer};
 
 use crate::control::{Request, Response, Status, WorkerRow};
 use crate::registry::{self, ClusterRecord};
 
 type Command = (Request, SyncSender<Response>);
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
 
 /// Retires through the scheduler, so data moves off first.
 struct SchedulerRetirer<'a>(&'a ClientCore);
@@ -82,24 +78,22 @@ pub fn run(dir: PathBuf) -> Result<()> {
     rec.save(&dir)?;
     println!("manager of {} ({} backend): scheduler at {address}", rec.name, rec.backend);
 
-    let mut backend: Box<dyn Deployer> = match rec.backend.as_str() {
-        "local" => Box::new(LocalBackend::new(rec.options.clone(), &address, &rec.name, registry::log_dir(&dir))),
-        "ssh" => {
+    let logs = registry::log_dir(&dir);
+    let mut backend: Box<dyn Deployer> = match rec.backend {
+        BackendKind::Local => Box::new(LocalBackend::new(rec.options.clone(), &address, &rec.name, logs)),
+        BackendKind::Ssh => {
             // Workers on other hosts cannot use the loopback form of a wildcard address.
-            let listen = match rec.host.as_str() {
-                "0.0.0.0" | "::" | "[::]" => {
-                    format!("tcp://{}:{}", rec.host, deployers::port_of(&address).unwrap_or(0))
-                }
-                _ => address.clone(),
+            let listen = if cluster::comm::is_wildcard_host(&rec.host) {
+                format!("tcp://{}:{}", rec.host, deployers::port_of(&address).unwrap_or(0))
+            } else {
+                address.clone()
             };
-            Box::new(SshBackend::new(rec.options.clone(), &listen, &rec.name, registry::log_dir(&dir))?)
+            Box::new(SshBackend::new(rec.options.clone(), &listen, &rec.name, logs)?)
         }
-        kind @ ("slurm" | "sge") => {
-            let system = System::from_name(kind).expect("a batch system");
-            let logs = registry::log_dir(&dir);
+        BackendKind::Slurm | BackendKind::Sge => {
+            let system = rec.backend.batch_system().expect("a batch backend");
             Box::new(BatchBackend::new(system, rec.options.clone(), &address, &rec.name, logs, dir.join("jobs"))?)
         }
-        other => anyhow::bail!("backend {other:?} is not available"),
     };
     let mut config = ControllerConfig::default();
     if let Some(m) = rec.max_pending {
@@ -150,7 +144,7 @@ pub fn run(dir: PathBuf) -> Result<()> {
                     latest = u;
                 }
                 let view = ClusterView::from(&latest);
-                tick(&mut ctrl, unix_now(), &view, &mut *backend, &mut SchedulerRetirer(&core));
+                tick(&mut ctrl, cluster::now(), &view, &mut *backend, &mut SchedulerRetirer(&core));
                 let owned = backend.owned();
                 if owned != owned_saved {
                     let _ = registry::save_owned(&dir, &owned);
@@ -183,7 +177,7 @@ pub fn run(dir: PathBuf) -> Result<()> {
 fn status(rec: &ClusterRecord, ctrl: &mut Controller, backend: &mut dyn Deployer, latest: &EventsUpdate) -> Status {
     let records = backend.workers().unwrap_or_default();
     // The backend reports a failure once: the controller must still see it.
-    ctrl.note_failures(unix_now(), &records);
+    ctrl.note_failures(cluster::now(), &records);
     let mut rows = Vec::new();
     let mut running = 0;
     let mut pending = 0;
@@ -225,7 +219,7 @@ fn status(rec: &ClusterRecord, ctrl: &mut Controller, backend: &mut dyn Deployer
     let decisions: Vec<_> = ctrl.decisions().cloned().collect();
     Status {
         name: rec.name.clone(),
-        backend: rec.backend.clone(),
+        backend: rec.backend,
         address: rec.address.clone().unwrap_or_default(),
         dashboard: rec.dashboard.clone(),
         policy: ctrl.policy().describe(),

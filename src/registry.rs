@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterRecord {
     pub name: String,
-    pub backend: String,
+    pub backend: deployers::BackendKind,
     /// Unix time `up` ran.
     pub created: f64,
     pub options: WorkerOptions,

@@ -73,6 +73,23 @@ pub fn parse_address(addr: &str) -> Result<String, CommError> {
     Ok(rest.to_string())
 }
 
+/// Whether listening on `host` means every interface (`0.0.0.0`, `::`,
+/// `[::]`, or empty): then the listening address is no address to connect
+/// to, and whoever advertises it must pick one.
+pub fn is_wildcard_host(host: &str) -> bool {
+    matches!(host, "" | "0.0.0.0" | "::" | "[::]")
+}
+
+/// Whether `tcp://HOST:PORT` has a wildcard host (see [`is_wildcard_host`]).
+pub fn is_wildcard_address(address: &str) -> bool {
+    let hostport = address.strip_prefix("tcp://").unwrap_or(address);
+    let host = match hostport.rfind(':') {
+        Some(i) => &hostport[..i],
+        None => hostport,
+    };
+    is_wildcard_host(host)
+}
+
 /// Reads batches of messages from a socket.
 pub struct FrameReader<R> {
     inner: BufReader<R>,
@@ -488,6 +505,16 @@ mod tests {
         let mut r = FrameReader::new(b);
         a.write_all(&[0xff; 64]).await.unwrap();
         assert!(matches!(r.read_batch::<DataRequest>().await, Err(CommError::Malformed(_))));
+    }
+
+    #[test]
+    fn wildcard_hosts() {
+        for a in ["tcp://0.0.0.0:8786", "tcp://[::]:1", "tcp://:::8786", "tcp://:9"] {
+            assert!(is_wildcard_address(a), "{a}");
+        }
+        for a in ["tcp://127.0.0.1:8786", "tcp://node1:1", "tcp://[::1]:2"] {
+            assert!(!is_wildcard_address(a), "{a}");
+        }
     }
 
     #[test]

@@ -14,8 +14,9 @@ use crate::{
     last_line, parse_bytes, sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus,
 };
 
-/// A batch system.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A batch system (stored in records by its lowercase name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum System {
     Slurm,
     Sge,
@@ -100,15 +101,6 @@ fn failure(out: &std::process::Output) -> String {
 }
 
 impl System {
-    /// `slurm` or `sge`.
-    pub fn from_name(name: &str) -> Option<System> {
-        match name {
-            "slurm" => Some(System::Slurm),
-            "sge" => Some(System::Sge),
-            _ => None,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             System::Slurm => "slurm",
@@ -541,10 +533,7 @@ impl Backend for BatchBackend {
 
 impl Deployer for BatchBackend {
     fn owned(&self) -> Vec<Owned> {
-        self.jobs
-            .iter()
-            .map(|j| Owned::Job { name: j.name.clone(), system: self.system.name().into(), id: j.id.clone() })
-            .collect()
+        self.jobs.iter().map(|j| Owned::Job { name: j.name.clone(), system: self.system, id: j.id.clone() }).collect()
     }
 }
 

@@ -17,12 +17,81 @@ pub use adaptive::{Backend, BackendError, WorkerRecord, WorkerStatus};
 /// Errors of this crate outside the [`Backend`] calls.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    #[error("unknown backend {0:?} (choose local or ssh)")]
+    #[error("unknown backend {0:?} (available: {list})", list = BackendKind::list())]
     UnknownBackend(String),
-    #[error("{0}")]
-    Check(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
+    #[error("the {0} backend is not available in this version (available: {list})", list = BackendKind::list())]
+    NotAvailable(String),
+}
+
+/// Where workers run: the backends `dask-ctl up --backend` offers. Stored
+/// in cluster records by its lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Processes on this machine.
+    #[default]
+    Local,
+    /// Processes started over ssh on a list of hosts.
+    Ssh,
+    /// One SLURM batch job per worker group.
+    Slurm,
+    /// One Grid Engine batch job per worker group.
+    Sge,
+}
+
+/// Backends users may ask for that this version does not have yet.
+const PLANNED: &[&str] = &["kubernetes", "marathon"];
+
+impl BackendKind {
+    /// Every backend, in the order help texts list them.
+    pub const ALL: [BackendKind; 4] = [BackendKind::Local, BackendKind::Ssh, BackendKind::Slurm, BackendKind::Sge];
+
+    /// The name users type (`--backend`, config file sections).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Local => "local",
+            BackendKind::Ssh => "ssh",
+            BackendKind::Slurm => "slurm",
+            BackendKind::Sge => "sge",
+        }
+    }
+
+    /// The batch system behind a batch backend.
+    pub fn batch_system(self) -> Option<batch::System> {
+        match self {
+            BackendKind::Slurm => Some(batch::System::Slurm),
+            BackendKind::Sge => Some(batch::System::Sge),
+            BackendKind::Local | BackendKind::Ssh => None,
+        }
+    }
+
+    /// Whether workers run on other machines, so that the scheduler must
+    /// listen on more than loopback.
+    pub fn remote_workers(self) -> bool {
+        self != BackendKind::Local
+    }
+
+    fn list() -> String {
+        BackendKind::ALL.map(BackendKind::name).join(", ")
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = DeployError;
+
+    fn from_str(s: &str) -> Result<Self, DeployError> {
+        match BackendKind::ALL.into_iter().find(|b| b.name() == s) {
+            Some(b) => Ok(b),
+            None if PLANNED.contains(&s) => Err(DeployError::NotAvailable(s.to_string())),
+            None => Err(DeployError::UnknownBackend(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How workers are made, whatever the backend. Every field is a flag of
@@ -186,8 +255,8 @@ pub enum Owned {
     /// A worker process on another host, found there by its unique `--name`;
     /// `ssh` is the command prefix (with the destination) that reaches it.
     Remote { name: String, host: String, ssh: Vec<String> },
-    /// A batch job (`system` is `slurm` or `sge`).
-    Job { name: String, system: String, id: String },
+    /// A batch job.
+    Job { name: String, system: batch::System, id: String },
 }
 
 /// A backend that also says what it owns.
@@ -206,10 +275,9 @@ pub fn cleanup(owned: &[Owned]) -> Vec<String> {
         }
     }
     for (system, ids) in job_groups(owned) {
-        if let Some(sys) = batch::System::from_name(&system) {
-            if let Err(e) = sys.cancel(&ids).and_then(|()| sys.wait_settled(&ids, std::time::Duration::from_secs(30))) {
-                errors.push(format!("{system} jobs {}: {e}", ids.join(", ")));
-            }
+        if let Err(e) = system.cancel(&ids).and_then(|()| system.wait_settled(&ids, std::time::Duration::from_secs(30)))
+        {
+            errors.push(format!("{} jobs {}: {e}", system.name(), ids.join(", ")));
         }
     }
     for (ssh, names) in remote_groups(owned) {
@@ -233,9 +301,9 @@ fn group<K: PartialEq>(pairs: impl Iterator<Item = (K, String)>) -> Vec<(K, Vec<
 }
 
 /// Batch job ids grouped by batch system.
-fn job_groups(owned: &[Owned]) -> Vec<(String, Vec<String>)> {
+fn job_groups(owned: &[Owned]) -> Vec<(batch::System, Vec<String>)> {
     group(owned.iter().filter_map(|o| match o {
-        Owned::Job { system, id, .. } => Some((system.clone(), id.clone())),
+        Owned::Job { system, id, .. } => Some((*system, id.clone())),
         _ => None,
     }))
 }
@@ -260,15 +328,15 @@ pub fn any_alive(owned: &[Owned]) -> Vec<String> {
         })
         .collect();
     for (system, ids) in job_groups(owned) {
-        match batch::System::from_name(&system).map(|s| s.poll(&ids)) {
-            Some(Ok(states)) => alive.extend(
+        let system_name = system.name();
+        match system.poll(&ids) {
+            Ok(states) => alive.extend(
                 states
                     .into_iter()
                     .filter(|(_, st)| !matches!(st, batch::JobState::Ended(_)))
-                    .map(|(id, st)| format!("{system} job {id} ({})", st.batch_state())),
+                    .map(|(id, st)| format!("{system_name} job {id} ({})", st.batch_state())),
             ),
-            Some(Err(e)) => alive.push(format!("{system} jobs {}: cannot check ({e})", ids.join(", "))),
-            None => {}
+            Err(e) => alive.push(format!("{system_name} jobs {}: cannot check ({e})", ids.join(", "))),
         }
     }
     for (ssh, names) in remote_groups(owned) {

@@ -165,8 +165,7 @@ impl SshBackend {
     /// the marker with the pid, then the worker in place of the shell.
     pub fn start_script(&self, name: &str) -> String {
         let mut lines: Vec<String> = self.options.prologue.clone();
-        let wildcard = ["tcp://0.0.0.0:", "tcp://[::]:", "tcp://:::"].iter().any(|p| self.scheduler.starts_with(p));
-        if self.options.contact_address.is_none() && wildcard {
+        if self.options.contact_address.is_none() && cluster::comm::is_wildcard_address(&self.scheduler) {
             let port = crate::port_of(&self.scheduler).unwrap_or(8786);
             lines.push("ip=${SSH_CONNECTION%% *}".into());
             lines.push(r#"case $ip in *:*) ip="[$ip]";; esac"#.into());

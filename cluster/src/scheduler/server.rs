@@ -119,7 +119,7 @@ pub async fn start(host: &str, port: u16, config: SchedulerConfig) -> Result<Sch
 }
 
 fn host_for_address(host: &str, local: &std::net::SocketAddr) -> String {
-    if host.is_empty() || host == "0.0.0.0" || host == "::" {
+    if comm::is_wildcard_host(host) {
         "127.0.0.1".to_string()
     } else {
         local.ip().to_string()
