@@ -15,8 +15,8 @@ use tokio::sync::oneshot;
 
 use crate::comm::{self, CommError, ConnectionPool, Outbox};
 use crate::protocol::{
-    Blob, ClusterInfo, CoordOp, CoordValue, DataReply, DataRequest, DatasetValue, Envelope, EventsUpdate, FromClient,
-    Key, RebalanceStats, Role, TaskSpec, ToClient,
+    Blob, ClusterInfo, CoordError, CoordOp, CoordValue, DataReply, DataRequest, DatasetValue, Envelope, EventsUpdate,
+    FromClient, Key, RebalanceStats, Role, TaskSpec, ToClient,
 };
 
 /// Errors of the client core.
@@ -79,8 +79,8 @@ pub enum Reply {
     Coord(CoordResult),
 }
 
-/// A coordination answer: the value and any payloads, or the error text.
-pub type CoordResult = Result<(CoordValue, Vec<(Bytes, Vec<Key>)>), String>;
+/// A coordination answer: the value and any payloads, or why not.
+pub type CoordResult = Result<(CoordValue, Vec<(Bytes, Vec<Key>)>), CoordError>;
 
 #[derive(Default)]
 struct Shared {

@@ -10,6 +10,8 @@ pub mod comm;
 pub mod protocol;
 pub mod scheduler;
 pub mod sim;
+#[cfg(test)]
+mod testing;
 pub mod worker;
 
 /// Seconds since the Unix epoch, as the protocol carries times.

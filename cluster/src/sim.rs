@@ -4,10 +4,11 @@
 //! finish every task the moment it arrives (no sockets), which isolates the
 //! scheduler's own cost per task. [`SimRunner`] is a [`Runner`] for real
 //! worker processes over TCP whose tasks take a configurable time and
-//! produce results of a configurable size.
+//! produce results of a configurable size, spilling them to disk under
+//! memory pressure with the same store as the Python worker's.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use crate::protocol::{
     Envelope, FromClient, FromWorker, Key, Registration, TaskFinished, TaskSpec, ToClient, ToWorker,
 };
 use crate::scheduler::{Outgoing, PeerId, SchedulerConfig, SchedulerState};
+use crate::worker::store::{read_frames, Held, Store};
 use crate::worker::{ExecOutcome, Runner};
 
 /// Graph shapes used by benchmarks and tests.
@@ -176,66 +178,87 @@ pub fn simulate_on(
 }
 
 /// A [`Runner`] for worker processes without Python: each task sleeps for
-/// `duration` and produces `result_size` bytes.
+/// `duration` and produces `result_size` bytes. Results spill to disk under
+/// memory pressure like a Python worker's.
 pub struct SimRunner {
     pub duration: Duration,
     pub result_size: u64,
-    store: Mutex<FxHashMap<Key, Bytes>>,
+    store: Store<Bytes>,
 }
 
 impl SimRunner {
     pub fn new(duration: Duration, result_size: u64) -> Self {
-        SimRunner { duration, result_size, store: Mutex::new(FxHashMap::default()) }
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("dask-rs-sim-spill-{}-{n}", std::process::id()));
+        SimRunner { duration, result_size, store: Store::new(dir) }
     }
 
-    /// Number of values held.
+    /// Number of values held (in memory and spilled).
     pub fn len(&self) -> usize {
-        self.store.lock().expect("store").len()
+        self.store.len()
     }
 
     /// Whether the store is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The values of `keys` (read back from disk when spilled); `None` for
+    /// keys not held or unreadable.
+    fn values(&self, keys: &[Key]) -> Vec<Option<Bytes>> {
+        self.store
+            .lookup(keys, Bytes::clone)
+            .into_iter()
+            .map(|held| match held? {
+                Held::Memory(v) => Some(v),
+                Held::Disk(path) => read_frames(&path).ok()?.into_iter().next(),
+            })
+            .collect()
+    }
 }
 
 impl Runner for SimRunner {
     fn execute(&self, key: &str, _run_spec: &Bytes, deps: &[Key], _thread: u32) -> ExecOutcome {
-        {
-            let s = self.store.lock().expect("store");
-            if let Some(d) = deps.iter().find(|d| !s.contains_key(*d)) {
-                return ExecOutcome::Err {
-                    exception: Bytes::new(),
-                    traceback: Bytes::new(),
-                    text: format!("dependency {d} missing on worker"),
-                };
-            }
+        if let Some((d, _)) = deps.iter().zip(self.values(deps)).find(|(_, v)| v.is_none()) {
+            return ExecOutcome::Err {
+                exception: Bytes::new(),
+                traceback: Bytes::new(),
+                text: format!("dependency {d} missing on worker"),
+            };
         }
         if !self.duration.is_zero() {
             std::thread::sleep(self.duration);
         }
-        let value = Bytes::from(vec![0u8; self.result_size as usize]);
-        self.store.lock().expect("store").insert(key.to_string(), value);
+        self.store.insert(key.to_string(), Bytes::from(vec![0u8; self.result_size as usize]));
         ExecOutcome::Ok { nbytes: self.result_size }
     }
 
     fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)> {
-        let s = self.store.lock().expect("store");
-        keys.iter().map(|k| (k.clone(), s.get(k).map(|v| vec![v.clone()]))).collect()
+        keys.iter().cloned().zip(self.values(keys).into_iter().map(|v| v.map(|v| vec![v]))).collect()
     }
 
     fn store(&self, key: &str, frames: Vec<Bytes>) -> Result<u64, String> {
         let v = frames.into_iter().next().unwrap_or_default();
         let n = v.len() as u64;
-        self.store.lock().expect("store").insert(key.to_string(), v);
+        self.store.insert(key.to_string(), v);
         Ok(n)
     }
 
     fn free(&self, keys: &[Key]) {
-        let mut s = self.store.lock().expect("store");
-        for k in keys {
-            s.remove(k);
-        }
+        self.store.free_older(keys, u64::MAX);
+    }
+
+    fn mark(&self) -> u64 {
+        self.store.mark()
+    }
+
+    fn free_older(&self, keys: &[Key], mark: u64) {
+        self.store.free_older(keys, mark);
+    }
+
+    fn spill(&self, keys: &[Key]) -> Vec<(Key, bool)> {
+        keys.iter().map(|k| (k.clone(), self.store.spill(k, Bytes::clone, |v| Ok(vec![v])))).collect()
     }
 }
 
@@ -252,5 +275,23 @@ mod tests {
             assert_eq!(r.tasks, n);
             assert_eq!(r.leftover_tasks, 0, "all tasks forgotten after release");
         }
+    }
+
+    #[test]
+    fn sim_runner_spills_and_serves_spilled_results() {
+        let r = SimRunner::new(Duration::ZERO, 100);
+        assert!(matches!(r.execute("a", &Bytes::new(), &[], 0), ExecOutcome::Ok { nbytes: 100 }));
+        r.store("b", vec![Bytes::from_static(b"peer copy")]).unwrap();
+        assert_eq!(
+            r.spill(&["a".into(), "b".into(), "nope".into()]),
+            [("a".into(), true), ("b".into(), true), ("nope".into(), false)]
+        );
+        // Spilled values are still served and still feed tasks.
+        let served = r.serialize(&["b".into(), "nope".into()]);
+        assert_eq!(served[0].1.as_deref(), Some(&[Bytes::from_static(b"peer copy")][..]));
+        assert!(served[1].1.is_none());
+        assert!(matches!(r.execute("c", &Bytes::new(), &["a".into(), "b".into()], 0), ExecOutcome::Ok { .. }));
+        r.free(&["a".into(), "b".into(), "c".into()]);
+        assert!(r.is_empty());
     }
 }

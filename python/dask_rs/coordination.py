@@ -40,7 +40,7 @@ class _Named:
         return self._client
 
     def _call(self, op, **kwargs):
-        return self.client._core.coordinate(op, self._prefix + self.name, **kwargs)
+        return getattr(self.client._core, op)(self._prefix + self.name, **kwargs)
 
     def __reduce__(self):
         return (type(self), (self.name,))

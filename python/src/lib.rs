@@ -23,12 +23,12 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use pyo3::{create_exception, ffi};
-use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, DatasetRequest, KeyStatus};
-use cluster::protocol::{Blob, ClusterInfo, EventsUpdate, Key, TaskSpec, WorkerInfo};
+use cluster::protocol::{Blob, ClusterInfo, CoordError, CoordOp, CoordValue, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
+use cluster::worker::store::{read_frames, Held, Store};
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
 
 create_exception!(_core, CommError, PyOSError, "A connection to a dask-rs peer failed or was refused.");
@@ -139,107 +139,15 @@ fn background_runtime(thread_name: &str) -> PyResult<BackgroundRuntime> {
 
 // ---- the worker ----------------------------------------------------------
 
-/// Where a stored result lives.
-enum Slot {
-    Memory(Py<PyAny>),
-    /// Spilled: its serialized frames are in this file.
-    Disk(std::path::PathBuf),
-}
-
-/// The stored results, each with the sequence number of its insertion, so a
-/// free issued before a result was (re)stored never removes it.
-#[derive(Default)]
-struct Store {
-    slots: FxHashMap<Key, (u64, Slot)>,
-}
-
-impl Store {
-    fn get(&self, key: &str) -> Option<&Slot> {
-        self.slots.get(key).map(|(_, s)| s)
-    }
-
-    fn get_mut(&mut self, key: &str) -> Option<&mut Slot> {
-        self.slots.get_mut(key).map(|(_, s)| s)
-    }
-
-    fn insert(&mut self, key: String, slot: Slot, seq: &std::sync::atomic::AtomicU64) {
-        let n = seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.slots.insert(key, (n, slot));
-    }
-
-    /// Remove `key` if it was stored before `mark`.
-    fn remove_older(&mut self, key: &str, mark: u64) -> Option<Slot> {
-        match self.slots.get(key) {
-            Some((n, _)) if *n < mark => self.slots.remove(key).map(|(_, s)| s),
-            _ => None,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.slots.len()
-    }
-}
-
-/// Write frames to `path`: a count, then each frame's length and bytes.
-fn write_frames(path: &std::path::Path, frames: &[Bytes]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    f.write_all(&(frames.len() as u64).to_le_bytes())?;
-    for fr in frames {
-        f.write_all(&(fr.len() as u64).to_le_bytes())?;
-        f.write_all(fr)?;
-    }
-    f.flush()
-}
-
-/// Read frames written by [`write_frames`].
-fn read_frames(path: &std::path::Path) -> std::io::Result<Vec<Bytes>> {
-    let data = Bytes::from(std::fs::read(path)?);
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("corrupt spill file {path:?}"));
-    let word = |at: usize| -> std::io::Result<usize> {
-        let b = data.get(at..at + 8).ok_or_else(bad)?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-    };
-    let n = word(0)?;
-    let mut at = 8;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = word(at)?;
-        at += 8;
-        if at + len > data.len() {
-            return Err(bad());
-        }
-        out.push(data.slice(at..at + len));
-        at += len;
-    }
-    Ok(out)
-}
-
 /// Runs tasks by calling into `dask_rs._worker`, keeping results as live
-/// Python objects, or spilled to files in `spill_dir` when the memory policy
-/// says so. Lock order: the GIL first, then `store`.
+/// Python objects, or spilled to files when the memory policy says so.
+/// Lock order: the GIL first, then `store`.
 struct PyRunner {
     execute: Py<PyAny>,
     run_function: Py<PyAny>,
     dumps: Py<PyAny>,
     loads: Py<PyAny>,
-    store: Mutex<Store>,
-    /// Insertion counter of `store` (see [`Store`]).
-    stored_seq: std::sync::atomic::AtomicU64,
-    spill_dir: std::path::PathBuf,
-    spill_seq: std::sync::atomic::AtomicU64,
-}
-
-impl Drop for PyRunner {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.spill_dir);
-    }
-}
-
-/// A stored value taken out of the store's lock: the object, or its spill file.
-enum Held {
-    Obj(Py<PyAny>),
-    File(std::path::PathBuf),
+    store: Store<Py<PyAny>>,
 }
 
 impl PyRunner {
@@ -251,8 +159,8 @@ impl PyRunner {
             .zip(self.lookup(py, keys))
             .map(|(k, g)| match g {
                 None => Err(PyRuntimeError::new_err(format!("dependency {k} is not on this worker"))),
-                Some(Held::Obj(o)) => Ok(o),
-                Some(Held::File(path)) => {
+                Some(Held::Memory(o)) => Ok(o),
+                Some(Held::Disk(path)) => {
                     let frames =
                         read_frames(&path).map_err(|e| PyOSError::new_err(format!("reading spilled {k}: {e}")))?;
                     let out = self.loads.bind(py).call1((frames_to_py(py, frames)?,))?;
@@ -263,15 +171,8 @@ impl PyRunner {
     }
 
     /// Where each of `keys` is, under one store lock (`None`: not held).
-    fn lookup(&self, py: Python<'_>, keys: &[Key]) -> Vec<Option<Held>> {
-        let store = self.store.lock().expect("store");
-        keys.iter()
-            .map(|k| match store.get(k) {
-                Some(Slot::Memory(o)) => Some(Held::Obj(o.clone_ref(py))),
-                Some(Slot::Disk(p)) => Some(Held::File(p.clone())),
-                None => None,
-            })
-            .collect()
+    fn lookup(&self, py: Python<'_>, keys: &[Key]) -> Vec<Option<Held<Py<PyAny>>>> {
+        self.store.lookup(keys, |o| o.clone_ref(py))
     }
 
     fn dumps_frames(&self, py: Python<'_>, o: Py<PyAny>) -> PyResult<Vec<Bytes>> {
@@ -291,7 +192,7 @@ impl Runner for PyRunner {
                 if t.get_item(0)?.is_truthy()? {
                     let value = t.get_item(1)?.unbind();
                     let nbytes: u64 = t.get_item(2)?.extract()?;
-                    self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value), &self.stored_seq);
+                    self.store.insert(key.to_string(), value);
                     Ok(ExecOutcome::Ok { nbytes })
                 } else {
                     Ok(ExecOutcome::Err {
@@ -317,10 +218,10 @@ impl Runner for PyRunner {
                     let frames = match g {
                         None => None,
                         // Spilled data goes out as it lies on disk, never unpickled.
-                        Some(Held::File(p)) => {
+                        Some(Held::Disk(p)) => {
                             read_frames(&p).map_err(|e| tracing::warn!("cannot read spilled {k}: {e}")).ok()
                         }
-                        Some(Held::Obj(o)) => {
+                        Some(Held::Memory(o)) => {
                             self.dumps_frames(py, o).map_err(|e| tracing::warn!("cannot serialize {k}: {e}")).ok()
                         }
                     };
@@ -338,7 +239,7 @@ impl Runner for PyRunner {
                 let t = out.cast::<PyTuple>()?;
                 let value = t.get_item(0)?.unbind();
                 let nbytes: u64 = t.get_item(1)?.extract()?;
-                self.store.lock().expect("store").insert(key.to_string(), Slot::Memory(value), &self.stored_seq);
+                self.store.insert(key.to_string(), value);
                 Ok(nbytes)
             })();
             r.map_err(|e| e.to_string())
@@ -350,27 +251,20 @@ impl Runner for PyRunner {
     }
 
     fn mark(&self) -> u64 {
-        self.stored_seq.load(std::sync::atomic::Ordering::SeqCst)
+        self.store.mark()
     }
 
     fn free_older(&self, keys: &[Key], mark: u64) {
-        Python::attach(|_py| {
-            let mut store = self.store.lock().expect("store");
-            for k in keys {
-                if let Some(Slot::Disk(p)) = store.remove_older(k, mark) {
-                    let _ = std::fs::remove_file(p);
-                }
-            }
-        })
+        // Dropping Python objects needs the GIL; take it before the store's lock.
+        Python::attach(|_py| self.store.free_older(keys, mark))
     }
 
     fn spill(&self, keys: &[Key]) -> Vec<(Key, bool)> {
         Python::attach(|py| {
             keys.iter()
                 .map(|k| {
-                    let obj = match self.store.lock().expect("store").get(k) {
-                        Some(Slot::Memory(o)) => o.clone_ref(py),
-                        _ => return (k.clone(), false),
+                    let Some(obj) = self.store.in_memory(k, |o| o.clone_ref(py)) else {
+                        return (k.clone(), false);
                     };
                     let frames = match self.dumps_frames(py, obj) {
                         Ok(f) => f,
@@ -379,27 +273,10 @@ impl Runner for PyRunner {
                             return (k.clone(), false);
                         }
                     };
-                    let n = self.spill_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let path = self.spill_dir.join(format!("{n}.spill"));
-                    let written = std::fs::create_dir_all(&self.spill_dir)
-                        .and_then(|_| py.detach(|| write_frames(&path, &frames)));
+                    // Other threads run Python while this one writes.
+                    let path = py.detach(|| self.store.write_spill(k, &frames));
                     drop(frames);
-                    if let Err(e) = written {
-                        tracing::warn!("cannot spill {k} to {path:?}: {e}");
-                        let _ = std::fs::remove_file(&path);
-                        return (k.clone(), false);
-                    }
-                    let mut store = self.store.lock().expect("store");
-                    match store.get_mut(k) {
-                        Some(slot @ Slot::Memory(_)) => {
-                            *slot = Slot::Disk(path);
-                            (k.clone(), true)
-                        }
-                        _ => {
-                            let _ = std::fs::remove_file(&path);
-                            (k.clone(), false)
-                        }
-                    }
+                    (k.clone(), path.is_some_and(|p| self.store.commit_spill(k, p)))
                 })
                 .collect()
         })
@@ -488,7 +365,7 @@ impl WorkerHandle {
 
     /// Number of values held.
     fn nkeys(&self) -> usize {
-        self.runner.store.lock().expect("store").len()
+        self.runner.store.len()
     }
 }
 
@@ -541,23 +418,14 @@ fn start_worker(
     config.death_timeout = Duration::from_secs_f64(death_timeout.max(0.0));
     config.resources = resources;
     let spill_dir = local_directory.join(format!("dask-rs-spill-{}-{}", std::process::id(), sanitize(&name)));
-    let runner = Arc::new(PyRunner {
-        execute,
-        run_function,
-        dumps,
-        loads,
-        store: Mutex::new(Store::default()),
-        stored_seq: std::sync::atomic::AtomicU64::new(0),
-        spill_dir,
-        spill_seq: std::sync::atomic::AtomicU64::new(0),
-    });
+    let runner = Arc::new(PyRunner { execute, run_function, dumps, loads, store: Store::new(spill_dir) });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (fin_tx, fin_rx) = watch::channel(false);
     let done = Arc::new(Mutex::new(None));
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let done2 = done.clone();
     let r2 = runner.clone();
-    let spill_dir = runner.spill_dir.clone();
+    let spill_dir = runner.store.dir().to_path_buf();
     rt.spawn(async move {
         let res = cluster::worker::run_worker(config, r2, stop_rx, Some(started_tx)).await;
         // Spilled results die with the worker: do not leave them on disk.
@@ -651,6 +519,38 @@ fn start_scheduler(
 #[pyclass(module = "dask_rs._core")]
 pub struct ClientCore {
     core: Core,
+}
+
+/// A placeholder for a value that travels as the request's payload.
+fn empty_blob() -> Blob {
+    Blob::Inline(Bytes::new())
+}
+
+impl ClientCore {
+    /// Send a coordination operation (with `value` serialized as its
+    /// payload) and turn the answer into Python.
+    fn coord<'py>(
+        &self,
+        py: Python<'py>,
+        op: CoordOp,
+        value: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let payload = value.map(|v| to_bytes(&v)).transpose()?;
+        match py.detach(|| self.core.coordinate(op, payload)).map_err(client_err)? {
+            Ok((CoordValue::Unit, _)) => Ok(py.None().into_bound(py)),
+            Ok((CoordValue::Bool(b), _)) => Ok(pyo3::types::PyBool::new(py, b).to_owned().into_any()),
+            Ok((CoordValue::Int(n), _)) => Ok(n.into_pyobject(py)?.into_any()),
+            Ok((CoordValue::Values(_), values)) => {
+                let items = PyList::empty(py);
+                for (data, keys) in values {
+                    items.append((Bound::new(py, Frame::new(data))?, keys))?;
+                }
+                Ok(items.into_any())
+            }
+            Err(CoordError::TimedOut(msg)) => Err(PyTimeoutError::new_err(msg)),
+            Err(CoordError::Refused(msg)) => Err(PyRuntimeError::new_err(msg)),
+        }
+    }
 }
 
 fn status_to_py<'py>(py: Python<'py>, st: Option<KeyStatus>) -> PyResult<Bound<'py, PyAny>> {
@@ -949,59 +849,93 @@ impl ClientCore {
         }
     }
 
-    /// An operation on a coordination primitive (see `CoordOp`): `op` is
-    /// one of variable_set/get/delete, queue_put/get/size, sem_acquire/
-    /// release/value, event_set/clear/wait/is_set. Returns None, a bool, an
-    /// int, or a list of `(frame, keys)` values; raises TimeoutError when a
-    /// wait timed out and RuntimeError with the scheduler's words otherwise.
-    #[pyo3(signature = (op, name, value=None, keys=Vec::new(), timeout=None, max_leases=1, lease=String::new(), batch=None, maxsize=0))]
-    #[allow(clippy::too_many_arguments)]
-    fn coordinate<'py>(
+    // Coordination primitives (see `CoordOp`): each returns None, a bool,
+    // an int, or a list of `(frame, keys)` values; raises TimeoutError when
+    // a wait timed out and RuntimeError with the scheduler's words when the
+    // operation is refused.
+
+    fn variable_set<'py>(
         &self,
         py: Python<'py>,
-        op: &str,
         name: String,
-        value: Option<Bound<'py, PyAny>>,
+        value: Bound<'py, PyAny>,
         keys: Vec<String>,
-        timeout: Option<f64>,
-        max_leases: u32,
-        lease: String,
-        batch: Option<u64>,
-        maxsize: u64,
     ) -> PyResult<Bound<'py, PyAny>> {
-        use cluster::protocol::{CoordOp, CoordValue};
-        let payload = value.map(|v| to_bytes(&v)).transpose()?;
-        let empty = || Blob::Inline(Bytes::new());
-        let op = match op {
-            "variable_set" => CoordOp::VariableSet { name, value: empty(), keys },
-            "variable_get" => CoordOp::VariableGet { name, timeout },
-            "variable_delete" => CoordOp::VariableDelete { name },
-            "queue_put" => CoordOp::QueuePut { name, value: empty(), keys, maxsize, timeout },
-            "queue_get" => CoordOp::QueueGet { name, batch, timeout },
-            "queue_size" => CoordOp::QueueSize { name },
-            "sem_acquire" => CoordOp::SemAcquire { name, max_leases, lease, timeout },
-            "sem_release" => CoordOp::SemRelease { name, lease },
-            "sem_value" => CoordOp::SemValue { name },
-            "event_set" => CoordOp::EventSet { name },
-            "event_clear" => CoordOp::EventClear { name },
-            "event_wait" => CoordOp::EventWait { name, timeout },
-            "event_is_set" => CoordOp::EventIsSet { name },
-            other => return Err(PyValueError::new_err(format!("unknown coordination operation {other:?}"))),
-        };
-        match py.detach(|| self.core.coordinate(op, payload)).map_err(client_err)? {
-            Ok((CoordValue::Unit, _)) => Ok(py.None().into_bound(py)),
-            Ok((CoordValue::Bool(b), _)) => Ok(pyo3::types::PyBool::new(py, b).to_owned().into_any()),
-            Ok((CoordValue::Int(n), _)) => Ok(n.into_pyobject(py)?.into_any()),
-            Ok((CoordValue::Values(_), values)) => {
-                let items = PyList::empty(py);
-                for (data, keys) in values {
-                    items.append((Bound::new(py, Frame::new(data))?, keys))?;
-                }
-                Ok(items.into_any())
-            }
-            Err(msg) if msg.starts_with("timed out") => Err(PyTimeoutError::new_err(msg)),
-            Err(msg) => Err(PyRuntimeError::new_err(msg)),
-        }
+        self.coord(py, CoordOp::VariableSet { name, value: empty_blob(), keys }, Some(value))
+    }
+
+    #[pyo3(signature = (name, timeout=None))]
+    fn variable_get<'py>(&self, py: Python<'py>, name: String, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::VariableGet { name, timeout }, None)
+    }
+
+    fn variable_delete<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::VariableDelete { name }, None)
+    }
+
+    #[pyo3(signature = (name, value, keys, maxsize=0, timeout=None))]
+    fn queue_put<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        value: Bound<'py, PyAny>,
+        keys: Vec<String>,
+        maxsize: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::QueuePut { name, value: empty_blob(), keys, maxsize, timeout }, Some(value))
+    }
+
+    #[pyo3(signature = (name, batch=None, timeout=None))]
+    fn queue_get<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        batch: Option<u64>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::QueueGet { name, batch, timeout }, None)
+    }
+
+    fn queue_size<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::QueueSize { name }, None)
+    }
+
+    #[pyo3(signature = (name, lease, max_leases=1, timeout=None))]
+    fn sem_acquire<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        lease: String,
+        max_leases: u32,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::SemAcquire { name, max_leases, lease, timeout }, None)
+    }
+
+    fn sem_release<'py>(&self, py: Python<'py>, name: String, lease: String) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::SemRelease { name, lease }, None)
+    }
+
+    fn sem_value<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::SemValue { name }, None)
+    }
+
+    fn event_set<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::EventSet { name }, None)
+    }
+
+    fn event_clear<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::EventClear { name }, None)
+    }
+
+    #[pyo3(signature = (name, timeout=None))]
+    fn event_wait<'py>(&self, py: Python<'py>, name: String, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::EventWait { name, timeout }, None)
+    }
+
+    fn event_is_set<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.coord(py, CoordOp::EventIsSet { name }, None)
     }
 
     fn subscribe(&self, interval: f64) -> PyResult<()> {

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Blob, CoordOp, CoordValue, DepInfo, EventsUpdate, Key, Priority, Registration, Resources, Role, TaskSpec,
-    WorkerInfo,
+    Blob, CoordError, CoordOp, CoordValue, DepInfo, EventsUpdate, Key, Priority, Registration, Resources, Role,
+    TaskSpec, WorkerInfo,
 };
 
 /// The first message on every connection, in both directions.
@@ -328,7 +328,7 @@ pub enum ToClient {
     /// Answer to `Coord`.
     CoordReply {
         id: u64,
-        result: Result<CoordValue, String>,
+        result: Result<CoordValue, CoordError>,
     },
     /// The client sent something the scheduler refuses; the connection closes.
     Error {

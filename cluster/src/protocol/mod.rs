@@ -407,6 +407,18 @@ pub enum CoordOp {
     },
 }
 
+/// Why a [`CoordOp`] was not carried out.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CoordError {
+    /// A wait (`get`, `put` on a full queue, `acquire`) ran out of time.
+    #[error("{0}")]
+    TimedOut(String),
+    /// The operation is not allowed (releasing a lease not held, a
+    /// semaphore with another size).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Answer to a [`CoordOp`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum CoordValue {

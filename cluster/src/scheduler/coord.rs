@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
 use super::state::PeerId;
-use crate::protocol::{Blob, CoordOp, CoordValue, Envelope, Key, ToClient};
+use crate::protocol::{Blob, CoordError, CoordOp, CoordValue, Envelope, Key, ToClient};
 
 /// What the scheduler must do after a coordination call.
 #[derive(Debug)]
@@ -93,7 +93,7 @@ impl Coordination {
         std::mem::take(&mut self.out)
     }
 
-    fn reply(&mut self, w: Waiter, result: Result<CoordValue, String>) {
+    fn reply(&mut self, w: Waiter, result: Result<CoordValue, CoordError>) {
         self.out.push(CoordOutput::Reply(w.peer, Envelope::new(ToClient::CoordReply { id: w.id, result })));
     }
 
@@ -134,7 +134,10 @@ impl Coordination {
                 None => {
                     w.deadline = deadline(now, timeout);
                     if w.expired(now) {
-                        self.reply(w, Err(format!("timed out waiting for Variable {name:?} to be set")));
+                        self.reply(
+                            w,
+                            Err(CoordError::TimedOut(format!("timed out waiting for Variable {name:?} to be set"))),
+                        );
                     } else {
                         self.variable_waiters.entry(name).or_default().push(w);
                     }
@@ -157,7 +160,10 @@ impl Coordination {
                     w.deadline = deadline(now, timeout);
                     if w.expired(now) {
                         self.out.push(CoordOutput::Unhold(item.keys));
-                        self.reply(w, Err(format!("timed out waiting for room in Queue {name:?}")));
+                        self.reply(
+                            w,
+                            Err(CoordError::TimedOut(format!("timed out waiting for room in Queue {name:?}"))),
+                        );
                     } else {
                         q.putters.push_back((w, item));
                     }
@@ -192,8 +198,12 @@ impl Coordination {
                 });
                 if sem.max_leases != max_leases.max(1) {
                     let have = sem.max_leases;
-                    return self
-                        .reply(w, Err(format!("Semaphore {name:?} exists with max_leases={have}, not {max_leases}")));
+                    return self.reply(
+                        w,
+                        Err(CoordError::Refused(format!(
+                            "Semaphore {name:?} exists with max_leases={have}, not {max_leases}"
+                        ))),
+                    );
                 }
                 if sem.waiters.is_empty() && (sem.leases.len() as u32) < sem.max_leases {
                     sem.leases.push((peer, lease));
@@ -216,7 +226,10 @@ impl Coordination {
                         self.reply(w, Ok(CoordValue::Unit));
                         self.serve_semaphore(&name);
                     }
-                    None => self.reply(w, Err(format!("{name:?} released too often: this lease is not held"))),
+                    None => self.reply(
+                        w,
+                        Err(CoordError::Refused(format!("{name:?} released too often: this lease is not held"))),
+                    ),
                 }
             }
             CoordOp::SemValue { name } => {
@@ -288,11 +301,11 @@ impl Coordination {
         let (gone_put, kept_put): (Vec<_>, Vec<_>) = q.putters.drain(..).partition(|(w, _)| w.expired(now));
         q.putters = kept_put.into();
         for (w, _) in gone {
-            self.reply(w, Err(format!("timed out waiting for an item of Queue {name:?}")));
+            self.reply(w, Err(CoordError::TimedOut(format!("timed out waiting for an item of Queue {name:?}"))));
         }
         for (w, item) in gone_put {
             self.out.push(CoordOutput::Unhold(item.keys));
-            self.reply(w, Err(format!("timed out waiting for room in Queue {name:?}")));
+            self.reply(w, Err(CoordError::TimedOut(format!("timed out waiting for room in Queue {name:?}"))));
         }
     }
 
@@ -321,7 +334,7 @@ impl Coordination {
                 self.variable_waiters.remove(&name);
             }
             for w in gone {
-                self.reply(w, Err(format!("timed out waiting for Variable {name:?} to be set")));
+                self.reply(w, Err(CoordError::TimedOut(format!("timed out waiting for Variable {name:?} to be set"))));
             }
         }
         let names: Vec<String> = self.queues.keys().cloned().collect();
@@ -403,7 +416,7 @@ mod tests {
             .filter_map(|o| match o {
                 CoordOutput::Reply(p, Envelope { msg: ToClient::CoordReply { id, result }, .. }) => match result {
                     Ok(value) => Some((p, id, String::new(), value)),
-                    Err(error) => Some((p, id, error, CoordValue::Unit)),
+                    Err(error) => Some((p, id, error.to_string(), CoordValue::Unit)),
                 },
                 _ => None,
             })

@@ -11,6 +11,7 @@ use crate::protocol::{
     Blob, DatasetValue, Key, RebalanceStats, Registration, Resources, TaskErred, TaskFinished, TaskSpec, ToClient,
     ToWorker,
 };
+use crate::testing::checked_events;
 
 const C1: PeerId = 1;
 const C2: PeerId = 2;
@@ -42,59 +43,36 @@ impl Deref for Checked {
     }
 }
 
-macro_rules! checked_events {
-    ($(fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?;)*) => {
-        #[allow(clippy::too_many_arguments)]
-        impl Checked {
-            $(
-                pub(super) fn $name(&mut self, $($arg: $ty),*) $(-> $ret)? {
-                    if std::env::var_os("DASK_RS_TRACE").is_some() {
-                        eprintln!("{}{:?}", stringify!($name), ($(&$arg,)*));
-                    }
-                    let r = self.0.$name($($arg),*);
-                    if let Ok(keys) = std::env::var("DASK_RS_TRACE_KEYS") {
-                        for k in keys.split(',') {
-                            eprint!("    {}", self.describe(k));
-                        }
-                    }
-                    if let Err(e) = self.0.validate() {
-                        panic!("invariant broken after {}: {e}", stringify!($name));
-                    }
-                    r
-                }
-            )*
-        }
-    };
-}
-
 checked_events! {
-    fn add_client(peer: PeerId);
-    fn remove_client(peer: PeerId);
-    fn add_worker(peer: PeerId, reg: Registration) -> Result<(), String>;
-    fn remove_worker(peer: PeerId);
-    fn update_graph(client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>);
-    fn want_keys(client: PeerId, keys: Vec<Key>);
-    fn scatter_done(client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>);
-    fn task_finished(worker: PeerId, report: &TaskFinished);
-    fn task_seceded(worker: PeerId, key: &str);
-    fn task_erred(worker: PeerId, report: TaskErred, frames: &[Bytes]);
-    fn missing_data(worker: PeerId, key: &str, holders: &[String]);
-    fn add_keys(worker: PeerId, keys: &[(Key, u64)]);
-    fn release_keys(client: PeerId, keys: &[Key]);
-    fn cancel_keys(client: PeerId, keys: Vec<Key>);
-    fn retry_keys(keys: &[Key]);
-    fn fire_and_forget(keys: &[Key]);
-    fn restart();
-    fn publish_dataset(client: PeerId, id: u64, name: String, keys: Vec<Key>, data: Bytes, overwrite: bool);
-    fn unpublish_dataset(client: PeerId, id: u64, name: &str);
-    fn get_dataset(client: PeerId, id: u64, name: &str);
-    fn list_datasets(client: PeerId, id: u64);
-    fn replicate(keys: &[Key], n: usize);
-    fn rebalance(requester: PeerId, id: u64, keys: Vec<Key>, workers: Vec<String>);
-    fn retire_workers(requester: PeerId, id: u64, names: Vec<String>);
-    fn balance();
-    fn steal_response(victim: PeerId, key: &str, stolen: bool);
-    fn who_has_reply(client: PeerId, id: u64, keys: Vec<Key>);
+    Checked {
+        fn add_client(peer: PeerId);
+        fn remove_client(peer: PeerId);
+        fn add_worker(peer: PeerId, reg: Registration) -> Result<(), String>;
+        fn remove_worker(peer: PeerId);
+        fn update_graph(client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>);
+        fn want_keys(client: PeerId, keys: Vec<Key>);
+        fn scatter_done(client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>);
+        fn task_finished(worker: PeerId, report: &TaskFinished);
+        fn task_seceded(worker: PeerId, key: &str);
+        fn task_erred(worker: PeerId, report: TaskErred, frames: &[Bytes]);
+        fn missing_data(worker: PeerId, key: &str, holders: &[String]);
+        fn add_keys(worker: PeerId, keys: &[(Key, u64)]);
+        fn release_keys(client: PeerId, keys: &[Key]);
+        fn cancel_keys(client: PeerId, keys: Vec<Key>);
+        fn retry_keys(keys: &[Key]);
+        fn fire_and_forget(keys: &[Key]);
+        fn restart();
+        fn publish_dataset(client: PeerId, id: u64, name: String, keys: Vec<Key>, data: Bytes, overwrite: bool);
+        fn unpublish_dataset(client: PeerId, id: u64, name: &str);
+        fn get_dataset(client: PeerId, id: u64, name: &str);
+        fn list_datasets(client: PeerId, id: u64);
+        fn replicate(keys: &[Key], n: usize);
+        fn rebalance(requester: PeerId, id: u64, keys: Vec<Key>, workers: Vec<String>);
+        fn retire_workers(requester: PeerId, id: u64, names: Vec<String>);
+        fn balance();
+        fn steal_response(victim: PeerId, key: &str, stolen: bool);
+        fn who_has_reply(client: PeerId, id: u64, keys: Vec<Key>);
+    }
 }
 
 impl Checked {
@@ -131,6 +109,19 @@ impl Checked {
             stack.extend(t.deps.iter().map(|&d| (d, depth + 1)));
         }
         out
+    }
+
+    /// After every event: trace the keys in `DASK_RS_TRACE_KEYS`, then check
+    /// the invariants.
+    fn after(&self, event: &str) {
+        if let Ok(keys) = std::env::var("DASK_RS_TRACE_KEYS") {
+            for k in keys.split(',') {
+                eprint!("    {}", self.describe(k));
+            }
+        }
+        if let Err(e) = self.0.validate() {
+            panic!("invariant broken after {event}: {e}");
+        }
     }
 
     /// The state itself, to set up internals a test needs (learned durations).

@@ -7,7 +7,8 @@
 //! - `runtime`: the scheduler connection and the event loop;
 //! - `executors`: the threads that run tasks, `secede` and `rejoin`;
 //! - `data_server`: the data port peers and clients fetch from;
-//! - `runner`: the [`Runner`] trait and its store helper thread.
+//! - `runner`: the [`Runner`] trait and its store helper thread;
+//! - `store`: results in memory or spilled to disk, for every runner.
 
 mod data_server;
 mod executors;
@@ -15,6 +16,9 @@ pub mod memory;
 mod runner;
 pub mod runtime;
 pub mod state;
+pub mod store;
+#[cfg(test)]
+mod tests;
 
 pub use executors::{rejoin, secede};
 pub use memory::MemoryConfig;

@@ -151,7 +151,13 @@ impl WorkerState {
         self.mem.paused()
     }
 
-    fn stored(&mut self, key: &Key, nbytes: u64) {
+    /// Hold `key`'s result of `nbytes` bytes, just stored (a copy held
+    /// before is replaced, its size no longer counted).
+    fn hold(&mut self, key: &Key, nbytes: u64) {
+        if let Some(old) = self.data.insert(key.clone(), nbytes) {
+            self.managed -= old;
+        }
+        self.managed += nbytes;
         self.mem.add(key, nbytes);
         let keys = self.mem.spill_for_target();
         if !keys.is_empty() {
@@ -255,8 +261,10 @@ impl WorkerState {
             if self.data.contains_key(&d.key) {
                 continue;
             }
-            missing += 1;
-            self.dep_waiters.entry(d.key.clone()).or_default().insert(key.clone());
+            // A dependency listed twice is awaited once.
+            if self.dep_waiters.entry(d.key.clone()).or_default().insert(key.clone()) {
+                missing += 1;
+            }
             self.plan_fetch(&d.key, &d.who_has, &mut by_worker);
         }
         let task = WTask {
@@ -398,10 +406,7 @@ impl WorkerState {
         let mut added = Vec::with_capacity(stored.len());
         for (key, nbytes) in stored {
             self.fetching.remove(&key);
-            if self.data.insert(key.clone(), nbytes).is_none() {
-                self.managed += nbytes;
-                self.stored(&key, nbytes);
-            }
+            self.hold(&key, nbytes);
             added.push((key.clone(), nbytes));
             if let Some(waiters) = self.dep_waiters.remove(&key) {
                 for w in waiters {
@@ -471,10 +476,7 @@ impl WorkerState {
             }
             (WState::Cancelled, ExecOutcome::Err { .. }) => {}
             (_, ExecOutcome::Ok { nbytes }) => {
-                if self.data.insert(key.clone(), nbytes).is_none() {
-                    self.managed += nbytes;
-                    self.stored(&key, nbytes);
-                }
+                self.hold(&key, nbytes);
                 self.send(FromWorker::TaskFinished(TaskFinished {
                     key,
                     nbytes,
@@ -593,208 +595,68 @@ impl WorkerState {
     /// A client put data here directly.
     pub fn data_put(&mut self, items: Vec<(Key, u64)>) {
         for (key, nbytes) in items {
-            if let Some(old) = self.data.insert(key.clone(), nbytes) {
-                self.managed = self.managed.saturating_sub(old);
-            }
-            self.managed += nbytes;
-            self.stored(&key, nbytes);
+            self.hold(&key, nbytes);
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn dep(k: &str, on: &str) -> DepInfo {
-        DepInfo { key: k.into(), nbytes: 8, who_has: vec![on.into()] }
-    }
-
-    #[test]
-    fn tasks_needing_resources_wait_until_theirs_are_free() {
-        let mut w = WorkerState::new(4).with_resources(vec![("GPU".into(), 1.0)]);
-        let gpu = vec![("GPU".to_string(), 1.0)];
-        for (k, order, res) in [("g1", 0, gpu.clone()), ("g2", 1, gpu.clone()), ("cpu", 2, vec![])] {
-            let p = Priority { user: 0, generation: 0, order };
-            w.compute_task(k.to_string(), Bytes::new(), vec![], p, res, 0.0);
+impl WorkerState {
+    /// Check the bookkeeping's invariants; `Err` names the first one broken.
+    /// Tests call it after every event.
+    pub fn validate(&self) -> Result<(), String> {
+        let held: u64 = self.data.values().sum();
+        if held != self.managed {
+            return Err(format!("managed is {} but the results held add up to {held}", self.managed));
         }
-        let executed = |w: &mut WorkerState| -> Vec<String> {
-            w.take_instructions()
-                .into_iter()
-                .filter_map(|i| match i {
-                    Instruction::Execute { key, .. } => Some(key),
-                    _ => None,
-                })
-                .collect()
-        };
-        // One GPU: the second GPU task waits although threads are free; the
-        // CPU task behind it in priority does not wait for it.
-        assert_eq!(executed(&mut w), ["g1", "cpu"]);
-        assert!(w.busy());
-        w.execute_done("cpu".into(), ExecOutcome::Ok { nbytes: 1 }, 0.0, 1.0, 0);
-        assert!(executed(&mut w).is_empty());
-        w.execute_done("g1".into(), ExecOutcome::Ok { nbytes: 1 }, 0.0, 1.0, 0);
-        assert_eq!(executed(&mut w), ["g2"]);
-        // A released waiting task does not block the queue, and a reset
-        // gives every resource back.
-        let p = Priority { user: 0, generation: 0, order: 9 };
-        w.compute_task("g3".into(), Bytes::new(), vec![], p, gpu.clone(), 0.0);
-        w.free_keys(vec!["g3".into()]);
-        w.reset();
-        w.compute_task("g4".into(), Bytes::new(), vec![], p, gpu, 0.0);
-        assert_eq!(executed(&mut w), ["g4"]);
-    }
-
-    #[test]
-    fn a_paused_worker_fetches_nothing_until_it_resumes() {
-        let mut w = WorkerState::with_memory(1, MemoryConfig::new(1000));
-        assert_eq!(w.memory_tick(900, 0.0), None);
-        assert!(w.paused());
-        w.take_instructions();
-        w.compute_task("t".into(), Bytes::new(), vec![dep("x", "tcp://a:1")], Priority::default(), vec![], 0.0);
-        w.acquire_replicas(vec![dep("y", "tcp://b:1")]);
-        assert!(!w.take_instructions().iter().any(|i| matches!(i, Instruction::Fetch { .. })));
-        assert_eq!(w.memory_tick(100, 1.0), None);
-        assert!(!w.paused());
-        let fetches: Vec<Instruction> =
-            w.take_instructions().into_iter().filter(|i| matches!(i, Instruction::Fetch { .. })).collect();
-        assert_eq!(
-            fetches,
-            [
-                Instruction::Fetch { worker: "tcp://a:1".into(), keys: vec!["x".into()] },
-                Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["y".into()] },
-            ]
-        );
-    }
-
-    #[test]
-    fn hands_two_tasks_per_thread_to_the_executor_in_priority_order() {
-        let mut w = WorkerState::new(1);
-        for (i, k) in ["c", "a", "b", "d"].iter().enumerate() {
-            let p = Priority { user: 0, generation: 0, order: [3, 1, 2, 0][i] };
-            w.compute_task(k.to_string(), Bytes::new(), vec![], p, vec![], 0.0);
+        let running = self
+            .tasks
+            .values()
+            .filter(|t| matches!(t.state, WState::Executing | WState::Cancelled) && !t.seceded)
+            .count();
+        if running != self.executing {
+            return Err(format!("executing is {} but {running} tasks hold a thread", self.executing));
         }
-        // One running and one queued behind it; the rest wait in priority order.
-        let ins = w.take_instructions();
-        let keys: Vec<&str> = ins
-            .iter()
-            .map(|i| match i {
-                Instruction::Execute { key, .. } => key.as_str(),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        assert_eq!(keys, ["c", "a"]);
-        assert_eq!(w.executing(), 1, "reported as running: at most one per thread");
-        assert!(w.busy());
-        w.execute_done("c".into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
-        let ins = w.take_instructions();
-        assert!(matches!(&ins[0], Instruction::Send(_)));
-        assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "d"), "{ins:?}");
-        for k in ["a", "d", "b"] {
-            w.execute_done(k.into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
+        for (key, t) in &self.tasks {
+            let mut deps: Vec<&Key> = t.deps.iter().collect();
+            deps.sort();
+            deps.dedup();
+            let waited: Vec<&Key> =
+                deps.iter().copied().filter(|d| self.dep_waiters.get(*d).is_some_and(|w| w.contains(key))).collect();
+            match t.state {
+                WState::Waiting => {
+                    if t.missing as usize != waited.len() || t.missing == 0 {
+                        return Err(format!("{key} waits for {} dependencies, registered for {waited:?}", t.missing));
+                    }
+                    if let Some(d) = deps.iter().find(|d| !self.data.contains_key(**d) && !waited.contains(d)) {
+                        return Err(format!("{key} is missing {d} but does not wait for it"));
+                    }
+                }
+                _ if !waited.is_empty() => {
+                    return Err(format!("{key} is {:?} but still waits for {waited:?}", t.state))
+                }
+                _ => {}
+            }
         }
-        assert!(!w.busy());
-    }
-
-    #[test]
-    fn fetches_missing_deps_batched_per_peer_then_runs() {
-        let mut w = WorkerState::new(2);
-        let deps = vec![dep("x", "tcp://a:1"), dep("y", "tcp://a:1"), dep("z", "tcp://b:1")];
-        w.compute_task("t".into(), Bytes::new(), deps, Priority::default(), vec![], 0.0);
-        let ins = w.take_instructions();
-        assert_eq!(
-            ins,
-            vec![
-                Instruction::Fetch { worker: "tcp://a:1".into(), keys: vec!["x".into(), "y".into()] },
-                Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["z".into()] },
-            ]
-        );
-        w.fetch_done(vec![("x".into(), 8), ("y".into(), 8)], 0.5);
-        assert!(!w.take_instructions().iter().any(|i| matches!(i, Instruction::Execute { .. })));
-        w.fetch_done(vec![("z".into(), 8)], 1.0);
-        let ins = w.take_instructions();
-        assert!(ins
-            .iter()
-            .any(|i| matches!(i, Instruction::Execute { key, deps, .. } if key == "t" && deps.len() == 3)));
-    }
-
-    #[test]
-    fn failed_fetch_tries_other_holder_then_reports_missing() {
-        let mut w = WorkerState::new(1);
-        let d = DepInfo { key: "x".into(), nbytes: 8, who_has: vec!["tcp://a:1".into(), "tcp://b:1".into()] };
-        w.compute_task("t".into(), Bytes::new(), vec![d], Priority::default(), vec![], 0.0);
-        w.take_instructions();
-        w.fetch_failed("tcp://a:1", vec!["x".into()]);
-        assert_eq!(
-            w.take_instructions(),
-            vec![Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["x".into()] }]
-        );
-        w.fetch_failed("tcp://b:1", vec!["x".into()]);
-        let ins = w.take_instructions();
-        assert!(
-            matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, FromWorker::MissingData { key, workers } if key == "x" && workers.len() == 2))
-        );
-    }
-
-    #[test]
-    fn seceded_task_frees_its_thread_until_it_rejoins() {
-        let mut w = WorkerState::new(1);
-        for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
-            let p = Priority { user: 0, generation: 0, order: i as u64 };
-            w.compute_task(k.to_string(), Bytes::new(), vec![], p, vec![], 0.0);
+        for (d, waiters) in &self.dep_waiters {
+            if waiters.is_empty() {
+                return Err(format!("nobody waits for {d} but it is listed"));
+            }
+            if let Some(w) = waiters.iter().find(|w| !self.tasks.get(*w).is_some_and(|t| t.state == WState::Waiting)) {
+                return Err(format!("{w} is listed as waiting for {d} but is not waiting"));
+            }
         }
-        assert_eq!(w.take_instructions().len(), 2, "a runs, b queued behind it");
-        w.secede("a");
-        let ins = w.take_instructions();
-        assert!(
-            matches!(&ins[0], Instruction::Send(e) if matches!(&e.msg, FromWorker::TaskSeceded { key } if key == "a"))
-        );
-        assert!(matches!(&ins[1], Instruction::Execute { key, .. } if key == "c"), "{ins:?}");
-        w.secede("a");
-        assert!(w.take_instructions().is_empty(), "seceding twice changes nothing");
-        w.rejoin("a");
-        w.execute_done("b".into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
-        let ins = w.take_instructions();
-        assert!(!ins.iter().any(|i| matches!(i, Instruction::Execute { .. })), "a holds a thread again: {ins:?}");
-        w.execute_done("a".into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
-        assert!(w.take_instructions().iter().any(|i| matches!(i, Instruction::Execute { key, .. } if key == "d")));
-    }
-
-    #[test]
-    fn steal_request_gives_up_only_unstarted_tasks() {
-        let mut w = WorkerState::new(1);
-        for (i, k) in ["a", "b", "c"].iter().enumerate() {
-            let p = Priority { user: 0, generation: 0, order: i as u64 };
-            w.compute_task(k.to_string(), Bytes::new(), vec![], p, vec![], 0.0);
+        for (name, declared) in &self.resources {
+            let held: f64 = self
+                .tasks
+                .values()
+                .filter(|t| matches!(t.state, WState::Executing | WState::Cancelled))
+                .flat_map(|t| t.resources.iter().filter(|(n, _)| n == name).map(|(_, a)| *a))
+                .sum();
+            let free = self.available.iter().find(|(n, _)| n == name).map_or(0.0, |(_, a)| *a);
+            if (free + held - declared).abs() > 1e-6 {
+                return Err(format!("resource {name}: {free} free and {held} held of {declared}"));
+            }
         }
-        w.take_instructions();
-        let answer = |w: &mut WorkerState| match &w.take_instructions()[..] {
-            [Instruction::Send(Envelope { msg: FromWorker::StealResponse { stolen, .. }, .. })] => *stolen,
-            other => panic!("{other:?}"),
-        };
-        w.steal_request("a".into());
-        assert!(!answer(&mut w), "a is running");
-        w.steal_request("c".into());
-        assert!(answer(&mut w), "c was only ready");
-        w.steal_request("zzz".into());
-        assert!(!answer(&mut w), "unknown task");
-        for k in ["a", "b"] {
-            w.execute_done(k.into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
-        }
-        let ran: Vec<Instruction> = w.take_instructions();
-        assert!(!ran.iter().any(|i| matches!(i, Instruction::Execute { key, .. } if key == "c")), "{ran:?}");
-        assert!(!w.busy());
-    }
-
-    #[test]
-    fn cancelled_while_executing_discards_result() {
-        let mut w = WorkerState::new(1);
-        w.compute_task("t".into(), Bytes::new(), vec![], Priority::default(), vec![], 0.0);
-        w.take_instructions();
-        w.free_keys(vec!["t".into()]);
-        w.execute_done("t".into(), ExecOutcome::Ok { nbytes: 8 }, 0.0, 1.0, 0);
-        assert_eq!(w.take_instructions(), vec![Instruction::Free { keys: vec!["t".into()] }]);
-        assert_eq!(w.nkeys(), 0);
-        assert_eq!(w.managed(), 0);
+        Ok(())
     }
 }
