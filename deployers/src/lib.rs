@@ -6,6 +6,7 @@
 //! ([`WorkerOptions`]).
 
 pub mod batch;
+mod children;
 pub mod local;
 pub mod process;
 pub mod ssh;

@@ -2,9 +2,10 @@
 //! cluster's manager, each in its own process group, logging to a file.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
+use crate::children::{scale_down_result, spawn_logged, ChildWorker, Children};
 use crate::{process, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
 
 struct Worker {
@@ -13,44 +14,40 @@ struct Worker {
     start_time: u64,
 }
 
+impl ChildWorker for Worker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
 /// Worker processes on this machine.
 pub struct LocalBackend {
     options: WorkerOptions,
     scheduler: String,
-    prefix: String,
     log_dir: PathBuf,
-    workers: Vec<Worker>,
-    failed: Vec<WorkerRecord>,
-    next: u64,
+    workers: Children<Worker>,
 }
 
 impl LocalBackend {
     /// Workers connect to `scheduler`, are named `PREFIX-N` and log to `log_dir/NAME.log`.
     pub fn new(options: WorkerOptions, scheduler: &str, prefix: &str, log_dir: PathBuf) -> Self {
-        LocalBackend {
-            options,
-            scheduler: scheduler.to_string(),
-            prefix: prefix.to_string(),
-            log_dir,
-            workers: Vec::new(),
-            failed: Vec::new(),
-            next: 0,
-        }
+        LocalBackend { options, scheduler: scheduler.to_string(), log_dir, workers: Children::new(prefix) }
     }
 
     fn spawn(&mut self) -> Result<(), BackendError> {
-        let name = format!("{}-{}", self.prefix, self.next);
-        self.next += 1;
+        let name = self.workers.next_name();
         let contact = self.options.contact(&self.scheduler);
         let argv = self.options.worker_command(&contact, &name);
-        let (_, log, err) = crate::worker_log(&self.log_dir, &name)?;
         let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(log).stderr(err);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().map_err(|e| BackendError::ScaleUp(format!("cannot run {}: {e}", argv[0])))?;
+        cmd.args(&argv[1..]);
+        let (child, _) = spawn_logged(&mut cmd, &self.log_dir, &name, &argv[0])?;
         let start_time = process::start_time(child.id()).unwrap_or(0);
         tracing::info!("started worker {name} (pid {})", child.id());
-        self.workers.push(Worker { name, child, start_time });
+        self.workers.list.push(Worker { name, child, start_time });
         Ok(())
     }
 }
@@ -61,62 +58,43 @@ impl Backend for LocalBackend {
     }
 
     fn scale_up(&mut self, n: usize) -> Result<(), BackendError> {
-        while self.workers.len() < n {
+        while self.workers.list.len() < n {
             self.spawn()?;
         }
         Ok(())
     }
 
     fn scale_down(&mut self, names: &[String]) -> Result<(), BackendError> {
-        let (gone, keep): (Vec<Worker>, Vec<Worker>) =
-            std::mem::take(&mut self.workers).into_iter().partition(|w| names.contains(&w.name));
-        self.workers = keep;
         let mut errors = Vec::new();
-        for mut w in gone {
+        for mut w in self.workers.take(names) {
             if let Err(e) = process::terminate(w.child.id(), Some(w.start_time), Duration::from_secs(10)) {
                 errors.push(format!("{}: {e}", w.name));
             }
             let _ = w.child.wait();
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(BackendError::ScaleDown(errors.join("; ")))
-        }
+        scale_down_result(errors)
     }
 
     fn workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.workers.len() {
-            let w = &mut self.workers[i];
-            match w.child.try_wait() {
-                Ok(Some(status)) => {
-                    let w = self.workers.remove(i);
-                    self.failed.push(WorkerRecord {
-                        name: w.name,
-                        status: WorkerStatus::Failed,
-                        detail: format!("pid {} {status}", w.child.id()),
-                    });
-                }
-                _ => {
-                    out.push(WorkerRecord {
-                        name: w.name.clone(),
-                        status: WorkerStatus::Running,
-                        detail: format!("pid {}", w.child.id()),
-                    });
-                    i += 1;
-                }
-            }
-        }
-        out.append(&mut self.failed);
-        Ok(out)
+        Ok(self.workers.records(
+            |w, status| WorkerRecord {
+                detail: format!("pid {} {status}", w.child.id()),
+                name: w.name,
+                status: WorkerStatus::Failed,
+            },
+            |w| WorkerRecord {
+                name: w.name.clone(),
+                status: WorkerStatus::Running,
+                detail: format!("pid {}", w.child.id()),
+            },
+        ))
     }
 }
 
 impl Deployer for LocalBackend {
     fn owned(&self) -> Vec<Owned> {
         self.workers
+            .list
             .iter()
             .map(|w| Owned::Process { name: w.name.clone(), pid: w.child.id(), start_time: w.start_time })
             .collect()
@@ -158,7 +136,7 @@ mod tests {
         assert_eq!(log.trim(), "-m dask_rs worker tcp://127.0.0.1:1 --name t-0 --nthreads 2");
         b.scale_down(&["t-0".to_string()]).unwrap();
         assert_eq!(b.workers().unwrap().len(), 1);
-        assert_eq!(crate::any_alive(&owned), vec![format!("t-1 (pid {})", b.workers[0].child.id())]);
+        assert_eq!(crate::any_alive(&owned), vec![format!("t-1 (pid {})", b.workers.list[0].child.id())]);
         // What is left is cleaned up from the records alone, as after a crash.
         assert!(crate::cleanup(&b.owned()).is_empty());
         assert!(crate::any_alive(&owned).is_empty());

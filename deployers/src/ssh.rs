@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::children::{scale_down_result, spawn_logged, ChildWorker, Children};
 use crate::{last_line, sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
 
 /// The line a remote worker's shell prints before it becomes the worker.
@@ -122,20 +123,29 @@ pub fn check_host(options: &WorkerOptions, host: &str) -> Result<String, String>
 struct RemoteWorker {
     name: String,
     host: String,
+    /// The local ssh process that runs the worker.
     child: Child,
     log: PathBuf,
+    /// The worker's pid on its host, once its start script said it.
     pid: Option<u32>,
+}
+
+impl ChildWorker for RemoteWorker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
 }
 
 /// Workers on ssh hosts, placed on the host with the fewest of ours.
 pub struct SshBackend {
     options: WorkerOptions,
     scheduler: String,
-    prefix: String,
     log_dir: PathBuf,
-    workers: Vec<RemoteWorker>,
-    failed: Vec<WorkerRecord>,
-    next: u64,
+    workers: Children<RemoteWorker>,
 }
 
 impl SshBackend {
@@ -150,15 +160,7 @@ impl SshBackend {
         if let Some(h) = options.hosts.iter().find(|h| h.starts_with('-') || h.is_empty()) {
             return Err(BackendError::ScaleUp(format!("invalid host {h:?}")));
         }
-        Ok(SshBackend {
-            options,
-            scheduler: scheduler.to_string(),
-            prefix: prefix.to_string(),
-            log_dir,
-            workers: Vec::new(),
-            failed: Vec::new(),
-            next: 0,
-        })
+        Ok(SshBackend { options, scheduler: scheduler.to_string(), log_dir, workers: Children::new(prefix) })
     }
 
     /// The shell lines that run on the host: prologue, the address to use,
@@ -186,19 +188,15 @@ impl SshBackend {
             .options
             .hosts
             .iter()
-            .min_by_key(|h| self.workers.iter().filter(|w| &w.host == *h).count())
+            .min_by_key(|h| self.workers.list.iter().filter(|w| &w.host == *h).count())
             .cloned()
             .expect("hosts is not empty");
-        let name = format!("{}-{}", self.prefix, self.next);
-        self.next += 1;
-        let (log_path, log, err) = crate::worker_log(&self.log_dir, &name)?;
+        let name = self.workers.next_name();
         let ssh = ssh_prefix(&self.options, &host);
         let mut cmd = remote(&ssh, &self.start_script(&name), &[]);
-        cmd.stdout(log).stderr(err);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().map_err(|e| BackendError::ScaleUp(format!("cannot run ssh: {e}")))?;
+        let (child, log) = spawn_logged(&mut cmd, &self.log_dir, &name, "ssh")?;
         tracing::info!("starting worker {name} on {host} (ssh pid {})", child.id());
-        self.workers.push(RemoteWorker { name, host, child, log: log_path, pid: None });
+        self.workers.list.push(RemoteWorker { name, host, child, log, pid: None });
         Ok(())
     }
 }
@@ -209,16 +207,14 @@ impl Backend for SshBackend {
     }
 
     fn scale_up(&mut self, n: usize) -> Result<(), BackendError> {
-        while self.workers.len() < n {
+        while self.workers.list.len() < n {
             self.spawn()?;
         }
         Ok(())
     }
 
     fn scale_down(&mut self, names: &[String]) -> Result<(), BackendError> {
-        let (gone, keep): (Vec<RemoteWorker>, Vec<RemoteWorker>) =
-            std::mem::take(&mut self.workers).into_iter().partition(|w| names.contains(&w.name));
-        self.workers = keep;
+        let gone = self.workers.take(names);
         let mut errors = Vec::new();
         let mut hosts: Vec<&String> = gone.iter().map(|w| &w.host).collect();
         hosts.sort();
@@ -234,55 +230,42 @@ impl Backend for SshBackend {
             let _ = crate::process::terminate(w.child.id(), None, Duration::from_secs(2));
             let _ = w.child.wait();
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(BackendError::ScaleDown(errors.join("; ")))
-        }
+        scale_down_result(errors)
     }
 
     fn workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.workers.len() {
-            let w = &mut self.workers[i];
-            if let Ok(Some(status)) = w.child.try_wait() {
-                let w = self.workers.remove(i);
-                let log = std::fs::read_to_string(&w.log).unwrap_or_default();
-                let why = if status.code() == Some(255) { "ssh failed" } else { "worker exited" };
-                self.failed.push(WorkerRecord {
-                    name: w.name,
-                    status: WorkerStatus::Failed,
-                    detail: format!("on {}: {why} ({status}): {}", w.host, last_line(&log)),
-                });
-                continue;
+        let exited = |w: RemoteWorker, status: std::process::ExitStatus| {
+            let log = std::fs::read_to_string(&w.log).unwrap_or_default();
+            let why = if status.code() == Some(255) { "ssh failed" } else { "worker exited" };
+            WorkerRecord {
+                detail: format!("on {}: {why} ({status}): {}", w.host, last_line(&log)),
+                name: w.name,
+                status: WorkerStatus::Failed,
             }
+        };
+        let running = |w: &mut RemoteWorker| {
             if w.pid.is_none() {
                 let log = std::fs::read_to_string(&w.log).unwrap_or_default();
                 w.pid = log.lines().find_map(|l| l.strip_prefix(MARKER)?.split(' ').next()?.parse().ok());
             }
-            out.push(match w.pid {
-                Some(pid) => WorkerRecord {
-                    name: w.name.clone(),
-                    status: WorkerStatus::Running,
-                    detail: format!("pid {pid} on {}", w.host),
-                },
-                None => WorkerRecord {
-                    name: w.name.clone(),
-                    status: WorkerStatus::Pending,
-                    detail: format!("connecting to {}", w.host),
-                },
-            });
-            i += 1;
-        }
-        out.append(&mut self.failed);
-        Ok(out)
+            let name = w.name.clone();
+            match w.pid {
+                Some(pid) => {
+                    WorkerRecord { name, status: WorkerStatus::Running, detail: format!("pid {pid} on {}", w.host) }
+                }
+                None => {
+                    WorkerRecord { name, status: WorkerStatus::Pending, detail: format!("connecting to {}", w.host) }
+                }
+            }
+        };
+        Ok(self.workers.records(exited, running))
     }
 }
 
 impl Deployer for SshBackend {
     fn owned(&self) -> Vec<Owned> {
         self.workers
+            .list
             .iter()
             .map(|w| Owned::Remote {
                 name: w.name.clone(),
