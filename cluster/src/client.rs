@@ -147,13 +147,24 @@ pub struct ClientCore {
 impl ClientCore {
     /// Connect to the scheduler at `address` within `timeout`.
     pub fn connect(address: &str, name: &str, timeout: Duration) -> Result<ClientCore, ClientError> {
+        Self::connect_as(address, name, Role::Client, timeout)
+    }
+
+    /// Connect as a read-only [`Role::Monitor`] (a dashboard, a console):
+    /// it may subscribe to events, ask for the cluster's state and retire
+    /// workers, and does not count as a client.
+    pub fn connect_monitor(address: &str, name: &str, timeout: Duration) -> Result<ClientCore, ClientError> {
+        Self::connect_as(address, name, Role::Monitor, timeout)
+    }
+
+    fn connect_as(address: &str, name: &str, role: Role, timeout: Duration) -> Result<ClientCore, ClientError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("dask-rs-client")
             .enable_all()
             .build()?;
         let conn = rt
-            .block_on(comm::connect(address, Role::Client, name, timeout))
+            .block_on(comm::connect(address, role, name, timeout))
             .map_err(|e| ClientError::Connect { addr: address.to_string(), source: e })?;
         let comm::Connection { reader, writer, .. } = conn;
         let inner = Arc::new(Inner { shared: Mutex::new(Shared::default()), cv: Condvar::new() });
@@ -161,7 +172,7 @@ impl ClientCore {
             let _g = rt.enter();
             Arc::new(Mutex::new(comm::spawn_writer(writer).0))
         };
-        rt.spawn(read_loop(inner.clone(), outbox.clone(), reader, address.to_string(), name.to_string()));
+        rt.spawn(read_loop(inner.clone(), outbox.clone(), reader, address.to_string(), name.to_string(), role));
         Ok(ClientCore {
             rt: BackgroundRuntime::new(rt),
             outbox,
@@ -596,6 +607,7 @@ async fn read_loop(
     mut reader: comm::FrameReader<tokio::net::tcp::OwnedReadHalf>,
     address: String,
     name: String,
+    role: Role,
 ) {
     loop {
         let why = loop {
@@ -621,7 +633,7 @@ async fn read_loop(
         }
         inner.cv.notify_all();
         tracing::warn!("lost the scheduler at {address} ({why}); reconnecting");
-        match comm::connect_retrying(&address, Role::Client, &name, RECONNECT_PATIENCE).await {
+        match comm::connect_retrying(&address, role, &name, RECONNECT_PATIENCE).await {
             Ok(conn) => {
                 let comm::Connection { reader: r, writer, .. } = conn;
                 reader = r;

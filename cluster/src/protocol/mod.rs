@@ -305,6 +305,8 @@ pub struct GroupCounts {
     pub forgotten: u64,
     /// Bytes held in memory by this group's results.
     pub nbytes: u64,
+    /// Seconds its finished tasks ran, in all.
+    pub compute_seconds: f64,
 }
 
 /// How much work the cluster has, for scaling decisions.
@@ -338,6 +340,8 @@ pub struct EventsUpdate {
     pub workers: Vec<WorkerInfo>,
     /// Total tasks known to the scheduler.
     pub ntasks: u64,
+    /// Clients connected now.
+    pub nclients: u64,
     /// Work waiting and running now.
     pub load: LoadSummary,
 }

@@ -150,6 +150,7 @@ impl SchedulerState {
                 erred: g.counts[TaskState::Erred.index()],
                 forgotten: g.counts[TaskState::Forgotten.index()],
                 nbytes: g.nbytes,
+                compute_seconds: g.duration_sum,
             })
             .collect();
         let load = self.load();
@@ -163,6 +164,7 @@ impl SchedulerState {
             groups,
             workers: self.worker_infos_with(&load),
             ntasks: self.keys.len() as u64,
+            nclients: self.nclients() as u64,
             load,
         }
     }

@@ -1,0 +1,263 @@
+//! HTTP: the routes, the live streams (Server-Sent Events) and the JSON API.
+//!
+//! Each live page's fragments are rendered at most once per model update
+//! and per distinct page query, whatever the number of viewers (a cache
+//! keyed by page and query, stamped with the model's update count). A
+//! viewer's stream yields the latest fragments when it is polled, so one
+//! that reads slowly only skips updates: nothing queues up for it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream;
+use serde_json::json;
+
+use crate::metrics::{self, ManagerGauges};
+use crate::model::Model;
+use crate::pages;
+
+/// What the HTTP handlers share with the feeder thread.
+pub(crate) struct Shared {
+    pub model: Mutex<Model>,
+    /// Rendered fragments by page and query: (model update count, JSON).
+    cache: Mutex<HashMap<String, (u64, Arc<String>)>>,
+    pub scheduler: String,
+    pub manager: Mutex<Option<ManagerGauges>>,
+    /// Retires workers through the scheduler (`POST /api/v1/retire_workers`).
+    pub retire: Box<dyn Fn(Vec<String>) -> Result<(Vec<String>, Vec<(String, String)>), String> + Send + Sync>,
+    /// How often a live page gets fresh fragments.
+    pub interval: Duration,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        scheduler: String,
+        retire: Box<dyn Fn(Vec<String>) -> Result<(Vec<String>, Vec<(String, String)>), String> + Send + Sync>,
+    ) -> Self {
+        Shared {
+            model: Mutex::new(Model::default()),
+            cache: Mutex::new(HashMap::new()),
+            scheduler,
+            manager: Mutex::new(None),
+            retire,
+            interval: Duration::from_millis(400),
+        }
+    }
+
+    /// The fragments of `page` (with `query`) for the model as it is now,
+    /// and the model's update count; rendered once per update.
+    fn fragments(&self, page: &str, query: &HashMap<String, String>) -> (u64, Arc<String>) {
+        let window = pages::window_of(query.get("window").map(String::as_str), if page == "tasks" { 300.0 } else { 10.0 });
+        let worker = query.get("worker").cloned().unwrap_or_default();
+        let key = format!("{page}?{window}&{worker}");
+        let model = self.model.lock().expect("model");
+        let version = model.updates;
+        if let Some((v, text)) = self.cache.lock().expect("cache").get(&key) {
+            if *v == version {
+                return (version, text.clone());
+            }
+        }
+        let value = match page {
+            "status" => pages::status_fragments(&model, window),
+            "workers" if !worker.is_empty() => pages::worker_fragments(&model, &worker),
+            "workers" => pages::workers_fragments(&model),
+            "tasks" => pages::tasks_fragments(&model, window),
+            "info" => pages::info_fragments(&model, &self.scheduler, &[]),
+            other => pages::individual_fragments(&model, other),
+        };
+        drop(model);
+        let text = Arc::new(value.to_string());
+        let mut cache = self.cache.lock().expect("cache");
+        if cache.len() > 64 {
+            cache.clear();
+        }
+        cache.insert(key, (version, text.clone()));
+        (version, text)
+    }
+}
+
+/// The application's routes.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let mut app = Router::new()
+        .route("/", get(|| async { Redirect::temporary("/status") }))
+        .route("/status", get(|| async { Html(pages::status_page()) }))
+        .route("/workers", get(|| async { Html(pages::workers_page()) }))
+        .route("/workers/{name}", get(|Path(name): Path<String>| async move { Html(pages::worker_page(&name)) }))
+        .route("/tasks", get(|| async { Html(pages::tasks_page()) }))
+        .route("/info", get(|| async { Html(pages::info_page()) }))
+        .route("/stream/{page}", get(live))
+        .route("/metrics", get(prometheus))
+        .route("/health", get(|| async { "ok" }))
+        .route("/individual-plots.json", get(individual_plots))
+        .route("/api/v1/get_workers", get(get_workers))
+        .route("/api/v1/adaptive_target", get(adaptive_target))
+        .route("/api/v1/retire_workers", post(retire_workers));
+    for (plot, _) in pages::INDIVIDUAL {
+        let page = pages::individual_page(plot);
+        app = app.route(&format!("/{plot}"), get(move || async move { Html(page) }));
+    }
+    app.with_state(shared)
+}
+
+/// `/stream/PAGE`: the page's fragments as Server-Sent Events, whenever
+/// the model changed, at most every `interval`.
+async fn live(
+    State(shared): State<Arc<Shared>>,
+    Path(page): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let known = pages::PAGES.iter().chain(pages::INDIVIDUAL).any(|(p, _)| *p == page);
+    if !known {
+        return (StatusCode::NOT_FOUND, format!("no page {page:?}")).into_response();
+    }
+    let mut tick = tokio::time::interval(shared.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let updates = stream::unfold((shared, page, query, tick, u64::MAX), |(shared, page, query, mut tick, seen)| async move {
+        loop {
+            tick.tick().await;
+            let s = shared.clone();
+            let (p, q) = (page.clone(), query.clone());
+            // Rendering is CPU work: off the runtime's threads.
+            let Ok((version, text)) = tokio::task::spawn_blocking(move || s.fragments(&p, &q)).await else {
+                return None;
+            };
+            if version != seen {
+                let event: Result<Event, Infallible> = Ok(Event::default().data(text.as_str()));
+                return Some((event, (shared, page, query, tick, version)));
+            }
+        }
+    });
+    Sse::new(updates).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn prometheus(State(shared): State<Arc<Shared>>) -> Response {
+    let manager = *shared.manager.lock().expect("manager");
+    let text = metrics::render(&shared.model.lock().expect("model"), manager);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+async fn individual_plots() -> Json<serde_json::Value> {
+    let map: serde_json::Map<String, serde_json::Value> =
+        pages::INDIVIDUAL.iter().map(|(p, t)| (format!("/{p}"), json!(t))).collect();
+    Json(serde_json::Value::Object(map))
+}
+
+async fn get_workers(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let m = shared.model.lock().expect("model");
+    let workers: Vec<_> = m
+        .workers
+        .iter()
+        .map(|w| {
+            json!({
+                "name": w.name, "address": w.address, "nthreads": w.nthreads, "memory_limit": w.memory_limit,
+                "pid": w.pid, "managed": w.managed, "rss": w.rss, "spilled": w.spilled, "executing": w.executing,
+                "ready": w.ready, "processing": w.processing, "nkeys": w.nkeys, "retiring": w.retiring,
+            })
+        })
+        .collect();
+    Json(json!({ "workers": workers }))
+}
+
+/// Workers the cluster needs: the manager's target when a policy runs it,
+/// else Dask's rule of thumb (expected seconds of work over five seconds,
+/// no more than there are tasks).
+pub(crate) fn target(m: &Model, manager: Option<ManagerGauges>) -> u64 {
+    if let Some(g) = manager {
+        return g.target;
+    }
+    let work = m.load.occupancy + m.load.queued_occupancy;
+    let tasks = m.load.processing + m.load.queued + m.load.no_worker;
+    let threads = m.workers.iter().map(|w| w.nthreads as u64).sum::<u64>().max(1);
+    let per_worker = (threads as f64 / m.workers.len().max(1) as f64).max(1.0);
+    (((work / 5.0) / per_worker).ceil() as u64).min(tasks)
+}
+
+async fn adaptive_target(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let manager = *shared.manager.lock().expect("manager");
+    let t = target(&shared.model.lock().expect("model"), manager);
+    Json(json!({ "workers": t }))
+}
+
+#[derive(serde::Deserialize)]
+struct RetireRequest {
+    workers: Vec<String>,
+}
+
+async fn retire_workers(State(shared): State<Arc<Shared>>, Json(req): Json<RetireRequest>) -> Response {
+    let result = tokio::task::spawn_blocking(move || (shared.retire)(req.workers)).await;
+    match result {
+        Ok(Ok((retired, failed))) => {
+            let failed: serde_json::Map<String, serde_json::Value> = failed.into_iter().map(|(w, why)| (w, json!(why))).collect();
+            Json(json!({ "retired": retired, "failed": failed })).into_response()
+        }
+        Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// A retirer that always fails, for tests without a scheduler.
+#[cfg(test)]
+pub(crate) fn no_retire() -> Box<dyn Fn(Vec<String>) -> Result<(Vec<String>, Vec<(String, String)>), String> + Send + Sync> {
+    Box::new(|_| Err("no scheduler".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cluster::protocol::{EventsUpdate, GroupCounts, WorkerInfo};
+    use std::io::{Read, Write};
+
+    /// GET `path` from the server at `addr`; the status line and the body
+    /// (for a stream: what arrived within a second).
+    fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    }
+
+    #[test]
+    fn routes_answer_and_streams_carry_the_plots() {
+        let shared = Arc::new(Shared::new("tcp://sched:1".into(), no_retire()));
+        {
+            let mut m = shared.model.lock().unwrap();
+            let g = GroupCounts { name: "inc".into(), memory: 2, ..Default::default() };
+            let workers = vec![WorkerInfo::new("w0", "tcp://h:1", 1, 0)];
+            m.apply(EventsUpdate { time: 1.0, groups: vec![g], workers, ..Default::default() });
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(shared);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(l, app).await.unwrap();
+            });
+        });
+        assert_eq!(get(addr, "/health"), ("HTTP/1.1 200 OK".into(), "ok".into()));
+        let (status, metrics) = get(addr, "/metrics");
+        assert!(status.contains("200") && metrics.contains("dask_scheduler_workers 1"), "{metrics}");
+        assert!(get(addr, "/individual-plots.json").1.contains("/individual-task-stream"));
+        assert!(get(addr, "/status").1.contains("id=\"task-stream\""));
+        let (status, events) = get(addr, "/stream/status");
+        assert!(status.contains("200"), "{status}");
+        assert!(events.contains("data: {") && events.contains("data-key=\\\"inc\\\""), "{events}");
+        assert!(get(addr, "/stream/nope").0.contains("404"));
+        assert!(get(addr, "/api/v1/get_workers").1.contains("\"address\":\"tcp://h:1\""));
+        assert!(get(addr, "/api/v1/adaptive_target").1.contains("\"workers\":0"));
+    }
+}
