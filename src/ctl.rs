@@ -50,6 +50,13 @@ pub struct UpArgs {
     /// Scheduler port (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     port: u16,
+    /// Where the web dashboard listens: HOST:PORT or :PORT (the scheduler's
+    /// interface); a taken port is replaced by a free one.
+    #[arg(long, default_value = ":8787")]
+    dashboard_address: String,
+    /// Serve no dashboard.
+    #[arg(long)]
+    no_dashboard: bool,
     /// Most workers (batch jobs) waiting to start at once (default 64).
     #[arg(long)]
     max_pending: Option<usize>,
@@ -347,6 +354,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         port: args.port,
         address: None,
         dashboard: None,
+        dashboard_address: (!args.no_dashboard).then(|| args.dashboard_address.clone()),
         manager_pid: None,
         manager_start: None,
         max_pending: args.max_pending,
@@ -389,7 +397,10 @@ pub fn up(args: UpArgs) -> Result<()> {
     }
     println!("Cluster {name} is up ({} backend)", rec.backend);
     println!("  scheduler: {address}");
-    println!("  dashboard: not served by this version");
+    match ClusterRecord::load(&dir).ok().and_then(|r| r.dashboard) {
+        Some(url) => println!("  dashboard: {url}"),
+        None => println!("  dashboard: none (--no-dashboard)"),
+    }
     match (workers, adapt) {
         (Some(n), _) => println!("  workers:   {n} (fixed; `dask-ctl scale {name} N` to change)"),
         (_, Some((lo, hi))) => println!("  workers:   adaptive, {lo} to {hi}"),
@@ -548,8 +559,8 @@ pub fn list(json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<8} {:<24} {:>9} {:>7} {:>10} {:>7} {:>6}  STATUS",
-        "NAME", "BACKEND", "ADDRESS", "WORKERS", "THREADS", "MEMORY", "TASKS", "AGE"
+        "{:<20} {:<8} {:<24} {:>9} {:>7} {:>10} {:>7} {:>6}  {:<32} STATUS",
+        "NAME", "BACKEND", "ADDRESS", "WORKERS", "THREADS", "MEMORY", "TASKS", "AGE", "DASHBOARD"
     );
     let now = cluster::now();
     for (rec, st, status) in rows {
@@ -563,7 +574,7 @@ pub fn list(json: bool) -> Result<()> {
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{:<20} {:<8} {:<24} {:>9} {:>7} {:>10} {:>7} {:>6}  {status}",
+            "{:<20} {:<8} {:<24} {:>9} {:>7} {:>10} {:>7} {:>6}  {:<32} {status}",
             rec.name,
             rec.backend,
             rec.address.clone().unwrap_or_else(|| "-".into()),
@@ -571,7 +582,8 @@ pub fn list(json: bool) -> Result<()> {
             threads,
             memory,
             tasks,
-            fmt_age(now - rec.created)
+            fmt_age(now - rec.created),
+            rec.dashboard.clone().unwrap_or_else(|| "-".into()),
         );
     }
     println!("(WORKERS = running/pending)");
@@ -588,6 +600,7 @@ pub fn status(name: &str, json: bool) -> Result<()> {
     }
     println!("Cluster {} ({} backend), up {}", st.name, st.backend, fmt_age(cluster::now() - rec.created));
     println!("  scheduler: {}", st.address);
+    println!("  dashboard: {}", st.dashboard.as_deref().unwrap_or("-"));
     println!("  scaling:   {}", st.policy);
     println!(
         "  workers:   {} running, {} pending; {} threads, {} memory limit, {} managed",

@@ -102,6 +102,13 @@ enum Command {
         /// Do not move waiting tasks from saturated workers to idle ones.
         #[arg(long)]
         no_work_stealing: bool,
+        /// Where the web dashboard listens: HOST:PORT or :PORT (the
+        /// scheduler's interface); a taken port is replaced by a free one.
+        #[arg(long, default_value = ":8787")]
+        dashboard_address: String,
+        /// Serve no dashboard.
+        #[arg(long)]
+        no_dashboard: bool,
     },
     /// Run a worker without Python whose tasks sleep and return zero bytes
     /// (measures the runtime alone).
@@ -161,7 +168,16 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Manager { dir } => manager::run(dir),
-        Command::Scheduler { host, port, worker_saturation, worker_ttl, allowed_failures, no_work_stealing } => {
+        Command::Scheduler {
+            host,
+            port,
+            worker_saturation,
+            worker_ttl,
+            allowed_failures,
+            no_work_stealing,
+            dashboard_address,
+            no_dashboard,
+        } => {
             let config = SchedulerConfig {
                 worker_saturation,
                 worker_ttl,
@@ -169,7 +185,8 @@ fn main() -> Result<()> {
                 work_stealing: !no_work_stealing,
                 ..Default::default()
             };
-            rt()?.block_on(run_scheduler(host, port, config))
+            let dashboard = (!no_dashboard).then_some(dashboard_address);
+            rt()?.block_on(run_scheduler(host, port, config, dashboard))
         }
         Command::SimWorker { scheduler, nthreads, name, duration, result_size } => {
             rt()?.block_on(run_sim_worker(scheduler, nthreads, name, duration, result_size))
@@ -177,10 +194,22 @@ fn main() -> Result<()> {
     }
 }
 
-async fn run_scheduler(host: String, port: u16, config: SchedulerConfig) -> Result<()> {
+async fn run_scheduler(host: String, port: u16, config: SchedulerConfig, dashboard: Option<String>) -> Result<()> {
     let handle =
         scheduler::start(&host, port, config).await.with_context(|| format!("cannot listen on {host}:{port}"))?;
     println!("Scheduler at {}", handle.address);
+    let _dashboard = match dashboard {
+        Some(at) => {
+            let address = handle.address.clone();
+            let d = tokio::task::spawn_blocking(move || dashboard::Dashboard::start(&address, &at, &host)).await??;
+            if let Some(w) = d.warning() {
+                eprintln!("warning: {w}");
+            }
+            println!("Dashboard at {}", d.url());
+            Some(d)
+        }
+        None => None,
+    };
     tokio::select! {
         _ = shutdown_signal() => {
             eprintln!("shutting down");

@@ -72,6 +72,17 @@ pub fn run(dir: PathBuf) -> Result<()> {
     }
     let core = ClientCore::connect(&address, "dask-ctl-manager", Duration::from_secs(10))?;
     core.subscribe(Duration::from_millis(250))?;
+    let board = match &rec.dashboard_address {
+        Some(at) => {
+            let d = dashboard::Dashboard::start(&address, at, &rec.host)?;
+            if let Some(w) = d.warning() {
+                eprintln!("warning: {w}");
+            }
+            rec.dashboard = Some(d.url().to_string());
+            Some(d)
+        }
+        None => None,
+    };
     rec.address = Some(address.clone());
     rec.manager_pid = Some(std::process::id());
     rec.manager_start = deployers::process::start_time(std::process::id());
@@ -146,6 +157,12 @@ pub fn run(dir: PathBuf) -> Result<()> {
                 let view = ClusterView::from(&latest);
                 tick(&mut ctrl, cluster::now(), &view, &mut *backend, &mut SchedulerRetirer(&core));
                 let owned = backend.owned();
+                if let Some(d) = &board {
+                    let running = view.workers.len() as u64;
+                    let pending = (owned.len() as u64).saturating_sub(running);
+                    let target = ctrl.target().unwrap_or(0) as u64;
+                    d.set_manager_gauges(dashboard::ManagerGauges { target, running, pending });
+                }
                 if owned != owned_saved {
                     let _ = registry::save_owned(&dir, &owned);
                     owned_saved = owned;
@@ -162,6 +179,7 @@ pub fn run(dir: PathBuf) -> Result<()> {
     for l in &leftovers {
         eprintln!("could not stop {l}");
     }
+    drop(board);
     sched.stop();
     rt.block_on(sched.wait());
     drop(core);

@@ -27,6 +27,10 @@ pub struct ClusterRecord {
     /// Filled in by the manager once the scheduler listens.
     pub address: Option<String>,
     pub dashboard: Option<String>,
+    /// Where the manager serves the dashboard (`HOST:PORT` or `:PORT`);
+    /// `None`: no dashboard.
+    #[serde(default)]
+    pub dashboard_address: Option<String>,
     pub manager_pid: Option<u32>,
     pub manager_start: Option<u64>,
     /// Most workers (batch jobs) waiting to start at once; `None` = the controller's default.

@@ -121,6 +121,11 @@ impl Controller {
         &*self.policy
     }
 
+    /// The policy's latest target, once it set one.
+    pub fn target(&self) -> Option<usize> {
+        self.last_target
+    }
+
     pub fn config(&self) -> &ControllerConfig {
         &self.config
     }

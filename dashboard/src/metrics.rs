@@ -52,7 +52,11 @@ pub fn render(model: &Model, manager: Option<ManagerGauges>) -> String {
         "counter",
         "Total number of processed tasks no longer in memory and already removed from the scheduler.",
     );
-    o.value("dask_scheduler_tasks_forgotten_total", &[], model.groups.values().map(|g| g.forgotten).sum::<u64>() as f64);
+    o.value(
+        "dask_scheduler_tasks_forgotten_total",
+        &[],
+        model.groups.values().map(|g| g.forgotten).sum::<u64>() as f64,
+    );
     o.family("dask_scheduler_tasks_compute_seconds_total", "counter", "Total time (per prefix) spent computing tasks.");
     for g in model.groups.values() {
         o.value("dask_scheduler_tasks_compute_seconds_total", &[("task_prefix_name", &g.name)], g.compute_seconds);
@@ -79,7 +83,11 @@ pub fn render(model: &Model, manager: Option<ManagerGauges>) -> String {
     o.family("dask_worker_memory_bytes", "gauge", "Memory breakdown.");
     for w in &model.workers {
         let unmanaged = w.rss.saturating_sub(w.managed.saturating_sub(w.spilled)) as f64;
-        for (kind, v) in [("managed", w.managed.saturating_sub(w.spilled) as f64), ("unmanaged", unmanaged), ("spilled", w.spilled as f64)] {
+        for (kind, v) in [
+            ("managed", w.managed.saturating_sub(w.spilled) as f64),
+            ("unmanaged", unmanaged),
+            ("spilled", w.spilled as f64),
+        ] {
             o.value("dask_worker_memory_bytes", &[("worker", &w.address), ("type", kind)], v);
         }
     }
@@ -116,7 +124,8 @@ mod tests {
     #[test]
     fn counts_tasks_by_state_and_labels_workers() {
         let mut m = Model::default();
-        let g = GroupCounts { name: "inc".into(), memory: 3, processing: 2, compute_seconds: 1.5, ..Default::default() };
+        let g =
+            GroupCounts { name: "inc".into(), memory: 3, processing: 2, compute_seconds: 1.5, ..Default::default() };
         let mut w = WorkerInfo::new("w\"0", "tcp://h:1", 4, 100);
         w.managed = 30;
         w.rss = 50;

@@ -129,9 +129,8 @@ impl Model {
     pub fn task_states(&self) -> [(&'static str, u64); 7] {
         let mut c = [0u64; 7];
         for g in self.groups.values() {
-            for (i, n) in [g.released, g.waiting, g.queued, g.no_worker, g.processing, g.memory, g.erred]
-                .into_iter()
-                .enumerate()
+            for (i, n) in
+                [g.released, g.waiting, g.queued, g.no_worker, g.processing, g.memory, g.erred].into_iter().enumerate()
             {
                 c[i] += n;
             }

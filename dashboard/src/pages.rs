@@ -35,8 +35,8 @@ main { padding: .5em 1em; }
 .card { border: 1px solid var(--line); border-radius: 6px; padding: .4em .6em; overflow: hidden; }
 .card h2 { font-size: 13px; margin: 0 0 .3em; color: var(--muted); font-weight: 600; }
 .wide { grid-column: 1 / -1; }
-.totals { display: flex; gap: 2em; flex-wrap: wrap; }
-.totals div span { display: block; font-size: 20px; font-weight: 600; }
+#totals { display: flex; gap: 2em; flex-wrap: wrap; }
+#totals div span { display: block; font-size: 20px; font-weight: 600; }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
 th, td { text-align: right; padding: 3px 8px; border-bottom: 1px solid var(--line); white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; } th { cursor: pointer; color: var(--muted); }
@@ -95,7 +95,7 @@ pub fn shell(page: &str, title: &str, query: &str, body: &str) -> String {
 /// `/status`: totals, task stream, progress, memory and processing per worker.
 pub fn status_page() -> String {
     let body = r#"<div class="grid">
-<div class="card wide"><div class="totals" id="totals"></div></div>
+<div class="card wide"><div id="totals"></div></div>
 <div class="card wide"><h2>Task stream <span class="zoom">
 <button onclick="location.search='?window=10'">10 s</button><button onclick="location.search='?window=60'">1 min</button>
 <button onclick="location.search='?window=300'">5 min</button></span></h2><div id="task-stream"></div></div>
@@ -172,7 +172,11 @@ pub fn workers_fragments(m: &Model) -> serde_json::Value {
          <th>bytes in</th><th>bytes out</th><th>status</th></tr></thead><tbody>",
     );
     for w in &m.workers {
-        let pct = if w.memory_limit > 0 { format!("{:.0}%", 100.0 * w.rss as f64 / w.memory_limit as f64) } else { "-".into() };
+        let pct = if w.memory_limit > 0 {
+            format!("{:.0}%", 100.0 * w.rss as f64 / w.memory_limit as f64)
+        } else {
+            "-".into()
+        };
         let _ = write!(
             t,
             "<tr data-worker=\"{addr}\"><td><a href=\"/workers/{name_q}\">{name}</a></td><td>{addr}</td><td>{}</td>\
@@ -215,7 +219,7 @@ pub fn worker_page(name: &str) -> String {
         "workers",
         name,
         &format!("?worker={}", urlencode(name)),
-        r#"<div class="card"><h2 id="worker-name"></h2><div id="worker-facts"></div></div>
+        r#"<div class="card"><div id="worker-name"></div><div id="worker-facts"></div></div>
 <div class="card"><h2>Memory over time</h2><div id="worker-memory"></div></div>
 <div class="card"><h2>Recent tasks</h2><div id="worker-tasks"></div></div>"#,
     )
@@ -224,7 +228,8 @@ pub fn worker_page(name: &str) -> String {
 /// The fragments of `/workers/NAME`.
 pub fn worker_fragments(m: &Model, name: &str) -> serde_json::Value {
     let Some(w) = m.worker(name) else {
-        return json!({ "worker-name": format!("{} (not connected)", esc(name)), "worker-facts": "", "worker-memory": "", "worker-tasks": "" });
+        let title = format!("<h2>{} (not connected)</h2>", esc(name));
+        return json!({ "worker-name": title, "worker-facts": "", "worker-memory": "", "worker-tasks": "" });
     };
     let facts = format!(
         "<table><tr><td>address</td><td>{}</td></tr><tr><td>threads</td><td>{}</td></tr><tr><td>pid</td><td>{}</td></tr>\
@@ -262,7 +267,7 @@ pub fn worker_fragments(m: &Model, name: &str) -> serde_json::Value {
         );
     }
     tasks.push_str("</tbody></table>");
-    json!({ "worker-name": esc(&w.name), "worker-facts": facts, "worker-memory": mem, "worker-tasks": tasks })
+    json!({ "worker-name": format!("<h2>{}</h2>", esc(&w.name)), "worker-facts": facts, "worker-memory": mem, "worker-tasks": tasks })
 }
 
 /// `/tasks`: the long task stream.
@@ -280,11 +285,8 @@ pub fn tasks_page() -> String {
 
 /// The fragments of `/tasks`.
 pub fn tasks_fragments(m: &Model, window: f64) -> serde_json::Value {
-    let rate = vec![(
-        "tasks/s",
-        plots::group_color("rate"),
-        m.history.iter().map(|s| (s.time, s.tasks_per_second)).collect(),
-    )];
+    let rate =
+        vec![("tasks/s", plots::group_color("rate"), m.history.iter().map(|s| (s.time, s.tasks_per_second)).collect())];
     json!({
         "task-stream-long": plots::task_stream(m, window, 1200, 520),
         "task-rate": plots::timeline(&rate, m.time, 1200, 200, "task-rate", &|y| format!("{y:.0}")),
@@ -324,7 +326,8 @@ pub fn individual_fragments(m: &Model, plot: &str) -> serde_json::Value {
         "individual-processing" => plots::processing(m, 600),
         _ => {
             let h = &m.history;
-            let series = vec![("stored", plots::group_color("stored"), h.iter().map(|s| (s.time, s.managed as f64)).collect())];
+            let series =
+                vec![("stored", plots::group_color("stored"), h.iter().map(|s| (s.time, s.managed as f64)).collect())];
             plots::timeline(&series, m.time, 600, 240, "cluster-memory", &|y| fmt_bytes(y as u64))
         }
     };
@@ -334,6 +337,12 @@ pub fn individual_fragments(m: &Model, plot: &str) -> serde_json::Value {
 /// Percent-encode a path segment.
 pub fn urlencode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }

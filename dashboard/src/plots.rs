@@ -278,7 +278,8 @@ fn bars(bars: &[Bar], x_max: f64, width: u32, class: &'static str, x_fmt: &dyn F
     let mut svg = String::new();
     let mut hovers = Vec::new();
     {
-        let root: DrawingArea<SVGBackend, Shift> = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        let root: DrawingArea<SVGBackend, Shift> =
+            SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
         let drawn = (|| -> Result<(), Box<dyn std::error::Error + '_>> {
             let x_max = if x_max > 0.0 { x_max } else { 1.0 };
             let mut chart = ChartBuilder::on(&root)
@@ -295,7 +296,11 @@ fn bars(bars: &[Bar], x_max: f64, width: u32, class: &'static str, x_fmt: &dyn F
                 .x_label_formatter(&|x| x_fmt(*x))
                 .y_label_formatter(&|y| {
                     let i = *y as usize;
-                    if (*y - i as f64 - 0.5).abs() < 0.01 { labels.get(i).map(|s| s.to_string()).unwrap_or_default() } else { String::new() }
+                    if (*y - i as f64 - 0.5).abs() < 0.01 {
+                        labels.get(i).map(|s| s.to_string()).unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
                 })
                 .label_style(axis_font())
                 .axis_style(AXIS)
@@ -412,7 +417,8 @@ pub fn memory(model: &Model, width: u32) -> String {
             let spilled: u64 = ws.iter().map(|w| w.spilled).sum::<u64>() / k;
             let limit: u64 = ws.iter().map(|w| w.memory_limit).sum::<u64>() / k;
             let unmanaged = rss.saturating_sub(in_memory);
-            let (a, b, c) = (in_memory as f64, (in_memory + unmanaged) as f64, (in_memory + unmanaged + spilled) as f64);
+            let (a, b, c) =
+                (in_memory as f64, (in_memory + unmanaged) as f64, (in_memory + unmanaged + spilled) as f64);
             let label = if k == 1 { ws[0].name.clone() } else { format!("{} workers (mean)", k) };
             Bar {
                 label,
@@ -422,19 +428,13 @@ pub fn memory(model: &Model, width: u32) -> String {
                     (b, c, SPILLED, format!("spilled: {}", fmt_bytes(spilled))),
                 ],
                 mark: (limit > 0).then_some(limit as f64),
-                note: if limit > 0 {
-                    format!("{} / {}", fmt_bytes(rss), fmt_bytes(limit))
-                } else {
-                    fmt_bytes(rss)
-                },
+                note: if limit > 0 { format!("{} / {}", fmt_bytes(rss), fmt_bytes(limit)) } else { fmt_bytes(rss) },
                 key: ws.iter().map(|w| w.address.as_str()).collect::<Vec<_>>().join(" "),
             }
         })
         .collect();
-    let x_max = rows
-        .iter()
-        .map(|b| b.segments.last().map_or(0.0, |s| s.1).max(b.mark.unwrap_or(0.0)))
-        .fold(0.0, f64::max);
+    let x_max =
+        rows.iter().map(|b| b.segments.last().map_or(0.0, |s| s.1).max(b.mark.unwrap_or(0.0))).fold(0.0, f64::max);
     bars(&rows, x_max, width, "memory", &|x| fmt_bytes(x as u64))
 }
 
@@ -470,9 +470,12 @@ fn chunks(n: usize) -> Vec<std::ops::Range<usize>> {
     (0..n).step_by(per).map(|i| i..(i + per).min(n)).collect()
 }
 
+/// A named line: its colour and `(time, value)` points.
+pub type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 /// A line plot of `series` over time (`(time, value)` points, one colour each).
 pub fn timeline(
-    series: &[(&str, RGBColor, Vec<(f64, f64)>)],
+    series: &[Series],
     now: f64,
     width: u32,
     height: u32,
@@ -553,7 +556,8 @@ mod tests {
                 w
             })
             .collect();
-        let groups = vec![GroupCounts { name: "inc".into(), memory: 400, processing: 50, waiting: 50, ..Default::default() }];
+        let groups =
+            vec![GroupCounts { name: "inc".into(), memory: 400, processing: 50, waiting: 50, ..Default::default() }];
         m.apply(EventsUpdate { time: 105.0, stream, workers, groups, ..Default::default() });
         m
     }

@@ -24,6 +24,10 @@ use crate::metrics::{self, ManagerGauges};
 use crate::model::Model;
 use crate::pages;
 
+/// Retires workers by name or address: the names retired, and those not
+/// retired with why.
+pub(crate) type Retire = Box<dyn Fn(Vec<String>) -> Result<(Vec<String>, Vec<(String, String)>), String> + Send + Sync>;
+
 /// What the HTTP handlers share with the feeder thread.
 pub(crate) struct Shared {
     pub model: Mutex<Model>,
@@ -32,16 +36,13 @@ pub(crate) struct Shared {
     pub scheduler: String,
     pub manager: Mutex<Option<ManagerGauges>>,
     /// Retires workers through the scheduler (`POST /api/v1/retire_workers`).
-    pub retire: Box<dyn Fn(Vec<String>) -> Result<(Vec<String>, Vec<(String, String)>), String> + Send + Sync>,
+    pub retire: Retire,
     /// How often a live page gets fresh fragments.
     pub interval: Duration,
 }
 
 impl Shared {
-    pub(crate) fn new(
-        scheduler: String,
-        retire: Box<dyn Fn(Vec<String>) -> Result<(Vec<String>, Vec<(String, String)>), String> + Send + Sync>,
-    ) -> Self {
+    pub(crate) fn new(scheduler: String, retire: Retire) -> Self {
         Shared {
             model: Mutex::new(Model::default()),
             cache: Mutex::new(HashMap::new()),
@@ -55,7 +56,8 @@ impl Shared {
     /// The fragments of `page` (with `query`) for the model as it is now,
     /// and the model's update count; rendered once per update.
     fn fragments(&self, page: &str, query: &HashMap<String, String>) -> (u64, Arc<String>) {
-        let window = pages::window_of(query.get("window").map(String::as_str), if page == "tasks" { 300.0 } else { 10.0 });
+        let window =
+            pages::window_of(query.get("window").map(String::as_str), if page == "tasks" { 300.0 } else { 10.0 });
         let worker = query.get("worker").cloned().unwrap_or_default();
         let key = format!("{page}?{window}&{worker}");
         let model = self.model.lock().expect("model");
@@ -88,11 +90,17 @@ impl Shared {
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let mut app = Router::new()
         .route("/", get(|| async { Redirect::temporary("/status") }))
-        .route("/status", get(|| async { Html(pages::status_page()) }))
-        .route("/workers", get(|| async { Html(pages::workers_page()) }))
-        .route("/workers/{name}", get(|Path(name): Path<String>| async move { Html(pages::worker_page(&name)) }))
-        .route("/tasks", get(|| async { Html(pages::tasks_page()) }))
-        .route("/info", get(|| async { Html(pages::info_page()) }))
+        .route("/status", get(|s, q| page(s, q, "status", pages::status_page())))
+        .route("/workers", get(|s, q| page(s, q, "workers", pages::workers_page())))
+        .route(
+            "/workers/{name}",
+            get(|s: State<Arc<Shared>>, Path(name): Path<String>| async move {
+                let q = HashMap::from([("worker".to_string(), name.clone())]);
+                page(s, Query(q), "workers", pages::worker_page(&name)).await
+            }),
+        )
+        .route("/tasks", get(|s, q| page(s, q, "tasks", pages::tasks_page())))
+        .route("/info", get(|s, q| page(s, q, "info", pages::info_page())))
         .route("/stream/{page}", get(live))
         .route("/metrics", get(prometheus))
         .route("/health", get(|| async { "ok" }))
@@ -101,10 +109,32 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/adaptive_target", get(adaptive_target))
         .route("/api/v1/retire_workers", post(retire_workers));
     for (plot, _) in pages::INDIVIDUAL {
-        let page = pages::individual_page(plot);
-        app = app.route(&format!("/{plot}"), get(move || async move { Html(page) }));
+        app = app.route(&format!("/{plot}"), get(move |s, q| page(s, q, plot, pages::individual_page(plot))));
     }
     app.with_state(shared)
+}
+
+/// A page with its fragments as they are now already in place, so it
+/// shows the cluster before its stream delivers the first update (and
+/// without scripts).
+async fn page(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    name: &'static str,
+    shell: String,
+) -> Html<String> {
+    let rendered = tokio::task::spawn_blocking(move || shared.fragments(name, &query)).await;
+    let Ok((_, text)) = rendered else { return Html(shell) };
+    let Ok(serde_json::Value::Object(parts)) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Html(shell);
+    };
+    let mut html = shell;
+    for (id, fragment) in parts {
+        if let Some(f) = fragment.as_str() {
+            html = html.replacen(&format!("<div id=\"{id}\"></div>"), &format!("<div id=\"{id}\">{f}</div>"), 1);
+        }
+    }
+    Html(html)
 }
 
 /// `/stream/PAGE`: the page's fragments as Server-Sent Events, whenever
@@ -120,21 +150,22 @@ async fn live(
     }
     let mut tick = tokio::time::interval(shared.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let updates = stream::unfold((shared, page, query, tick, u64::MAX), |(shared, page, query, mut tick, seen)| async move {
-        loop {
-            tick.tick().await;
-            let s = shared.clone();
-            let (p, q) = (page.clone(), query.clone());
-            // Rendering is CPU work: off the runtime's threads.
-            let Ok((version, text)) = tokio::task::spawn_blocking(move || s.fragments(&p, &q)).await else {
-                return None;
-            };
-            if version != seen {
-                let event: Result<Event, Infallible> = Ok(Event::default().data(text.as_str()));
-                return Some((event, (shared, page, query, tick, version)));
+    let updates =
+        stream::unfold((shared, page, query, tick, u64::MAX), |(shared, page, query, mut tick, seen)| async move {
+            loop {
+                tick.tick().await;
+                let s = shared.clone();
+                let (p, q) = (page.clone(), query.clone());
+                // Rendering is CPU work: off the runtime's threads.
+                let Ok((version, text)) = tokio::task::spawn_blocking(move || s.fragments(&p, &q)).await else {
+                    return None;
+                };
+                if version != seen {
+                    let event: Result<Event, Infallible> = Ok(Event::default().data(text.as_str()));
+                    return Some((event, (shared, page, query, tick, version)));
+                }
             }
-        }
-    });
+        });
     Sse::new(updates).keep_alive(KeepAlive::default()).into_response()
 }
 
@@ -195,7 +226,8 @@ async fn retire_workers(State(shared): State<Arc<Shared>>, Json(req): Json<Retir
     let result = tokio::task::spawn_blocking(move || (shared.retire)(req.workers)).await;
     match result {
         Ok(Ok((retired, failed))) => {
-            let failed: serde_json::Map<String, serde_json::Value> = failed.into_iter().map(|(w, why)| (w, json!(why))).collect();
+            let failed: serde_json::Map<String, serde_json::Value> =
+                failed.into_iter().map(|(w, why)| (w, json!(why))).collect();
             Json(json!({ "retired": retired, "failed": failed })).into_response()
         }
         Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e).into_response(),
@@ -205,7 +237,7 @@ async fn retire_workers(State(shared): State<Arc<Shared>>, Json(req): Json<Retir
 
 /// A retirer that always fails, for tests without a scheduler.
 #[cfg(test)]
-pub(crate) fn no_retire() -> Box<dyn Fn(Vec<String>) -> Result<(Vec<String>, Vec<(String, String)>), String> + Send + Sync> {
+pub(crate) fn no_retire() -> Retire {
     Box::new(|_| Err("no scheduler".into()))
 }
 

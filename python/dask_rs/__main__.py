@@ -13,13 +13,21 @@ def scheduler_main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m dask_rs scheduler", description="Run a dask-rs scheduler.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8786)
+    p.add_argument("--dashboard-address", default=":8787",
+                   help="where the dashboard listens, HOST:PORT or :PORT (default :8787)")
+    p.add_argument("--no-dashboard", action="store_true", help="serve no dashboard")
     args = p.parse_args(argv)
+    dashboard = None if args.no_dashboard else args.dashboard_address
     try:
-        handle = _core.start_scheduler(args.host, args.port)
+        handle = _core.start_scheduler(args.host, args.port, dashboard_address=dashboard)
     except OSError as e:
         print(f"dask_rs scheduler: error: {e}", file=sys.stderr)
         return 1
     print(f"Scheduler at {handle.address}", flush=True)
+    if handle.dashboard_warning:
+        print(f"warning: {handle.dashboard_warning}", file=sys.stderr)
+    if handle.dashboard_link:
+        print(f"Dashboard at {handle.dashboard_link}", flush=True)
     signal.signal(signal.SIGTERM, lambda *a: handle.stop())
     signal.signal(signal.SIGINT, lambda *a: handle.stop())
     while not handle.wait(0.2):

@@ -448,6 +448,7 @@ class Client:
         self.id = name or f"Client-{uuid.uuid4()}"
         self._core = _core.ClientCore(address, self.id, float(self._timeout))
         self.scheduler_address = address
+        self._dashboard_link = None
         self.status = "running"
         self._refcount: dict = defaultdict(int)
         self._lock = threading.RLock()
@@ -1188,7 +1189,13 @@ class Client:
     # -- lifecycle --
     @property
     def dashboard_link(self):
-        return None
+        """The dashboard's ``/status`` page, when the scheduler serves one."""
+        if self._dashboard_link is None:
+            try:
+                self._dashboard_link = self._core.info().get("dashboard") or ""
+            except Exception:
+                return None
+        return self._dashboard_link or None
 
     def close(self, timeout=None):
         global _default_client

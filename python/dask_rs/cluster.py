@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 
 from . import _core
@@ -50,7 +51,7 @@ class LocalCluster:
         memory_limit="auto",
         host: str = "127.0.0.1",
         scheduler_port: int = 0,
-        dashboard_address=None,
+        dashboard_address=":8787",
         silence_logs=None,
         timeout: float = 30,
         worker_saturation: float = 1.1,
@@ -83,8 +84,11 @@ class LocalCluster:
         self.python = python or sys.executable
         self.status = "starting"
         self._scheduler = _core.start_scheduler(
-            host, scheduler_port, float(worker_saturation), bool(work_stealing)
+            host, scheduler_port, float(worker_saturation), bool(work_stealing),
+            dashboard_address=None if dashboard_address is None else str(dashboard_address),
         )
+        if self._scheduler.dashboard_warning:
+            warnings.warn(self._scheduler.dashboard_warning, UserWarning, stacklevel=2)
         self.scheduler_address = self._scheduler.address
         self._procs: dict = {}
         self._threads: dict = {}
@@ -247,7 +251,8 @@ class LocalCluster:
 
     @property
     def dashboard_link(self):
-        return None
+        """The dashboard's ``/status`` page (None with ``dashboard_address=None``)."""
+        return self._scheduler.dashboard_link
 
     def __enter__(self):
         return self

@@ -467,11 +467,20 @@ pub struct SchedulerHandle {
     inner: cluster::scheduler::SchedulerHandle,
     #[pyo3(get)]
     address: String,
+    dashboard: Mutex<Option<dashboard::Dashboard>>,
+    /// The dashboard's link (None without a dashboard).
+    #[pyo3(get)]
+    dashboard_link: Option<String>,
+    /// Why the dashboard is not on the port asked for, if it is not.
+    #[pyo3(get)]
+    dashboard_warning: Option<String>,
 }
 
 #[pymethods]
 impl SchedulerHandle {
     fn stop(&self, py: Python<'_>) {
+        let board = self.dashboard.lock().expect("dashboard").take();
+        py.detach(|| drop(board));
         self.inner.stop();
         py.detach(|| self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), self.inner.wait()).await }))
             .ok();
@@ -494,15 +503,17 @@ impl SchedulerHandle {
     }
 }
 
-/// Start a scheduler in this process.
+/// Start a scheduler in this process. With `dashboard_address` (`HOST:PORT`, `:PORT`), it also serves the web
+/// dashboard there (another port when that one is taken).
 #[pyfunction]
-#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1, work_stealing=true))]
+#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1, work_stealing=true, dashboard_address=None))]
 fn start_scheduler(
     py: Python<'_>,
     host: String,
     port: u16,
     worker_saturation: f64,
     work_stealing: bool,
+    dashboard_address: Option<String>,
 ) -> PyResult<SchedulerHandle> {
     let rt = background_runtime("dask-rs-scheduler")?;
     let config = SchedulerConfig { worker_saturation, work_stealing, ..Default::default() };
@@ -510,7 +521,20 @@ fn start_scheduler(
         .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config)))
         .map_err(|e| PyOSError::new_err(format!("cannot start scheduler on {host}:{port}: {e}")))?;
     let address = inner.address.clone();
-    Ok(SchedulerHandle { rt, inner, address })
+    let board = match dashboard_address {
+        Some(at) => match py.detach(|| dashboard::Dashboard::start(&address, &at, &host)) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                inner.stop();
+                return Err(PyOSError::new_err(format!("cannot start the dashboard: {e}")));
+            }
+        },
+        None => None,
+    };
+    let dashboard_link = board.as_ref().map(|d| d.url().to_string());
+    let dashboard_warning = board.as_ref().and_then(|d| d.warning().map(String::from));
+    inner.set_dashboard(dashboard_link.clone());
+    Ok(SchedulerHandle { rt, inner, address, dashboard: Mutex::new(board), dashboard_link, dashboard_warning })
 }
 
 // ---- the client ----------------------------------------------------------
@@ -798,13 +822,14 @@ impl ClientCore {
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let info = py.detach(|| self.core.info()).map_err(client_err)?;
-        let ClusterInfo { address, workers, ntasks, nclients, bytes_in, bytes_out } = info;
+        let ClusterInfo { address, workers, ntasks, nclients, bytes_in, bytes_out, dashboard } = info;
         let d = PyDict::new(py);
         d.set_item("address", address)?;
         d.set_item("ntasks", ntasks)?;
         d.set_item("nclients", nclients)?;
         d.set_item("bytes_in", bytes_in)?;
         d.set_item("bytes_out", bytes_out)?;
+        d.set_item("dashboard", dashboard)?;
         let ws = PyList::empty(py);
         for w in &workers {
             ws.append(worker_to_py(py, w)?)?;

@@ -252,6 +252,8 @@ pub struct ClusterInfo {
     /// Bytes the scheduler received and sent.
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The dashboard's link, when one serves this scheduler.
+    pub dashboard: Option<String>,
 }
 
 /// What a rebalance moved.

@@ -55,9 +55,15 @@ pub struct SchedulerHandle {
     shutdown: watch::Sender<bool>,
     finished: watch::Receiver<bool>,
     pub counters: Arc<ByteCounters>,
+    dashboard: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl SchedulerHandle {
+    /// Tell clients where this scheduler's dashboard is (`GetInfo`).
+    pub fn set_dashboard(&self, url: Option<String>) {
+        *self.dashboard.lock().expect("dashboard") = url;
+    }
+
     /// Ask the scheduler to stop (closes every connection).
     pub fn stop(&self) {
         let _ = self.shutdown.send(true);
@@ -111,11 +117,13 @@ pub async fn start(host: &str, port: u16, config: SchedulerConfig) -> Result<Sch
 
     let core_address = address.clone();
     let c3 = counters.clone();
+    let dashboard = Arc::new(std::sync::Mutex::new(None));
+    let d2 = dashboard.clone();
     tokio::spawn(async move {
-        core_loop(events_rx, shutdown_rx, config, core_address, c3).await;
+        core_loop(events_rx, shutdown_rx, config, core_address, c3, d2).await;
         let _ = finished_tx.send(true);
     });
-    Ok(SchedulerHandle { address, shutdown: shutdown_tx, finished: finished_rx, counters })
+    Ok(SchedulerHandle { address, shutdown: shutdown_tx, finished: finished_rx, counters, dashboard })
 }
 
 fn host_for_address(host: &str, local: &std::net::SocketAddr) -> String {
@@ -196,6 +204,8 @@ struct Core {
     /// The scheduler's own address (for `GetInfo`).
     address: String,
     counters: Arc<ByteCounters>,
+    /// The dashboard's link, once one serves this scheduler.
+    dashboard: Arc<std::sync::Mutex<Option<String>>>,
     /// A client asked the scheduler to shut down.
     stopping: bool,
     worker_ttl: Duration,
@@ -207,8 +217,10 @@ async fn core_loop(
     config: SchedulerConfig,
     address: String,
     counters: Arc<ByteCounters>,
+    dashboard: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     let mut core = Core {
+        dashboard,
         worker_ttl: config.worker_ttl,
         state: SchedulerState::new(config),
         peers: FxHashMap::default(),
@@ -322,6 +334,7 @@ impl Core {
                     nclients: self.state.nclients() as u64,
                     bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
                     bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
+                    dashboard: self.dashboard.lock().expect("dashboard").clone(),
                 };
                 self.send(peer, Outgoing::Client(ToClient::Info { id, info }.into()));
             }
