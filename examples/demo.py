@@ -6,6 +6,8 @@ Run with ``make demo`` (or ``.venv/bin/python examples/demo.py``).
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import dask.array as da
@@ -22,12 +24,27 @@ def sample_pi(seed: int, n: int = 200_000) -> int:
     return int(((xy**2).sum(axis=1) <= 1.0).sum())
 
 
+def linger(link: str | None) -> None:
+    """Keep the cluster up so a person can look at the dashboard: until Enter
+    at a terminal, else for DASK_RS_DEMO_LINGER seconds (default 0)."""
+    if not link:
+        return
+    if sys.stdin.isatty():
+        input(f"\nThe dashboard stays at {link} until you press Enter. ")
+        return
+    seconds = float(os.environ.get("DASK_RS_DEMO_LINGER", "0"))
+    if seconds > 0:
+        print(f"\nThe dashboard stays at {link} for {seconds:.0f} s.")
+        time.sleep(seconds)
+
+
 def main() -> None:
     t0 = time.perf_counter()
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="2GiB")
     with cluster, Client(cluster) as client:
         print(f"Started {cluster!r} in {time.perf_counter() - t0:.2f} s")
         print(f"  {client!r}")
+        print(f"  Dashboard: {cluster.dashboard_link}  (open it now to watch the work below)")
         client.subscribe_events(0.1)
 
         # 1. Futures: a Monte Carlo estimate of pi from 200 tasks, reduced on the cluster.
@@ -63,6 +80,7 @@ def main() -> None:
         for w in workers:
             print(f"  worker {w['name']} at {w['address']}: {w['nkeys']} keys, "
                   f"{format_bytes(w['rss'])} RSS, {format_bytes(w['bytes_in'])} received from peers")
+        linger(cluster.dashboard_link)
     print(f"\nCluster closed; total {time.perf_counter() - t0:.2f} s")
 
 

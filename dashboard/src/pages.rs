@@ -48,6 +48,9 @@ a { color: var(--accent); } svg.plot { display: block; max-width: 100%; height: 
 /// fragment into the element with its id, keep table sorting.
 const SCRIPT: &str = r#"
 const page = document.body.dataset.page, extra = document.body.dataset.query || location.search;
+// `?once=1`: one update, then the page stays as it is (for tools that wait
+// until a page has no connection open, such as headless browsers).
+const once = new URLSearchParams(location.search).get("once") === "1";
 let sortKey = null, sortDesc = false;
 function sortTables() {
   if (sortKey === null) return;
@@ -67,7 +70,8 @@ function connect() {
   const es = new EventSource("/stream/" + page + extra);
   es.onmessage = m => { const parts = JSON.parse(m.data);
     for (const [id, html] of Object.entries(parts)) { const el = document.getElementById(id); if (el) el.innerHTML = html; }
-    sortTables(); document.getElementById("conn").textContent = "live"; };
+    sortTables(); document.getElementById("conn").textContent = "live";
+    if (once) es.close(); };
   es.onerror = () => { document.getElementById("conn").textContent = "reconnecting…"; };
 }
 connect();

@@ -9,6 +9,7 @@ use std::fmt::Write;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::model::Model;
 
@@ -141,6 +142,20 @@ fn axis_font<'a>() -> TextStyle<'a> {
     ("sans-serif", 11).into_font().color(&AXIS)
 }
 
+/// Row labels: right-aligned, centred on their row.
+fn row_label<'a>() -> TextStyle<'a> {
+    axis_font().pos(Pos::new(HPos::Right, VPos::Center))
+}
+
+/// `s` cut to `n` characters (with an ellipsis).
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
 /// The task stream of the last `window` seconds: one row per worker thread,
 /// one rectangle per task coloured by group, the transfer before it in
 /// orange, erred tasks in red.
@@ -203,17 +218,21 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
                 .x_label_area_size(22)
                 .y_label_area_size(110)
                 .build_cartesian_2d(x0..0.0, 0.0..nrows as f64)?;
-            let labels: Vec<String> = rows.iter().take(nrows).map(|(w, t)| format!("{} #{t}", short(w))).collect();
             chart
                 .configure_mesh()
                 .disable_mesh()
                 .x_labels(6)
-                .y_labels(nrows.min(16))
+                .y_labels(0)
                 .x_label_formatter(&|x| format!("{:.0}s", x))
-                .y_label_formatter(&|y| labels.get(*y as usize).cloned().unwrap_or_default())
                 .label_style(axis_font())
                 .axis_style(AXIS)
                 .draw()?;
+            // Row labels (at most about one per 12 pixels), right-aligned left of the plot.
+            let step = (nrows * 12).div_ceil(height.saturating_sub(30).max(1) as usize).max(1);
+            for (i, (w, t)) in rows.iter().take(nrows).enumerate().step_by(step) {
+                let (px, py) = chart.backend_coord(&(x0, i as f64 + 0.5));
+                root.draw(&Text::new(format!("{} #{t}", short(w)), (px - 6, py), row_label()))?;
+            }
             for b in &blocks {
                 let (s, e) = ((b.start - now).max(x0), (b.stop - now).max(x0));
                 let (y0, y1) = (b.row as f64 + 0.1, b.row as f64 + 0.9);
@@ -287,21 +306,12 @@ fn bars(bars: &[Bar], x_max: f64, width: u32, class: &'static str, x_fmt: &dyn F
                 .x_label_area_size(22)
                 .y_label_area_size(150)
                 .build_cartesian_2d(0.0..x_max * 1.25, 0.0..n as f64)?;
-            let labels: Vec<&str> = bars.iter().rev().map(|b| b.label.as_str()).collect();
             chart
                 .configure_mesh()
                 .disable_mesh()
                 .x_labels(5)
-                .y_labels(n)
+                .y_labels(0)
                 .x_label_formatter(&|x| x_fmt(*x))
-                .y_label_formatter(&|y| {
-                    let i = *y as usize;
-                    if (*y - i as f64 - 0.5).abs() < 0.01 {
-                        labels.get(i).map(|s| s.to_string()).unwrap_or_default()
-                    } else {
-                        String::new()
-                    }
-                })
                 .label_style(axis_font())
                 .axis_style(AXIS)
                 .draw()?;
@@ -325,6 +335,8 @@ fn bars(bars: &[Bar], x_max: f64, width: u32, class: &'static str, x_fmt: &dyn F
                     (end + x_max * 0.01, row + 0.75),
                     axis_font(),
                 )))?;
+                let (lx, ly) = chart.backend_coord(&(0.0, row + 0.5));
+                root.draw(&Text::new(clip(&b.label, 24), (lx - 6, ly), row_label()))?;
                 let (px0, py0) = chart.backend_coord(&(0.0, y1));
                 let (px1, py1) = chart.backend_coord(&(end.max(x_max * 0.002), y0));
                 let parts: Vec<String> = b.segments.iter().filter(|s| s.1 > s.0).map(|s| s.3.clone()).collect();

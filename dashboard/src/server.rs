@@ -150,8 +150,14 @@ async fn live(
     }
     let mut tick = tokio::time::interval(shared.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let updates =
-        stream::unfold((shared, page, query, tick, u64::MAX), |(shared, page, query, mut tick, seen)| async move {
+    // `?once=1`: the stream ends after its first update.
+    let once = query.get("once").is_some_and(|v| v == "1");
+    let updates = stream::unfold(
+        (shared, page, query, tick, u64::MAX),
+        move |(shared, page, query, mut tick, seen)| async move {
+            if once && seen != u64::MAX {
+                return None;
+            }
             loop {
                 tick.tick().await;
                 let s = shared.clone();
@@ -165,7 +171,8 @@ async fn live(
                     return Some((event, (shared, page, query, tick, version)));
                 }
             }
-        });
+        },
+    );
     Sse::new(updates).keep_alive(KeepAlive::default()).into_response()
 }
 

@@ -1,0 +1,183 @@
+"""The web dashboard of a real cluster: its pages in headless Chromium (the
+DOM after the page's scripts ran, and a screenshot of each page under
+target/dashboard-screenshots/), /metrics through a Prometheus parser, and
+the JSON API, all checked against the scheduler's own figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dask_rs import Client, LocalCluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHOTS = os.path.join(ROOT, "target", "dashboard-screenshots")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--hide-scrollbars",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    r = subprocess.run([os.path.join(ROOT, "tests", "infra", "chromium.sh")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"tests/infra/chromium.sh failed:\n{r.stdout}{r.stderr}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def browse(chromium, url, tmp_path, screenshot=None):
+    """The DOM of `url` after its scripts ran and its stream delivered an
+    update (and a screenshot then). `?once=1` makes the page close its
+    stream after one update, so the browser sees the page settle."""
+    url += ("&" if "?" in url else "?") + "once=1"
+    profile = tmp_path / f"profile-{time.monotonic_ns()}"
+    args = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=3000"]
+    if screenshot:
+        os.makedirs(SHOTS, exist_ok=True)
+        shot = os.path.join(SHOTS, screenshot)
+        subprocess.run([*args, "--window-size=1280,800", f"--screenshot={shot}", url],
+                       capture_output=True, timeout=60, check=True)
+        assert os.path.getsize(shot) > 10_000, "a screenshot with something on it"
+    r = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def cluster_and_client():
+    with LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address="127.0.0.1:0") as cluster:
+        with Client(cluster) as client:
+            # A stdlib function: workers import it by name (no test module needed).
+            futures = client.map(time.sleep, [0.002] * 300, pure=False)
+            client.gather(futures)
+            # The dashboard follows the scheduler's events a few times a second.
+            time.sleep(1.5)
+            yield cluster, client, futures
+
+
+def test_links_agree_and_pages_answer(cluster_and_client):
+    cluster, client, _ = cluster_and_client
+    link = cluster.dashboard_link
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/status", link), link
+    assert client.dashboard_link == link
+    base = link.rsplit("/", 1)[0]
+    assert get(base + "/health")[2] == "ok"
+    for page in ["/status", "/workers", "/tasks", "/info", "/individual-task-stream"]:
+        status, ctype, body = get(base + page)
+        assert status == 200 and ctype.startswith("text/html") and "dask-rs" in body, page
+    plots = json.loads(get(base + "/individual-plots.json")[2])
+    assert "/individual-task-stream" in plots
+    with pytest.raises(urllib.error.HTTPError) as e:
+        get(base + "/stream/no-such-page")
+    assert e.value.code == 404
+
+
+def test_metrics_parse_and_agree_with_the_scheduler(cluster_and_client):
+    cluster, client, futures = cluster_and_client
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    _, ctype, text = get(base + "/metrics")
+    assert ctype.startswith("text/plain")
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    info = client.scheduler_info()
+
+    def value(name, **labels):
+        found = [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+
+    assert value("dask_scheduler_workers") == len(info["workers"]) == 2
+    assert value("dask_scheduler_clients") == info["n_clients"]
+    # Every future is held and finished: 300 tasks in memory, none elsewhere.
+    assert value("dask_scheduler_tasks", state="memory") == len(futures) == 300
+    assert value("dask_scheduler_tasks", state="processing") == 0
+    assert value("dask_scheduler_tasks_compute_seconds_total", task_prefix_name="sleep") >= 300 * 0.002
+    for addr, w in info["workers"].items():
+        assert value("dask_worker_threads", worker=addr) == w["nthreads"] == 2
+        assert value("dask_worker_tasks", worker=addr, state="memory") == w["metrics"]["in_memory"]
+    assert sum(value("dask_worker_tasks", worker=a, state="memory") for a in info["workers"]) == 300
+
+
+def test_api_lists_workers_and_the_target(cluster_and_client):
+    cluster, client, _ = cluster_and_client
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    workers = json.loads(get(base + "/api/v1/get_workers")[2])["workers"]
+    assert sorted(w["address"] for w in workers) == sorted(client.scheduler_info()["workers"])
+    assert json.loads(get(base + "/api/v1/adaptive_target")[2]) == {"workers": 0}, "nothing left to do"
+
+
+def test_status_page_in_chromium_shows_the_workload(cluster_and_client, chromium, tmp_path):
+    cluster, client, _ = cluster_and_client
+    dom = browse(chromium, cluster.dashboard_link, tmp_path, screenshot="status.png")
+    # The task group in the stream and in the progress bars, with its counts.
+    assert 'data-group="sleep"' in dom
+    assert re.search(r'class="bar" [^>]*data-key="sleep"', dom)
+    assert "300 / 300" in dom
+    # One memory bar per worker, each naming its worker.
+    memory = dom.split('id="memory"', 1)[1].split('id="processing"', 1)[0]
+    keys = re.findall(r'class="bar" [^>]*data-key="([^"]+)"', memory)
+    assert sorted(keys) == sorted(client.scheduler_info()["workers"])
+    # The totals agree with the scheduler.
+    assert re.search(r'id="total-workers">workers<span>2</span>', dom)
+    assert re.search(r'id="total-threads">threads<span>4</span>', dom)
+    assert 'id="conn">live<' in dom, "the page's stream delivered an update"
+
+
+def test_other_pages_in_chromium(cluster_and_client, chromium, tmp_path):
+    cluster, client, _ = cluster_and_client
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    dom = browse(chromium, base + "/workers", tmp_path, screenshot="workers.png")
+    for addr in client.scheduler_info()["workers"]:
+        assert f'data-worker="{addr}"' in dom
+    name = next(iter(client.scheduler_info()["workers"].values()))["name"]
+    dom = browse(chromium, f"{base}/workers/{name}", tmp_path, screenshot="worker.png")
+    assert f"<h2>{name}</h2>" in dom and "sleep" in dom
+    dom = browse(chromium, base + "/tasks", tmp_path, screenshot="tasks.png")
+    assert 'data-group="sleep"' in dom
+    browse(chromium, base + "/info", tmp_path, screenshot="info.png")
+
+
+def test_a_taken_port_moves_the_dashboard_with_a_warning():
+    with LocalCluster(n_workers=0, dashboard_address="127.0.0.1:0") as first:
+        port = int(first.dashboard_link.rsplit(":", 1)[1].split("/")[0])
+        with pytest.warns(UserWarning, match=f"port {port} is already in use"):
+            second = LocalCluster(n_workers=0, dashboard_address=f"127.0.0.1:{port}")
+        try:
+            assert second.dashboard_link != first.dashboard_link
+            assert get(second.dashboard_link.rsplit("/", 1)[0] + "/health")[2] == "ok"
+        finally:
+            second.close()
+    with LocalCluster(n_workers=0, dashboard_address=None) as none:
+        assert none.dashboard_link is None
+        with Client(none) as c:
+            assert c.dashboard_link is None
+
+
+def test_scheduler_command_prints_the_dashboard_and_rejects_a_bad_address():
+    cmd = [sys.executable, "-m", "dask_rs", "scheduler", "--port", "0", "--dashboard-address"]
+    r = subprocess.run([*cmd, "nope"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "invalid dashboard address" in r.stderr, r.stderr
+    p = subprocess.Popen([*cmd, ":0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().startswith("Scheduler at tcp://127.0.0.1:")
+        line = p.stdout.readline()
+        assert re.fullmatch(r"Dashboard at http://127\.0\.0\.1:\d+/status\n", line), line
+        assert get(line.split()[-1].rsplit("/", 1)[0] + "/health")[2] == "ok"
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
