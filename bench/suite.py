@@ -105,6 +105,44 @@ def noop_map(c, n):
     return {f"map-{n}": n / elapsed}
 
 
+# Ten browsers on /status and a Prometheus scraper, in a process of their own
+# (so they take no time from the client's interpreter).
+VIEWERS = """
+import sys, threading, time, urllib.request
+base, seconds = sys.argv[1], float(sys.argv[2])
+end = time.time() + seconds
+def view():
+    with urllib.request.urlopen(base + "/stream/status", timeout=30) as r:
+        while time.time() < end and r.readline():
+            pass
+def scrape():
+    while time.time() < end:
+        urllib.request.urlopen(base + "/metrics", timeout=30).read()
+        time.sleep(1)
+ts = [threading.Thread(target=view) for _ in range(10)] + [threading.Thread(target=scrape)]
+for t in ts: t.start()
+print("ready", flush=True)
+for t in ts: t.join()
+"""
+
+
+def viewed_map(c, n):
+    """`noop_map` while ten viewers follow /status and /metrics is scraped every
+    second (dask-rs only: it measures what watching costs our scheduler)."""
+    link = getattr(c, "dashboard_link", None)
+    if "dask_rs" not in type(c).__module__ or not link:
+        return {}
+    base = link.rsplit("/", 1)[0]
+    p = subprocess.Popen([sys.executable, "-c", VIEWERS, base, "600"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        return {f"map-{n}-viewed": noop_map(c, n)[f"map-{n}"]}
+    finally:
+        p.kill()
+        p.wait()
+
+
 def _get(c, dsk, key):
     t = time.perf_counter()
     out = c.get(dsk, key)
@@ -255,6 +293,8 @@ WORKLOADS = [
       lambda c, q: noop_map(c, 10_000), quick=True),
     W("map-100000", "no-op map + gather, 100,000 tasks", "tasks/s",
       lambda c, q: noop_map(c, 100_000), reps=1),
+    W("map-100000-viewed", "the same, 10 dashboard viewers + /metrics every second", "tasks/s",
+      lambda c, q: viewed_map(c, 100_000), reps=1),
     W("tree-10000", "tree reduction, 10,000 leaves", "s", lambda c, q: tree(c, 10_000, _pid())),
     W("chain-1000", "chain of 1,000 tasks", "s", lambda c, q: chain(c, 1000, _pid()), quick=True),
     W("merge-10000", "merge of 10,000 tasks into one", "s", lambda c, q: merge(c, 10_000, _pid())),

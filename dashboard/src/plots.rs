@@ -473,7 +473,8 @@ pub fn processing(model: &Model, width: u32) -> String {
         })
         .collect();
     let x_max = rows.iter().map(|b| b.segments[1].1).fold(1.0, f64::max);
-    bars(&rows, x_max, width, "processing", &|x| format!("{x:.0}"))
+    let whole = |x: f64| if (x - x.round()).abs() < 1e-9 { format!("{x:.0}") } else { String::new() };
+    bars(&rows, x_max, width, "processing", &whole)
 }
 
 /// `n` rows cut into at most [`MAX_BARS`] consecutive ranges.

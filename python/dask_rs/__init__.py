@@ -24,6 +24,7 @@ __all__ = [
     "as_completed",
     "default_client",
     "fire_and_forget",
+    "futures_of",
     "get_client",
     "progress",
     "rejoin",

@@ -1328,11 +1328,36 @@ def fire_and_forget(obj):
         client._core.fire_and_forget(wires)
 
 
+def futures_of(o) -> list:
+    """The futures inside ``o``: a future, a persisted dask collection, or
+    lists, tuples, sets and dicts of them (as distributed's ``futures_of``)."""
+    out: list = []
+    seen: set = set()
+    stack = [o]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Future):
+            if x.key not in seen:
+                seen.add(x.key)
+                out.append(x)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif hasattr(x, "__dask_graph__"):
+            graph = x.__dask_graph__()
+            if graph is not None:
+                stack.extend(graph.values())
+    out.reverse()
+    return out
+
+
 def wait(fs, timeout=None, return_when=ALL_COMPLETED):
-    """Wait until futures are done; returns ``(done, not_done)`` sets."""
+    """Wait until futures (or the futures of persisted collections) are
+    done; returns ``(done, not_done)`` sets."""
     if isinstance(fs, Future):
         fs = [fs]
-    fs = list(fs)
+    fs = futures_of(fs)
     if not fs:
         return DoneAndNotDoneFutures(set(), set())
     client = fs[0].client

@@ -14,10 +14,11 @@ import time
 import urllib.error
 import urllib.request
 
+import dask.array as da
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dask_rs import Client, LocalCluster
+from dask_rs import Client, LocalCluster, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHOTS = os.path.join(ROOT, "target", "dashboard-screenshots")
@@ -66,13 +67,17 @@ def cluster_and_client():
             # A stdlib function: workers import it by name (no test module needed).
             futures = client.map(time.sleep, [0.002] * 300, pure=False)
             client.gather(futures)
+            # And a dask.array held on the workers (16 chunks).
+            x = da.random.random((2000, 2000), chunks=500)
+            y = (x + x.T).persist()
+            wait(y)
             # The dashboard follows the scheduler's events a few times a second.
             time.sleep(1.5)
-            yield cluster, client, futures
+            yield cluster, client, futures, y
 
 
 def test_links_agree_and_pages_answer(cluster_and_client):
-    cluster, client, _ = cluster_and_client
+    cluster, client, _, _ = cluster_and_client
     link = cluster.dashboard_link
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/status", link), link
     assert client.dashboard_link == link
@@ -89,7 +94,7 @@ def test_links_agree_and_pages_answer(cluster_and_client):
 
 
 def test_metrics_parse_and_agree_with_the_scheduler(cluster_and_client):
-    cluster, client, futures = cluster_and_client
+    cluster, client, futures, _ = cluster_and_client
     base = cluster.dashboard_link.rsplit("/", 1)[0]
     _, ctype, text = get(base + "/metrics")
     assert ctype.startswith("text/plain")
@@ -97,24 +102,25 @@ def test_metrics_parse_and_agree_with_the_scheduler(cluster_and_client):
     info = client.scheduler_info()
 
     def value(name, **labels):
-        found = [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+        found = [s.value for s in samples
+                 if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
         assert len(found) == 1, (name, labels, found)
         return found[0]
 
     assert value("dask_scheduler_workers") == len(info["workers"]) == 2
     assert value("dask_scheduler_clients") == info["n_clients"]
-    # Every future is held and finished: 300 tasks in memory, none elsewhere.
-    assert value("dask_scheduler_tasks", state="memory") == len(futures) == 300
+    # Every future is held and finished: 300 + 16 tasks in memory, none elsewhere.
+    assert value("dask_scheduler_tasks", state="memory") == len(futures) + 16 == 316
     assert value("dask_scheduler_tasks", state="processing") == 0
     assert value("dask_scheduler_tasks_compute_seconds_total", task_prefix_name="sleep") >= 300 * 0.002
     for addr, w in info["workers"].items():
         assert value("dask_worker_threads", worker=addr) == w["nthreads"] == 2
         assert value("dask_worker_tasks", worker=addr, state="memory") == w["metrics"]["in_memory"]
-    assert sum(value("dask_worker_tasks", worker=a, state="memory") for a in info["workers"]) == 300
+    assert sum(value("dask_worker_tasks", worker=a, state="memory") for a in info["workers"]) == 316
 
 
 def test_api_lists_workers_and_the_target(cluster_and_client):
-    cluster, client, _ = cluster_and_client
+    cluster, client, _, _ = cluster_and_client
     base = cluster.dashboard_link.rsplit("/", 1)[0]
     workers = json.loads(get(base + "/api/v1/get_workers")[2])["workers"]
     assert sorted(w["address"] for w in workers) == sorted(client.scheduler_info()["workers"])
@@ -122,7 +128,7 @@ def test_api_lists_workers_and_the_target(cluster_and_client):
 
 
 def test_status_page_in_chromium_shows_the_workload(cluster_and_client, chromium, tmp_path):
-    cluster, client, _ = cluster_and_client
+    cluster, client, _, _ = cluster_and_client
     dom = browse(chromium, cluster.dashboard_link, tmp_path, screenshot="status.png")
     # The task group in the stream and in the progress bars, with its counts.
     assert 'data-group="sleep"' in dom
@@ -139,7 +145,7 @@ def test_status_page_in_chromium_shows_the_workload(cluster_and_client, chromium
 
 
 def test_other_pages_in_chromium(cluster_and_client, chromium, tmp_path):
-    cluster, client, _ = cluster_and_client
+    cluster, client, _, _ = cluster_and_client
     base = cluster.dashboard_link.rsplit("/", 1)[0]
     dom = browse(chromium, base + "/workers", tmp_path, screenshot="workers.png")
     for addr in client.scheduler_info()["workers"]:

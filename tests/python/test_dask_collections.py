@@ -105,7 +105,13 @@ def test_client_compute_and_persist(client):
     fut = client.compute(x.sum())
     assert fut.result(timeout=30) == 1_000_000
     y = client.persist(x + 1)
-    # Persisted chunks are held on the cluster as futures.
+    # Persisted chunks are held on the cluster as futures; `wait` takes the
+    # collection itself, as distributed's does.
+    from dask_rs import futures_of, wait
+
+    done, not_done = wait(y, timeout=30)
+    assert len(done) == 16 and not not_done
+    assert {f.key for f in futures_of([y, {"again": y}])} == {f.key for f in done}
     assert client.scheduler_info()["n_tasks"] >= 16
     assert float((y * 2).sum().compute()) == 4_000_000
     left, _ = _frames()
