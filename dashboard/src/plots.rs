@@ -11,6 +11,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use cluster::protocol::TaskStreamRecord;
+
 use crate::model::Model;
 
 /// Most bars one bar chart draws; more rows are aggregated.
@@ -169,44 +171,21 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
     let mut rows: Vec<(&str, u32)> = records.iter().map(|r| (r.worker.as_str(), r.thread)).collect();
     rows.sort();
     rows.dedup();
-    let nrows = rows.len().min(MAX_ROWS);
+    // At least 3 pixels per row; more threads than that fold onto rows.
+    let nrows = rows.len().min(MAX_ROWS).min((height as usize / 3).max(1));
     let row_of = |w: &str, t: u32| rows.binary_search(&(w, t)).unwrap_or(0) % nrows;
     let x0 = -window;
     let px = window / width.max(1) as f64;
-    // Merge, per row, consecutive tasks of one group closer than a pixel.
-    struct Block<'a> {
-        row: usize,
-        start: f64,
-        stop: f64,
-        transfer: f64,
-        group: &'a str,
-        erred: bool,
-        n: usize,
-        key: &'a str,
-        worker: &'a str,
-    }
     let mut sorted: Vec<_> = records.iter().map(|r| (row_of(&r.worker, r.thread), *r)).collect();
     sorted.sort_by(|a, b| (a.0, a.1.start).partial_cmp(&(b.0, b.1.start)).unwrap_or(std::cmp::Ordering::Equal));
-    let mut blocks: Vec<Block> = Vec::new();
-    for (row, r) in sorted {
-        if let Some(b) = blocks.last_mut() {
-            if b.row == row && b.group == r.group && b.erred == r.erred && r.start - b.stop < px {
-                b.stop = b.stop.max(r.stop);
-                b.n += 1;
-                continue;
-            }
-        }
-        blocks.push(Block {
-            row,
-            start: r.start,
-            stop: r.stop,
-            transfer: r.transfer,
-            group: &r.group,
-            erred: r.erred,
-            n: 1,
-            key: &r.key,
-            worker: &r.worker,
-        });
+    // Merge, per row, consecutive tasks of one group less than a pixel
+    // apart; while that leaves too many blocks, merge across groups with a
+    // gap that doubles each time.
+    let mut blocks = merge_blocks(&sorted, px, true);
+    let mut gap = px;
+    while blocks.len() > MAX_BLOCKS {
+        blocks = merge_blocks(&sorted, gap, false);
+        gap *= 2.0;
     }
     let mut svg = String::new();
     let mut hovers = Vec::new();
@@ -247,7 +226,7 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
                 let title = if b.n == 1 {
                     format!("{}\n{} on {}\n{}", b.key, b.group, b.worker, fmt_seconds(b.stop - b.start))
                 } else {
-                    format!("{} tasks of {} on {}\n{}", b.n, b.group, b.worker, fmt_seconds(b.stop - b.start))
+                    format!("{} tasks from {} on {}\n{}", b.n, b.group, b.worker, fmt_seconds(b.stop - b.start))
                 };
                 hovers.push(Hover {
                     x: px0,
@@ -267,6 +246,51 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
         }
     }
     finish(svg, "task-stream", "task stream", &hovers)
+}
+
+/// Most rectangles one task-stream plot draws.
+pub const MAX_BLOCKS: usize = 3000;
+
+/// Tasks of one row drawn as one rectangle.
+struct Block<'a> {
+    row: usize,
+    start: f64,
+    stop: f64,
+    transfer: f64,
+    group: &'a str,
+    erred: bool,
+    n: usize,
+    key: &'a str,
+    worker: &'a str,
+}
+
+/// Consecutive tasks of a row (`sorted` by row, then start) less than `gap`
+/// apart as one block; of the same group and outcome only, if `same_group`.
+fn merge_blocks<'a>(sorted: &[(usize, &'a TaskStreamRecord)], gap: f64, same_group: bool) -> Vec<Block<'a>> {
+    let mut blocks: Vec<Block> = Vec::new();
+    for &(row, r) in sorted {
+        if let Some(b) = blocks.last_mut() {
+            let alike = !same_group || (b.group == r.group && b.erred == r.erred);
+            if b.row == row && alike && r.start - b.stop < gap {
+                b.stop = b.stop.max(r.stop);
+                b.n += 1;
+                b.erred |= r.erred;
+                continue;
+            }
+        }
+        blocks.push(Block {
+            row,
+            start: r.start,
+            stop: r.stop,
+            transfer: r.transfer,
+            group: &r.group,
+            erred: r.erred,
+            n: 1,
+            key: &r.key,
+            worker: &r.worker,
+        });
+    }
+    blocks
 }
 
 /// A worker address without the scheme.
@@ -600,5 +624,50 @@ mod tests {
         let workers = (0..1000).map(|i| WorkerInfo::new(format!("w{i:04}"), format!("tcp://h:{i}"), 1, 0)).collect();
         many.apply(EventsUpdate { time: 1.0, workers, ..Default::default() });
         assert_eq!(memory(&many, 600).matches("class=\"bar\"").count(), 63);
+    }
+
+    /// A cluster of 1,000 workers and 1,000 task groups with a full task
+    /// stream: every plot stays bounded in size (and the time to draw them
+    /// is printed, for the record; `--nocapture` shows it).
+    #[test]
+    fn plots_stay_bounded_for_a_thousand_workers_and_groups() {
+        let mut m = Model::default();
+        let workers: Vec<WorkerInfo> = (0..1000)
+            .map(|i| {
+                let mut w =
+                    WorkerInfo::new(format!("w{i:04}"), format!("tcp://10.0.{}.{}:1", i / 250, i % 250), 4, 1 << 34);
+                w.managed = (i as u64) << 20;
+                w.rss = (2 * i as u64) << 20;
+                w.processing = (i % 7) as u32;
+                w
+            })
+            .collect();
+        let groups: Vec<GroupCounts> = (0..1000)
+            .map(|i| GroupCounts { name: format!("group-{i}"), memory: i, waiting: 1000 - i, ..Default::default() })
+            .collect();
+        let stream: Vec<TaskStreamRecord> = (0..crate::model::STREAM_CAPACITY)
+            .map(|i| TaskStreamRecord {
+                key: format!("('group-{}', {i})", i % 1000),
+                group: format!("group-{}", i % 1000),
+                worker: format!("tcp://10.0.{}.{}:1", (i % 1000) / 250, i % 250),
+                thread: (i % 4) as u32,
+                start: 1000.0 + i as f64 * 1e-4,
+                stop: 1000.0 + i as f64 * 1e-4 + 5e-4,
+                transfer: 0.0,
+                erred: false,
+            })
+            .collect();
+        m.apply(EventsUpdate { time: 1010.0, stream, workers, groups, ..Default::default() });
+        let t = std::time::Instant::now();
+        let sizes = [
+            task_stream(&m, 10.0, 1200, 260).len(),
+            task_stream(&m, 3600.0, 1200, 520).len(),
+            progress(&m, 700).len(),
+            memory(&m, 560).len(),
+            processing(&m, 560).len(),
+        ];
+        eprintln!("1,000 workers, 1,000 groups, 100,000 records: all plots in {:?}, SVG bytes {sizes:?}", t.elapsed());
+        assert!(sizes.iter().all(|&n| n < 2_000_000), "{sizes:?}");
+        assert!(progress(&m, 700).contains("936 more groups not shown"));
     }
 }
