@@ -17,6 +17,7 @@ mod ctl;
 mod manager;
 mod registry;
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -197,6 +198,7 @@ fn main() -> Result<()> {
 async fn run_scheduler(host: String, port: u16, config: SchedulerConfig, dashboard: Option<String>) -> Result<()> {
     let handle =
         scheduler::start(&host, port, config).await.with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let stop = shutdown_signal();
     println!("Scheduler at {}", handle.address);
     let _dashboard = match dashboard {
         Some(at) => {
@@ -205,13 +207,14 @@ async fn run_scheduler(host: String, port: u16, config: SchedulerConfig, dashboa
             if let Some(w) = d.warning() {
                 eprintln!("warning: {w}");
             }
-            println!("Dashboard at {}", d.url());
+            // Not println!: whoever read the first line may have closed stdout.
+            let _ = writeln!(std::io::stdout(), "Dashboard at {}", d.url());
             Some(d)
         }
         None => None,
     };
     tokio::select! {
-        _ = shutdown_signal() => {
+        _ = stop => {
             eprintln!("shutting down");
             handle.stop();
             handle.wait().await;
@@ -243,11 +246,17 @@ async fn run_sim_worker(
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called (not when first awaited), so a signal that arrives while the
+/// caller still starts things is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
