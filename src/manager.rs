@@ -161,7 +161,18 @@ pub fn run(dir: PathBuf) -> Result<()> {
                     let running = view.workers.len() as u64;
                     let pending = (owned.len() as u64).saturating_sub(running);
                     let target = ctrl.target().unwrap_or(0) as u64;
-                    d.set_manager_gauges(dashboard::ManagerGauges { target, running, pending });
+                    let decisions = ctrl
+                        .decisions()
+                        .map(|d| dashboard::Decision {
+                            time: d.time,
+                            kind: d.kind.clone(),
+                            target: d.target,
+                            running: d.running,
+                            pending: d.pending,
+                            reason: d.reason.clone(),
+                        })
+                        .collect();
+                    d.set_manager(dashboard::ManagerGauges { target, running, pending }, decisions);
                 }
                 if owned != owned_saved {
                     let _ = registry::save_owned(&dir, &owned);

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::comm::{self, CommError, ConnectionPool, Outbox};
 use crate::protocol::{
     Blob, ClusterInfo, CoordError, CoordOp, CoordValue, DataReply, DataRequest, DatasetValue, Envelope, EventsUpdate,
-    FromClient, Key, RebalanceStats, Role, TaskSpec, ToClient,
+    FromClient, Key, RebalanceStats, Role, TaskSpec, TaskStreamRecord, ToClient,
 };
 
 /// Errors of the client core.
@@ -65,6 +65,7 @@ impl KeyStatus {
 #[derive(Debug)]
 pub enum Reply {
     WhoHas(Vec<(Key, Vec<String>)>),
+    TaskStream(Vec<TaskStreamRecord>),
     Info(ClusterInfo),
     /// A dataset request's answer: the dataset's bytes, or the names of the
     /// datasets, or the scheduler's error text.
@@ -438,6 +439,20 @@ impl ClientCore {
         }
     }
 
+    /// Task-stream records that ended between `start` and `stop` (Unix
+    /// seconds), at most the last `count`, from the scheduler's ring.
+    pub fn task_stream(
+        &self,
+        start: Option<f64>,
+        stop: Option<f64>,
+        count: Option<u64>,
+    ) -> Result<Vec<TaskStreamRecord>, ClientError> {
+        match self.query(|id| FromClient::GetTaskStream { id, start, stop, count }, self.timeout)? {
+            Reply::TaskStream(v) => Ok(v),
+            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// The scheduler's view of the cluster.
     pub fn info(&self) -> Result<ClusterInfo, ClientError> {
         match self.query(|id| FromClient::GetInfo { id }, self.timeout)? {
@@ -683,6 +698,12 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope<ToClient>>) {
             ToClient::WhoHasReply { id, who_has } => {
                 if let Some(tx) = s.pending_replies.remove(&id) {
                     let _ = tx.send(Reply::WhoHas(who_has));
+                }
+                continue;
+            }
+            ToClient::TaskStream { id, records } => {
+                if let Some(tx) = s.pending_replies.remove(&id) {
+                    let _ = tx.send(Reply::TaskStream(records));
                 }
                 continue;
             }

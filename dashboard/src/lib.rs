@@ -14,6 +14,7 @@ mod metrics;
 mod model;
 mod pages;
 mod plots;
+mod report;
 mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,8 @@ use std::time::Duration;
 use cluster::client::ClientCore;
 
 pub use metrics::ManagerGauges;
-pub use model::Model;
+pub use model::{Decision, Model};
+pub use report::report_html;
 
 /// Dask's dashboard port.
 pub const DEFAULT_PORT: u16 = 8787;
@@ -164,6 +166,15 @@ impl Dashboard {
     /// pending workers) for `/metrics` and `/api/v1/adaptive_target`.
     pub fn set_manager_gauges(&self, gauges: ManagerGauges) {
         *self.shared.manager.lock().expect("manager") = Some(gauges);
+    }
+
+    /// Report the manager's figures and its decisions for the `/adaptive`
+    /// page (and `/metrics`).
+    pub fn set_manager(&self, gauges: ManagerGauges, decisions: Vec<Decision>) {
+        self.set_manager_gauges(gauges);
+        let mut m = self.shared.model.lock().expect("model");
+        let now = if m.time > 0.0 { m.time } else { cluster::now() };
+        m.set_manager(now, gauges.target, gauges.running, gauges.pending, decisions);
     }
 
     /// Stop serving and following the scheduler.

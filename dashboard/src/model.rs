@@ -64,6 +64,22 @@ pub struct Model {
     pub worker_history: BTreeMap<String, VecDeque<MemorySample>>,
     /// Updates applied.
     pub updates: u64,
+    /// A cluster manager's figures over time: (time, target, running, pending).
+    pub manager: VecDeque<(f64, u64, u64, u64)>,
+    /// The manager's recent scaling decisions, newest last.
+    pub decisions: Vec<Decision>,
+}
+
+/// One scaling decision of a cluster manager, as the `/adaptive` page lists it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Decision {
+    pub time: f64,
+    /// `target`, `scale_up`, `scale_down`, `retire`, `backend_error`, `worker_failed`.
+    pub kind: String,
+    pub target: usize,
+    pub running: usize,
+    pub pending: usize,
+    pub reason: String,
 }
 
 impl Model {
@@ -122,6 +138,17 @@ impl Model {
             queued: self.load.queued + self.load.no_worker,
         };
         self.history.push_back(sample);
+    }
+
+    /// A cluster manager's figures now, and its decisions so far.
+    pub fn set_manager(&mut self, time: f64, target: u64, running: u64, pending: u64, decisions: Vec<Decision>) {
+        if self.manager.len() == HISTORY_CAPACITY {
+            self.manager.pop_front();
+        }
+        self.manager.push_back((time, target, running, pending));
+        self.decisions = decisions;
+        // A page that shows the manager changes with it.
+        self.updates += 1;
     }
 
     /// Task counts over every group, by Dask's state names (forgotten

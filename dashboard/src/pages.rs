@@ -11,8 +11,14 @@ use crate::model::Model;
 use crate::plots::{self, esc, fmt_bytes, fmt_seconds};
 
 /// Pages with a live stream, and their titles.
-pub const PAGES: &[(&str, &str)] =
-    &[("status", "Status"), ("workers", "Workers"), ("tasks", "Tasks"), ("info", "Info")];
+pub const PAGES: &[(&str, &str)] = &[
+    ("status", "Status"),
+    ("workers", "Workers"),
+    ("tasks", "Tasks"),
+    ("groups", "Groups"),
+    ("adaptive", "Adaptive"),
+    ("info", "Info"),
+];
 
 /// Single plots for embedding (`/individual-plots.json`).
 pub const INDIVIDUAL: &[(&str, &str)] = &[
@@ -295,6 +301,66 @@ pub fn tasks_fragments(m: &Model, window: f64) -> serde_json::Value {
         "task-stream-long": plots::task_stream(m, window, 1200, 520),
         "task-rate": plots::timeline(&rate, m.time, 1200, 200, "task-rate", &|y| format!("{y:.0}")),
     })
+}
+
+/// `/groups`: the task-group graph.
+pub fn groups_page() -> String {
+    shell(
+        "groups",
+        "Groups",
+        "",
+        r#"<div class="card"><h2>Task groups: columns by dependency depth, filled by the share done</h2><div id="groups-graph"></div></div>"#,
+    )
+}
+
+/// The fragments of `/groups`.
+pub fn groups_fragments(m: &Model) -> serde_json::Value {
+    json!({ "groups-graph": plots::groups_graph(m, 1200) })
+}
+
+/// `/adaptive`: a cluster manager's target, running and pending workers
+/// over time, and its decisions with their reasons.
+pub fn adaptive_page() -> String {
+    shell(
+        "adaptive",
+        "Adaptive",
+        "",
+        r#"<div class="card"><h2>Workers: target, running, pending</h2><div id="adaptive-plot"></div></div>
+<div class="card"><h2>Decisions</h2><div id="adaptive-decisions"></div></div>"#,
+    )
+}
+
+/// The fragments of `/adaptive`.
+pub fn adaptive_fragments(m: &Model) -> serde_json::Value {
+    if m.manager.is_empty() {
+        let none = "<p>This scheduler is not run by a cluster manager: start one with <code>dask-ctl up</code> \
+                    to see its scaling here (the target Dask would aim for is at <code>/api/v1/adaptive_target</code>).</p>";
+        return json!({ "adaptive-plot": none, "adaptive-decisions": "" });
+    }
+    let series = |i: usize| m.manager.iter().map(|s| (s.0, [s.1, s.2, s.3][i] as f64)).collect::<Vec<_>>();
+    let lines = vec![
+        ("target", plots::group_color("target"), series(0)),
+        ("running", plots::group_color("running"), series(1)),
+        ("pending", plots::group_color("pending"), series(2)),
+    ];
+    let plot = plots::timeline(&lines, m.time, 1200, 260, "adaptive", &|y| format!("{y:.0}"));
+    let mut t = String::from(
+        "<table><thead><tr><th>when</th><th>decision</th><th>target</th><th>running</th><th>pending</th><th>why</th></tr></thead><tbody>",
+    );
+    for d in m.decisions.iter().rev().take(100) {
+        let _ = write!(
+            t,
+            "<tr class=\"decision\"><td>{:.0} s ago</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td style=\"text-align:left\">{}</td></tr>",
+            (m.time - d.time).max(0.0),
+            esc(&d.kind),
+            d.target,
+            d.running,
+            d.pending,
+            esc(&d.reason)
+        );
+    }
+    t.push_str("</tbody></table>");
+    json!({ "adaptive-plot": plot, "adaptive-decisions": t })
 }
 
 /// `/info`: identity and uptime.

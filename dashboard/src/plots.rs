@@ -501,6 +501,118 @@ pub fn processing(model: &Model, width: u32) -> String {
     bars(&rows, x_max, width, "processing", &whole)
 }
 
+/// Most task groups the group graph draws.
+pub const MAX_GRAPH_GROUPS: usize = 150;
+
+/// The task groups as a graph: one box per group in a column by its depth
+/// (how many groups lie upstream), filled by the share of its tasks done,
+/// lines from the groups it depends on.
+pub fn groups_graph(model: &Model, width: u32) -> String {
+    let mut groups: Vec<&cluster::protocol::GroupCounts> = model.groups.values().collect();
+    if groups.is_empty() {
+        return empty(width, 80, "groups", "no task groups yet");
+    }
+    let hidden = groups.len().saturating_sub(MAX_GRAPH_GROUPS);
+    groups.sort_by_key(|g| std::cmp::Reverse(g.waiting + g.queued + g.no_worker + g.processing + g.memory));
+    groups.truncate(MAX_GRAPH_GROUPS);
+    let index: std::collections::HashMap<&str, usize> =
+        groups.iter().enumerate().map(|(i, g)| (g.name.as_str(), i)).collect();
+    let deps: Vec<Vec<usize>> =
+        groups.iter().map(|g| g.dependencies.iter().filter_map(|d| index.get(d.as_str()).copied()).collect()).collect();
+    // Depth by relaxation, bounded (group-level cycles are possible).
+    let mut depth = vec![0usize; groups.len()];
+    for _ in 0..groups.len().min(64) {
+        let mut changed = false;
+        for i in 0..groups.len() {
+            let d = deps[i].iter().map(|&j| depth[j] + 1).max().unwrap_or(0).min(32);
+            if d > depth[i] {
+                depth[i] = d;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let columns = depth.iter().max().map_or(1, |d| d + 1);
+    let mut slot = vec![0usize; groups.len()];
+    let mut per_column = vec![0usize; columns];
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by(|&a, &b| groups[a].name.cmp(&groups[b].name));
+    for i in order {
+        slot[i] = per_column[depth[i]];
+        per_column[depth[i]] += 1;
+    }
+    let rows = per_column.iter().copied().max().unwrap_or(1);
+    let (box_w, box_h, gap_y) = (150i32, 30i32, 12i32);
+    let col_w = ((width as i32 - 20) / columns as i32).max(box_w + 30);
+    let width = (col_w * columns as i32 + 20).max(width as i32) as u32;
+    let height = (rows as i32 * (box_h + gap_y) + 30) as u32;
+    let pos = |i: usize| (10 + depth[i] as i32 * col_w, 20 + slot[i] as i32 * (box_h + gap_y));
+    let mut svg = String::new();
+    let mut hovers = Vec::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        let drawn = (|| -> Result<(), Box<dyn std::error::Error + '_>> {
+            for (i, ds) in deps.iter().enumerate() {
+                let (x, y) = pos(i);
+                for &j in ds {
+                    let (xj, yj) = pos(j);
+                    root.draw(&PathElement::new(
+                        vec![(xj + box_w, yj + box_h / 2), (x, y + box_h / 2)],
+                        AXIS.stroke_width(1),
+                    ))?;
+                }
+            }
+            for (i, g) in groups.iter().enumerate() {
+                let (x, y) = pos(i);
+                let done = g.memory + g.released + g.forgotten;
+                let total = (done + g.erred + g.processing + g.waiting + g.queued + g.no_worker).max(1);
+                let fill = (box_w as f64 * done as f64 / total as f64) as i32;
+                root.draw(&Rectangle::new([(x, y), (x + box_w, y + box_h)], WAITING.filled()))?;
+                if fill > 0 {
+                    root.draw(&Rectangle::new([(x, y), (x + fill, y + box_h)], group_color(&g.name).filled()))?;
+                }
+                if g.erred > 0 {
+                    root.draw(&Rectangle::new([(x, y + box_h - 4), (x + box_w, y + box_h)], ERRED.filled()))?;
+                }
+                root.draw(&Text::new(clip(&g.name, 20), (x + 4, y + 3), ("sans-serif", 11).into_font().color(&BLACK)))?;
+                root.draw(&Text::new(
+                    format!("{done} / {total}"),
+                    (x + 4, y + 16),
+                    ("sans-serif", 10).into_font().color(&BLACK),
+                ))?;
+                hovers.push(Hover {
+                    x,
+                    y,
+                    w: box_w,
+                    h: box_h,
+                    class: "group",
+                    attrs: vec![("group", g.name.clone())],
+                    title: format!(
+                        "{}\ndone {done} of {total}, processing {}, waiting {}, erred {}\ndepends on: {}",
+                        g.name,
+                        g.processing,
+                        g.waiting + g.queued + g.no_worker,
+                        g.erred,
+                        if g.dependencies.is_empty() { "-".to_string() } else { g.dependencies.join(", ") }
+                    ),
+                });
+            }
+            root.present()?;
+            Ok(())
+        })();
+        if let Err(e) = drawn {
+            tracing::warn!("groups plot: {e}");
+        }
+    }
+    let mut out = finish(svg, "groups", "task groups", &hovers);
+    if hidden > 0 {
+        out = out.replacen("</svg>", &format!("<text x=\"4\" y=\"12\" fill=\"#808080\" font-family=\"sans-serif\" font-size=\"11\">{hidden} more groups not shown</text></svg>"), 1);
+    }
+    out
+}
+
 /// `n` rows cut into at most [`MAX_BARS`] consecutive ranges.
 fn chunks(n: usize) -> Vec<std::ops::Range<usize>> {
     let per = n.div_ceil(MAX_BARS).max(1);
@@ -669,5 +781,29 @@ mod tests {
         eprintln!("1,000 workers, 1,000 groups, 100,000 records: all plots in {:?}, SVG bytes {sizes:?}", t.elapsed());
         assert!(sizes.iter().all(|&n| n < 2_000_000), "{sizes:?}");
         assert!(progress(&m, 700).contains("936 more groups not shown"));
+    }
+
+    #[test]
+    fn the_group_graph_places_groups_after_what_they_depend_on() {
+        let mut m = Model::default();
+        let g = |name: &str, deps: &[&str]| GroupCounts {
+            name: name.into(),
+            memory: 1,
+            waiting: 1,
+            dependencies: deps.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        };
+        let groups =
+            vec![g("load", &[]), g("clean", &["load"]), g("sum", &["clean", "load"]), g("a", &["b"]), g("b", &["a"])];
+        m.apply(EventsUpdate { time: 1.0, groups, ..Default::default() });
+        let svg = groups_graph(&m, 900);
+        let x_of = |name: &str| -> i32 {
+            let at = svg.find(&format!("data-group=\"{name}\"")).unwrap();
+            let tag = &svg[svg[..at].rfind("<rect").unwrap()..at];
+            tag.split("x=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap()
+        };
+        assert!(x_of("load") < x_of("clean") && x_of("clean") < x_of("sum"), "columns by depth");
+        assert!(svg.contains("1 / 2"), "counts on the boxes");
+        assert!(svg.contains("depends on: clean, load"));
     }
 }

@@ -72,6 +72,8 @@ impl Shared {
             "workers" if !worker.is_empty() => pages::worker_fragments(&model, &worker),
             "workers" => pages::workers_fragments(&model),
             "tasks" => pages::tasks_fragments(&model, window),
+            "groups" => pages::groups_fragments(&model),
+            "adaptive" => pages::adaptive_fragments(&model),
             "info" => pages::info_fragments(&model, &self.scheduler, &[]),
             other => pages::individual_fragments(&model, other),
         };
@@ -100,6 +102,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             }),
         )
         .route("/tasks", get(|s, q| page(s, q, "tasks", pages::tasks_page())))
+        .route("/groups", get(|s, q| page(s, q, "groups", pages::groups_page())))
+        .route("/adaptive", get(|s, q| page(s, q, "adaptive", pages::adaptive_page())))
         .route("/info", get(|s, q| page(s, q, "info", pages::info_page())))
         .route("/stream/{page}", get(live))
         .route("/metrics", get(prometheus))

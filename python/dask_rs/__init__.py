@@ -25,6 +25,8 @@ __all__ = [
     "default_client",
     "fire_and_forget",
     "futures_of",
+    "get_task_stream",
+    "performance_report",
     "get_client",
     "progress",
     "rejoin",
@@ -41,10 +43,10 @@ def __getattr__(name):
         from .cluster import LocalCluster
 
         return LocalCluster
-    if name == "progress":
-        from .diagnostics import progress
+    if name in ("progress", "get_task_stream", "performance_report"):
+        from . import diagnostics
 
-        return progress
+        return getattr(diagnostics, name)
     if name in ("Event", "Lock", "Queue", "Semaphore", "Variable"):
         from . import coordination
 

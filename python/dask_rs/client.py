@@ -1168,6 +1168,24 @@ class Client:
             raise ValueError("; ".join(f"cannot retire {n}: {why}" for n, why in failed))
         return {by_name[n][0]: by_name[n][1] for n in retired if n in by_name}
 
+    def get_task_stream(self, start=None, stop=None, count=None, plot=False, filename=None,
+                        bokeh_resources=None):
+        """Tasks that ended between ``start`` and ``stop`` (Unix times, or
+        durations before now such as ``"60s"``), at most the last ``count``,
+        as distributed's records: ``key``, ``worker``, ``thread``, ``status``
+        and ``startstops`` (a ``transfer`` before the ``compute`` when inputs
+        were fetched). From the scheduler's ring of recent tasks."""
+        if plot:
+            raise NotImplementedError("plot=True: use the dashboard's /tasks page or performance_report()")
+        import time as _time
+
+        def when(t):
+            if t is None or isinstance(t, (int, float)):
+                return t
+            return _time.time() - parse_timedelta(t)
+
+        return [_distributed_record(r) for r in self._core.task_stream(when(start), when(stop), count)]
+
     def wait_for_workers(self, n_workers: int, timeout=None):
         import time
 
@@ -1328,6 +1346,23 @@ def fire_and_forget(obj):
         client._core.fire_and_forget(wires)
 
 
+def _distributed_record(r: dict) -> dict:
+    """A task-stream record in distributed's shape."""
+    startstops = []
+    if r["transfer"] > 0:
+        startstops.append({"action": "transfer", "start": r["start"] - r["transfer"], "stop": r["start"]})
+    startstops.append({"action": "compute", "start": r["start"], "stop": r["stop"]})
+    return {
+        "key": r["key"],
+        "name": r["group"],
+        "worker": r["worker"],
+        "thread": r["thread"],
+        "status": "error" if r["erred"] else "OK",
+        "startstops": tuple(startstops),
+        "metadata": {},
+    }
+
+
 def futures_of(o) -> list:
     """The futures inside ``o``: a future, a persisted dask collection, or
     lists, tuples, sets and dicts of them (as distributed's ``futures_of``)."""
@@ -1344,6 +1379,8 @@ def futures_of(o) -> list:
             stack.extend(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
+        elif isinstance(getattr(x, "value", None), Future):  # a graph node holding a future
+            stack.append(x.value)
         elif hasattr(x, "__dask_graph__"):
             graph = x.__dask_graph__()
             if graph is not None:

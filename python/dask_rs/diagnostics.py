@@ -1,4 +1,6 @@
-"""`progress(futures)`: a progress bar in the terminal, or a widget in a notebook."""
+"""`progress(futures)`: a progress bar in the terminal, or a widget in a
+notebook; `get_task_stream()` and `performance_report()`: what ran during a
+block of code, as records or as a self-contained HTML file."""
 
 from __future__ import annotations
 
@@ -88,3 +90,75 @@ def progress(*futures, notebook=None, multi=False, complete=True, interval=0.1, 
     out.write("\n" if complete else "\r")
     out.flush()
     return None
+
+
+class get_task_stream:
+    """Record the tasks that run inside a ``with`` block (distributed's
+    ``get_task_stream``): afterwards ``.data`` holds their records."""
+
+    def __init__(self, client=None, plot=False, filename="task-stream.html"):
+        if plot:
+            raise NotImplementedError("plot=True: use performance_report() for a picture of a block")
+        self.client = client
+        self.data: list = []
+
+    def __enter__(self):
+        from .client import default_client
+
+        self.client = self.client or default_client()
+        self.start = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        # Let the last reports of the block reach the scheduler.
+        time.sleep(0.05)
+        self.data.extend(self.client.get_task_stream(start=self.start))
+
+
+class performance_report:
+    """Write ``filename``, a self-contained HTML report of what ran inside a
+    ``with`` block (distributed's ``performance_report``): duration, tasks,
+    compute time, bytes moved between workers, the task stream, tasks per
+    second, the task groups that ran and memory per worker at the end. It
+    opens offline: nothing in it is loaded from elsewhere."""
+
+    def __init__(self, filename="dask-report.html", stacklevel=1, mode=None, storage_options=None):
+        self.filename = filename
+
+    def __enter__(self):
+        from .client import default_client
+
+        self.client = default_client()
+        self.start = time.time()
+        self.before = self.client.scheduler_info()
+        return self
+
+    def __exit__(self, *exc):
+        from . import _core
+        from .utils import format_bytes
+
+        time.sleep(0.05)
+        stop = time.time()
+        after = self.client.scheduler_info()
+        records = self.client.get_task_stream(start=self.start, stop=stop)
+        spans = [s for r in records for s in r["startstops"] if s["action"] == "compute"]
+        compute = sum(s["stop"] - s["start"] for s in spans)
+        moved = sum(w["metrics"]["bytes_in"] for w in after["workers"].values()) - sum(
+            w["metrics"]["bytes_in"] for w in self.before["workers"].values()
+        )
+        facts = [
+            ("duration", f"{stop - self.start:.2f} s"),
+            ("tasks", f"{len(records):,}"),
+            ("compute time", f"{compute:.2f} s"),
+            ("received by workers", format_bytes(max(moved, 0))),
+            ("workers", str(len(after["workers"]))),
+            ("threads", str(sum(w["nthreads"] for w in after["workers"].values()))),
+            ("scheduler", after["address"]),
+            ("written", time.strftime("%Y-%m-%d %H:%M:%S")),
+        ]
+        html = _core.performance_report_html(
+            self.client.scheduler_address, self.start, stop, "dask-rs performance report", facts
+        )
+        with open(self.filename, "w", encoding="utf-8") as f:
+            f.write(html)
+

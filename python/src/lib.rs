@@ -537,6 +537,31 @@ fn start_scheduler(
     Ok(SchedulerHandle { rt, inner, address, dashboard: Mutex::new(board), dashboard_link, dashboard_warning })
 }
 
+/// The HTML of a performance report of the work between `start` and `stop`
+/// (Unix seconds) on the scheduler at `address`, with `facts` listed first.
+#[pyfunction]
+fn performance_report_html(
+    py: Python<'_>,
+    address: String,
+    start: f64,
+    stop: f64,
+    title: String,
+    facts: Vec<(String, String)>,
+) -> PyResult<String> {
+    py.detach(|| {
+        let core =
+            Core::connect_monitor(&address, "performance-report", Duration::from_secs(10)).map_err(client_err)?;
+        core.subscribe(Duration::from_millis(50)).map_err(client_err)?;
+        // The first update is a snapshot: the whole task-stream ring.
+        let snapshot = core
+            .take_events(Duration::from_secs(10))
+            .into_iter()
+            .next()
+            .ok_or_else(|| CommError::new_err("the scheduler sent no events within 10 s"))?;
+        Ok(dashboard::report_html(snapshot, start, stop, &title, &facts))
+    })
+}
+
 // ---- the client ----------------------------------------------------------
 
 /// The client's connection to a scheduler (see `dask_rs.Client`).
@@ -615,6 +640,20 @@ fn worker_to_py<'py>(py: Python<'py>, w: &WorkerInfo) -> PyResult<Bound<'py, PyD
     Ok(d)
 }
 
+/// A task-stream record as a dict.
+fn record_to_py<'py>(py: Python<'py>, r: &cluster::protocol::TaskStreamRecord) -> PyResult<Bound<'py, PyDict>> {
+    let e = PyDict::new(py);
+    e.set_item("key", &r.key)?;
+    e.set_item("group", &r.group)?;
+    e.set_item("worker", &r.worker)?;
+    e.set_item("thread", r.thread)?;
+    e.set_item("start", r.start)?;
+    e.set_item("stop", r.stop)?;
+    e.set_item("transfer", r.transfer)?;
+    e.set_item("erred", r.erred)?;
+    Ok(e)
+}
+
 fn events_to_py<'py>(py: Python<'py>, u: &EventsUpdate) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("time", u.time)?;
@@ -622,16 +661,7 @@ fn events_to_py<'py>(py: Python<'py>, u: &EventsUpdate) -> PyResult<Bound<'py, P
     d.set_item("stream_dropped", u.stream_dropped)?;
     let stream = PyList::empty(py);
     for r in &u.stream {
-        let e = PyDict::new(py);
-        e.set_item("key", &r.key)?;
-        e.set_item("group", &r.group)?;
-        e.set_item("worker", &r.worker)?;
-        e.set_item("thread", r.thread)?;
-        e.set_item("start", r.start)?;
-        e.set_item("stop", r.stop)?;
-        e.set_item("transfer", r.transfer)?;
-        e.set_item("erred", r.erred)?;
-        stream.append(e)?;
+        stream.append(record_to_py(py, r)?)?;
     }
     d.set_item("stream", stream)?;
     let groups = PyDict::new(py);
@@ -784,6 +814,24 @@ impl ClientCore {
             conv.push((k, parts.iter().map(to_bytes).collect::<PyResult<Vec<Bytes>>>()?));
         }
         py.detach(|| self.core.scatter(&worker, conv)).map_err(client_err)
+    }
+
+    /// Task-stream records that ended between `start` and `stop` (Unix
+    /// seconds), at most the last `count`, as dicts.
+    #[pyo3(signature = (start=None, stop=None, count=None))]
+    fn task_stream<'py>(
+        &self,
+        py: Python<'py>,
+        start: Option<f64>,
+        stop: Option<f64>,
+        count: Option<u64>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let records = py.detach(|| self.core.task_stream(start, stop, count)).map_err(client_err)?;
+        let out = PyList::empty(py);
+        for r in &records {
+            out.append(record_to_py(py, r)?)?;
+        }
+        Ok(out)
     }
 
     fn who_has<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
@@ -1035,6 +1083,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WorkerHandle>()?;
     m.add_class::<SchedulerHandle>()?;
     m.add_function(wrap_pyfunction!(parse_resources, m)?)?;
+    m.add_function(wrap_pyfunction!(performance_report_html, m)?)?;
     m.add_function(wrap_pyfunction!(start_worker, m)?)?;
     m.add_function(wrap_pyfunction!(secede, m)?)?;
     m.add_function(wrap_pyfunction!(rejoin, m)?)?;

@@ -18,7 +18,7 @@ import dask.array as da
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dask_rs import Client, LocalCluster, wait
+from dask_rs import Client, LocalCluster, get_task_stream, performance_report, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHOTS = os.path.join(ROOT, "target", "dashboard-screenshots")
@@ -155,6 +155,12 @@ def test_other_pages_in_chromium(cluster_and_client, chromium, tmp_path):
     assert f"<h2>{name}</h2>" in dom and "sleep" in dom
     dom = browse(chromium, base + "/tasks", tmp_path, screenshot="tasks.png")
     assert 'data-group="sleep"' in dom
+    dom = browse(chromium, base + "/groups", tmp_path, screenshot="groups.png")
+    # The array's groups, with the edge from random_sample into add.
+    assert re.search(r'class="group" [^>]*data-group="add"', dom)
+    assert re.search(r"depends on: [^<]*random_sample", dom)
+    dom = browse(chromium, base + "/adaptive", tmp_path, screenshot="adaptive.png")
+    assert "not run by a cluster manager" in dom
     browse(chromium, base + "/info", tmp_path, screenshot="info.png")
 
 
@@ -187,3 +193,34 @@ def test_scheduler_command_prints_the_dashboard_and_rejects_a_bad_address():
     finally:
         p.terminate()
         p.wait(timeout=10)
+
+
+def test_get_task_stream_gives_distributeds_records(cluster_and_client):
+    cluster, client, _, _ = cluster_and_client
+    with get_task_stream(client) as ts:
+        client.gather(client.map(time.sleep, [0.001] * 20, pure=False))
+    assert len(ts.data) == 20
+    for r in ts.data:
+        assert r["status"] == "OK" and r["name"] == "sleep"
+        assert r["worker"] in client.scheduler_info()["workers"]
+        compute = r["startstops"][-1]
+        assert compute["action"] == "compute" and compute["stop"] >= compute["start"] + 0.001
+    assert len(client.get_task_stream(count=5)) == 5
+    assert len(client.get_task_stream(start="30s")) >= 20
+    assert client.get_task_stream(start=time.time() + 60) == []
+
+
+def test_performance_report_is_one_file_that_opens_offline(cluster_and_client, chromium, tmp_path):
+    cluster, client, _, _ = cluster_and_client
+    path = tmp_path / "report.html"
+    with performance_report(filename=str(path)):
+        x = da.random.random((1000, 1000), chunks=250)
+        assert float((x + x.T).sum().compute()) > 0
+    html = path.read_text()
+    assert "<script" not in html and "src=" not in html and "href=" not in html, "nothing to fetch"
+    dom = browse(chromium, path.as_uri(), tmp_path, screenshot="performance-report.png")
+    assert 'data-group="random_sample"' in dom, "the block's tasks in the task stream"
+    assert re.search(r'class="bar" [^>]*data-key="random_sample"', dom), "and in the groups"
+    assert 'data-group="sleep"' not in dom, "tasks from before the block are left out"
+    assert re.search(r"<td>tasks</td><td>\d+</td>", dom)
+

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -131,6 +132,16 @@ def test_adaptive_burst_scales_up_then_idles_back_without_losing_data(ctl):
         assert client.gather(burst) == list(range(60))
     decisions = status(ctl, "elastic")["decisions"]
     kinds = [d["kind"] for d in decisions if d["kind"] != "target"]
+    # The manager's dashboard shows the same decisions and the policy's figures.
+    link = status(ctl, "elastic")["dashboard"]
+    assert link and link.startswith("http://127.0.0.1:") and link in ctl("list").stdout
+    base = link.rsplit("/", 1)[0]
+    with urllib.request.urlopen(base + "/adaptive", timeout=10) as r:
+        page = r.read().decode()
+    assert page.count('class="decision"') >= 3 and "scale_up" in page and "retire" in page
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "dask_rs_adaptive_target_workers 1" in metrics and "dask_scheduler_desired_workers 1" in metrics
     print(f"burst to 3 workers in {scaled_up:.2f} s; decisions: {kinds}")
     assert kinds.count("scale_up") <= 3, kinds
     assert kinds.count("retire") + kinds.count("scale_down") <= 3, kinds

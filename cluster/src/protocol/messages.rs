@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Blob, CoordError, CoordOp, CoordValue, DepInfo, EventsUpdate, Key, Priority, Registration, Resources, Role,
-    TaskSpec, WorkerInfo,
+    TaskSpec, TaskStreamRecord, WorkerInfo,
 };
 
 /// The first message on every connection, in both directions.
@@ -175,6 +175,15 @@ pub enum FromClient {
         id: u64,
         keys: Vec<Key>,
     },
+    /// Task-stream records (of the scheduler's ring) that ended between
+    /// `start` and `stop` (seconds since the Unix epoch), at most the last
+    /// `count`; answered by `TaskStream`.
+    GetTaskStream {
+        id: u64,
+        start: Option<f64>,
+        stop: Option<f64>,
+        count: Option<u64>,
+    },
     GetInfo {
         id: u64,
     },
@@ -305,6 +314,10 @@ pub enum ToClient {
     WhoHasReply {
         id: u64,
         who_has: Vec<(Key, Vec<String>)>,
+    },
+    TaskStream {
+        id: u64,
+        records: Vec<TaskStreamRecord>,
     },
     Info {
         id: u64,

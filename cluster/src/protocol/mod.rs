@@ -307,6 +307,8 @@ pub struct GroupCounts {
     pub nbytes: u64,
     /// Seconds its finished tasks ran, in all.
     pub compute_seconds: f64,
+    /// Groups some task of this one depends on.
+    pub dependencies: Vec<String>,
 }
 
 /// How much work the cluster has, for scaling decisions.

@@ -57,6 +57,25 @@ impl SchedulerState {
         m
     }
 
+    /// Answer a client's `GetTaskStream`.
+    pub fn task_stream_reply(
+        &mut self,
+        client: PeerId,
+        id: u64,
+        start: Option<f64>,
+        stop: Option<f64>,
+        count: Option<u64>,
+    ) {
+        let chosen =
+            self.stream.iter().filter(|r| start.is_none_or(|s| r.stop >= s) && stop.is_none_or(|s| r.stop <= s));
+        let mut records: Vec<TaskStreamRecord> = chosen.cloned().collect();
+        if let Some(n) = count {
+            let skip = records.len().saturating_sub(n as usize);
+            records.drain(..skip);
+        }
+        self.send_client(client, ToClient::TaskStream { id, records });
+    }
+
     /// Answer a client's `WhoHas`.
     pub fn who_has_reply(&mut self, client: PeerId, id: u64, keys: Vec<Key>) {
         let who_has = keys.into_iter().map(|k| {
@@ -151,6 +170,7 @@ impl SchedulerState {
                 forgotten: g.counts[TaskState::Forgotten.index()],
                 nbytes: g.nbytes,
                 compute_seconds: g.duration_sum,
+                dependencies: g.deps.iter().map(|&d| self.groups[d as usize].name.clone()).collect(),
             })
             .collect();
         let load = self.load();

@@ -40,8 +40,15 @@ impl SchedulerState {
                     None => unknown.push((*id, k.clone())),
                 }
             }
+            let group = self.t(*id).group;
             for &d in &ids {
-                self.tm(d).dependents.push(*id);
+                let dt = self.tm(d);
+                dt.dependents.push(*id);
+                let dg = dt.group;
+                let deps = &mut self.groups[group as usize].deps;
+                if dg != group && !deps.contains(&dg) {
+                    deps.push(dg);
+                }
             }
             self.tm(*id).deps = ids;
         }

@@ -46,6 +46,9 @@ impl SchedulerState {
             FromClient::CancelKeys { keys } => self.cancel_keys(peer, keys),
             FromClient::ScatterDone { keys, worker } => self.scatter_done(peer, &worker, keys),
             FromClient::WhoHas { id, keys } => self.who_has_reply(peer, id, keys),
+            FromClient::GetTaskStream { id, start, stop, count } => {
+                self.task_stream_reply(peer, id, start, stop, count)
+            }
             FromClient::RetryKeys { keys } => self.retry_keys(&keys),
             FromClient::FireAndForget { keys } => self.fire_and_forget(&keys),
             FromClient::Replicate { keys, n } => self.replicate(&keys, n as usize),

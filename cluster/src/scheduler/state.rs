@@ -213,6 +213,7 @@ impl SchedulerState {
             changed_at: 0,
             duration_sum: 0.0,
             duration_n: 0,
+            deps: Vec::new(),
         });
         self.group_ids.insert(name, g);
         g

@@ -193,6 +193,8 @@ pub(super) struct Group {
     /// Sum and number of observed run times, for the mean duration.
     pub(super) duration_sum: f64,
     pub(super) duration_n: u64,
+    /// Other groups some task of this one depends on (few: a linear scan).
+    pub(super) deps: Vec<u32>,
 }
 
 impl Group {

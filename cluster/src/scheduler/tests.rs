@@ -72,6 +72,7 @@ checked_events! {
         fn balance();
         fn steal_response(victim: PeerId, key: &str, stolen: bool);
         fn who_has_reply(client: PeerId, id: u64, keys: Vec<Key>);
+        fn task_stream_reply(client: PeerId, id: u64, start: Option<f64>, stop: Option<f64>, count: Option<u64>);
     }
 }
 
@@ -777,4 +778,27 @@ fn retrying_a_task_whose_scattered_input_was_lost_errs_again() {
         .take_outgoing()
         .iter()
         .any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::C(ToClient::KeyErred { key, .. }) if key == "a")));
+}
+
+#[test]
+fn the_task_stream_is_answered_by_time_window_and_count() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &[]), spec("c", &[])], vec!["a".into(), "b".into(), "c".into()]);
+    for (k, stop) in [("a", 10.0), ("b", 20.0), ("c", 30.0)] {
+        s.task_finished(W1, &TaskFinished { start: stop - 1.0, stop, ..TaskFinished::instant(k, 8) });
+    }
+    s.take_outgoing();
+    let mut ask = |start, stop, count| {
+        s.task_stream_reply(C1, 1, start, stop, count);
+        match &s.take_outgoing()[..] {
+            [(C1, Sent { msg: Msg::C(ToClient::TaskStream { id: 1, records }) })] => {
+                records.iter().map(|r| r.key.clone()).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(ask(None, None, None), ["a", "b", "c"]);
+    assert_eq!(ask(Some(15.0), None, None), ["b", "c"]);
+    assert_eq!(ask(None, Some(25.0), None), ["a", "b"]);
+    assert_eq!(ask(None, None, Some(1)), ["c"]);
 }
