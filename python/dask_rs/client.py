@@ -60,12 +60,25 @@ def rejoin() -> None:
 _clients: weakref.WeakSet = close_at_exit()
 
 
+_client_counter = itertools.count()
+
+
+def _latest_running_client():
+    """The most recently made client that is still open, as distributed
+    falls back to when the default one closes."""
+    running = [c for c in list(_clients) if getattr(c, "status", None) == "running"]
+    return max(running, key=lambda c: c._made, default=None)
+
+
 def default_client(c: Client | None = None) -> Client:
     """The client that `Future`s and `x.compute()` use when none is given."""
     if c is not None:
         return c
     if _default_client is not None and _default_client.status == "running":
         return _default_client
+    latest = _latest_running_client()
+    if latest is not None:
+        return latest
     raise ValueError("No clients found. Start a client and point it to a scheduler: Client('tcp://...')")
 
 
@@ -456,6 +469,7 @@ class Client:
         self._callbacks: dict = defaultdict(list)
         self._callback_thread = None
         self._dask_config = None
+        self._made = next(_client_counter)
         _clients.add(self)
         if set_as_default:
             self._set_default()
@@ -1227,7 +1241,7 @@ class Client:
                 pass
             self._dask_config = None
         if _default_client is self:
-            _default_client = None
+            _default_client = _latest_running_client()
         self._core = _ClosedCore()
         if self._own_cluster and self.cluster is not None:
             self.cluster.close()
