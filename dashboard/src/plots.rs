@@ -44,8 +44,9 @@ const PALETTE: [RGBColor; 20] = [
     RGBColor(140, 109, 49),
     RGBColor(132, 60, 57),
 ];
-const ERRED: RGBColor = RGBColor(214, 39, 40);
-const TRANSFER: RGBColor = RGBColor(230, 85, 13);
+// As Dask's task stream: transfers red, errors black.
+const ERRED: RGBColor = RGBColor(40, 40, 40);
+const TRANSFER: RGBColor = RGBColor(214, 39, 40);
 const AXIS: RGBColor = RGBColor(128, 128, 128);
 const WAITING: RGBColor = RGBColor(200, 200, 200);
 const PROCESSING: RGBColor = RGBColor(120, 120, 120);
@@ -202,7 +203,7 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
                 .disable_mesh()
                 .x_labels(6)
                 .y_labels(0)
-                .x_label_formatter(&|x| format!("{:.0}s", x))
+                .x_label_formatter(&|x| seconds_label(*x, window))
                 .label_style(axis_font())
                 .axis_style(AXIS)
                 .draw()?;
@@ -291,6 +292,15 @@ fn merge_blocks<'a>(sorted: &[(usize, &'a TaskStreamRecord)], gap: f64, same_gro
         });
     }
     blocks
+}
+
+/// An axis label in seconds, with as many decimals as the span needs.
+fn seconds_label(x: f64, span: f64) -> String {
+    match span {
+        s if s < 2.0 => format!("{x:.2}s"),
+        s if s < 20.0 => format!("{x:.1}s"),
+        _ => format!("{x:.0}s"),
+    }
 }
 
 /// A worker address without the scheme.
@@ -644,13 +654,13 @@ pub fn timeline(
                 .margin(4)
                 .x_label_area_size(22)
                 .y_label_area_size(70)
-                .build_cartesian_2d((start - now).min(-1.0)..0.0, 0.0..y_max * 1.1)?;
+                .build_cartesian_2d((start - now).min(-1e-3)..0.0, 0.0..y_max * 1.1)?;
             chart
                 .configure_mesh()
                 .disable_mesh()
                 .x_labels(6)
                 .y_labels(5)
-                .x_label_formatter(&|x| format!("{x:.0}s"))
+                .x_label_formatter(&|x| seconds_label(*x, now - start))
                 .y_label_formatter(&|y| y_fmt(*y))
                 .label_style(axis_font())
                 .axis_style(AXIS)
