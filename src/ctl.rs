@@ -481,7 +481,8 @@ fn snippet_text(name: &str, address: &str) -> String {
 }
 
 /// A live cluster's status, or why there is none.
-fn live_status(dir: &Path, rec: &ClusterRecord) -> Result<Status> {
+/// The manager's answer to `status`, or why there is none.
+pub fn live_status(dir: &Path, rec: &ClusterRecord) -> Result<Status> {
     if !rec.manager_alive() {
         bail!(
             "the manager of {} is not running (pid {:?}); `dask-ctl down {}` cleans up",
@@ -648,7 +649,8 @@ pub fn status(name: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn send(name: &str, req: Request) -> Result<()> {
+/// Send `req` to the manager of cluster `name`.
+pub fn send(name: &str, req: Request) -> Result<()> {
     let (dir, rec) = registry::find(name)?;
     if !rec.manager_alive() {
         bail!("the manager of {name} is not running; `dask-ctl down {name}` cleans up");
@@ -680,6 +682,17 @@ pub fn adapt(name: &str, minimum: usize, maximum: usize) -> Result<()> {
 /// `dask-ctl down NAME`: through the manager when it runs, from the
 /// registry's records when it does not; then checks nothing is left.
 pub fn down(name: &str) -> Result<()> {
+    let (summary, notes) = stop_cluster(name)?;
+    for n in &notes {
+        eprintln!("warning: {n}");
+    }
+    println!("{summary}");
+    Ok(())
+}
+
+/// Stop cluster `name` (see [`down`]) without printing: the summary line and
+/// the warnings met on the way.
+pub fn stop_cluster(name: &str) -> Result<(String, Vec<String>)> {
     let (dir, rec) = registry::find(name)?;
     let owned = registry::load_owned(&dir);
     let mut notes = Vec::new();
@@ -694,7 +707,7 @@ pub fn down(name: &str) -> Result<()> {
             notes.push(format!("manager pid {pid} would not stop"));
         }
     } else {
-        println!("The manager of {name} is not running; removing what it started");
+        notes.push(format!("the manager of {name} was not running; removed what it started"));
     }
     for e in deployers::cleanup(&owned) {
         notes.push(e);
@@ -703,17 +716,13 @@ pub fn down(name: &str) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    for n in &notes {
-        eprintln!("warning: {n}");
-    }
     if !alive.is_empty() {
         bail!("still running after down: {}", alive.join(", "));
     }
     let jobs = owned.iter().filter(|o| matches!(o, deployers::Owned::Job { .. })).count();
     let what =
         if jobs > 0 { format!("{jobs} batch job(s) cancelled") } else { format!("{} worker(s) stopped", owned.len()) };
-    println!("Cluster {name} is down ({what}, scheduler stopped)");
-    Ok(())
+    Ok((format!("Cluster {name} is down ({what}, scheduler stopped)"), notes))
 }
 
 /// `dask-ctl logs NAME [WORKER]`.

@@ -12,6 +12,7 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod config;
+mod console;
 mod control;
 mod ctl;
 mod manager;
@@ -71,6 +72,17 @@ enum Command {
     Logs { name: String, worker: Option<String> },
     /// Print Python code that connects to a cluster.
     Snippet { name: String },
+    /// The terminal console: every cluster, or one (NAME or tcp://HOST:PORT),
+    /// live. Keys: ? help, : command (:scale N, :adapt MIN MAX, :retire
+    /// WORKER, :down, :clusters), / filter, j/k, Enter, Esc, s sort, q quit.
+    /// NO_COLOR turns colours off.
+    Tui {
+        /// A registered cluster's name or a scheduler address to open at once.
+        target: Option<String>,
+        /// Refuse every command that changes a cluster.
+        #[arg(long)]
+        readonly: bool,
+    },
     /// Print the batch job script `up` would submit for one worker (slurm, sge).
     JobScript(Box<ctl::UpArgs>),
     /// Show backend options merged from the config file, DASK_RS_* variables and flags.
@@ -157,6 +169,11 @@ fn main() -> Result<()> {
         Command::Down { name } => ctl::down(&name),
         Command::Logs { name, worker } => ctl::logs(&name, worker.as_deref()),
         Command::Snippet { name } => ctl::snippet(&name),
+        Command::Tui { target, readonly } => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            let options = tui::Options { open: target, readonly, no_color };
+            Ok(tui::run(options, Box::new(console::Registry))?)
+        }
         Command::JobScript(args) => ctl::job_script(*args),
         Command::Config { command: ConfigCommand::Show { backend, config } } => {
             let file = config.or_else(config::default_file);

@@ -11,7 +11,6 @@
 //! the scheduler's memory.
 
 mod metrics;
-mod model;
 mod pages;
 mod plots;
 mod report;
@@ -23,8 +22,8 @@ use std::time::Duration;
 
 use cluster::client::ClientCore;
 
+pub use cluster::monitor::{Decision, Model};
 pub use metrics::ManagerGauges;
-pub use model::{Decision, Model};
 pub use report::report_html;
 
 /// Dask's dashboard port.

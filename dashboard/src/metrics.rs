@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use crate::model::Model;
+use cluster::monitor::Model;
 
 /// Prometheus' escaping of a label value.
 fn label(v: &str) -> String {

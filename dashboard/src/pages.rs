@@ -7,8 +7,8 @@ use std::fmt::Write;
 
 use serde_json::json;
 
-use crate::model::Model;
 use crate::plots::{self, esc, fmt_bytes, fmt_seconds};
+use cluster::monitor::Model;
 
 /// Pages with a live stream, and their titles.
 pub const PAGES: &[(&str, &str)] = &[

@@ -13,7 +13,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use cluster::protocol::TaskStreamRecord;
 
-use crate::model::Model;
+use cluster::monitor::Model;
 
 /// Most bars one bar chart draws; more rows are aggregated.
 pub const MAX_BARS: usize = 64;
@@ -164,7 +164,14 @@ fn clip(s: &str, n: usize) -> String {
 /// orange, erred tasks in red.
 pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> String {
     let now = model.time;
-    let records: Vec<_> = model.recent(window).collect();
+    let mut records: Vec<_> = model.recent(window).collect();
+    // A busy cluster finishes more tasks in the window than there are
+    // pixels: draw an even sample of them (the picture is the same, the
+    // cost bounded).
+    if records.len() > MAX_SAMPLED {
+        let stride = records.len().div_ceil(MAX_SAMPLED);
+        records = records.into_iter().step_by(stride).collect();
+    }
     if records.is_empty() {
         return empty(width, height, "task-stream", "no tasks finished in this window");
     }
@@ -248,6 +255,9 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
     }
     finish(svg, "task-stream", "task stream", &hovers)
 }
+
+/// Most task-stream records one plot looks at (an even sample beyond).
+pub const MAX_SAMPLED: usize = 20_000;
 
 /// Most rectangles one task-stream plot draws.
 pub const MAX_BLOCKS: usize = 3000;
@@ -767,7 +777,7 @@ mod tests {
         let groups: Vec<GroupCounts> = (0..1000)
             .map(|i| GroupCounts { name: format!("group-{i}"), memory: i, waiting: 1000 - i, ..Default::default() })
             .collect();
-        let stream: Vec<TaskStreamRecord> = (0..crate::model::STREAM_CAPACITY)
+        let stream: Vec<TaskStreamRecord> = (0..cluster::monitor::STREAM_CAPACITY)
             .map(|i| TaskStreamRecord {
                 key: format!("('group-{}', {i})", i % 1000),
                 group: format!("group-{}", i % 1000),

@@ -8,8 +8,8 @@ use std::fmt::Write;
 
 use cluster::protocol::EventsUpdate;
 
-use crate::model::Model;
 use crate::plots::{self, esc};
+use cluster::monitor::Model;
 
 /// The report of the work between `start` and `stop` (Unix seconds), from a
 /// snapshot of the scheduler's events (`update`: the task-stream ring, the

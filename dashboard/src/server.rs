@@ -21,8 +21,8 @@ use futures_util::stream;
 use serde_json::json;
 
 use crate::metrics::{self, ManagerGauges};
-use crate::model::Model;
 use crate::pages;
+use cluster::monitor::Model;
 
 /// Retires workers by name or address: the names retired, and those not
 /// retired with why.

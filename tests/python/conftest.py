@@ -15,7 +15,8 @@ import pytest
 from dask_rs import Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DASK_CTL = os.path.join(ROOT, "target", "release", "dask-ctl")
+# DASK_RS_DASK_CTL runs the tests against another build (a debug one, say).
+DASK_CTL = os.environ.get("DASK_RS_DASK_CTL") or os.path.join(ROOT, "target", "release", "dask-ctl")
 
 
 class Procs:

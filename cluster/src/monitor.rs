@@ -1,10 +1,10 @@
-//! What the dashboard knows of the cluster: a pure state built from the
-//! scheduler's event updates (a snapshot, then deltas), bounded in memory
-//! whatever the cluster does.
+//! What a monitor (the dashboard, the console) knows of a cluster: a pure
+//! state built from the scheduler's event updates (a snapshot, then deltas),
+//! bounded in memory whatever the cluster does.
 
 use std::collections::{BTreeMap, VecDeque};
 
-use cluster::protocol::{EventsUpdate, GroupCounts, LoadSummary, TaskStreamRecord, WorkerInfo};
+use crate::protocol::{EventsUpdate, GroupCounts, LoadSummary, TaskStreamRecord, WorkerInfo};
 
 /// Task-stream records kept (the `/tasks` page shows all of them).
 pub const STREAM_CAPACITY: usize = 100_000;
@@ -38,7 +38,7 @@ pub struct MemorySample {
     pub spilled: u64,
 }
 
-/// The dashboard's view of the cluster.
+/// A monitor's view of the cluster.
 #[derive(Debug, Default)]
 pub struct Model {
     /// Scheduler time of the latest update (seconds since the Unix epoch).
@@ -70,7 +70,7 @@ pub struct Model {
     pub decisions: Vec<Decision>,
 }
 
-/// One scaling decision of a cluster manager, as the `/adaptive` page lists it.
+/// One scaling decision of a cluster manager (as monitors show them).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decision {
     pub time: f64,
@@ -193,7 +193,7 @@ mod tests {
     fn rec(key: &str, worker: &str, start: f64, stop: f64) -> TaskStreamRecord {
         TaskStreamRecord {
             key: key.into(),
-            group: cluster::protocol::key_split(key),
+            group: crate::protocol::key_split(key),
             worker: worker.into(),
             thread: 0,
             start,

@@ -1,0 +1,116 @@
+"""`dask-ctl tui` in a real terminal (tmux): a cluster started with `dask-ctl
+up`, a workload from Python, the console showing both, commands that act
+(after y) or explain themselves, and the terminal restored on quit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import DASK_CTL, ROOT, wait_until
+from dask_rs import Client
+
+
+@pytest.fixture
+def tmux(tmp_path):
+    """A private tmux server (its own socket), killed at the end."""
+    r = subprocess.run([os.path.join(ROOT, "tests", "infra", "tmux.sh")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"tests/infra/tmux.sh failed:\n{r.stdout}{r.stderr}")
+    exe = r.stdout.strip().splitlines()[-1]
+    sock = f"dask-rs-tui-{os.getpid()}"
+
+    def run(*args):
+        return subprocess.run([exe, "-L", sock, *args], capture_output=True, text=True, timeout=30)
+
+    yield run
+    run("kill-server")
+
+
+def screen(tmux):
+    return tmux("capture-pane", "-p", "-t", "tui").stdout
+
+
+def start(tmux, tmp_path, *args):
+    """The console in a shell in tmux, 120x40; the shell records `stty -a`
+    before and after it."""
+    env = f"XDG_STATE_HOME={os.environ['XDG_STATE_HOME']}"
+    script = tmp_path / "console.sh"
+    script.write_text(
+        f"stty -a > {tmp_path}/before.txt\n"
+        f"{env} {DASK_CTL} tui {' '.join(args)}\n"
+        f"echo $? > {tmp_path}/status.txt\n"
+        f"stty -a > {tmp_path}/after.txt\n"
+        "sleep 30\n"
+    )
+    tmux("new-session", "-d", "-s", "tui", "-x", "120", "-y", "40", f"bash --norc {script}")
+
+
+def keys(tmux, *k):
+    tmux("send-keys", "-t", "tui", *k)
+
+
+def test_console_follows_a_cluster_and_acts_on_it(ctl, tmux, tmp_path):
+    ctl("up", "--name", "tuitest", "--workers", "2", "--nthreads", "1", "--dashboard-address", ":0")
+    start(tmux, tmp_path, "tuitest")
+    stop = threading.Event()
+
+    def workload():
+        with Client("tuitest") as c:
+            while not stop.is_set():
+                c.gather(c.map(time.sleep, [0.02] * 50, pure=False))
+
+    t = threading.Thread(target=workload, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: "tuitest-1" in screen(tmux) and "sleep " in screen(tmux), timeout=30,
+                   msg="the console shows the workers and the workload's group")
+        text = screen(tmux)
+        assert "workers 2" in text and "task stream" in text, text
+        # A bad command explains itself and changes nothing.
+        keys(tmux, ":scale x", "Enter")
+        wait_until(lambda: "usage: scale N" in screen(tmux), timeout=10, msg="usage")
+        # :scale 3 asks, y acts.
+        keys(tmux, ":scale 3", "Enter")
+        wait_until(lambda: "scale tuitest to 3 workers? y/N" in screen(tmux), timeout=10, msg="the question")
+        keys(tmux, "y")
+        running = lambda: json.loads(ctl("status", "tuitest", "--json").stdout)["running"]  # noqa: E731
+        wait_until(lambda: running() == 3, timeout=60, msg="three workers after :scale 3 y")
+        # :down asks before it acts; anything but y keeps the cluster.
+        keys(tmux, ":down", "Enter")
+        wait_until(lambda: "stop cluster tuitest and every worker? y/N" in screen(tmux), timeout=10, msg="asks")
+        keys(tmux, "n")
+        wait_until(lambda: "cancelled" in screen(tmux), timeout=10, msg="cancelled")
+        assert [c["name"] for c in json.loads(ctl("list", "--json").stdout)] == ["tuitest"]
+        # Esc goes back to the clusters view.
+        keys(tmux, "Escape")
+        wait_until(lambda: "clusters (1)" in screen(tmux), timeout=10, msg="the clusters view")
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    keys(tmux, "q")
+    wait_until(lambda: (tmp_path / "after.txt").exists(), timeout=10, msg="the console quits")
+    assert (tmp_path / "status.txt").read_text().strip() == "0"
+    before = (tmp_path / "before.txt").read_text()
+    assert (tmp_path / "after.txt").read_text() == before, "the terminal is restored"
+    assert "icanon" in before and "-icanon" not in before
+
+
+def test_readonly_console_refuses_every_change(ctl, tmux, tmp_path):
+    ctl("up", "--name", "ro", "--workers", "1", "--nthreads", "1", "--no-dashboard")
+    start(tmux, tmp_path, "--readonly")
+    wait_until(lambda: "ro " in screen(tmux) and "[read-only]" in screen(tmux), timeout=20,
+               msg="clusters view")
+    for command in [":scale 2", ":adapt 1 3", ":retire ro-0", ":down"]:
+        keys(tmux, command, "Enter")
+        said = f"{command} refused: the console is read-only"
+        wait_until(lambda said=said: said in screen(tmux), timeout=10, msg=command)
+        keys(tmux, "Escape")
+    assert json.loads(ctl("status", "ro", "--json").stdout)["policy"] == "fixed(1)"
+    keys(tmux, "q")
+    wait_until(lambda: (tmp_path / "after.txt").exists(), timeout=10, msg="the console quits")
