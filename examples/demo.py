@@ -45,6 +45,7 @@ def main() -> None:
         print(f"Started {cluster!r} in {time.perf_counter() - t0:.2f} s")
         print(f"  {client!r}")
         print(f"  Dashboard: {cluster.dashboard_link}  (open it now to watch the work below)")
+        print(f"  Console:   target/release/dask-ctl tui {cluster.scheduler_address}")
         client.subscribe_events(0.1)
 
         # 1. Futures: a Monte Carlo estimate of pi from 200 tasks, reduced on the cluster.
