@@ -39,6 +39,18 @@ impl Source for Registry {
                     row.threads = s.threads;
                     row.memory = s.memory_limit;
                     row.policy = s.policy;
+                    row.decisions = s
+                        .decisions
+                        .into_iter()
+                        .map(|d| cluster::monitor::Decision {
+                            time: d.time,
+                            kind: d.kind,
+                            target: d.target,
+                            running: d.running,
+                            pending: d.pending,
+                            reason: d.reason,
+                        })
+                        .collect();
                 }
                 row
             })
@@ -53,6 +65,7 @@ impl Source for Registry {
             Command::Adapt(lo, hi) => ctl::send(name, Request::Adapt { minimum: *lo, maximum: *hi })
                 .map(|_| format!("scaling {name} adaptively between {lo} and {hi} workers")),
             Command::Down => ctl::stop_cluster(name).map(|(summary, notes)| {
+                // (A manager that was not running shows in the clusters view already.)
                 if notes.is_empty() {
                     summary
                 } else {
@@ -62,6 +75,17 @@ impl Source for Registry {
             Command::Retire(worker) => retire(name, worker),
         };
         done.map_err(|e| format!("{e:#}"))
+    }
+
+    fn log(&mut self, name: &str, worker: Option<&str>, lines: usize) -> Vec<String> {
+        let Ok((dir, _)) = registry::find(name) else { return Vec::new() };
+        let path = match worker {
+            Some(w) => registry::log_dir(&dir).join(format!("{w}.log")),
+            None => registry::log_dir(&dir).join("manager.log"),
+        };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].iter().map(|l| l.to_string()).collect()
     }
 }
 

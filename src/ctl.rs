@@ -682,6 +682,9 @@ pub fn adapt(name: &str, minimum: usize, maximum: usize) -> Result<()> {
 /// `dask-ctl down NAME`: through the manager when it runs, from the
 /// registry's records when it does not; then checks nothing is left.
 pub fn down(name: &str) -> Result<()> {
+    if registry::find(name).is_ok_and(|(_, rec)| !rec.manager_alive()) {
+        println!("The manager of {name} is not running; removing what it started");
+    }
     let (summary, notes) = stop_cluster(name)?;
     for n in &notes {
         eprintln!("warning: {n}");
@@ -706,8 +709,6 @@ pub fn stop_cluster(name: &str) -> Result<(String, Vec<String>)> {
         if deployers::process::terminate(pid, rec.manager_start, Duration::from_secs(30)).is_err() {
             notes.push(format!("manager pid {pid} would not stop"));
         }
-    } else {
-        notes.push(format!("the manager of {name} was not running; removed what it started"));
     }
     for e in deployers::cleanup(&owned) {
         notes.push(e);

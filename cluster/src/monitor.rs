@@ -13,6 +13,8 @@ pub const STREAM_CAPACITY: usize = 100_000;
 pub const HISTORY_CAPACITY: usize = 7_200;
 /// Samples of each worker's memory kept.
 pub const WORKER_HISTORY_CAPACITY: usize = 600;
+/// Cluster events kept (workers joining and leaving, tasks erring).
+pub const EVENTS_CAPACITY: usize = 200;
 
 /// The cluster at one moment, for plots over time.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -68,6 +70,8 @@ pub struct Model {
     pub manager: VecDeque<(f64, u64, u64, u64)>,
     /// The manager's recent scaling decisions, newest last.
     pub decisions: Vec<Decision>,
+    /// What happened, newest last: (time, text).
+    pub events: VecDeque<(f64, String)>,
 }
 
 /// One scaling decision of a cluster manager (as monitors show them).
@@ -95,6 +99,9 @@ impl Model {
         let finished = u.stream.len() as u64;
         self.tasks_finished += finished;
         for r in u.stream {
+            if r.erred {
+                self.event(r.stop, format!("task {} erred on {}", r.key, r.worker));
+            }
             if self.stream.len() == STREAM_CAPACITY {
                 self.stream.pop_front();
                 self.stream_dropped += 1;
@@ -106,6 +113,15 @@ impl Model {
         }
         let mut workers = u.workers;
         workers.sort_by(|a, b| a.name.cmp(&b.name));
+        if self.updates > 1 {
+            let was: std::collections::BTreeSet<&str> = self.workers.iter().map(|w| w.name.as_str()).collect();
+            let now: std::collections::BTreeSet<&str> = workers.iter().map(|w| w.name.as_str()).collect();
+            let joined: Vec<String> = now.difference(&was).map(|n| format!("worker {n} joined")).collect();
+            let left: Vec<String> = was.difference(&now).map(|n| format!("worker {n} left")).collect();
+            for text in joined.into_iter().chain(left) {
+                self.event(u.time, text);
+            }
+        }
         let live: std::collections::BTreeSet<&str> = workers.iter().map(|w| w.address.as_str()).collect();
         self.worker_history.retain(|a, _| live.contains(a.as_str()));
         for w in &workers {
@@ -138,6 +154,13 @@ impl Model {
             queued: self.load.queued + self.load.no_worker,
         };
         self.history.push_back(sample);
+    }
+
+    fn event(&mut self, time: f64, text: String) {
+        if self.events.len() == EVENTS_CAPACITY {
+            self.events.pop_front();
+        }
+        self.events.push_back((time, text));
     }
 
     /// A cluster manager's figures now, and its decisions so far.
@@ -222,8 +245,12 @@ mod tests {
         m.apply(update(102.0, many));
         assert_eq!(m.stream.len(), STREAM_CAPACITY);
         assert_eq!(m.stream_dropped, 16);
-        // A worker that left is forgotten, history and all.
+        // A worker that left is forgotten, history and all, and said so.
         m.apply(EventsUpdate { time: 103.0, ..Default::default() });
         assert!(m.workers.is_empty() && m.worker_history.is_empty());
+        assert_eq!(m.events.back().unwrap(), &(103.0, "worker w0 left".to_string()));
+        m.apply(update(104.0, vec![TaskStreamRecord { erred: true, ..rec("boom-1", "tcp://h:1", 103.5, 103.9) }]));
+        let texts: Vec<&str> = m.events.iter().map(|e| e.1.as_str()).collect();
+        assert_eq!(texts[texts.len() - 2..], ["task boom-1 erred on tcp://h:1", "worker w0 joined"]);
     }
 }

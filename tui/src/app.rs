@@ -13,6 +13,11 @@ pub enum View {
     Clusters,
     /// One cluster: workers, task groups, the task stream.
     Cluster,
+    /// One worker of the cluster: its figures, memory over time, recent
+    /// tasks and the tail of its log.
+    Worker,
+    /// The cluster manager's log.
+    Logs,
 }
 
 /// What the console's driver must do after a key.
@@ -32,8 +37,8 @@ pub const SORTS: [&str; 4] = ["name", "memory", "processing", "stored"];
 
 /// The key table (`?`, and the README).
 pub const KEYS: &[(&str, &str)] = &[
-    ("Enter", "open the selected cluster"),
-    ("Esc", "back to the clusters; close the prompt"),
+    ("Enter", "open the selected cluster or worker"),
+    ("Esc", "back (worker -> cluster -> clusters)"),
     ("j / Down, k / Up", "move the selection"),
     ("PgDn / PgUp, g / G", "page down / up, first / last"),
     ("/", "filter rows by name"),
@@ -43,6 +48,7 @@ pub const KEYS: &[(&str, &str)] = &[
     (":retire WORKER", "retire one worker (its data moves first)"),
     (":down", "stop the cluster (asks y/N)"),
     (":clusters", "back to the clusters view"),
+    (":logs", "the cluster manager's log"),
     ("?", "this help"),
     ("q", "quit"),
 ];
@@ -71,6 +77,10 @@ pub struct App {
     pub readonly: bool,
     pub help: bool,
     pub sort: usize,
+    /// The worker shown in the worker view (its name).
+    pub worker: Option<String>,
+    /// Log lines shown in the worker and logs views (refreshed by the driver).
+    pub log: Vec<String>,
 }
 
 impl App {
@@ -91,8 +101,26 @@ impl App {
     fn rows(&self) -> usize {
         match self.view() {
             View::Clusters => self.visible_clusters().len(),
-            View::Cluster => self.model.workers.iter().filter(|w| w.name.contains(&self.filter)).count(),
+            View::Cluster => self.workers_shown().len(),
+            View::Worker | View::Logs => self.log.len(),
         }
+    }
+
+    /// The cluster's workers after the filter, in the chosen order.
+    pub fn workers_shown(&self) -> Vec<&cluster::protocol::WorkerInfo> {
+        let mut ws: Vec<_> = self.model.workers.iter().filter(|w| w.name.contains(&self.filter)).collect();
+        match SORTS[self.sort] {
+            "memory" => ws.sort_by_key(|w| std::cmp::Reverse(w.rss)),
+            "processing" => ws.sort_by_key(|w| std::cmp::Reverse(w.processing)),
+            "stored" => ws.sort_by_key(|w| std::cmp::Reverse(w.managed)),
+            _ => {}
+        }
+        ws
+    }
+
+    /// The registered name of the followed cluster, if it has one.
+    pub fn cluster_name(&self) -> Option<&str> {
+        self.current.as_ref().and_then(|(n, _)| n.as_deref())
     }
 
     fn say(&mut self, text: impl Into<String>, error: bool) {
@@ -166,6 +194,20 @@ impl App {
                 let name = self.visible_clusters().get(self.selected).map(|c| c.name.clone());
                 return name.map(Effect::Open);
             }
+            KeyCode::Enter if self.view() == View::Cluster => {
+                if let Some(w) = self.workers_shown().get(self.selected).map(|w| w.name.clone()) {
+                    self.worker = Some(w);
+                    self.view = Some(View::Worker);
+                    self.log.clear();
+                    self.selected = 0;
+                }
+            }
+            KeyCode::Esc if matches!(self.view(), View::Worker | View::Logs) => {
+                self.view = Some(View::Cluster);
+                self.worker = None;
+                self.log.clear();
+                self.selected = 0;
+            }
             KeyCode::Esc if self.view() == View::Cluster => return self.back(),
             KeyCode::Esc => self.filter.clear(),
             _ => {}
@@ -186,7 +228,7 @@ impl App {
     /// The cluster a command acts on: the one followed, else the selected one.
     fn target(&self) -> Option<String> {
         match (self.view(), &self.current) {
-            (View::Cluster, Some((name, _))) => name.clone(),
+            (View::Cluster | View::Worker | View::Logs, Some((name, _))) => name.clone(),
             (View::Clusters, _) => self.visible_clusters().get(self.selected).map(|c| c.name.clone()),
             _ => None,
         }
@@ -202,9 +244,19 @@ impl App {
         let command = match words.as_slice() {
             [] => return None,
             ["q" | "quit"] => return Some(Effect::Quit),
-            ["clusters"] => return if self.view() == View::Cluster { self.back() } else { None },
+            ["clusters"] => return if self.view() == View::Clusters { None } else { self.back() },
             ["workers"] => {
                 return self.target().map(Effect::Open);
+            }
+            ["logs"] => {
+                if self.current.is_some() {
+                    self.view = Some(View::Logs);
+                    self.log.clear();
+                    self.selected = 0;
+                } else {
+                    self.say("open a cluster first (Enter)", true);
+                }
+                return None;
             }
             ["scale", n] => match n.parse() {
                 Ok(n) => Command::Scale(n),
@@ -316,6 +368,17 @@ mod tests {
         app.current = Some((Some("beta".into()), "tcp://h:1".into()));
         assert_eq!(press(&mut app, "\x1b"), [Effect::Close]);
         assert_eq!(app.view, Some(View::Clusters));
+        app.view = Some(View::Cluster);
+        app.current = Some((Some("beta".into()), "tcp://h:1".into()));
+        // Enter on a worker opens it; Esc goes back one view at a time.
+        app.model.workers = vec![cluster::protocol::WorkerInfo::new("w0", "tcp://h:1", 1, 0)];
+        assert_eq!(press(&mut app, "\n"), []);
+        assert_eq!((app.view, app.worker.as_deref()), (Some(View::Worker), Some("w0")));
+        assert_eq!(press(&mut app, "\x1b"), []);
+        assert_eq!(app.view, Some(View::Cluster));
+        press(&mut app, ":logs\n");
+        assert_eq!(app.view, Some(View::Logs));
+        assert_eq!(press(&mut app, ":clusters\n"), [Effect::Close]);
         assert_eq!(press(&mut app, "?x"), []);
         assert!(!app.help);
         assert_eq!(press(&mut app, "q"), [Effect::Quit]);

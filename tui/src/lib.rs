@@ -79,6 +79,10 @@ pub fn run(options: Options, mut source: Box<dyn Source>) -> Result<(), TuiError
         }
         if Instant::now() >= next_refresh {
             app.clusters = source.clusters();
+            if let (Some(View::Worker | View::Logs), Some(name)) = (app.view, app.cluster_name().map(String::from)) {
+                let worker = if app.view == Some(View::Worker) { app.worker.clone() } else { None };
+                app.log = source.log(&name, worker.as_deref(), 200);
+            }
             next_refresh = Instant::now() + Duration::from_secs(1);
         }
         if let Some(core) = &follow {
@@ -95,7 +99,13 @@ pub fn run(options: Options, mut source: Box<dyn Source>) -> Result<(), TuiError
         if key.kind != KeyEventKind::Press {
             continue;
         }
-        match app.key(key) {
+        let view = app.view;
+        let effect = app.key(key);
+        if app.view != view {
+            // A new view shows its logs at once.
+            next_refresh = Instant::now();
+        }
+        match effect {
             None => {}
             Some(Effect::Quit) => return Ok(()),
             Some(Effect::Close) => follow = None,

@@ -20,6 +20,8 @@ pub struct ClusterRow {
     pub age: f64,
     /// `fixed(N)` or `adaptive(MIN..MAX)`.
     pub policy: String,
+    /// The manager's latest scaling decisions, oldest first.
+    pub decisions: Vec<cluster::monitor::Decision>,
 }
 
 /// An action on a managed cluster.
@@ -37,4 +39,7 @@ pub trait Source: Send {
     fn clusters(&mut self) -> Vec<ClusterRow>;
     /// Carry out `command` on cluster `name`; the answer to show, or why not.
     fn act(&mut self, name: &str, command: &Command) -> Result<String, String>;
+    /// The last `lines` lines of cluster `name`'s manager log, or of one
+    /// of its workers' logs.
+    fn log(&mut self, name: &str, worker: Option<&str>, lines: usize) -> Vec<String>;
 }

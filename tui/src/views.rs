@@ -3,7 +3,6 @@
 //! colours are 256-colour indexed and dropped entirely with `NO_COLOR`.
 
 use cluster::monitor::Model;
-use cluster::protocol::WorkerInfo;
 use ratatui::layout::{Constraint, Direction, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
@@ -95,6 +94,8 @@ pub fn draw(f: &mut Frame, app: &App, p: Palette) {
     match app.view.unwrap_or(View::Clusters) {
         View::Clusters => clusters(f, main, app, p),
         View::Cluster => cluster(f, main, app, p),
+        View::Worker => worker(f, main, app, p),
+        View::Logs => logs(f, main, app, " manager log (following) ", p),
     }
     bottom_line(f, footer, app, p);
     if app.help {
@@ -166,7 +167,7 @@ fn cluster(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     let mut constraints = vec![Constraint::Length(3), Constraint::Min(6)];
     if big {
         constraints.push(Constraint::Length((m.workers.len().min(8) as u16 * 2).max(4) + 2));
-        constraints.push(Constraint::Length(4));
+        constraints.push(Constraint::Length(if area.height >= 40 { 7 } else { 4 }));
     }
     let chunks = Layout::vertical(constraints).split(area);
     header(f, chunks[0], app, p);
@@ -182,8 +183,114 @@ fn cluster(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     progress(f, body[1], m, p);
     if big {
         stream(f, chunks[2], m, p);
-        rate(f, chunks[3], m, p);
+        let bottom = Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)]).split(chunks[3]);
+        rate(f, bottom[0], m, p);
+        events(f, bottom[1], app, p);
     }
+}
+
+/// Recent events and, for a managed cluster, its latest scaling decision.
+fn events(f: &mut Frame, area: Rect, app: &App, p: Palette) {
+    let m = &app.model;
+    let mut lines: Vec<Line> = Vec::new();
+    let row = app.cluster_name().and_then(|n| app.clusters.iter().find(|c| c.name == n));
+    if let Some(d) = row.and_then(|c| c.decisions.iter().rev().find(|d| d.kind != "target")) {
+        lines.push(Line::styled(
+            format!(
+                "{}: {} (target {}, running {}, pending {}) {}",
+                row.map_or("", |c| c.policy.as_str()),
+                d.kind,
+                d.target,
+                d.running,
+                d.pending,
+                d.reason
+            ),
+            p.fg(39),
+        ));
+    }
+    let room = (area.height as usize).saturating_sub(2).saturating_sub(lines.len());
+    for (t, text) in m.events.iter().rev().take(room) {
+        let style = if text.contains("erred") || text.contains("left") { p.error() } else { Style::default() };
+        lines.push(Line::styled(format!("{:>4}s ago  {text}", (m.time - t).max(0.0) as u64), style));
+    }
+    if lines.is_empty() {
+        lines.push(Line::styled("no events yet", p.dim()));
+    }
+    f.render_widget(Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" events ")), area);
+}
+
+/// One worker: figures, memory over time, recent tasks, the tail of its log.
+fn worker(f: &mut Frame, area: Rect, app: &App, p: Palette) {
+    let m = &app.model;
+    let name = app.worker.clone().unwrap_or_default();
+    let Some(w) = m.worker(&name) else {
+        let text = format!("worker {name} is not connected (Esc goes back)");
+        f.render_widget(Paragraph::new(text).style(p.error()).block(Block::default().borders(Borders::ALL)), area);
+        return;
+    };
+    let [top, mid, bottom] =
+        Layout::vertical([Constraint::Length(5), Constraint::Percentage(45), Constraint::Min(4)]).areas(area);
+    let limit = if w.memory_limit > 0 { bytes(w.memory_limit) } else { "no limit".into() };
+    let facts = vec![
+        Line::from(format!("{}  pid {}  threads {}", w.address, w.pid, w.nthreads)),
+        Line::from(format!(
+            "memory {} of {limit}  stored {} ({} keys)  spilled {}",
+            bytes(w.rss),
+            bytes(w.managed),
+            w.nkeys,
+            bytes(w.spilled)
+        )),
+        Line::from(format!(
+            "executing {}  ready {}  processing {}  in {}  out {}{}",
+            w.executing,
+            w.ready,
+            w.processing,
+            bytes(w.bytes_in),
+            bytes(w.bytes_out),
+            if w.retiring { "  retiring" } else { "" }
+        )),
+    ];
+    f.render_widget(
+        Paragraph::new(facts).block(Block::default().borders(Borders::ALL).title(format!(" {name} "))),
+        top,
+    );
+    let [mem, tasks] = Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)]).areas(mid);
+    let history: Vec<u64> =
+        m.worker_history.get(&w.address).map(|h| h.iter().map(|s| s.rss >> 20).collect()).unwrap_or_default();
+    let shown = &history[history.len().saturating_sub(mem.width as usize)..];
+    let block = Block::default().borders(Borders::ALL).title(format!(" memory over time (now {}) ", bytes(w.rss)));
+    f.render_widget(Sparkline::default().block(block).data(shown).style(p.fg(39)), mem);
+    let recent: Vec<Line> = m
+        .stream
+        .iter()
+        .rev()
+        .filter(|r| r.worker == w.address)
+        .take(tasks.height.saturating_sub(2) as usize)
+        .map(|r| {
+            Line::from(vec![
+                Span::styled(format!("{:<16} ", r.group.chars().take(16).collect::<String>()), p.group(&r.group)),
+                Span::raw(format!("{:>8.3}s  #{}  {}", r.stop - r.start, r.thread, r.key)),
+            ])
+        })
+        .collect();
+    f.render_widget(
+        Paragraph::new(recent).block(Block::default().borders(Borders::ALL).title(" recent tasks ")),
+        tasks,
+    );
+    logs(f, bottom, app, " log (following) ", p);
+}
+
+/// The tail of a log, newest at the bottom.
+fn logs(f: &mut Frame, area: Rect, app: &App, title: &str, p: Palette) {
+    let room = area.height.saturating_sub(2) as usize;
+    let lines: Vec<Line> = app.log[app.log.len().saturating_sub(room)..].iter().map(|l| Line::raw(l.clone())).collect();
+    let empty = lines.is_empty();
+    let mut para = Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(title.to_string()));
+    if empty {
+        para = Paragraph::new(Line::styled("no log lines (a cluster opened by address has no logs here)", p.dim()))
+            .block(Block::default().borders(Borders::ALL).title(title.to_string()));
+    }
+    f.render_widget(para, area);
 }
 
 fn header(f: &mut Frame, area: Rect, app: &App, p: Palette) {
@@ -225,19 +332,8 @@ fn header(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     f.render_widget(Paragraph::new(lines).block(Block::default().borders(Borders::TOP).title(title)), area);
 }
 
-fn sorted_workers<'a>(m: &'a Model, app: &App) -> Vec<&'a WorkerInfo> {
-    let mut ws: Vec<&WorkerInfo> = m.workers.iter().filter(|w| w.name.contains(&app.filter)).collect();
-    match SORTS[app.sort] {
-        "memory" => ws.sort_by_key(|w| std::cmp::Reverse(w.rss)),
-        "processing" => ws.sort_by_key(|w| std::cmp::Reverse(w.processing)),
-        "stored" => ws.sort_by_key(|w| std::cmp::Reverse(w.managed)),
-        _ => {}
-    }
-    ws
-}
-
 fn workers(f: &mut Frame, area: Rect, app: &App, p: Palette) {
-    let ws = sorted_workers(&app.model, app);
+    let ws = app.workers_shown();
     let gauge = (area.width as usize).saturating_sub(44).clamp(6, 30);
     let rows: Vec<Row> = ws
         .iter()
@@ -380,7 +476,7 @@ fn help(f: &mut Frame, area: Rect, app: &App, p: Palette) {
 mod tests {
     use super::*;
     use crate::source::ClusterRow;
-    use cluster::protocol::{EventsUpdate, GroupCounts, TaskStreamRecord};
+    use cluster::protocol::{EventsUpdate, GroupCounts, TaskStreamRecord, WorkerInfo};
     use ratatui::backend::TestBackend;
     use ratatui::Terminal;
 
@@ -422,6 +518,7 @@ mod tests {
                 memory: 4 << 30,
                 age: 754.0,
                 policy: "fixed(2)".into(),
+                decisions: Vec::new(),
             },
             ClusterRow {
                 name: "hpc".into(),
@@ -496,9 +593,32 @@ mod tests {
 
     #[test]
     fn cluster_view_snapshots() {
-        let app = cluster_app();
+        let mut app = cluster_app();
         snapshot("cluster-80x24", &screen(&app, 80, 24));
-        snapshot("cluster-160x48", &screen(&app, 160, 48));
+        app.clusters[0].decisions = vec![cluster::monitor::Decision {
+            time: 999.0,
+            kind: "scale_up".into(),
+            target: 2,
+            running: 1,
+            pending: 1,
+            reason: "1 task queued per thread".into(),
+        }];
+        app.model.events.push_back((998.0, "worker alpha-1 joined".into()));
+        app.model.events.push_back((999.5, "task k7 erred on tcp://127.0.0.1:41001".into()));
+        let big = screen(&app, 160, 48);
+        assert!(big.contains("scale_up") && big.contains("worker alpha-1 joined") && big.contains("k7 erred"), "{big}");
+        snapshot("cluster-160x48", &big);
+    }
+
+    #[test]
+    fn worker_view_snapshot() {
+        let mut app = cluster_app();
+        app.view = Some(View::Worker);
+        app.worker = Some("alpha-1".into());
+        app.log = (0..30).map(|i| format!("2026-11-30T15:00:{i:02}Z INFO worker log line {i}")).collect();
+        snapshot("worker-100x30", &screen(&app, 100, 30));
+        app.worker = Some("gone".into());
+        assert!(screen(&app, 80, 24).contains("worker gone is not connected"));
     }
 
     #[test]
