@@ -73,12 +73,15 @@ pub fn run(options: Options, mut source: Box<dyn Source>) -> Result<(), TuiError
     let mut terminal: Terminal<CrosstermBackend<Stdout>> = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
     let palette = views::Palette { color: !options.no_color };
     let mut next_refresh = Instant::now();
+    // Draw when something changed: a key, an update, the clusters' refresh.
+    let mut dirty = true;
     loop {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         if Instant::now() >= next_refresh {
             app.clusters = source.clusters();
+            dirty = true;
             if let (Some(View::Worker | View::Logs), Some(name)) = (app.view, app.cluster_name().map(String::from)) {
                 let worker = if app.view == Some(View::Worker) { app.worker.clone() } else { None };
                 app.log = source.log(&name, worker.as_deref(), 200);
@@ -88,13 +91,19 @@ pub fn run(options: Options, mut source: Box<dyn Source>) -> Result<(), TuiError
         if let Some(core) = &follow {
             for u in core.take_events(Duration::ZERO) {
                 app.model.apply(u);
+                dirty = true;
             }
-            app.link = core.closed_reason();
+            let link = core.closed_reason();
+            dirty |= link != app.link;
+            app.link = link;
         }
-        terminal.draw(|f| views::draw(f, &app, palette))?;
+        if std::mem::take(&mut dirty) {
+            terminal.draw(|f| views::draw(f, &app, palette))?;
+        }
         if !event::poll(Duration::from_millis(250))? {
             continue;
         }
+        dirty = true;
         let Event::Key(key) = event::read()? else { continue };
         if key.kind != KeyEventKind::Press {
             continue;
