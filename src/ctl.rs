@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
+use cluster::human::{age as fmt_age, bytes as fmt_bytes};
 use serde_yaml_ng::Value;
 
 use deployers::batch::{BatchBackend, System};
@@ -493,31 +494,6 @@ pub fn live_status(dir: &Path, rec: &ClusterRecord) -> Result<Status> {
     }
     let r = control::request(dir, &Request::Status, Duration::from_secs(5))?;
     r.status.ok_or_else(|| anyhow!("{}", r.error))
-}
-
-fn fmt_bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < units.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[i])
-    }
-}
-
-fn fmt_age(seconds: f64) -> String {
-    let s = seconds.max(0.0) as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s / 60),
-        3600..=86399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
-    }
 }
 
 /// `dask-ctl list`.

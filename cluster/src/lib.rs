@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod comm;
+pub mod human;
 pub mod monitor;
 pub mod protocol;
 pub mod scheduler;

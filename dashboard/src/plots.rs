@@ -56,9 +56,7 @@ const MANAGED: RGBColor = RGBColor(31, 119, 180);
 
 /// The colour of task group `name`.
 pub fn group_color(name: &str) -> RGBColor {
-    // FNV-1a: stable across runs and platforms.
-    let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    PALETTE[(h % PALETTE.len() as u64) as usize]
+    PALETTE[(cluster::human::stable_hash(name) % PALETTE.len() as u64) as usize]
 }
 
 /// Escape text for XML.
@@ -66,21 +64,7 @@ pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// Bytes for people: `1.5 GiB`.
-pub fn fmt_bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
+pub use cluster::human::bytes as fmt_bytes;
 
 /// Seconds for people: `12 ms`, `3.4 s`.
 pub fn fmt_seconds(s: f64) -> String {

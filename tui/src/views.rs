@@ -2,6 +2,7 @@
 //! Panels collapse on small terminals (80x24 shows the essentials);
 //! colours are 256-colour indexed and dropped entirely with `NO_COLOR`.
 
+use cluster::human::{age, bytes_short as bytes};
 use cluster::monitor::Model;
 use ratatui::layout::{Constraint, Direction, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -29,8 +30,7 @@ impl Palette {
     fn group(self, name: &str) -> Style {
         // A stable colour per task group among 12 distinct 256-colour indices.
         const COLORS: [u8; 12] = [33, 208, 70, 135, 167, 176, 142, 44, 111, 215, 150, 98];
-        let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-        self.fg(COLORS[(h % COLORS.len() as u64) as usize])
+        self.fg(COLORS[(cluster::human::stable_hash(name) % COLORS.len() as u64) as usize])
     }
 
     fn selected(self) -> Style {
@@ -43,34 +43,6 @@ impl Palette {
 
     fn dim(self) -> Style {
         self.fg(244)
-    }
-}
-
-/// Bytes for people, compactly: `1.5G`.
-pub fn bytes(n: u64) -> String {
-    let units = ["B", "K", "M", "G", "T"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n}B")
-    } else if v < 10.0 {
-        format!("{v:.1}{}", units[u])
-    } else {
-        format!("{v:.0}{}", units[u])
-    }
-}
-
-fn age(seconds: f64) -> String {
-    let s = seconds.max(0.0) as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s / 60),
-        3600..=86399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d", s / 86400),
     }
 }
 
@@ -651,8 +623,6 @@ mod tests {
     fn bars_fill_in_order_and_never_overflow() {
         assert_eq!(bar(&[(0.5, '█'), (0.25, '▒')], 8), "████▒▒··");
         assert_eq!(bar(&[(0.9, '█'), (0.9, '▒')], 4), "████");
-        assert_eq!(bytes(1536), "1.5K");
-        assert_eq!(age(3700.0), "1h1m");
     }
 
     /// What a frame costs with 1,000 workers, 1,000 groups and a full
