@@ -161,26 +161,21 @@ fn cluster(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     }
 }
 
-/// Recent events and, for a managed cluster, its latest scaling decision.
+/// Recent events and, for a managed cluster, the Adaptive panel.
 fn events(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     let m = &app.model;
-    let mut lines: Vec<Line> = Vec::new();
     let row = app.cluster_name().and_then(|n| app.clusters.iter().find(|c| c.name == n));
-    if let Some(d) = row.and_then(|c| c.decisions.iter().rev().find(|d| d.kind != "target")) {
-        lines.push(Line::styled(
-            format!(
-                "{}: {} (target {}, running {}, pending {}) {}",
-                row.map_or("", |c| c.policy.as_str()),
-                d.kind,
-                d.target,
-                d.running,
-                d.pending,
-                d.reason
-            ),
-            p.fg(39),
-        ));
-    }
-    let room = (area.height as usize).saturating_sub(2).saturating_sub(lines.len());
+    let area = match row.filter(|c| !c.policy.is_empty()) {
+        Some(c) => {
+            let [left, right] =
+                Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(area);
+            adaptive(f, left, c, m.time, p);
+            right
+        }
+        None => area,
+    };
+    let room = (area.height as usize).saturating_sub(2);
+    let mut lines: Vec<Line> = Vec::new();
     for (t, text) in m.events.iter().rev().take(room) {
         let style = if text.contains("erred") || text.contains("left") { p.error() } else { Style::default() };
         lines.push(Line::styled(format!("{:>4}s ago  {text}", (m.time - t).max(0.0) as u64), style));
@@ -189,6 +184,29 @@ fn events(f: &mut Frame, area: Rect, app: &App, p: Palette) {
         lines.push(Line::styled("no events yet", p.dim()));
     }
     f.render_widget(Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" events ")), area);
+}
+
+/// A managed cluster's scaling: policy, target, running, pending, and its
+/// recent decisions with their reasons.
+fn adaptive(f: &mut Frame, area: Rect, c: &crate::source::ClusterRow, now: f64, p: Palette) {
+    let target = c.decisions.iter().rev().find(|d| d.kind == "target").or(c.decisions.last()).map(|d| d.target);
+    let mut lines = vec![Line::styled(
+        format!(
+            "{}  target {}  running {}  pending {}",
+            c.policy,
+            target.map_or("-".to_string(), |t| t.to_string()),
+            c.running,
+            c.pending
+        ),
+        p.fg(39),
+    )];
+    let room = (area.height as usize).saturating_sub(3);
+    for d in c.decisions.iter().rev().filter(|d| d.kind != "target").take(room) {
+        let style = if d.kind.contains("error") || d.kind.contains("failed") { p.error() } else { Style::default() };
+        let ago = if now > 0.0 { format!("{:>4}s ago  ", (now - d.time).max(0.0) as u64) } else { String::new() };
+        lines.push(Line::styled(format!("{ago}{} to {}: {}", d.kind, d.target, d.reason), style));
+    }
+    f.render_widget(Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" adaptive ")), area);
 }
 
 /// One worker: figures, memory over time, recent tasks, the tail of its log.
@@ -592,7 +610,8 @@ mod tests {
         app.model.events.push_back((998.0, "worker alpha-1 joined".into()));
         app.model.events.push_back((999.5, "task k7 erred on tcp://127.0.0.1:41001".into()));
         let big = screen(&app, 160, 48);
-        assert!(big.contains("scale_up") && big.contains("worker alpha-1 joined") && big.contains("k7 erred"), "{big}");
+        assert!(big.contains("scale_up to 2: 1 task queued") && big.contains("fixed(2)  target 2  running 2"), "{big}");
+        assert!(big.contains("worker alpha-1 joined") && big.contains("k7 erred"), "{big}");
         snapshot("cluster-160x48", &big);
     }
 
