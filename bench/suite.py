@@ -113,7 +113,7 @@ base, seconds = sys.argv[1], float(sys.argv[2])
 end = time.time() + seconds
 def view():
     with urllib.request.urlopen(base + "/stream/status", timeout=30) as r:
-        while time.time() < end and r.readline():
+        while time.time() < end and r.read(1 << 16):
             pass
 def scrape():
     while time.time() < end:
@@ -124,6 +124,23 @@ for t in ts: t.start()
 print("ready", flush=True)
 for t in ts: t.join()
 """
+
+
+def _dashboard_cpu():
+    """CPU seconds used so far by this process's dashboard threads (a
+    LocalCluster's scheduler and dashboard live in the client process)."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith("dask-rs-dashb"):
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in ticks
+        except OSError:
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def viewed_map(c, n):
@@ -137,7 +154,10 @@ def viewed_map(c, n):
     try:
         assert p.stdout.readline().strip() == "ready"
         time.sleep(1.0)
-        return {f"map-{n}-viewed": noop_map(c, n)[f"map-{n}"]}
+        before, t = _dashboard_cpu(), time.perf_counter()
+        rate = noop_map(c, n)[f"map-{n}"]
+        share = (_dashboard_cpu() - before) / (time.perf_counter() - t) * 100
+        return {f"map-{n}-viewed": rate, "dashboard-cpu": share}
     finally:
         p.kill()
         p.wait()
@@ -295,6 +315,7 @@ WORKLOADS = [
       lambda c, q: noop_map(c, 100_000), reps=1),
     W("map-100000-viewed", "the same, 10 dashboard viewers + /metrics every second", "tasks/s",
       lambda c, q: viewed_map(c, 100_000), reps=1),
+    W("dashboard-cpu", "dashboard threads' CPU during that run", "% of a core", None),
     W("tree-10000", "tree reduction, 10,000 leaves", "s", lambda c, q: tree(c, 10_000, _pid())),
     W("chain-1000", "chain of 1,000 tasks", "s", lambda c, q: chain(c, 1000, _pid()), quick=True),
     W("merge-10000", "merge of 10,000 tasks into one", "s", lambda c, q: merge(c, 10_000, _pid())),
@@ -316,7 +337,7 @@ PER_CLUSTER = [
     ("startup", "local cluster start-up, 2 workers connected", "s"),
     ("idle-worker-rss", "idle worker process RSS", "MiB"),
 ]
-LOWER_IS_BETTER = {"s", "ms", "MiB"}
+LOWER_IS_BETTER = {"s", "ms", "MiB", "% of a core"}
 
 
 # --------------------------------------------------------------------------

@@ -128,7 +128,11 @@ impl Dashboard {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let http = {
             let shared = shared.clone();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Named, so its cost can be measured per thread (`bench/suite.py`).
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .thread_name("dask-rs-dashboard-render")
+                .enable_all()
+                .build()?;
             std::thread::Builder::new().name("dask-rs-dashboard-http".into()).spawn(move || {
                 rt.block_on(async move {
                     let listener = match tokio::net::TcpListener::from_std(listener) {
