@@ -45,7 +45,8 @@ def start(tmux, tmp_path, *args):
         f"stty -a > {tmp_path}/before.txt\n"
         f"{env} {DASK_CTL} tui {' '.join(args)}\n"
         f"echo $? > {tmp_path}/status.txt\n"
-        f"stty -a > {tmp_path}/after.txt\n"
+        # Written whole, then renamed: the test waits for the name.
+        f"stty -a > {tmp_path}/after.tmp && mv {tmp_path}/after.tmp {tmp_path}/after.txt\n"
         "sleep 30\n"
     )
     tmux("new-session", "-d", "-s", "tui", "-x", "120", "-y", "40", f"bash --norc {script}")
