@@ -32,6 +32,7 @@ impl SchedulerState {
             fresh.push((id, spec.deps));
         }
         let mut unknown: Vec<(TaskId, Key)> = Vec::new();
+        let mut last_edge = (u32::MAX, u32::MAX);
         for (id, deps) in &fresh {
             let mut ids = Vec::with_capacity(deps.len());
             for k in deps {
@@ -45,9 +46,13 @@ impl SchedulerState {
                 let dt = self.tm(d);
                 dt.dependents.push(*id);
                 let dg = dt.group;
-                let deps = &mut self.groups[group as usize].deps;
-                if dg != group && !deps.contains(&dg) {
-                    deps.push(dg);
+                // Group edges repeat along a graph: check each pair once in a row.
+                if dg != group && last_edge != (group, dg) {
+                    last_edge = (group, dg);
+                    let deps = &mut self.groups[group as usize].deps;
+                    if !deps.contains(&dg) {
+                        deps.push(dg);
+                    }
                 }
             }
             self.tm(*id).deps = ids;
