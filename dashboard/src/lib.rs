@@ -24,7 +24,7 @@ use cluster::client::ClientCore;
 
 pub use cluster::monitor::{Decision, Model};
 pub use metrics::ManagerGauges;
-pub use report::report_html;
+pub use report::{report_html, task_stream_svg};
 
 /// Dask's dashboard port.
 pub const DEFAULT_PORT: u16 = 8787;

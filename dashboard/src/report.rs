@@ -54,6 +54,16 @@ pub fn report_html(mut update: EventsUpdate, start: f64, stop: f64, title: &str,
     )
 }
 
+/// The task stream of the work between `start` and `stop` alone, as SVG
+/// (Python's `get_task_stream(plot=True)`).
+pub fn task_stream_svg(mut update: EventsUpdate, start: f64, stop: f64, width: u32, height: u32) -> String {
+    update.stream.retain(|r| r.stop >= start && r.stop <= stop);
+    let mut m = Model::default();
+    m.apply(update);
+    m.time = stop;
+    plots::task_stream(&m, (stop - start).max(1e-3), width, height)
+}
+
 const STYLE: &str = "
 :root { color-scheme: light dark; }
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1em 2em; }

@@ -1188,9 +1188,12 @@ class Client:
         durations before now such as ``"60s"``), at most the last ``count``,
         as distributed's records: ``key``, ``worker``, ``thread``, ``status``
         and ``startstops`` (a ``transfer`` before the ``compute`` when inputs
-        were fetched). From the scheduler's ring of recent tasks."""
-        if plot:
-            raise NotImplementedError("plot=True: use the dashboard's /tasks page or performance_report()")
+        were fetched). From the scheduler's ring of recent tasks.
+
+        With ``plot=True`` it returns ``(records, figure)``: the figure is the
+        task stream drawn as SVG (shown in notebooks; ``.save(filename)``
+        writes it as a self-contained HTML file); ``plot="save"`` also
+        writes it to ``filename`` (default ``task-stream.html``)."""
         import time as _time
 
         def when(t):
@@ -1198,7 +1201,19 @@ class Client:
                 return t
             return _time.time() - parse_timedelta(t)
 
-        return [_distributed_record(r) for r in self._core.task_stream(when(start), when(stop), count)]
+        records = [_distributed_record(r) for r in self._core.task_stream(when(start), when(stop), count)]
+        if not plot:
+            return records
+        from .diagnostics import TaskStreamPlot
+
+        ends = [s["stop"] for r in records for s in r["startstops"]]
+        begins = [s["start"] for r in records for s in r["startstops"]]
+        lo = when(start) if start is not None else (min(begins) if begins else _time.time())
+        hi = when(stop) if stop is not None else (max(ends) if ends else _time.time())
+        figure = TaskStreamPlot(_core.task_stream_svg(self.scheduler_address, lo, hi))
+        if plot == "save":
+            figure.save(filename or "task-stream.html")
+        return records, figure
 
     def wait_for_workers(self, n_workers: int, timeout=None):
         import time

@@ -92,14 +92,34 @@ def progress(*futures, notebook=None, multi=False, complete=True, interval=0.1, 
     return None
 
 
+class TaskStreamPlot:
+    """A task stream drawn as SVG: shown inline in notebooks, and
+    ``save(filename)`` writes a self-contained HTML file."""
+
+    def __init__(self, svg: str):
+        self.svg = svg
+
+    def _repr_html_(self) -> str:
+        return self.svg
+
+    def save(self, filename: str) -> str:
+        with open(filename, "w", encoding="utf-8") as f:
+            f.write(f"<!doctype html><html><head><meta charset='utf-8'><title>Task stream</title></head>"
+                    f"<body>{self.svg}</body></html>")
+        return filename
+
+
 class get_task_stream:
     """Record the tasks that run inside a ``with`` block (distributed's
-    ``get_task_stream``): afterwards ``.data`` holds their records."""
+    ``get_task_stream``): afterwards ``.data`` holds their records and, with
+    ``plot=True``, ``.figure`` their picture (``plot="save"`` also writes it
+    to ``filename``)."""
 
     def __init__(self, client=None, plot=False, filename="task-stream.html"):
-        if plot:
-            raise NotImplementedError("plot=True: use performance_report() for a picture of a block")
         self.client = client
+        self.plot = plot
+        self.filename = filename
+        self.figure = None
         self.data: list = []
 
     def __enter__(self):
@@ -112,7 +132,13 @@ class get_task_stream:
     def __exit__(self, *exc):
         # Let the last reports of the block reach the scheduler.
         time.sleep(0.05)
-        self.data.extend(self.client.get_task_stream(start=self.start))
+        if self.plot:
+            data, self.figure = self.client.get_task_stream(
+                start=self.start, stop=time.time(), plot=self.plot, filename=self.filename
+            )
+        else:
+            data = self.client.get_task_stream(start=self.start)
+        self.data.extend(data)
 
 
 class performance_report:

@@ -537,6 +537,17 @@ fn start_scheduler(
     Ok(SchedulerHandle { rt, inner, address, dashboard: Mutex::new(board), dashboard_link, dashboard_warning })
 }
 
+/// The first events update from the scheduler at `address`: a snapshot
+/// with the whole task-stream ring.
+fn snapshot(address: &str, name: &str) -> PyResult<EventsUpdate> {
+    let core = Core::connect_monitor(address, name, Duration::from_secs(10)).map_err(client_err)?;
+    core.subscribe(Duration::from_millis(50)).map_err(client_err)?;
+    core.take_events(Duration::from_secs(10))
+        .into_iter()
+        .next()
+        .ok_or_else(|| CommError::new_err("the scheduler sent no events within 10 s"))
+}
+
 /// The HTML of a performance report of the work between `start` and `stop`
 /// (Unix seconds) on the scheduler at `address`, with `facts` listed first.
 #[pyfunction]
@@ -548,18 +559,22 @@ fn performance_report_html(
     title: String,
     facts: Vec<(String, String)>,
 ) -> PyResult<String> {
-    py.detach(|| {
-        let core =
-            Core::connect_monitor(&address, "performance-report", Duration::from_secs(10)).map_err(client_err)?;
-        core.subscribe(Duration::from_millis(50)).map_err(client_err)?;
-        // The first update is a snapshot: the whole task-stream ring.
-        let snapshot = core
-            .take_events(Duration::from_secs(10))
-            .into_iter()
-            .next()
-            .ok_or_else(|| CommError::new_err("the scheduler sent no events within 10 s"))?;
-        Ok(dashboard::report_html(snapshot, start, stop, &title, &facts))
-    })
+    py.detach(|| Ok(dashboard::report_html(snapshot(&address, "performance-report")?, start, stop, &title, &facts)))
+}
+
+/// The task stream between `start` and `stop` on the scheduler at
+/// `address`, as SVG.
+#[pyfunction]
+#[pyo3(signature = (address, start, stop, width=1000, height=400))]
+fn task_stream_svg(
+    py: Python<'_>,
+    address: String,
+    start: f64,
+    stop: f64,
+    width: u32,
+    height: u32,
+) -> PyResult<String> {
+    py.detach(|| Ok(dashboard::task_stream_svg(snapshot(&address, "task-stream")?, start, stop, width, height)))
 }
 
 // ---- the client ----------------------------------------------------------
@@ -1084,6 +1099,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SchedulerHandle>()?;
     m.add_function(wrap_pyfunction!(parse_resources, m)?)?;
     m.add_function(wrap_pyfunction!(performance_report_html, m)?)?;
+    m.add_function(wrap_pyfunction!(task_stream_svg, m)?)?;
     m.add_function(wrap_pyfunction!(start_worker, m)?)?;
     m.add_function(wrap_pyfunction!(secede, m)?)?;
     m.add_function(wrap_pyfunction!(rejoin, m)?)?;

@@ -218,7 +218,8 @@ def test_fire_and_forget(client, tmp_path):
     g = client.submit(touch, str(target), "written", pure=False)
     fire_and_forget([f, g])
     del f, g
-    wait_until(target.exists, msg="fire-and-forget task to run")
+    # The file appears before its text is written: wait for both.
+    wait_until(lambda: target.exists() and target.read_text() != "", msg="fire-and-forget task to run")
     assert target.read_text() == "written"
     wait_until(lambda: client.scheduler_info()["n_tasks"] == 0, msg="tasks forgotten once done")
 

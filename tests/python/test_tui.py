@@ -32,8 +32,17 @@ def tmux(tmp_path):
     run("kill-server")
 
 
-def screen(tmux):
-    return tmux("capture-pane", "-p", "-t", "tui").stdout
+CAPTURES = os.path.join(ROOT, "target", "tui-captures")
+
+
+def screen(tmux, keep=None):
+    """The pane's text; `keep` also writes it under target/tui-captures/."""
+    text = tmux("capture-pane", "-p", "-t", "tui").stdout
+    if keep:
+        os.makedirs(CAPTURES, exist_ok=True)
+        with open(os.path.join(CAPTURES, keep), "w") as f:
+            f.write(text)
+    return text
 
 
 def start(tmux, tmp_path, *args):
@@ -71,8 +80,10 @@ def test_console_follows_a_cluster_and_acts_on_it(ctl, tmux, tmp_path):
     try:
         wait_until(lambda: "tuitest-1" in screen(tmux) and "sleep " in screen(tmux), timeout=30,
                    msg="the console shows the workers and the workload's group")
-        text = screen(tmux)
-        assert "workers 2" in text and "task stream" in text, text
+        time.sleep(1.5)
+        text = screen(tmux, keep="cluster-120x40.txt")
+        assert "workers 2" in text and "task stream" in text and "adaptive" in text, text
+        assert "tuitest-0" in text and "sleep" in text, text
         # A bad command explains itself and changes nothing.
         keys(tmux, ":scale x", "Enter")
         wait_until(lambda: "usage: scale N" in screen(tmux), timeout=10, msg="usage")
@@ -90,8 +101,14 @@ def test_console_follows_a_cluster_and_acts_on_it(ctl, tmux, tmp_path):
         wait_until(lambda: "cancelled" in screen(tmux), timeout=10, msg="cancelled")
         assert [c["name"] for c in json.loads(ctl("list", "--json").stdout)] == ["tuitest"]
         # Esc goes back to the clusters view.
+        keys(tmux, "Enter")
+        wait_until(lambda: "recent tasks" in screen(tmux), timeout=10, msg="the worker view")
+        time.sleep(1.5)
+        screen(tmux, keep="worker-120x40.txt")
+        keys(tmux, "Escape")
         keys(tmux, "Escape")
         wait_until(lambda: "clusters (1)" in screen(tmux), timeout=10, msg="the clusters view")
+        screen(tmux, keep="clusters-120x40.txt")
     finally:
         stop.set()
         t.join(timeout=30)

@@ -310,7 +310,7 @@ fn header(f: &mut Frame, area: Rect, app: &App, p: Palette) {
             link,
         ]),
         Line::from(format!(
-            "workers {}  threads {threads}  memory {}/{}  tasks {}  processing {}  queued {}  {rate:.0} tasks/s",
+            "workers {}  threads {threads}  mem {}/{}  tasks {}  proc {}  queued {}  {rate:.0}/s",
             m.workers.len(),
             bytes(rss),
             bytes(limit),
