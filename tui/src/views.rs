@@ -7,7 +7,7 @@ use cluster::monitor::Model;
 use ratatui::layout::{Constraint, Direction, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Sparkline, Table, TableState};
+use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Sparkline, Table, TableState, Wrap};
 use ratatui::Frame;
 
 use crate::app::{App, View, KEYS, SORTS};
@@ -183,7 +183,8 @@ fn events(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     if lines.is_empty() {
         lines.push(Line::styled("no events yet", p.dim()));
     }
-    f.render_widget(Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" events ")), area);
+    let para = Paragraph::new(lines).wrap(Wrap { trim: false });
+    f.render_widget(para.block(Block::default().borders(Borders::ALL).title(" events ")), area);
 }
 
 /// A managed cluster's scaling: policy, target, running, pending, and its
@@ -206,7 +207,8 @@ fn adaptive(f: &mut Frame, area: Rect, c: &crate::source::ClusterRow, now: f64, 
         let ago = if now > 0.0 { format!("{:>4}s ago  ", (now - d.time).max(0.0) as u64) } else { String::new() };
         lines.push(Line::styled(format!("{ago}{} to {}: {}", d.kind, d.target, d.reason), style));
     }
-    f.render_widget(Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" adaptive ")), area);
+    let para = Paragraph::new(lines).wrap(Wrap { trim: false });
+    f.render_widget(para.block(Block::default().borders(Borders::ALL).title(" adaptive ")), area);
 }
 
 /// One worker: figures, memory over time, recent tasks, the tail of its log.
@@ -250,6 +252,7 @@ fn worker(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     let shown = &history[history.len().saturating_sub(mem.width as usize)..];
     let block = Block::default().borders(Borders::ALL).title(format!(" memory over time (now {}) ", bytes(w.rss)));
     f.render_widget(Sparkline::default().block(block).data(shown).style(p.fg(39)), mem);
+    let key_room = (tasks.width as usize).saturating_sub(2 + 17 + 14);
     let recent: Vec<Line> = m
         .stream
         .iter()
@@ -259,7 +262,7 @@ fn worker(f: &mut Frame, area: Rect, app: &App, p: Palette) {
         .map(|r| {
             Line::from(vec![
                 Span::styled(format!("{:<16} ", r.group.chars().take(16).collect::<String>()), p.group(&r.group)),
-                Span::raw(format!("{:>8.3}s  #{}  {}", r.stop - r.start, r.thread, r.key)),
+                Span::raw(format!("{:>8.3}s  #{}  {}", r.stop - r.start, r.thread, middle(&r.key, key_room))),
             ])
         })
         .collect();
@@ -268,6 +271,20 @@ fn worker(f: &mut Frame, area: Rect, app: &App, p: Palette) {
         tasks,
     );
     logs(f, bottom, app, " log (following) ", p);
+}
+
+/// `s` cut in the middle to `n` characters, so both ends stay (keys differ
+/// at their ends).
+fn middle(s: &str, n: usize) -> String {
+    let count = s.chars().count();
+    if count <= n || n < 5 {
+        return s.to_string();
+    }
+    let head = (n - 1) / 2;
+    let tail = n - 1 - head;
+    let start: String = s.chars().take(head).collect();
+    let end: String = s.chars().skip(count - tail).collect();
+    format!("{start}…{end}")
 }
 
 /// The tail of a log, newest at the bottom.
@@ -642,6 +659,8 @@ mod tests {
     fn bars_fill_in_order_and_never_overflow() {
         assert_eq!(bar(&[(0.5, '█'), (0.25, '▒')], 8), "████▒▒··");
         assert_eq!(bar(&[(0.9, '█'), (0.9, '▒')], 4), "████");
+        assert_eq!(middle("sleep-0123456789abcdef-17", 11), "sleep…ef-17");
+        assert_eq!(middle("short", 11), "short");
     }
 
     /// What a frame costs with 1,000 workers, 1,000 groups and a full
