@@ -14,6 +14,13 @@ use crate::registry;
 pub struct Registry;
 
 impl Source for Registry {
+    fn security(&mut self, name: Option<&str>) -> Result<cluster::security::Security, String> {
+        match name {
+            Some(n) => registry::security(&registry::dir(n)).map_err(|e| e.to_string()),
+            None => cluster::security::Security::from_env().map_err(|e| e.to_string()),
+        }
+    }
+
     fn clusters(&mut self) -> Vec<ClusterRow> {
         registry::list()
             .into_iter()
@@ -91,9 +98,10 @@ impl Source for Registry {
 
 /// Retire one worker through the scheduler (its data moves first).
 fn retire(name: &str, worker: &str) -> anyhow::Result<String> {
-    let (_, rec) = registry::find(name)?;
+    let (dir, rec) = registry::find(name)?;
     let address = rec.address.ok_or_else(|| anyhow::anyhow!("{name} has no scheduler address yet"))?;
-    let core = ClientCore::connect_monitor(&address, "dask-ctl-tui", Duration::from_secs(5))?;
+    let security = registry::security(&dir)?;
+    let core = ClientCore::connect_monitor(&address, "dask-ctl-tui", Duration::from_secs(5), &security)?;
     let (retired, failed) = core.retire_workers(vec![worker.to_string()], Duration::from_secs(60))?;
     match (retired.first(), failed.first()) {
         (Some(w), _) => Ok(format!("retired {w}")),

@@ -108,6 +108,10 @@ pub struct UpArgs {
     /// Shell line run after the worker exits, in batch jobs (repeatable).
     #[arg(long)]
     epilogue: Vec<String>,
+    /// Run without the cluster's token: anyone who can reach the scheduler
+    /// or a worker can then run code as you.
+    #[arg(long)]
+    insecure: bool,
     /// Leave out generated batch directives containing this text (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     job_directives_skip: Vec<String>,
@@ -360,7 +364,17 @@ pub fn up(args: UpArgs) -> Result<()> {
         manager_start: None,
         max_pending: args.max_pending,
     };
+    registry::create_private(&dir)?;
     std::fs::create_dir_all(registry::log_dir(&dir)).with_context(|| format!("creating {}", dir.display()))?;
+    if args.insecure {
+        eprintln!(
+            "warning: {name} runs without credentials (--insecure): anyone who can reach its scheduler or \
+             workers can run code as you"
+        );
+    } else {
+        let token = cluster::security::Security::generate()?;
+        token.write_token_file(&registry::token_file(&dir)).context("writing the cluster's token")?;
+    }
     rec.save(&dir)?;
 
     // The manager runs detached in its own session, so closing this shell

@@ -213,14 +213,17 @@ fn main() -> Result<()> {
 }
 
 async fn run_scheduler(host: String, port: u16, config: SchedulerConfig, dashboard: Option<String>) -> Result<()> {
-    let handle =
-        scheduler::start(&host, port, config).await.with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let security = cluster::security::Security::from_env()?;
+    let handle = scheduler::start(&host, port, config, security.clone())
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
     let stop = shutdown_signal();
     println!("Scheduler at {}", handle.address);
     let _dashboard = match dashboard {
         Some(at) => {
             let address = handle.address.clone();
-            let d = tokio::task::spawn_blocking(move || dashboard::Dashboard::start(&address, &at, &host)).await??;
+            let d = tokio::task::spawn_blocking(move || dashboard::Dashboard::start(&address, &at, &host, &security))
+                .await??;
             if let Some(w) = d.warning() {
                 eprintln!("warning: {w}");
             }
@@ -249,7 +252,8 @@ async fn run_sim_worker(
     result_size: u64,
 ) -> Result<()> {
     let name = name.unwrap_or_else(|| format!("sim-{}", std::process::id()));
-    let config = cluster::worker::WorkerConfig::new(&scheduler, &name, nthreads);
+    let mut config = cluster::worker::WorkerConfig::new(&scheduler, &name, nthreads);
+    config.security = cluster::security::Security::from_env()?;
     let runner = Arc::new(cluster::sim::SimRunner::new(duration, result_size));
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut worker = tokio::spawn(cluster::worker::run_worker(config, runner, rx, None));

@@ -52,9 +52,11 @@ fn policy_for(rec: &ClusterRecord) -> Box<dyn Policy> {
 /// Run the manager of the cluster registered in `dir` until `down`.
 pub fn run(dir: PathBuf) -> Result<()> {
     let mut rec = ClusterRecord::load(&dir)?;
+    let security = registry::security(&dir)?;
+    let token_file = security.requires_token().then(|| registry::token_file(&dir));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let sched = rt
-        .block_on(scheduler::start(&rec.host, rec.port, SchedulerConfig::default()))
+        .block_on(scheduler::start(&rec.host, rec.port, SchedulerConfig::default(), security.clone()))
         .with_context(|| format!("cannot listen on {}:{}", rec.host, rec.port))?;
     let address = sched.address.clone();
     let (tx, rx) = sync_channel::<Command>(16);
@@ -70,11 +72,11 @@ pub fn run(dir: PathBuf) -> Result<()> {
             let _ = tx.try_send((Request::Down, reply));
         });
     }
-    let core = ClientCore::connect(&address, "dask-ctl-manager", Duration::from_secs(10))?;
+    let core = ClientCore::connect(&address, "dask-ctl-manager", Duration::from_secs(10), &security)?;
     core.subscribe(Duration::from_millis(250))?;
     let board = match &rec.dashboard_address {
         Some(at) => {
-            let d = dashboard::Dashboard::start(&address, at, &rec.host)?;
+            let d = dashboard::Dashboard::start(&address, at, &rec.host, &security)?;
             if let Some(w) = d.warning() {
                 eprintln!("warning: {w}");
             }
@@ -91,7 +93,9 @@ pub fn run(dir: PathBuf) -> Result<()> {
 
     let logs = registry::log_dir(&dir);
     let mut backend: Box<dyn Deployer> = match rec.backend {
-        BackendKind::Local => Box::new(LocalBackend::new(rec.options.clone(), &address, &rec.name, logs)),
+        BackendKind::Local => {
+            Box::new(LocalBackend::new(rec.options.clone(), &address, &rec.name, logs).with_token_file(token_file))
+        }
         BackendKind::Ssh => {
             // Workers on other hosts cannot use the loopback form of a wildcard address.
             let listen = if cluster::comm::is_wildcard_host(&rec.host) {
@@ -99,11 +103,13 @@ pub fn run(dir: PathBuf) -> Result<()> {
             } else {
                 address.clone()
             };
-            Box::new(SshBackend::new(rec.options.clone(), &listen, &rec.name, logs)?)
+            let token = security.token().map(String::from);
+            Box::new(SshBackend::new(rec.options.clone(), &listen, &rec.name, logs)?.with_token(token))
         }
         BackendKind::Slurm | BackendKind::Sge => {
             let system = rec.backend.batch_system().expect("a batch backend");
-            Box::new(BatchBackend::new(system, rec.options.clone(), &address, &rec.name, logs, dir.join("jobs"))?)
+            let b = BatchBackend::new(system, rec.options.clone(), &address, &rec.name, logs, dir.join("jobs"))?;
+            Box::new(b.with_token_file(token_file))
         }
     };
     let mut config = ControllerConfig::default();

@@ -2,11 +2,14 @@
 //! `$XDG_STATE_HOME/dask-rs/clusters/NAME` (or `~/.local/state/...`), holding
 //! `cluster.json` (what `up` asked for and where the manager and scheduler
 //! are), `owned.json` (what the backend started, for cleanup after a crash),
-//! the manager's control socket and the logs.
+//! the cluster's token (`token`, mode 0600; absent for `up --insecure`),
+//! the manager's control socket and the logs. Every directory here is
+//! private to its owner (0700).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use cluster::security::Security;
 use deployers::{Owned, WorkerOptions};
 use serde::{Deserialize, Serialize};
 
@@ -129,4 +132,41 @@ pub fn socket(dir: &Path) -> PathBuf {
 
 pub fn log_dir(dir: &Path) -> PathBuf {
     dir.join("logs")
+}
+
+/// Where cluster `dir` keeps its token.
+pub fn token_file(dir: &Path) -> PathBuf {
+    dir.join("token")
+}
+
+/// The credential of the cluster registered in `dir` (open for clusters
+/// started with `--insecure`).
+pub fn security(dir: &Path) -> Result<Security> {
+    let path = token_file(dir);
+    if !path.exists() {
+        return Ok(Security::open());
+    }
+    Ok(Security::from_file(&path)?)
+}
+
+/// Create `dir` (and the registry above it) readable by its owner only, and
+/// refuse one that another user owns.
+pub fn create_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    for d in [root(), dir.to_path_buf()] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .with_context(|| format!("creating {}", d.display()))?;
+        let meta = std::fs::metadata(&d)?;
+        // SAFETY: getuid has no preconditions.
+        if meta.uid() != unsafe { libc::getuid() } {
+            bail!("{} belongs to another user; refusing to keep cluster credentials there", d.display());
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use cluster::client::{ClientCore, KeyStatus};
 use cluster::comm::{FrameReader, FrameWriter};
 use cluster::protocol::{Envelope, Handshake, Role, TaskSpec, MAGIC};
+use cluster::security::Security;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dask-ctl");
 
@@ -47,7 +48,7 @@ fn start_sim_worker(addr: &str, name: &str) -> Proc {
 }
 
 fn client(addr: &str) -> ClientCore {
-    ClientCore::connect(addr, "test", Duration::from_secs(5)).expect("connect")
+    ClientCore::connect(addr, "test", Duration::from_secs(5), &Security::open()).expect("connect")
 }
 
 fn wait_workers(c: &ClientCore, n: usize) {
@@ -127,7 +128,9 @@ fn garbage_and_wrong_version_are_rejected_and_scheduler_keeps_serving() {
         let mut w = FrameWriter::new(w);
         let mut r = FrameReader::new(r);
         w.write_magic().await.unwrap();
-        w.write_one(Handshake::Hello { protocol: 99, role: Role::Client, name: "old".into() }).await.unwrap();
+        w.write_one(Handshake::Hello { protocol: 99, role: Role::Client, name: "old".into(), nonce: vec![] })
+            .await
+            .unwrap();
         let reply: Vec<Envelope<Handshake>> = r.read_batch().await.unwrap();
         match &reply[0].msg {
             Handshake::Refused { reason } => reason.clone(),
@@ -148,7 +151,9 @@ fn connecting_to_a_dead_address_fails_fast_with_a_clear_error() {
     let port = listener.local_addr().unwrap().port();
     drop(listener);
     let t = Instant::now();
-    let err = ClientCore::connect(&format!("tcp://127.0.0.1:{port}"), "x", Duration::from_secs(3)).err().unwrap();
+    let err = ClientCore::connect(&format!("tcp://127.0.0.1:{port}"), "x", Duration::from_secs(3), &Security::open())
+        .err()
+        .unwrap();
     assert!(t.elapsed() < Duration::from_secs(4));
     let msg = err.to_string();
     assert!(msg.contains("cannot connect to scheduler"), "{msg}");

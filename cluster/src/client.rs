@@ -18,6 +18,7 @@ use crate::protocol::{
     Blob, ClusterInfo, CoordError, CoordOp, CoordValue, DataReply, DataRequest, DatasetValue, Envelope, EventsUpdate,
     FromClient, Key, RebalanceStats, Role, TaskSpec, TaskStreamRecord, ToClient,
 };
+use crate::security::Security;
 
 /// Errors of the client core.
 #[derive(Debug, thiserror::Error)]
@@ -146,26 +147,43 @@ pub struct ClientCore {
 }
 
 impl ClientCore {
-    /// Connect to the scheduler at `address` within `timeout`.
-    pub fn connect(address: &str, name: &str, timeout: Duration) -> Result<ClientCore, ClientError> {
-        Self::connect_as(address, name, Role::Client, timeout)
+    /// Connect to the scheduler at `address` within `timeout`, proving
+    /// `security`'s credential (to the scheduler and to every worker).
+    pub fn connect(
+        address: &str,
+        name: &str,
+        timeout: Duration,
+        security: &Security,
+    ) -> Result<ClientCore, ClientError> {
+        Self::connect_as(address, name, Role::Client, timeout, security)
     }
 
     /// Connect as a read-only [`Role::Monitor`] (a dashboard, a console):
     /// it may subscribe to events, ask for the cluster's state and retire
     /// workers, and does not count as a client.
-    pub fn connect_monitor(address: &str, name: &str, timeout: Duration) -> Result<ClientCore, ClientError> {
-        Self::connect_as(address, name, Role::Monitor, timeout)
+    pub fn connect_monitor(
+        address: &str,
+        name: &str,
+        timeout: Duration,
+        security: &Security,
+    ) -> Result<ClientCore, ClientError> {
+        Self::connect_as(address, name, Role::Monitor, timeout, security)
     }
 
-    fn connect_as(address: &str, name: &str, role: Role, timeout: Duration) -> Result<ClientCore, ClientError> {
+    fn connect_as(
+        address: &str,
+        name: &str,
+        role: Role,
+        timeout: Duration,
+        security: &Security,
+    ) -> Result<ClientCore, ClientError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("dask-rs-client")
             .enable_all()
             .build()?;
         let conn = rt
-            .block_on(comm::connect(address, role, name, timeout))
+            .block_on(comm::connect(address, role, name, timeout, security))
             .map_err(|e| ClientError::Connect { addr: address.to_string(), source: e })?;
         let comm::Connection { reader, writer, .. } = conn;
         let inner = Arc::new(Inner { shared: Mutex::new(Shared::default()), cv: Condvar::new() });
@@ -173,12 +191,20 @@ impl ClientCore {
             let _g = rt.enter();
             Arc::new(Mutex::new(comm::spawn_writer(writer).0))
         };
-        rt.spawn(read_loop(inner.clone(), outbox.clone(), reader, address.to_string(), name.to_string(), role));
+        rt.spawn(read_loop(
+            inner.clone(),
+            outbox.clone(),
+            reader,
+            address.to_string(),
+            name.to_string(),
+            role,
+            security.clone(),
+        ));
         Ok(ClientCore {
             rt: BackgroundRuntime::new(rt),
             outbox,
             inner,
-            pool: Arc::new(ConnectionPool::new(Role::Client, name, timeout)),
+            pool: Arc::new(ConnectionPool::new(Role::Client, name, timeout, security.clone())),
             next_id: AtomicU64::new(1),
             address: address.to_string(),
             timeout,
@@ -623,6 +649,7 @@ async fn read_loop(
     address: String,
     name: String,
     role: Role,
+    security: Security,
 ) {
     loop {
         let why = loop {
@@ -648,7 +675,7 @@ async fn read_loop(
         }
         inner.cv.notify_all();
         tracing::warn!("lost the scheduler at {address} ({why}); reconnecting");
-        match comm::connect_retrying(&address, role, &name, RECONNECT_PATIENCE).await {
+        match comm::connect_retrying(&address, role, &name, RECONNECT_PATIENCE, &security).await {
             Ok(conn) => {
                 let comm::Connection { reader: r, writer, .. } = conn;
                 reader = r;

@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::{DataReply, DataRequest, Envelope, Handshake, Role, MAGIC, PROTOCOL_VERSION};
+use crate::security::{Security, Side, TOKEN_ENV};
 
 /// Largest number of frames one batch may carry.
 pub const MAX_FRAMES: u32 = 1 << 20;
@@ -56,6 +57,9 @@ pub enum CommError {
     /// going down); worth retrying, unlike a refusal.
     #[error("peer refused the connection: {0}")]
     Handshake(String),
+    /// A peer that did not prove it holds the cluster's credential.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     #[error("protocol version mismatch: peer speaks version {theirs}, we speak version {ours}")]
     Version { ours: u32, theirs: u32 },
     #[error("timed out after {0:?} connecting to {1}")]
@@ -114,41 +118,81 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Read one batch; `Err(Closed)` on a clean end of stream.
     pub async fn read_batch<M: DeserializeOwned>(&mut self) -> Result<Vec<Envelope<M>>, CommError> {
+        self.read_batch_within(Limits::CONNECTED).await
+    }
+
+    /// Read one batch that must stay within `limits`. Memory is reserved as
+    /// bytes arrive, never up front for what the peer merely declares.
+    pub async fn read_batch_within<M: DeserializeOwned>(
+        &mut self,
+        limits: Limits,
+    ) -> Result<Vec<Envelope<M>>, CommError> {
         let mut n = [0u8; 4];
         read_exact_or_closed(&mut self.inner, &mut n).await?;
         let nframes = u32::from_le_bytes(n);
-        if nframes == 0 || nframes > MAX_FRAMES {
-            return Err(CommError::Malformed(format!("frame count {nframes}")));
+        if nframes == 0 || nframes > limits.frames {
+            return Err(CommError::Malformed(format!("frame count {nframes} (at most {} here)", limits.frames)));
         }
-        let mut lens = Vec::with_capacity(nframes as usize);
+        let mut lens = Vec::with_capacity((nframes as usize).min(64));
+        let mut total: u64 = 0;
         for i in 0..nframes {
             let mut l = [0u8; 8];
             self.inner.read_exact(&mut l).await?;
             let len = u64::from_le_bytes(l);
-            let cap = if i == 0 { MAX_HEADER_FRAME_BYTES } else { MAX_FRAME_BYTES };
+            let cap = if i == 0 { limits.header_bytes } else { limits.frame_bytes };
             if len > cap {
                 return Err(CommError::Malformed(format!("frame {i} of {len} bytes exceeds {cap}")));
+            }
+            total = total.saturating_add(len);
+            if total > limits.batch_bytes {
+                return Err(CommError::Malformed(format!("batch of more than {} bytes", limits.batch_bytes)));
             }
             lens.push(len);
         }
         let small: u64 = lens.iter().filter(|&&l| l < OWN_ALLOCATION).sum();
-        let mut small_buf = BytesMut::with_capacity(small as usize);
+        let mut small_buf = BytesMut::with_capacity(small.min(UPFRONT) as usize);
         let mut frames = Vec::with_capacity(lens.len());
         for &len in &lens {
             let frame = if len < OWN_ALLOCATION {
                 read_into(&mut self.inner, &mut small_buf, len as usize).await?;
                 small_buf.split_to(len as usize).freeze()
             } else {
-                let mut own = BytesMut::with_capacity(len as usize);
+                let mut own = BytesMut::new();
                 read_into(&mut self.inner, &mut own, len as usize).await?;
                 own.freeze()
             };
             frames.push(frame);
         }
-        self.bytes_read += 4 + 8 * nframes as u64 + lens.iter().sum::<u64>();
+        self.bytes_read += 4 + 8 * nframes as u64 + total;
         split_batch(frames)
     }
 }
+
+/// Bounds on one batch read from a peer.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub frames: u32,
+    pub header_bytes: u64,
+    pub frame_bytes: u64,
+    pub batch_bytes: u64,
+}
+
+impl Limits {
+    /// Before the handshake is done: a peer that has not proved anything
+    /// may send a few small frames and nothing else.
+    pub const HANDSHAKE: Limits = Limits { frames: 4, header_bytes: 4096, frame_bytes: 4096, batch_bytes: 16384 };
+    /// On an accepted connection.
+    pub const CONNECTED: Limits = Limits {
+        frames: MAX_FRAMES,
+        header_bytes: MAX_HEADER_FRAME_BYTES,
+        frame_bytes: MAX_FRAME_BYTES,
+        batch_bytes: MAX_FRAME_BYTES,
+    };
+}
+
+/// The most memory reserved for a frame before any of its bytes arrived;
+/// beyond it, buffers grow with what arrives (doubling).
+const UPFRONT: u64 = 1 << 20;
 
 async fn read_exact_or_closed<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), CommError> {
     match r.read_exact(buf).await {
@@ -159,10 +203,16 @@ async fn read_exact_or_closed<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -
 }
 
 async fn read_into<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, len: usize) -> Result<(), CommError> {
-    let target = buf.len() + len;
-    buf.reserve(len);
+    let start = buf.len();
+    let target = start + len;
     while buf.len() < target {
         let want = target - buf.len();
+        if buf.capacity() == buf.len() {
+            // Reserve what already arrived again (at least UPFRONT), not
+            // what the peer declared.
+            let got = buf.len() - start;
+            buf.reserve(want.min(got.max(UPFRONT as usize)));
+        }
         let mut limited = (&mut *r).take(want as u64);
         let got = limited.read_buf(buf).await?;
         if got == 0 {
@@ -282,9 +332,19 @@ fn prepare(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
 }
 
-/// Open a connection to `addr`, speak the handshake as `role`, and wait for
-/// the peer's welcome. Fails within `timeout` if nothing answers.
-pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> Result<Connection, CommError> {
+/// How long a peer that opened a connection has to complete the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open a connection to `addr`, speak the handshake as `role` (proving
+/// `security`'s token and checking the server's proof when there is one),
+/// and wait for the peer's welcome. Fails within `timeout` if nothing answers.
+pub async fn connect(
+    addr: &str,
+    role: Role,
+    name: &str,
+    timeout: Duration,
+    security: &Security,
+) -> Result<Connection, CommError> {
     let target = parse_address(addr)?;
     let fut = async {
         let stream = TcpStream::connect(&target).await?;
@@ -292,10 +352,35 @@ pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> R
         let (r, w) = stream.into_split();
         let mut reader = FrameReader::new(r);
         let mut writer = FrameWriter::new(w);
+        let nonce = Security::nonce();
+        let hello = Handshake::Hello { protocol: PROTOCOL_VERSION, role, name: name.to_string(), nonce: nonce.clone() };
         let handshake = async {
             writer.write_magic().await?;
-            writer.write_one(Handshake::Hello { protocol: PROTOCOL_VERSION, role, name: name.to_string() }).await?;
-            reader.read_batch::<Handshake>().await
+            writer.write_one(hello).await?;
+            let mut reply = first_message(reader.read_batch_within::<Handshake>(Limits::HANDSHAKE).await?);
+            if let Some(Handshake::Challenge { nonce: server_nonce, proof }) = &reply {
+                if !security.requires_token() {
+                    return Err(CommError::Refused(format!(
+                        "{addr} requires this cluster's credential and none was given (connect with \
+                         Client(\"NAME\") to a cluster started by dask-ctl up, Client(cluster) to a \
+                         LocalCluster, or set ${TOKEN_ENV})"
+                    )));
+                }
+                if !security.verify(Side::Server, &nonce, server_nonce, proof) {
+                    return Err(CommError::Refused(format!(
+                        "{addr} belongs to another cluster: it does not hold this cluster's token"
+                    )));
+                }
+                let proof = security.prove(Side::Client, &nonce, server_nonce).expect("a token");
+                writer.write_one(Handshake::Proof { proof }).await?;
+                reply = first_message(reader.read_batch_within::<Handshake>(Limits::HANDSHAKE).await?);
+            } else if security.requires_token() && matches!(reply, Some(Handshake::Welcome { .. })) {
+                return Err(CommError::Refused(format!(
+                    "{addr} did not prove it holds this cluster's token: it is not this cluster's \
+                     scheduler or worker (another process may have taken the port)"
+                )));
+            }
+            Ok(reply)
         };
         let reply = handshake.await.map_err(|e| match e {
             CommError::Refused(_) | CommError::Version { .. } => e,
@@ -303,7 +388,7 @@ pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> R
                 "not a dask-rs server, or it closed the connection during the handshake ({other})"
             )),
         })?;
-        match reply.into_iter().next().map(|e| e.msg) {
+        match reply {
             Some(Handshake::Welcome { server, .. }) => Ok(Connection { reader, writer, peer_name: server }),
             Some(Handshake::Refused { reason }) => Err(CommError::Refused(reason)),
             other => Err(CommError::Refused(format!("not a dask-rs server (unexpected reply {other:?})"))),
@@ -315,47 +400,80 @@ pub async fn connect(addr: &str, role: Role, name: &str, timeout: Duration) -> R
     }
 }
 
+fn first_message(batch: Vec<Envelope<Handshake>>) -> Option<Handshake> {
+    batch.into_iter().next().map(|e| e.msg)
+}
+
 /// Server side of the handshake on an accepted stream: checks magic,
-/// protocol version and that the peer's role is one of `serves` (else
-/// refuses with `wrong_role`'s text), answers, and returns the peer's role.
+/// protocol version, that the peer's role is one of `serves` (else refuses
+/// with `wrong_role`'s text) and that it proves `security`'s token; answers,
+/// and returns the peer's role. A peer gets [`HANDSHAKE_TIMEOUT`] and a few
+/// small frames to do all that.
 pub async fn accept(
     stream: TcpStream,
     server_name: &str,
     serves: &[Role],
     wrong_role: impl Fn(Role) -> String,
+    security: &Security,
 ) -> Result<(Connection, Role), CommError> {
     prepare(&stream);
     let (r, w) = stream.into_split();
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
-    let hello = async {
+    let handshake = async {
         reader.read_magic().await?;
-        let batch = reader.read_batch::<Handshake>().await?;
-        match batch.into_iter().next().map(|e| e.msg) {
-            Some(Handshake::Hello { protocol, role, name }) => Ok((protocol, role, name)),
-            other => Err(CommError::Malformed(format!("expected Hello, got {other:?}"))),
+        let (protocol, role, name, client_nonce) =
+            match first_message(reader.read_batch_within::<Handshake>(Limits::HANDSHAKE).await?) {
+                Some(Handshake::Hello { protocol, role, name, nonce }) => (protocol, role, name, nonce),
+                other => return Err(CommError::Malformed(format!("expected Hello, got {other:?}"))),
+            };
+        if protocol != PROTOCOL_VERSION {
+            return Err(CommError::Version { ours: PROTOCOL_VERSION, theirs: protocol });
+        }
+        if !serves.contains(&role) {
+            return Err(CommError::Refused(wrong_role(role)));
+        }
+        if security.requires_token() {
+            let nonce = Security::nonce();
+            let proof = security.prove(Side::Server, &client_nonce, &nonce).expect("a token");
+            writer.write_one(Handshake::Challenge { nonce: nonce.clone(), proof }).await?;
+            // Anything but a proof (another message, bytes that do not
+            // decode) counts as a failed proof and is answered as one.
+            let answer = match reader.read_batch_within::<Handshake>(Limits::HANDSHAKE).await {
+                Ok(batch) => first_message(batch),
+                Err(CommError::Decode(_) | CommError::Malformed(_)) => None,
+                Err(e) => return Err(e),
+            };
+            let proved = matches!(&answer, Some(Handshake::Proof { proof })
+                if security.verify(Side::Client, &client_nonce, &nonce, proof));
+            if !proved {
+                return Err(CommError::Unauthenticated(format!(
+                    "{role:?} {name:?} did not prove it holds this cluster's token"
+                )));
+            }
+        }
+        Ok((role, name))
+    };
+    let outcome = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(r) => r,
+        Err(_) => Err(CommError::Malformed(format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))),
+    };
+    let (role, name) = match outcome {
+        Ok(ok) => ok,
+        Err(err) => {
+            let reason = match &err {
+                CommError::Refused(r) => Some(r.clone()),
+                CommError::Version { .. } => Some(err.to_string()),
+                CommError::Unauthenticated(_) => Some("wrong or missing cluster credential".to_string()),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                let _ = writer.write_one(Handshake::Refused { reason }).await;
+            }
+            writer.shutdown().await;
+            return Err(err);
         }
     };
-    let (protocol, role, name) = match tokio::time::timeout(Duration::from_secs(10), hello).await {
-        Ok(r) => r?,
-        Err(_) => return Err(CommError::Malformed("no handshake within 10 s".into())),
-    };
-    let refusal = if protocol != PROTOCOL_VERSION {
-        Some(CommError::Version { ours: PROTOCOL_VERSION, theirs: protocol })
-    } else if !serves.contains(&role) {
-        Some(CommError::Refused(wrong_role(role)))
-    } else {
-        None
-    };
-    if let Some(err) = refusal {
-        let reason = match &err {
-            CommError::Refused(r) => r.clone(),
-            other => other.to_string(),
-        };
-        let _ = writer.write_one(Handshake::Refused { reason }).await;
-        writer.shutdown().await;
-        return Err(err);
-    }
     writer.write_one(Handshake::Welcome { protocol: PROTOCOL_VERSION, server: server_name.to_string() }).await?;
     Ok((Connection { reader, writer, peer_name: name }, role))
 }
@@ -363,11 +481,18 @@ pub async fn accept(
 /// Connect like [`connect`], retrying while nothing listens at `addr` (a
 /// scheduler restarting) until `patience` has passed. A peer that answers
 /// and refuses is not retried.
-pub async fn connect_retrying(addr: &str, role: Role, name: &str, patience: Duration) -> Result<Connection, CommError> {
+pub async fn connect_retrying(
+    addr: &str,
+    role: Role,
+    name: &str,
+    patience: Duration,
+    security: &Security,
+) -> Result<Connection, CommError> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match connect(addr, role, name, left.clamp(Duration::from_millis(100), Duration::from_secs(5))).await {
+        match connect(addr, role, name, left.clamp(Duration::from_millis(100), Duration::from_secs(5)), security).await
+        {
             Ok(c) => return Ok(c),
             Err(e @ (CommError::Refused(_) | CommError::Version { .. } | CommError::Address(_))) => return Err(e),
             Err(e) => {
@@ -376,6 +501,52 @@ pub async fn connect_retrying(addr: &str, role: Role, name: &str, patience: Dura
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+    }
+}
+
+/// Pacing for an accept loop whose `accept` fails (out of file
+/// descriptors, most often): wait before trying again, longer while it keeps
+/// failing, and log once per run of failures instead of spinning.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    /// Record a failed accept (logged on the first of a run).
+    pub fn note(&mut self, e: &std::io::Error) {
+        if self.failures == 0 {
+            tracing::warn!("cannot accept connections ({e}); pausing until it passes");
+        }
+        self.failures = self.failures.saturating_add(1);
+    }
+
+    /// How long to wait before the next accept: 10 ms, doubling to 1 s.
+    pub fn pause(&self) -> Duration {
+        Duration::from_millis(10u64 << self.failures.min(7).saturating_sub(1)).min(Duration::from_secs(1))
+    }
+
+    /// An accept succeeded.
+    pub fn reset(&mut self) {
+        if self.failures > 0 {
+            tracing::warn!("accepting connections again after {} failed attempts", self.failures);
+        }
+        self.failures = 0;
+    }
+}
+
+/// Raise this process's soft limit on open files to its hard limit (a
+/// scheduler holds one socket per worker and client; the default soft limit
+/// of 1024 is too low for large clusters). Errors are ignored: the limit
+/// stays as it was.
+pub fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max.min(1 << 20) {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max.min(1 << 20), rlim_max: lim.rlim_max };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &want);
         }
     }
 }
@@ -428,6 +599,7 @@ pub fn spawn_counting_writer<M: Serialize + Send + Sync + 'static>(
 /// by address. One request is in flight per connection at a time.
 pub struct ConnectionPool {
     role: Role,
+    security: Security,
     name: String,
     timeout: Duration,
     idle: std::sync::Mutex<rustc_hash::FxHashMap<String, Vec<Connection>>>,
@@ -438,9 +610,10 @@ pub struct ConnectionPool {
 }
 
 impl ConnectionPool {
-    pub fn new(role: Role, name: &str, timeout: Duration) -> Self {
+    pub fn new(role: Role, name: &str, timeout: Duration, security: Security) -> Self {
         ConnectionPool {
             role,
+            security,
             name: name.to_string(),
             timeout,
             idle: Default::default(),
@@ -454,7 +627,7 @@ impl ConnectionPool {
         let pooled = self.idle.lock().expect("pool lock").get_mut(addr).and_then(|v| v.pop());
         let mut conn = match pooled {
             Some(c) => c,
-            None => connect(addr, self.role, &self.name, self.timeout).await?,
+            None => connect(addr, self.role, &self.name, self.timeout, &self.security).await?,
         };
         let (w0, r0) = (conn.writer.bytes_written, conn.reader.bytes_read);
         conn.writer.write_batch(std::slice::from_ref(&request)).await?;
@@ -505,6 +678,38 @@ mod tests {
         let mut r = FrameReader::new(b);
         a.write_all(&[0xff; 64]).await.unwrap();
         assert!(matches!(r.read_batch::<DataRequest>().await, Err(CommError::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn declared_lengths_reserve_nothing_until_bytes_arrive() {
+        // A batch that declares one 8 GiB frame, then sends 32 bytes of it.
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut head = Vec::new();
+        head.extend_from_slice(&2u32.to_le_bytes());
+        head.extend_from_slice(&4u64.to_le_bytes());
+        head.extend_from_slice(&(8u64 << 30).to_le_bytes());
+        a.write_all(&head).await.unwrap();
+        a.write_all(&[0x90, 0, 0, 0]).await.unwrap();
+        a.write_all(&[1u8; 32]).await.unwrap();
+        drop(a);
+        let mut r = FrameReader::new(b);
+        assert!(matches!(r.read_batch::<DataRequest>().await, Err(CommError::Closed)));
+        // The same through `read_into`, where the buffer can be inspected.
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&[1u8; 32]).await.unwrap();
+        drop(a);
+        let mut buf = BytesMut::new();
+        assert!(matches!(read_into(&mut BufReader::new(b), &mut buf, 8 << 30).await, Err(CommError::Closed)));
+        assert!(buf.capacity() <= UPFRONT as usize, "reserved {} bytes", buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn handshake_limits_refuse_large_frames() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&1u32.to_le_bytes()).await.unwrap();
+        a.write_all(&(1u64 << 20).to_le_bytes()).await.unwrap();
+        let mut r = FrameReader::new(b);
+        assert!(matches!(r.read_batch_within::<Handshake>(Limits::HANDSHAKE).await, Err(CommError::Malformed(_))));
     }
 
     #[test]

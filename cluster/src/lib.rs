@@ -11,6 +11,7 @@ pub mod human;
 pub mod monitor;
 pub mod protocol;
 pub mod scheduler;
+pub mod security;
 pub mod sim;
 #[cfg(test)]
 mod testing;

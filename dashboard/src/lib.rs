@@ -16,6 +16,7 @@ mod plots;
 mod report;
 mod server;
 
+use cluster::security::Security;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +82,17 @@ impl Dashboard {
     /// (`HOST:PORT`, `:PORT` or `PORT`; an empty host means `default_host`,
     /// normally the interface the scheduler listens on). When the port is
     /// taken, a free one is used and [`warning`](Self::warning) says so.
-    pub fn start(scheduler: &str, address: &str, default_host: &str) -> Result<Dashboard, DashboardError> {
+    ///
+    /// With a cluster token in `security`, the dashboard follows the
+    /// scheduler with it, and when it listens on more than loopback every
+    /// page but `/health` asks for the token too ([`url`](Self::url)
+    /// carries it).
+    pub fn start(
+        scheduler: &str,
+        address: &str,
+        default_host: &str,
+        security: &Security,
+    ) -> Result<Dashboard, DashboardError> {
         let (host, port) = parse_address(address, default_host)?;
         let bind = |port: u16| std::net::TcpListener::bind((host.as_str(), port));
         let (listener, warning) = match bind(port) {
@@ -97,10 +108,14 @@ impl Dashboard {
         let local = listener.local_addr()?;
         let url_host = if cluster::comm::is_wildcard_host(&host) { hostname() } else { local.ip().to_string() };
         let url_host = if url_host.contains(':') { format!("[{url_host}]") } else { url_host };
-        let url = format!("http://{url_host}:{}/status", local.port());
+        let guarded = security.token().filter(|_| !local.ip().is_loopback()).map(String::from);
+        let url = match &guarded {
+            Some(token) => format!("http://{url_host}:{}/status?token={token}", local.port()),
+            None => format!("http://{url_host}:{}/status", local.port()),
+        };
 
         let scheduler_err = |reason: String| DashboardError::Scheduler { addr: scheduler.to_string(), reason };
-        let core = ClientCore::connect_monitor(scheduler, "dashboard", Duration::from_secs(10))
+        let core = ClientCore::connect_monitor(scheduler, "dashboard", Duration::from_secs(10), security)
             .map_err(|e| scheduler_err(e.to_string()))?;
         core.subscribe(Duration::from_millis(250)).map_err(|e| scheduler_err(e.to_string()))?;
         let core = Arc::new(core);
@@ -108,7 +123,7 @@ impl Dashboard {
         let retire = Box::new(move |workers: Vec<String>| {
             retirer.retire_workers(workers, Duration::from_secs(60)).map_err(|e| e.to_string())
         });
-        let shared = Arc::new(server::Shared::new(scheduler.to_string(), retire));
+        let shared = Arc::new(server::Shared::new(scheduler.to_string(), retire, guarded));
         let stop = Arc::new(AtomicBool::new(false));
 
         let feeder = {
@@ -155,7 +170,7 @@ impl Dashboard {
         Ok(Dashboard { url, warning, shared, stop, shutdown: Some(tx), threads: vec![feeder, http] })
     }
 
-    /// The link to `/status`.
+    /// The link to `/status` (with the token, when pages ask for it).
     pub fn url(&self) -> &str {
         &self.url
     }

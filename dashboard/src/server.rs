@@ -39,11 +39,15 @@ pub(crate) struct Shared {
     pub retire: Retire,
     /// How often a live page gets fresh fragments.
     pub interval: Duration,
+    /// The cluster token every request but `/health` must carry, when the
+    /// dashboard listens beyond loopback.
+    pub token: Option<String>,
 }
 
 impl Shared {
-    pub(crate) fn new(scheduler: String, retire: Retire) -> Self {
+    pub(crate) fn new(scheduler: String, retire: Retire, token: Option<String>) -> Self {
         Shared {
+            token,
             model: Mutex::new(Model::default()),
             cache: Mutex::new(HashMap::new()),
             scheduler,
@@ -115,7 +119,66 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     for (plot, _) in pages::INDIVIDUAL {
         app = app.route(&format!("/{plot}"), get(move |s, q| page(s, q, plot, pages::individual_page(plot))));
     }
-    app.with_state(shared)
+    app.layer(axum::middleware::from_fn_with_state(shared.clone(), guard)).with_state(shared)
+}
+
+/// Name of the cookie that remembers the token after a link carried it.
+const TOKEN_COOKIE: &str = "dask_rs_token";
+
+/// Let a request through when the dashboard asks for no token, when it asks
+/// for `/health`, or when it carries the token: `?token=` in the URL (then
+/// remembered in a cookie, as Jupyter does), the cookie, or an
+/// `Authorization: Bearer` header (for Prometheus).
+async fn guard(
+    State(shared): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = shared.token.as_deref() else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let from_query = req
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.strip_prefix("token="))
+        .any(|t| same(t, token));
+    let headers = req.headers();
+    let from_cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(TOKEN_COOKIE).and_then(|c| c.strip_prefix('=')))
+        .any(|t| same(t, token));
+    let from_bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| same(t.trim(), token));
+    if !(from_query || from_cookie || from_bearer) {
+        let body = "This dashboard belongs to a cluster with credentials: open the link with ?token= \
+                    that `dask-ctl up` printed (also in `dask-ctl status NAME`), or send \
+                    `Authorization: Bearer TOKEN`.\n";
+        return (StatusCode::FORBIDDEN, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response();
+    }
+    let mut resp = next.run(req).await;
+    if from_query && !from_cookie {
+        let cookie = format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+        if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+/// Compare two tokens in time that does not depend on where they differ.
+fn same(given: &str, token: &str) -> bool {
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// A page with its fragments as they are now already in place, so it
@@ -261,19 +324,64 @@ mod tests {
     /// GET `path` from the server at `addr`; the status line and the body
     /// (for a stream: what arrived within a second).
     fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        get_with(addr, path, "")
+    }
+
+    /// As [`get`], with extra header lines, and the whole head.
+    fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (String, String) {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").unwrap();
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
         let text = String::from_utf8_lossy(&buf).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        (head.lines().next().unwrap_or("").to_string(), body.to_string())
+        let head = if headers.is_empty() { head.lines().next().unwrap_or("") } else { head };
+        (head.to_string(), body.to_string())
+    }
+
+    fn serve(shared: Arc<Shared>) -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(shared);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(l, app).await.unwrap();
+            });
+        });
+        addr
+    }
+
+    #[test]
+    fn a_guarded_dashboard_asks_for_the_token_except_on_health() {
+        let token = "ab".repeat(32);
+        let addr = serve(Arc::new(Shared::new("tcp://sched:1".into(), no_retire(), Some(token.clone()))));
+        assert_eq!(get(addr, "/health"), ("HTTP/1.1 200 OK".into(), "ok".into()));
+        for path in ["/status", "/metrics", "/api/v1/get_workers", "/stream/status", "/status?token=nope"] {
+            let (status, body) = get(addr, path);
+            assert!(status.contains("403"), "{path}: {status}");
+            assert!(body.contains("?token="), "{path}: {body}");
+        }
+        // The link's token opens the page and sets a cookie that opens the rest.
+        let (head, _) = get_with(addr, &format!("/status?token={token}"), "X-Test: 1\r\n");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let cookie = head.lines().find_map(|l| l.strip_prefix("set-cookie: ")).expect("a cookie");
+        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+        let pair = cookie.split(';').next().unwrap();
+        let (head, _) = get_with(addr, "/metrics", &format!("Cookie: {pair}\r\n"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let (head, _) = get_with(addr, "/metrics", &format!("Authorization: Bearer {token}\r\n"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let (head, _) = get_with(addr, "/metrics", "Authorization: Bearer wrong\r\n");
+        assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     }
 
     #[test]
     fn routes_answer_and_streams_carry_the_plots() {
-        let shared = Arc::new(Shared::new("tcp://sched:1".into(), no_retire()));
+        let shared = Arc::new(Shared::new("tcp://sched:1".into(), no_retire(), None));
         {
             let mut m = shared.model.lock().unwrap();
             let g = GroupCounts { name: "inc".into(), memory: 2, ..Default::default() };

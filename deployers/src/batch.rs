@@ -50,6 +50,9 @@ pub struct JobSpec<'a> {
     pub scheduler: &'a str,
     /// Where the job writes its output (`NAME.log`).
     pub log_dir: &'a Path,
+    /// The cluster's token file (private, on a file system the job sees);
+    /// the script names it, the secret itself is never in the script.
+    pub token_file: Option<&'a Path>,
 }
 
 /// Seconds in a walltime: `D-HH:MM:SS`, `HH:MM:SS`, `MM:SS`, or a bare number
@@ -173,6 +176,9 @@ impl System {
         lines.extend(generated.filter(|l| !opts.job_directives_skip.iter().any(|s| !s.is_empty() && l.contains(s))));
         lines.extend(extra);
         lines.push(String::new());
+        if let Some(f) = job.token_file {
+            lines.push(format!("export {}={}", cluster::security::TOKEN_FILE_ENV, sh_quote(&f.display().to_string())));
+        }
         lines.extend(opts.prologue.iter().cloned());
 
         let mut argv = opts.worker_command(job.scheduler, job.name);
@@ -385,6 +391,7 @@ pub struct BatchBackend {
     jobs: Vec<Job>,
     failed: Vec<WorkerRecord>,
     next: u64,
+    token_file: Option<PathBuf>,
 }
 
 impl BatchBackend {
@@ -417,12 +424,25 @@ impl BatchBackend {
             jobs: Vec::new(),
             failed: Vec::new(),
             next: 0,
+            token_file: None,
         })
+    }
+
+    /// Jobs read the cluster's token from `token_file`.
+    pub fn with_token_file(mut self, token_file: Option<PathBuf>) -> Self {
+        self.token_file = token_file;
+        self
     }
 
     /// The script for the next job (what `dask-ctl job-script` prints).
     pub fn script(&self, name: &str) -> String {
-        self.system.render(&self.options, &JobSpec { name, scheduler: &self.scheduler, log_dir: &self.log_dir })
+        let job = JobSpec {
+            name,
+            scheduler: &self.scheduler,
+            log_dir: &self.log_dir,
+            token_file: self.token_file.as_deref(),
+        };
+        self.system.render(&self.options, &job)
     }
 
     fn write_script(&self, name: &str) -> Result<PathBuf, BackendError> {

@@ -68,16 +68,27 @@ impl<W: ChildWorker> Children<W> {
 /// Start `cmd` as worker `name`: in its own process group (so stopping it
 /// stops what it started), output to its log file. Returns the child and
 /// the log's path; `program` names what could not be run in the error.
+///
+/// With `stdin`, the child reads those bytes and then end of file (how a
+/// secret reaches a remote shell without appearing on any command line).
 pub(crate) fn spawn_logged(
     cmd: &mut Command,
     log_dir: &Path,
     name: &str,
     program: &str,
+    stdin: Option<&str>,
 ) -> Result<(Child, PathBuf), BackendError> {
+    use std::process::Stdio;
     let (path, log, err) = crate::worker_log(log_dir, name)?;
-    cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(err);
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(log).stderr(err);
     std::os::unix::process::CommandExt::process_group(cmd, 0);
-    let child = cmd.spawn().map_err(|e| BackendError::ScaleUp(format!("cannot run {program}: {e}")))?;
+    let mut child = cmd.spawn().map_err(|e| BackendError::ScaleUp(format!("cannot run {program}: {e}")))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        use std::io::Write;
+        // A small write into an empty pipe does not block; a child that
+        // exits at once only makes it fail, which its log will explain.
+        let _ = pipe.write_all(text.as_bytes());
+    }
     Ok((child, path))
 }
 

@@ -30,12 +30,26 @@ pub struct LocalBackend {
     scheduler: String,
     log_dir: PathBuf,
     workers: Children<Worker>,
+    token_file: Option<PathBuf>,
 }
 
 impl LocalBackend {
     /// Workers connect to `scheduler`, are named `PREFIX-N` and log to `log_dir/NAME.log`.
     pub fn new(options: WorkerOptions, scheduler: &str, prefix: &str, log_dir: PathBuf) -> Self {
-        LocalBackend { options, scheduler: scheduler.to_string(), log_dir, workers: Children::new(prefix) }
+        LocalBackend {
+            options,
+            scheduler: scheduler.to_string(),
+            log_dir,
+            workers: Children::new(prefix),
+            token_file: None,
+        }
+    }
+
+    /// Workers read the cluster's token from `token_file` (given to them in
+    /// their environment, `DASK_RS_TOKEN_FILE`).
+    pub fn with_token_file(mut self, token_file: Option<PathBuf>) -> Self {
+        self.token_file = token_file;
+        self
     }
 
     fn spawn(&mut self) -> Result<(), BackendError> {
@@ -44,7 +58,10 @@ impl LocalBackend {
         let argv = self.options.worker_command(&contact, &name);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
-        let (child, _) = spawn_logged(&mut cmd, &self.log_dir, &name, &argv[0])?;
+        if let Some(f) = &self.token_file {
+            cmd.env(cluster::security::TOKEN_FILE_ENV, f).env_remove(cluster::security::TOKEN_ENV);
+        }
+        let (child, _) = spawn_logged(&mut cmd, &self.log_dir, &name, &argv[0], None)?;
         let start_time = process::start_time(child.id()).unwrap_or(0);
         tracing::info!("started worker {name} (pid {})", child.id());
         self.workers.list.push(Worker { name, child, start_time });

@@ -146,6 +146,9 @@ pub struct SshBackend {
     scheduler: String,
     log_dir: PathBuf,
     workers: Children<RemoteWorker>,
+    /// The cluster's token, written to each worker's shell on its standard
+    /// input (the remote host need not share our files).
+    token: Option<String>,
 }
 
 impl SshBackend {
@@ -160,13 +163,33 @@ impl SshBackend {
         if let Some(h) = options.hosts.iter().find(|h| h.starts_with('-') || h.is_empty()) {
             return Err(BackendError::ScaleUp(format!("invalid host {h:?}")));
         }
-        Ok(SshBackend { options, scheduler: scheduler.to_string(), log_dir, workers: Children::new(prefix) })
+        Ok(SshBackend {
+            options,
+            scheduler: scheduler.to_string(),
+            log_dir,
+            workers: Children::new(prefix),
+            token: None,
+        })
+    }
+
+    /// Workers prove `token` (see [`crate::ssh`]'s start script).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     /// The shell lines that run on the host: prologue, the address to use,
     /// the marker with the pid, then the worker in place of the shell.
     pub fn start_script(&self, name: &str) -> String {
-        let mut lines: Vec<String> = self.options.prologue.clone();
+        let mut lines: Vec<String> = Vec::new();
+        if self.token.is_some() {
+            // The token arrives on standard input, never on a command line.
+            lines.push(format!(
+                "IFS= read -r {t} || {{ echo 'no cluster token on stdin' >&2; exit 1; }}; export {t}",
+                t = cluster::security::TOKEN_ENV
+            ));
+        }
+        lines.extend(self.options.prologue.iter().cloned());
         if self.options.contact_address.is_none() && cluster::comm::is_wildcard_address(&self.scheduler) {
             let port = crate::port_of(&self.scheduler).unwrap_or(8786);
             lines.push("ip=${SSH_CONNECTION%% *}".into());
@@ -194,7 +217,8 @@ impl SshBackend {
         let name = self.workers.next_name();
         let ssh = ssh_prefix(&self.options, &host);
         let mut cmd = remote(&ssh, &self.start_script(&name), &[]);
-        let (child, log) = spawn_logged(&mut cmd, &self.log_dir, &name, "ssh")?;
+        let token_line = self.token.as_ref().map(|t| format!("{t}\n"));
+        let (child, log) = spawn_logged(&mut cmd, &self.log_dir, &name, "ssh", token_line.as_deref())?;
         tracing::info!("starting worker {name} on {host} (ssh pid {})", child.id());
         self.workers.list.push(RemoteWorker { name, host, child, log, pid: None });
         Ok(())

@@ -19,6 +19,7 @@ __all__ = [
     "LocalCluster",
     "Lock",
     "Queue",
+    "Security",
     "Semaphore",
     "Variable",
     "as_completed",
@@ -43,6 +44,10 @@ def __getattr__(name):
         from .cluster import LocalCluster
 
         return LocalCluster
+    if name == "Security":
+        from .security import Security
+
+        return Security
     if name in ("progress", "get_task_stream", "performance_report"):
         from . import diagnostics
 

@@ -382,6 +382,19 @@ def registry_dir() -> str:
     return os.path.join(base, "dask-rs", "clusters")
 
 
+def cluster_token(name: str) -> str | None:
+    """The token of the cluster ``dask-ctl up`` registered as ``name`` (None for one
+    started with ``--insecure``)."""
+    import os
+
+    from .security import Security
+
+    path = os.path.join(registry_dir(), name, "token")
+    if not os.path.exists(path):
+        return None
+    return Security.from_file(path).token
+
+
 def cluster_address(name: str) -> str:
     """The scheduler address of the cluster ``dask-ctl up`` registered as ``name``."""
     import json
@@ -432,8 +445,9 @@ class Client:
             raise ValueError("dask_rs.Client does not support asynchronous=True yet")
 
         self._timeout = parse_timedelta(timeout) or 10.0
-        if security is not None:
-            raise ValueError("dask_rs.Client does not support TLS security yet; connect over plain tcp://")
+        from .security import token_of
+
+        token = token_of(security)
         if scheduler_file is not None:
             import json
 
@@ -450,16 +464,19 @@ class Client:
         elif hasattr(address, "scheduler_address"):
             self.cluster = address
             address = address.scheduler_address
+            token = token or token_of(getattr(self.cluster, "security", None))
         elif kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} when connecting to an address")
         if not isinstance(address, str):
             raise TypeError(f"address must be a string or a cluster, got {type(address).__name__}")
         if "://" not in address and ":" not in address:
-            address = cluster_address(address)
+            name_ = address
+            address = cluster_address(name_)
+            token = token or cluster_token(name_)
         if "://" not in address:
             address = f"tcp://{address}"
         self.id = name or f"Client-{uuid.uuid4()}"
-        self._core = _core.ClientCore(address, self.id, float(self._timeout))
+        self._core = _core.ClientCore(address, self.id, float(self._timeout), token)
         self.scheduler_address = address
         self._dashboard_link = None
         self.status = "running"
@@ -783,6 +800,11 @@ class Client:
             from dask.order import order
 
             prio = order(graph) if graph else {}
+        except RuntimeError as e:
+            # A graph with a cycle can never run: say so now, as distributed does.
+            if "Cycle detected" in str(e):
+                raise
+            prio = {}
         except Exception:
             prio = {}
         wl = self._workers_arg(workers)

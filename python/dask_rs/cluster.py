@@ -59,6 +59,7 @@ class LocalCluster:
         python: str | None = None,
         resources: dict | None = None,
         local_directory: str | None = None,
+        security=None,
         **kwargs,
     ):
         unknown = set(kwargs) - {"asynchronous", "loop", "protocol", "interface", "worker_class"}
@@ -83,9 +84,21 @@ class LocalCluster:
         self.timeout = timeout
         self.python = python or sys.executable
         self.status = "starting"
+        from .security import Security, token_of
+
+        # Every cluster gets its own token unless told otherwise: other users
+        # of this machine can reach loopback ports too. security=False opens it.
+        if security is False:
+            self.security = Security()
+        elif security is None or security is True:
+            self.security = Security.temporary()
+        else:
+            token_of(security)
+            self.security = security
         self._scheduler = _core.start_scheduler(
             host, scheduler_port, float(worker_saturation), bool(work_stealing),
             dashboard_address=None if dashboard_address is None else str(dashboard_address),
+            token=self.security.token,
         )
         if self._scheduler.dashboard_warning:
             warnings.warn(self._scheduler.dashboard_warning, UserWarning, stacklevel=2)
@@ -98,7 +111,9 @@ class LocalCluster:
         self.restarts = 0
         self._logs = tempfile.TemporaryDirectory(prefix="dask-rs-")
         self._next = 0
-        self._monitor = _core.ClientCore(self.scheduler_address, "LocalCluster", float(timeout))
+        self._monitor = _core.ClientCore(
+            self.scheduler_address, "LocalCluster", float(timeout), self.security.token
+        )
         _clusters.add(self)
         try:
             self.scale(n_workers)
@@ -139,6 +154,11 @@ class LocalCluster:
             cmd += ["--local-directory", self.local_directory]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # The token travels in the environment, never on the command line.
+        env.pop("DASK_RS_TOKEN_FILE", None)
+        env.pop("DASK_RS_TOKEN", None)
+        if self.security.token:
+            env["DASK_RS_TOKEN"] = self.security.token
         self._procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
         self._started[name] = time.monotonic()
 

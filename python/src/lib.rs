@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, DatasetRequest, KeyStatus};
 use cluster::protocol::{Blob, ClusterInfo, CoordError, CoordOp, CoordValue, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
+use cluster::security::Security;
 use cluster::worker::store::{read_frames, Held, Store};
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
 
@@ -380,7 +381,7 @@ fn parse_resources(text: &str) -> PyResult<Vec<(String, f64)>> {
 /// missing; default the system temporary directory). Returns once the
 /// worker registered with the scheduler.
 #[pyfunction]
-#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0, resources=None, local_directory=None))]
+#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0, resources=None, local_directory=None, token=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_worker(
     py: Python<'_>,
@@ -397,7 +398,9 @@ fn start_worker(
     death_timeout: f64,
     resources: Option<String>,
     local_directory: Option<std::path::PathBuf>,
+    token: Option<String>,
 ) -> PyResult<WorkerHandle> {
+    let security = security_for(&scheduler, token.as_deref())?;
     let resources = cluster::protocol::parse_resources(resources.as_deref().unwrap_or(""))
         .map_err(|e| PyValueError::new_err(format!("--resources: {e}")))?;
     let local_directory = match local_directory {
@@ -417,6 +420,7 @@ fn start_worker(
     config.connect_timeout = Duration::from_secs_f64(timeout);
     config.death_timeout = Duration::from_secs_f64(death_timeout.max(0.0));
     config.resources = resources;
+    config.security = security;
     let spill_dir = local_directory.join(format!("dask-rs-spill-{}-{}", std::process::id(), sanitize(&name)));
     let runner = Arc::new(PyRunner { execute, run_function, dumps, loads, store: Store::new(spill_dir) });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -458,6 +462,48 @@ fn start_worker(
     }
 }
 
+// ---- credentials ---------------------------------------------------------
+
+/// Credentials this process was given, by scheduler address, so that every
+/// connection it opens to a cluster it started or joined proves the right
+/// token (`Client(cluster.scheduler_address)` works in the process that made
+/// the `LocalCluster`).
+static KNOWN: Mutex<Vec<(String, Security)>> = Mutex::new(Vec::new());
+
+fn address_key(address: &str) -> &str {
+    address.strip_prefix("tcp://").unwrap_or(address)
+}
+
+/// The credential for the cluster at `address`: `token` when given (and
+/// remembered for later connections), else one remembered for that address,
+/// else the environment's (`DASK_RS_TOKEN`, `DASK_RS_TOKEN_FILE`), else none.
+fn security_for(address: &str, token: Option<&str>) -> PyResult<Security> {
+    if let Some(t) = token {
+        let s = Security::with_token(t).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        remember(address, &s);
+        return Ok(s);
+    }
+    let known = KNOWN.lock().expect("credentials");
+    if let Some((_, s)) = known.iter().find(|(a, _)| a == address_key(address)) {
+        return Ok(s.clone());
+    }
+    Security::from_env().map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Use `security` for every later connection of this process to `address`.
+fn remember(address: &str, security: &Security) {
+    let mut known = KNOWN.lock().expect("credentials");
+    known.retain(|(a, _)| a != address_key(address));
+    known.push((address_key(address).to_string(), security.clone()));
+}
+
+/// A fresh random cluster token (64 hex digits).
+#[pyfunction]
+fn generate_token() -> PyResult<String> {
+    let s = Security::generate().map_err(|e| PyOSError::new_err(e.to_string()))?;
+    Ok(s.token().expect("a generated token").to_string())
+}
+
 // ---- the scheduler -------------------------------------------------------
 
 /// A scheduler running on background threads of this process.
@@ -479,6 +525,8 @@ pub struct SchedulerHandle {
 #[pymethods]
 impl SchedulerHandle {
     fn stop(&self, py: Python<'_>) {
+        // Its port may serve another cluster next.
+        KNOWN.lock().expect("credentials").retain(|(a, _)| a != address_key(&self.address));
         let board = self.dashboard.lock().expect("dashboard").take();
         py.detach(|| drop(board));
         self.inner.stop();
@@ -505,8 +553,10 @@ impl SchedulerHandle {
 
 /// Start a scheduler in this process. With `dashboard_address` (`HOST:PORT`, `:PORT`), it also serves the web
 /// dashboard there (another port when that one is taken).
+/// With `token` (see `generate_token`), every connection must prove it; without,
+/// the environment's token applies (`DASK_RS_TOKEN`), if any.
 #[pyfunction]
-#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1, work_stealing=true, dashboard_address=None))]
+#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1, work_stealing=true, dashboard_address=None, token=None))]
 fn start_scheduler(
     py: Python<'_>,
     host: String,
@@ -514,15 +564,21 @@ fn start_scheduler(
     worker_saturation: f64,
     work_stealing: bool,
     dashboard_address: Option<String>,
+    token: Option<String>,
 ) -> PyResult<SchedulerHandle> {
     let rt = background_runtime("dask-rs-scheduler")?;
     let config = SchedulerConfig { worker_saturation, work_stealing, ..Default::default() };
+    let security = match token {
+        Some(t) => Security::with_token(&t).map_err(|e| PyValueError::new_err(e.to_string()))?,
+        None => Security::from_env().map_err(|e| PyValueError::new_err(e.to_string()))?,
+    };
     let inner = py
-        .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config)))
+        .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config, security.clone())))
         .map_err(|e| PyOSError::new_err(format!("cannot start scheduler on {host}:{port}: {e}")))?;
     let address = inner.address.clone();
+    remember(&address, &security);
     let board = match dashboard_address {
-        Some(at) => match py.detach(|| dashboard::Dashboard::start(&address, &at, &host)) {
+        Some(at) => match py.detach(|| dashboard::Dashboard::start(&address, &at, &host, &security)) {
             Ok(d) => Some(d),
             Err(e) => {
                 inner.stop();
@@ -540,7 +596,8 @@ fn start_scheduler(
 /// The first events update from the scheduler at `address`: a snapshot
 /// with the whole task-stream ring.
 fn snapshot(address: &str, name: &str) -> PyResult<EventsUpdate> {
-    let core = Core::connect_monitor(address, name, Duration::from_secs(10)).map_err(client_err)?;
+    let security = security_for(address, None)?;
+    let core = Core::connect_monitor(address, name, Duration::from_secs(10), &security).map_err(client_err)?;
     core.subscribe(Duration::from_millis(50)).map_err(client_err)?;
     core.take_events(Duration::from_secs(10))
         .into_iter()
@@ -712,18 +769,19 @@ type PyTask<'py> =
 #[pymethods]
 impl ClientCore {
     #[new]
-    #[pyo3(signature = (address, name, timeout=10.0))]
-    fn new(py: Python<'_>, address: String, name: String, timeout: f64) -> PyResult<Self> {
-        let core =
-            py.detach(|| Core::connect(&address, &name, Duration::from_secs_f64(timeout))).map_err(|e| match e {
-                ClientError::Connect { source: cluster::comm::CommError::Timeout(..), .. } => {
-                    PyTimeoutError::new_err(e.to_string())
-                }
-                ClientError::Connect { source: cluster::comm::CommError::Address(_), .. } => {
-                    PyValueError::new_err(e.to_string())
-                }
-                other => client_err(other),
-            })?;
+    #[pyo3(signature = (address, name, timeout=10.0, token=None))]
+    fn new(py: Python<'_>, address: String, name: String, timeout: f64, token: Option<String>) -> PyResult<Self> {
+        let security = security_for(&address, token.as_deref())?;
+        let timeout = Duration::from_secs_f64(timeout);
+        let core = py.detach(|| Core::connect(&address, &name, timeout, &security)).map_err(|e| match e {
+            ClientError::Connect { source: cluster::comm::CommError::Timeout(..), .. } => {
+                PyTimeoutError::new_err(e.to_string())
+            }
+            ClientError::Connect { source: cluster::comm::CommError::Address(_), .. } => {
+                PyValueError::new_err(e.to_string())
+            }
+            other => client_err(other),
+        })?;
         Ok(ClientCore { core })
     }
 
@@ -1104,6 +1162,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(secede, m)?)?;
     m.add_function(wrap_pyfunction!(rejoin, m)?)?;
     m.add_function(wrap_pyfunction!(start_scheduler, m)?)?;
+    m.add_function(wrap_pyfunction!(generate_token, m)?)?;
     m.add_function(wrap_pyfunction!(protocol_version, m)?)?;
     Ok(())
 }

@@ -256,5 +256,15 @@ def test_scheduler_file_and_unsupported_security(cluster, tmp_path):
     with Client(scheduler_file=str(path), set_as_default=False) as c:
         assert c.scheduler_address == address
         assert c.submit(inc, 1).result(timeout=10) == 2
-    with pytest.raises(ValueError, match="TLS"):
+    with pytest.raises(TypeError, match="dask_rs.Security"):
         Client(address, security=object())
+
+
+def test_a_graph_with_a_cycle_raises_instead_of_hanging(client):
+    import operator
+
+    dsk = {"cyc-a": (operator.add, "cyc-b", 1), "cyc-b": (operator.add, "cyc-a", 1), "ok": (operator.neg, 1)}
+    with pytest.raises(RuntimeError, match="Cycle detected"):
+        client.get(dsk, "cyc-a")
+    # The client and the cluster go on.
+    assert client.get({"ok": (operator.neg, 1)}, "ok") == -1

@@ -142,7 +142,8 @@ fn open(app: &mut App, source: &mut dyn Source, target: &str) -> Result<ClientCo
         let address = row.address.ok_or_else(|| err("its scheduler has no address yet".into()))?;
         (Some(row.name), address)
     };
-    let core = ClientCore::connect_monitor(&address, "dask-ctl-tui", Duration::from_secs(5))
+    let security = source.security(name.as_deref()).map_err(&err)?;
+    let core = ClientCore::connect_monitor(&address, "dask-ctl-tui", Duration::from_secs(5), &security)
         .map_err(|e| err(e.to_string()))?;
     core.subscribe(Duration::from_millis(500)).map_err(|e| err(e.to_string()))?;
     app.view = Some(View::Cluster);

@@ -42,4 +42,10 @@ pub trait Source: Send {
     /// The last `lines` lines of cluster `name`'s manager log, or of one
     /// of its workers' logs.
     fn log(&mut self, name: &str, worker: Option<&str>, lines: usize) -> Vec<String>;
+    /// The credential to follow cluster `name` with (for an address rather
+    /// than a name, `None`): the environment's, unless the source knows it.
+    fn security(&mut self, name: Option<&str>) -> Result<cluster::security::Security, String> {
+        let _ = name;
+        cluster::security::Security::from_env().map_err(|e| e.to_string())
+    }
 }

@@ -18,15 +18,37 @@ use super::{
     TaskSpec, TaskStreamRecord, WorkerInfo,
 };
 
-/// The first message on every connection, in both directions.
+/// The first messages on every connection, in both directions: `Hello`,
+/// then (when the server demands the cluster's token) `Challenge` and
+/// `Proof`, then `Welcome` or `Refused`. See [`crate::security`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Handshake {
-    /// From the side that opened the connection.
-    Hello { protocol: u32, role: Role, name: String },
+    /// From the side that opened the connection, with a fresh nonce.
+    Hello {
+        protocol: u32,
+        role: Role,
+        name: String,
+        #[serde(default, with = "serde_bytes")]
+        nonce: Vec<u8>,
+    },
+    /// From a server that demands the cluster's token: its own nonce, and
+    /// its proof over both nonces that it holds the token.
+    Challenge {
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+    },
+    /// The opener's proof over both nonces that it holds the token.
+    Proof {
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+    },
     /// Accepted.
     Welcome { protocol: u32, server: String },
     /// Refused (another protocol version, a role this server does not
-    /// serve); the server closes the connection.
+    /// serve, a missing or wrong credential); the server closes the
+    /// connection.
     Refused { reason: String },
 }
 

@@ -41,6 +41,7 @@ impl SchedulerState {
                     None => unknown.push((*id, k.clone())),
                 }
             }
+            dedupe_in_order(&mut ids);
             let group = self.t(*id).group;
             for &d in &ids {
                 let dt = self.tm(d);
@@ -160,25 +161,55 @@ impl SchedulerState {
         id
     }
 
-    /// Released -> waiting, bringing released dependencies back first.
+    /// Released -> waiting, bringing released dependencies back first. A
+    /// dependency cycle among them errs the tasks on it (and what depends
+    /// on them) with the cycle spelled out.
     pub(super) fn transition_to_waiting(&mut self, root: TaskId) {
-        // Iterative post-order walk over released dependencies.
+        // Iterative post-order walk over released dependencies. A task whose
+        // dependencies are being walked has `waiting_on == ON_PATH` (unused
+        // while released), so meeting it again below itself is a cycle.
+        const ON_PATH: u32 = u32::MAX;
         let mut stack = vec![(root, false)];
         while let Some((id, expanded)) = stack.pop() {
+            if expanded && self.live(id).is_some_and(|t| t.waiting_on == ON_PATH) {
+                self.tm(id).waiting_on = 0;
+            }
             // Erring one task can release and forget another on the stack.
             if self.live(id).is_none_or(|t| t.state != TaskState::Released) {
                 continue;
             }
             if !expanded {
+                self.tm(id).waiting_on = ON_PATH;
                 stack.push((id, true));
                 for i in 0..self.t(id).deps.len() {
                     let d = self.t(id).deps[i];
-                    if self.t(d).state == TaskState::Released {
-                        stack.push((d, false));
+                    if self.t(d).state != TaskState::Released {
+                        continue;
                     }
+                    if self.t(d).waiting_on == ON_PATH {
+                        let mut path: Vec<&str> = stack
+                            .iter()
+                            .filter(|(_, e)| *e)
+                            .map(|(x, _)| &*self.t(*x).key)
+                            .skip_while(|k| *k != &*self.t(d).key)
+                            .collect();
+                        path.push(&*self.t(d).key);
+                        let text = format!("dependency cycle: {}", path.join(" -> "));
+                        let on_path: Vec<TaskId> = stack.iter().filter(|(_, e)| *e).map(|(x, _)| *x).collect();
+                        let start = on_path.iter().position(|x| *x == d).unwrap_or(0);
+                        // Every task on the cycle errs (not only those someone
+                        // wants), and so does whatever depends on them.
+                        let err = ErrorInfo::scheduler(text);
+                        for &x in &on_path[start..] {
+                            self.set_erred(x, err.clone());
+                        }
+                        break;
+                    }
+                    stack.push((d, false));
                 }
                 continue;
             }
+            self.tm(id).waiting_on = 0;
             if self.t(id).run_spec.is_none() {
                 let text =
                     format!("key {} cannot be recomputed: it has no recipe (scattered data lost?)", self.t(id).key);
@@ -241,5 +272,22 @@ impl SchedulerState {
         for c in self.clients_of(id) {
             self.send_client(c, ToClient::KeyNoWorker { key: key.clone(), reason: reason.clone() });
         }
+    }
+}
+
+/// Drop repeated entries, keeping the first of each (a dependency listed
+/// twice is one dependency). Cheap when there are none: no allocation for
+/// short lists, one sorted copy for long ones.
+fn dedupe_in_order(ids: &mut Vec<TaskId>) {
+    let has_dup = if ids.len() <= 16 {
+        ids.iter().enumerate().any(|(i, d)| ids[..i].contains(d))
+    } else {
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.windows(2).any(|w| w[0] == w[1])
+    };
+    if has_dup {
+        let mut seen = rustc_hash::FxHashSet::default();
+        ids.retain(|d| seen.insert(*d));
     }
 }

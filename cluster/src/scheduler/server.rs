@@ -19,6 +19,7 @@ use crate::comm::{self, CommError, Outbox};
 use crate::now;
 use crate::protocol::{ClusterInfo, Envelope, FromClient, FromWorker, Role, ToClient, ToWorker};
 use crate::scheduler::Outgoing;
+use crate::security::Security;
 use serde::de::DeserializeOwned;
 
 /// Byte counters of everything that crossed the scheduler's sockets.
@@ -81,7 +82,14 @@ impl SchedulerHandle {
 }
 
 /// Bind `host:port` (port 0 picks a free one) and serve in the current tokio runtime.
-pub async fn start(host: &str, port: u16, config: SchedulerConfig) -> Result<SchedulerHandle, CommError> {
+/// Every connection must prove `security`'s token (none for an open cluster).
+pub async fn start(
+    host: &str,
+    port: u16,
+    config: SchedulerConfig,
+    security: Security,
+) -> Result<SchedulerHandle, CommError> {
+    comm::raise_open_file_limit();
     let listener = TcpListener::bind((host, port)).await?;
     let local = listener.local_addr()?;
     let address = format!("tcp://{}:{}", host_for_address(host, &local), local.port());
@@ -95,18 +103,28 @@ pub async fn start(host: &str, port: u16, config: SchedulerConfig) -> Result<Sch
     let mut sd = shutdown_rx.clone();
     tokio::spawn(async move {
         let mut next_peer: PeerId = 1;
+        let mut accept_failed = comm::AcceptBackoff::default();
         loop {
             tokio::select! {
                 _ = sd.changed() => break,
                 accepted = listener.accept() => {
-                    let Ok((stream, from)) = accepted else { continue };
+                    let (stream, from) = match accepted {
+                        Ok(ok) => ok,
+                        Err(e) => {
+                            accept_failed.note(&e);
+                            tokio::time::sleep(accept_failed.pause()).await;
+                            continue;
+                        }
+                    };
+                    accept_failed.reset();
                     let peer = next_peer;
                     next_peer += 1;
                     let tx = events_tx.clone();
                     let name = server_name.clone();
                     let counters = c2.clone();
+                    let security = security.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_peer(peer, stream, &name, tx, counters).await {
+                        if let Err(e) = serve_peer(peer, stream, &name, tx, counters, &security).await {
                             tracing::warn!("connection from {from} rejected: {e}");
                         }
                     });
@@ -140,12 +158,11 @@ async fn serve_peer(
     server_name: &str,
     events: mpsc::UnboundedSender<Event>,
     counters: Arc<ByteCounters>,
+    security: &Security,
 ) -> Result<(), CommError> {
     let serves = [Role::Worker, Role::Client, Role::Monitor];
-    let (conn, role) = comm::accept(stream, server_name, &serves, |_| {
-        format!("{server_name} is a dask-rs scheduler; data is served by the workers' own addresses")
-    })
-    .await?;
+    let wrong_role = |_| format!("{server_name} is a dask-rs scheduler; data is served by the workers' own addresses");
+    let (conn, role) = comm::accept(stream, server_name, &serves, wrong_role, security).await?;
     let comm::Connection { reader, writer, .. } = conn;
     let bytes_out = Some(counters.bytes_out.clone());
     let result = if role == Role::Worker {

@@ -802,3 +802,53 @@ fn the_task_stream_is_answered_by_time_window_and_count() {
     assert_eq!(ask(None, Some(25.0), None), ["a", "b"]);
     assert_eq!(ask(None, None, Some(1)), ["c"]);
 }
+
+#[test]
+fn dependency_cycles_err_with_the_cycle_named_instead_of_hanging() {
+    let mut s = with_workers(1);
+    // a -> b -> c -> a, plus d depending on the cycle and a healthy e.
+    let tasks = vec![spec("a", &["c"]), spec("b", &["a"]), spec("c", &["b"]), spec("d", &["a"]), spec("e", &[])];
+    s.update_graph(C1, tasks, vec!["d".into(), "e".into()]);
+    assert_eq!(s.task_state("d"), Some(TaskState::Erred));
+    // The cycle erred; nobody wants its tasks themselves, so they are released.
+    for k in ["a", "b", "c"] {
+        let st = s.task_state(k);
+        assert!(matches!(st, Some(TaskState::Erred | TaskState::Released) | None), "{k}: {st:?}");
+    }
+    let out = s.take_outgoing();
+    let told = out.iter().find_map(|(p, e)| match &e.msg {
+        Msg::C(ToClient::KeyErred { key, text, .. }) if *p == C1 && key == "d" => Some(text.clone()),
+        _ => None,
+    });
+    let text = told.expect("the client hears about d");
+    assert!(text.contains("dependency cycle") && text.contains("->"), "{text}");
+    // The healthy task still runs, and the scheduler stays usable.
+    assert_eq!(s.task_state("e"), Some(TaskState::Processing));
+    finish(&mut s, W1, "e", 8);
+    s.release_keys(C1, &["d".into(), "e".into()]);
+    // What is left is the cycle's own three tasks, released (each is the
+    // dependent of another, so none is forgotten).
+    assert_eq!(s.ntasks(), 3);
+    for k in ["a", "b", "c"] {
+        assert_eq!(s.task_state(k), Some(TaskState::Released), "{k}");
+    }
+    // Wanting one of them again errs it again, at once.
+    s.update_graph(C2, vec![], vec!["b".into()]);
+    assert_eq!(s.task_state("b"), Some(TaskState::Erred));
+    // A task depending on itself.
+    s.update_graph(C1, vec![spec("self", &["self"])], vec!["self".into()]);
+    assert_eq!(s.task_state("self"), Some(TaskState::Erred));
+}
+
+#[test]
+fn a_dependency_listed_twice_is_one_dependency() {
+    let mut s = with_workers(1);
+    s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a", "a"])], vec!["b".into()]);
+    assert_eq!(computes(&mut s), vec![(W1, "a".to_string())]);
+    finish(&mut s, W1, "a", 8);
+    assert_eq!(computes(&mut s), vec![(W1, "b".to_string())]);
+    finish(&mut s, W1, "b", 8);
+    assert_eq!(s.task_state("b"), Some(TaskState::Memory));
+    s.release_keys(C1, &["b".into()]);
+    assert_eq!(s.ntasks(), 0, "both forgotten once released");
+}

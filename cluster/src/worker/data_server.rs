@@ -13,6 +13,7 @@ use super::runner::{Helper, Runner};
 use super::runtime::Event;
 use crate::comm;
 use crate::protocol::{Blob, DataReply, DataRequest, Envelope, Key, Role};
+use crate::security::Security;
 
 /// Bytes this worker's data port received and sent.
 #[derive(Default)]
@@ -50,12 +51,21 @@ pub(super) fn spawn_data_server<R: Runner>(
     helper: Helper,
     events: mpsc::UnboundedSender<Event>,
     traffic: Arc<Traffic>,
+    security: Security,
 ) {
     tokio::spawn(async move {
+        let mut accept_failed = comm::AcceptBackoff::default();
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let (stream, from) = match listener.accept().await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    accept_failed.note(&e);
+                    tokio::time::sleep(accept_failed.pause()).await;
+                    continue;
+                }
             };
+            accept_failed.reset();
+            let security = security.clone();
             let runner = runner.clone();
             let helper = helper.clone();
             let events = events.clone();
@@ -63,10 +73,11 @@ pub(super) fn spawn_data_server<R: Runner>(
             let traffic = traffic.clone();
             tokio::spawn(async move {
                 let wrong_role = |_| format!("{address} is a dask-rs worker's data port, not a scheduler");
-                let conn = match comm::accept(stream, &address, &[Role::Peer, Role::Client], wrong_role).await {
+                let serves = [Role::Peer, Role::Client];
+                let conn = match comm::accept(stream, &address, &serves, wrong_role, &security).await {
                     Ok((c, _)) => c,
                     Err(e) => {
-                        tracing::debug!("data connection rejected: {e}");
+                        tracing::warn!("data connection from {from} rejected: {e}");
                         return;
                     }
                 };

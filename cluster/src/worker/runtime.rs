@@ -20,6 +20,7 @@ use crate::now;
 use crate::protocol::{
     DataReply, DataRequest, Envelope, FromWorker, Heartbeat, Key, Registration, Resources, Role, ToWorker,
 };
+use crate::security::Security;
 
 /// How to start a worker.
 #[derive(Debug, Clone)]
@@ -38,6 +39,9 @@ pub struct WorkerConfig {
     pub death_timeout: Duration,
     /// Resources offered to tasks that ask for them (`--resources`).
     pub resources: Resources,
+    /// The cluster's credential, proved to the scheduler and to peers and
+    /// demanded from whoever connects to the data port.
+    pub security: Security,
 }
 
 impl WorkerConfig {
@@ -53,6 +57,7 @@ impl WorkerConfig {
             connect_timeout: Duration::from_secs(10),
             death_timeout: Duration::from_secs(60),
             resources: Vec::new(),
+            security: Security::default(),
         }
     }
 }
@@ -135,10 +140,18 @@ pub async fn run_worker<R: Runner>(
     }
     let helper = Helper::spawn(runner.clone())?;
     let traffic = Arc::new(Traffic::default());
-    spawn_data_server(listener, address.clone(), runner.clone(), helper.clone(), events_tx.clone(), traffic.clone());
+    spawn_data_server(
+        listener,
+        address.clone(),
+        runner.clone(),
+        helper.clone(),
+        events_tx.clone(),
+        traffic.clone(),
+        config.security.clone(),
+    );
     let mem_config = MemoryConfig::new(config.memory_limit);
     let mut worker = Worker {
-        peers: Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout)),
+        peers: Arc::new(ConnectionPool::new(Role::Peer, &config.name, config.connect_timeout, config.security.clone())),
         spill_at: mem_config.spill_bytes(),
         // Tune the allocator for giving memory back once memory gets scarce.
         tune_allocator_at: mem_config.target_bytes(),
@@ -192,9 +205,10 @@ impl<R: Runner> Worker<R> {
     /// `death_timeout` allows.
     async fn run(&mut self) -> Result<(), WorkerError> {
         let config = self.config.clone();
-        let mut conn = comm::connect(&config.scheduler, Role::Worker, &config.name, config.connect_timeout)
-            .await
-            .map_err(|e| WorkerError::Connect { addr: config.scheduler.clone(), source: e })?;
+        let mut conn =
+            comm::connect(&config.scheduler, Role::Worker, &config.name, config.connect_timeout, &config.security)
+                .await
+                .map_err(|e| WorkerError::Connect { addr: config.scheduler.clone(), source: e })?;
         loop {
             match self.session(conn).await {
                 SessionEnd::Stop(r) => return r,
@@ -216,7 +230,7 @@ impl<R: Runner> Worker<R> {
             let patience = config.death_timeout;
             conn = tokio::select! {
                 _ = self.shutdown.changed() => return Ok(()),
-                c = comm::connect_retrying(&config.scheduler, Role::Worker, &config.name, patience) => {
+                c = comm::connect_retrying(&config.scheduler, Role::Worker, &config.name, patience, &config.security) => {
                     c.map_err(|e| WorkerError::SchedulerLost(format!("could not reconnect: {e}")))?
                 }
             };

@@ -1,0 +1,125 @@
+"""Cluster credentials with real processes: LocalCluster's token, `dask-ctl up`'s
+token file, and peers without the credential refused at the scheduler and at
+a worker's data port."""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from dask_rs import Client, LocalCluster, Security
+
+# Workers import functions by reference; a builtin needs no module on their path.
+inc = functools.partial(operator.add, 1)
+
+
+def connect_from_another_process(address: str, token: str | None = None) -> subprocess.CompletedProcess:
+    """Connect from a fresh process, as another user's program would (no
+    credential unless `token`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_RS_TOKEN")}
+    if token:
+        env["DASK_RS_TOKEN"] = token
+    code = (
+        "import sys; from dask_rs import _core\n"
+        "c = _core.ClientCore(sys.argv[1], 'probe', 5.0)\n"
+        "print('connected', len(c.info()['workers']))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_local_cluster_requires_its_token():
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        assert cluster.security.token and len(cluster.security.token) == 64
+        assert cluster.security.token not in repr(cluster.security)
+        # In this process, the cluster's clients find the token by themselves.
+        with Client(cluster) as c:
+            assert c.submit(inc, 1).result() == 2
+        with Client(cluster.scheduler_address) as c:
+            assert c.submit(inc, 2).result() == 3
+            worker = next(iter(c.scheduler_info()["workers"]))
+
+        # Another process without it is refused, at the scheduler and at a worker.
+        for address in (cluster.scheduler_address, worker):
+            p = connect_from_another_process(address)
+            assert p.returncode != 0
+            assert "requires this cluster's credential" in p.stderr, p.stderr
+        # With another cluster's token: refused, and told why.
+        p = connect_from_another_process(cluster.scheduler_address, Security.temporary().token)
+        assert p.returncode != 0 and "another cluster" in p.stderr, p.stderr
+        # With the token, it connects.
+        p = connect_from_another_process(cluster.scheduler_address, cluster.security.token)
+        assert p.returncode == 0 and "connected 1" in p.stdout, p.stderr
+
+
+def test_security_objects():
+    s = Security.temporary()
+    assert Security(token=s.token).token == s.token
+    with pytest.raises(ValueError, match="64 hex digits"):
+        Security(token="short")
+    with pytest.raises(TypeError, match="cluster token"):
+        Security(tls_ca_file="ca.pem")
+    with pytest.raises(TypeError, match="dask_rs.Security"):
+        Client("tcp://127.0.0.1:1", security="secret")
+    # An open LocalCluster (security=False) takes anyone, as distributed's does.
+    with LocalCluster(n_workers=1, dashboard_address=None, security=False) as cluster:
+        p = connect_from_another_process(cluster.scheduler_address)
+        assert p.returncode == 0, p.stderr
+    # A client given the right token explicitly.
+    with LocalCluster(n_workers=1, dashboard_address=None, security=s) as cluster:
+        with Client(cluster.scheduler_address, security=Security(token=s.token)) as c:
+            assert c.submit(inc, 41).result() == 42
+
+
+def test_up_makes_a_private_token_that_client_by_name_uses(ctl, tmp_path):
+    ctl("up", "--name", "safe", "--workers", "1", "--nthreads", "1")
+    try:
+        cdir = tmp_path / "state" / "dask-rs" / "clusters" / "safe"
+        token_file = cdir / "token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        for d in (cdir, cdir.parent):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+        token = token_file.read_text().strip()
+        record = json.loads((cdir / "cluster.json").read_text())
+        assert token not in json.dumps(record), "the token is not in cluster.json"
+        # Not on any process's command line either.
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+                except OSError:
+                    continue
+                assert token.encode() not in cmdline, f"the token is on the command line of pid {pid}"
+
+        with Client("safe") as c:
+            assert c.submit(inc, 1).result() == 2
+            worker = next(iter(c.scheduler_info()["workers"]))
+            address = c.scheduler_address
+        for target in (address, worker):
+            p = connect_from_another_process(target)
+            assert p.returncode != 0 and "requires this cluster's credential" in p.stderr, p.stderr
+        # The refused attempts changed nothing.
+        with Client("safe") as c:
+            assert c.submit(inc, 2).result() == 3
+            assert len(c.scheduler_info()["workers"]) == 1
+    finally:
+        ctl("down", "safe")
+
+
+def test_up_insecure_warns_and_takes_anyone(ctl, tmp_path):
+    up = ctl("up", "--name", "open", "--workers", "1", "--insecure")
+    try:
+        assert "--insecure" in up.stderr and "anyone" in up.stderr
+        assert not (tmp_path / "state" / "dask-rs" / "clusters" / "open" / "token").exists()
+        address = json.loads(ctl("list", "--json").stdout)[0]["address"]
+        p = connect_from_another_process(address)
+        assert p.returncode == 0 and "connected 1" in p.stdout, p.stderr
+    finally:
+        ctl("down", "open")
