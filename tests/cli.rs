@@ -1,9 +1,9 @@
 //! End-to-end tests of the `dask-ctl` binary: a real scheduler process,
 //! real TCP, simulated (Rust) workers and the Rust client core.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster::client::{ClientCore, KeyStatus};
@@ -11,40 +11,15 @@ use cluster::comm::{FrameReader, FrameWriter};
 use cluster::protocol::{Envelope, Handshake, Role, TaskSpec, MAGIC};
 use cluster::security::Security;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dask-ctl");
+mod common;
+use common::{hostport, BIN};
 
-/// A child process killed (by PID) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start_scheduler() -> (common::Proc, String) {
+    common::start_scheduler_with(&[])
 }
 
-fn start_scheduler() -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .args(["scheduler", "--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn dask-ctl scheduler");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("Scheduler at ").expect("address line").to_string();
-    (Proc(child), addr)
-}
-
-fn start_sim_worker(addr: &str, name: &str) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args(["sim-worker", addr, "--name", name, "--nthreads", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sim worker"),
-    )
+fn start_sim_worker(addr: &str, name: &str) -> common::Proc {
+    common::start_sim_worker_with(addr, name, &[])
 }
 
 fn client(addr: &str) -> ClientCore {
@@ -66,10 +41,6 @@ fn wait_workers(c: &ClientCore, n: usize) {
 
 fn task(key: &str, deps: &[&str]) -> TaskSpec {
     TaskSpec::new(key, deps.iter().map(|d| d.to_string()).collect())
-}
-
-fn hostport(addr: &str) -> &str {
-    addr.strip_prefix("tcp://").unwrap()
 }
 
 #[test]

@@ -2,9 +2,9 @@
 //! started with `DASK_RS_TOKEN`, and peers that hold it, hold another one,
 //! hold none, or speak raw bytes.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster::client::ClientCore;
@@ -12,46 +12,15 @@ use cluster::comm::{FrameReader, FrameWriter};
 use cluster::protocol::{DataRequest, Envelope, FromClient, Handshake, Role, MAGIC, PROTOCOL_VERSION};
 use cluster::security::{Security, TOKEN_ENV};
 
-const BIN: &str = env!("CARGO_BIN_EXE_dask-ctl");
-
-/// A child process killed (by PID) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{hostport, Proc, BIN};
 
 fn start_scheduler(token: &Security) -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .args(["scheduler", "--port", "0", "--no-dashboard"])
-        .env(TOKEN_ENV, token.token().unwrap())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn dask-ctl scheduler");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("Scheduler at ").expect("address line").to_string();
-    (Proc(child), addr)
+    common::start_scheduler_with(&[(TOKEN_ENV, token.token().unwrap())])
 }
 
 fn start_sim_worker(addr: &str, token: &Security) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args(["sim-worker", addr, "--name", "w1"])
-            .env(TOKEN_ENV, token.token().unwrap())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sim worker"),
-    )
-}
-
-fn hostport(addr: &str) -> String {
-    addr.trim_start_matches("tcp://").to_string()
+    common::start_sim_worker_with(addr, "w1", &[(TOKEN_ENV, token.token().unwrap())])
 }
 
 fn connect(addr: &str, security: &Security) -> Result<ClientCore, String> {

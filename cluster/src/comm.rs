@@ -505,34 +505,40 @@ pub async fn connect_retrying(
     }
 }
 
-/// Pacing for an accept loop whose `accept` fails (out of file
-/// descriptors, most often): wait before trying again, longer while it keeps
-/// failing, and log once per run of failures instead of spinning.
-#[derive(Debug, Default)]
-pub struct AcceptBackoff {
+/// A listener whose `accept` errors (out of file descriptors, most often)
+/// pause the loop instead of spinning it: 10 ms, doubling to 1 s while they
+/// go on, logged once per run of failures.
+pub struct Acceptor {
+    listener: tokio::net::TcpListener,
     failures: u32,
 }
 
-impl AcceptBackoff {
-    /// Record a failed accept (logged on the first of a run).
-    pub fn note(&mut self, e: &std::io::Error) {
-        if self.failures == 0 {
-            tracing::warn!("cannot accept connections ({e}); pausing until it passes");
-        }
-        self.failures = self.failures.saturating_add(1);
+impl Acceptor {
+    pub fn new(listener: tokio::net::TcpListener) -> Self {
+        Acceptor { listener, failures: 0 }
     }
 
-    /// How long to wait before the next accept: 10 ms, doubling to 1 s.
-    pub fn pause(&self) -> Duration {
-        Duration::from_millis(10u64 << self.failures.min(7).saturating_sub(1)).min(Duration::from_secs(1))
-    }
-
-    /// An accept succeeded.
-    pub fn reset(&mut self) {
-        if self.failures > 0 {
-            tracing::warn!("accepting connections again after {} failed attempts", self.failures);
+    /// The next connection, waiting out accept errors. Cancel-safe.
+    pub async fn next(&mut self) -> (TcpStream, std::net::SocketAddr) {
+        loop {
+            match self.listener.accept().await {
+                Ok(ok) => {
+                    if self.failures > 0 {
+                        tracing::warn!("accepting connections again after {} failed attempts", self.failures);
+                        self.failures = 0;
+                    }
+                    return ok;
+                }
+                Err(e) => {
+                    if self.failures == 0 {
+                        tracing::warn!("cannot accept connections ({e}); pausing until it passes");
+                    }
+                    self.failures = self.failures.saturating_add(1);
+                    let pause = Duration::from_millis(10u64 << self.failures.min(7).saturating_sub(1));
+                    tokio::time::sleep(pause.min(Duration::from_secs(1))).await;
+                }
+            }
         }
-        self.failures = 0;
     }
 }
 

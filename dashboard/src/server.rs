@@ -388,17 +388,7 @@ mod tests {
             let workers = vec![WorkerInfo::new("w0", "tcp://h:1", 1, 0)];
             m.apply(EventsUpdate { time: 1.0, groups: vec![g], workers, ..Default::default() });
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = router(shared);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(l, app).await.unwrap();
-            });
-        });
+        let addr = serve(shared);
         assert_eq!(get(addr, "/health"), ("HTTP/1.1 200 OK".into(), "ok".into()));
         let (status, metrics) = get(addr, "/metrics");
         assert!(status.contains("200") && metrics.contains("dask_scheduler_workers 1"), "{metrics}");

@@ -103,20 +103,11 @@ pub async fn start(
     let mut sd = shutdown_rx.clone();
     tokio::spawn(async move {
         let mut next_peer: PeerId = 1;
-        let mut accept_failed = comm::AcceptBackoff::default();
+        let mut acceptor = comm::Acceptor::new(listener);
         loop {
             tokio::select! {
                 _ = sd.changed() => break,
-                accepted = listener.accept() => {
-                    let (stream, from) = match accepted {
-                        Ok(ok) => ok,
-                        Err(e) => {
-                            accept_failed.note(&e);
-                            tokio::time::sleep(accept_failed.pause()).await;
-                            continue;
-                        }
-                    };
-                    accept_failed.reset();
+                (stream, from) = acceptor.next() => {
                     let peer = next_peer;
                     next_peer += 1;
                     let tx = events_tx.clone();

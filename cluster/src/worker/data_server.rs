@@ -54,17 +54,9 @@ pub(super) fn spawn_data_server<R: Runner>(
     security: Security,
 ) {
     tokio::spawn(async move {
-        let mut accept_failed = comm::AcceptBackoff::default();
+        let mut acceptor = comm::Acceptor::new(listener);
         loop {
-            let (stream, from) = match listener.accept().await {
-                Ok(ok) => ok,
-                Err(e) => {
-                    accept_failed.note(&e);
-                    tokio::time::sleep(accept_failed.pause()).await;
-                    continue;
-                }
-            };
-            accept_failed.reset();
+            let (stream, from) = acceptor.next().await;
             let security = security.clone();
             let runner = runner.clone();
             let helper = helper.clone();
