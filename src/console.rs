@@ -16,7 +16,7 @@ pub struct Registry;
 impl Source for Registry {
     fn security(&mut self, name: Option<&str>) -> Result<cluster::security::Security, String> {
         match name {
-            Some(n) => registry::security(&registry::dir(n)).map_err(|e| e.to_string()),
+            Some(n) => registry::dir(n).and_then(|d| registry::security(&d)).map_err(|e| e.to_string()),
             None => cluster::security::Security::from_env().map_err(|e| e.to_string()),
         }
     }

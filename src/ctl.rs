@@ -257,7 +257,7 @@ pub fn job_script(args: UpArgs) -> Result<()> {
     default_contact(&host, &mut merged.options);
     let name = args.name.clone().unwrap_or_else(|| format!("{}-XXXX", args.backend));
     let port = if args.port == 0 { 8786 } else { args.port };
-    let logs = registry::log_dir(&registry::dir(&name));
+    let logs = registry::log_dir(&registry::dir(&name)?);
     let b = BatchBackend::new(system, merged.options, &format!("tcp://{host}:{port}"), &name, logs.clone(), logs)?;
     print!("{}", b.script(&format!("{name}-0")));
     if args.port == 0 {
@@ -310,8 +310,7 @@ fn tail(path: &Path, lines: usize) -> String {
 /// `dask-ctl up`.
 pub fn up(args: UpArgs) -> Result<()> {
     let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", args.backend, random_suffix()));
-    registry::check_name(&name)?;
-    let dir = registry::dir(&name);
+    let dir = registry::dir(&name)?;
     if dir.join("cluster.json").exists() {
         let rec = ClusterRecord::load(&dir)?;
         if rec.manager_alive() {

@@ -272,6 +272,27 @@ fn status(rec: &ClusterRecord, ctrl: &mut Controller, backend: &mut dyn Deployer
 
 /// Accept control connections on a thread; each request goes to the
 /// controller loop, which answers through a channel.
+/// Whether the process at the other end of `conn` runs as this user
+/// (`SO_PEERCRED`); the socket's directory is private too, this is the
+/// second lock.
+fn same_user(conn: &std::os::unix::net::UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: getuid has no preconditions.
+    rc == 0 && cred.uid == unsafe { libc::getuid() }
+}
+
 fn serve_control(dir: &Path, tx: SyncSender<Command>) -> Result<()> {
     let path = registry::socket(dir);
     let _ = std::fs::remove_file(&path);
@@ -281,6 +302,11 @@ fn serve_control(dir: &Path, tx: SyncSender<Command>) -> Result<()> {
         for conn in listener.incoming().flatten() {
             let tx = tx.clone();
             std::thread::spawn(move || {
+                if !same_user(&conn) {
+                    tracing::warn!("refused a control connection from another user");
+                    let _ = (&conn).write_all(b"{\"ok\":false,\"error\":\"refused: not the cluster's owner\"}\n");
+                    return;
+                }
                 let mut line = String::new();
                 if BufReader::new(&conn).read_line(&mut line).is_err() {
                     return;

@@ -41,17 +41,44 @@ pub struct ClusterRecord {
     pub max_pending: Option<usize>,
 }
 
-/// Where registries live.
-pub fn root() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/state")
-    });
-    base.join("dask-rs").join("clusters")
+/// Where registries live: `$XDG_STATE_HOME`, else `$HOME/.local/state`,
+/// else the home directory the system's user database gives. Never a
+/// shared directory such as `/tmp`, where another user could plant entries.
+pub fn root() -> Result<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = match nonempty("XDG_STATE_HOME") {
+        Some(b) => b,
+        None => nonempty("HOME")
+            .or_else(home_from_passwd)
+            .ok_or_else(|| anyhow::anyhow!("cannot find your home directory: set HOME or XDG_STATE_HOME"))?
+            .join(".local/state"),
+    };
+    Ok(base.join("dask-rs").join("clusters"))
 }
 
-/// The directory of cluster `name`.
-pub fn dir(name: &str) -> PathBuf {
-    root().join(name)
+/// This user's home directory from the user database.
+fn home_from_passwd() -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes only into `pw` and `buf` (whose length we
+    // pass) and sets `out` to `&pw` on success.
+    let rc = unsafe { libc::getpwuid_r(libc::getuid(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() || pw.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_dir points to a NUL-terminated string inside `buf`.
+    let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+    (path.is_absolute() && path != Path::new("/")).then_some(path)
+}
+
+/// The directory of cluster `name` (refused unless `name` is a valid
+/// cluster name, so no verb can reach outside the registry).
+pub fn dir(name: &str) -> Result<PathBuf> {
+    check_name(name)?;
+    Ok(root()?.join(name))
 }
 
 /// Cluster names are used as directory and worker names.
@@ -75,7 +102,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 impl ClusterRecord {
     pub fn load(dir: &Path) -> Result<ClusterRecord> {
+        use std::os::unix::fs::MetadataExt;
         let path = dir.join("cluster.json");
+        let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        // SAFETY: getuid has no preconditions.
+        if meta.uid() != unsafe { libc::getuid() } {
+            bail!("{} belongs to another user; ignoring it", path.display());
+        }
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
@@ -92,11 +125,11 @@ impl ClusterRecord {
 
 /// Cluster `name`, or a clear error listing what exists.
 pub fn find(name: &str) -> Result<(PathBuf, ClusterRecord)> {
-    let d = dir(name);
+    let d = dir(name)?;
     if !d.join("cluster.json").exists() {
         let known: Vec<String> = list().into_iter().map(|(_, r)| r.name).collect();
         if known.is_empty() {
-            bail!("no cluster named {name:?} (no clusters are registered in {})", root().display());
+            bail!("no cluster named {name:?} (no clusters are registered in {})", root()?.display());
         }
         bail!("no cluster named {name:?} (known: {})", known.join(", "));
     }
@@ -107,7 +140,8 @@ pub fn find(name: &str) -> Result<(PathBuf, ClusterRecord)> {
 /// Every registered cluster, by name.
 pub fn list() -> Vec<(PathBuf, ClusterRecord)> {
     let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(root()) {
+    let Ok(root) = root() else { return Vec::new() };
+    if let Ok(rd) = std::fs::read_dir(root) {
         for e in rd.flatten() {
             if let Ok(rec) = ClusterRecord::load(&e.path()) {
                 out.push((e.path(), rec));
@@ -153,7 +187,7 @@ pub fn security(dir: &Path) -> Result<Security> {
 /// refuse one that another user owns.
 pub fn create_private(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    for d in [root(), dir.to_path_buf()] {
+    for d in [root()?, dir.to_path_buf()] {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

@@ -199,3 +199,88 @@ fn events_subscription_gives_snapshot_then_deltas() {
     assert_eq!(stream, 50, "every finished task appears once in the task stream");
     assert_eq!(memory, 50, "group counts report the tasks in memory");
 }
+
+#[test]
+fn a_stopped_worker_cannot_hang_a_data_exchange() {
+    let (_s, addr) = start_scheduler();
+    let w = start_sim_worker(&addr, "a");
+    let c = client(&addr);
+    wait_workers(&c, 1);
+    c.submit(vec![task("x", &[])], vec![], vec!["x".into()]).unwrap();
+    assert!(c.wait(&["x".into()], Some(Duration::from_secs(20)), false).unwrap());
+    let Some(KeyStatus::Finished { workers, .. }) = c.status("x") else { panic!("not finished") };
+    let worker = workers[0].clone();
+    let pid = w.0.id().to_string();
+    let pool = cluster::comm::ConnectionPool::new(Role::Client, "t", Duration::from_secs(5), Security::open())
+        .with_idle_timeout(Duration::from_secs(1));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A first exchange opens the connection the next one reuses.
+    let first = rt.block_on(async {
+        let req = Envelope::new(cluster::protocol::DataRequest::GetData { id: 0, keys: vec!["x".into()] });
+        pool.request(&worker, req).await
+    });
+    assert!(first.is_ok(), "{:?}", first.err());
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let stopped = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T'))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stopped() {
+        assert!(Instant::now() < deadline, "the worker did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t = Instant::now();
+    let got = rt.block_on(async {
+        let req = Envelope::new(cluster::protocol::DataRequest::GetData { id: 1, keys: vec!["x".into()] });
+        tokio::time::timeout(Duration::from_secs(20), pool.request(&worker, req)).await
+    });
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let err = got.expect("the exchange gave up by itself").expect_err("a stopped worker cannot answer");
+    assert!(matches!(err, cluster::comm::CommError::Idle(_)), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "gave up after {:?}", t.elapsed());
+    // Once it runs again, the same exchange succeeds.
+    let ok = rt.block_on(async {
+        let req = Envelope::new(cluster::protocol::DataRequest::GetData { id: 2, keys: vec!["x".into()] });
+        pool.request(&worker, req).await
+    });
+    assert!(ok.is_ok(), "{:?}", ok.err());
+}
+
+/// Seconds of CPU process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit(')').next().unwrap();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[test]
+fn out_of_file_descriptors_the_scheduler_pauses_instead_of_spinning_and_recovers() {
+    // A scheduler whose hard limit is 64 open files.
+    let mut child = Command::new("sh")
+        .args(["-c", &format!("ulimit -n 64 && exec {BIN} scheduler --port 0 --no-dashboard")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let addr = line.trim().strip_prefix("Scheduler at ").unwrap().to_string();
+    let sched = common::Proc(child);
+    let pid = sched.0.id();
+    // Strangers hold more connections than it can accept.
+    let hogs: Vec<TcpStream> = (0..100).filter_map(|_| TcpStream::connect(hostport(&addr)).ok()).collect();
+    assert!(hogs.len() >= 64, "only {} connections", hogs.len());
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.5, "the scheduler used {used:.2} s of CPU in 2 s while out of file descriptors");
+    drop(hogs);
+    // Once they are gone, it serves again.
+    let c = client(&addr);
+    assert!(c.info().is_ok());
+}

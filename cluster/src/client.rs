@@ -15,8 +15,8 @@ use tokio::sync::oneshot;
 
 use crate::comm::{self, CommError, ConnectionPool, Outbox};
 use crate::protocol::{
-    Blob, ClusterInfo, CoordError, CoordOp, CoordValue, DataReply, DataRequest, DatasetValue, Envelope, EventsUpdate,
-    FromClient, Key, RebalanceStats, Role, TaskSpec, TaskStreamRecord, ToClient,
+    brief, Blob, ClusterInfo, CoordError, CoordOp, CoordValue, DataReply, DataRequest, DatasetValue, Envelope,
+    EventsUpdate, FromClient, Key, RebalanceStats, Role, TaskSpec, TaskStreamRecord, ToClient,
 };
 use crate::security::Security;
 
@@ -371,7 +371,7 @@ impl ClientCore {
             }
             other => Err(ClientError::WorkerRefused {
                 worker: worker.to_string(),
-                reason: format!("unexpected reply {:?}", other.msg),
+                reason: format!("unexpected reply {}", brief(&other.msg)),
             }),
         }
     }
@@ -398,7 +398,7 @@ impl ClientCore {
             }
             other => Err(ClientError::WorkerRefused {
                 worker: worker.to_string(),
-                reason: format!("unexpected reply {:?}", other.msg),
+                reason: format!("unexpected reply {}", brief(&other.msg)),
             }),
         }
     }
@@ -429,7 +429,7 @@ impl ClientCore {
             DataReply::Error { reason } => Err(ClientError::WorkerRefused { worker: worker.to_string(), reason }),
             other => Err(ClientError::WorkerRefused {
                 worker: worker.to_string(),
-                reason: format!("unexpected reply {other:?}"),
+                reason: format!("unexpected reply {}", brief(&other)),
             }),
         }
     }
@@ -461,7 +461,7 @@ impl ClientCore {
     pub fn who_has(&self, keys: Vec<Key>) -> Result<Vec<(Key, Vec<String>)>, ClientError> {
         match self.query(|id| FromClient::WhoHas { id, keys }, self.timeout)? {
             Reply::WhoHas(v) => Ok(v),
-            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+            other => Err(ClientError::Closed(format!("unexpected reply {}", brief(&other)))),
         }
     }
 
@@ -475,7 +475,7 @@ impl ClientCore {
     ) -> Result<Vec<TaskStreamRecord>, ClientError> {
         match self.query(|id| FromClient::GetTaskStream { id, start, stop, count }, self.timeout)? {
             Reply::TaskStream(v) => Ok(v),
-            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+            other => Err(ClientError::Closed(format!("unexpected reply {}", brief(&other)))),
         }
     }
 
@@ -483,7 +483,7 @@ impl ClientCore {
     pub fn info(&self) -> Result<ClusterInfo, ClientError> {
         match self.query(|id| FromClient::GetInfo { id }, self.timeout)? {
             Reply::Info(info) => Ok(info),
-            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+            other => Err(ClientError::Closed(format!("unexpected reply {}", brief(&other)))),
         }
     }
 
@@ -534,7 +534,7 @@ impl ClientCore {
         )?;
         match reply {
             Reply::Dataset(result) => Ok(result),
-            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+            other => Err(ClientError::Closed(format!("unexpected reply {}", brief(&other)))),
         }
     }
 
@@ -549,7 +549,7 @@ impl ClientCore {
     ) -> Result<(Vec<String>, Vec<(String, String)>), ClientError> {
         match self.query(|id| FromClient::RetireWorkers { id, workers }, timeout)? {
             Reply::Retired { retired, failed } => Ok((retired, failed)),
-            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+            other => Err(ClientError::Closed(format!("unexpected reply {}", brief(&other)))),
         }
     }
 
@@ -566,7 +566,7 @@ impl ClientCore {
     ) -> Result<Result<(u64, u64, u64), String>, ClientError> {
         match self.query(|id| FromClient::Rebalance { id, keys, workers }, timeout)? {
             Reply::Rebalanced(result) => Ok(result.map(|r| (r.moved, r.bytes, r.failed))),
-            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+            other => Err(ClientError::Closed(format!("unexpected reply {}", brief(&other)))),
         }
     }
 
@@ -601,7 +601,7 @@ impl ClientCore {
         }
         match self.query_with_frames(|id| Envelope { msg: FromClient::Coord { id, op }, frames }, wait)? {
             Reply::Coord(result) => Ok(result),
-            other => Err(ClientError::Closed(format!("unexpected reply {other:?}"))),
+            other => Err(ClientError::Closed(format!("unexpected reply {}", brief(&other)))),
         }
     }
 

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::protocol::{DataReply, DataRequest, Envelope, Handshake, Role, MAGIC, PROTOCOL_VERSION};
+use crate::protocol::{brief, DataReply, DataRequest, Envelope, Handshake, Role, MAGIC, PROTOCOL_VERSION};
 use crate::security::{Security, Side, TOKEN_ENV};
 
 /// Largest number of frames one batch may carry.
@@ -62,6 +62,10 @@ pub enum CommError {
     Unauthenticated(String),
     #[error("protocol version mismatch: peer speaks version {theirs}, we speak version {ours}")]
     Version { ours: u32, theirs: u32 },
+    /// A peer that sent nothing for this long in the middle of an exchange
+    /// (a stopped process, a host gone without closing).
+    #[error("no data from the peer for {0:?}: it is stopped, overloaded or unreachable")]
+    Idle(Duration),
     #[error("timed out after {0:?} connecting to {1}")]
     Timeout(Duration, String),
     #[error("invalid address {0:?}: expected tcp://HOST:PORT")]
@@ -99,11 +103,20 @@ pub struct FrameReader<R> {
     inner: BufReader<R>,
     /// Bytes read so far (for byte counters).
     pub bytes_read: u64,
+    /// Give up on a batch when nothing arrives for this long.
+    idle: Option<Duration>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(r: R) -> Self {
-        FrameReader { inner: BufReader::with_capacity(64 * 1024, r), bytes_read: 0 }
+        FrameReader { inner: BufReader::with_capacity(64 * 1024, r), bytes_read: 0, idle: None }
+    }
+
+    /// Fail a read with [`CommError::Idle`] when no byte arrives for
+    /// `idle` (`None`: wait as long as it takes, for long-lived links whose
+    /// peer may rightly stay quiet).
+    pub fn set_idle_timeout(&mut self, idle: Option<Duration>) {
+        self.idle = idle;
     }
 
     /// Read the 4 magic bytes a connection starts with.
@@ -127,8 +140,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self,
         limits: Limits,
     ) -> Result<Vec<Envelope<M>>, CommError> {
+        let idle = self.idle;
         let mut n = [0u8; 4];
-        read_exact_or_closed(&mut self.inner, &mut n).await?;
+        within(idle, read_exact_or_closed(&mut self.inner, &mut n)).await?;
         let nframes = u32::from_le_bytes(n);
         if nframes == 0 || nframes > limits.frames {
             return Err(CommError::Malformed(format!("frame count {nframes} (at most {} here)", limits.frames)));
@@ -137,7 +151,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let mut total: u64 = 0;
         for i in 0..nframes {
             let mut l = [0u8; 8];
-            self.inner.read_exact(&mut l).await?;
+            within(idle, async { Ok(self.inner.read_exact(&mut l).await?) }).await?;
             let len = u64::from_le_bytes(l);
             let cap = if i == 0 { limits.header_bytes } else { limits.frame_bytes };
             if len > cap {
@@ -154,11 +168,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let mut frames = Vec::with_capacity(lens.len());
         for &len in &lens {
             let frame = if len < OWN_ALLOCATION {
-                read_into(&mut self.inner, &mut small_buf, len as usize).await?;
+                read_into(&mut self.inner, &mut small_buf, len as usize, idle).await?;
                 small_buf.split_to(len as usize).freeze()
             } else {
                 let mut own = BytesMut::new();
-                read_into(&mut self.inner, &mut own, len as usize).await?;
+                read_into(&mut self.inner, &mut own, len as usize, idle).await?;
                 own.freeze()
             };
             frames.push(frame);
@@ -202,7 +216,23 @@ async fn read_exact_or_closed<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -
     }
 }
 
-async fn read_into<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, len: usize) -> Result<(), CommError> {
+/// `fut`, failing with [`CommError::Idle`] if it takes longer than `idle`.
+async fn within<T>(
+    idle: Option<Duration>,
+    fut: impl std::future::Future<Output = Result<T, CommError>>,
+) -> Result<T, CommError> {
+    match idle {
+        None => fut.await,
+        Some(d) => tokio::time::timeout(d, fut).await.unwrap_or(Err(CommError::Idle(d))),
+    }
+}
+
+async fn read_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+    idle: Option<Duration>,
+) -> Result<(), CommError> {
     let start = buf.len();
     let target = start + len;
     while buf.len() < target {
@@ -214,7 +244,7 @@ async fn read_into<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, len: usi
             buf.reserve(want.min(got.max(UPFRONT as usize)));
         }
         let mut limited = (&mut *r).take(want as u64);
-        let got = limited.read_buf(buf).await?;
+        let got = within(idle, async { Ok(limited.read_buf(buf).await?) }).await?;
         if got == 0 {
             return Err(CommError::Closed);
         }
@@ -328,8 +358,23 @@ pub struct Connection {
     pub peer_name: String,
 }
 
+/// TCP gives up on a connection whose sent data stays unacknowledged this
+/// long, and keepalive probes find a silent dead host in about as long.
+pub const TCP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Data exchanges (fetching results, storing data) fail when the peer sends
+/// nothing for this long (distributed's `comm.timeouts.tcp`).
+pub const EXCHANGE_IDLE: Duration = Duration::from_secs(30);
+
 fn prepare(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(5);
+    let _ = sock.set_tcp_keepalive(&probes);
+    let _ = sock.set_tcp_user_timeout(Some(TCP_TIMEOUT));
 }
 
 /// How long a peer that opened a connection has to complete the handshake.
@@ -391,7 +436,7 @@ pub async fn connect(
         match reply {
             Some(Handshake::Welcome { server, .. }) => Ok(Connection { reader, writer, peer_name: server }),
             Some(Handshake::Refused { reason }) => Err(CommError::Refused(reason)),
-            other => Err(CommError::Refused(format!("not a dask-rs server (unexpected reply {other:?})"))),
+            other => Err(CommError::Refused(format!("not a dask-rs server (unexpected reply {})", brief(&other)))),
         }
     };
     match tokio::time::timeout(timeout, fut).await {
@@ -425,7 +470,7 @@ pub async fn accept(
         let (protocol, role, name, client_nonce) =
             match first_message(reader.read_batch_within::<Handshake>(Limits::HANDSHAKE).await?) {
                 Some(Handshake::Hello { protocol, role, name, nonce }) => (protocol, role, name, nonce),
-                other => return Err(CommError::Malformed(format!("expected Hello, got {other:?}"))),
+                other => return Err(CommError::Malformed(format!("expected Hello, got {}", brief(&other)))),
             };
         if protocol != PROTOCOL_VERSION {
             return Err(CommError::Version { ours: PROTOCOL_VERSION, theirs: protocol });
@@ -606,6 +651,8 @@ pub fn spawn_counting_writer<M: Serialize + Send + Sync + 'static>(
 pub struct ConnectionPool {
     role: Role,
     security: Security,
+    /// Longest silence of a peer during an exchange.
+    silence: Duration,
     name: String,
     timeout: Duration,
     idle: std::sync::Mutex<rustc_hash::FxHashMap<String, Vec<Connection>>>,
@@ -620,12 +667,20 @@ impl ConnectionPool {
         ConnectionPool {
             role,
             security,
+            silence: EXCHANGE_IDLE,
             name: name.to_string(),
             timeout,
             idle: Default::default(),
             bytes_in: Default::default(),
             bytes_out: Default::default(),
         }
+    }
+
+    /// Fail a data exchange whose peer sends nothing for `idle` (default
+    /// [`EXCHANGE_IDLE`]); `run` requests wait as long as the function runs.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.silence = idle;
+        self
     }
 
     /// Send `request` to `addr` and return the reply.
@@ -635,6 +690,8 @@ impl ConnectionPool {
             Some(c) => c,
             None => connect(addr, self.role, &self.name, self.timeout, &self.security).await?,
         };
+        let quiet_ok = matches!(request.msg, DataRequest::RunFunction { .. });
+        conn.reader.set_idle_timeout(if quiet_ok { None } else { Some(self.silence) });
         let (w0, r0) = (conn.writer.bytes_written, conn.reader.bytes_read);
         conn.writer.write_batch(std::slice::from_ref(&request)).await?;
         let mut reply = conn.reader.read_batch().await?;
@@ -705,7 +762,7 @@ mod tests {
         a.write_all(&[1u8; 32]).await.unwrap();
         drop(a);
         let mut buf = BytesMut::new();
-        assert!(matches!(read_into(&mut BufReader::new(b), &mut buf, 8 << 30).await, Err(CommError::Closed)));
+        assert!(matches!(read_into(&mut BufReader::new(b), &mut buf, 8 << 30, None).await, Err(CommError::Closed)));
         assert!(buf.capacity() <= UPFRONT as usize, "reserved {} bytes", buf.capacity());
     }
 
@@ -716,6 +773,18 @@ mod tests {
         a.write_all(&(1u64 << 20).to_le_bytes()).await.unwrap();
         let mut r = FrameReader::new(b);
         assert!(matches!(r.read_batch_within::<Handshake>(Limits::HANDSHAKE).await, Err(CommError::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn sockets_get_keepalive_and_a_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        prepare(&stream);
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(10));
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(TCP_TIMEOUT));
+        assert!(sock.tcp_nodelay().unwrap());
     }
 
     #[test]

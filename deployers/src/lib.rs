@@ -255,7 +255,15 @@ pub enum Owned {
     Process { name: String, pid: u32, start_time: u64 },
     /// A worker process on another host, found there by its unique `--name`;
     /// `ssh` is the command prefix (with the destination) that reaches it.
-    Remote { name: String, host: String, ssh: Vec<String> },
+    /// `tag` is the cluster's random tag in the worker's environment
+    /// (`DASK_RS_CLUSTER_TAG`), so only this cluster's processes match.
+    Remote {
+        name: String,
+        host: String,
+        ssh: Vec<String>,
+        #[serde(default)]
+        tag: String,
+    },
     /// A batch job.
     Job { name: String, system: batch::System, id: String },
 }
@@ -281,8 +289,8 @@ pub fn cleanup(owned: &[Owned]) -> Vec<String> {
             errors.push(format!("{} jobs {}: {e}", system.name(), ids.join(", ")));
         }
     }
-    for (ssh, names) in remote_groups(owned) {
-        if let Err(e) = ssh::stop_remote(&ssh, &names, std::time::Duration::from_secs(10)) {
+    for ((ssh, tag), names) in remote_groups(owned) {
+        if let Err(e) = ssh::stop_remote(&ssh, &tag, &names, std::time::Duration::from_secs(10)) {
             errors.push(format!("{} on {}: {e}", names.join(", "), ssh.last().map_or("?", String::as_str)));
         }
     }
@@ -309,10 +317,14 @@ fn job_groups(owned: &[Owned]) -> Vec<(batch::System, Vec<String>)> {
     }))
 }
 
-/// Remote workers grouped by the ssh command that reaches their host.
-fn remote_groups(owned: &[Owned]) -> Vec<(Vec<String>, Vec<String>)> {
+/// The ssh command that reaches a host, and a cluster's tag.
+type RemoteGroup = (Vec<String>, String);
+
+/// Remote workers grouped by the ssh command that reaches their host and
+/// their cluster's tag.
+fn remote_groups(owned: &[Owned]) -> Vec<(RemoteGroup, Vec<String>)> {
     group(owned.iter().filter_map(|o| match o {
-        Owned::Remote { name, ssh, .. } => Some((ssh.clone(), name.clone())),
+        Owned::Remote { name, ssh, tag, .. } => Some(((ssh.clone(), tag.clone()), name.clone())),
         _ => None,
     }))
 }
@@ -340,9 +352,9 @@ pub fn any_alive(owned: &[Owned]) -> Vec<String> {
             Err(e) => alive.push(format!("{system_name} jobs {}: cannot check ({e})", ids.join(", "))),
         }
     }
-    for (ssh, names) in remote_groups(owned) {
+    for ((ssh, tag), names) in remote_groups(owned) {
         let host = ssh.last().cloned().unwrap_or_default();
-        match ssh::signal_remote(&ssh, &names, "0") {
+        match ssh::signal_remote(&ssh, &tag, &names, "0") {
             Ok(found) => alive.extend(found.into_iter().map(|(n, pid)| format!("{n} (pid {pid} on {host})"))),
             Err(e) => alive.push(format!("{} on {host}: cannot check ({e})", names.join(", "))),
         }

@@ -19,9 +19,10 @@ use crate::{last_line, sh_quote, Backend, BackendError, Deployer, Owned, WorkerO
 const MARKER: &str = "dask-rs: worker pid ";
 
 /// Lists (signal 0) or signals the worker processes named in "$@" and prints
-/// "NAME PID" for each; TERM is followed by CONT so that a stopped worker
+/// "NAME PID" for each; only processes of this user whose environment holds
+/// `DASK_RS_CLUSTER_TAG=$2` (an empty tag: any of this user's processes); TERM is followed by CONT so that a stopped worker
 /// acts on it. One line, so that any login shell passes it to sh.
-const SIGNAL_SCRIPT: &str = r#"sig=$1; shift; me=$$; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$me" ] && continue; c=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue; for n in "$@"; do case "$c" in *" dask_rs worker "*" --name $n "*) if [ "$sig" = 0 ] || kill -"$sig" "$p" 2>/dev/null; then echo "$n $p"; [ "$sig" = TERM ] && kill -CONT "$p" 2>/dev/null; fi;; esac; done; done"#;
+const SIGNAL_SCRIPT: &str = r#"sig=$1; tag=$2; shift 2; me=$$; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$me" ] && continue; [ -O "$d" ] || continue; if [ -n "$tag" ]; then tr '\0' '\n' < "$d/environ" 2>/dev/null | grep -qx "DASK_RS_CLUSTER_TAG=$tag" || continue; fi; c=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue; for n in "$@"; do case "$c" in *" dask_rs worker "*" --name $n "*) if [ "$sig" = 0 ] || kill -"$sig" "$p" 2>/dev/null; then echo "$n $p"; [ "$sig" = TERM ] && kill -CONT "$p" 2>/dev/null; fi;; esac; done; done"#;
 
 /// The `ssh` command prefix reaching `host`: the user's arguments first (the
 /// first value of an option wins), then ours.
@@ -34,6 +35,11 @@ pub fn ssh_prefix(options: &WorkerOptions, host: &str) -> Vec<String> {
     }
     argv.push(host.to_string());
     argv
+}
+
+/// A fresh random cluster tag (32 hex digits).
+fn new_tag() -> String {
+    cluster::security::Security::nonce().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `ssh ... HOST` running `script` under `/bin/sh` with `args` as "$@".
@@ -54,8 +60,8 @@ fn host_of(ssh: &[String]) -> &str {
 
 /// Send `sig` ("TERM", "KILL", or "0" to only look) to the named workers on
 /// the host; returns the (name, pid) pairs found.
-pub fn signal_remote(ssh: &[String], names: &[String], sig: &str) -> Result<Vec<(String, u32)>, String> {
-    let mut args = vec![sig.to_string()];
+pub fn signal_remote(ssh: &[String], tag: &str, names: &[String], sig: &str) -> Result<Vec<(String, u32)>, String> {
+    let mut args = vec![sig.to_string(), tag.to_string()];
     args.extend(names.iter().cloned());
     let out = remote(ssh, SIGNAL_SCRIPT, &args).output().map_err(|e| format!("cannot run {}: {e}", ssh[0]))?;
     if !out.status.success() {
@@ -77,20 +83,20 @@ pub fn signal_remote(ssh: &[String], names: &[String], sig: &str) -> Result<Vec<
 
 /// SIGTERM the named workers, wait up to `grace` for them to exit, SIGKILL
 /// what is left; fails if any is still there.
-pub fn stop_remote(ssh: &[String], names: &[String], grace: Duration) -> Result<(), String> {
+pub fn stop_remote(ssh: &[String], tag: &str, names: &[String], grace: Duration) -> Result<(), String> {
     if names.is_empty() {
         return Ok(());
     }
-    let mut left = signal_remote(ssh, names, "TERM")?;
+    let mut left = signal_remote(ssh, tag, names, "TERM")?;
     let deadline = Instant::now() + grace;
     while !left.is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(300));
-        left = signal_remote(ssh, names, "0")?;
+        left = signal_remote(ssh, tag, names, "0")?;
     }
     if !left.is_empty() {
-        signal_remote(ssh, names, "KILL")?;
+        signal_remote(ssh, tag, names, "KILL")?;
         std::thread::sleep(Duration::from_millis(300));
-        left = signal_remote(ssh, names, "0")?;
+        left = signal_remote(ssh, tag, names, "0")?;
     }
     if left.is_empty() {
         Ok(())
@@ -149,6 +155,9 @@ pub struct SshBackend {
     /// The cluster's token, written to each worker's shell on its standard
     /// input (the remote host need not share our files).
     token: Option<String>,
+    /// Random per cluster, in every worker's environment, so that `down`
+    /// signals this cluster's workers and nothing that merely looks alike.
+    tag: String,
 }
 
 impl SshBackend {
@@ -169,6 +178,7 @@ impl SshBackend {
             log_dir,
             workers: Children::new(prefix),
             token: None,
+            tag: new_tag(),
         })
     }
 
@@ -189,6 +199,7 @@ impl SshBackend {
                 t = cluster::security::TOKEN_ENV
             ));
         }
+        lines.push(format!("export DASK_RS_CLUSTER_TAG={}", self.tag));
         lines.extend(self.options.prologue.iter().cloned());
         if self.options.contact_address.is_none() && cluster::comm::is_wildcard_address(&self.scheduler) {
             let port = crate::port_of(&self.scheduler).unwrap_or(8786);
@@ -245,7 +256,8 @@ impl Backend for SshBackend {
         hosts.dedup();
         for host in hosts {
             let on_host: Vec<String> = gone.iter().filter(|w| &w.host == host).map(|w| w.name.clone()).collect();
-            if let Err(e) = stop_remote(&ssh_prefix(&self.options, host), &on_host, Duration::from_secs(10)) {
+            if let Err(e) = stop_remote(&ssh_prefix(&self.options, host), &self.tag, &on_host, Duration::from_secs(10))
+            {
                 errors.push(format!("{host}: {e}"));
             }
         }
@@ -295,6 +307,7 @@ impl Deployer for SshBackend {
                 name: w.name.clone(),
                 host: w.host.clone(),
                 ssh: ssh_prefix(&self.options, &w.host),
+                tag: self.tag.clone(),
             })
             .collect()
     }
@@ -317,7 +330,10 @@ mod tests {
         let b = SshBackend::new(opts.clone(), "tcp://0.0.0.0:8786", "c", PathBuf::from("/tmp")).unwrap();
         assert_eq!(
             b.start_script("c-0"),
-            r#"module load python; ip=${SSH_CONNECTION%% *}; case $ip in *:*) ip="[$ip]";; esac; addr=tcp://$ip:8786; echo "dask-rs: worker pid $$ on $(hostname)"; exec '/opt/my env/python' -m dask_rs worker "$addr" --name c-0 --nthreads 2 --x 'it'\''s'"#
+            format!(
+                r#"export DASK_RS_CLUSTER_TAG={}; module load python; ip=${{SSH_CONNECTION%% *}}; case $ip in *:*) ip="[$ip]";; esac; addr=tcp://$ip:8786; echo "dask-rs: worker pid $$ on $(hostname)"; exec '/opt/my env/python' -m dask_rs worker "$addr" --name c-0 --nthreads 2 --x 'it'\''s'"#,
+                b.tag
+            )
         );
         let b = SshBackend::new(
             WorkerOptions { contact_address: Some("10.0.0.1".into()), ..opts.clone() },
@@ -340,25 +356,46 @@ mod tests {
     }
 
     #[test]
-    fn signal_script_runs_under_sh_and_finds_workers_by_name() {
+    fn signal_script_runs_under_sh_and_finds_workers_by_name_and_tag() {
         // Run the script locally with sh in place of ssh: a process whose
-        // command line looks like a worker's is found by its name only.
-        let mut fake = Command::new("sh")
-            .args(["-c", "while :; do sleep 0.1; done", "x", "-m", "dask_rs", "worker", "tcp://h:1", "--name", "zz-3"])
-            .arg("--nthreads=1")
-            .spawn()
-            .unwrap();
-        let run = |names: &[&str], sig: &str| {
-            let mut args = vec![sig.to_string()];
+        // command line looks like a worker's is found by its name, and only
+        // with its cluster's tag in its environment.
+        let spawn = |name: &str, tag: &str| {
+            Command::new("sh")
+                .args([
+                    "-c",
+                    "while :; do sleep 0.1; done",
+                    "x",
+                    "-m",
+                    "dask_rs",
+                    "worker",
+                    "tcp://h:1",
+                    "--name",
+                    name,
+                ])
+                .arg("--nthreads=1")
+                .env("DASK_RS_CLUSTER_TAG", tag)
+                .spawn()
+                .unwrap()
+        };
+        let mut ours = spawn("zz-3", "t1");
+        let mut lookalike = spawn("zz-4", "other");
+        let run = |tag: &str, names: &[&str], sig: &str| {
+            let mut args = vec![sig.to_string(), tag.to_string()];
             args.extend(names.iter().map(|n| n.to_string()));
             let out = Command::new("sh").arg("-c").arg(SIGNAL_SCRIPT).arg("sh").args(&args).output().unwrap();
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
-        let listed = run(&["zz-3", "zz-30"], "0");
-        assert_eq!(listed.trim(), format!("zz-3 {}", fake.id()));
-        assert_eq!(run(&["zz-"], "0").trim(), "", "names match whole words only");
-        run(&["zz-3"], "TERM");
-        assert!(fake.wait().unwrap().code().is_none(), "killed by the signal");
+        let listed = run("t1", &["zz-3", "zz-30"], "0");
+        assert_eq!(listed.trim(), format!("zz-3 {}", ours.id()));
+        assert_eq!(run("t1", &["zz-"], "0").trim(), "", "names match whole words only");
+        assert_eq!(run("t1", &["zz-4"], "0").trim(), "", "another cluster's tag does not match");
+        assert_eq!(run("", &["zz-4"], "0").trim(), format!("zz-4 {}", lookalike.id()), "no tag: by name");
+        run("t1", &["zz-3", "zz-4"], "TERM");
+        assert!(ours.wait().unwrap().code().is_none(), "killed by the signal");
+        assert!(lookalike.try_wait().unwrap().is_none(), "the look-alike lives on");
+        lookalike.kill().unwrap();
+        lookalike.wait().unwrap();
     }
 
     #[test]

@@ -81,6 +81,9 @@ def run_function(call):
         return (False, dump_exception(e))
 
 
+_uploads: str | None = None
+
+
 def install_uploaded_file(filename: str, data: bytes, load: bool = True):
     """Save an uploaded file where this process imports from and (re)load it."""
     import importlib
@@ -88,8 +91,16 @@ def install_uploaded_file(filename: str, data: bytes, load: bool = True):
 
     if os.path.basename(filename) != filename or not filename:
         raise ValueError(f"not a plain file name: {filename!r}")
-    directory = os.path.join(tempfile.gettempdir(), f"dask-rs-uploads-{os.getpid()}")
-    os.makedirs(directory, exist_ok=True)
+    global _uploads
+    if _uploads is None:
+        # Private (0700) and unpredictable: it is on the import path, so a
+        # directory another user could create first must not be used.
+        _uploads = tempfile.mkdtemp(prefix="dask-rs-uploads-")
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, _uploads, True)
+    directory = _uploads
     path = os.path.join(directory, filename)
     with open(path, "wb") as f:
         f.write(data)

@@ -246,6 +246,20 @@ def test_upload_file_makes_a_module_importable_by_tasks(client, tmp_path):
     client.upload_file(str(mod))  # a new version replaces the old one
     assert client.submit(use, 1, pure=False).result(timeout=10) == 30
 
+    def where(_):
+        import os
+
+        import uploaded_helper_mod
+
+        d = os.path.dirname(uploaded_helper_mod.__file__)
+        return d, os.stat(d).st_mode & 0o777, os.getpid()
+
+    # Each worker's upload directory is private and not named after its pid
+    # (a name another user could create first and plant modules in).
+    for d, mode, pid in client.gather(client.map(where, range(6), pure=False)):
+        assert mode == 0o700, (d, oct(mode))
+        assert not d.endswith(f"-{pid}"), d
+
 
 def test_upload_file_reports_a_module_that_fails_to_import(client, tmp_path):
     bad = tmp_path / "uploaded_broken_mod.py"

@@ -8,12 +8,15 @@ import functools
 import json
 import operator
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+from conftest import DASK_CTL
 from dask_rs import Client, LocalCluster, Security
 
 # Workers import functions by reference; a builtin needs no module on their path.
@@ -123,3 +126,59 @@ def test_up_insecure_warns_and_takes_anyone(ctl, tmp_path):
         assert p.returncode == 0 and "connected 1" in p.stdout, p.stderr
     finally:
         ctl("down", "open")
+
+
+def run_ctl(env, *args, timeout=120):
+    return subprocess.run([DASK_CTL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cluster_names_cannot_leave_the_registry(ctl):
+    for verb in (["down"], ["status"], ["scale"], ["logs"], ["snippet"]):
+        args = [*verb, "../x"] + (["1"] if verb == ["scale"] else [])
+        p = ctl(*args, check=False)
+        assert p.returncode != 0 and "invalid cluster name" in p.stderr, (verb, p.stderr)
+
+
+def test_without_home_the_registry_is_not_in_tmp(tmp_path):
+    planted = "/tmp/.local/state/dask-rs/clusters/planted"
+    os.makedirs(planted, exist_ok=True)
+    try:
+        with open(os.path.join(planted, "cluster.json"), "w") as f:
+            json.dump({"name": "planted"}, f)
+        env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_STATE_HOME")}
+        p = run_ctl(env, "status", "planted")
+        assert p.returncode != 0
+        assert "/tmp/.local" not in p.stderr, p.stderr
+    finally:
+        shutil.rmtree("/tmp/.local/state/dask-rs", ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_the_control_socket_refuses_other_users():
+    base = tempfile.mkdtemp(prefix="dask-rs-peercred-")
+    os.chmod(base, 0o755)
+    env = dict(os.environ)
+    env["XDG_STATE_HOME"] = base
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    try:
+        p = run_ctl(env, "up", "--name", "mine", "--workers", "0", "--no-dashboard")
+        assert p.returncode == 0, p.stderr
+        cdir = os.path.join(base, "dask-rs", "clusters", "mine")
+        # Open every lock but the socket's own check.
+        for d in (os.path.join(base, "dask-rs"), os.path.dirname(cdir), cdir):
+            os.chmod(d, 0o755)
+        os.chmod(os.path.join(cdir, "control.sock"), 0o777)
+        code = (
+            "import os, socket, sys\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+            "s.sendall(b'\"Down\"\\n'); print(s.makefile().readline())\n"
+        )
+        other = subprocess.run([sys.executable, "-c", code, os.path.join(cdir, "control.sock")],
+                               capture_output=True, text=True, timeout=30)
+        assert "not the cluster's owner" in other.stdout, (other.stdout, other.stderr)
+        st = run_ctl(env, "status", "mine")
+        assert st.returncode == 0 and "mine" in st.stdout, "the cluster is still up"
+    finally:
+        run_ctl(env, "down", "mine")
+        shutil.rmtree(base, ignore_errors=True)

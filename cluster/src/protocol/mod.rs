@@ -435,6 +435,21 @@ pub enum CoordValue {
     Values(Vec<(Blob, Vec<Key>)>),
 }
 
+/// `value`'s debug form cut to at most 200 characters, for logs and error
+/// messages about unexpected messages (whose payloads can be large).
+pub fn brief(value: &impl std::fmt::Debug) -> String {
+    const MAX: usize = 200;
+    let text = format!("{value:?}");
+    if text.len() <= MAX {
+        return text;
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} characters)", &text[..end], text.len())
+}
+
 /// Dask's `key_split`: the task-group name of a key
 /// (`"('sum-aggregate-1f2e...', 0, 1)"` -> `"sum-aggregate"`).
 pub fn key_split(key: &str) -> String {
@@ -485,6 +500,14 @@ mod tests {
         assert_eq!(key_split("my-task-12"), "my-task");
         assert_eq!(key_split("0123456789abcdef0123456789abcdef"), "data");
         assert_eq!(key_split("hello-world-deadbeef"), "hello-world");
+    }
+
+    #[test]
+    fn brief_cuts_long_messages() {
+        let big = Blob::Inline(Bytes::from(vec![b'x'; 100_000]));
+        let text = brief(&big);
+        assert!(text.len() < 260 && text.ends_with("characters)"), "{text}");
+        assert_eq!(brief(&Role::Peer), "Peer");
     }
 
     #[test]

@@ -529,7 +529,7 @@ fn carry_out<R: Runner>(
                         }
                     }
                     Ok(other) => {
-                        tracing::warn!("unexpected reply from {worker}: {:?}", other.msg);
+                        tracing::warn!("unexpected reply from {worker}: {}", crate::protocol::brief(&other.msg));
                         (Vec::new(), keys)
                     }
                     Err(e) => {

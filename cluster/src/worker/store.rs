@@ -129,7 +129,7 @@ impl<V> Store<V> {
     pub fn write_spill(&self, key: &Key, frames: &[Bytes]) -> Option<PathBuf> {
         let n = self.files.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("{n}.spill"));
-        match std::fs::create_dir_all(&self.dir).and_then(|_| write_frames(&path, frames)) {
+        match private_dir(&self.dir).and_then(|_| write_frames(&path, frames)) {
             Ok(()) => Some(path),
             Err(e) => {
                 tracing::warn!("cannot spill {key} to {path:?}: {e}");
@@ -185,6 +185,34 @@ pub fn write_frames(path: &Path, frames: &[Bytes]) -> std::io::Result<()> {
 
 /// Read frames written by [`write_frames`]; a truncated or corrupt file is
 /// an `InvalidData` error.
+/// Make `dir` (its parents as needed) a directory only this user can
+/// enter, or accept it if it already is one; refuse anything else (another
+/// user's directory, one others can write to, a symbolic link), since spill
+/// files are pickles read back into the worker.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(dir)?;
+            // SAFETY: getuid has no preconditions.
+            let ours = meta.uid() == unsafe { libc::getuid() };
+            if meta.is_dir() && ours && meta.mode() & 0o077 == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{} exists and is not a private directory of this user", dir.display()),
+                ))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn read_frames(path: &Path) -> std::io::Result<Vec<Bytes>> {
     let data = Bytes::from(std::fs::read(path)?);
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("corrupt spill file {path:?}"));
@@ -235,6 +263,33 @@ mod tests {
         assert_eq!(store.len(), 1);
         drop(store);
         assert!(!d.exists(), "the spill directory goes with the store");
+    }
+
+    #[test]
+    fn spill_directories_are_private_and_planted_ones_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("private");
+        let store: Store<Bytes> = Store::new(d.clone());
+        store.insert("a".into(), Bytes::from_static(b"alpha"));
+        assert!(store.spill(&"a".to_string(), Bytes::clone, |v| Ok(vec![v])));
+        assert_eq!(std::fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        drop(store);
+        // Someone else made the directory first, open to all: no spilling there.
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let store: Store<Bytes> = Store::new(d.clone());
+        store.insert("a".into(), Bytes::from_static(b"alpha"));
+        assert!(!store.spill(&"a".to_string(), Bytes::clone, |v| Ok(vec![v])), "refused");
+        assert!(store.in_memory(&"a".to_string(), |v| v.clone()).is_some(), "the value stays in memory");
+        drop(store);
+        // A symbolic link in its place.
+        let target = dir("private-target");
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(&target, &d).unwrap();
+        assert!(private_dir(&d).is_err(), "a link is not accepted");
+        std::fs::remove_file(&d).unwrap();
+        std::fs::remove_dir_all(&target).unwrap();
     }
 
     #[test]
