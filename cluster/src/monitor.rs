@@ -108,6 +108,9 @@ impl Model {
             }
             self.stream.push_back(r);
         }
+        for name in &u.groups_removed {
+            self.groups.remove(name);
+        }
         for g in u.groups {
             self.groups.insert(g.name.clone(), g);
         }

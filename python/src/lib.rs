@@ -731,6 +731,7 @@ fn events_to_py<'py>(py: Python<'py>, u: &EventsUpdate) -> PyResult<Bound<'py, P
     d.set_item("time", u.time)?;
     d.set_item("ntasks", u.ntasks)?;
     d.set_item("stream_dropped", u.stream_dropped)?;
+    d.set_item("groups_removed", &u.groups_removed)?;
     let stream = PyList::empty(py);
     for r in &u.stream {
         stream.append(record_to_py(py, r)?)?;

@@ -338,6 +338,10 @@ pub struct EventsUpdate {
     pub stream_dropped: u64,
     /// Task groups whose counts changed (all groups in a snapshot).
     pub groups: Vec<GroupCounts>,
+    /// Task groups forgotten since the previous update (all their tasks
+    /// were forgotten); applied before `groups`, which may bring one back.
+    #[serde(default)]
+    pub groups_removed: Vec<String>,
     /// Current state of every worker.
     pub workers: Vec<WorkerInfo>,
     /// Total tasks known to the scheduler.

@@ -157,7 +157,7 @@ impl SchedulerState {
         let groups = self
             .groups
             .iter()
-            .filter(|g| !cursor.started || g.changed_at > cursor.version_seen)
+            .filter(|g| !g.name.is_empty() && (!cursor.started || g.changed_at > cursor.version_seen))
             .map(|g| GroupCounts {
                 name: g.name.clone(),
                 released: g.counts[TaskState::Released.index()],
@@ -173,6 +173,11 @@ impl SchedulerState {
                 dependencies: g.deps.iter().map(|&d| self.groups[d as usize].name.clone()).collect(),
             })
             .collect();
+        let groups_removed = if cursor.started {
+            self.removed_groups.iter().filter(|(v, _)| *v > cursor.version_seen).map(|(_, n)| n.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let load = self.load();
         cursor.stream_seen = self.stream_total;
         cursor.version_seen = self.version;
@@ -182,6 +187,7 @@ impl SchedulerState {
             stream,
             stream_dropped: dropped,
             groups,
+            groups_removed,
             workers: self.worker_infos_with(&load),
             ntasks: self.keys.len() as u64,
             nclients: self.nclients() as u64,

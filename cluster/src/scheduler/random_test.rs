@@ -229,6 +229,7 @@ impl World {
             }
             65..=69 => {
                 self.s.balance();
+                self.s.forget_empty_groups();
                 self.deliver();
                 while let Some((v, k)) = self.steals.pop() {
                     let stolen = self.rng.chance(70) && self.running.get_mut(&v).is_some_and(|r| r.remove(&k));

@@ -156,6 +156,10 @@ impl SchedulerState {
             generation,
             groups,
             group_ids,
+            free_groups,
+            emptied_groups,
+            removed_groups,
+            learned: _,
             stream,
             stream_total: _,
             version,
@@ -179,10 +183,18 @@ impl SchedulerState {
         queue.clear();
         no_worker.clear();
         *generation = 0;
-        groups.clear();
-        group_ids.clear();
-        stream.clear();
+        // Subscribers hear that every group is gone.
         *version += 1;
+        for g in groups.drain(..).filter(|g| !g.name.is_empty()) {
+            removed_groups.push_back((*version, g.name));
+        }
+        while removed_groups.len() > 10_000 {
+            removed_groups.pop_front();
+        }
+        group_ids.clear();
+        free_groups.clear();
+        emptied_groups.clear();
+        stream.clear();
         datasets.clear();
         retirements.clear();
         replicating.clear();

@@ -405,6 +405,7 @@ impl Core {
         let t = now();
         self.state.coordination_tick(t);
         self.state.balance();
+        self.state.forget_empty_groups();
         let mut due = Vec::new();
         for (&peer, sub) in self.subs.iter_mut() {
             if now_i >= sub.next {

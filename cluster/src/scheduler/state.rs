@@ -120,8 +120,19 @@ pub struct SchedulerState {
     pub(super) queue: BTreeSet<(Priority, TaskId)>,
     pub(super) no_worker: BTreeSet<(Priority, TaskId)>,
     pub(super) generation: u64,
+    /// Task groups by id; a slot with an empty name is free (its group was
+    /// forgotten) and listed in `free_groups`.
     pub(super) groups: Vec<Group>,
     pub(super) group_ids: FxHashMap<String, u32>,
+    pub(super) free_groups: Vec<u32>,
+    /// Groups whose last task was forgotten since the last sweep.
+    pub(super) emptied_groups: Vec<u32>,
+    /// Names of forgotten groups with the version they went at, for
+    /// subscribers (bounded: the oldest go first).
+    pub(super) removed_groups: VecDeque<(u64, String)>,
+    /// Run times learned by forgotten groups (sum, count), so a group that
+    /// comes back starts from them (bounded).
+    pub(super) learned: FxHashMap<String, (f64, u64)>,
     pub(super) stream: VecDeque<TaskStreamRecord>,
     pub(super) stream_total: u64,
     pub(super) version: u64,
@@ -155,6 +166,10 @@ impl SchedulerState {
             generation: 0,
             groups: Vec::new(),
             group_ids: FxHashMap::default(),
+            free_groups: Vec::new(),
+            emptied_groups: Vec::new(),
+            removed_groups: VecDeque::new(),
+            learned: FxHashMap::default(),
             stream: VecDeque::new(),
             stream_total: 0,
             version: 0,
@@ -205,18 +220,80 @@ impl SchedulerState {
         if let Some(&g) = self.group_ids.get(&name) {
             return g;
         }
-        let g = self.groups.len() as u32;
-        self.groups.push(Group {
+        let (duration_sum, duration_n) = self.learned.remove(&name).unwrap_or((0.0, 0));
+        let group = Group {
             name: name.clone(),
             counts: [0; 8],
             nbytes: 0,
             changed_at: 0,
-            duration_sum: 0.0,
-            duration_n: 0,
+            duration_sum,
+            duration_n,
             deps: Vec::new(),
-        });
+        };
+        let g = match self.free_groups.pop() {
+            Some(g) => {
+                self.groups[g as usize] = group;
+                g
+            }
+            None => {
+                self.groups.push(group);
+                (self.groups.len() - 1) as u32
+            }
+        };
         self.group_ids.insert(name, g);
         g
+    }
+
+    /// Forget the groups whose tasks are all forgotten: their slots are
+    /// reused, subscribers hear of their removal, and what they learned of
+    /// run times is kept by name (bounded) for when they come back.
+    pub fn forget_empty_groups(&mut self) {
+        const KEEP: usize = 10_000;
+        let forgotten = TaskState::Forgotten.index();
+        let mut removed = Vec::new();
+        for g in std::mem::take(&mut self.emptied_groups) {
+            let grp = &mut self.groups[g as usize];
+            let live: u64 = (0..8).filter(|&s| s != forgotten).map(|s| grp.counts[s]).sum();
+            if live > 0 || grp.name.is_empty() {
+                continue;
+            }
+            let name = std::mem::take(&mut grp.name);
+            let learned = (grp.duration_sum, grp.duration_n);
+            *grp = Group {
+                name: String::new(),
+                counts: [0; 8],
+                nbytes: 0,
+                changed_at: 0,
+                duration_sum: 0.0,
+                duration_n: 0,
+                deps: Vec::new(),
+            };
+            self.group_ids.remove(&name);
+            if learned.1 > 0 {
+                if self.learned.len() >= KEEP {
+                    self.learned.clear();
+                }
+                self.learned.insert(name.clone(), learned);
+            }
+            self.version += 1;
+            self.removed_groups.push_back((self.version, name));
+            if self.removed_groups.len() > KEEP {
+                self.removed_groups.pop_front();
+            }
+            self.free_groups.push(g);
+            removed.push(g);
+        }
+        if !removed.is_empty() {
+            removed.sort_unstable();
+            for grp in &mut self.groups {
+                grp.deps.retain(|d| removed.binary_search(d).is_err());
+            }
+        }
+    }
+
+    /// Number of task groups the scheduler holds.
+    pub fn ngroups(&self) -> usize {
+        self.group_ids.len()
     }
 
     /// Move `id` to `new`, keeping group counts and dependencies' waiter
@@ -235,6 +312,12 @@ impl SchedulerState {
         g.counts[old.index()] = g.counts[old.index()].saturating_sub(1);
         g.counts[new.index()] += 1;
         g.changed_at = version;
+        if new == TaskState::Forgotten {
+            let forgotten = TaskState::Forgotten.index();
+            if (0..8).all(|s| s == forgotten || g.counts[s] == 0) {
+                self.emptied_groups.push(group);
+            }
+        }
         self.tm(id).state = new;
         match (old.is_active(), new.is_active()) {
             (false, true) => {

@@ -49,6 +49,7 @@ checked_events! {
         fn remove_client(peer: PeerId);
         fn add_worker(peer: PeerId, reg: Registration) -> Result<(), String>;
         fn remove_worker(peer: PeerId);
+        fn forget_empty_groups();
         fn update_graph(client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>);
         fn want_keys(client: PeerId, keys: Vec<Key>);
         fn scatter_done(client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>);
@@ -851,4 +852,35 @@ fn a_dependency_listed_twice_is_one_dependency() {
     assert_eq!(s.task_state("b"), Some(TaskState::Memory));
     s.release_keys(C1, &["b".into()]);
     assert_eq!(s.ntasks(), 0, "both forgotten once released");
+}
+
+#[test]
+fn groups_without_tasks_are_forgotten_and_subscribers_told() {
+    let mut s = with_workers(1);
+    let mut cursor = crate::scheduler::EventCursor::default();
+    let _ = s.events_since(&mut cursor, 0.0);
+    let keys: Vec<String> = (0..50).map(|i| format!("grp{i}x")).collect();
+    let specs = keys.iter().map(|k| spec(k, &[])).collect();
+    s.update_graph(C1, specs, keys.clone());
+    assert_eq!(s.ngroups(), 50);
+    for _ in 0..50 {
+        for (w, k) in computes(&mut s) {
+            finish(&mut s, w, &k, 8);
+        }
+    }
+    s.release_keys(C1, &keys);
+    assert_eq!(s.ntasks(), 0);
+    s.forget_empty_groups();
+    assert_eq!(s.ngroups(), 0, "no group is left once its tasks are forgotten");
+    let u = s.events_since(&mut cursor, 1.0);
+    assert_eq!(u.groups_removed.len(), 50);
+    assert!(u.groups.is_empty());
+    // A group that comes back reuses a slot and starts from what it learned.
+    s.update_graph(C1, vec![spec("grp7x", &[])], vec!["grp7x".into()]);
+    assert_eq!(s.ngroups(), 1);
+    assert!(s.groups.len() <= 50, "slots are reused");
+    let g = &s.groups[s.group_ids["grp7x"] as usize];
+    assert_eq!(g.duration_n, 1, "learned run times survive");
+    let u = s.events_since(&mut cursor, 2.0);
+    assert_eq!(u.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), ["grp7x"]);
 }

@@ -100,7 +100,7 @@ impl SchedulerState {
         if live != self.keys.len() || self.queue.len() + self.no_worker.len() > live {
             return Err(format!("{} tasks but {} keys", live, self.keys.len()));
         }
-        for (gi, g) in self.groups.iter().enumerate() {
+        for (gi, g) in self.groups.iter().enumerate().filter(|(_, g)| !g.name.is_empty()) {
             let c = counts.get(&(gi as u32)).copied().unwrap_or([0; 8]);
             let forgotten = TaskState::Forgotten.index();
             if (0..8).any(|s| s != forgotten && c[s] != g.counts[s]) {
