@@ -145,7 +145,9 @@ impl SchedulerState {
 
     /// Add a released task to the table, the key index and its group's counts.
     pub(super) fn insert_task(&mut self, task: Task) -> TaskId {
-        self.groups[task.group as usize].counts[TaskState::Released.index()] += 1;
+        let g = &mut self.groups[task.group as usize];
+        g.counts[TaskState::Released.index()] += 1;
+        g.live += 1;
         let key = task.key.clone();
         let id = match self.free_ids.pop() {
             Some(id) => {

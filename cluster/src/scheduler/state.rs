@@ -224,6 +224,7 @@ impl SchedulerState {
         let group = Group {
             name: name.clone(),
             counts: [0; 8],
+            live: 0,
             nbytes: 0,
             changed_at: 0,
             duration_sum,
@@ -249,12 +250,10 @@ impl SchedulerState {
     /// run times is kept by name (bounded) for when they come back.
     pub fn forget_empty_groups(&mut self) {
         const KEEP: usize = 10_000;
-        let forgotten = TaskState::Forgotten.index();
         let mut removed = Vec::new();
         for g in std::mem::take(&mut self.emptied_groups) {
             let grp = &mut self.groups[g as usize];
-            let live: u64 = (0..8).filter(|&s| s != forgotten).map(|s| grp.counts[s]).sum();
-            if live > 0 || grp.name.is_empty() {
+            if grp.live > 0 || grp.name.is_empty() {
                 continue;
             }
             let name = std::mem::take(&mut grp.name);
@@ -262,6 +261,7 @@ impl SchedulerState {
             *grp = Group {
                 name: String::new(),
                 counts: [0; 8],
+                live: 0,
                 nbytes: 0,
                 changed_at: 0,
                 duration_sum: 0.0,
@@ -313,8 +313,8 @@ impl SchedulerState {
         g.counts[new.index()] += 1;
         g.changed_at = version;
         if new == TaskState::Forgotten {
-            let forgotten = TaskState::Forgotten.index();
-            if (0..8).all(|s| s == forgotten || g.counts[s] == 0) {
+            g.live = g.live.saturating_sub(1);
+            if g.live == 0 {
                 self.emptied_groups.push(group);
             }
         }

@@ -188,6 +188,8 @@ impl Task {
 pub(super) struct Group {
     pub(super) name: String,
     pub(super) counts: [u64; 8],
+    /// Tasks of the group not yet forgotten.
+    pub(super) live: u64,
     pub(super) nbytes: u64,
     pub(super) changed_at: u64,
     /// Sum and number of observed run times, for the mean duration.

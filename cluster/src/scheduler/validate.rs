@@ -103,6 +103,10 @@ impl SchedulerState {
         for (gi, g) in self.groups.iter().enumerate().filter(|(_, g)| !g.name.is_empty()) {
             let c = counts.get(&(gi as u32)).copied().unwrap_or([0; 8]);
             let forgotten = TaskState::Forgotten.index();
+            let live: u64 = (0..8).filter(|&s| s != forgotten).map(|s| c[s]).sum();
+            if live != g.live {
+                return Err(format!("group {}: {} live tasks but it counts {}", g.name, live, g.live));
+            }
             if (0..8).any(|s| s != forgotten && c[s] != g.counts[s]) {
                 return Err(format!("group {}: counts {:?} but tasks say {:?}", g.name, g.counts, c));
             }
