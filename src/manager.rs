@@ -289,8 +289,7 @@ fn same_user(conn: &std::os::unix::net::UnixStream) -> bool {
             &mut len,
         )
     };
-    // SAFETY: getuid has no preconditions.
-    rc == 0 && cred.uid == unsafe { libc::getuid() }
+    rc == 0 && cred.uid == cluster::security::my_uid()
 }
 
 fn serve_control(dir: &Path, tx: SyncSender<Command>) -> Result<()> {

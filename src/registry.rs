@@ -64,7 +64,7 @@ fn home_from_passwd() -> Option<PathBuf> {
     let mut out: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: getpwuid_r writes only into `pw` and `buf` (whose length we
     // pass) and sets `out` to `&pw` on success.
-    let rc = unsafe { libc::getpwuid_r(libc::getuid(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+    let rc = unsafe { libc::getpwuid_r(cluster::security::my_uid(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
     if rc != 0 || out.is_null() || pw.pw_dir.is_null() {
         return None;
     }
@@ -102,11 +102,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 impl ClusterRecord {
     pub fn load(dir: &Path) -> Result<ClusterRecord> {
-        use std::os::unix::fs::MetadataExt;
         let path = dir.join("cluster.json");
         let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-        // SAFETY: getuid has no preconditions.
-        if meta.uid() != unsafe { libc::getuid() } {
+        if !cluster::security::is_mine(&meta) {
             bail!("{} belongs to another user; ignoring it", path.display());
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -194,8 +192,7 @@ pub fn create_private(dir: &Path) -> Result<()> {
             .create(&d)
             .with_context(|| format!("creating {}", d.display()))?;
         let meta = std::fs::metadata(&d)?;
-        // SAFETY: getuid has no preconditions.
-        if meta.uid() != unsafe { libc::getuid() } {
+        if !cluster::security::is_mine(&meta) {
             bail!("{} belongs to another user; refusing to keep cluster credentials there", d.display());
         }
         if meta.mode() & 0o077 != 0 {

@@ -91,8 +91,7 @@ impl Security {
         use std::os::unix::fs::MetadataExt;
         let shown = path.display().to_string();
         let meta = std::fs::metadata(path).map_err(|source| SecurityError::Read { path: shown.clone(), source })?;
-        // SAFETY: getuid has no preconditions.
-        if meta.uid() != unsafe { libc::getuid() } {
+        if !is_mine(&meta) {
             return Err(SecurityError::Owner(shown));
         }
         if meta.mode() & 0o077 != 0 {
@@ -166,6 +165,18 @@ impl Security {
             None => false,
         }
     }
+}
+
+/// This process's user id.
+pub fn my_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Whether the file described by `meta` belongs to this process's user.
+pub fn is_mine(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    meta.uid() == my_uid()
 }
 
 /// Which side of a handshake a proof comes from (so one side's proof cannot

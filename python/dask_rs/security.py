@@ -35,9 +35,9 @@ class Security:
                 "cannot be met"
             )
         if token is not None:
-            token = token.strip()
-            if len(token) != 64 or any(c not in "0123456789abcdefABCDEF" for c in token):
-                raise ValueError("a cluster token is 64 hex digits")
+            from . import _core
+
+            token = _core.check_token(token)
         self.token = token
 
     @classmethod
@@ -49,14 +49,11 @@ class Security:
 
     @classmethod
     def from_file(cls, path) -> Security:
-        """The token in ``path``, which must be private to its owner."""
-        st = os.stat(path)
-        if st.st_uid != os.getuid():
-            raise PermissionError(f"{path} belongs to another user")
-        if st.st_mode & 0o077:
-            raise PermissionError(f"{path} can be read by other users; make it private (chmod 600)")
-        with open(path) as f:
-            return cls(token=f.read())
+        """The token in ``path``, which must be private to its owner
+        (`PermissionError` otherwise)."""
+        from . import _core
+
+        return cls(token=_core.read_token_file(os.fspath(path)))
 
     def __repr__(self) -> str:
         return f"Security(token={'<hidden>' if self.token else None})"

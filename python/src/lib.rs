@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use pyo3::{create_exception, ffi};
@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, DatasetRequest, KeyStatus};
 use cluster::protocol::{Blob, ClusterInfo, CoordError, CoordOp, CoordValue, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
-use cluster::security::Security;
+use cluster::security::{Security, SecurityError};
 use cluster::worker::store::{read_frames, Held, Store};
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
 
@@ -479,7 +479,7 @@ fn address_key(address: &str) -> &str {
 /// else the environment's (`DASK_RS_TOKEN`, `DASK_RS_TOKEN_FILE`), else none.
 fn security_for(address: &str, token: Option<&str>) -> PyResult<Security> {
     if let Some(t) = token {
-        let s = Security::with_token(t).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let s = py_security(Security::with_token(t))?;
         remember(address, &s);
         return Ok(s);
     }
@@ -487,7 +487,28 @@ fn security_for(address: &str, token: Option<&str>) -> PyResult<Security> {
     if let Some((_, s)) = known.iter().find(|(a, _)| a == address_key(address)) {
         return Ok(s.clone());
     }
-    Security::from_env().map_err(|e| PyValueError::new_err(e.to_string()))
+    py_security(Security::from_env())
+}
+
+/// A credential, or the Python exception for why there is none.
+fn py_security(r: Result<Security, SecurityError>) -> PyResult<Security> {
+    r.map_err(|e| match e {
+        SecurityError::Exposed(_) | SecurityError::Owner(_) => PyPermissionError::new_err(e.to_string()),
+        SecurityError::Read { .. } | SecurityError::Random => PyOSError::new_err(e.to_string()),
+        SecurityError::Invalid(_) => PyValueError::new_err(e.to_string()),
+    })
+}
+
+/// `token` checked (64 hex digits) and in its usual form.
+#[pyfunction]
+fn check_token(token: &str) -> PyResult<String> {
+    Ok(py_security(Security::with_token(token))?.token().expect("a token").to_string())
+}
+
+/// The token in the file at `path`, which must be its owner's alone.
+#[pyfunction]
+fn read_token_file(path: std::path::PathBuf) -> PyResult<String> {
+    Ok(py_security(Security::from_file(&path))?.token().expect("a token").to_string())
 }
 
 /// Use `security` for every later connection of this process to `address`.
@@ -500,7 +521,7 @@ fn remember(address: &str, security: &Security) {
 /// A fresh random cluster token (64 hex digits).
 #[pyfunction]
 fn generate_token() -> PyResult<String> {
-    let s = Security::generate().map_err(|e| PyOSError::new_err(e.to_string()))?;
+    let s = py_security(Security::generate())?;
     Ok(s.token().expect("a generated token").to_string())
 }
 
@@ -569,8 +590,8 @@ fn start_scheduler(
     let rt = background_runtime("dask-rs-scheduler")?;
     let config = SchedulerConfig { worker_saturation, work_stealing, ..Default::default() };
     let security = match token {
-        Some(t) => Security::with_token(&t).map_err(|e| PyValueError::new_err(e.to_string()))?,
-        None => Security::from_env().map_err(|e| PyValueError::new_err(e.to_string()))?,
+        Some(t) => py_security(Security::with_token(&t))?,
+        None => py_security(Security::from_env())?,
     };
     let inner = py
         .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config, security.clone())))
@@ -1164,6 +1185,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rejoin, m)?)?;
     m.add_function(wrap_pyfunction!(start_scheduler, m)?)?;
     m.add_function(wrap_pyfunction!(generate_token, m)?)?;
+    m.add_function(wrap_pyfunction!(check_token, m)?)?;
+    m.add_function(wrap_pyfunction!(read_token_file, m)?)?;
     m.add_function(wrap_pyfunction!(protocol_version, m)?)?;
     Ok(())
 }

@@ -62,13 +62,20 @@ def test_local_cluster_requires_its_token():
         assert p.returncode == 0 and "connected 1" in p.stdout, p.stderr
 
 
-def test_security_objects():
+def test_security_objects(tmp_path):
     s = Security.temporary()
     assert Security(token=s.token).token == s.token
     with pytest.raises(ValueError, match="64 hex digits"):
         Security(token="short")
     with pytest.raises(TypeError, match="cluster token"):
         Security(tls_ca_file="ca.pem")
+    path = tmp_path / "token"
+    path.write_text(s.token + "\n")
+    path.chmod(0o600)
+    assert Security.from_file(path).token == s.token
+    path.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        Security.from_file(path)
     with pytest.raises(TypeError, match="dask_rs.Security"):
         Client("tcp://127.0.0.1:1", security="secret")
     # An open LocalCluster (security=False) takes anyone, as distributed's does.

@@ -174,7 +174,9 @@ impl SchedulerState {
             })
             .collect();
         let groups_removed = if cursor.started {
-            self.removed_groups.iter().filter(|(v, _)| *v > cursor.version_seen).map(|(_, n)| n.clone()).collect()
+            // Oldest first: only the tail is new to this subscriber.
+            let from = self.removed_groups.partition_point(|(v, _)| *v <= cursor.version_seen);
+            self.removed_groups.range(from..).map(|(_, n)| n.clone()).collect()
         } else {
             Vec::new()
         };

@@ -35,16 +35,20 @@ impl SchedulerState {
         let mut last_edge = (u32::MAX, u32::MAX);
         for (id, deps) in &fresh {
             let mut ids = Vec::with_capacity(deps.len());
-            for k in deps {
-                match self.keys.get(k.as_str()) {
-                    Some(&d) => ids.push(d),
-                    None => unknown.push((*id, k.clone())),
-                }
-            }
-            dedupe_in_order(&mut ids);
             let group = self.t(*id).group;
-            for &d in &ids {
+            for k in deps {
+                let Some(&d) = self.keys.get(k.as_str()) else {
+                    unknown.push((*id, k.clone()));
+                    continue;
+                };
                 let dt = self.tm(d);
+                // `id` is new, so only this loop has made it a dependent of
+                // `d`: already there means `d` is listed twice, which is one
+                // dependency.
+                if dt.dependents.ends_with(*id) {
+                    continue;
+                }
+                ids.push(d);
                 dt.dependents.push(*id);
                 let dg = dt.group;
                 // Group edges repeat along a graph: check each pair once in a row.
@@ -274,22 +278,5 @@ impl SchedulerState {
         for c in self.clients_of(id) {
             self.send_client(c, ToClient::KeyNoWorker { key: key.clone(), reason: reason.clone() });
         }
-    }
-}
-
-/// Drop repeated entries, keeping the first of each (a dependency listed
-/// twice is one dependency). Cheap when there are none: no allocation for
-/// short lists, one sorted copy for long ones.
-fn dedupe_in_order(ids: &mut Vec<TaskId>) {
-    let has_dup = if ids.len() <= 16 {
-        ids.iter().enumerate().any(|(i, d)| ids[..i].contains(d))
-    } else {
-        let mut sorted = ids.clone();
-        sorted.sort_unstable();
-        sorted.windows(2).any(|w| w[0] == w[1])
-    };
-    if has_dup {
-        let mut seen = rustc_hash::FxHashSet::default();
-        ids.retain(|d| seen.insert(*d));
     }
 }

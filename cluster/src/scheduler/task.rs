@@ -113,6 +113,15 @@ impl Dependents {
         }
     }
 
+    /// Whether `id` is the dependent added last (for a large set: whether
+    /// it is one at all).
+    pub(super) fn ends_with(&self, id: TaskId) -> bool {
+        match self {
+            Dependents::Small(v) => v.last() == Some(&id),
+            Dependents::Large(s) => s.contains(&id),
+        }
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         match self {
             Dependents::Small(v) => v.is_empty(),

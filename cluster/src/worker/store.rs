@@ -198,9 +198,7 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let meta = std::fs::symlink_metadata(dir)?;
-            // SAFETY: getuid has no preconditions.
-            let ours = meta.uid() == unsafe { libc::getuid() };
-            if meta.is_dir() && ours && meta.mode() & 0o077 == 0 {
+            if meta.is_dir() && crate::security::is_mine(&meta) && meta.mode() & 0o077 == 0 {
                 Ok(())
             } else {
                 Err(std::io::Error::new(
