@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # sge-up.sh - a one-node Grid Engine cell (qmaster + execd) on this machine for the sge
-# backend's tests. Installs Debian's gridengine if missing (debconf preseeded), makes
-# this host admin/submit/exec host with queue all.q ($SGE_SLOTS slots) and PE smp,
-# tunes the scheduler for quick starts, starts the daemons, records their pids under
-# $STATE and waits until the exec host reports. Idempotent; stop with sge-down.sh.
-# Needs root. Use with: export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
+# backend's tests. Installs Debian's gridengine if missing, makes this host
+# admin/submit/exec host with queue all.q ($SGE_SLOTS slots) and PE smp, tunes the
+# scheduler for quick starts, starts the daemons and waits until the exec host reports.
+#
+# Everything it creates is its own: the cell "daskrs" ($SGE_ROOT/daskrs, next to any
+# other cell), spool, pid and log files under $STATE, and its own ports
+# ($DASK_RS_SGE_QMASTER_PORT, default 6544; $DASK_RS_SGE_EXECD_PORT, default 6545). The
+# variables a client needs are written to $STATE/env. It never reads or changes another
+# cell (such as Debian's "default") or /var/spool/gridengine, so another Grid Engine on
+# this machine, running or stale, is neither used nor disturbed.
+#
+# Idempotent, and safe after a run that was killed halfway: a recorded daemon that does
+# not answer is stopped by its recorded pid and started again; a spool left half
+# initialised is made again. When a port it needs is held by a process it did not
+# start, it stops at once and names that process. Stop with sge-down.sh. Needs root.
 set -euo pipefail
 STATE=${DASK_RS_TEST_STATE:-/var/lib/dask-rs-tests}/sge
 SLOTS=${SGE_SLOTS:-8}
-export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
+export SGE_ROOT=/var/lib/gridengine SGE_CELL=daskrs
+export SGE_QMASTER_PORT=${DASK_RS_SGE_QMASTER_PORT:-6544} SGE_EXECD_PORT=${DASK_RS_SGE_EXECD_PORT:-6545}
 COMMON=$SGE_ROOT/$SGE_CELL/common
 QMASTER=/usr/lib/gridengine/sge_qmaster
 EXECD=/usr/lib/gridengine/sge_execd
-RUN=/run/gridengine
 PKGS=(gridengine-master gridengine-exec gridengine-client)
 
 [ "$(id -u)" = 0 ] || { echo "sge-up.sh: needs root" >&2; exit 1; }
@@ -22,24 +32,43 @@ TAG=sge-up
 has() { local l=$1 out; shift; out=$("$@" 2>/dev/null) || true; grep -qxF -- "$l" <<<"$out"; }
 
 H=$(hostname)
-# debconf answers the packages ask on a first install
+# Debian's packages configure their own cell on a first install; ours is made below.
 if [ "$(dpkg-query -W -f='${Status}' gridengine-master 2>/dev/null)" != "install ok installed" ]; then
   debconf-set-selections <<SEL
 gridengine-common shared/gridengineconfig boolean true
-gridengine-common shared/gridenginecell string $SGE_CELL
+gridengine-common shared/gridenginecell string default
 gridengine-master shared/gridenginemaster string $H
 SEL
 fi
 install_missing "${PKGS[@]}"
 install -d -m 755 "$(dirname "$STATE")" "$STATE"
+printf 'SGE_ROOT=%s\nSGE_CELL=%s\nSGE_QMASTER_PORT=%s\nSGE_EXECD_PORT=%s\n' \
+  "$SGE_ROOT" "$SGE_CELL" "$SGE_QMASTER_PORT" "$SGE_EXECD_PORT" >"$STATE/env"
 
-if [ ! -e /var/spool/gridengine/spooldb/sge ]; then
-  install -d -o sgeadmin -g sgeadmin -m 755 /var/spool/gridengine /var/spool/gridengine/spooldb \
-    /var/spool/gridengine/qmaster /var/spool/gridengine/qmaster/job_scripts "$SGE_ROOT/$SGE_CELL" "$COMMON"
-  [ -s "$COMMON/bootstrap" ] || install -m 644 -o sgeadmin -g sgeadmin /usr/share/gridengine/default-bootstrap "$COMMON/bootstrap"
-  su -s /bin/sh -c "/usr/share/gridengine/scripts/init_cluster $SGE_ROOT $SGE_CELL /var/spool/gridengine/spooldb sgeadmin" sgeadmin
+# The cell: bootstrap naming our spool, then the spool itself. "initialised" is written
+# last, so a run killed in between starts the spool again.
+install -d -o sgeadmin -g sgeadmin -m 755 "$SGE_ROOT/$SGE_CELL" "$COMMON" "$STATE/run" "$STATE/execd"
+if [ ! -e "$STATE/initialised" ]; then
+  stop_recorded sge_execd "$STATE/execd.pid" "$EXECD" 30
+  stop_recorded sge_qmaster "$STATE/qmaster.pid" "$QMASTER" 30
+  rm -rf "$STATE/spooldb" "$STATE/qmaster"
+  install -d -o sgeadmin -g sgeadmin -m 755 "$STATE/spooldb" "$STATE/qmaster" "$STATE/qmaster/job_scripts"
+  sed -e "s#^spooling_params .*#spooling_params         $STATE/spooldb#" \
+    -e "s#^qmaster_spool_dir .*#qmaster_spool_dir       $STATE/qmaster#" \
+    /usr/share/gridengine/default-bootstrap >"$COMMON/bootstrap"
+  sed -e "s#^execd_spool_dir .*#execd_spool_dir        $STATE/execd#" \
+    /usr/share/gridengine/default-configuration >"$STATE/configuration"
+  chown sgeadmin:sgeadmin "$COMMON/bootstrap" "$STATE/configuration"
+  su -s /bin/sh sgeadmin -c "
+    set -e; export SGE_ROOT=$SGE_ROOT SGE_CELL=$SGE_CELL
+    /usr/lib/gridengine/spoolinit berkeleydb libspoolb $STATE/spooldb init
+    /usr/lib/gridengine/spooldefaults configuration $STATE/configuration
+    /usr/lib/gridengine/spooldefaults complexes /usr/share/gridengine/util/resources/centry
+    /usr/lib/gridengine/spooldefaults usersets /usr/share/gridengine/util/resources/usersets
+    /usr/lib/gridengine/spooldefaults managers sgeadmin" >"$STATE/init.log" 2>&1 \
+    || { echo "initialising the spool failed:"; cat "$STATE/init.log"; exit 1; }
+  touch "$STATE/initialised"
 fi
-install -d -o sgeadmin -g sgeadmin -m 755 /var/spool/gridengine/execd "$RUN"
 if [ "$(cat "$COMMON/act_qmaster" 2>/dev/null)" != "$H" ]; then
   echo "$H" >"$COMMON/act_qmaster"; chown sgeadmin:sgeadmin "$COMMON/act_qmaster"
 fi
@@ -51,15 +80,31 @@ for n in $(getent hosts "${ip:-127.0.0.1}" | awk '{for (i = 2; i <= NF; i++) pri
 done
 [ "$(cat "$COMMON/host_aliases" 2>/dev/null)" = "$H$aliases" ] || echo "$H$aliases" >"$COMMON/host_aliases"
 
+# port_free PORT DAEMON PIDFILE EXE: fail, naming the holder, if a process we did not start listens on PORT
+port_free() {
+  local holder ours
+  holder=$(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2) || true
+  [ -n "$holder" ] || return 0
+  ours=$(live "$3" "$4") || true
+  [ "$holder" = "$ours" ] && return 0
+  echo "sge-up.sh: port $1, which our $2 needs, is held by pid $holder ($(tr '\0' ' ' </proc/"$holder"/cmdline 2>/dev/null))," >&2
+  echo "  a process these scripts did not start. Stop it, or choose other ports with" >&2
+  echo "  DASK_RS_SGE_QMASTER_PORT / DASK_RS_SGE_EXECD_PORT." >&2
+  exit 1
+}
 qm_up() { qconf -sh; }
-if ! live "$STATE/qmaster.pid" "$QMASTER" >/dev/null; then
-  rm -f "$RUN/qmaster.pid"
-  SGE_QMASTER_PIDFILE=$RUN/qmaster.pid /usr/sbin/sge_qmaster >>"$STATE/qmaster.log" 2>&1 </dev/null
-  until_ok 60 qm_up || { echo "sge_qmaster did not start"; tail -20 /var/spool/gridengine/qmaster/messages; exit 1; }
-  cp "$RUN/qmaster.pid" "$STATE/qmaster.pid"
-  say "sge_qmaster pid $(cat "$STATE/qmaster.pid")"
+if live "$STATE/qmaster.pid" "$QMASTER" >/dev/null && ! until_ok 5 qm_up; then
+  say "the recorded sge_qmaster does not answer on port $SGE_QMASTER_PORT: restarting it"
+  stop_recorded sge_qmaster "$STATE/qmaster.pid" "$QMASTER" 30
 fi
-
+if ! live "$STATE/qmaster.pid" "$QMASTER" >/dev/null; then
+  port_free "$SGE_QMASTER_PORT" sge_qmaster "$STATE/qmaster.pid" "$QMASTER"
+  rm -f "$STATE/run/qmaster.pid" "$STATE/qmaster/lock"
+  SGE_QMASTER_PIDFILE=$STATE/run/qmaster.pid /usr/sbin/sge_qmaster >>"$STATE/qmaster.log" 2>&1 </dev/null
+  until_ok 60 qm_up || { echo "sge_qmaster did not start:"; tail -20 "$STATE/qmaster.log" "$STATE/qmaster/messages"; exit 1; }
+  cp "$STATE/run/qmaster.pid" "$STATE/qmaster.pid"
+  say "sge_qmaster pid $(cat "$STATE/qmaster.pid") on port $SGE_QMASTER_PORT"
+fi
 W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
 # root may submit; no mail; jobs run with a plain (non-login) shell
 # (qconf -Mconf takes the configuration's name from the file's name)
@@ -103,15 +148,16 @@ elif [ "$(qconf -sq all.q | awk '$1=="slots"{print $2}')" != "$SLOTS" ]; then
 fi
 
 if ! live "$STATE/execd.pid" "$EXECD" >/dev/null; then
-  rm -f "$RUN/execd.pid"
-  SGE_EXECD_PIDFILE=$RUN/execd.pid /usr/sbin/sge_execd >>"$STATE/execd.log" 2>&1 </dev/null
-  until_ok 10 live "$RUN/execd.pid" "$EXECD" || { echo "sge_execd did not start"; cat "$STATE/execd.log"; exit 1; }
-  cp "$RUN/execd.pid" "$STATE/execd.pid"
-  say "sge_execd pid $(cat "$STATE/execd.pid")"
+  port_free "$SGE_EXECD_PORT" sge_execd "$STATE/execd.pid" "$EXECD"
+  rm -f "$STATE/run/execd.pid"
+  SGE_EXECD_PIDFILE=$STATE/run/execd.pid /usr/sbin/sge_execd >>"$STATE/execd.log" 2>&1 </dev/null
+  until_ok 10 live "$STATE/run/execd.pid" "$EXECD" || { echo "sge_execd did not start:"; cat "$STATE/execd.log"; exit 1; }
+  cp "$STATE/run/execd.pid" "$STATE/execd.pid"
+  say "sge_execd pid $(cat "$STATE/execd.pid") on port $SGE_EXECD_PORT"
 fi
 ready() {
   qhost -h "$H" 2>/dev/null | awk -v h="$H" '$1==h && $7!="-" {ok=1} END{exit !ok}' || return 1
   qstat -f -q "all.q@$H" 2>/dev/null | awk -v q="all.q@$H" '$1==q {f=1; st=$6} END{exit !(f && st=="")}'
 }
-until_ok 60 ready || { echo "exec host $H not ready"; qhost; qstat -f; exit 1; }
-say "ready: host $H, queue all.q ($SLOTS slots), PE smp; export SGE_ROOT=$SGE_ROOT SGE_CELL=$SGE_CELL"
+until_ok 60 ready || { echo "exec host $H not ready:"; qhost; qstat -f; tail -20 "$STATE/execd/$H/messages" 2>/dev/null; exit 1; }
+say "ready: host $H, queue all.q ($SLOTS slots), PE smp; export $(tr '\n' ' ' <"$STATE/env")"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# slurm-down.sh - undo slurm-up.sh: cancel every job, then stop slurmd, slurmctld and
-# munged by the pids slurm-up.sh recorded (each checked to still be that program).
+# slurm-down.sh - undo slurm-up.sh: cancel every job of its cluster, then stop slurmd,
+# slurmctld and munged by the pids slurm-up.sh recorded (each checked to still be that
+# program). State and configuration stay under $STATE for the next slurm-up.sh.
 set -uo pipefail
 STATE=${DASK_RS_TEST_STATE:-/var/lib/dask-rs-tests}/slurm
+export SLURM_CONF=$STATE/slurm.conf
 [ "$(id -u)" = 0 ] || { echo "slurm-down.sh: needs root" >&2; exit 1; }
 TAG=slurm-down
 . "$(dirname "$(readlink -f "$0")")/common.sh"

@@ -7,8 +7,12 @@
 #
 # The namespaces share files, users and pids with this machine, not its network:
 # a scheduler the hosts must reach listens on 10.77.41.1 or 0.0.0.0.
-# Writes $STATE/ssh_config (Host dkrhost<i>) and $STATE/env. Idempotent.
-# Stop with sshd-down.sh, which kills only the pids recorded here.
+# Writes $STATE/ssh_config (Host dkrhost<i>) and $STATE/env. Idempotent, and safe
+# after a run killed halfway: an sshd left in one of its namespaces without a live
+# recorded pid is stopped and started again. When the subnet is already in use on
+# another interface, it stops at once and names that interface.
+# Stop with sshd-down.sh, which kills only the pids recorded here and what runs in
+# its own namespaces.
 # Needs root. Installs openssh-server/client and iproute2 from Debian if missing.
 set -euo pipefail
 STATE=${DASK_RS_TEST_STATE:-/var/lib/dask-rs-tests}/sshd
@@ -33,6 +37,12 @@ install -d -m 755 /run/sshd
 install -m 600 "$STATE/client_key.pub" "$STATE/authorized_keys"
 
 touch "$STATE/created"
+other=$(ip -o -4 addr show | awk -v br="$BR" '$2 != br && $4 ~ /^10\.77\.41\./ {print $2 " (" $4 ")"}' | head -1)
+if [ -n "$other" ]; then
+  echo "sshd-up.sh: the test subnet 10.77.41.0/24 is already used by interface $other, which" >&2
+  echo "  these scripts did not create; remove that address or run the ssh tests elsewhere." >&2
+  exit 1
+fi
 if ! ip link show "$BR" >/dev/null 2>&1; then ip link add "$BR" type bridge; fi
 grep -qxF "bridge $BR" "$STATE/created" || echo "bridge $BR" >>"$STATE/created"
 addrs=$(ip -o -4 addr show dev "$BR")
@@ -49,8 +59,9 @@ for i in $(seq 1 "$NHOSTS"); do
   grep -qxF "netns $ns" "$STATE/created" || echo "netns $ns" >>"$STATE/created"
   if ! ip link show "$ns-h" >/dev/null 2>&1; then
     ip link add "$ns-h" type veth peer name "$ns-n"
-    ip link set "$ns-n" netns "$ns"
   fi
+  # (a run killed between creating the pair and moving one end leaves it here)
+  if ip link show "$ns-n" >/dev/null 2>&1; then ip link set "$ns-n" netns "$ns"; fi
   ip link set "$ns-h" master "$BR" up
   addrs=$(ip -n "$ns" -o -4 addr show dev "$ns-n")
   [[ $addrs == *"inet $ip4/24 "* ]] || ip -n "$ns" addr add "$ip4/24" dev "$ns-n"
@@ -74,6 +85,15 @@ CFG
   if pid=$(live "$STATE/sshd-$ns.pid" /usr/sbin/sshd); then
     say "dkrhost$i: sshd already running (pid $pid)"
   else
+    # Whatever runs in our own namespace without a live recorded pid was left by a run
+    # killed halfway (an sshd holding port 22, say): stop it so ours can listen.
+    left=$(ip netns pids "$ns" | tr '\n' ' ')
+    if [ -n "${left// /}" ]; then
+      say "stopping processes left in $ns by an earlier run: $left"
+      # shellcheck disable=SC2086
+      kill -TERM $left 2>/dev/null || true
+      until_ok 5 sh -c "[ -z \"\$(ip netns pids $ns)\" ]" || { kill -KILL $left 2>/dev/null || true; }
+    fi
     # netns exec -> unshare --uts (own hostname) -> exec sshd -D: $! is sshd itself.
     ip netns exec "$ns" unshare --uts /bin/sh -c "hostname dkrhost$i && exec /usr/sbin/sshd -D -e -f $STATE/sshd_config.$ns" \
       >>"$STATE/sshd-$ns.log" 2>&1 </dev/null &

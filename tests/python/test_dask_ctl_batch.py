@@ -4,8 +4,11 @@ one-node SLURM (munged, slurmctld, slurmd) and a one-node Grid Engine cell
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import time
 
@@ -15,26 +18,154 @@ from conftest import HERE, ROOT, wait_until
 from dask_rs import Client
 
 INFRA = os.path.join(ROOT, "tests", "infra")
-SGE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+STATE = os.environ.get("DASK_RS_TEST_STATE", "/var/lib/dask-rs-tests")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="installing and running batch daemons needs root")
 
 
+def infra(script, check=True, timeout=600, env=None):
+    """Run a tests/infra script; a failure shows everything it printed."""
+    p = subprocess.run([os.path.join(INFRA, script)], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    if check and p.returncode != 0:
+        pytest.fail(f"tests/infra/{script} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
+    return p
+
+
+def batch_system(system):
+    """Start the test's own SLURM or Grid Engine and put its client variables in the environment."""
+    infra(f"{system}-up.sh")
+    env = dict(line.split("=", 1) for line in open(f"{STATE}/{system}/env").read().split())
+    os.environ.update(env)
+    yield env
+    infra(f"{system}-down.sh", timeout=120)
+    for k in env:
+        os.environ.pop(k, None)
+
+
 @pytest.fixture(scope="module")
 def slurm():
-    subprocess.run([os.path.join(INFRA, "slurm-up.sh")], check=True, timeout=600)
-    yield
-    subprocess.run([os.path.join(INFRA, "slurm-down.sh")], check=True, timeout=120)
+    yield from batch_system("slurm")
 
 
 @pytest.fixture(scope="module")
 def sge():
-    subprocess.run([os.path.join(INFRA, "sge-up.sh")], check=True, timeout=600)
-    os.environ.update(SGE_ENV)
-    yield
-    subprocess.run([os.path.join(INFRA, "sge-down.sh")], check=True, timeout=120)
-    for k in SGE_ENV:
-        os.environ.pop(k, None)
+    yield from batch_system("sge")
+
+
+def dead_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def recorded(system, daemon):
+    return int(open(f"{STATE}/{system}/{daemon}.pid").read())
+
+
+def kill_recorded(system, daemon):
+    pid = recorded(system, daemon)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: gone(pid), msg=f"{daemon} to die")
+
+
+def gone(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@contextlib.contextmanager
+def planted(files):
+    """Write `files` (path -> text), restoring whatever was there before on exit."""
+    before = {}
+    for path, text in files.items():
+        before[path] = open(path, "rb").read() if os.path.exists(path) else None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    try:
+        yield
+    finally:
+        for path, old in before.items():
+            if old is None:
+                os.unlink(path)
+            else:
+                with open(path, "wb") as f:
+                    f.write(old)
+
+
+def contents(paths):
+    return {p: open(p, "rb").read() for p in paths}
+
+
+def test_infra_scripts_start_over_stale_and_foreign_state(tmp_path):
+    """Another configuration's files (a foreign slurm.conf, a saved cluster name, stale
+    pid files, a foreign Grid Engine cell) are neither read nor changed; our own state
+    after a run killed halfway (daemons SIGKILLed, pid files naming dead or unrelated
+    processes, a spool whose initialisation never finished) is repaired."""
+    infra("slurm-up.sh")
+    infra("sge-up.sh")
+    stranger = subprocess.Popen(["sleep", "600"])
+    foreign = {
+        "/etc/slurm/slurm.conf": "ClusterName=othersite\nSlurmctldHost=elsewhere\n"
+        "StateSaveLocation=/var/spool/slurmctld\n",
+        "/var/spool/slurmctld/clustername": "othersite\n",
+        "/var/spool/slurmctld/slurmctld.pid": f"{dead_pid()}\n",
+        "/run/slurmctld.pid": f"{dead_pid()}\n",
+        "/run/gridengine/qmaster.pid": f"{dead_pid()}\n",
+        "/var/lib/gridengine/default/common/act_qmaster": "elsewhere\n",
+    }
+    try:
+        with planted(foreign):
+            # Our own run, killed halfway: munged and the spools stay, the daemons die.
+            for system, daemons in [("slurm", ["slurmctld", "slurmd"]), ("sge", ["qmaster", "execd"])]:
+                for d in daemons:
+                    kill_recorded(system, d)
+            with open(f"{STATE}/slurm/slurmctld.pid", "w") as f:
+                f.write(f"{dead_pid()}\n")
+            with open(f"{STATE}/slurm/slurmd.pid", "w") as f:
+                f.write(f"{stranger.pid}\n")
+            with open(f"{STATE}/slurm/ctld/clustername", "w") as f:
+                f.write("othersite\n")
+            with open(f"{STATE}/sge/execd.pid", "w") as f:
+                f.write(f"{stranger.pid}\n")
+            os.unlink(f"{STATE}/sge/initialised")
+            planted_now = contents(foreign)
+
+            out = infra("slurm-up.sh").stdout
+            assert 'discarding saved state of cluster "othersite"' in out, out
+            assert "ready: node" in out, out
+            out = infra("sge-up.sh").stdout
+            assert "ready: host" in out, out
+            assert stranger.poll() is None, "a process named by a stale pid file was left alone"
+            assert contents(foreign) == planted_now, "another configuration's files were not changed"
+            assert recorded("slurm", "slurmd") != stranger.pid and recorded("sge", "execd") != stranger.pid
+            env = dict(line.split("=", 1) for line in open(f"{STATE}/sge/env").read().split())
+            r = subprocess.run(["qsub", "-sync", "y", "-b", "y", "-o", "/dev/null", "-j", "y", "true"],
+                               env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+            assert "exited with exit code 0" in r.stdout, r.stdout + r.stderr
+
+            # A port held by a process these scripts did not start: a clear error at once.
+            infra("slurm-down.sh")
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", 0))
+                s.listen()
+                port = s.getsockname()[1]
+                t0 = time.monotonic()
+                r = infra("slurm-up.sh", check=False, env={"DASK_RS_SLURMCTLD_PORT": str(port)})
+                took = time.monotonic() - t0
+            assert r.returncode != 0, r.stdout
+            held = f"port {port}, which our slurmctld needs, is held by pid {os.getpid()}"
+            assert held in r.stderr, r.stderr
+            assert "DASK_RS_SLURMCTLD_PORT" in r.stderr and took < 20, (took, r.stderr)
+    finally:
+        stranger.kill()
+        stranger.wait()
+        infra("slurm-down.sh", check=False)
+        infra("sge-down.sh", check=False)
 
 
 def queue(system, name):
@@ -82,8 +213,9 @@ def slow(x):
 
 
 @pytest.mark.parametrize("system", ["slurm", "sge"])
-def test_four_workers_as_batch_jobs_compute_scale_and_go(ctl, system, request):
+def test_four_workers_as_batch_jobs_compute_scale_and_go(system, request):
     request.getfixturevalue(system)
+    ctl = request.getfixturevalue("ctl")  # after the batch system: dask-ctl gets its variables
     name = f"{system}4"
     t0 = time.time()
     out = up(ctl, system, name, "--workers", "4").stdout

@@ -158,3 +158,38 @@ def test_clear_errors_for_bad_hosts(ctl, ssh_config, tmp_path):
     assert p.returncode != 0 and "needs hosts" in p.stderr, p.stderr
     # Nothing was registered by the failed attempts.
     assert json.loads(ctl("list", "--json").stdout) == []
+
+
+def gone(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_sshd_up_replaces_what_a_killed_run_left(ssh_config):
+    """An sshd left in our namespace without a live recorded pid (its pid file names a
+    dead process), and a veth end never moved into its namespace: sshd-up.sh repairs both."""
+    state = "/var/lib/dask-rs-tests/sshd"
+    pidfile = f"{state}/sshd-dkrssh1.pid"
+    os.kill(int(open(pidfile).read()), signal.SIGKILL)
+    subprocess.run(["ip", "netns", "exec", "dkrssh1", "/usr/sbin/sshd", "-f", f"{state}/sshd_config.dkrssh1"],
+                   check=True)
+    pids = subprocess.run(["ip", "netns", "pids", "dkrssh1"], capture_output=True, text=True).stdout
+    orphan = int(pids.split()[0])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(pidfile, "w") as f:
+        f.write(f"{dead.pid}\n")
+    subprocess.run(["ip", "-n", "dkrssh2", "link", "set", "dkrssh2-n", "netns", "1"], check=True)
+    r = subprocess.run([os.path.join(INFRA, "sshd-up.sh")], env={**os.environ, "SSH_HOSTS": "2"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"stopping processes left in dkrssh1 by an earlier run: {orphan}" in r.stdout, r.stdout
+    assert gone(orphan), "the orphaned sshd was stopped"
+    fresh = int(open(pidfile).read())
+    assert os.readlink(f"/proc/{fresh}/exe") == "/usr/sbin/sshd"
+    for host in HOSTS:
+        out = subprocess.run(["ssh", "-F", ssh_config, host, "hostname"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.stdout.strip() == host, out.stderr
