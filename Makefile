@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.deps-stamp
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build venv ext demo test test-rust test-python lint fmt bench bench-quick bench-sim clean
+.PHONY: build venv ext demo test test-rust test-python lint fmt fuzz bench bench-quick bench-sim clean
 
 build: target/release/dask-ctl ext
 
@@ -48,6 +48,12 @@ lint: $(STAMP)
 fmt:
 	cargo fmt --all
 	$(VENV)/bin/ruff check --fix python tests examples bench
+
+# The fuzz tests for longer than in `make test` (DASK_RS_FUZZ_SECS, default 600:
+# ten minutes against a live cluster, a quarter of that in process;
+# DASK_RS_FUZZ_SEED replays a run).
+fuzz:
+	DASK_RS_FUZZ_SECS=$${DASK_RS_FUZZ_SECS:-600} cargo test --release --test fuzz -- --nocapture
 
 # dask-rs side by side with Dask distributed; writes bench/results/latest.{md,json}.
 bench: build

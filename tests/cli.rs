@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cluster::client::{ClientCore, KeyStatus};
 use cluster::comm::{FrameReader, FrameWriter};
-use cluster::protocol::{Envelope, Handshake, Role, TaskSpec, MAGIC};
+use cluster::protocol::{Envelope, FromClient, Handshake, Role, TaskSpec, MAGIC};
 use cluster::security::Security;
 
 mod common;
@@ -283,4 +283,36 @@ fn out_of_file_descriptors_the_scheduler_pauses_instead_of_spinning_and_recovers
     // Once they are gone, it serves again.
     let c = client(&addr);
     assert!(c.info().is_ok());
+}
+
+#[test]
+fn a_subscriber_that_stops_reading_cannot_grow_the_scheduler() {
+    let (_s, addr) = start_scheduler();
+    let _w = start_sim_worker(&addr, "a");
+    let c = client(&addr);
+    wait_workers(&c, 1);
+    // A monitor that subscribes to updates every 10 ms and never reads them.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let stalled = rt.block_on(async {
+        let open = Security::open();
+        let mut conn = cluster::comm::connect(&addr, Role::Monitor, "stalled", Duration::from_secs(5), &open)
+            .await
+            .expect("connect");
+        conn.writer.write_one(FromClient::Subscribe { interval_ms: 10 }).await.unwrap();
+        conn
+    });
+    // Long keys make every update large: the socket buffers fill within the
+    // first rounds, and everything after would wait in the scheduler.
+    let pad = "x".repeat(400);
+    for round in 0..20 {
+        let keys: Vec<String> = (0..5_000).map(|i| format!("work-{pad}-{round}-{i}")).collect();
+        let tasks = keys.iter().map(|k| task(k, &[])).collect();
+        c.submit(tasks, vec![], keys.clone()).unwrap();
+        assert!(c.wait(&keys, Some(Duration::from_secs(30)), false).unwrap(), "a reading client is served");
+        c.release(keys).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let queued = c.info().unwrap().queued;
+    assert!(queued <= 4, "{queued} messages wait for a subscriber that does not read");
+    drop(stalled);
 }

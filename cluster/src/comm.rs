@@ -10,6 +10,8 @@
 //! its direction (see [`crate::protocol`]); the types are generic here.
 
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -259,11 +261,12 @@ fn split_batch<M: DeserializeOwned>(frames: Vec<Bytes>) -> Result<Vec<Envelope<M
     let msgs: Vec<(M, u32)> = rmp_serde::from_slice(&head)?;
     let mut out = Vec::with_capacity(msgs.len());
     for (msg, n) in msgs {
-        let mut frames = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            frames.push(it.next().ok_or_else(|| CommError::Malformed("message refers to missing frames".into()))?);
+        // The count is the peer's word: check it against the frames that
+        // arrived before reserving anything for it.
+        if n as usize > it.len() {
+            return Err(CommError::Malformed("message refers to missing frames".into()));
         }
-        out.push(Envelope { msg, frames });
+        out.push(Envelope { msg, frames: it.by_ref().take(n as usize).collect() });
     }
     if it.next().is_some() {
         return Err(CommError::Malformed("unclaimed frames after messages".into()));
@@ -603,7 +606,35 @@ pub fn raise_open_file_limit() {
 }
 
 /// Sender half of a writer task (see [`spawn_writer`]); cloning is cheap.
-pub type Outbox<M> = mpsc::UnboundedSender<Envelope<M>>;
+/// It counts the messages handed over and not yet written, so that whoever
+/// feeds a peer that stopped reading can notice ([`Outbox::backlog`]) instead
+/// of queueing without bound.
+pub struct Outbox<M> {
+    tx: mpsc::UnboundedSender<Envelope<M>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl<M> Clone for Outbox<M> {
+    fn clone(&self) -> Self {
+        Outbox { tx: self.tx.clone(), queued: self.queued.clone() }
+    }
+}
+
+impl<M> Outbox<M> {
+    /// Queue `env` for writing; fails only when the writer has stopped.
+    pub fn send(&self, env: Envelope<M>) -> Result<(), mpsc::error::SendError<Envelope<M>>> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(env).inspect_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        })
+    }
+
+    /// Messages queued and not yet written to the socket (a writer blocked
+    /// on a peer that does not read holds them).
+    pub fn backlog(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
 
 /// Spawn a task that writes everything sent to the returned [`Outbox`],
 /// batching whatever has queued up while the previous write was in flight.
@@ -617,9 +648,11 @@ pub fn spawn_writer<M: Serialize + Send + Sync + 'static>(
 /// As [`spawn_writer`], adding every byte written to `counter` as it goes.
 pub fn spawn_counting_writer<M: Serialize + Send + Sync + 'static>(
     mut writer: FrameWriter<OwnedWriteHalf>,
-    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    counter: Option<Arc<AtomicU64>>,
 ) -> (Outbox<M>, tokio::task::JoinHandle<u64>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Envelope<M>>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let outbox = Outbox { tx, queued: queued.clone() };
     let handle = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(64);
         while let Some(first) = rx.recv().await {
@@ -635,15 +668,16 @@ pub fn spawn_counting_writer<M: Serialize + Send + Sync + 'static>(
                 tracing::debug!("writer stopped: {e}");
                 break;
             }
+            queued.fetch_sub(batch.len(), Ordering::Relaxed);
             if let Some(c) = &counter {
-                c.fetch_add(writer.bytes_written - before, std::sync::atomic::Ordering::Relaxed);
+                c.fetch_add(writer.bytes_written - before, Ordering::Relaxed);
             }
             batch.clear();
         }
         writer.shutdown().await;
         writer.bytes_written
     });
-    (tx, handle)
+    (outbox, handle)
 }
 
 /// Reusable request/response connections to data servers (workers), keyed
@@ -764,6 +798,20 @@ mod tests {
         let mut buf = BytesMut::new();
         assert!(matches!(read_into(&mut BufReader::new(b), &mut buf, 8 << 30, None).await, Err(CommError::Closed)));
         assert!(buf.capacity() <= UPFRONT as usize, "reserved {} bytes", buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_declared_frame_count_reserves_nothing() {
+        // One message claiming u32::MAX frames of its own, in a one-frame batch.
+        let head = rmp_serde::to_vec(&vec![(DataRequest::GetData { id: 1, keys: vec![] }, u32::MAX)]).unwrap();
+        let mut bytes = 1u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&(head.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&head);
+        let mut r = FrameReader::new(&bytes[..]);
+        match r.read_batch::<DataRequest>().await {
+            Err(CommError::Malformed(m)) => assert!(m.contains("missing frames"), "{m}"),
+            other => panic!("expected a malformed batch, got {other:?}"),
+        }
     }
 
     #[tokio::test]

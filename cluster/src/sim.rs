@@ -178,8 +178,11 @@ pub fn simulate_on(
 }
 
 /// A [`Runner`] for worker processes without Python: each task sleeps for
-/// `duration` and produces `result_size` bytes. Results spill to disk under
-/// memory pressure like a Python worker's.
+/// `duration` and produces `result_size` bytes. When there are at least 8,
+/// the first 8 hold how many tasks the result depends on, itself included
+/// (little-endian), so that a graph's answer can be checked: a merge of `n`
+/// leaves gives `n + 1`. Results spill to disk under memory pressure like a
+/// Python worker's.
 pub struct SimRunner {
     pub duration: Duration,
     pub result_size: u64,
@@ -218,9 +221,15 @@ impl SimRunner {
     }
 }
 
+/// The task count a [`SimRunner`] result carries (0 for a short one).
+pub fn sim_count(result: &[u8]) -> u64 {
+    result.get(..8).map_or(0, |h| u64::from_le_bytes(h.try_into().expect("8 bytes")))
+}
+
 impl Runner for SimRunner {
     fn execute(&self, key: &str, _run_spec: &Bytes, deps: &[Key], _thread: u32) -> ExecOutcome {
-        if let Some((d, _)) = deps.iter().zip(self.values(deps)).find(|(_, v)| v.is_none()) {
+        let values = self.values(deps);
+        if let Some((d, _)) = deps.iter().zip(&values).find(|(_, v)| v.is_none()) {
             return ExecOutcome::Err {
                 exception: Bytes::new(),
                 traceback: Bytes::new(),
@@ -230,7 +239,12 @@ impl Runner for SimRunner {
         if !self.duration.is_zero() {
             std::thread::sleep(self.duration);
         }
-        self.store.insert(key.to_string(), Bytes::from(vec![0u8; self.result_size as usize]));
+        let count = values.iter().flatten().fold(1u64, |n, v| n.wrapping_add(sim_count(v)));
+        let mut result = vec![0u8; self.result_size as usize];
+        if let Some(head) = result.get_mut(..8) {
+            head.copy_from_slice(&count.to_le_bytes());
+        }
+        self.store.insert(key.to_string(), Bytes::from(result));
         ExecOutcome::Ok { nbytes: self.result_size }
     }
 
@@ -293,5 +307,17 @@ mod tests {
         assert!(matches!(r.execute("c", &Bytes::new(), &["a".into(), "b".into()], 0), ExecOutcome::Ok { .. }));
         r.free(&["a".into(), "b".into(), "c".into()]);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn sim_results_count_the_tasks_they_depend_on() {
+        let r = SimRunner::new(Duration::ZERO, 8);
+        for leaf in ["a", "b", "c"] {
+            r.execute(leaf, &Bytes::new(), &[], 0);
+        }
+        r.execute("ab", &Bytes::new(), &["a".into(), "b".into()], 0);
+        r.execute("top", &Bytes::new(), &["ab".into(), "c".into()], 0);
+        let top = r.serialize(&["top".into()]).remove(0).1.unwrap();
+        assert_eq!(sim_count(&top[0]), 5);
     }
 }

@@ -965,13 +965,14 @@ impl ClientCore {
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let info = py.detach(|| self.core.info()).map_err(client_err)?;
-        let ClusterInfo { address, workers, ntasks, nclients, bytes_in, bytes_out, dashboard } = info;
+        let ClusterInfo { address, workers, ntasks, nclients, bytes_in, bytes_out, dashboard, queued } = info;
         let d = PyDict::new(py);
         d.set_item("address", address)?;
         d.set_item("ntasks", ntasks)?;
         d.set_item("nclients", nclients)?;
         d.set_item("bytes_in", bytes_in)?;
         d.set_item("bytes_out", bytes_out)?;
+        d.set_item("queued", queued)?;
         d.set_item("dashboard", dashboard)?;
         let ws = PyList::empty(py);
         for w in &workers {

@@ -285,6 +285,9 @@ pub struct ClusterInfo {
     pub bytes_out: u64,
     /// The dashboard's link, when one serves this scheduler.
     pub dashboard: Option<String>,
+    /// Messages waiting in the scheduler's outboxes (peers that read slowly
+    /// or not at all hold them).
+    pub queued: u64,
 }
 
 /// What a rebalance moved.

@@ -65,23 +65,33 @@ impl SchedulerState {
         for k in &wanted {
             if let Some(&id) = self.keys.get(k.as_str()) {
                 self.client_wants(client, id);
+                // Done before this graph: tell the client now (what errs
+                // below is reported as it errs).
+                if matches!(self.t(id).state, TaskState::Memory | TaskState::Erred) {
+                    self.report_to(client, id);
+                }
             }
         }
         for (id, k) in unknown {
+            // One error per task (its first unknown dependency); erring it
+            // may forget it when nobody wants it.
+            if !self.live(id).is_some_and(|t| t.state != TaskState::Erred) {
+                continue;
+            }
             let text = format!("dependency {k:?} is not known to the scheduler (was its future released?)");
             self.set_erred(id, ErrorInfo::scheduler(text));
         }
         for (id, _) in &fresh {
-            if self.t(*id).state == TaskState::Released {
+            // An erred task nobody wants (an unknown dependency) may already
+            // be forgotten, and a later `id` with it.
+            if self.live(*id).is_some_and(|t| t.state == TaskState::Released) {
                 self.transition_to_waiting(*id);
             }
         }
         for k in &wanted {
             if let Some(&id) = self.keys.get(k.as_str()) {
-                match self.t(id).state {
-                    TaskState::Released => self.transition_to_waiting(id),
-                    TaskState::Memory | TaskState::Erred => self.report_to(client, id),
-                    _ => {}
+                if self.t(id).state == TaskState::Released {
+                    self.transition_to_waiting(id);
                 }
             }
         }

@@ -37,6 +37,22 @@ enum Link {
     Client { outbox: Outbox<ToClient>, role: Role },
 }
 
+impl Link {
+    /// Messages queued for this peer and not yet written.
+    fn backlog(&self) -> usize {
+        match self {
+            Link::Worker { outbox, .. } => outbox.backlog(),
+            Link::Client { outbox, .. } => outbox.backlog(),
+        }
+    }
+}
+
+/// A subscriber with more than this many messages still unwritten is skipped
+/// until it catches up: its next update then covers everything since its
+/// last one (bounded by the scheduler's rings), so a subscriber that stops
+/// reading costs the scheduler at most this many queued updates.
+const SUBSCRIBER_BACKLOG: usize = 2;
+
 /// Messages read from one connection.
 enum Inbound {
     Worker(Vec<Envelope<FromWorker>>),
@@ -343,6 +359,7 @@ impl Core {
                     bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
                     bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
                     dashboard: self.dashboard.lock().expect("dashboard").clone(),
+                    queued: self.peers.values().map(|p| p.link.backlog() as u64).sum(),
                 };
                 self.send(peer, Outgoing::Client(ToClient::Info { id, info }.into()));
             }
@@ -408,7 +425,8 @@ impl Core {
         self.state.forget_empty_groups();
         let mut due = Vec::new();
         for (&peer, sub) in self.subs.iter_mut() {
-            if now_i >= sub.next {
+            let backlog = self.peers.get(&peer).map_or(0, |p| p.link.backlog());
+            if now_i >= sub.next && backlog <= SUBSCRIBER_BACKLOG {
                 sub.next = now_i + sub.interval;
                 due.push((peer, self.state.events_since(&mut sub.cursor, t)));
             }

@@ -656,6 +656,32 @@ fn unknown_dependency_errs_with_a_clear_message() {
 }
 
 #[test]
+fn an_unwanted_task_with_unknown_dependencies_is_forgotten_with_its_leaves() {
+    // Found by fuzzing: "m" names two unknown keys and nobody wants it, so
+    // erring it forgets it and the leaves it alone needed.
+    let mut s = with_workers(1);
+    let tasks = vec![spec("l-1", &[]), spec("l-2", &[]), spec("m", &["l-1", "gone-1", "l-2", "gone-2"])];
+    s.update_graph(C1, tasks, vec!["other".into()]);
+    for k in ["m", "l-1", "l-2"] {
+        assert_eq!(s.task_state(k), None, "{k} is forgotten");
+    }
+    // Wanted, the same graph errs once, naming the first unknown key.
+    let tasks = vec![spec("l-1", &[]), spec("m", &["l-1", "gone-1", "gone-2"])];
+    s.update_graph(C1, tasks, vec!["m".into()]);
+    assert_eq!(s.task_state("m"), Some(TaskState::Erred));
+    let out = s.take_outgoing();
+    let texts: Vec<&String> = out
+        .iter()
+        .filter_map(|(_, e)| match &e.msg {
+            Msg::C(ToClient::KeyErred { key, text, .. }) if key == "m" => Some(text),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].contains("gone-1"), "{}", texts[0]);
+}
+
+#[test]
 fn duplicate_worker_names_are_refused() {
     let mut s = with_workers(1);
     let err = s.add_worker(W2, Registration::new("w0", "tcp://h:77", 1, 0)).unwrap_err();
