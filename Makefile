@@ -49,11 +49,12 @@ fmt:
 	cargo fmt --all
 	$(VENV)/bin/ruff check --fix python tests examples bench
 
-# The fuzz tests for longer than in `make test` (DASK_RS_FUZZ_SECS, default 600:
-# ten minutes against a live cluster, a quarter of that in process;
-# DASK_RS_FUZZ_SEED replays a run).
+# The fuzz tests for longer than in `make test`, and with a fresh seed
+# (DASK_RS_FUZZ_SECS, default 600: ten minutes against a live cluster, a
+# quarter of that in process; DASK_RS_FUZZ_SEED replays a run).
 fuzz:
-	DASK_RS_FUZZ_SECS=$${DASK_RS_FUZZ_SECS:-600} cargo test --release --test fuzz -- --nocapture
+	DASK_RS_FUZZ_SECS=$${DASK_RS_FUZZ_SECS:-600} DASK_RS_FUZZ_SEED=$${DASK_RS_FUZZ_SEED:-$$(date +%s%N)} \
+		cargo test --release --test fuzz -- --nocapture
 
 # dask-rs side by side with Dask distributed; writes bench/results/latest.{md,json}.
 bench: build
