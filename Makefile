@@ -20,7 +20,8 @@ $(STAMP): Makefile python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "maturin>=1.5,<2" pytest pytest-timeout ruff \
-		"dask[array,dataframe,bag]" distributed numpy pandas cloudpickle tblib prometheus-client
+		"dask[array,dataframe,bag]" distributed numpy pandas cloudpickle tblib prometheus-client \
+		cryptography
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -32,7 +32,13 @@ SYSTEMS = {
     "dask-rs": "dask-rs",
     "dask": "Dask (defaults)",
     "dask-inf": "Dask (worker-saturation inf)",
+    "dask-rs-tls": "dask-rs (TLS)",
+    "dask-tls": "Dask (TLS)",
 }
+# The TLS systems (Security.temporary() on both sides: TLS 1.3 for dask-rs,
+# distributed's TLS for Dask) run only what shows the cost of encryption.
+TLS_SYSTEMS = {"dask-rs-tls": "dask-rs", "dask-tls": "dask"}
+TLS_WORKLOADS = {"roundtrip", "transfer-10MB", "transfer-100MB"}
 
 
 # --------------------------------------------------------------------------
@@ -348,10 +354,10 @@ def child(system, names, quick):
     """Start a cluster, run the named workloads, print one JSON line."""
     import dask
 
-    if system == "dask-rs":
-        from dask_rs import Client, LocalCluster
+    if system.startswith("dask-rs"):
+        from dask_rs import Client, LocalCluster, Security
 
-        kwargs = {}
+        kwargs = {"security": Security.temporary()} if system == "dask-rs-tls" else {}
     else:
         import distributed
         from distributed import Client, LocalCluster
@@ -359,6 +365,8 @@ def child(system, names, quick):
         if system == "dask-inf":
             dask.config.set({"distributed.scheduler.worker-saturation": float("inf")})
         kwargs = {"dashboard_address": ":0"}
+        if system == "dask-tls":
+            kwargs["security"] = distributed.Security.temporary()
         assert distributed.__version__
     out = {}
     t = time.perf_counter()
@@ -485,9 +493,34 @@ def fmt(v, unit):
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
+def tls_table(report):
+    """Encryption's cost, each runtime against itself in the same run."""
+    pairs = [(t, p) for t, p in TLS_SYSTEMS.items() if t in report["systems"] and p in report["systems"]]
+    rows = [r for r in report["rows"] if r["name"] in TLS_WORKLOADS | {"roundtrip-p99"}]
+    if not pairs or not rows:
+        return []
+    head = ["workload", "unit"]
+    for t, p in pairs:
+        head += [SYSTEMS[p], SYSTEMS[t], f"{SYSTEMS[p]}: TLS cost"]
+    out = ["", "TLS cost (the same runtime with and without encryption, same run; "
+           "cost = how much slower with TLS):", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in rows:
+        cells = [r["label"], r["unit"]]
+        for t, p in pairs:
+            plain, tls = r["median"].get(p), r["median"].get(t)
+            cost = "-"
+            if plain and tls:
+                ratio = tls / plain if r["unit"] in LOWER_IS_BETTER else plain / tls
+                cost = f"{(ratio - 1) * 100:+.0f}%"
+            cells += [fmt(plain, r["unit"]), fmt(tls, r["unit"]), cost]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def table(report):
-    systems = report["systems"]
-    rows = report["rows"]
+    systems = [s for s in report["systems"] if s not in TLS_SYSTEMS]
+    rows = [r for r in report["rows"] if any(s in r["median"] for s in systems)]
     head = ["workload", "unit"] + [SYSTEMS[s] for s in systems]
     head += [f"speed-up vs {SYSTEMS[s]}" for s in systems if s != "dask-rs"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
@@ -498,6 +531,7 @@ def table(report):
                 x = r["speedup"].get(s)
                 cells.append("-" if x is None else f"{x:.2f}x")
         out.append("| " + " | ".join(cells) + " |")
+    out += tls_table(report)
     f = report["floors"]
     out += [
         "",
@@ -544,7 +578,8 @@ def main():
     if a.child:
         return child(a.child, [w for w in a.workloads.split(",") if w], a.quick)
 
-    systems = a.systems.split(",") if a.systems else (["dask-rs", "dask"] if a.quick else list(SYSTEMS))
+    default = ["dask-rs", "dask", "dask-rs-tls"] if a.quick else list(SYSTEMS)
+    systems = a.systems.split(",") if a.systems else default
     for s in systems:
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
@@ -562,8 +597,11 @@ def main():
         names = [w.name for w in chosen if rep < min(w.reps, reps)]
         order = systems if rep % 2 == 0 else systems[::-1]
         for s in order:
+            todo = [n for n in names if n in TLS_WORKLOADS] if s in TLS_SYSTEMS else names
+            if not todo:
+                continue
             print(f"repetition {rep + 1}/{reps}: {SYSTEMS[s]}", file=sys.stderr, flush=True)
-            for k, v in run_child(s, names, a.quick).items():
+            for k, v in run_child(s, todo, a.quick).items():
                 samples[s].setdefault(k, []).append(v)
     floors = loopback_floor(rounds=5000 if a.quick else 20000, mb=100 if a.quick else 400)
     sim = scheduler_alone(a.quick)

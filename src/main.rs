@@ -122,11 +122,13 @@ enum Command {
         /// Serve no dashboard.
         #[arg(long)]
         no_dashboard: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Run a worker without Python whose tasks sleep and return zero bytes
     /// (measures the runtime alone).
     SimWorker {
-        /// Scheduler address, tcp://HOST:PORT.
+        /// Scheduler address, tcp://HOST:PORT or tls://HOST:PORT.
         scheduler: String,
         #[arg(long, default_value_t = 1)]
         nthreads: usize,
@@ -138,7 +140,36 @@ enum Command {
         /// Bytes each task returns.
         #[arg(long, default_value_t = 8)]
         result_size: u64,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+}
+
+/// TLS files, as distributed's CLI names them (or `DASK_RS_TLS_CA_FILE`,
+/// `DASK_RS_TLS_CERT`, `DASK_RS_TLS_KEY`). With them, the process listens on
+/// `tls://` and opens only TLS connections.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// The cluster's CA certificate (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca_file: Option<std::path::PathBuf>,
+    /// This process's certificate (PEM).
+    #[arg(long, requires = "tls_ca_file")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// This process's private key (PEM, readable by its owner only); default: the certificate file.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The credentials from the environment, with these files' TLS on top.
+    fn security(self) -> Result<cluster::security::Security> {
+        let security = cluster::security::Security::from_env()?;
+        let (Some(ca), Some(cert)) = (self.tls_ca_file, self.tls_cert) else { return Ok(security) };
+        let key = self.tls_key.unwrap_or_else(|| cert.clone());
+        let tls = cluster::tls::Tls::load(cluster::tls::TlsFiles { ca, cert, key })?;
+        Ok(security.with_tls(tls))
+    }
 }
 
 #[derive(Subcommand)]
@@ -195,6 +226,7 @@ fn main() -> Result<()> {
             no_work_stealing,
             dashboard_address,
             no_dashboard,
+            tls,
         } => {
             let config = SchedulerConfig {
                 worker_saturation,
@@ -204,16 +236,23 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let dashboard = (!no_dashboard).then_some(dashboard_address);
-            rt()?.block_on(run_scheduler(host, port, config, dashboard))
+            let security = tls.security()?;
+            rt()?.block_on(run_scheduler(host, port, config, dashboard, security))
         }
-        Command::SimWorker { scheduler, nthreads, name, duration, result_size } => {
-            rt()?.block_on(run_sim_worker(scheduler, nthreads, name, duration, result_size))
+        Command::SimWorker { scheduler, nthreads, name, duration, result_size, tls } => {
+            let security = tls.security()?;
+            rt()?.block_on(run_sim_worker(scheduler, nthreads, name, duration, result_size, security))
         }
     }
 }
 
-async fn run_scheduler(host: String, port: u16, config: SchedulerConfig, dashboard: Option<String>) -> Result<()> {
-    let security = cluster::security::Security::from_env()?;
+async fn run_scheduler(
+    host: String,
+    port: u16,
+    config: SchedulerConfig,
+    dashboard: Option<String>,
+    security: cluster::security::Security,
+) -> Result<()> {
     let handle = scheduler::start(&host, port, config, security.clone())
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
@@ -250,10 +289,11 @@ async fn run_sim_worker(
     name: Option<String>,
     duration: Duration,
     result_size: u64,
+    security: cluster::security::Security,
 ) -> Result<()> {
     let name = name.unwrap_or_else(|| format!("sim-{}", std::process::id()));
     let mut config = cluster::worker::WorkerConfig::new(&scheduler, &name, nthreads);
-    config.security = cluster::security::Security::from_env()?;
+    config.security = security;
     let runner = Arc::new(cluster::sim::SimRunner::new(duration, result_size));
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut worker = tokio::spawn(cluster::worker::run_worker(config, runner, rx, None));

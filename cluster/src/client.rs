@@ -645,7 +645,7 @@ pub const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
 async fn read_loop(
     inner: Arc<Inner>,
     outbox: Arc<Mutex<Outbox<FromClient>>>,
-    mut reader: comm::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut reader: comm::FrameReader<comm::ReadHalf>,
     address: String,
     name: String,
     role: Role,

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -70,17 +69,27 @@ pub enum CommError {
     Idle(Duration),
     #[error("timed out after {0:?} connecting to {1}")]
     Timeout(Duration, String),
-    #[error("invalid address {0:?}: expected tcp://HOST:PORT")]
+    #[error("invalid address {0:?}: expected tcp://HOST:PORT or tls://HOST:PORT")]
     Address(String),
 }
 
 /// Strip the `tcp://` scheme from an address.
 pub fn parse_address(addr: &str) -> Result<String, CommError> {
-    let rest = addr.strip_prefix("tcp://").unwrap_or(addr);
+    let rest = strip_scheme(addr);
     if rest.is_empty() || !rest.contains(':') || rest.contains('/') {
         return Err(CommError::Address(addr.to_string()));
     }
     Ok(rest.to_string())
+}
+
+/// `HOST:PORT` of `tcp://HOST:PORT`, `tls://HOST:PORT` or `HOST:PORT`.
+pub fn strip_scheme(addr: &str) -> &str {
+    addr.strip_prefix("tcp://").or_else(|| addr.strip_prefix("tls://")).unwrap_or(addr)
+}
+
+/// Whether `addr` names a TLS endpoint (`tls://`).
+pub fn is_tls_address(addr: &str) -> bool {
+    addr.starts_with("tls://")
 }
 
 /// Whether listening on `host` means every interface (`0.0.0.0`, `::`,
@@ -92,7 +101,7 @@ pub fn is_wildcard_host(host: &str) -> bool {
 
 /// Whether `tcp://HOST:PORT` has a wildcard host (see [`is_wildcard_host`]).
 pub fn is_wildcard_address(address: &str) -> bool {
-    let hostport = address.strip_prefix("tcp://").unwrap_or(address);
+    let hostport = strip_scheme(address);
     let host = match hostport.rfind(':') {
         Some(i) => &hostport[..i],
         None => hostport,
@@ -353,10 +362,25 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, mut slices: &mut [
     Ok(())
 }
 
+/// The reading half of a connection, plain or TLS.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The writing half of a connection, plain or TLS.
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn plain_halves(stream: TcpStream) -> (ReadHalf, WriteHalf) {
+    let (r, w) = stream.into_split();
+    (Box::new(r), Box::new(w))
+}
+
+fn tls_halves<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> (ReadHalf, WriteHalf) {
+    let (r, w) = tokio::io::split(stream);
+    (Box::new(r), Box::new(w))
+}
+
 /// A connected, handshaken peer: reader and writer halves.
 pub struct Connection {
-    pub reader: FrameReader<OwnedReadHalf>,
-    pub writer: FrameWriter<OwnedWriteHalf>,
+    pub reader: FrameReader<ReadHalf>,
+    pub writer: FrameWriter<WriteHalf>,
     /// The name the other side gave in the handshake.
     pub peer_name: String,
 }
@@ -394,10 +418,34 @@ pub async fn connect(
     security: &Security,
 ) -> Result<Connection, CommError> {
     let target = parse_address(addr)?;
+    let tls = match (is_tls_address(addr), security.tls()) {
+        (true, Some(tls)) => Some(tls.connector()),
+        (true, None) => {
+            return Err(CommError::Refused(format!(
+                "{addr} speaks TLS and no certificates were given (--tls-ca-file, --tls-cert and --tls-key, \
+                 Security(tls_ca_file=..., tls_client_cert=..., tls_client_key=...), or ${})",
+                crate::tls::CA_ENV
+            )))
+        }
+        (false, _) if security.requires_encryption() => {
+            return Err(CommError::Refused(format!(
+                "{addr} is not encrypted and this process requires encryption (use the tls:// address)"
+            )))
+        }
+        (false, _) => None,
+    };
     let fut = async {
         let stream = TcpStream::connect(&target).await?;
         prepare(&stream);
-        let (r, w) = stream.into_split();
+        let (r, w) = match tls {
+            Some(connector) => {
+                let stream = connector.connect(crate::tls::Tls::server_name(), stream).await.map_err(|e| {
+                    CommError::Refused(format!("TLS handshake with {addr} failed: {e} (is it this cluster's?)"))
+                })?;
+                tls_halves(stream)
+            }
+            None => plain_halves(stream),
+        };
         let mut reader = FrameReader::new(r);
         let mut writer = FrameWriter::new(w);
         let nonce = Security::nonce();
@@ -432,6 +480,10 @@ pub async fn connect(
         };
         let reply = handshake.await.map_err(|e| match e {
             CommError::Refused(_) | CommError::Version { .. } => e,
+            other if !is_tls_address(addr) => CommError::Handshake(format!(
+                "not a dask-rs server, or it closed the connection during the handshake ({other}); \
+                 if it speaks TLS, use its tls:// address"
+            )),
             other => CommError::Handshake(format!(
                 "not a dask-rs server, or it closed the connection during the handshake ({other})"
             )),
@@ -465,7 +517,14 @@ pub async fn accept(
     security: &Security,
 ) -> Result<(Connection, Role), CommError> {
     prepare(&stream);
-    let (r, w) = stream.into_split();
+    let (r, w) = match security.tls() {
+        Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
+            Ok(Ok(stream)) => tls_halves(stream),
+            Ok(Err(e)) => return Err(CommError::Unauthenticated(format!("TLS handshake failed: {e}"))),
+            Err(_) => return Err(CommError::Malformed(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))),
+        },
+        None => plain_halves(stream),
+    };
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
     let handshake = async {
@@ -640,14 +699,14 @@ impl<M> Outbox<M> {
 /// batching whatever has queued up while the previous write was in flight.
 /// An idle connection writes each message at once: no timers, no latency.
 pub fn spawn_writer<M: Serialize + Send + Sync + 'static>(
-    writer: FrameWriter<OwnedWriteHalf>,
+    writer: FrameWriter<WriteHalf>,
 ) -> (Outbox<M>, tokio::task::JoinHandle<u64>) {
     spawn_counting_writer(writer, None)
 }
 
 /// As [`spawn_writer`], adding every byte written to `counter` as it goes.
 pub fn spawn_counting_writer<M: Serialize + Send + Sync + 'static>(
-    mut writer: FrameWriter<OwnedWriteHalf>,
+    mut writer: FrameWriter<WriteHalf>,
     counter: Option<Arc<AtomicU64>>,
 ) -> (Outbox<M>, tokio::task::JoinHandle<u64>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Envelope<M>>();

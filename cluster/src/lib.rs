@@ -15,6 +15,7 @@ pub mod security;
 pub mod sim;
 #[cfg(test)]
 mod testing;
+pub mod tls;
 pub mod worker;
 
 /// Seconds since the Unix epoch, as the protocol carries times.

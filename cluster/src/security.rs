@@ -16,6 +16,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::tls::{Tls, TlsFiles};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -31,14 +32,16 @@ pub const NONCE_LEN: usize = 16;
 pub enum SecurityError {
     #[error("cannot read the token file {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("the token file {0} can be read by other users; make it private (chmod 600)")]
+    #[error("{0} can be read by other users; make it private (chmod 600)")]
     Exposed(String),
-    #[error("the token file {0} belongs to another user")]
+    #[error("{0} belongs to another user")]
     Owner(String),
     #[error("invalid token{0}: expected 64 hex digits")]
     Invalid(String),
     #[error("no randomness available from the operating system")]
     Random,
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// The credential a process presents on every connection it opens and
@@ -47,6 +50,8 @@ pub enum SecurityError {
 #[derive(Clone, Default)]
 pub struct Security {
     token: Option<Arc<Token>>,
+    tls: Option<Arc<Tls>>,
+    require_encryption: bool,
 }
 
 struct Token {
@@ -57,7 +62,11 @@ struct Token {
 impl std::fmt::Debug for Security {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
-        f.debug_struct("Security").field("token", &self.token.as_ref().map(|_| "<hidden>")).finish()
+        f.debug_struct("Security")
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("tls", &self.tls)
+            .field("require_encryption", &self.require_encryption)
+            .finish()
     }
 }
 
@@ -82,7 +91,7 @@ impl Security {
             return Err(SecurityError::Invalid(String::new()));
         }
         let key = hmac::Key::new(hmac::HMAC_SHA256, token.as_bytes());
-        Ok(Security { token: Some(Arc::new(Token { text: token.to_ascii_lowercase(), key })) })
+        Ok(Security { token: Some(Arc::new(Token { text: token.to_ascii_lowercase(), key })), ..Security::default() })
     }
 
     /// Read a token file, refusing one that other users could read or that
@@ -102,17 +111,56 @@ impl Security {
         Self::with_token(&text).map_err(|_| SecurityError::Invalid(format!(" in {shown}")))
     }
 
-    /// The credential in the environment ([`TOKEN_ENV`], else
-    /// [`TOKEN_FILE_ENV`]), or an open cluster when neither is set.
+    /// The credentials in the environment: the token ([`TOKEN_ENV`], else
+    /// [`TOKEN_FILE_ENV`]) and TLS files ([`crate::tls::CA_ENV`] and its
+    /// siblings); an open cluster when none is set.
     pub fn from_env() -> Result<Self, SecurityError> {
-        if let Some(t) = std::env::var_os(TOKEN_ENV).filter(|v| !v.is_empty()) {
-            return Self::with_token(&t.to_string_lossy())
-                .map_err(|_| SecurityError::Invalid(format!(" in ${TOKEN_ENV}")));
+        let mut s = if let Some(t) = std::env::var_os(TOKEN_ENV).filter(|v| !v.is_empty()) {
+            Self::with_token(&t.to_string_lossy()).map_err(|_| SecurityError::Invalid(format!(" in ${TOKEN_ENV}")))?
+        } else if let Some(p) = std::env::var_os(TOKEN_FILE_ENV).filter(|v| !v.is_empty()) {
+            Self::from_file(Path::new(&p))?
+        } else {
+            Self::open()
+        };
+        if let Some(files) = TlsFiles::from_env()? {
+            s = s.with_tls(Tls::load(files)?);
         }
-        if let Some(p) = std::env::var_os(TOKEN_FILE_ENV).filter(|v| !v.is_empty()) {
-            return Self::from_file(Path::new(&p));
+        Ok(s)
+    }
+
+    /// These credentials, and TLS with `tls`: this process listens on
+    /// `tls://` addresses and opens only encrypted connections.
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(Arc::new(tls));
+        self.require_encryption = true;
+        self
+    }
+
+    /// The TLS configuration, when this process speaks TLS.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_deref()
+    }
+
+    /// Whether plain `tcp://` connections are refused.
+    pub fn requires_encryption(&self) -> bool {
+        self.require_encryption
+    }
+
+    /// Refuse (`true`) or allow plain `tcp://` connections. Without TLS,
+    /// requiring encryption means no connection can be made at all, which
+    /// is what a user who asked for it should find out.
+    pub fn require_encryption(mut self, require: bool) -> Self {
+        self.require_encryption = require;
+        self
+    }
+
+    /// The scheme of the addresses this process listens on.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "tls"
+        } else {
+            "tcp"
         }
-        Ok(Self::open())
     }
 
     /// Write the token to `path`, readable by its owner only.

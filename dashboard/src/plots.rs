@@ -299,7 +299,7 @@ fn seconds_label(x: f64, span: f64) -> String {
 
 /// A worker address without the scheme.
 fn short(address: &str) -> &str {
-    address.strip_prefix("tcp://").unwrap_or(address)
+    cluster::comm::strip_scheme(address)
 }
 
 /// One bar of a horizontal bar chart.

@@ -16,11 +16,18 @@ def scheduler_main(argv) -> int:
     p.add_argument("--dashboard-address", default=":8787",
                    help="where the dashboard listens, HOST:PORT or :PORT (default :8787)")
     p.add_argument("--no-dashboard", action="store_true", help="serve no dashboard")
+    p.add_argument("--tls-ca-file", default=None, help="the cluster's CA certificate (PEM)")
+    p.add_argument("--tls-cert", default=None, help="the scheduler's certificate (PEM)")
+    p.add_argument("--tls-key", default=None,
+                   help="the scheduler's private key (PEM; default: the certificate file)")
     args = p.parse_args(argv)
+    if bool(args.tls_ca_file) != bool(args.tls_cert):
+        p.error("--tls-ca-file and --tls-cert go together")
     dashboard = None if args.no_dashboard else args.dashboard_address
+    tls = (args.tls_ca_file, args.tls_cert, args.tls_key or args.tls_cert) if args.tls_ca_file else None
     try:
-        handle = _core.start_scheduler(args.host, args.port, dashboard_address=dashboard)
-    except OSError as e:
+        handle = _core.start_scheduler(args.host, args.port, dashboard_address=dashboard, tls=tls)
+    except (OSError, ValueError) as e:
         print(f"dask_rs scheduler: error: {e}", file=sys.stderr)
         return 1
     print(f"Scheduler at {handle.address}", flush=True)

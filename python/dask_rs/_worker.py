@@ -223,7 +223,7 @@ def _retire_self(scheduler: str, handle) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dask_rs worker", description="Run a dask-rs worker.")
-    p.add_argument("scheduler", help="scheduler address, tcp://HOST:PORT")
+    p.add_argument("scheduler", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
     p.add_argument("--nthreads", type=int, default=1, help="executor threads (default 1)")
     p.add_argument("--name", default=None, help="unique worker name (default: random)")
     p.add_argument("--memory-limit", default="auto", help="e.g. 4GiB, 500MB or 'auto' (default)")
@@ -246,9 +246,20 @@ def main(argv=None) -> int:
     p.add_argument("--local-directory", default=os.environ.get("DASK_TEMPORARY_DIRECTORY") or None,
                    help="directory for spilled results, e.g. node-local scratch "
                         "(default: $DASK_TEMPORARY_DIRECTORY, else the system's temporary directory)")
+    p.add_argument("--tls-ca-file", default=None, help="the cluster's CA certificate (PEM)")
+    p.add_argument("--tls-cert", default=None, help="this worker's certificate (PEM)")
+    p.add_argument("--tls-key", default=None,
+                   help="this worker's private key (PEM; default: the certificate file)")
     p.add_argument("--nworkers", type=int, default=None,
                    help="run this many worker processes under a supervisor that restarts them")
     args = p.parse_args(argv)
+    if bool(args.tls_ca_file) != bool(args.tls_cert):
+        p.error("--tls-ca-file and --tls-cert go together")
+    if args.tls_ca_file:
+        # Through the environment, so that supervised worker processes get them too.
+        os.environ["DASK_RS_TLS_CA_FILE"] = os.path.abspath(args.tls_ca_file)
+        os.environ["DASK_RS_TLS_CERT"] = os.path.abspath(args.tls_cert)
+        os.environ["DASK_RS_TLS_KEY"] = os.path.abspath(args.tls_key or args.tls_cert)
     if args.nthreads < 1:
         p.error("--nthreads must be at least 1")
     scheduler = args.scheduler if "://" in args.scheduler else f"tcp://{args.scheduler}"

@@ -445,9 +445,9 @@ class Client:
             raise ValueError("dask_rs.Client does not support asynchronous=True yet")
 
         self._timeout = parse_timedelta(timeout) or 10.0
-        from .security import token_of
+        from .security import Security, check
 
-        token = token_of(security)
+        given = check(security)
         if scheduler_file is not None:
             import json
 
@@ -464,7 +464,7 @@ class Client:
         elif hasattr(address, "scheduler_address"):
             self.cluster = address
             address = address.scheduler_address
-            token = token or token_of(getattr(self.cluster, "security", None))
+            given = given or check(getattr(self.cluster, "security", None))
         elif kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} when connecting to an address")
         if not isinstance(address, str):
@@ -472,11 +472,14 @@ class Client:
         if "://" not in address and ":" not in address:
             name_ = address
             address = cluster_address(name_)
-            token = token or cluster_token(name_)
+            token = cluster_token(name_) if given is None else None
+            if token:
+                given = Security(token=token)
         if "://" not in address:
             address = f"tcp://{address}"
         self.id = name or f"Client-{uuid.uuid4()}"
-        self._core = _core.ClientCore(address, self.id, float(self._timeout), token)
+        creds = given.core_kwargs() if given else {}
+        self._core = _core.ClientCore(address, self.id, float(self._timeout), **creds)
         self.scheduler_address = address
         self._dashboard_link = None
         self.status = "running"

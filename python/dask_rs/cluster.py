@@ -84,21 +84,23 @@ class LocalCluster:
         self.timeout = timeout
         self.python = python or sys.executable
         self.status = "starting"
-        from .security import Security, token_of
+        from .security import Security, check
 
         # Every cluster gets its own token unless told otherwise: other users
-        # of this machine can reach loopback ports too. security=False opens it.
+        # of this machine can reach loopback ports too. security=False opens
+        # it; Security.temporary() (or TLS files) encrypts it too.
         if security is False:
             self.security = Security()
-        elif security is None or security is True:
+        elif security is None:
+            self.security = Security.token_only()
+        elif security is True:
             self.security = Security.temporary()
         else:
-            token_of(security)
-            self.security = security
+            self.security = check(security)
         self._scheduler = _core.start_scheduler(
             host, scheduler_port, float(worker_saturation), bool(work_stealing),
             dashboard_address=None if dashboard_address is None else str(dashboard_address),
-            token=self.security.token,
+            **self.security.core_kwargs("scheduler"),
         )
         if self._scheduler.dashboard_warning:
             warnings.warn(self._scheduler.dashboard_warning, UserWarning, stacklevel=2)
@@ -112,7 +114,7 @@ class LocalCluster:
         self._logs = tempfile.TemporaryDirectory(prefix="dask-rs-")
         self._next = 0
         self._monitor = _core.ClientCore(
-            self.scheduler_address, "LocalCluster", float(timeout), self.security.token
+            self.scheduler_address, "LocalCluster", float(timeout), **self.security.core_kwargs()
         )
         _clusters.add(self)
         try:
@@ -154,11 +156,10 @@ class LocalCluster:
             cmd += ["--local-directory", self.local_directory]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        # The token travels in the environment, never on the command line.
-        env.pop("DASK_RS_TOKEN_FILE", None)
-        env.pop("DASK_RS_TOKEN", None)
-        if self.security.token:
-            env["DASK_RS_TOKEN"] = self.security.token
+        # Credentials travel in the environment, never on the command line.
+        for k in ("TOKEN_FILE", "TOKEN", "TLS_CA_FILE", "TLS_CERT", "TLS_KEY"):
+            env.pop(f"DASK_RS_{k}", None)
+        env.update(self.security.worker_env())
         self._procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
         self._started[name] = time.monotonic()
 

@@ -29,6 +29,7 @@ use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, Datase
 use cluster::protocol::{Blob, ClusterInfo, CoordError, CoordOp, CoordValue, EventsUpdate, Key, TaskSpec, WorkerInfo};
 use cluster::scheduler::SchedulerConfig;
 use cluster::security::{Security, SecurityError};
+use cluster::tls::{Tls, TlsFiles};
 use cluster::worker::store::{read_frames, Held, Store};
 use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
 
@@ -381,7 +382,7 @@ fn parse_resources(text: &str) -> PyResult<Vec<(String, f64)>> {
 /// missing; default the system temporary directory). Returns once the
 /// worker registered with the scheduler.
 #[pyfunction]
-#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0, resources=None, local_directory=None, token=None))]
+#[pyo3(signature = (scheduler, name, nthreads, memory_limit, host, execute, dumps, loads, run_function, timeout=10.0, death_timeout=60.0, resources=None, local_directory=None, token=None, tls=None, require_encryption=false))]
 #[allow(clippy::too_many_arguments)]
 fn start_worker(
     py: Python<'_>,
@@ -399,8 +400,10 @@ fn start_worker(
     resources: Option<String>,
     local_directory: Option<std::path::PathBuf>,
     token: Option<String>,
+    tls: Option<TlsPaths>,
+    require_encryption: bool,
 ) -> PyResult<WorkerHandle> {
-    let security = security_for(&scheduler, token.as_deref())?;
+    let security = security_for(&scheduler, credentials(token, tls, require_encryption)?)?;
     let resources = cluster::protocol::parse_resources(resources.as_deref().unwrap_or(""))
         .map_err(|e| PyValueError::new_err(format!("--resources: {e}")))?;
     let local_directory = match local_directory {
@@ -471,15 +474,14 @@ fn start_worker(
 static KNOWN: Mutex<Vec<(String, Security)>> = Mutex::new(Vec::new());
 
 fn address_key(address: &str) -> &str {
-    address.strip_prefix("tcp://").unwrap_or(address)
+    cluster::comm::strip_scheme(address)
 }
 
 /// The credential for the cluster at `address`: `token` when given (and
 /// remembered for later connections), else one remembered for that address,
 /// else the environment's (`DASK_RS_TOKEN`, `DASK_RS_TOKEN_FILE`), else none.
-fn security_for(address: &str, token: Option<&str>) -> PyResult<Security> {
-    if let Some(t) = token {
-        let s = py_security(Security::with_token(t))?;
+fn security_for(address: &str, given: Option<Security>) -> PyResult<Security> {
+    if let Some(s) = given {
         remember(address, &s);
         return Ok(s);
     }
@@ -490,12 +492,41 @@ fn security_for(address: &str, token: Option<&str>) -> PyResult<Security> {
     py_security(Security::from_env())
 }
 
+/// (CA file, certificate file, key file) as Python passes them.
+type TlsPaths = (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf);
+
+/// The credentials given explicitly (a token, TLS files, or a demand for
+/// encryption), or `None` when none was.
+fn credentials(token: Option<String>, tls: Option<TlsPaths>, require_encryption: bool) -> PyResult<Option<Security>> {
+    if token.is_none() && tls.is_none() && !require_encryption {
+        return Ok(None);
+    }
+    let mut s = match token {
+        Some(t) => py_security(Security::with_token(&t))?,
+        None => Security::open(),
+    };
+    if let Some((ca, cert, key)) = tls {
+        s = s.with_tls(py_security(Tls::load(TlsFiles { ca, cert, key }))?);
+    }
+    let require = require_encryption || s.tls().is_some();
+    Ok(Some(s.require_encryption(require)))
+}
+
+/// Make a cluster CA and one certificate for all its processes in `dir`;
+/// returns the (CA, certificate, key) paths.
+#[pyfunction]
+fn generate_tls(dir: std::path::PathBuf) -> PyResult<(String, String, String)> {
+    let f = py_security(TlsFiles::generate(&dir))?;
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    Ok((s(f.ca), s(f.cert), s(f.key)))
+}
+
 /// A credential, or the Python exception for why there is none.
-fn py_security(r: Result<Security, SecurityError>) -> PyResult<Security> {
+fn py_security<T>(r: Result<T, SecurityError>) -> PyResult<T> {
     r.map_err(|e| match e {
         SecurityError::Exposed(_) | SecurityError::Owner(_) => PyPermissionError::new_err(e.to_string()),
         SecurityError::Read { .. } | SecurityError::Random => PyOSError::new_err(e.to_string()),
-        SecurityError::Invalid(_) => PyValueError::new_err(e.to_string()),
+        SecurityError::Invalid(_) | SecurityError::Tls(_) => PyValueError::new_err(e.to_string()),
     })
 }
 
@@ -577,7 +608,8 @@ impl SchedulerHandle {
 /// With `token` (see `generate_token`), every connection must prove it; without,
 /// the environment's token applies (`DASK_RS_TOKEN`), if any.
 #[pyfunction]
-#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1, work_stealing=true, dashboard_address=None, token=None))]
+#[pyo3(signature = (host="127.0.0.1".to_string(), port=0, worker_saturation=1.1, work_stealing=true, dashboard_address=None, token=None, tls=None, require_encryption=false))]
+#[allow(clippy::too_many_arguments)]
 fn start_scheduler(
     py: Python<'_>,
     host: String,
@@ -586,11 +618,13 @@ fn start_scheduler(
     work_stealing: bool,
     dashboard_address: Option<String>,
     token: Option<String>,
+    tls: Option<TlsPaths>,
+    require_encryption: bool,
 ) -> PyResult<SchedulerHandle> {
     let rt = background_runtime("dask-rs-scheduler")?;
     let config = SchedulerConfig { worker_saturation, work_stealing, ..Default::default() };
-    let security = match token {
-        Some(t) => py_security(Security::with_token(&t))?,
+    let security = match credentials(token, tls, require_encryption)? {
+        Some(s) => s,
         None => py_security(Security::from_env())?,
     };
     let inner = py
@@ -791,9 +825,17 @@ type PyTask<'py> =
 #[pymethods]
 impl ClientCore {
     #[new]
-    #[pyo3(signature = (address, name, timeout=10.0, token=None))]
-    fn new(py: Python<'_>, address: String, name: String, timeout: f64, token: Option<String>) -> PyResult<Self> {
-        let security = security_for(&address, token.as_deref())?;
+    #[pyo3(signature = (address, name, timeout=10.0, token=None, tls=None, require_encryption=false))]
+    fn new(
+        py: Python<'_>,
+        address: String,
+        name: String,
+        timeout: f64,
+        token: Option<String>,
+        tls: Option<TlsPaths>,
+        require_encryption: bool,
+    ) -> PyResult<Self> {
+        let security = security_for(&address, credentials(token, tls, require_encryption)?)?;
         let timeout = Duration::from_secs_f64(timeout);
         let core = py.detach(|| Core::connect(&address, &name, timeout, &security)).map_err(|e| match e {
             ClientError::Connect { source: cluster::comm::CommError::Timeout(..), .. } => {
@@ -1186,6 +1228,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rejoin, m)?)?;
     m.add_function(wrap_pyfunction!(start_scheduler, m)?)?;
     m.add_function(wrap_pyfunction!(generate_token, m)?)?;
+    m.add_function(wrap_pyfunction!(generate_tls, m)?)?;
     m.add_function(wrap_pyfunction!(check_token, m)?)?;
     m.add_function(wrap_pyfunction!(read_token_file, m)?)?;
     m.add_function(wrap_pyfunction!(protocol_version, m)?)?;

@@ -104,7 +104,7 @@ pub fn recording_proxy(upstream: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
     let addr = format!("tcp://{}", listener.local_addr().unwrap());
     let record = Arc::new(Mutex::new(Vec::new()));
     let rec = record.clone();
-    let upstream = upstream.strip_prefix("tcp://").unwrap_or(upstream).to_string();
+    let upstream = cluster::comm::strip_scheme(upstream).to_string();
     std::thread::spawn(move || {
         let Ok((mut down, _)) = listener.accept() else { return };
         let Ok(mut up) = TcpStream::connect(&upstream) else { return };

@@ -23,12 +23,14 @@ from dask_rs import Client, LocalCluster, Security
 inc = functools.partial(operator.add, 1)
 
 
-def connect_from_another_process(address: str, token: str | None = None) -> subprocess.CompletedProcess:
+def connect_from_another_process(address: str, token: str | None = None, tls=None):
     """Connect from a fresh process, as another user's program would (no
-    credential unless `token`)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_RS_TOKEN")}
+    credential unless `token`, no certificates unless `tls`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_RS_TOKEN", "DASK_RS_TLS"))}
     if token:
         env["DASK_RS_TOKEN"] = token
+    if tls:
+        env["DASK_RS_TLS_CA_FILE"], env["DASK_RS_TLS_CERT"], env["DASK_RS_TLS_KEY"] = tls
     code = (
         "import sys; from dask_rs import _core\n"
         "c = _core.ClientCore(sys.argv[1], 'probe', 5.0)\n"
@@ -63,12 +65,16 @@ def test_local_cluster_requires_its_token():
 
 
 def test_security_objects(tmp_path):
-    s = Security.temporary()
-    assert Security(token=s.token).token == s.token
+    s = Security.token_only()
+    assert Security(token=s.token).token == s.token and s.tls_ca_file is None
     with pytest.raises(ValueError, match="64 hex digits"):
         Security(token="short")
-    with pytest.raises(TypeError, match="cluster token"):
+    with pytest.raises(ValueError, match="needs a certificate"):
         Security(tls_ca_file="ca.pem")
+    with pytest.raises(ValueError, match="needs TLS files"):
+        Security(require_encryption=True)
+    with pytest.raises(TypeError, match="tls_min_version"):
+        Security(tls_min_version=1.2)
     path = tmp_path / "token"
     path.write_text(s.token + "\n")
     path.chmod(0o600)
@@ -189,3 +195,50 @@ def test_the_control_socket_refuses_other_users():
     finally:
         run_ctl(env, "down", "mine")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_tls_local_cluster_as_in_distributed(tmp_path):
+    """Security.temporary() gives an encrypted cluster: tls:// addresses, a CA
+    and a certificate every process presents; clients connect with the
+    files (as distributed's Security(tls_ca_file=...) does), others cannot."""
+    sec = Security.temporary()
+    assert sec.require_encryption and os.path.exists(sec.tls_ca_file)
+    assert stat.S_IMODE(os.stat(sec.tls_client_key).st_mode) == 0o600
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, security=sec) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        with Client(cluster) as c:
+            workers = sorted(c.scheduler_info()["workers"])
+            assert len(workers) == 2 and all(w.startswith("tls://") for w in workers), workers
+            # A dependency held by the other worker crosses between workers over TLS.
+            x = c.submit(inc, 1, workers=[workers[0]])
+            y = c.submit(operator.add, x, 10, workers=[workers[1]])
+            assert y.result() == 12
+        files = Security(token=sec.token, tls_ca_file=sec.tls_ca_file, tls_client_cert=sec.tls_client_cert,
+                         tls_client_key=sec.tls_client_key)
+        with Client(cluster.scheduler_address, security=files) as c:
+            assert c.submit(inc, 2).result() == 3
+        # Another process: with the files it gets in; with another cluster's,
+        # or none, it does not.
+        tls = sec.tls_for("client")
+        p = connect_from_another_process(cluster.scheduler_address, sec.token, tls)
+        assert p.returncode == 0 and "connected 2" in p.stdout, p.stderr
+        other = Security.temporary()
+        for address in (cluster.scheduler_address, workers[0]):
+            p = connect_from_another_process(address, sec.token, other.tls_for("client"))
+            assert p.returncode != 0 and "TLS handshake" in p.stderr, p.stderr
+            p = connect_from_another_process(address, sec.token)
+            assert p.returncode != 0 and "speaks TLS and no certificates were given" in p.stderr, p.stderr
+        # A worker process started by hand with the files joins (flags, as distributed's CLI).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_RS_TOKEN", "DASK_RS_TLS"))}
+        env["DASK_RS_TOKEN"] = sec.token
+        w = subprocess.Popen([sys.executable, "-m", "dask_rs", "worker", cluster.scheduler_address,
+                              "--name", "by-hand", "--tls-ca-file", tls[0], "--tls-cert", tls[1],
+                              "--tls-key", tls[2]], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            with Client(cluster) as c:
+                c.wait_for_workers(3, timeout=30)
+                assert c.submit(inc, 5, workers=["by-hand"]).result() == 6
+        finally:
+            w.terminate()
+            w.wait(timeout=30)

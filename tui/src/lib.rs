@@ -134,7 +134,7 @@ pub fn run(options: Options, mut source: Box<dyn Source>) -> Result<(), TuiError
 /// Follow `target` (a registered name, or an address) as a monitor.
 fn open(app: &mut App, source: &mut dyn Source, target: &str) -> Result<ClientCore, TuiError> {
     let err = |reason: String| TuiError::Open { target: target.to_string(), reason };
-    let (name, address) = if target.starts_with("tcp://") {
+    let (name, address) = if target.starts_with("tcp://") || target.starts_with("tls://") {
         (None, target.to_string())
     } else {
         let row = source.clusters().into_iter().find(|c| c.name == target);

@@ -108,7 +108,7 @@ pub async fn start(
     comm::raise_open_file_limit();
     let listener = TcpListener::bind((host, port)).await?;
     let local = listener.local_addr()?;
-    let address = format!("tcp://{}:{}", host_for_address(host, &local), local.port());
+    let address = format!("{}://{}:{}", security.scheme(), host_for_address(host, &local), local.port());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (finished_tx, finished_rx) = watch::channel(false);
     let counters = Arc::new(ByteCounters::default());
@@ -188,7 +188,7 @@ async fn serve_peer(
 /// Forward every batch `peer` sends to the core task until the connection ends.
 async fn read_loop<M: DeserializeOwned>(
     peer: PeerId,
-    mut reader: comm::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut reader: comm::FrameReader<comm::ReadHalf>,
     events: &mpsc::UnboundedSender<Event>,
     counters: &ByteCounters,
     wrap: fn(Vec<Envelope<M>>) -> Inbound,

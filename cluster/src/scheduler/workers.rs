@@ -56,12 +56,10 @@ impl Worker {
 
 impl Worker {
     /// Whether `name` names this worker: its name, or its address with or
-    /// without `tcp://`.
+    /// without its scheme.
     pub(super) fn answers_to(&self, name: &str) -> bool {
-        fn bare(a: &str) -> &str {
-            a.strip_prefix("tcp://").unwrap_or(a)
-        }
-        name == self.name || bare(name) == bare(&self.address)
+        use crate::comm::strip_scheme;
+        name == self.name || strip_scheme(name) == strip_scheme(&self.address)
     }
 }
 

@@ -129,7 +129,7 @@ pub async fn run_worker<R: Runner>(
 ) -> Result<(), WorkerError> {
     let listener = TcpListener::bind((config.host.as_str(), 0)).await?;
     let local = listener.local_addr()?;
-    let address = format!("tcp://{}:{}", local.ip(), local.port());
+    let address = format!("{}://{}:{}", config.security.scheme(), local.ip(), local.port());
 
     let (events_tx, events) = mpsc::unbounded_channel::<Event>();
     // Executor threads: each takes one job at a time.
@@ -359,10 +359,7 @@ impl<R: Runner> Worker<R> {
 
 /// Forward what the scheduler sends to the runtime loop until the
 /// connection ends.
-async fn read_scheduler(
-    mut reader: comm::FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    events: mpsc::UnboundedSender<Event>,
-) {
+async fn read_scheduler(mut reader: comm::FrameReader<comm::ReadHalf>, events: mpsc::UnboundedSender<Event>) {
     loop {
         match reader.read_batch().await {
             Ok(b) => {

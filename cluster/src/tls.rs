@@ -1,0 +1,268 @@
+//! TLS 1.3 with mutual authentication (rustls, ring provider): a cluster's
+//! certificate authority, the certificate and key this process presents,
+//! and the client and server configurations built from them.
+//!
+//! Every peer of a TLS cluster presents a certificate signed by the
+//! cluster's CA, and accepts only peers whose certificate is. As in Dask,
+//! host names are not checked: the CA is the cluster's identity, and
+//! scheduler and workers move between hosts and addresses. A certificate
+//! from another CA, an expired one, or none at all fails the handshake.
+//!
+//! Processes find the files through `--tls-ca-file`, `--tls-cert`,
+//! `--tls-key` or the `DASK_RS_TLS_*` variables; only paths travel, never
+//! key material on a command line. A key file must be private to its owner.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::security::{is_mine, SecurityError};
+
+/// Environment variable naming the cluster's CA certificate file.
+pub const CA_ENV: &str = "DASK_RS_TLS_CA_FILE";
+/// Environment variable naming this process's certificate file.
+pub const CERT_ENV: &str = "DASK_RS_TLS_CERT";
+/// Environment variable naming this process's private key file.
+pub const KEY_ENV: &str = "DASK_RS_TLS_KEY";
+
+/// Where a process's TLS material lives (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The cluster's CA certificate(s).
+    pub ca: PathBuf,
+    /// This process's certificate (chain).
+    pub cert: PathBuf,
+    /// This process's private key; may be the certificate file itself when
+    /// that holds the key too.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files named by [`CA_ENV`], [`CERT_ENV`] and [`KEY_ENV`] (the key
+    /// defaulting to the certificate file), or `None` when no CA is named.
+    pub fn from_env() -> Result<Option<TlsFiles>, SecurityError> {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let Some(ca) = var(CA_ENV) else {
+            if var(CERT_ENV).is_some() || var(KEY_ENV).is_some() {
+                return Err(SecurityError::Tls(format!("${CERT_ENV} or ${KEY_ENV} is set but ${CA_ENV} is not")));
+            }
+            return Ok(None);
+        };
+        let cert =
+            var(CERT_ENV).ok_or_else(|| SecurityError::Tls(format!("${CA_ENV} is set but ${CERT_ENV} is not")))?;
+        let key = var(KEY_ENV).unwrap_or_else(|| cert.clone());
+        Ok(Some(TlsFiles { ca, cert, key }))
+    }
+
+    /// Make a fresh cluster CA and one certificate signed by it for every
+    /// process of the cluster, as `ca.pem`, `cert.pem` and `key.pem` in
+    /// `dir` (which must exist). The CA's own key is not kept: nothing new
+    /// can be signed later, and nothing outside `dir` can impersonate the
+    /// cluster. The key file is created 0600.
+    pub fn generate(dir: &Path) -> Result<TlsFiles, SecurityError> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
+        let err = |e: rcgen::Error| SecurityError::Tls(format!("cannot make certificates: {e}"));
+        let ca_key = KeyPair::generate().map_err(err)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.distinguished_name.push(DnType::CommonName, "dask-rs cluster CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().map_err(err)?;
+        let mut leaf = CertificateParams::new(vec!["dask-rs".to_string()]).map_err(err)?;
+        leaf.distinguished_name.push(DnType::CommonName, "dask-rs");
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
+        let files = TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+        let write = |path: &Path, text: &str, mode: u32| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::remove_file(path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .map_err(|source| SecurityError::Read { path: path.display().to_string(), source })
+        };
+        write(&files.ca, &ca_cert.pem(), 0o644)?;
+        write(&files.cert, &cert.pem(), 0o644)?;
+        write(&files.key, &key.serialize_pem(), 0o600)?;
+        Ok(files)
+    }
+}
+
+/// Client and server configurations of one process in a TLS cluster.
+pub struct Tls {
+    files: TlsFiles,
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("files", &self.files).finish()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_err<'a>(what: &'a str, path: &'a Path) -> impl Fn(rustls::pki_types::pem::Error) -> SecurityError + 'a {
+    move |e| SecurityError::Tls(format!("cannot read the {what} {}: {e}", path.display()))
+}
+
+impl Tls {
+    /// Load `files` and build both configurations (TLS 1.3 only; peers must
+    /// present a certificate the CA signed).
+    pub fn load(files: TlsFiles) -> Result<Tls, SecurityError> {
+        use std::os::unix::fs::MetadataExt;
+        let key_path = files.key.display().to_string();
+        let meta =
+            std::fs::metadata(&files.key).map_err(|source| SecurityError::Read { path: key_path.clone(), source })?;
+        if !is_mine(&meta) {
+            return Err(SecurityError::Owner(key_path));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(SecurityError::Exposed(key_path));
+        }
+        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.ca)
+            .and_then(|it| it.collect())
+            .map_err(tls_err("CA file", &files.ca))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+            .and_then(|it| it.collect())
+            .map_err(tls_err("certificate file", &files.cert))?;
+        if cas.is_empty() || chain.is_empty() {
+            let which = if cas.is_empty() { &files.ca } else { &files.cert };
+            return Err(SecurityError::Tls(format!("no certificate in {}", which.display())));
+        }
+        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(tls_err("key file", &files.key))?;
+        let mut roots = RootCertStore::empty();
+        for c in cas {
+            roots
+                .add(c)
+                .map_err(|e| SecurityError::Tls(format!("bad CA certificate in {}: {e}", files.ca.display())))?;
+        }
+        let roots = Arc::new(roots);
+        let bad = |e: rustls::Error| SecurityError::Tls(format!("TLS configuration: {e}"));
+        let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| SecurityError::Tls(format!("TLS configuration: {e}")))?;
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(bad)?
+            .with_client_cert_verifier(clients)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(bad)?;
+        let servers = WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| SecurityError::Tls(format!("TLS configuration: {e}")))?;
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(bad)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SignedByClusterCa(servers)))
+            .with_client_auth_cert(chain, key)
+            .map_err(bad)?;
+        Ok(Tls { files, client: Arc::new(client), server: Arc::new(server) })
+    }
+
+    /// The files this configuration was loaded from.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// Connector for connections this process opens.
+    pub fn connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.client.clone())
+    }
+
+    /// Acceptor for connections this process accepts.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.server.clone())
+    }
+
+    /// The name a client asks for; never checked against the certificate.
+    pub fn server_name() -> ServerName<'static> {
+        ServerName::try_from("dask-rs").expect("a valid DNS name")
+    }
+}
+
+/// Accepts a server certificate signed by the cluster's CA, whatever host
+/// name it was issued for (the chain, validity and signatures are checked
+/// as usual).
+#[derive(Debug)]
+struct SignedByClusterCa(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for SignedByClusterCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            // The chain checked out before the name was looked at.
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_files_load_and_the_key_is_private() {
+        let dir = std::env::temp_dir().join(format!("dask-rs-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = TlsFiles::generate(&dir).unwrap();
+        let tls = Tls::load(files.clone()).unwrap();
+        assert_eq!(tls.files(), &files);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Tls::load(files).unwrap_err().to_string();
+        assert!(err.contains("other users"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
