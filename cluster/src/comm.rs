@@ -372,6 +372,12 @@ fn plain_halves(stream: TcpStream) -> (ReadHalf, WriteHalf) {
     (Box::new(r), Box::new(w))
 }
 
+/// The socket under a TLS session: rustls reads records 4 KiB at a time,
+/// so a buffer beneath it turns those reads into a few large ones.
+fn tls_io(stream: TcpStream) -> BufReader<TcpStream> {
+    BufReader::with_capacity(256 * 1024, stream)
+}
+
 fn tls_halves<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> (ReadHalf, WriteHalf) {
     let (r, w) = tokio::io::split(stream);
     (Box::new(r), Box::new(w))
@@ -439,7 +445,7 @@ pub async fn connect(
         prepare(&stream);
         let (r, w) = match tls {
             Some(connector) => {
-                let stream = connector.connect(crate::tls::Tls::server_name(), stream).await.map_err(|e| {
+                let stream = connector.connect(crate::tls::Tls::server_name(), tls_io(stream)).await.map_err(|e| {
                     CommError::Refused(format!("TLS handshake with {addr} failed: {e} (is it this cluster's?)"))
                 })?;
                 tls_halves(stream)
@@ -518,7 +524,7 @@ pub async fn accept(
 ) -> Result<(Connection, Role), CommError> {
     prepare(&stream);
     let (r, w) = match security.tls() {
-        Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
+        Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(tls_io(stream))).await {
             Ok(Ok(stream)) => tls_halves(stream),
             Ok(Err(e)) => return Err(CommError::Unauthenticated(format!("TLS handshake failed: {e}"))),
             Err(_) => return Err(CommError::Malformed(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))),
