@@ -139,7 +139,9 @@ fn cluster(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     let mut constraints = vec![Constraint::Length(3), Constraint::Min(6)];
     if big {
         constraints.push(Constraint::Length((m.workers.len().min(8) as u16 * 2).max(4) + 2));
-        constraints.push(Constraint::Length(if area.height >= 40 { 7 } else { 4 }));
+        // Seven rows show the adaptive decisions and recent events; a
+        // 40-row terminal (39 rows here, below the footer) has room for them.
+        constraints.push(Constraint::Length(if area.height >= 36 { 7 } else { 4 }));
     }
     let chunks = Layout::vertical(constraints).split(area);
     header(f, chunks[0], app, p);
@@ -449,14 +451,20 @@ fn stream(f: &mut Frame, area: Rect, m: &Model, p: Palette) {
             *c = Some(r.group.as_str());
         }
     }
+    // Rows carry the worker's name, as the workers panel does (its address
+    // once it has left).
+    let name_of = |addr: &str| -> String {
+        m.workers
+            .iter()
+            .find(|w| w.address == addr)
+            .map_or_else(|| cluster::comm::strip_scheme(addr).to_string(), |w| w.name.clone())
+    };
     let lines: Vec<Line> = rows
         .iter()
         .zip(&grid)
         .map(|((w, t), cells)| {
-            let mut spans = vec![Span::styled(
-                format!("{:<label_w$} ", format!("{}#{t}", w.trim_start_matches("tcp://"))),
-                p.dim(),
-            )];
+            let label: String = format!("{}#{t}", name_of(w)).chars().take(label_w).collect();
+            let mut spans = vec![Span::styled(format!("{label:<label_w$} "), p.dim())];
             spans.extend(cells.iter().map(|c| match c {
                 Some(g) => Span::styled("█", p.group(g)),
                 None => Span::raw(" "),
@@ -630,6 +638,10 @@ mod tests {
         assert!(big.contains("scale_up to 2: 1 task queued") && big.contains("fixed(2)  target 2  running 2"), "{big}");
         assert!(big.contains("worker alpha-1 joined") && big.contains("k7 erred"), "{big}");
         snapshot("cluster-160x48", &big);
+        // A 120x40 terminal still shows the decisions and their reasons.
+        let mid = screen(&app, 120, 40);
+        assert!(mid.contains("scale_up to 2: 1 task") && mid.contains("k7 erred"), "{mid}");
+        assert!(mid.contains("alpha-1#0") && !mid.contains("41001#0"), "stream rows carry names: {mid}");
     }
 
     #[test]
