@@ -403,7 +403,9 @@ fn start_worker(
     tls: Option<TlsPaths>,
     require_encryption: bool,
 ) -> PyResult<WorkerHandle> {
-    let security = security_for(&scheduler, credentials(token, tls, require_encryption)?)?;
+    let given = credentials(token, tls, require_encryption)?;
+    let explicit = given.is_some();
+    let security = security_for(&scheduler, given)?;
     let resources = cluster::protocol::parse_resources(resources.as_deref().unwrap_or(""))
         .map_err(|e| PyValueError::new_err(format!("--resources: {e}")))?;
     let local_directory = match local_directory {
@@ -423,7 +425,7 @@ fn start_worker(
     config.connect_timeout = Duration::from_secs_f64(timeout);
     config.death_timeout = Duration::from_secs_f64(death_timeout.max(0.0));
     config.resources = resources;
-    config.security = security;
+    config.security = security.clone();
     let spill_dir = local_directory.join(format!("dask-rs-spill-{}-{}", std::process::id(), sanitize(&name)));
     let runner = Arc::new(PyRunner { execute, run_function, dumps, loads, store: Store::new(spill_dir) });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -442,7 +444,12 @@ fn start_worker(
     });
     let started = py.detach(|| rt.block_on(started_rx));
     match started {
-        Ok(address) => Ok(WorkerHandle { rt, stop: stop_tx, done, finished: fin_rx, address, runner }),
+        Ok(address) => {
+            if explicit {
+                remember(&scheduler, &security);
+            }
+            Ok(WorkerHandle { rt, stop: stop_tx, done, finished: fin_rx, address, runner })
+        }
         Err(_) => {
             // The worker stopped before registering: wait until its error is recorded.
             let mut fin = fin_rx.clone();
@@ -477,12 +484,12 @@ fn address_key(address: &str) -> &str {
     cluster::comm::strip_scheme(address)
 }
 
-/// The credential for the cluster at `address`: `token` when given (and
-/// remembered for later connections), else one remembered for that address,
-/// else the environment's (`DASK_RS_TOKEN`, `DASK_RS_TOKEN_FILE`), else none.
+/// The credential for the cluster at `address`: the one given, else one
+/// remembered for that address (callers remember given credentials once
+/// they connected with them, so a failed attempt with wrong ones changes
+/// nothing), else the environment's, else none.
 fn security_for(address: &str, given: Option<Security>) -> PyResult<Security> {
     if let Some(s) = given {
-        remember(address, &s);
         return Ok(s);
     }
     let known = KNOWN.lock().expect("credentials");
@@ -835,7 +842,9 @@ impl ClientCore {
         tls: Option<TlsPaths>,
         require_encryption: bool,
     ) -> PyResult<Self> {
-        let security = security_for(&address, credentials(token, tls, require_encryption)?)?;
+        let given = credentials(token, tls, require_encryption)?;
+        let explicit = given.is_some();
+        let security = security_for(&address, given)?;
         let timeout = Duration::from_secs_f64(timeout);
         let core = py.detach(|| Core::connect(&address, &name, timeout, &security)).map_err(|e| match e {
             ClientError::Connect { source: cluster::comm::CommError::Timeout(..), .. } => {
@@ -846,6 +855,9 @@ impl ClientCore {
             }
             other => client_err(other),
         })?;
+        if explicit {
+            remember(&address, &security);
+        }
         Ok(ClientCore { core })
     }
 

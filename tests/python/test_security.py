@@ -217,12 +217,18 @@ def test_tls_local_cluster_as_in_distributed(tmp_path):
                          tls_client_key=sec.tls_client_key)
         with Client(cluster.scheduler_address, security=files) as c:
             assert c.submit(inc, 2).result() == 3
+        # In this process: another cluster's files fail, and the failed
+        # attempt leaves the cluster's own credentials in place.
+        other = Security.temporary()
+        with pytest.raises(Exception, match="TLS handshake"):
+            Client(cluster.scheduler_address, security=other, timeout=5)
+        with Client(cluster.scheduler_address) as c:
+            assert c.submit(inc, 3).result() == 4
         # Another process: with the files it gets in; with another cluster's,
         # or none, it does not.
         tls = sec.tls_for("client")
         p = connect_from_another_process(cluster.scheduler_address, sec.token, tls)
         assert p.returncode == 0 and "connected 2" in p.stdout, p.stderr
-        other = Security.temporary()
         for address in (cluster.scheduler_address, workers[0]):
             p = connect_from_another_process(address, sec.token, other.tls_for("client"))
             assert p.returncode != 0 and "TLS handshake" in p.stderr, p.stderr
