@@ -52,3 +52,17 @@ stop_recorded() {
   fi
   rm -f "$2"
 }
+
+# port_free PORT DAEMON PIDFILE EXE VARS: fail at once, naming the holder, when a
+# process these scripts did not start (not the live pid recorded in PIDFILE)
+# listens on PORT; VARS names the variables that choose other ports
+port_free() {
+  local holder ours
+  holder=$(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2) || true
+  [ -n "$holder" ] || return 0
+  ours=$(live "$3" "$4") || true
+  [ "$holder" = "$ours" ] && return 0
+  echo "$TAG.sh: port $1, which our $2 needs, is held by pid $holder ($(tr '\0' ' ' </proc/"$holder"/cmdline 2>/dev/null))," >&2
+  echo "  a process these scripts did not start. Stop it, or choose other ports with $5." >&2
+  exit 1
+}

@@ -80,25 +80,13 @@ for n in $(getent hosts "${ip:-127.0.0.1}" | awk '{for (i = 2; i <= NF; i++) pri
 done
 [ "$(cat "$COMMON/host_aliases" 2>/dev/null)" = "$H$aliases" ] || echo "$H$aliases" >"$COMMON/host_aliases"
 
-# port_free PORT DAEMON PIDFILE EXE: fail, naming the holder, if a process we did not start listens on PORT
-port_free() {
-  local holder ours
-  holder=$(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2) || true
-  [ -n "$holder" ] || return 0
-  ours=$(live "$3" "$4") || true
-  [ "$holder" = "$ours" ] && return 0
-  echo "sge-up.sh: port $1, which our $2 needs, is held by pid $holder ($(tr '\0' ' ' </proc/"$holder"/cmdline 2>/dev/null))," >&2
-  echo "  a process these scripts did not start. Stop it, or choose other ports with" >&2
-  echo "  DASK_RS_SGE_QMASTER_PORT / DASK_RS_SGE_EXECD_PORT." >&2
-  exit 1
-}
 qm_up() { qconf -sh; }
 if live "$STATE/qmaster.pid" "$QMASTER" >/dev/null && ! until_ok 5 qm_up; then
   say "the recorded sge_qmaster does not answer on port $SGE_QMASTER_PORT: restarting it"
   stop_recorded sge_qmaster "$STATE/qmaster.pid" "$QMASTER" 30
 fi
 if ! live "$STATE/qmaster.pid" "$QMASTER" >/dev/null; then
-  port_free "$SGE_QMASTER_PORT" sge_qmaster "$STATE/qmaster.pid" "$QMASTER"
+  port_free "$SGE_QMASTER_PORT" sge_qmaster "$STATE/qmaster.pid" "$QMASTER" "DASK_RS_SGE_QMASTER_PORT / DASK_RS_SGE_EXECD_PORT"
   rm -f "$STATE/run/qmaster.pid" "$STATE/qmaster/lock"
   SGE_QMASTER_PIDFILE=$STATE/run/qmaster.pid /usr/sbin/sge_qmaster >>"$STATE/qmaster.log" 2>&1 </dev/null
   until_ok 60 qm_up || { echo "sge_qmaster did not start:"; tail -20 "$STATE/qmaster.log" "$STATE/qmaster/messages"; exit 1; }
@@ -148,7 +136,7 @@ elif [ "$(qconf -sq all.q | awk '$1=="slots"{print $2}')" != "$SLOTS" ]; then
 fi
 
 if ! live "$STATE/execd.pid" "$EXECD" >/dev/null; then
-  port_free "$SGE_EXECD_PORT" sge_execd "$STATE/execd.pid" "$EXECD"
+  port_free "$SGE_EXECD_PORT" sge_execd "$STATE/execd.pid" "$EXECD" "DASK_RS_SGE_QMASTER_PORT / DASK_RS_SGE_EXECD_PORT"
   rm -f "$STATE/run/execd.pid"
   SGE_EXECD_PIDFILE=$STATE/run/execd.pid /usr/sbin/sge_execd >>"$STATE/execd.log" 2>&1 </dev/null
   until_ok 10 live "$STATE/run/execd.pid" "$EXECD" || { echo "sge_execd did not start:"; cat "$STATE/execd.log"; exit 1; }

@@ -96,18 +96,6 @@ if ! live "$STATE/munged.pid" /usr/sbin/munged >/dev/null; then
   say "munged pid $(cat "$STATE/munged.pid")"
 fi
 
-# port_free PORT DAEMON PIDFILE: fail, naming the holder, if a process we did not start listens on PORT
-port_free() {
-  local holder ours
-  holder=$(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2) || true
-  [ -n "$holder" ] || return 0
-  ours=$(live "$3" "/usr/sbin/$2") || true
-  [ "$holder" = "$ours" ] && return 0
-  echo "slurm-up.sh: port $1, which our $2 needs, is held by pid $holder ($(tr '\0' ' ' </proc/"$holder"/cmdline 2>/dev/null))," >&2
-  echo "  a process these scripts did not start. Stop it, or choose other ports with" >&2
-  echo "  DASK_RS_SLURMCTLD_PORT / DASK_RS_SLURMD_PORT." >&2
-  exit 1
-}
 ctld_up() { [[ "$(scontrol ping 2>/dev/null)" == *"is UP"* ]]; }
 if live "$STATE/slurmctld.pid" /usr/sbin/slurmctld >/dev/null && ! until_ok 3 ctld_up; then
   say "the recorded slurmctld does not answer on port $CTLD_PORT: restarting it"
@@ -116,7 +104,7 @@ fi
 if live "$STATE/slurmctld.pid" /usr/sbin/slurmctld >/dev/null; then
   [ $changed = 1 ] && scontrol reconfigure
 else
-  port_free "$CTLD_PORT" slurmctld "$STATE/slurmctld.pid"
+  port_free "$CTLD_PORT" slurmctld "$STATE/slurmctld.pid" /usr/sbin/slurmctld "DASK_RS_SLURMCTLD_PORT / DASK_RS_SLURMD_PORT"
   saved=$(cat "$STATE/ctld/clustername" 2>/dev/null) || true
   if [ -n "$saved" ] && [ "$saved" != "$CLUSTER" ]; then
     say "discarding saved state of cluster \"$saved\" in $STATE/ctld"
@@ -129,7 +117,7 @@ else
   say "slurmctld pid $(cat "$STATE/slurmctld.pid") on port $CTLD_PORT"
 fi
 if ! live "$STATE/slurmd.pid" /usr/sbin/slurmd >/dev/null; then
-  port_free "$SLURMD_PORT" slurmd "$STATE/slurmd.pid"
+  port_free "$SLURMD_PORT" slurmd "$STATE/slurmd.pid" /usr/sbin/slurmd "DASK_RS_SLURMCTLD_PORT / DASK_RS_SLURMD_PORT"
   rm -f "$STATE/run/slurmd.pid"
   /usr/sbin/slurmd -D >>"$STATE/slurmd.out" 2>&1 </dev/null &
   echo $! >"$STATE/slurmd.pid"
