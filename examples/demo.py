@@ -7,7 +7,9 @@ Run with ``make demo`` (or ``.venv/bin/python examples/demo.py``).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import dask.array as da
@@ -45,7 +47,10 @@ def main() -> None:
         print(f"Started {cluster!r} in {time.perf_counter() - t0:.2f} s")
         print(f"  {client!r}")
         print(f"  Dashboard: {cluster.dashboard_link}  (open it now to watch the work below)")
-        print(f"  Console:   target/release/dask-ctl tui {cluster.scheduler_address}")
+        # The console needs the cluster's token: a private copy it can read.
+        creds_parent = tempfile.mkdtemp(prefix="dask-rs-demo-")
+        creds = cluster.security.to_directory(os.path.join(creds_parent, "creds"))
+        print(f"  Console:   target/release/dask-ctl tui --credentials {creds} {cluster.scheduler_address}")
         client.subscribe_events(0.1)
 
         # 1. Futures: a Monte Carlo estimate of pi from 200 tasks, reduced on the cluster.
@@ -82,6 +87,7 @@ def main() -> None:
             print(f"  worker {w['name']} at {w['address']}: {w['nkeys']} keys, "
                   f"{format_bytes(w['rss'])} RSS, {format_bytes(w['bytes_in'])} received from peers")
         linger(cluster.dashboard_link)
+        shutil.rmtree(creds_parent, ignore_errors=True)
     print(f"\nCluster closed; total {time.perf_counter() - t0:.2f} s")
 
 

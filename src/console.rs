@@ -11,13 +11,23 @@ use crate::ctl;
 use crate::registry;
 
 /// The registry of this user's clusters, read afresh on every call.
-pub struct Registry;
+pub struct Registry {
+    /// Where the credentials for a bare scheduler address are
+    /// (`--credentials`), else the environment's.
+    pub credentials: Option<std::path::PathBuf>,
+}
 
 impl Source for Registry {
     fn security(&mut self, name: Option<&str>) -> Result<cluster::security::Security, String> {
         match name {
             Some(n) => registry::dir(n).and_then(|d| registry::security(&d)).map_err(|e| e.to_string()),
-            None => cluster::security::Security::from_env().map_err(|e| e.to_string()),
+            None => match &self.credentials {
+                Some(dir) if registry::credentials(dir).token_file.is_none() => {
+                    Err(format!("no cluster token in {} (--credentials)", dir.display()))
+                }
+                Some(dir) => registry::security(dir).map_err(|e| format!("credentials in {}: {e}", dir.display())),
+                None => cluster::security::Security::from_env().map_err(|e| e.to_string()),
+            },
         }
     }
 

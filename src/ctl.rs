@@ -108,10 +108,15 @@ pub struct UpArgs {
     /// Shell line run after the worker exits, in batch jobs (repeatable).
     #[arg(long)]
     epilogue: Vec<String>,
-    /// Run without the cluster's token: anyone who can reach the scheduler
-    /// or a worker can then run code as you.
+    /// Run without credentials (no token, no TLS): anyone who can reach the
+    /// scheduler or a worker can then run code as you.
     #[arg(long)]
     insecure: bool,
+    /// Keep the cluster's token but leave TLS off: connections are
+    /// authenticated, not encrypted (faster for large transfers on a
+    /// trusted network).
+    #[arg(long, conflicts_with = "insecure")]
+    no_tls: bool,
     /// Leave out generated batch directives containing this text (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     job_directives_skip: Vec<String>,
@@ -257,8 +262,18 @@ pub fn job_script(args: UpArgs) -> Result<()> {
     default_contact(&host, &mut merged.options);
     let name = args.name.clone().unwrap_or_else(|| format!("{}-XXXX", args.backend));
     let port = if args.port == 0 { 8786 } else { args.port };
-    let logs = registry::log_dir(&registry::dir(&name)?);
-    let b = BatchBackend::new(system, merged.options, &format!("tcp://{host}:{port}"), &name, logs.clone(), logs)?;
+    let dir = registry::dir(&name)?;
+    let logs = registry::log_dir(&dir);
+    let (scheme, credentials) = match (args.insecure, args.no_tls) {
+        (true, _) => ("tcp", deployers::Credentials::none()),
+        (false, no_tls) => {
+            let tls = (!no_tls).then(|| registry::tls_files(&dir));
+            let scheme = if tls.is_some() { "tls" } else { "tcp" };
+            (scheme, deployers::Credentials { token_file: Some(registry::token_file(&dir)), tls })
+        }
+    };
+    let b = BatchBackend::new(system, merged.options, &format!("{scheme}://{host}:{port}"), &name, logs.clone(), logs)?
+        .with_credentials(credentials);
     print!("{}", b.script(&format!("{name}-0")));
     if args.port == 0 {
         eprintln!("(the scheduler port is chosen by `up`; pass --port to fix it)");
@@ -373,6 +388,10 @@ pub fn up(args: UpArgs) -> Result<()> {
     } else {
         let token = cluster::security::Security::generate()?;
         token.write_token_file(&registry::token_file(&dir)).context("writing the cluster's token")?;
+        if !args.no_tls {
+            // Named as registry::tls_files expects.
+            cluster::tls::TlsFiles::generate(&dir).context("making the cluster's certificates")?;
+        }
     }
     rec.save(&dir)?;
 
@@ -421,7 +440,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         _ => {}
     }
     println!();
-    print!("{}", snippet_text(&name, &address));
+    print!("{}", snippet_text(&name, &address, &dir));
     Ok(())
 }
 
@@ -490,8 +509,22 @@ fn wait_for_workers(dir: &Path, name: &str, n: usize, timeout: Duration) -> Resu
     }
 }
 
-fn snippet_text(name: &str, address: &str) -> String {
-    format!("    from dask_rs import Client\n    client = Client(\"{name}\")  # or Client(\"{address}\")\n")
+/// How to connect, here and (for a protected cluster in `dir`) elsewhere.
+fn snippet_text(name: &str, address: &str, dir: &Path) -> String {
+    let mut s = format!("    from dask_rs import Client\n    client = Client(\"{name}\")\n");
+    let creds = registry::credentials(dir);
+    if creds.is_empty() {
+        s += &format!("    # or from anywhere: Client(\"{address}\")\n");
+    } else {
+        let files = if creds.tls.is_some() { "token, ca.pem, cert.pem and key.pem" } else { "token" };
+        s += &format!(
+            "    # from another machine, with a private copy of {files} from {}:\n    \
+             #   from dask_rs import Security\n    \
+             #   client = Client(\"{address}\", security=Security.from_directory(\"COPY\"))\n",
+            dir.display()
+        );
+    }
+    s
 }
 
 /// A live cluster's status, or why there is none.
@@ -742,8 +775,8 @@ pub fn logs(name: &str, worker: Option<&str>) -> Result<()> {
 
 /// `dask-ctl snippet NAME`.
 pub fn snippet(name: &str) -> Result<()> {
-    let (_, rec) = registry::find(name)?;
+    let (dir, rec) = registry::find(name)?;
     let address = rec.address.ok_or_else(|| anyhow!("{name} has no scheduler address yet"))?;
-    print!("{}", snippet_text(name, &address));
+    print!("{}", snippet_text(name, &address, &dir));
     Ok(())
 }

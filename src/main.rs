@@ -82,6 +82,12 @@ enum Command {
         /// Refuse every command that changes a cluster.
         #[arg(long)]
         readonly: bool,
+        /// For a scheduler address: a private directory holding the cluster's
+        /// `token` (and `ca.pem`, `cert.pem`, `key.pem` for TLS), as `dask-ctl up`
+        /// keeps them and Python's `Security.to_directory` writes them
+        /// (default: `DASK_RS_TOKEN*`/`DASK_RS_TLS_*`).
+        #[arg(long, value_name = "DIR")]
+        credentials: Option<std::path::PathBuf>,
     },
     /// Print the batch job script `up` would submit for one worker (slurm, sge).
     JobScript(Box<ctl::UpArgs>),
@@ -200,10 +206,10 @@ fn main() -> Result<()> {
         Command::Down { name } => ctl::down(&name),
         Command::Logs { name, worker } => ctl::logs(&name, worker.as_deref()),
         Command::Snippet { name } => ctl::snippet(&name),
-        Command::Tui { target, readonly } => {
+        Command::Tui { target, readonly, credentials } => {
             let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
             let options = tui::Options { open: target, readonly, no_color };
-            Ok(tui::run(options, Box::new(console::Registry))?)
+            Ok(tui::run(options, Box::new(console::Registry { credentials }))?)
         }
         Command::JobScript(args) => ctl::job_script(*args),
         Command::Config { command: ConfigCommand::Show { backend, config } } => {

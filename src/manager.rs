@@ -53,7 +53,7 @@ fn policy_for(rec: &ClusterRecord) -> Box<dyn Policy> {
 pub fn run(dir: PathBuf) -> Result<()> {
     let mut rec = ClusterRecord::load(&dir)?;
     let security = registry::security(&dir)?;
-    let token_file = security.requires_token().then(|| registry::token_file(&dir));
+    let credentials = registry::credentials(&dir);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let sched = rt
         .block_on(scheduler::start(&rec.host, rec.port, SchedulerConfig::default(), security.clone()))
@@ -94,22 +94,21 @@ pub fn run(dir: PathBuf) -> Result<()> {
     let logs = registry::log_dir(&dir);
     let mut backend: Box<dyn Deployer> = match rec.backend {
         BackendKind::Local => {
-            Box::new(LocalBackend::new(rec.options.clone(), &address, &rec.name, logs).with_token_file(token_file))
+            Box::new(LocalBackend::new(rec.options.clone(), &address, &rec.name, logs).with_credentials(credentials))
         }
         BackendKind::Ssh => {
             // Workers on other hosts cannot use the loopback form of a wildcard address.
             let listen = if cluster::comm::is_wildcard_host(&rec.host) {
-                format!("tcp://{}:{}", rec.host, deployers::port_of(&address).unwrap_or(0))
+                format!("{}://{}:{}", security.scheme(), rec.host, deployers::port_of(&address).unwrap_or(0))
             } else {
                 address.clone()
             };
-            let token = security.token().map(String::from);
-            Box::new(SshBackend::new(rec.options.clone(), &listen, &rec.name, logs)?.with_token(token))
+            Box::new(SshBackend::new(rec.options.clone(), &listen, &rec.name, logs)?.with_credentials(credentials)?)
         }
         BackendKind::Slurm | BackendKind::Sge => {
             let system = rec.backend.batch_system().expect("a batch backend");
             let b = BatchBackend::new(system, rec.options.clone(), &address, &rec.name, logs, dir.join("jobs"))?;
-            Box::new(b.with_token_file(token_file))
+            Box::new(b.with_credentials(credentials))
         }
     };
     let mut config = ControllerConfig::default();

@@ -2,15 +2,17 @@
 //! `$XDG_STATE_HOME/dask-rs/clusters/NAME` (or `~/.local/state/...`), holding
 //! `cluster.json` (what `up` asked for and where the manager and scheduler
 //! are), `owned.json` (what the backend started, for cleanup after a crash),
-//! the cluster's token (`token`, mode 0600; absent for `up --insecure`),
-//! the manager's control socket and the logs. Every directory here is
+//! the cluster's credentials (`token`, and the TLS files `ca.pem`,
+//! `cert.pem`, `key.pem`; keys 0600; none for `up --insecure`, no TLS files
+//! for `up --no-tls`), the manager's control socket and the logs. Every directory here is
 //! private to its owner (0700).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cluster::security::Security;
-use deployers::{Owned, WorkerOptions};
+use cluster::tls::{Tls, TlsFiles};
+use deployers::{Credentials, Owned, WorkerOptions};
 use serde::{Deserialize, Serialize};
 
 /// `cluster.json`.
@@ -171,14 +173,31 @@ pub fn token_file(dir: &Path) -> PathBuf {
     dir.join("token")
 }
 
-/// The credential of the cluster registered in `dir` (open for clusters
+/// The TLS files of cluster `dir` (present unless started with
+/// `--insecure` or `--no-tls`).
+pub fn tls_files(dir: &Path) -> TlsFiles {
+    TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") }
+}
+
+/// The credential files of cluster `dir` that exist, as workers get them.
+pub fn credentials(dir: &Path) -> Credentials {
+    let token = token_file(dir);
+    let tls = tls_files(dir);
+    Credentials { token_file: token.exists().then_some(token), tls: tls.ca.exists().then_some(tls) }
+}
+
+/// The credentials of the cluster registered in `dir` (open for clusters
 /// started with `--insecure`).
 pub fn security(dir: &Path) -> Result<Security> {
-    let path = token_file(dir);
-    if !path.exists() {
-        return Ok(Security::open());
+    let creds = credentials(dir);
+    let mut security = match &creds.token_file {
+        Some(path) => Security::from_file(path)?,
+        None => Security::open(),
+    };
+    if let Some(files) = creds.tls {
+        security = security.with_tls(Tls::load(files)?);
     }
-    Ok(Security::from_file(&path)?)
+    Ok(security)
 }
 
 /// Create `dir` (and the registry above it) readable by its owner only, and

@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::tls::{Tls, TlsFiles};
+use crate::tls::{Tls, TlsFiles, TlsPem};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -112,7 +112,8 @@ impl Security {
     }
 
     /// The credentials in the environment: the token ([`TOKEN_ENV`], else
-    /// [`TOKEN_FILE_ENV`]) and TLS files ([`crate::tls::CA_ENV`] and its
+    /// [`TOKEN_FILE_ENV`]) and TLS material ([`crate::tls::PEM_ENVS`], else
+    /// the files named by [`crate::tls::CA_ENV`] and its
     /// siblings); an open cluster when none is set.
     pub fn from_env() -> Result<Self, SecurityError> {
         let mut s = if let Some(t) = std::env::var_os(TOKEN_ENV).filter(|v| !v.is_empty()) {
@@ -122,7 +123,9 @@ impl Security {
         } else {
             Self::open()
         };
-        if let Some(files) = TlsFiles::from_env()? {
+        if let Some(pem) = TlsPem::from_env()? {
+            s = s.with_tls(Tls::from_pem(&pem)?);
+        } else if let Some(files) = TlsFiles::from_env()? {
             s = s.with_tls(Tls::load(files)?);
         }
         Ok(s)

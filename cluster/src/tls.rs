@@ -9,8 +9,11 @@
 //! from another CA, an expired one, or none at all fails the handshake.
 //!
 //! Processes find the files through `--tls-ca-file`, `--tls-cert`,
-//! `--tls-key` or the `DASK_RS_TLS_*` variables; only paths travel, never
-//! key material on a command line. A key file must be private to its owner.
+//! `--tls-key` or the `DASK_RS_TLS_*` variables; a process started on a host
+//! that does not share our files (the ssh backend) gets the PEM text itself
+//! in `DASK_RS_TLS_*_PEM` variables, written to its shell's standard input.
+//! Key material never travels on a command line, and a key file must be
+//! private to its owner.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +34,9 @@ pub const CA_ENV: &str = "DASK_RS_TLS_CA_FILE";
 pub const CERT_ENV: &str = "DASK_RS_TLS_CERT";
 /// Environment variable naming this process's private key file.
 pub const KEY_ENV: &str = "DASK_RS_TLS_KEY";
+/// Environment variables holding the CA certificate, this process's
+/// certificate and its key as PEM text (instead of files).
+pub const PEM_ENVS: [&str; 3] = ["DASK_RS_TLS_CA_PEM", "DASK_RS_TLS_CERT_PEM", "DASK_RS_TLS_KEY_PEM"];
 
 /// Where a process's TLS material lives (PEM files).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,31 +110,25 @@ impl TlsFiles {
     }
 }
 
-/// Client and server configurations of one process in a TLS cluster.
-pub struct Tls {
-    files: TlsFiles,
-    client: Arc<ClientConfig>,
-    server: Arc<ServerConfig>,
+/// A process's TLS material as PEM text: the CA certificate(s), its
+/// certificate (chain) and its private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsPem {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
 }
 
-impl std::fmt::Debug for Tls {
+impl std::fmt::Debug for TlsPem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls").field("files", &self.files).finish()
+        f.debug_struct("TlsPem").field("ca", &self.ca).field("cert", &self.cert).finish_non_exhaustive()
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn tls_err<'a>(what: &'a str, path: &'a Path) -> impl Fn(rustls::pki_types::pem::Error) -> SecurityError + 'a {
-    move |e| SecurityError::Tls(format!("cannot read the {what} {}: {e}", path.display()))
-}
-
-impl Tls {
-    /// Load `files` and build both configurations (TLS 1.3 only; peers must
-    /// present a certificate the CA signed).
-    pub fn load(files: TlsFiles) -> Result<Tls, SecurityError> {
+impl TlsPem {
+    /// Read `files`, refusing a key file that other users can read or that
+    /// another user owns.
+    pub fn read(files: &TlsFiles) -> Result<TlsPem, SecurityError> {
         use std::os::unix::fs::MetadataExt;
         let key_path = files.key.display().to_string();
         let meta =
@@ -139,22 +139,80 @@ impl Tls {
         if meta.mode() & 0o077 != 0 {
             return Err(SecurityError::Exposed(key_path));
         }
-        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.ca)
-            .and_then(|it| it.collect())
-            .map_err(tls_err("CA file", &files.ca))?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-            .and_then(|it| it.collect())
-            .map_err(tls_err("certificate file", &files.cert))?;
-        if cas.is_empty() || chain.is_empty() {
-            let which = if cas.is_empty() { &files.ca } else { &files.cert };
-            return Err(SecurityError::Tls(format!("no certificate in {}", which.display())));
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| SecurityError::Read { path: p.display().to_string(), source })
+        };
+        Ok(TlsPem { ca: read(&files.ca)?, cert: read(&files.cert)?, key: read(&files.key)? })
+    }
+
+    /// The PEM text in the [`PEM_ENVS`] variables, or `None` when the CA's
+    /// is not set.
+    pub fn from_env() -> Result<Option<TlsPem>, SecurityError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let [ca, cert, key] = PEM_ENVS.map(var);
+        match (ca, cert, key) {
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(TlsPem { ca, cert, key })),
+            _ => Err(SecurityError::Tls(format!("{} must be set together", PEM_ENVS.join(", ")))),
         }
-        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(tls_err("key file", &files.key))?;
+    }
+}
+
+/// Client and server configurations of one process in a TLS cluster.
+pub struct Tls {
+    /// Where the material came from, for messages.
+    origin: String,
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("origin", &self.origin).finish()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Tls {
+    /// Load `files` and build both configurations (TLS 1.3 only; peers must
+    /// present a certificate the CA signed).
+    pub fn load(files: TlsFiles) -> Result<Tls, SecurityError> {
+        let pem = TlsPem::read(&files)?;
+        let named = |what: &str, p: &Path| format!("{what} {}", p.display());
+        Tls::build(
+            &pem,
+            [named("CA file", &files.ca), named("certificate file", &files.cert), named("key file", &files.key)],
+        )
+    }
+
+    /// Build both configurations from PEM text (see [`Tls::load`]).
+    pub fn from_pem(pem: &TlsPem) -> Result<Tls, SecurityError> {
+        Tls::build(pem, PEM_ENVS.map(|v| format!("${v}")))
+    }
+
+    /// `names`: how to call the CA, certificate and key sources in messages.
+    fn build(pem: &TlsPem, names: [String; 3]) -> Result<Tls, SecurityError> {
+        let [ca_name, cert_name, key_name] = &names;
+        let bad_pem = |name: &String| {
+            let name = name.clone();
+            move |e: rustls::pki_types::pem::Error| SecurityError::Tls(format!("cannot read the {name}: {e}"))
+        };
+        let cas: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(pem.ca.as_bytes()).collect::<Result<_, _>>().map_err(bad_pem(ca_name))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.cert.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(bad_pem(cert_name))?;
+        if cas.is_empty() || chain.is_empty() {
+            let which = if cas.is_empty() { ca_name } else { cert_name };
+            return Err(SecurityError::Tls(format!("no certificate in the {which}")));
+        }
+        let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).map_err(bad_pem(key_name))?;
         let mut roots = RootCertStore::empty();
         for c in cas {
-            roots
-                .add(c)
-                .map_err(|e| SecurityError::Tls(format!("bad CA certificate in {}: {e}", files.ca.display())))?;
+            roots.add(c).map_err(|e| SecurityError::Tls(format!("bad CA certificate in the {ca_name}: {e}")))?;
         }
         let roots = Arc::new(roots);
         let bad = |e: rustls::Error| SecurityError::Tls(format!("TLS configuration: {e}"));
@@ -177,12 +235,7 @@ impl Tls {
             .with_custom_certificate_verifier(Arc::new(SignedByClusterCa(servers)))
             .with_client_auth_cert(chain, key)
             .map_err(bad)?;
-        Ok(Tls { files, client: Arc::new(client), server: Arc::new(server) })
-    }
-
-    /// The files this configuration was loaded from.
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
+        Ok(Tls { origin: ca_name.clone(), client: Arc::new(client), server: Arc::new(server) })
     }
 
     /// Connector for connections this process opens.
@@ -257,8 +310,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dask-rs-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let files = TlsFiles::generate(&dir).unwrap();
-        let tls = Tls::load(files.clone()).unwrap();
-        assert_eq!(tls.files(), &files);
+        let pem = TlsPem::read(&files).unwrap();
+        Tls::load(files.clone()).unwrap();
+        Tls::from_pem(&pem).unwrap();
+        let mut broken = pem.clone();
+        broken.key = "not a key".into();
+        let err = Tls::from_pem(&broken).unwrap_err().to_string();
+        assert!(err.contains("DASK_RS_TLS_KEY_PEM"), "{err}");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = Tls::load(files).unwrap_err().to_string();

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::{
-    last_line, parse_bytes, sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus,
+    last_line, parse_bytes, sh_quote, Backend, BackendError, Credentials, Deployer, Owned, WorkerOptions, WorkerRecord,
+    WorkerStatus,
 };
 
 /// A batch system (stored in records by its lowercase name).
@@ -50,9 +51,9 @@ pub struct JobSpec<'a> {
     pub scheduler: &'a str,
     /// Where the job writes its output (`NAME.log`).
     pub log_dir: &'a Path,
-    /// The cluster's token file (private, on a file system the job sees);
-    /// the script names it, the secret itself is never in the script.
-    pub token_file: Option<&'a Path>,
+    /// The cluster's credential files (private, on a file system the job
+    /// sees); the script names them, the secrets are never in the script.
+    pub credentials: &'a Credentials,
 }
 
 /// Seconds in a walltime: `D-HH:MM:SS`, `HH:MM:SS`, `MM:SS`, or a bare number
@@ -176,8 +177,8 @@ impl System {
         lines.extend(generated.filter(|l| !opts.job_directives_skip.iter().any(|s| !s.is_empty() && l.contains(s))));
         lines.extend(extra);
         lines.push(String::new());
-        if let Some(f) = job.token_file {
-            lines.push(format!("export {}={}", cluster::security::TOKEN_FILE_ENV, sh_quote(&f.display().to_string())));
+        for (var, path) in job.credentials.env() {
+            lines.push(format!("export {var}={}", sh_quote(&path.display().to_string())));
         }
         lines.extend(opts.prologue.iter().cloned());
 
@@ -391,7 +392,7 @@ pub struct BatchBackend {
     jobs: Vec<Job>,
     failed: Vec<WorkerRecord>,
     next: u64,
-    token_file: Option<PathBuf>,
+    credentials: Credentials,
 }
 
 impl BatchBackend {
@@ -424,24 +425,20 @@ impl BatchBackend {
             jobs: Vec::new(),
             failed: Vec::new(),
             next: 0,
-            token_file: None,
+            credentials: Credentials::none(),
         })
     }
 
-    /// Jobs read the cluster's token from `token_file`.
-    pub fn with_token_file(mut self, token_file: Option<PathBuf>) -> Self {
-        self.token_file = token_file;
+    /// Jobs find the cluster's credential files through variables their
+    /// script exports ([`Credentials::env`]).
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
         self
     }
 
     /// The script for the next job (what `dask-ctl job-script` prints).
     pub fn script(&self, name: &str) -> String {
-        let job = JobSpec {
-            name,
-            scheduler: &self.scheduler,
-            log_dir: &self.log_dir,
-            token_file: self.token_file.as_deref(),
-        };
+        let job = JobSpec { name, scheduler: &self.scheduler, log_dir: &self.log_dir, credentials: &self.credentials };
         self.system.render(&self.options, &job)
     }
 
@@ -560,6 +557,7 @@ impl Deployer for BatchBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cluster::tls::TlsFiles;
 
     /// Job scripts for a table of option combinations, compared with the files
     /// under `tests/snapshots/` (`UPDATE_SNAPSHOTS=1` rewrites them).
@@ -608,8 +606,17 @@ mod tests {
                 if system == System::Sge && !opts.job_extra.is_empty() {
                     opts.job_extra = vec!["-l gpu=1".into(), "#$ -R y".into()];
                 }
-                let b =
-                    BatchBackend::new(system, opts, "tcp://10.0.0.1:8786", "c", "/logs".into(), "/s".into()).unwrap();
+                // The full case is a protected cluster: its script names the credential files.
+                let (address, credentials) = if *case == "full" {
+                    let d = Path::new("/home/u/.local/state/dask-rs/clusters/c");
+                    let tls = TlsFiles { ca: d.join("ca.pem"), cert: d.join("cert.pem"), key: d.join("key.pem") };
+                    ("tls://10.0.0.1:8786", Credentials { token_file: Some(d.join("token")), tls: Some(tls) })
+                } else {
+                    ("tcp://10.0.0.1:8786", Credentials::none())
+                };
+                let b = BatchBackend::new(system, opts, address, "c", "/logs".into(), "/s".into())
+                    .unwrap()
+                    .with_credentials(credentials);
                 let got = b.script("c-0");
                 let path = dir.join(format!("{}-{case}.sh", system.name()));
                 if update {

@@ -7,6 +7,7 @@
 
 pub mod batch;
 mod children;
+pub mod credentials;
 pub mod local;
 pub mod process;
 pub mod ssh;
@@ -14,6 +15,7 @@ pub mod ssh;
 use serde::{Deserialize, Serialize};
 
 pub use adaptive::{Backend, BackendError, WorkerRecord, WorkerStatus};
+pub use credentials::Credentials;
 
 /// Errors of this crate outside the [`Backend`] calls.
 #[derive(Debug, thiserror::Error)]
@@ -156,15 +158,17 @@ impl WorkerOptions {
         match self.contact_address.as_deref().filter(|c| !c.is_empty()) {
             None => scheduler.to_string(),
             Some(c) => {
-                let c = c.strip_prefix("tcp://").unwrap_or(c);
+                // Workers speak what the scheduler speaks, whatever scheme was written.
+                let scheme = if cluster::comm::is_tls_address(scheduler) { "tls" } else { "tcp" };
+                let c = cluster::comm::strip_scheme(c);
                 let has_port = match c.rfind(':') {
                     Some(i) => !c.starts_with('[') || c[..i].ends_with(']'),
                     None => false,
                 };
                 if has_port {
-                    format!("tcp://{c}")
+                    format!("{scheme}://{c}")
                 } else {
-                    format!("tcp://{c}:{}", port_of(scheduler).unwrap_or(8786))
+                    format!("{scheme}://{c}:{}", port_of(scheduler).unwrap_or(8786))
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::children::{scale_down_result, spawn_logged, ChildWorker, Children};
-use crate::{process, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
+use crate::{process, Backend, BackendError, Credentials, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
 
 struct Worker {
     name: String,
@@ -30,7 +30,7 @@ pub struct LocalBackend {
     scheduler: String,
     log_dir: PathBuf,
     workers: Children<Worker>,
-    token_file: Option<PathBuf>,
+    credentials: Credentials,
 }
 
 impl LocalBackend {
@@ -41,14 +41,14 @@ impl LocalBackend {
             scheduler: scheduler.to_string(),
             log_dir,
             workers: Children::new(prefix),
-            token_file: None,
+            credentials: Credentials::none(),
         }
     }
 
-    /// Workers read the cluster's token from `token_file` (given to them in
-    /// their environment, `DASK_RS_TOKEN_FILE`).
-    pub fn with_token_file(mut self, token_file: Option<PathBuf>) -> Self {
-        self.token_file = token_file;
+    /// Workers find the cluster's credential files through their
+    /// environment ([`Credentials::env`]).
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
         self
     }
 
@@ -58,8 +58,11 @@ impl LocalBackend {
         let argv = self.options.worker_command(&contact, &name);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
-        if let Some(f) = &self.token_file {
-            cmd.env(cluster::security::TOKEN_FILE_ENV, f).env_remove(cluster::security::TOKEN_ENV);
+        if !self.credentials.is_empty() {
+            for v in Credentials::shadowed() {
+                cmd.env_remove(v);
+            }
+            cmd.envs(self.credentials.env());
         }
         let (child, _) = spawn_logged(&mut cmd, &self.log_dir, &name, &argv[0], None)?;
         let start_time = process::start_time(child.id()).unwrap_or(0);

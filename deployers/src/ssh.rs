@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::children::{scale_down_result, spawn_logged, ChildWorker, Children};
-use crate::{last_line, sh_quote, Backend, BackendError, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus};
+use crate::{
+    last_line, sh_quote, Backend, BackendError, Credentials, Deployer, Owned, WorkerOptions, WorkerRecord, WorkerStatus,
+};
 
 /// The line a remote worker's shell prints before it becomes the worker.
 const MARKER: &str = "dask-rs: worker pid ";
@@ -152,9 +154,11 @@ pub struct SshBackend {
     scheduler: String,
     log_dir: PathBuf,
     workers: Children<RemoteWorker>,
-    /// The cluster's token, written to each worker's shell on its standard
-    /// input (the remote host need not share our files).
-    token: Option<String>,
+    /// The cluster's credentials, written to each worker's shell on its
+    /// standard input (the remote host need not share our files).
+    credentials: Credentials,
+    /// What the shell reads ([`Credentials::stdin_text`]).
+    stdin: Option<String>,
     /// Random per cluster, in every worker's environment, so that `down`
     /// signals this cluster's workers and nothing that merely looks alike.
     tag: String,
@@ -177,35 +181,34 @@ impl SshBackend {
             scheduler: scheduler.to_string(),
             log_dir,
             workers: Children::new(prefix),
-            token: None,
+            credentials: Credentials::none(),
+            stdin: None,
             tag: new_tag(),
         })
     }
 
-    /// Workers prove `token` (see [`crate::ssh`]'s start script).
-    pub fn with_token(mut self, token: Option<String>) -> Self {
-        self.token = token;
-        self
+    /// Workers join with `credentials`, read from the files now and sent to
+    /// each worker's shell (see [`SshBackend::start_script`]).
+    pub fn with_credentials(mut self, credentials: Credentials) -> Result<Self, BackendError> {
+        self.stdin = credentials.stdin_text()?;
+        self.credentials = credentials;
+        Ok(self)
     }
 
     /// The shell lines that run on the host: prologue, the address to use,
     /// the marker with the pid, then the worker in place of the shell.
     pub fn start_script(&self, name: &str) -> String {
         let mut lines: Vec<String> = Vec::new();
-        if self.token.is_some() {
-            // The token arrives on standard input, never on a command line.
-            lines.push(format!(
-                "IFS= read -r {t} || {{ echo 'no cluster token on stdin' >&2; exit 1; }}; export {t}",
-                t = cluster::security::TOKEN_ENV
-            ));
-        }
+        // Credentials arrive on standard input, never on a command line.
+        lines.extend(self.credentials.stdin_script());
         lines.push(format!("export DASK_RS_CLUSTER_TAG={}", self.tag));
         lines.extend(self.options.prologue.iter().cloned());
         if self.options.contact_address.is_none() && cluster::comm::is_wildcard_address(&self.scheduler) {
             let port = crate::port_of(&self.scheduler).unwrap_or(8786);
             lines.push("ip=${SSH_CONNECTION%% *}".into());
             lines.push(r#"case $ip in *:*) ip="[$ip]";; esac"#.into());
-            lines.push(format!("addr=tcp://$ip:{port}"));
+            let scheme = if cluster::comm::is_tls_address(&self.scheduler) { "tls" } else { "tcp" };
+            lines.push(format!("addr={scheme}://$ip:{port}"));
         } else {
             lines.push(format!("addr={}", sh_quote(&self.options.contact(&self.scheduler))));
         }
@@ -228,8 +231,7 @@ impl SshBackend {
         let name = self.workers.next_name();
         let ssh = ssh_prefix(&self.options, &host);
         let mut cmd = remote(&ssh, &self.start_script(&name), &[]);
-        let token_line = self.token.as_ref().map(|t| format!("{t}\n"));
-        let (child, log) = spawn_logged(&mut cmd, &self.log_dir, &name, "ssh", token_line.as_deref())?;
+        let (child, log) = spawn_logged(&mut cmd, &self.log_dir, &name, "ssh", self.stdin.as_deref())?;
         tracing::info!("starting worker {name} on {host} (ssh pid {})", child.id());
         self.workers.list.push(RemoteWorker { name, host, child, log, pid: None });
         Ok(())

@@ -382,17 +382,14 @@ def registry_dir() -> str:
     return os.path.join(base, "dask-rs", "clusters")
 
 
-def cluster_token(name: str) -> str | None:
-    """The token of the cluster ``dask-ctl up`` registered as ``name`` (None for one
-    started with ``--insecure``)."""
+def cluster_security(name: str):
+    """The credentials of the cluster ``dask-ctl up`` registered as ``name``
+    (None for one started with ``--insecure``)."""
     import os
 
     from .security import Security
 
-    path = os.path.join(registry_dir(), name, "token")
-    if not os.path.exists(path):
-        return None
-    return Security.from_file(path).token
+    return Security.from_directory(os.path.join(registry_dir(), name))
 
 
 def cluster_address(name: str) -> str:
@@ -445,7 +442,7 @@ class Client:
             raise ValueError("dask_rs.Client does not support asynchronous=True yet")
 
         self._timeout = parse_timedelta(timeout) or 10.0
-        from .security import Security, check
+        from .security import check
 
         given = check(security)
         if scheduler_file is not None:
@@ -472,9 +469,8 @@ class Client:
         if "://" not in address and ":" not in address:
             name_ = address
             address = cluster_address(name_)
-            token = cluster_token(name_) if given is None else None
-            if token:
-                given = Security(token=token)
+            if given is None:
+                given = cluster_security(name_)
         if "://" not in address:
             address = f"tcp://{address}"
         self.id = name or f"Client-{uuid.uuid4()}"

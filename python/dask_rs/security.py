@@ -98,6 +98,54 @@ class Security:
 
         return cls(token=_core.read_token_file(os.fspath(path)))
 
+    @classmethod
+    def from_directory(cls, path) -> Security | None:
+        """The credentials ``dask-ctl up`` keeps for a cluster: ``token`` and,
+        unless the cluster runs with ``--no-tls``, ``ca.pem``, ``cert.pem`` and
+        ``key.pem`` in ``path`` (the cluster's registry directory, or a private
+        copy of those files on another machine). None when ``path`` holds no
+        token (a cluster started with ``--insecure``)."""
+        path = os.fspath(path)
+        token = os.path.join(path, "token")
+        if not os.path.exists(token):
+            return None
+        tok = cls.from_file(token).token
+        ca, cert, key = (os.path.join(path, f) for f in ("ca.pem", "cert.pem", "key.pem"))
+        if not os.path.exists(ca):
+            return cls(token=tok)
+        return cls(token=tok, tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key)
+
+    def to_directory(self, path) -> str:
+        """Write these credentials as ``from_directory`` reads them (``token``,
+        and for TLS ``ca.pem``, ``cert.pem``, ``key.pem`` copied from the
+        client's files) into ``path``, created private (0700) if missing;
+        the token and key are 0600. Returns ``path``. For tools that take a
+        credentials directory, as ``dask-ctl tui --credentials DIR``."""
+        import shutil
+
+        path = os.fspath(path)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{path} must be a directory of yours that others cannot read")
+
+        def write(name, data: bytes, mode):
+            target = os.path.join(path, name)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(target, mode)
+
+        if not self.token:
+            raise ValueError("these credentials have no token to write")
+        write("token", (self.token + "\n").encode(), 0o600)
+        tls = self.tls_for("client")
+        if tls:
+            for name, src, mode in zip(("ca.pem", "cert.pem", "key.pem"), tls, (0o644, 0o644, 0o600)):
+                with open(src, "rb") as f:
+                    write(name, f.read(), mode)
+        return path
+
     def tls_for(self, role: str = "client") -> tuple[str, str, str] | None:
         """(CA, certificate, key) files for ``role`` ("client", "scheduler"
         or "worker"), or None without TLS."""

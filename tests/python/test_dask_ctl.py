@@ -59,7 +59,7 @@ def test_up_list_status_scale_down_from_separate_processes(ctl, tmp_path):
     [c] = json.loads(ctl("list", "--json").stdout)
     summary = (c["name"], c["backend"], c["workers"], c["pending"], c["status"])
     assert summary == ("alpha", "local", 2, 0, "running")
-    assert c["address"].startswith("tcp://127.0.0.1:")
+    assert c["address"].startswith("tls://127.0.0.1:")
     table = ctl("list").stdout
     assert "alpha" in table and "2/0" in table
 

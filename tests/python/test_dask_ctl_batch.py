@@ -256,7 +256,7 @@ def test_refused_jobs_and_missing_commands_are_clear(ctl, slurm, sge, tmp_path):
     # A job whose worker cannot reach the scheduler: up reports why and gives up.
     r = up(ctl, "slurm", "lost", "--workers", "1", "--contact-address", "tcp://127.0.0.1:9",
            "--timeout", "60s", check=False)
-    assert r.returncode != 0 and "cannot reach the scheduler at tcp://127.0.0.1:9" in r.stderr, r.stderr
+    assert r.returncode != 0 and "cannot reach the scheduler at tls://127.0.0.1:9" in r.stderr, r.stderr
     ctl("down", "lost")
     assert json.loads(ctl("list", "--json").stdout) == []
 

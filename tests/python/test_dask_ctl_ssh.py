@@ -88,6 +88,8 @@ def test_ssh_cluster_on_two_hosts_scales_and_cleans_up(ctl, ssh_config):
         (w["detail"].split(" on ")[1], w["address"].split("//")[1].split(":")[0]) for w in st["workers"]
     )
     assert by_host == sorted(HOSTS.items()), st["workers"]
+    # Encrypted: the hosts got the cluster's certificate on their shell's stdin.
+    assert all(w["address"].startswith("tls://") for w in st["workers"]), st["workers"]
     assert len(workers_in_namespaces()) == 2
 
     with Client("sshc") as client:

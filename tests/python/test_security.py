@@ -1,6 +1,6 @@
 """Cluster credentials with real processes: LocalCluster's token, `dask-ctl up`'s
-token file, and peers without the credential refused at the scheduler and at
-a worker's data port."""
+token and certificates, TLS clusters, and peers without the credential
+refused at the scheduler and at a worker's data port."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import operator
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -94,18 +95,26 @@ def test_security_objects(tmp_path):
             assert c.submit(inc, 41).result() == 42
 
 
-def test_up_makes_a_private_token_that_client_by_name_uses(ctl, tmp_path):
+def test_up_makes_private_credentials_that_client_by_name_uses(ctl, tmp_path):
+    """`dask-ctl up` makes a token and a CA with a certificate for the
+    cluster: its addresses are tls://, nobody without those files gets past
+    the handshake (not even with the token alone), and `Client("NAME")`
+    needs no file handling."""
     ctl("up", "--name", "safe", "--workers", "1", "--nthreads", "1")
     try:
         cdir = tmp_path / "state" / "dask-rs" / "clusters" / "safe"
         token_file = cdir / "token"
-        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        for f in ("token", "key.pem"):
+            assert stat.S_IMODE((cdir / f).stat().st_mode) == 0o600, f
         for d in (cdir, cdir.parent):
             assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
         token = token_file.read_text().strip()
+        key = (cdir / "key.pem").read_text()
+        key_line = key.splitlines()[1]
         record = json.loads((cdir / "cluster.json").read_text())
         assert token not in json.dumps(record), "the token is not in cluster.json"
-        # Not on any process's command line either.
+        assert record["address"].startswith("tls://"), record["address"]
+        # Neither secret is on any process's command line or in any worker's log.
         for pid in os.listdir("/proc"):
             if pid.isdigit():
                 try:
@@ -113,27 +122,85 @@ def test_up_makes_a_private_token_that_client_by_name_uses(ctl, tmp_path):
                 except OSError:
                     continue
                 assert token.encode() not in cmdline, f"the token is on the command line of pid {pid}"
+                assert key_line.encode() not in cmdline, f"the key is on the command line of pid {pid}"
 
         with Client("safe") as c:
+            assert c.scheduler_address == record["address"]
             assert c.submit(inc, 1).result() == 2
             worker = next(iter(c.scheduler_info()["workers"]))
+            assert worker.startswith("tls://"), worker
             address = c.scheduler_address
+            before = sorted(w["pid"] for w in c.scheduler_info()["workers"].values())
+        other = Security.temporary()
+        own = (str(cdir / "ca.pem"), str(cdir / "cert.pem"), str(cdir / "key.pem"))
         for target in (address, worker):
+            # No credentials; the token without the certificates; another cluster's certificates.
             p = connect_from_another_process(target)
-            assert p.returncode != 0 and "requires this cluster's credential" in p.stderr, p.stderr
-        # The refused attempts changed nothing.
+            assert p.returncode != 0 and "speaks TLS and no certificates were given" in p.stderr, p.stderr
+            p = connect_from_another_process(target, token)
+            assert p.returncode != 0 and "speaks TLS and no certificates were given" in p.stderr, p.stderr
+            p = connect_from_another_process(target, token, other.tls_for("client"))
+            assert p.returncode != 0 and "TLS handshake" in p.stderr, p.stderr
+            # A raw socket speaking the plain protocol, or garbage, gets nowhere.
+            host, port = target.removeprefix("tls://").rsplit(":", 1)
+            for payload in (b"dask-rs\x00" + os.urandom(64), os.urandom(4096)):
+                with socket.create_connection((host, int(port)), timeout=10) as s:
+                    s.sendall(payload)
+                    s.settimeout(10)
+                    try:
+                        while s.recv(65536):
+                            pass
+                    except (ConnectionResetError, TimeoutError, socket.timeout):
+                        pass
+        # With the cluster's files, another process gets in.
+        p = connect_from_another_process(address, token, own)
+        assert p.returncode == 0 and "connected 1" in p.stdout, p.stderr
+        # As on another machine: a private copy of the files, as `snippet` says.
+        snippet = ctl("snippet", "safe").stdout
+        assert 'Client("safe")' in snippet and "Security.from_directory" in snippet, snippet
+        assert "ca.pem" in snippet and str(cdir) in snippet, snippet
+        copy = tmp_path / "copy"
+        copy.mkdir(mode=0o700)
+        for f in ("token", "ca.pem", "cert.pem", "key.pem"):
+            shutil.copy(cdir / f, copy / f)
+        hidden = ("DASK_RS_TOKEN", "DASK_RS_TLS", "XDG_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(hidden)}
+        env["HOME"] = str(tmp_path / "elsewhere")
+        code = ("import sys, operator; from dask_rs import Client, Security\n"
+                "with Client(sys.argv[1], security=Security.from_directory(sys.argv[2])) as c:\n"
+                "    print('sum', c.submit(operator.add, 20, 22).result())\n")
+        p = subprocess.run([sys.executable, "-c", code, address, str(copy)], env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0 and "sum 42" in p.stdout, p.stderr
+        # The refused attempts changed nothing: same worker process, still computing.
         with Client("safe") as c:
             assert c.submit(inc, 2).result() == 3
-            assert len(c.scheduler_info()["workers"]) == 1
+            assert sorted(w["pid"] for w in c.scheduler_info()["workers"].values()) == before
     finally:
         ctl("down", "safe")
+    assert not cdir.exists(), "down removes the credentials with the registry entry"
+
+
+def test_up_no_tls_keeps_the_token(ctl, tmp_path):
+    ctl("up", "--name", "plain", "--workers", "1", "--nthreads", "1", "--no-tls")
+    try:
+        cdir = tmp_path / "state" / "dask-rs" / "clusters" / "plain"
+        assert (cdir / "token").exists() and not (cdir / "ca.pem").exists()
+        with Client("plain") as c:
+            assert c.scheduler_address.startswith("tcp://")
+            assert c.submit(inc, 1).result() == 2
+            p = connect_from_another_process(c.scheduler_address)
+            assert p.returncode != 0 and "requires this cluster's credential" in p.stderr, p.stderr
+    finally:
+        ctl("down", "plain")
 
 
 def test_up_insecure_warns_and_takes_anyone(ctl, tmp_path):
     up = ctl("up", "--name", "open", "--workers", "1", "--insecure")
     try:
         assert "--insecure" in up.stderr and "anyone" in up.stderr
-        assert not (tmp_path / "state" / "dask-rs" / "clusters" / "open" / "token").exists()
+        cdir = tmp_path / "state" / "dask-rs" / "clusters" / "open"
+        assert not (cdir / "token").exists() and not (cdir / "ca.pem").exists()
         address = json.loads(ctl("list", "--json").stdout)[0]["address"]
         p = connect_from_another_process(address)
         assert p.returncode == 0 and "connected 1" in p.stdout, p.stderr

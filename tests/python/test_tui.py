@@ -137,3 +137,31 @@ def test_readonly_console_refuses_every_change(ctl, tmux, tmp_path):
     assert json.loads(ctl("status", "ro", "--json").stdout)["policy"] == "fixed(1)"
     keys(tmux, "q")
     wait_until(lambda: (tmp_path / "after.txt").exists(), timeout=10, msg="the console quits")
+
+
+def test_console_opens_a_protected_address_with_a_credentials_directory(ctl, tmux, tmp_path):
+    """A LocalCluster (token by default) opened by address: with the directory
+    `Security.to_directory` wrote, the console connects; an empty directory
+    is refused with the reason."""
+    from dask_rs import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        with Client(cluster) as c:
+            name = next(iter(c.scheduler_info()["workers"].values()))["name"]
+        creds = cluster.security.to_directory(tmp_path / "creds")
+        assert sorted(os.listdir(creds)) == ["token"]
+        assert os.stat(os.path.join(creds, "token")).st_mode & 0o777 == 0o600
+        start(tmux, tmp_path, "--credentials", creds, cluster.scheduler_address)
+        wait_until(lambda: "workers 1" in screen(tmux) and name in screen(tmux), timeout=20,
+                   msg="the console shows the cluster")
+        text = screen(tmux, keep="by-address-120x40.txt")
+        assert cluster.scheduler_address.removeprefix("tcp://") in text, text
+        keys(tmux, "q")
+        wait_until(lambda: (tmp_path / "after.txt").exists(), timeout=10, msg="the console quits")
+        tmux("kill-session", "-t", "tui")
+        os.remove(tmp_path / "after.txt")
+        empty = tmp_path / "empty"
+        empty.mkdir(mode=0o700)
+        start(tmux, tmp_path, "--credentials", str(empty), cluster.scheduler_address)
+        wait_until(lambda: "no cluster token in" in screen(tmux), timeout=20, msg="the reason")
+        screen(tmux, keep="by-address-refused-120x40.txt")
