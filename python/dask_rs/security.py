@@ -121,8 +121,6 @@ class Security:
         client's files) into ``path``, created private (0700) if missing;
         the token and key are 0600. Returns ``path``. For tools that take a
         credentials directory, as ``dask-ctl tui --credentials DIR``."""
-        import shutil
-
         path = os.fspath(path)
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.stat(path)
