@@ -216,7 +216,8 @@ impl Limits {
 }
 
 /// The most memory reserved for a frame before any of its bytes arrived;
-/// beyond it, buffers grow with what arrives (doubling).
+/// beyond it, buffers grow with what arrives (doubling), until a frame has sent
+/// that much; then the rest is reserved at once ([`reserve_rest`]).
 const UPFRONT: u64 = 1 << 20;
 
 async fn read_exact_or_closed<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), CommError> {
@@ -249,10 +250,12 @@ async fn read_into<R: AsyncRead + Unpin>(
     while buf.len() < target {
         let want = target - buf.len();
         if buf.capacity() == buf.len() {
-            // Reserve what already arrived again (at least UPFRONT), not
-            // what the peer declared.
             let got = buf.len() - start;
-            buf.reserve(want.min(got.max(UPFRONT as usize)));
+            if got < UPFRONT as usize || !reserve_rest(buf, want) {
+                // Reserve what already arrived again (at least UPFRONT), not
+                // what the peer declared.
+                buf.reserve(want.min(got.max(UPFRONT as usize)));
+            }
         }
         let mut limited = (&mut *r).take(want as u64);
         let got = within(idle, async { Ok(limited.read_buf(buf).await?) }).await?;
@@ -261,6 +264,23 @@ async fn read_into<R: AsyncRead + Unpin>(
         }
     }
     Ok(())
+}
+
+/// Once a frame's first [`UPFRONT`] bytes arrived, make room for the rest
+/// at once rather than by doubling (each doubling copies what arrived and
+/// touches fresh pages). This reserves address space only: the pages are
+/// touched, and count in the process's memory, as bytes arrive. When the
+/// allocator refuses (a huge declared length), `false`, and the buffer
+/// grows as before.
+fn reserve_rest(buf: &mut BytesMut, want: usize) -> bool {
+    let mut v: Vec<u8> = Vec::new();
+    if v.try_reserve_exact(buf.len() + want).is_err() {
+        return false;
+    }
+    v.extend_from_slice(buf);
+    // Unique, so the conversion keeps the allocation (and its capacity).
+    *buf = BytesMut::from(Bytes::from(v));
+    buf.capacity() >= buf.len() + want
 }
 
 /// Split a batch's frames into envelopes.
@@ -863,6 +883,16 @@ mod tests {
         let mut buf = BytesMut::new();
         assert!(matches!(read_into(&mut BufReader::new(b), &mut buf, 8 << 30, None).await, Err(CommError::Closed)));
         assert!(buf.capacity() <= UPFRONT as usize, "reserved {} bytes", buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_grows_once_after_its_first_megabyte() {
+        let len = 5 * UPFRONT as usize + 123;
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut buf = BytesMut::new();
+        read_into(&mut BufReader::new(&data[..]), &mut buf, len, None).await.unwrap();
+        assert_eq!(&buf[..], &data[..]);
+        assert_eq!(buf.capacity(), len, "one exact reservation for the rest, no doubling");
     }
 
     #[tokio::test]

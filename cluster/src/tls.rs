@@ -172,8 +172,15 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+/// ring, with AES-128-GCM preferred: TLS 1.3's mandatory suite, and a
+/// third faster than AES-256 on bulk transfers (10 rounds instead of 14).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
+    Arc::new(p)
 }
 
 impl Tls {
