@@ -178,7 +178,7 @@ pub fn workers_page() -> String {
 pub fn workers_fragments(m: &Model) -> serde_json::Value {
     let mut t = String::from(
         "<table class=\"sortable\"><thead><tr><th>name</th><th>address</th><th>threads</th><th>memory</th>\
-         <th>% of limit</th><th>managed</th><th>spilled</th><th>executing</th><th>ready</th><th>processing</th>\
+         <th>% of limit</th><th>managed</th><th>spilled</th><th>CPU</th><th>executing</th><th>ready</th><th>processing</th>\
          <th>bytes in</th><th>bytes out</th><th>status</th></tr></thead><tbody>",
     );
     for w in &m.workers {
@@ -190,7 +190,8 @@ pub fn workers_fragments(m: &Model) -> serde_json::Value {
         let _ = write!(
             t,
             "<tr data-worker=\"{addr}\"><td><a href=\"/workers/{name_q}\">{name}</a></td><td>{addr}</td><td>{}</td>\
-             <td data-v=\"{}\">{}</td><td>{pct}</td><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td><td>{}</td><td>{}</td>\
+             <td data-v=\"{}\">{}</td><td>{pct}</td><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td>\
+             <td class=\"cpu\" data-v=\"{:.1}\">{:.0}%</td><td>{}</td><td>{}</td>\
              <td>{}</td><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td><td>{}</td></tr>",
             w.nthreads,
             w.rss,
@@ -199,6 +200,8 @@ pub fn workers_fragments(m: &Model) -> serde_json::Value {
             fmt_bytes(w.managed),
             w.spilled,
             fmt_bytes(w.spilled),
+            w.cpu,
+            w.cpu,
             w.executing,
             w.ready,
             w.processing,
@@ -244,6 +247,7 @@ pub fn worker_fragments(m: &Model, name: &str) -> serde_json::Value {
     let facts = format!(
         "<table><tr><td>address</td><td>{}</td></tr><tr><td>threads</td><td>{}</td></tr><tr><td>pid</td><td>{}</td></tr>\
          <tr><td>memory</td><td>{} of {}</td></tr><tr><td>stored</td><td>{} ({} keys)</td></tr><tr><td>spilled</td><td>{}</td></tr>\
+         <tr><td>CPU</td><td>{:.0}% of a core</td></tr>\
          <tr><td>executing / ready / processing</td><td>{} / {} / {}</td></tr></table>",
         esc(&w.address),
         w.nthreads,
@@ -253,6 +257,7 @@ pub fn worker_fragments(m: &Model, name: &str) -> serde_json::Value {
         fmt_bytes(w.managed),
         w.nkeys,
         fmt_bytes(w.spilled),
+        w.cpu,
         w.executing,
         w.ready,
         w.processing

@@ -992,6 +992,7 @@ class Client:
                 "metrics": {
                     "managed_bytes": w["managed"],
                     "memory": w["rss"],
+                    "cpu": w["cpu"],
                     "spilled_bytes": w["spilled"],
                     "executing": w["executing"],
                     "ready": w["ready"],

@@ -757,6 +757,7 @@ fn worker_to_py<'py>(py: Python<'py>, w: &WorkerInfo) -> PyResult<Bound<'py, PyD
     d.set_item("pid", w.pid)?;
     d.set_item("managed", w.managed)?;
     d.set_item("rss", w.rss)?;
+    d.set_item("cpu", w.cpu)?;
     d.set_item("spilled", w.spilled)?;
     d.set_item("executing", w.executing)?;
     d.set_item("ready", w.ready)?;

@@ -18,6 +18,7 @@ import dask.array as da
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import wait_until
 from dask_rs import Client, LocalCluster, get_task_stream, performance_report, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -125,6 +126,36 @@ def test_api_lists_workers_and_the_target(cluster_and_client):
     workers = json.loads(get(base + "/api/v1/get_workers")[2])["workers"]
     assert sorted(w["address"] for w in workers) == sorted(client.scheduler_info()["workers"])
     assert json.loads(get(base + "/api/v1/adaptive_target")[2]) == {"workers": 0}, "nothing left to do"
+
+
+def test_workers_report_their_cpu(cluster_and_client):
+    """A worker busy hashing reports most of a core; the page and
+    scheduler_info() show it; the idle one reports little."""
+    import hashlib
+
+    cluster, client, _, _ = cluster_and_client
+    busy, idle = sorted(client.scheduler_info()["workers"])
+    # A stdlib function workers import by name: seconds of pure CPU.
+    f = client.submit(hashlib.pbkdf2_hmac, "sha256", b"pw", b"salt", 5_000_000, workers=[busy], pure=False)
+    seen = []
+
+    def cpu_of(addr):
+        return client.scheduler_info()["workers"][addr]["metrics"]["cpu"]
+
+    def hot():
+        seen.append((cpu_of(busy), cpu_of(idle)))
+        return seen[-1][0] > 60
+    wait_until(hot, timeout=30, msg=f"the busy worker's CPU rises: {seen}")
+    assert seen[-1][1] < 40, seen
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    rows = []
+
+    def page_shows_it():
+        row = re.search(rf'<tr data-worker="{re.escape(busy)}">.*?</tr>', get(base + "/workers")[2]).group(0)
+        rows.append(row)
+        return float(re.search(r'<td class="cpu" data-v="([0-9.]+)">', row).group(1)) > 60
+    wait_until(page_shows_it, timeout=20, interval=0.2, msg=f"the /workers page shows it: {rows[-1:]}")
+    f.result()
 
 
 def test_status_page_in_chromium_shows_the_workload(cluster_and_client, chromium, tmp_path):

@@ -226,7 +226,7 @@ fn worker(f: &mut Frame, area: Rect, app: &App, p: Palette) {
         Layout::vertical([Constraint::Length(5), Constraint::Percentage(45), Constraint::Min(4)]).areas(area);
     let limit = if w.memory_limit > 0 { bytes(w.memory_limit) } else { "no limit".into() };
     let facts = vec![
-        Line::from(format!("{}  pid {}  threads {}", w.address, w.pid, w.nthreads)),
+        Line::from(format!("{}  pid {}  threads {}  cpu {:.0}%", w.address, w.pid, w.nthreads, w.cpu)),
         Line::from(format!(
             "memory {} of {limit}  stored {} ({} keys)  spilled {}",
             bytes(w.rss),

@@ -94,6 +94,8 @@ pub struct TaskErred {
 pub struct Heartbeat {
     /// Resident set size of the worker process.
     pub rss: u64,
+    /// CPU the process used since the previous heartbeat, in percent of one core.
+    pub cpu: f32,
     /// Bytes of results spilled to disk.
     pub spilled: u64,
     /// Tasks running now.

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; peers that speak another version are refused
 /// during the handshake with a clear error.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Four bytes every connection starts with, so a stranger (an HTTP client,
 /// random bytes) is recognised before any frame is parsed.
@@ -229,6 +229,9 @@ pub struct WorkerInfo {
     pub managed: u64,
     /// Resident set size of the worker process.
     pub rss: u64,
+    /// CPU the worker process used between its last two heartbeats, in
+    /// percent of one core (distributed's `cpu`; above 100 with threads).
+    pub cpu: f32,
     pub spilled: u64,
     pub executing: u32,
     pub ready: u32,
@@ -261,6 +264,7 @@ impl WorkerInfo {
             pid: 0,
             managed: 0,
             rss: 0,
+            cpu: 0.0,
             spilled: 0,
             executing: 0,
             ready: 0,

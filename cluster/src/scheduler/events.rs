@@ -107,6 +107,7 @@ impl SchedulerState {
                     pid: w.pid,
                     managed: w.nbytes.saturating_sub(w.spilled),
                     rss: w.rss,
+                    cpu: w.cpu,
                     spilled: w.spilled,
                     executing: w.executing,
                     ready: w.ready,

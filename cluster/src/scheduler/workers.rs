@@ -20,6 +20,7 @@ pub(super) struct Worker {
     pub(super) has_what: FxHashSet<TaskId>,
     pub(super) nbytes: u64,
     pub(super) rss: u64,
+    pub(super) cpu: f32,
     pub(super) spilled: u64,
     pub(super) executing: u32,
     pub(super) ready: u32,
@@ -101,6 +102,7 @@ impl SchedulerState {
                 has_what: FxHashSet::default(),
                 nbytes: 0,
                 rss: 0,
+                cpu: 0.0,
                 spilled: 0,
                 executing: 0,
                 ready: 0,
@@ -245,9 +247,10 @@ impl SchedulerState {
 
     /// Heartbeat metrics from a worker.
     pub fn worker_metrics(&mut self, peer: PeerId, beat: &Heartbeat) {
-        let Heartbeat { rss, spilled, executing, ready, bytes_in, bytes_out } = *beat;
+        let Heartbeat { rss, cpu, spilled, executing, ready, bytes_in, bytes_out } = *beat;
         if let Some(w) = self.workers.get_mut(&peer) {
             w.rss = rss;
+            w.cpu = cpu;
             w.spilled = spilled;
             w.executing = executing;
             w.ready = ready;

@@ -113,6 +113,17 @@ pub fn process_rss() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds this process used so far (user and system; 0 where unknown).
+pub fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
 /// Run a worker until the scheduler closes it, the connection is lost for
 /// longer than `death_timeout`, or `shutdown` turns true. Returns the
 /// reason it stopped. `started` hears the worker's data address once the
@@ -156,6 +167,7 @@ pub async fn run_worker<R: Runner>(
         // Tune the allocator for giving memory back once memory gets scarce.
         tune_allocator_at: mem_config.target_bytes(),
         last_trim: tokio::time::Instant::now(),
+        cpu_mark: (std::time::Instant::now(), process_cpu_seconds()),
         state: WorkerState::with_memory(config.nthreads, mem_config).with_resources(config.resources.clone()),
         config,
         runner,
@@ -190,6 +202,8 @@ struct Worker<R: Runner> {
     spill_at: Option<u64>,
     tune_allocator_at: Option<u64>,
     last_trim: tokio::time::Instant,
+    /// When and at what process CPU time the last heartbeat measured.
+    cpu_mark: (std::time::Instant, f64),
 }
 
 /// How one connection to the scheduler ended.
@@ -303,10 +317,15 @@ impl<R: Runner> Worker<R> {
         }
     }
 
-    fn heartbeat(&self) -> Heartbeat {
+    fn heartbeat(&mut self) -> Heartbeat {
+        let (now, cpu_now) = (std::time::Instant::now(), process_cpu_seconds());
+        let (then, cpu_then) = std::mem::replace(&mut self.cpu_mark, (now, cpu_now));
+        let wall = now.duration_since(then).as_secs_f64();
+        let cpu = if wall > 0.0 { ((cpu_now - cpu_then) / wall * 100.0).max(0.0) as f32 } else { 0.0 };
         let (traffic, peers) = (&self.traffic, &self.peers);
         Heartbeat {
             rss: process_rss(),
+            cpu,
             spilled: self.state.spilled(),
             executing: self.state.executing() as u32,
             ready: self.state.nready() as u32,
