@@ -191,10 +191,14 @@ enum ConfigCommand {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DASK_RS_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::prelude::*;
+        let filter = tracing_subscriber::EnvFilter::try_from_env("DASK_RS_LOG").unwrap_or_else(|_| "warn".into());
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+            .with(dashboard::logbook::layer())
+            .init();
+    }
     let cli = Cli::parse();
     let rt = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     match cli.command {
@@ -259,6 +263,8 @@ async fn run_scheduler(
     dashboard: Option<String>,
     security: cluster::security::Security,
 ) -> Result<()> {
+    let mut facts = config.describe();
+    facts.extend(scheduler::describe_security(&security));
     let handle = scheduler::start(&host, port, config, security.clone())
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
@@ -272,6 +278,7 @@ async fn run_scheduler(
             if let Some(w) = d.warning() {
                 eprintln!("warning: {w}");
             }
+            d.set_config(facts);
             // Not println!: whoever read the first line may have closed stdout.
             let _ = writeln!(std::io::stdout(), "Dashboard at {}", d.url());
             Some(d)

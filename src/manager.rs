@@ -49,6 +49,30 @@ fn policy_for(rec: &ClusterRecord) -> Box<dyn Policy> {
     }
 }
 
+/// How the cluster was set up, for the dashboard's `/info`: the scheduler's
+/// settings, its protection, the backend and every worker option `up` was
+/// given (defaults left out).
+fn manager_facts(rec: &ClusterRecord, security: &cluster::security::Security) -> Vec<(String, String)> {
+    let mut facts = vec![("cluster".to_string(), rec.name.clone()), ("backend".into(), rec.backend.to_string())];
+    facts.push(match (rec.workers, rec.adapt) {
+        (_, Some((lo, hi))) => ("scaling".into(), format!("adaptive, {lo} to {hi} workers")),
+        (n, None) => ("scaling".into(), format!("fixed, {} workers", n.unwrap_or(0))),
+    });
+    facts.extend(SchedulerConfig::default().describe());
+    facts.extend(scheduler::describe_security(security));
+    let defaults = serde_json::to_value(deployers::WorkerOptions::default()).unwrap_or_default();
+    if let Ok(serde_json::Value::Object(options)) = serde_json::to_value(&rec.options) {
+        for (k, v) in options {
+            let empty = v.is_null() || v.as_array().is_some_and(|a| a.is_empty()) || v.as_str() == Some("");
+            if !empty && defaults.get(&k) != Some(&v) {
+                let shown = v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
+                facts.push((format!("worker {k}"), shown));
+            }
+        }
+    }
+    facts
+}
+
 /// Run the manager of the cluster registered in `dir` until `down`.
 pub fn run(dir: PathBuf) -> Result<()> {
     let mut rec = ClusterRecord::load(&dir)?;
@@ -81,6 +105,7 @@ pub fn run(dir: PathBuf) -> Result<()> {
                 eprintln!("warning: {w}");
             }
             rec.dashboard = Some(d.url().to_string());
+            d.set_config(manager_facts(&rec, &security));
             Some(d)
         }
         None => None,

@@ -10,6 +10,7 @@
 //! subscriber, bounded per tick, so no viewer can slow scheduling or grow
 //! the scheduler's memory.
 
+pub mod logbook;
 mod metrics;
 mod pages;
 mod plots;
@@ -193,6 +194,12 @@ impl Dashboard {
         let mut m = self.shared.model.lock().expect("model");
         let now = if m.time > 0.0 { m.time } else { cluster::now() };
         m.set_manager(now, gauges.target, gauges.running, gauges.pending, decisions);
+    }
+
+    /// Show `config` (name, value pairs: how the scheduler or cluster was
+    /// set up) on `/info`.
+    pub fn set_config(&self, config: Vec<(String, String)>) {
+        *self.shared.config.lock().expect("config") = config;
     }
 
     /// Stop serving and following the scheduler.

@@ -368,21 +368,39 @@ pub fn adaptive_fragments(m: &Model) -> serde_json::Value {
     json!({ "adaptive-plot": plot, "adaptive-decisions": t })
 }
 
-/// `/info`: identity and uptime.
+/// `/info`: identity and uptime, configuration, the log's last lines.
 pub fn info_page() -> String {
-    shell("info", "Info", "", r#"<div class="card"><h2>Cluster</h2><div id="info"></div></div>"#)
+    shell(
+        "info",
+        "Info",
+        "",
+        r#"<div class="card"><h2>Cluster</h2><div id="info"></div></div>
+<div class="card"><h2>Configuration</h2><div id="info-config"></div></div>
+<div class="card"><h2>Log (this process, newest last)</h2><div id="info-log"></div></div>"#,
+    )
 }
 
 /// The fragments of `/info`.
-pub fn info_fragments(m: &Model, scheduler: &str, log: &[String]) -> serde_json::Value {
+pub fn info_fragments(m: &Model, scheduler: &str, config: &[(String, String)], log: &[String]) -> serde_json::Value {
     let mut lines = String::new();
     for l in log {
         let _ = writeln!(lines, "{}", esc(l));
     }
-    json!({ "info": format!(
+    if lines.is_empty() {
+        lines.push_str("(nothing logged yet)");
+    }
+    let mut table = String::from("<table class=\"config\">");
+    for (k, v) in config {
+        let _ = write!(table, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v));
+    }
+    table.push_str("</table>");
+    if config.is_empty() {
+        table = "<p>(not reported by this process)</p>".into();
+    }
+    json!({ "info-config": table, "info-log": format!("<pre class=\"log\">{lines}</pre>"), "info": format!(
         "<table><tr><td>scheduler</td><td>{}</td></tr><tr><td>version</td><td>dask-rs {}</td></tr>\
          <tr><td>watching for</td><td>{:.0} s</td></tr><tr><td>workers</td><td>{}</td></tr><tr><td>tasks seen finishing</td><td>{}</td></tr>\
-         <tr><td>task-stream records dropped</td><td>{}</td></tr></table><pre>{lines}</pre>",
+         <tr><td>task-stream records dropped</td><td>{}</td></tr></table>",
         esc(scheduler), env!("CARGO_PKG_VERSION"), m.time - m.first_seen, m.workers.len(), m.tasks_finished, m.stream_dropped) })
 }
 

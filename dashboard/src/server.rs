@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     /// The cluster token every request but `/health` must carry, when the
     /// dashboard listens beyond loopback.
     pub token: Option<String>,
+    /// What the process serving it was configured with, for `/info`.
+    pub config: Mutex<Vec<(String, String)>>,
 }
 
 impl Shared {
@@ -54,6 +56,7 @@ impl Shared {
             manager: Mutex::new(None),
             retire,
             interval: Duration::from_millis(400),
+            config: Mutex::new(Vec::new()),
         }
     }
 
@@ -78,7 +81,10 @@ impl Shared {
             "tasks" => pages::tasks_fragments(&model, window),
             "groups" => pages::groups_fragments(&model),
             "adaptive" => pages::adaptive_fragments(&model),
-            "info" => pages::info_fragments(&model, &self.scheduler, &[]),
+            "info" => {
+                let config = self.config.lock().expect("config").clone();
+                pages::info_fragments(&model, &self.scheduler, &config, &crate::logbook::recent())
+            }
             other => pages::individual_fragments(&model, other),
         };
         drop(model);

@@ -634,6 +634,8 @@ fn start_scheduler(
         Some(s) => s,
         None => py_security(Security::from_env())?,
     };
+    let mut facts = config.describe();
+    facts.extend(cluster::scheduler::describe_security(&security));
     let inner = py
         .detach(|| rt.block_on(cluster::scheduler::start(&host, port, config, security.clone())))
         .map_err(|e| PyOSError::new_err(format!("cannot start scheduler on {host}:{port}: {e}")))?;
@@ -641,7 +643,10 @@ fn start_scheduler(
     remember(&address, &security);
     let board = match dashboard_address {
         Some(at) => match py.detach(|| dashboard::Dashboard::start(&address, &at, &host, &security)) {
-            Ok(d) => Some(d),
+            Ok(d) => {
+                d.set_config(facts);
+                Some(d)
+            }
             Err(e) => {
                 inner.stop();
                 return Err(PyOSError::new_err(format!("cannot start the dashboard: {e}")));
@@ -1226,8 +1231,21 @@ fn rejoin(py: Python<'_>) -> bool {
     py.detach(cluster::worker::rejoin)
 }
 
+/// Log the runtime's warnings (or what `DASK_RS_LOG` asks for) to standard
+/// error, and keep recent lines for the dashboard's `/info`; once per
+/// process, and not where the host already installed a subscriber.
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DASK_RS_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+        .with(dashboard::logbook::layer())
+        .try_init();
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    init_logging();
     m.add("CommError", m.py().get_type::<CommError>())?;
     m.add_class::<Frame>()?;
     m.add_class::<ClientCore>()?;

@@ -128,6 +128,18 @@ def test_api_lists_workers_and_the_target(cluster_and_client):
     assert json.loads(get(base + "/api/v1/adaptive_target")[2]) == {"workers": 0}, "nothing left to do"
 
 
+def test_info_shows_configuration_and_the_log(cluster_and_client):
+    cluster, client, _, _ = cluster_and_client
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    body = get(base + "/info")[2]
+    config = re.search(r'<table class="config">(.*?)</table>', body, re.S).group(1)
+    assert "<td>distributed.scheduler.worker-saturation</td><td>1.1</td>" in config, config
+    assert "<td>cluster token</td><td>required</td>" in config, config
+    log = re.search(r'<pre class="log">(.*?)</pre>', body, re.S).group(1)
+    for addr, w in client.scheduler_info()["workers"].items():
+        assert re.search(rf"INFO cluster::scheduler::server: worker {w['name']} at {addr} joined", log), log
+
+
 def test_workers_report_their_cpu(cluster_and_client):
     """A worker busy hashing reports most of a core; the page and
     scheduler_info() show it; the idle one reports little."""

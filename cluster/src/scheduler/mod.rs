@@ -37,4 +37,4 @@ mod tests;
 
 pub use events::EventCursor;
 pub use server::{start, SchedulerHandle};
-pub use state::{Outgoing, PeerId, SchedulerConfig, SchedulerState, TaskState};
+pub use state::{describe_security, Outgoing, PeerId, SchedulerConfig, SchedulerState, TaskState};

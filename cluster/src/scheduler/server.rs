@@ -31,8 +31,8 @@ pub struct ByteCounters {
 
 /// The sending side of a connection, typed by the peer's role.
 enum Link {
-    /// A worker, and whether it has registered yet.
-    Worker { outbox: Outbox<ToWorker>, registered: bool },
+    /// A worker, and once it registered, how it is known (for the log).
+    Worker { outbox: Outbox<ToWorker>, registered: Option<String> },
     /// A client or a monitor.
     Client { outbox: Outbox<ToClient>, role: Role },
 }
@@ -174,7 +174,7 @@ async fn serve_peer(
     let bytes_out = Some(counters.bytes_out.clone());
     let result = if role == Role::Worker {
         let (outbox, _writer) = comm::spawn_counting_writer(writer, bytes_out);
-        let _ = events.send(Event::Connected { peer, link: Link::Worker { outbox, registered: false } });
+        let _ = events.send(Event::Connected { peer, link: Link::Worker { outbox, registered: None } });
         read_loop(peer, reader, &events, &counters, Inbound::Worker).await
     } else {
         let (outbox, _writer) = comm::spawn_counting_writer(writer, bytes_out);
@@ -323,7 +323,12 @@ impl Core {
     fn drop_peer(&mut self, peer: PeerId) {
         if let Some(p) = self.peers.remove(&peer) {
             match p.link {
-                Link::Worker { .. } => self.state.remove_worker(peer),
+                Link::Worker { registered, .. } => {
+                    if let Some(who) = registered {
+                        tracing::info!("worker {who} left");
+                    }
+                    self.state.remove_worker(peer)
+                }
                 Link::Client { role: Role::Client, .. } => self.state.remove_client(peer),
                 Link::Client { .. } => {}
             }
@@ -335,13 +340,22 @@ impl Core {
         let Some(Peer { link: Link::Worker { registered, .. }, .. }) = self.peers.get_mut(&peer) else {
             return Ok(());
         };
-        match (&env.msg, *registered) {
-            (FromWorker::RegisterWorker(_), false) => *registered = true,
+        let joining = match (&env.msg, registered.is_some()) {
+            (FromWorker::RegisterWorker(r), false) => Some(format!("{} at {}", r.name, r.address)),
             (FromWorker::RegisterWorker(_), true) => return Err("a worker registers only once".into()),
             (_, false) => return Err("a worker must send RegisterWorker first".into()),
-            _ => {}
+            _ => None,
+        };
+        let threads = match &env.msg {
+            FromWorker::RegisterWorker(r) => r.nthreads,
+            _ => 0,
+        };
+        self.state.handle_worker(peer, env)?;
+        if let Some(who) = joining {
+            tracing::info!("worker {who} joined ({threads} threads)");
+            *registered = Some(who);
         }
-        self.state.handle_worker(peer, env)
+        Ok(())
     }
 
     fn on_client(&mut self, peer: PeerId, env: Envelope<FromClient>) -> Result<(), String> {

@@ -108,6 +108,31 @@ impl Default for SchedulerConfig {
     }
 }
 
+impl SchedulerConfig {
+    /// Each setting by name (Dask's configuration names where it has the
+    /// setting), for people reading a dashboard.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let s = |k: &str, v: String| (k.to_string(), v);
+        vec![
+            s("distributed.scheduler.worker-saturation", self.worker_saturation.to_string()),
+            s("distributed.scheduler.work-stealing", self.work_stealing.to_string()),
+            s("distributed.scheduler.allowed-failures", self.allowed_failures.to_string()),
+            s("distributed.scheduler.worker-ttl", format!("{} s", self.worker_ttl.as_secs_f64())),
+            s("distributed.scheduler.bandwidth", format!("{} B/s", self.bandwidth)),
+            s("pipeline window (per thread)", format!("{} s", self.pipeline_window)),
+            s("task-stream records kept", self.stream_capacity.to_string()),
+        ]
+    }
+}
+
+/// How a process is protected, for people reading a dashboard: the
+/// address scheme and which credentials it demands (never their values).
+pub fn describe_security(security: &crate::security::Security) -> Vec<(String, String)> {
+    let tls = if security.tls().is_some() { "TLS 1.3, mutual, cluster CA" } else { "none (plain TCP)" };
+    let token = if security.requires_token() { "required" } else { "none" };
+    vec![("encryption".into(), tls.into()), ("cluster token".into(), token.into())]
+}
+
 /// The scheduler's whole state.
 pub struct SchedulerState {
     pub(super) config: SchedulerConfig,
