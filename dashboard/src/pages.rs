@@ -292,18 +292,55 @@ pub fn tasks_page() -> String {
         "Tasks",
         "",
         r#"<div class="card"><h2>Task stream, everything kept <span class="zoom">
-<button onclick="location.search='?window=60'">1 min</button><button onclick="location.search='?window=300'">5 min</button>
-<button onclick="location.search='?window=3600'">1 h</button></span></h2><div id="task-stream-long"></div></div>
+<button onclick="view(60, 0)">1 min</button><button onclick="view(300, 0)">5 min</button><button onclick="view(3600, 0)">1 h</button>
+<button onclick="zoom(0.5)" title="zoom in">+</button><button onclick="zoom(2)" title="zoom out">&minus;</button>
+<button onclick="pan(1)" title="earlier">&larr;</button><button onclick="pan(-1)" title="later">&rarr;</button>
+<button onclick="view(shown()[0], 0)" title="follow the present">now</button></span></h2>
+<div id="task-stream-view"></div><div id="task-stream-long"></div></div>
+<script>
+function shown() {
+  const p = new URLSearchParams(location.search);
+  return [parseFloat(p.get("span") || p.get("window") || "300"), parseFloat(p.get("end") || "0")];
+}
+function view(span, end) {
+  span = Math.min(3600, Math.max(1, span)); end = Math.min(3600, Math.max(0, end));
+  location.search = "?span=" + span.toFixed(1) + "&end=" + end.toFixed(1);
+}
+function zoom(f) { const [s, e] = shown(); const mid = e + s / 2; view(s * f, mid - s * f / 2); }
+function pan(f) { const [s, e] = shown(); view(s, e + f * s / 2); }
+</script>
 <div class="card"><h2>Tasks per second</h2><div id="task-rate"></div></div>"#,
     )
 }
 
-/// The fragments of `/tasks`.
-pub fn tasks_fragments(m: &Model, window: f64) -> serde_json::Value {
+/// `/tasks`' view of the stream: `span` seconds ending `end` seconds ago
+/// (`span` or the older `window`, 1 s to 1 h, default 5 min; `end` 0 to 1 h).
+pub fn tasks_view(span: Option<&str>, end: Option<&str>) -> (f64, f64) {
+    let num = |v: Option<&str>| v.and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite());
+    let span = num(span).unwrap_or(300.0).clamp(1.0, 3600.0);
+    let end = num(end).unwrap_or(0.0).clamp(0.0, 3600.0);
+    // Rounded, so that nearby views share one rendering.
+    ((span * 10.0).round() / 10.0, (end * 10.0).round() / 10.0)
+}
+
+/// A span of time as people say it: `30 s`, `1.5 min`, `2 h`.
+fn fmt_span(s: f64) -> String {
+    let trim = |v: f64| format!("{v:.1}").trim_end_matches(".0").to_string();
+    match s {
+        s if s < 60.0 => format!("{} s", trim(s)),
+        s if s < 3600.0 => format!("{} min", trim(s / 60.0)),
+        s => format!("{} h", trim(s / 3600.0)),
+    }
+}
+
+/// The fragments of `/tasks` for the view from [`tasks_view`].
+pub fn tasks_fragments(m: &Model, span: f64, end: f64) -> serde_json::Value {
     let rate =
         vec![("tasks/s", plots::group_color("rate"), m.history.iter().map(|s| (s.time, s.tasks_per_second)).collect())];
+    let until = if end > 0.0 { format!("ending {} ago", fmt_span(end)) } else { "ending now (live)".into() };
     json!({
-        "task-stream-long": plots::task_stream(m, window, 1200, 520),
+        "task-stream-view": format!("<p class=\"view\" data-span=\"{span}\" data-end=\"{end}\">{} {until}</p>", fmt_span(span)),
+        "task-stream-long": plots::task_stream_range(m, span, end, 1200, 520),
         "task-rate": plots::timeline(&rate, m.time, 1200, 200, "task-rate", &|y| format!("{y:.0}")),
     })
 }

@@ -147,8 +147,16 @@ fn clip(s: &str, n: usize) -> String {
 /// one rectangle per task coloured by group, the transfer before it in
 /// orange, erred tasks in red.
 pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> String {
+    task_stream_range(model, window, 0.0, width, height)
+}
+
+/// The task stream of the `span` seconds that ended `ago` seconds before
+/// the model's time (zoomed and panned views of `/tasks`).
+pub fn task_stream_range(model: &Model, span: f64, ago: f64, width: u32, height: u32) -> String {
     let now = model.time;
-    let mut records: Vec<_> = model.recent(window).collect();
+    let window = span;
+    let until = now - ago;
+    let mut records: Vec<_> = model.recent(span + ago).filter(|r| r.start - r.transfer <= until).collect();
     // A busy cluster finishes more tasks in the window than there are
     // pixels: draw an even sample of them (the picture is the same, the
     // cost bounded).
@@ -166,7 +174,7 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
     // At least 3 pixels per row; more threads than that fold onto rows.
     let nrows = rows.len().min(MAX_ROWS).min((height as usize / 3).max(1));
     let row_of = |w: &str, t: u32| rows.binary_search(&(w, t)).unwrap_or(0) % nrows;
-    let x0 = -window;
+    let (x0, x1) = (-(span + ago), -ago);
     let px = window / width.max(1) as f64;
     let mut sorted: Vec<_> = records.iter().map(|r| (row_of(&r.worker, r.thread), *r)).collect();
     sorted.sort_by(|a, b| (a.0, a.1.start).partial_cmp(&(b.0, b.1.start)).unwrap_or(std::cmp::Ordering::Equal));
@@ -188,7 +196,7 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
                 .margin(4)
                 .x_label_area_size(22)
                 .y_label_area_size(110)
-                .build_cartesian_2d(x0..0.0, 0.0..nrows as f64)?;
+                .build_cartesian_2d(x0..x1, 0.0..nrows as f64)?;
             chart
                 .configure_mesh()
                 .disable_mesh()
@@ -205,10 +213,10 @@ pub fn task_stream(model: &Model, window: f64, width: u32, height: u32) -> Strin
                 root.draw(&Text::new(format!("{} #{t}", short(w)), (px - 6, py), row_label()))?;
             }
             for b in &blocks {
-                let (s, e) = ((b.start - now).max(x0), (b.stop - now).max(x0));
+                let (s, e) = ((b.start - now).clamp(x0, x1), (b.stop - now).clamp(x0, x1));
                 let (y0, y1) = (b.row as f64 + 0.1, b.row as f64 + 0.9);
                 if b.transfer > 0.0 {
-                    let ts = (b.start - b.transfer - now).max(x0);
+                    let ts = (b.start - b.transfer - now).clamp(x0, x1);
                     chart.draw_series(std::iter::once(Rectangle::new([(ts, y0), (s, y1)], TRANSFER.filled())))?;
                 }
                 let color = if b.erred { ERRED } else { group_color(b.group) };
@@ -713,6 +721,31 @@ mod tests {
             vec![GroupCounts { name: "inc".into(), memory: 400, processing: 50, waiting: 50, ..Default::default() }];
         m.apply(EventsUpdate { time: 105.0, stream, workers, groups, ..Default::default() });
         m
+    }
+
+    #[test]
+    fn a_panned_view_shows_the_tasks_of_its_span_only() {
+        let rec = |group: &str, start: f64| TaskStreamRecord {
+            key: format!("{group}-{start}"),
+            group: group.into(),
+            worker: "tcp://h:1".into(),
+            thread: 0,
+            start,
+            stop: start + 0.5,
+            transfer: 0.0,
+            erred: false,
+        };
+        let mut m = Model::default();
+        let mut stream: Vec<_> = (0..10).map(|i| rec("early", 1000.0 + i as f64)).collect();
+        stream.extend((0..10).map(|i| rec("late", 1090.0 + i as f64)));
+        m.apply(EventsUpdate { time: 1100.0, stream, ..Default::default() });
+        let live = task_stream_range(&m, 20.0, 0.0, 800, 300);
+        assert!(live.contains("data-group=\"late\"") && !live.contains("data-group=\"early\""));
+        let past = task_stream_range(&m, 20.0, 85.0, 800, 300);
+        assert!(past.contains("data-group=\"early\"") && !past.contains("data-group=\"late\""));
+        let all = task_stream_range(&m, 120.0, 0.0, 800, 300);
+        assert!(all.contains("data-group=\"early\"") && all.contains("data-group=\"late\""));
+        assert!(task_stream_range(&m, 20.0, 40.0, 800, 300).contains("no tasks finished in this window"));
     }
 
     #[test]

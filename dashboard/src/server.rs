@@ -66,7 +66,11 @@ impl Shared {
         let window =
             pages::window_of(query.get("window").map(String::as_str), if page == "tasks" { 300.0 } else { 10.0 });
         let worker = query.get("worker").cloned().unwrap_or_default();
-        let key = format!("{page}?{window}&{worker}");
+        let (span, end) = pages::tasks_view(
+            query.get("span").or_else(|| query.get("window")).map(String::as_str),
+            query.get("end").map(String::as_str),
+        );
+        let key = if page == "tasks" { format!("tasks?{span}&{end}") } else { format!("{page}?{window}&{worker}") };
         let model = self.model.lock().expect("model");
         let version = model.updates;
         if let Some((v, text)) = self.cache.lock().expect("cache").get(&key) {
@@ -78,7 +82,7 @@ impl Shared {
             "status" => pages::status_fragments(&model, window),
             "workers" if !worker.is_empty() => pages::worker_fragments(&model, &worker),
             "workers" => pages::workers_fragments(&model),
-            "tasks" => pages::tasks_fragments(&model, window),
+            "tasks" => pages::tasks_fragments(&model, span, end),
             "groups" => pages::groups_fragments(&model),
             "adaptive" => pages::adaptive_fragments(&model),
             "info" => {

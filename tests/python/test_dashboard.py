@@ -198,6 +198,10 @@ def test_other_pages_in_chromium(cluster_and_client, chromium, tmp_path):
     assert f"<h2>{name}</h2>" in dom and "sleep" in dom
     dom = browse(chromium, base + "/tasks", tmp_path, screenshot="tasks.png")
     assert 'data-group="sleep"' in dom
+    # Panned to a minute that ended 10 minutes ago (before this cluster existed): empty.
+    dom = browse(chromium, base + "/tasks?span=60&end=600", tmp_path, screenshot="tasks-panned.png")
+    assert 'data-span="60" data-end="600"' in dom and "1 min ending 10 min ago" in dom, dom
+    assert 'data-group="sleep"' not in dom and "no tasks finished in this window" in dom
     dom = browse(chromium, base + "/groups", tmp_path, screenshot="groups.png")
     # The array's groups, with the edge from random_sample into add.
     assert re.search(r'class="group" [^>]*data-group="add"', dom)
