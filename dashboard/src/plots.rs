@@ -47,6 +47,8 @@ const PALETTE: [RGBColor; 20] = [
 // As Dask's task stream: transfers red, errors black.
 const ERRED: RGBColor = RGBColor(40, 40, 40);
 const TRANSFER: RGBColor = RGBColor(214, 39, 40);
+/// Spills to disk (gold: apart from the groups' palette).
+const SPILL: RGBColor = RGBColor(255, 215, 0);
 const AXIS: RGBColor = RGBColor(128, 128, 128);
 const WAITING: RGBColor = RGBColor(200, 200, 200);
 const PROCESSING: RGBColor = RGBColor(120, 120, 120);
@@ -56,6 +58,9 @@ const MANAGED: RGBColor = RGBColor(31, 119, 180);
 
 /// The colour of task group `name`.
 pub fn group_color(name: &str) -> RGBColor {
+    if name == cluster::protocol::SPILL_GROUP {
+        return SPILL;
+    }
     PALETTE[(cluster::human::stable_hash(name) % PALETTE.len() as u64) as usize]
 }
 
@@ -210,7 +215,12 @@ pub fn task_stream_range(model: &Model, span: f64, ago: f64, width: u32, height:
             let step = (nrows * 12).div_ceil(height.saturating_sub(30).max(1) as usize).max(1);
             for (i, (w, t)) in rows.iter().take(nrows).enumerate().step_by(step) {
                 let (px, py) = chart.backend_coord(&(x0, i as f64 + 0.5));
-                root.draw(&Text::new(format!("{} #{t}", short(w)), (px - 6, py), row_label()))?;
+                let label = if *t == cluster::protocol::SPILL_THREAD {
+                    format!("{} spill", short(w))
+                } else {
+                    format!("{} #{t}", short(w))
+                };
+                root.draw(&Text::new(label, (px - 6, py), row_label()))?;
             }
             for b in &blocks {
                 let (s, e) = ((b.start - now).clamp(x0, x1), (b.stop - now).clamp(x0, x1));

@@ -1402,7 +1402,9 @@ def _distributed_record(r: dict) -> dict:
     startstops = []
     if r["transfer"] > 0:
         startstops.append({"action": "transfer", "start": r["start"] - r["transfer"], "stop": r["start"]})
-    startstops.append({"action": "compute", "start": r["start"], "stop": r["stop"]})
+    # A worker's spill to disk is a record of its own (group "disk-write").
+    action = "disk-write" if r["group"] == "disk-write" else "compute"
+    startstops.append({"action": action, "start": r["start"], "stop": r["stop"]})
     return {
         "key": r["key"],
         "name": r["group"],

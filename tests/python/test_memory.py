@@ -57,6 +57,11 @@ def test_intermediates_three_times_the_memory_limit_are_spilled_and_read_back(pr
         assert max(w["spilled"] for w in seen) > 0, "the events API shows spilled bytes"
         assert max(w["rss"] for w in seen) < 0.95 * LIMIT, "workers stayed under the terminate threshold"
         assert {w["pid"] for w in c.scheduler_info()["workers"].values()} == pids, "no worker restarted"
+        # The spills are in the task stream, a row of their own per worker, as distributed's disk-write.
+        spills = [r for r in c.get_task_stream() if r["name"] == "disk-write"]
+        assert spills and {r["worker"] for r in spills} <= set(c.scheduler_info()["workers"]), spills[:3]
+        assert all(r["startstops"][-1]["action"] == "disk-write" for r in spills)
+        assert all(s["stop"] >= s["start"] for r in spills for s in r["startstops"])
         print(f"spilled {spilled / 1e6:.0f} MB, {in_memory / 1e6:.0f} MB in memory; "
               f"peak worker RSS {max(w['rss'] for w in seen) / 1e6:.0f} MB of {LIMIT / 1e6:.0f} MB")
         del blocks

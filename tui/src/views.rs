@@ -264,7 +264,16 @@ fn worker(f: &mut Frame, area: Rect, app: &App, p: Palette) {
         .map(|r| {
             Line::from(vec![
                 Span::styled(format!("{:<16} ", r.group.chars().take(16).collect::<String>()), p.group(&r.group)),
-                Span::raw(format!("{:>8.3}s  #{}  {}", r.stop - r.start, r.thread, middle(&r.key, key_room))),
+                Span::raw(format!(
+                    "{:>8.3}s  {}  {}",
+                    r.stop - r.start,
+                    if r.thread == cluster::protocol::SPILL_THREAD {
+                        "spill".to_string()
+                    } else {
+                        format!("#{}", r.thread)
+                    },
+                    middle(&r.key, key_room)
+                )),
             ])
         })
         .collect();
@@ -463,7 +472,8 @@ fn stream(f: &mut Frame, area: Rect, m: &Model, p: Palette) {
         .iter()
         .zip(&grid)
         .map(|((w, t), cells)| {
-            let label: String = format!("{}#{t}", name_of(w)).chars().take(label_w).collect();
+            let thread = if *t == cluster::protocol::SPILL_THREAD { " spill".to_string() } else { format!("#{t}") };
+            let label: String = format!("{}{thread}", name_of(w)).chars().take(label_w).collect();
             let mut spans = vec![Span::styled(format!("{label:<label_w$} "), p.dim())];
             spans.extend(cells.iter().map(|c| match c {
                 Some(g) => Span::styled("█", p.group(g)),

@@ -134,6 +134,13 @@ pub enum FromWorker {
         workers: Vec<String>,
     },
     Heartbeat(Heartbeat),
+    /// Results written to disk to free memory, between `start` and `stop`
+    /// (for the task stream).
+    Spilled {
+        keys: u32,
+        start: f64,
+        stop: f64,
+    },
 }
 
 /// Scheduler -> worker.

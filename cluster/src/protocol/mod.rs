@@ -279,6 +279,12 @@ impl WorkerInfo {
     }
 }
 
+/// The `thread` of task-stream records that are a worker's spills to disk
+/// rather than a task (their group is [`SPILL_GROUP`]).
+pub const SPILL_THREAD: u32 = u32::MAX;
+/// The group of spill records in the task stream (distributed's action name).
+pub const SPILL_GROUP: &str = "disk-write";
+
 /// One finished task, for the task stream.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct TaskStreamRecord {

@@ -23,6 +23,7 @@ impl SchedulerState {
             FromWorker::StealResponse { key, stolen } => self.steal_response(peer, &key, stolen),
             FromWorker::MissingData { key, workers } => self.missing_data(peer, &key, &workers),
             FromWorker::Heartbeat(beat) => self.worker_metrics(peer, &beat),
+            FromWorker::Spilled { keys, start, stop } => self.worker_spilled(peer, keys, start, stop),
         }
         Ok(())
     }

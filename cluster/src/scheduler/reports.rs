@@ -4,7 +4,9 @@
 use super::holders::Holder;
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::{ErrorInfo, TaskId};
-use crate::protocol::{Blob, Envelope, Key, TaskErred, TaskFinished, TaskStreamRecord, ToClient, ToWorker};
+use crate::protocol::{
+    Blob, Envelope, Key, TaskErred, TaskFinished, TaskStreamRecord, ToClient, ToWorker, SPILL_GROUP, SPILL_THREAD,
+};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -69,6 +71,23 @@ impl SchedulerState {
             stop,
             transfer,
             erred,
+        };
+        self.push_stream(rec);
+    }
+
+    /// Worker `worker` wrote `keys` results to disk between `start` and
+    /// `stop`: a record of its own in the task stream.
+    pub fn worker_spilled(&mut self, worker: PeerId, keys: u32, start: f64, stop: f64) {
+        let Some(w) = self.workers.get(&worker) else { return };
+        let rec = TaskStreamRecord {
+            key: format!("{SPILL_GROUP} ({keys} results)"),
+            group: SPILL_GROUP.to_string(),
+            worker: w.address.clone(),
+            thread: SPILL_THREAD,
+            start,
+            stop,
+            transfer: 0.0,
+            erred: false,
         };
         self.push_stream(rec);
     }

@@ -101,7 +101,8 @@ pub(super) enum Event {
     /// A seceded task asks for a place in the pool; the sender hears the
     /// number of the thread that gave its place up.
     Rejoined(Key, std::sync::mpsc::SyncSender<u32>),
-    Spilled(Vec<(Key, bool)>),
+    /// The store's spill results, and when it started and stopped.
+    Spilled(Vec<(Key, bool)>, f64, f64),
 }
 
 /// Resident set size of this process in bytes (0 where unknown).
@@ -444,7 +445,7 @@ fn apply(
         }
         Event::DataPut(items) => state.data_put(items),
         Event::Seceded(key) => state.secede(&key),
-        Event::Spilled(results) => state.spill_done(results),
+        Event::Spilled(results, start, end) => state.spill_done(results, start, end),
         Event::Rejoined(key, waiter) => {
             state.rejoin(&key);
             let _ = jobs.send(Job::Yield(waiter));
@@ -523,7 +524,9 @@ fn carry_out<R: Runner>(
             let runner = runner.clone();
             let events = events.clone();
             helper.submit(move || {
-                let _ = events.send(Event::Spilled(runner.spill(&keys)));
+                let start = now();
+                let results = runner.spill(&keys);
+                let _ = events.send(Event::Spilled(results, start, now()));
             });
         }
         Instruction::Fetch { worker, keys } => {

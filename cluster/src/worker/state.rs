@@ -195,10 +195,15 @@ impl WorkerState {
         None
     }
 
-    /// The store wrote results to disk (`true`) or failed to (`false`).
-    pub fn spill_done(&mut self, results: Vec<(Key, bool)>) {
+    /// The store wrote results to disk (`true`) or failed to (`false`),
+    /// between `start` and `stop`; the scheduler hears of what was written.
+    pub fn spill_done(&mut self, results: Vec<(Key, bool)>, start: f64, stop: f64) {
+        let written = results.iter().filter(|(_, ok)| *ok).count() as u32;
         for (key, ok) in results {
             self.mem.spill_done(&key, ok);
+        }
+        if written > 0 {
+            self.send(FromWorker::Spilled { keys: written, start, stop });
         }
         self.schedule();
     }

@@ -34,7 +34,7 @@ checked_events! {
         fn acquire_replicas(keys: Vec<DepInfo>);
         fn data_put(items: Vec<(Key, u64)>);
         fn memory_tick(rss: u64, now: f64) -> Option<String>;
-        fn spill_done(results: Vec<(Key, bool)>);
+        fn spill_done(results: Vec<(Key, bool)>, start: f64, stop: f64);
     }
 }
 
@@ -273,4 +273,20 @@ fn a_task_needing_the_same_dependency_twice_runs_once_it_arrives() {
     assert_eq!(w.take_instructions(), vec![Instruction::Fetch { worker: "tcp://a:1".into(), keys: vec!["x".into()] }]);
     w.fetch_done(vec![("x".into(), 8)], 1.0);
     assert_eq!(w.executed(), ["t"]);
+}
+
+#[test]
+fn written_spills_are_reported_for_the_task_stream() {
+    let mut w = Checked::new(WorkerState::new(1));
+    w.assign("a", 0);
+    w.ran("a", 8);
+    w.take_instructions();
+    w.spill_done(vec![("a".into(), true), ("gone".into(), false)], 10.0, 10.5);
+    let ins = w.take_instructions();
+    let reported = ins.iter().any(
+        |i| matches!(i, Instruction::Send(e) if e.msg == FromWorker::Spilled { keys: 1, start: 10.0, stop: 10.5 }),
+    );
+    assert!(reported, "{ins:?}");
+    w.spill_done(vec![("a".into(), false)], 11.0, 11.1);
+    assert!(w.take_instructions().is_empty(), "a failed spill is not a spill");
 }
