@@ -215,7 +215,9 @@ def _retire_self(scheduler: str, handle) -> None:
     print(f"dask_rs worker: lifetime reached; retiring {handle.address}", flush=True)
     try:
         with Client(scheduler, set_as_default=False, timeout=10) as c:
-            c.retire_workers([handle.address], timeout=120)
+            retired = c.retire_workers([handle.address], timeout=120)
+        if handle.address not in retired:
+            raise RuntimeError("the scheduler kept it (no other worker can hold its data)")
     except Exception as e:  # noqa: BLE001 - any failure ends in a plain close
         print(f"dask_rs worker: could not retire gracefully ({e}); closing", file=sys.stderr, flush=True)
         handle.stop()

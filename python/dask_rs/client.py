@@ -1190,9 +1190,10 @@ class Client:
         """Retire workers gracefully: they get no new tasks, results only they
         hold are copied to other workers, then they close. ``workers`` are
         addresses or names (all workers when None, as in distributed). Returns
-        ``{address: info}`` of the workers retired; raises ``ValueError`` for a
-        worker that could not be retired (unknown, or no other worker to hold
-        its data)."""
+        ``{address: info}`` of the workers retired. As in distributed, a worker
+        that cannot be retired (unknown, or no other worker can hold its data)
+        is left out of the result and keeps running; the reason is logged as a
+        warning (logger ``dask_rs``)."""
         info = self.scheduler_info()["workers"]
         if workers is None:
             workers = list(info)
@@ -1200,8 +1201,10 @@ class Client:
             workers = [workers]
         by_name = {w["name"]: (a, w) for a, w in info.items()}
         retired, failed = self._core.retire_workers([str(w) for w in workers], parse_timedelta(timeout))
-        if failed:
-            raise ValueError("; ".join(f"cannot retire {n}: {why}" for n, why in failed))
+        import logging
+
+        for n, why in failed:
+            logging.getLogger("dask_rs").warning("cannot retire %s: %s; it keeps running", n, why)
         return {by_name[n][0]: by_name[n][1] for n in retired if n in by_name}
 
     def get_task_stream(self, start=None, stop=None, count=None, plot=False, filename=None,
