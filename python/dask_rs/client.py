@@ -1125,8 +1125,7 @@ class Client:
 
         if workers is not None:
             raise ValueError("replicate(workers=...) is not supported; copies go to the least loaded workers")
-        fs: list = []
-        _collect_futures(futures, fs)
+        fs = futures_of(futures)
         if not fs:
             return
         nworkers = len(self.scheduler_info()["workers"])
@@ -1174,8 +1173,7 @@ class Client:
         ``{"moved": keys, "bytes": n, "failed": keys not moved}``."""
         wires: list = []
         if futures is not None:
-            fs: list = []
-            _collect_futures(futures, fs)
+            fs = futures_of(futures)
             if not fs:
                 return {"moved": 0, "bytes": 0, "failed": 0}
             wires = list({f._wire for f in fs})
@@ -1390,9 +1388,9 @@ def _pack(keys, futures):
 
 
 def fire_and_forget(obj):
-    """Keep computing the futures in ``obj`` even once nothing references them."""
-    futures: list = []
-    _collect_futures(obj, futures)
+    """Keep computing the futures in ``obj`` (futures, persisted collections,
+    or structures of them) even once nothing references them."""
+    futures = futures_of(obj)
     by_client = defaultdict(list)
     for f in futures:
         by_client[f.client].append(f._wire)

@@ -224,6 +224,26 @@ def test_fire_and_forget(client, tmp_path):
     wait_until(lambda: client.scheduler_info()["n_tasks"] == 0, msg="tasks forgotten once done")
 
 
+def test_fire_and_forget_a_persisted_collection(client, tmp_path):
+    """As distributed: a persisted collection's tasks keep running after its
+    last reference is gone (before, only bare futures were kept)."""
+    import dask
+
+    from dask_rs import fire_and_forget
+
+    target = tmp_path / "collection.txt"
+    first = dask.delayed(slow_inc)(0, 0.5, dask_key_name="ff-slow")
+    text = dask.delayed(str)(first, dask_key_name="ff-str")
+    last = dask.delayed(touch)(str(target), text, dask_key_name="ff-touch")
+    persisted = last.persist()
+    fire_and_forget(persisted)
+    del persisted, last, text, first
+    wait_until(lambda: target.exists() and target.read_text() != "", timeout=20,
+               msg="the collection's tasks ran")
+    assert target.read_text() == "1"
+    wait_until(lambda: client.scheduler_info()["n_tasks"] == 0, msg="tasks forgotten once done")
+
+
 def test_datasets_shared_between_clients(cluster):
     address, _ = cluster
     with Client(address, set_as_default=False) as c1, Client(address, set_as_default=False) as c2:
