@@ -254,7 +254,9 @@ fn worker(f: &mut Frame, area: Rect, app: &App, p: Palette) {
     let shown = &history[history.len().saturating_sub(mem.width as usize)..];
     let block = Block::default().borders(Borders::ALL).title(format!(" memory over time (now {}) ", bytes(w.rss)));
     f.render_widget(Sparkline::default().block(block).data(shown).style(p.fg(39)), mem);
-    let key_room = (tasks.width as usize).saturating_sub(2 + 17 + 14);
+    // Borders, the group column and the duration; the thread label and the
+    // key share the rest.
+    let room = (tasks.width as usize).saturating_sub(2 + 17 + 9 + 4);
     let recent: Vec<Line> = m
         .stream
         .iter()
@@ -262,18 +264,15 @@ fn worker(f: &mut Frame, area: Rect, app: &App, p: Palette) {
         .filter(|r| r.worker == w.address)
         .take(tasks.height.saturating_sub(2) as usize)
         .map(|r| {
+            let thread = if r.thread == cluster::protocol::SPILL_THREAD {
+                "spill".to_string()
+            } else {
+                format!("#{}", r.thread)
+            };
+            let key = middle(&r.key, room.saturating_sub(thread.chars().count()));
             Line::from(vec![
                 Span::styled(format!("{:<16} ", r.group.chars().take(16).collect::<String>()), p.group(&r.group)),
-                Span::raw(format!(
-                    "{:>8.3}s  {}  {}",
-                    r.stop - r.start,
-                    if r.thread == cluster::protocol::SPILL_THREAD {
-                        "spill".to_string()
-                    } else {
-                        format!("#{}", r.thread)
-                    },
-                    middle(&r.key, key_room)
-                )),
+                Span::raw(format!("{:>8.3}s  {thread}  {key}", r.stop - r.start)),
             ])
         })
         .collect();
