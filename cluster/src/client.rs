@@ -714,6 +714,8 @@ fn on_batch(inner: &Inner, batch: Vec<Envelope<ToClient>>) {
                 },
             ),
             ToClient::KeyCancelled { key, reason } => (key, KeyStatus::Cancelled { reason }),
+            // Back to pending until the recomputed result arrives.
+            ToClient::KeyLost { key } => (key, KeyStatus::Pending),
             ToClient::KeyNoWorker { key, reason } => {
                 match reason {
                     None => drop(s.no_worker.remove(&key)),

@@ -699,31 +699,65 @@ class Client:
             results.update(self._fetch(addr, keys))
         return [results[f._wire] for f in futures if f._wire not in bad]
 
-    def _fetch(self, addr, keys, attempts=3) -> dict:
-        out = {}
-        items, missing = [], list(keys)
-        if addr:
-            try:
-                items, missing = self._core.get_data(addr, list(keys))
-            except _core.CommError:
-                # The worker is gone (retired or died): ask who holds the keys now.
-                if attempts <= 0:
-                    raise
-        for k, frames in items:
-            out[k] = pickle.loads(frames[0], buffers=frames[1:])
-        if missing:
-            if attempts <= 0:
-                raise RuntimeError(f"could not find data for {missing} on any worker")
-            who = self._core.who_has(missing)
-            groups = defaultdict(list)
-            for k in missing:
-                holders = [w for w in who.get(k, []) if w != addr] or who.get(k, [])
-                if not holders:
-                    raise RuntimeError(f"no worker holds {k} (was it lost?)")
-                groups[holders[0]].append(k)
-            for a, ks in groups.items():
-                out.update(self._fetch(a, ks, attempts - 1))
-        return out
+    def _fetch(self, addr, keys) -> dict:
+        """Values of ``keys`` (all finished), first asked of the worker at ``addr``.
+
+        A holder that died or no longer has a key is not the end: the key is
+        asked of its other holders, and a result whose only copies died is
+        waited for while the scheduler computes it again from its lineage
+        (as distributed does). Only a result that cannot be recomputed
+        (scattered data) ends in an error, the one the scheduler reports."""
+        import time
+
+        out: dict = {}
+        todo = {addr: list(keys)}
+        dead: set = set()
+        deadline = time.monotonic() + max(self._timeout, 60.0)
+        while True:
+            retry = []
+            for a, ks in todo.items():
+                items, missing = [], ks
+                if a and a not in dead:
+                    try:
+                        items, missing = self._core.get_data(a, ks)
+                    except _core.CommError:
+                        dead.add(a)  # gone (retired or died): ask who holds the keys now
+                for k, frames in items:
+                    out[k] = pickle.loads(frames[0], buffers=frames[1:])
+                retry.extend(missing)
+            if not retry:
+                return out
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not get the data of {retry} from any worker")
+            todo = defaultdict(list)
+            unplaced = []
+            who = self._core.who_has(retry)
+            for k in retry:
+                holders = [w for w in who.get(k, []) if w not in dead]
+                if holders:
+                    todo[holders[0]].append(k)
+                else:
+                    unplaced.append(k)
+            if not unplaced:
+                continue
+            # Lost with its workers: the scheduler is computing it again (the
+            # key is pending), or has not yet noticed the death (still listed).
+            self._wait_keys(unplaced, max(0.0, deadline - time.monotonic()))
+            for k in unplaced:
+                st = self._status(k)
+                if st is None:
+                    raise CancelledError(f"{k} was released")
+                if st[0] == "error":
+                    raise _rebuild_exception(st)
+                if st[0] == "cancelled":
+                    raise CancelledError(f"{k}: {st[1]}")
+                holders = [w for w in st[2] if w not in dead]
+                if holders:
+                    todo[holders[0]].append(k)
+                else:
+                    todo[""].append(k)
+            if "" in todo:
+                time.sleep(0.05)
 
     def gather(self, futures, errors="raise", direct=None, asynchronous=None):
         """Results of futures, in the same (nested) structure."""

@@ -231,3 +231,36 @@ def test_chaos_sigkill_every_two_seconds_gives_the_right_answer(procs, record_pr
         record_property("recomputed_tasks", recomputed)
         print(f"chaos: {len(kills)} SIGKILLs, {recomputed} tasks recomputed")
         assert recomputed >= 0
+
+
+def counted(path, x):
+    """``x * 2``, appending a line to ``path`` each time it runs."""
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return x * 2
+
+
+def test_results_lost_with_their_worker_are_recomputed_while_the_client_gathers(procs, tmp_path):
+    address = scheduler(procs)
+    workers = {f"l{i}": start_worker(procs, address, f"l{i}") for i in range(2)}
+    log = tmp_path / "runs"
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=20)
+        futures = c.map(counted, [str(log)] * 20, range(20))
+        scattered = c.scatter(["only here"])[0]
+        from dask_rs import wait
+
+        wait(futures + [scattered], timeout=20)
+        holder = c.who_has([scattered])[scattered.key][0]
+        name = c.scheduler_info()["workers"][holder]["name"]
+        on_holder = [f for f, ws in zip(futures, c.who_has(futures).values()) if holder in ws]
+        assert on_holder, "some results live on the worker that dies"
+        workers[name].send_signal(signal.SIGKILL)
+        # Gathered at once: the results that died are computed again from
+        # their lineage on the survivor and delivered, as distributed does.
+        assert c.gather(futures) == [2 * i for i in range(20)]
+        runs = log.read_text().split()
+        assert len(runs) == 20 + len(on_holder), (len(runs), len(on_holder))
+        # Scattered data has no lineage: that loss is an error, named.
+        with pytest.raises(Exception, match="scattered key .* was lost"):
+            scattered.result(timeout=20)

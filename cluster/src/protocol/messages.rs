@@ -339,6 +339,11 @@ pub enum ToClient {
         key: Key,
         reason: String,
     },
+    /// The only copies of `key`'s result died with their workers; the
+    /// scheduler computes it again from its lineage (a `KeyInMemory` follows).
+    KeyLost {
+        key: Key,
+    },
     /// `key` cannot run on any current worker (its `workers=` name none, or
     /// there are no workers), and why; `None` means it can again.
     KeyNoWorker {

@@ -356,6 +356,28 @@ fn lost_worker_tasks_are_rescheduled_and_lost_results_recomputed() {
 }
 
 #[test]
+fn a_wanted_result_lost_with_its_worker_is_reported_lost_then_delivered_again() {
+    let mut s = with_workers(2);
+    s.update_graph(C1, vec![spec("a", &[])], vec!["a".into()]);
+    let (wa, _) = computes(&mut s)[0].clone();
+    finish(&mut s, wa, "a", 8);
+    s.take_outgoing();
+    s.remove_worker(wa);
+    let out = s.take_outgoing();
+    let lost =
+        out.iter().position(|(p, e)| *p == C1 && matches!(&e.msg, Msg::C(ToClient::KeyLost { key }) if key == "a"));
+    let recompute =
+        out.iter().position(|(_, e)| matches!(&e.msg, Msg::W(ToWorker::ComputeTask { key, .. }) if key == "a"));
+    assert!(lost.is_some() && recompute.is_some(), "{out:?}");
+    let other = if wa == W1 { W2 } else { W1 };
+    finish(&mut s, other, "a", 8);
+    assert!(s
+        .take_outgoing()
+        .iter()
+        .any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::C(ToClient::KeyInMemory { key, .. }) if key == "a")));
+}
+
+#[test]
 fn retiring_a_worker_copies_its_data_first_and_gives_it_no_new_work() {
     let mut s = with_workers(2);
     s.update_graph(C1, vec![spec("a", &[]), spec("b", &[])], vec!["a".into(), "b".into()]);

@@ -3,7 +3,7 @@
 
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::{ErrorInfo, TaskId};
-use crate::protocol::{Heartbeat, Registration, Resources, ToWorker};
+use crate::protocol::{Heartbeat, Registration, Resources, ToClient, ToWorker};
 use rustc_hash::FxHashSet;
 
 #[derive(Debug)]
@@ -213,6 +213,11 @@ impl SchedulerState {
         let wanted = !t.who_wants.is_empty() || t.waiters > 0;
         if wanted {
             if self.t(id).run_spec.is_some() {
+                // Clients waiting on the result learn it is being computed again.
+                let key = self.t(id).key.to_string();
+                for c in self.clients_of(id) {
+                    self.send_client(c, ToClient::KeyLost { key: key.clone() });
+                }
                 self.transition_to_waiting(id);
             } else {
                 let text = format!("data for scattered key {} was lost with its worker", self.t(id).key);
