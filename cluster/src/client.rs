@@ -505,9 +505,10 @@ impl ClientCore {
         self.send(Envelope::new(FromClient::Restart))
     }
 
-    /// Copy each of `keys` to more workers until `n` hold it (see `who_has`).
-    pub fn replicate(&self, keys: Vec<Key>, n: u32) -> Result<(), ClientError> {
-        self.send(Envelope::new(FromClient::Replicate { keys, n }))
+    /// Copy each of `keys` to more workers until `n` hold it (see `who_has`);
+    /// with `workers` (names or addresses), until `n` of those hold it.
+    pub fn replicate(&self, keys: Vec<Key>, n: u32, workers: Vec<String>) -> Result<(), ClientError> {
+        self.send(Envelope::new(FromClient::Replicate { keys, n, workers }))
     }
 
     /// Keep computing `keys` even once this client releases them.

@@ -8,11 +8,15 @@ only for the duration of the call.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
+import inspect
 import os
 import pickle
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -71,14 +75,53 @@ def execute(run_spec, values, key, thread):
     return (True, result, sizeof(result))
 
 
-def run_function(call):
-    """Run a pickled ``(func, args, kwargs)`` outside any task (``Client.run``).
-    Returns ``(True, pickled result)`` or ``(False, pickled exception)``."""
+class WorkerView:
+    """This worker as `Client.run` gives it to a function that takes
+    ``dask_worker`` (distributed passes its Worker object): the attributes
+    such functions read."""
+
+    def __init__(self, scheduler: str, name: str, nthreads: int, memory_limit: int, resources,
+                 local_directory: str | None):
+        self.scheduler_address = scheduler
+        self.name = self.id = name
+        self.nthreads = nthreads
+        self.memory_limit = memory_limit
+        self.resources = dict(_core.parse_resources(format_resources(resources)))
+        self.local_directory = local_directory or tempfile.gettempdir()
+        self.address = None  # known once the worker listens
+
+    def __repr__(self):
+        return f"<Worker {self.address!r}, name: {self.name}, threads: {self.nthreads}>"
+
+
+def _takes(func, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_function(worker, call):
+    """Run a pickled ``(func, args, kwargs)`` outside any task (``Client.run``):
+    ``dask_worker=`` is passed to a function that takes it, and a coroutine
+    function is run to completion. Returns ``(True, pickled result)`` or
+    ``(False, pickled exception)``."""
     try:
         func, args, kwargs = pickle.loads(call)
-        return (True, cloudpickle.dumps(func(*args, **kwargs), protocol=5))
+        if _takes(func, "dask_worker") and "dask_worker" not in kwargs:
+            kwargs = {**kwargs, "dask_worker": worker}
+        result = func(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_awaited(result))
+        return (True, cloudpickle.dumps(result, protocol=5))
     except BaseException as e:  # noqa: BLE001 - the caller gets the exception
         return (False, dump_exception(e))
+
+
+async def _awaited(awaitable):
+    return await awaitable
 
 
 _uploads: str | None = None
@@ -189,21 +232,25 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
     _scheduler_address = scheduler
     if memory_limit == "auto":
         memory_limit = total_memory()
-    return _core.start_worker(
+    name = name or f"worker-{uuid.uuid4().hex[:8]}"
+    view = WorkerView(scheduler, name, int(nthreads), parse_bytes(memory_limit), resources, local_directory)
+    handle = _core.start_worker(
         scheduler,
-        name or f"worker-{uuid.uuid4().hex[:8]}",
+        name,
         int(nthreads),
         parse_bytes(memory_limit),
         host,
         execute,
         dumps,
         loads,
-        run_function,
+        functools.partial(run_function, view),
         timeout,
         death_timeout,
         format_resources(resources),
         local_directory or None,
     )
+    view.address = handle.address
+    return handle
 
 
 def _retire_self(scheduler: str, handle) -> None:
@@ -310,7 +357,10 @@ def main(argv=None) -> int:
         return 1
     print(f"Worker {args.name or ''} at {handle.address} joined {scheduler}".replace("  ", " "), flush=True)
 
+    signalled = []
+
     def stop(signum, frame):
+        signalled.append(signum)
         handle.stop()
 
     signal.signal(signal.SIGTERM, stop)
@@ -333,4 +383,8 @@ def main(argv=None) -> int:
     if retired and args.lifetime_restart:
         print("dask_rs worker: lifetime over; exiting to be restarted", flush=True)
         return RESTART_STATUS
+    if signalled:
+        # Stopped from outside, not retired by the scheduler: the shell's
+        # convention, so that a supervisor (or LocalCluster) restarts it.
+        return 128 + signalled[0]
     return 0

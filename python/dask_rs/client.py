@@ -8,8 +8,12 @@ and bytes back into Python objects.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import functools
 import html
+import inspect
 import itertools
 import pickle
 import threading
@@ -70,10 +74,17 @@ def _latest_running_client():
     return max(running, key=lambda c: c._made, default=None)
 
 
+_current_client: contextvars.ContextVar = contextvars.ContextVar("dask_rs_current_client", default=None)
+
+
 def default_client(c: Client | None = None) -> Client:
-    """The client that `Future`s and `x.compute()` use when none is given."""
+    """The client that `Future`s and `x.compute()` use when none is given:
+    the one made current by ``with client.as_current():``, else the default."""
     if c is not None:
         return c
+    current = _current_client.get()
+    if current is not None and current.status == "running":
+        return current
     if _default_client is not None and _default_client.status == "running":
         return _default_client
     latest = _latest_running_client()
@@ -218,6 +229,29 @@ def _rebuild_exception(st):
     return exc.with_traceback(tb) if tb is not None else exc
 
 
+def _refuse_actors(actor) -> None:
+    if actor:
+        raise NotImplementedError(
+            "actor=True: dask_rs does not run Actors yet (a plain task would silently lose the "
+            "object's state); keep state in a task's result, or in a Variable or Queue"
+        )
+
+
+def _syncable(method):
+    """A client method that, on an asynchronous client inside its event loop
+    (or with ``asynchronous=True``), returns an awaitable instead of blocking,
+    as distributed's methods do. The blocking work runs on the client's
+    threads, so the event loop never waits on the network."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, asynchronous=None, **kwargs):
+        if self._is_async(asynchronous):
+            return self._in_thread(method, self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Future:
     """A remotely running computation; mirrors `distributed.Future`."""
 
@@ -257,9 +291,26 @@ class Future:
 
     # -- results --
     def result(self, timeout=None):
+        """The value (raising the task's exception); awaitable on an
+        asynchronous client."""
+        if self.client.asynchronous:
+            return self.client._wait_for(self._result_async(), timeout)
         return self.client._gather_futures([self], timeout=timeout)[0]
 
+    async def _result_async(self):
+        await self.client._done([self])
+        return (await self.client._in_thread(self.client._gather_futures, [self]))[0]
+
     def exception(self, timeout=None):
+        if self.client.asynchronous:
+            return self.client._wait_for(self._exception_async(), timeout)
+        return self._exception(timeout)
+
+    async def _exception_async(self):
+        await self.client._done([self])
+        return self._exception(None)
+
+    def _exception(self, timeout=None):
         self.client._wait_keys([self._wire], timeout)
         st = self.client._status(self._wire)
         if st is not None and st[0] == "error":
@@ -267,11 +318,12 @@ class Future:
         return None
 
     def traceback(self, timeout=None):
-        exc = self.exception(timeout)
+        exc = self._exception(timeout)
         return exc.__traceback__ if exc is not None else None
 
     def cancel(self, **kwargs):
-        self.client.cancel([self])
+        """Cancel the task (awaitable on an asynchronous client)."""
+        return self.client.cancel([self], **kwargs)
 
     def release(self):
         if not self._released:
@@ -306,8 +358,9 @@ class Future:
             f"key: {html.escape(str(self.key))}"
         )
 
-    def __await__(self):  # pragma: no cover - asynchronous mode is not supported
-        raise TypeError("dask_rs futures are synchronous; call .result()")
+    def __await__(self):
+        """``await future``: its value, without blocking the event loop."""
+        return self._result_async().__await__()
 
 
 def _rebuild_future(key):
@@ -411,6 +464,47 @@ def cluster_address(name: str) -> str:
     return address
 
 
+def _scheduler_info(info: dict) -> dict:
+    """The core's cluster information in the shape of distributed's
+    ``scheduler_info()``."""
+    workers = {
+        w["address"]: {
+            "type": "Worker",
+            "id": w["name"],
+            "name": w["name"],
+            "host": w["address"].split("://")[-1].rsplit(":", 1)[0],
+            "nthreads": w["nthreads"],
+            "memory_limit": w["memory_limit"],
+            "pid": w["pid"],
+            "resources": w["resources"],
+            "metrics": {
+                "managed_bytes": w["managed"],
+                "memory": w["rss"],
+                "cpu": w["cpu"],
+                "spilled_bytes": w["spilled"],
+                "executing": w["executing"],
+                "ready": w["ready"],
+                "in_memory": w["nkeys"],
+                "bytes_in": w["bytes_in"],
+                "bytes_out": w["bytes_out"],
+            },
+            "processing": w["processing"],
+            "status": "closing_gracefully" if w["retiring"] else "running",
+        }
+        for w in info["workers"]
+    }
+    return {
+        "type": "Scheduler",
+        "id": info["address"],
+        "address": info["address"],
+        "workers": workers,
+        "n_tasks": info["ntasks"],
+        "n_clients": info["nclients"],
+        "bytes_in": info["bytes_in"],
+        "bytes_out": info["bytes_out"],
+    }
+
+
 class Client:
     """Connect to a dask-rs scheduler and run work on its workers.
 
@@ -438,10 +532,34 @@ class Client:
         connection_limit=512,
         **kwargs,
     ):
-        if asynchronous:
-            raise ValueError("dask_rs.Client does not support asynchronous=True yet")
-
+        self._asynchronous = bool(asynchronous)
         self._timeout = parse_timedelta(timeout) or 10.0
+        self._loop = None
+        self._loop_thread = None
+        self._pool = None
+        self.status = "newly-created"
+        self._refcount: dict = defaultdict(int)
+        self._lock = threading.RLock()
+        self._order = itertools.count()
+        self._callbacks: dict = defaultdict(list)
+        self._callback_thread = None
+        self._dask_config = None
+        self._set_as_default = set_as_default
+        self.cluster = None
+        self._own_cluster = False
+        self._dashboard_link = None
+        self._core = _ClosedCore("this Client has not started: `await` it (asynchronous=True)")
+        self._made = next(_client_counter)
+        start = functools.partial(self._start, address, scheduler_file, security, name, kwargs)
+        if self._asynchronous:
+            # Started by `await Client(asynchronous=True)` or `async with`, as
+            # in distributed: connecting must not block the event loop.
+            self._starting = start
+            return
+        self._starting = None
+        start()
+
+    def _start(self, address, scheduler_file, security, name, kwargs):
         from .security import check
 
         given = check(security)
@@ -450,8 +568,6 @@ class Client:
 
             with open(scheduler_file) as f:
                 address = json.load(f)["address"]
-        self.cluster = None
-        self._own_cluster = False
         if address is None:
             from .cluster import LocalCluster
 
@@ -477,18 +593,146 @@ class Client:
         creds = given.core_kwargs() if given else {}
         self._core = _core.ClientCore(address, self.id, float(self._timeout), **creds)
         self.scheduler_address = address
-        self._dashboard_link = None
         self.status = "running"
-        self._refcount: dict = defaultdict(int)
-        self._lock = threading.RLock()
-        self._order = itertools.count()
-        self._callbacks: dict = defaultdict(list)
-        self._callback_thread = None
-        self._dask_config = None
-        self._made = next(_client_counter)
         _clients.add(self)
-        if set_as_default:
+        if self._set_as_default:
             self._set_default()
+
+    # -- asynchronous use --
+    def __await__(self):
+        """``client = await Client(asynchronous=True)``: connect, then the client."""
+        return self._start_async().__await__()
+
+    async def _start_async(self):
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if self._starting is not None:
+            start, self._starting = self._starting, None
+            await self._in_thread(start)
+        return self
+
+    async def __aenter__(self):
+        return await self._start_async()
+
+    async def __aexit__(self, *exc):
+        await self._in_thread(self._close)
+
+    @property
+    def asynchronous(self) -> bool:
+        """True when called from inside this client's event loop: then its
+        methods return awaitables (an asynchronous client in its loop, or a
+        coroutine that `sync` runs)."""
+        if self._loop is None:
+            return False
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    @property
+    def loop(self):
+        """The client's event loop (for a synchronous client, the one `sync`
+        runs coroutines on, started on first use)."""
+        return self._loop or self._background_loop()
+
+    def _is_async(self, asynchronous) -> bool:
+        return self.asynchronous if asynchronous is None else bool(asynchronous)
+
+    def _executor(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(8, thread_name_prefix="dask-rs-client")
+        return self._pool
+
+    async def _in_thread(self, fn, *args, **kwargs):
+        """Run blocking ``fn`` on the client's threads and await its result."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor(), functools.partial(fn, *args, **kwargs))
+
+    @staticmethod
+    async def _wait_for(coro, timeout):
+        t = parse_timedelta(timeout)
+        if t is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, t)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"not done within {t} s") from None
+
+    async def _done(self, futures, any=False):
+        """Wait, without a thread, until every one (or with ``any`` one) of
+        ``futures`` is done; woken by the client's done callbacks."""
+        pending = {f._wire: f for f in futures if not f.done()}
+        if not pending or (any and len(pending) < len({f._wire for f in futures})):
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def mark(wire):
+            pending.pop(wire, None)
+            if (any or not pending) and not waiter.done():
+                waiter.set_result(None)
+
+        def on_done(fut):
+            try:
+                loop.call_soon_threadsafe(mark, fut._wire)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+        for f in list(pending.values()):
+            self._add_done_callback(f, on_done)
+        await waiter
+
+    def _background_loop(self):
+        """The event loop `sync` runs coroutines on for a synchronous client:
+        one daemon thread per client, started on first use."""
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run():
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                self._loop_thread = threading.Thread(target=run, name="dask-rs-client-loop", daemon=True)
+                self._loop_thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def sync(self, func, *args, asynchronous=None, callback_timeout=None, **kwargs):
+        """Call ``func(*args, **kwargs)`` (a coroutine function, or a plain
+        one) on the client's event loop. Inside that loop (an asynchronous
+        client) it returns the awaitable; elsewhere it blocks for the result.
+        Inside ``func`` the client's methods are awaitable, as in distributed,
+        which is what libraries such as ``xgboost.dask`` rely on."""
+        timeout = parse_timedelta(callback_timeout)
+        if self._is_async(asynchronous):
+            result = func(*args, **kwargs)
+            if timeout is not None and inspect.isawaitable(result):
+                return self._wait_for(result, timeout)
+            return result
+        loop = self._loop or self._background_loop()
+        if loop.is_closed() or not loop.is_running():
+            raise RuntimeError("the client's event loop is not running (is the client closed?)")
+
+        async def call():
+            result = func(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        done = asyncio.run_coroutine_threadsafe(call(), loop)
+        try:
+            return done.result(timeout)
+        except TimeoutError:
+            done.cancel()
+            raise TimeoutError(f"{getattr(func, '__name__', func)!r} not done within {timeout} s") from None
 
     # -- defaults and dask integration --
     def _set_default(self):
@@ -503,8 +747,27 @@ class Client:
         except ImportError:  # pragma: no cover - dask is optional
             self._dask_config = None
 
+    @contextlib.contextmanager
     def as_current(self):
-        return self
+        """Within the block, this client is the current one (for futures,
+        ``compute``, coordination primitives) in this thread or task; the
+        client stays open afterwards."""
+        token = _current_client.set(self)
+        try:
+            yield self
+        finally:
+            _current_client.reset(token)
+
+    @classmethod
+    def current(cls, allow_global=True):
+        """The current client (see `as_current`); with ``allow_global`` also
+        the default one. Raises ValueError when there is none."""
+        c = _current_client.get()
+        if c is not None and c.status == "running":
+            return c
+        if allow_global:
+            return default_client()
+        raise ValueError("No current client")
 
     # -- reference counting --
     def _inc_ref(self, wire: str):
@@ -586,6 +849,7 @@ class Client:
         """Submit ``func(*args, **kwargs)``; returns a `Future`."""
         if not callable(func):
             raise TypeError("First input to submit must be a callable function")
+        _refuse_actors(actor or actors)
         if key is None:
             if pure:
                 key = f"{_funcname(func)}-{_tokenize(_func_token(func), kwargs, *args)}"
@@ -638,6 +902,7 @@ class Client:
         """Map ``func`` over iterables; returns a list of `Future`s."""
         if not callable(func):
             raise TypeError("First input to map must be a callable function")
+        _refuse_actors(actor or actors)
         if not iterables:
             raise TypeError("map needs at least one iterable")
         arg_lists = list(zip(*iterables))
@@ -760,7 +1025,19 @@ class Client:
                 time.sleep(0.05)
 
     def gather(self, futures, errors="raise", direct=None, asynchronous=None):
-        """Results of futures, in the same (nested) structure."""
+        """Results of futures, in the same (nested) structure (awaitable on an
+        asynchronous client)."""
+        if self._is_async(asynchronous):
+            return self._gather_async(futures, errors)
+        return self._gather(futures, errors)
+
+    async def _gather_async(self, futures, errors="raise"):
+        flat: list = []
+        _collect_futures(futures, flat)
+        await self._done(flat)
+        return await self._in_thread(self._gather, futures, errors)
+
+    def _gather(self, futures, errors="raise"):
         flat: list = []
         _collect_futures(futures, flat)
         values = self._gather_futures(flat, errors=errors)
@@ -772,8 +1049,8 @@ class Client:
         del flat, ok
         return _pack_results(futures, by_wire)
 
-    def scatter(self, data, workers=None, broadcast=False, direct=None, hash=True, timeout=None,
-                asynchronous=None):
+    @_syncable
+    def scatter(self, data, workers=None, broadcast=False, direct=None, hash=True, timeout=None):
         """Move local data to workers; returns futures in the same structure."""
         infos = self._core.info()["workers"]
         if workers is not None:
@@ -809,7 +1086,8 @@ class Client:
             return type(data)(out) if not isinstance(data, (set, frozenset)) else out
         return out[0]
 
-    def cancel(self, futures, asynchronous=None, force=False, reason=None, msg=None):
+    @_syncable
+    def cancel(self, futures, force=False, reason=None, msg=None):
         if isinstance(futures, Future):
             futures = [futures]
         self._core.cancel([f._wire for f in futures])
@@ -877,8 +1155,17 @@ class Client:
         packed = _pack(keys, futures)
         if not sync:
             return packed
+        if self._is_async(asynchronous):
+            return self._get_async(packed, futures)
         try:
-            return self.gather(packed)
+            return self._gather(packed)
+        finally:
+            for f in futures.values():
+                f.release()
+
+    async def _get_async(self, packed, futures):
+        try:
+            return await self._gather_async(packed)
         finally:
             for f in futures.values():
                 f.release()
@@ -916,8 +1203,14 @@ class Client:
                 i += 1
             else:
                 out.append(a)
+        if sync and self.asynchronous:
+            return self._compute_async(out, singleton)
         if sync:
-            out = self.gather(out)
+            out = self._gather(out)
+        return out[0] if singleton else out
+
+    async def _compute_async(self, out, singleton):
+        out = await self._gather_async(out)
         return out[0] if singleton else out
 
     def persist(self, collections, optimize_graph=True, workers=None, allow_other_workers=None,
@@ -938,12 +1231,14 @@ class Client:
         return result[0] if singleton else result
 
     # -- retries, fire-and-forget, datasets --
-    def retry(self, futures, asynchronous=None):
+    @_syncable
+    def retry(self, futures):
         """Run erred futures (and the erred tasks they depend on) again."""
         if isinstance(futures, Future):
             futures = [futures]
         self._core.retry([f._wire for f in futures])
 
+    @_syncable
     def publish_dataset(self, *args, name=None, override=False, **kwargs):
         """Keep futures (or anything holding them) on the cluster under a name,
         for any client: ``publish_dataset(x, name="x")`` or ``publish_dataset(x=x)``."""
@@ -958,12 +1253,15 @@ class Client:
             payload = _dumps_with_futures(data, keys)
             self._core.dataset("publish", str(n), keys, payload, bool(override))
 
+    @_syncable
     def unpublish_dataset(self, name):
         self._core.dataset("unpublish", str(name))
 
+    @_syncable
     def list_datasets(self):
         return tuple(self._core.dataset("list")[1])
 
+    @_syncable
     def get_dataset(self, name, default=_NO_DEFAULT):
         """The object published under ``name``, with its futures held by this client."""
         try:
@@ -993,10 +1291,19 @@ class Client:
             self._fire([future._wire])
 
     def _run_callbacks(self):
+        import time
+
         while self.status == "running":
             done = self._core.take_done(0.2)
             if done:
                 self._fire(done)
+            elif self._core.closed_reason() is not None:
+                # The connection is gone for good: every waiter hears now
+                # (and a result asked for then raises why).
+                with self._lock:
+                    waiting = list(self._callbacks)
+                self._fire(waiting)
+                time.sleep(0.2)
 
     def _fire(self, wires):
         for w in wires:
@@ -1012,50 +1319,17 @@ class Client:
 
     # -- cluster information --
     def scheduler_info(self, n_workers: int = -1, **kwargs) -> dict:
-        info = self._core.info()
-        workers = {
-            w["address"]: {
-                "type": "Worker",
-                "id": w["name"],
-                "name": w["name"],
-                "host": w["address"].split("://")[-1].rsplit(":", 1)[0],
-                "nthreads": w["nthreads"],
-                "memory_limit": w["memory_limit"],
-                "pid": w["pid"],
-                "resources": w["resources"],
-                "metrics": {
-                    "managed_bytes": w["managed"],
-                    "memory": w["rss"],
-                    "cpu": w["cpu"],
-                    "spilled_bytes": w["spilled"],
-                    "executing": w["executing"],
-                    "ready": w["ready"],
-                    "in_memory": w["nkeys"],
-                    "bytes_in": w["bytes_in"],
-                    "bytes_out": w["bytes_out"],
-                },
-                "processing": w["processing"],
-                "status": "closing_gracefully" if w["retiring"] else "running",
-            }
-            for w in info["workers"]
-        }
-        return {
-            "type": "Scheduler",
-            "id": info["address"],
-            "address": info["address"],
-            "workers": workers,
-            "n_tasks": info["ntasks"],
-            "n_clients": info["nclients"],
-            "bytes_in": info["bytes_in"],
-            "bytes_out": info["bytes_out"],
-        }
+        """The scheduler's identity and its workers, in distributed's shape."""
+        return _scheduler_info(self._core.info())
 
+    @_syncable
     def nthreads(self, workers=None) -> dict:
         info = self.scheduler_info()["workers"]
         return {a: w["nthreads"] for a, w in info.items() if workers is None or a in workers}
 
     ncores = nthreads
 
+    @_syncable
     def who_has(self, futures=None, **kwargs) -> dict:
         if futures is None:
             with self._lock:
@@ -1083,6 +1357,7 @@ class Client:
             out.append(addr)
         return out
 
+    @_syncable
     def run(self, function, *args, workers=None, wait=True, nanny=False, on_error="raise", **kwargs) -> dict:
         """Call ``function(*args, **kwargs)`` in every worker process (or those
         in ``workers``), outside any task; returns ``{address: result}``.
@@ -1116,6 +1391,7 @@ class Client:
                 out[addr] = exc
         return out
 
+    @_syncable
     def upload_file(self, filename, load: bool = True) -> dict:
         """Copy a ``.py``, ``.zip``, ``.egg`` or ``.whl`` file to every worker's
         directory for uploaded files (on its import path) and, with ``load``,
@@ -1128,6 +1404,7 @@ class Client:
 
         return self.run(install_uploaded_file, os.path.basename(filename), data, load)
 
+    @_syncable
     def restart(self, timeout=60, wait_for_workers: bool = True, **kwargs):
         """Forget every task and restart every worker process.
 
@@ -1152,27 +1429,29 @@ class Client:
                                    "(workers restart only under a supervisor)")
             time.sleep(0.05)
 
+    @_syncable
     def replicate(self, futures, n=None, workers=None, branching_factor=2, timeout=60, **kwargs):
         """Copy the results of ``futures`` to more workers until ``n`` of them
-        (default: every worker) hold each; returns once they do."""
+        (default: every worker) hold each; with ``workers`` (names or
+        addresses), until ``n`` of those (default: all of them) do. Copies
+        go to the workers holding the least data. Returns once they do.
+        Unlike distributed, replicas beyond ``n`` are not removed."""
         import time
 
-        if workers is not None:
-            raise ValueError("replicate(workers=...) is not supported; copies go to the least loaded workers")
         fs = futures_of(futures)
         if not fs:
             return
-        nworkers = len(self.scheduler_info()["workers"])
-        want = nworkers if n is None else int(n)
+        among = set(self._resolve_workers(workers))
+        want = len(among) if n is None else int(n)
         if want < 1:
             raise ValueError(f"n must be at least 1, got {n!r}")
-        want = min(want, nworkers)
+        want = min(want, len(among))
         wires = list({f._wire for f in fs})
         self._wait_keys(wires, timeout)
-        self._core.replicate(wires, want)
+        self._core.replicate(wires, want, sorted(among) if workers is not None else [])
         deadline = time.monotonic() + (parse_timedelta(timeout) or 60)
         while True:
-            short = {k: v for k, v in self._core.who_has(wires).items() if len(v) < want}
+            short = {k: v for k, v in self._core.who_has(wires).items() if len(among.intersection(v)) < want}
             if not short:
                 return
             if time.monotonic() > deadline:
@@ -1186,6 +1465,7 @@ class Client:
 
         return ClientExecutor(self, **kwargs)
 
+    @_syncable
     def has_what(self, workers=None, **kwargs) -> dict:
         with self._lock:
             wires = list(self._refcount)
@@ -1197,6 +1477,7 @@ class Client:
             out = {a: v for a, v in out.items() if a in workers}
         return {a: tuple(v) for a, v in out.items()}
 
+    @_syncable
     def rebalance(self, futures=None, workers=None, timeout=60, **kwargs) -> dict:
         """Even out memory: move results (of ``futures``, or all) from workers
         holding more managed memory than the mean to workers holding less,
@@ -1218,6 +1499,7 @@ class Client:
         moved, nbytes, failed = self._core.rebalance(wires, names, parse_timedelta(timeout) or 60.0)
         return {"moved": moved, "bytes": nbytes, "failed": failed}
 
+    @_syncable
     def retire_workers(self, workers=None, close_workers: bool = True, timeout=60, **kwargs) -> dict:
         """Retire workers gracefully: they get no new tasks, results only they
         hold are copied to other workers, then they close. ``workers`` are
@@ -1239,6 +1521,7 @@ class Client:
             logging.getLogger("dask_rs").warning("cannot retire %s: %s; it keeps running", n, why)
         return {by_name[n][0]: by_name[n][1] for n in retired if n in by_name}
 
+    @_syncable
     def get_task_stream(self, start=None, stop=None, count=None, plot=False, filename=None,
                         bokeh_resources=None):
         """Tasks that ended between ``start`` and ``stop`` (Unix times, or
@@ -1272,6 +1555,7 @@ class Client:
             figure.save(filename or "task-stream.html")
         return records, figure
 
+    @_syncable
     def wait_for_workers(self, n_workers: int, timeout=None):
         import time
 
@@ -1302,10 +1586,19 @@ class Client:
         return self._dashboard_link or None
 
     def close(self, timeout=None):
+        """Close the connection (and a cluster this client started); awaitable
+        on an asynchronous client. Futures of a closed client are cancelled."""
+        if self.asynchronous:
+            return self._in_thread(self._close)
+        self._close()
+
+    def _close(self):
         global _default_client
         if self.status == "closed":
             return
+        was = self.status
         self.status = "closed"
+        self._starting = None
         if self._dask_config is not None:
             try:
                 self._dask_config.__exit__(None, None, None)
@@ -1315,9 +1608,18 @@ class Client:
         if _default_client is self:
             _default_client = _latest_running_client()
         self._core = _ClosedCore()
-        if self._own_cluster and self.cluster is not None:
+        # Whoever waits on a future hears now (its status is "cancelled").
+        with self._lock:
+            waiting = list(self._callbacks)
+        self._fire(waiting)
+        if self._loop_thread is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        if was != "newly-created" and self._own_cluster and self.cluster is not None:
             self.cluster.close()
 
+    @_syncable
     def shutdown(self):
         """Close the client and shut the scheduler and its workers down."""
         try:
@@ -1326,18 +1628,20 @@ class Client:
             pass
         if self.cluster is not None:
             self.cluster.close()
-        self.close()
+        self._close()
 
     def __enter__(self):
+        if self._starting is not None:
+            raise RuntimeError("an asynchronous Client is entered with `async with`, not `with`")
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self._close()
 
     def __del__(self):
         try:
             if getattr(self, "status", "closed") == "running":
-                self.close()
+                self._close()
         except Exception:
             pass
 
@@ -1367,11 +1671,18 @@ class Client:
 
 
 class _ClosedCore:
+    """Stands in for the core of a client that is closed (or not started)."""
+
+    def __init__(self, why: str = "this Client is closed"):
+        self._why = why
+
     def __getattr__(self, name):
         def closed(*args, **kwargs):
             if name in ("release",):
                 return None
-            raise RuntimeError("this Client is closed")
+            if name == "closed_reason":
+                return self._why
+            raise RuntimeError(self._why)
 
         return closed
 
@@ -1487,11 +1798,19 @@ def wait(fs, timeout=None, return_when=ALL_COMPLETED):
         return DoneAndNotDoneFutures(set(), set())
     client = fs[0].client
     any_ = return_when == FIRST_COMPLETED
+    if client.asynchronous:
+        return client._wait_for(_wait_async(client, fs, any_), timeout)
 
     t = parse_timedelta(timeout)
     ok = client._core.wait([f._wire for f in fs], t, any_)
     if not ok and t is not None:
         raise TimeoutError(f"futures not done within {t} s")
+    done = {f for f in fs if f.done()}
+    return DoneAndNotDoneFutures(done, set(fs) - done)
+
+
+async def _wait_async(client, fs, any_):
+    await client._done(fs, any=any_)
     done = {f for f in fs if f.done()}
     return DoneAndNotDoneFutures(done, set(fs) - done)
 
@@ -1566,6 +1885,37 @@ class as_completed:
                 raise StopIteration
             self._fill()
         return self._emit(self._ready.pop(0))
+
+    # -- asynchronous iteration: ``async for future in as_completed(fs)`` --
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self._ready:
+            with self._lock:
+                pending = list(self._pending.values())
+            if not pending:
+                raise StopAsyncIteration
+            await self._wait_for(pending[0].client._done(pending, any=True))
+            self._fill(block=False)
+        f = self._ready.pop(0)
+        if not self.with_results:
+            return f
+        try:
+            return f, await f
+        except Exception:
+            if self.raise_errors:
+                raise
+            return f, f._exception()
+
+    async def _wait_for(self, coro):
+        t = parse_timedelta(self._timeout)
+        if t is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, t)
+        except asyncio.TimeoutError:
+            raise TimeoutError("as_completed timed out") from None
 
     def next_batch(self, block=True) -> list:
         if not self._ready:

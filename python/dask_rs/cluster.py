@@ -7,6 +7,7 @@ the calling process; each worker is ``python -m dask_rs worker``.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -35,9 +36,69 @@ def _default_layout(n_workers, threads_per_worker):
     return n_workers, threads_per_worker
 
 
+# distributed.LocalCluster keywords (its own, SpecCluster's, Nanny's and
+# Worker's) that mean nothing for dask_rs: accepted, with one warning each.
+_NO_EFFECT = {
+    "loop": "dask_rs clients and clusters do not run on a Tornado loop",
+    "start": "the cluster starts when made (or awaited, with asynchronous=True)",
+    "services": "no extra scheduler services", "worker_services": "no extra worker services",
+    "service_kwargs": "no extra services", "protocol": "workers speak tcp:// or tls:// (see security=)",
+    "blocked_handlers": "no handlers to block", "interface": "use host= to choose the address",
+    "worker_class": "workers are dask_rs workers", "scheduler_sync_interval": "nothing to sync",
+    "worker_dashboard_address": "workers have no dashboard of their own (the scheduler's shows them)",
+    "diagnostics_port": "use dashboard_address=", "shutdown_on_close": "closing always shuts down",
+    "shutdown_scheduler": "closing always shuts down", "preload": "use client.run or upload_file",
+    "preload_argv": "no preload", "preload_nanny": "no nannies", "preload_nanny_argv": "no nannies",
+    "heartbeat_interval": "workers beat once a second", "extensions": "no worker extensions",
+    "metrics": "workers report fixed metrics", "startup_information": "no startup information",
+    "validate": "the scheduler validates in its own tests", "plugins": "plugins are not supported yet",
+    "data": "workers keep results in memory and spill to local_directory", "executor": "one thread pool",
+    "contact_address": "local workers are reached at host=", "listen_address": "use host=",
+    "nanny": "process workers are always supervised", "low_level_profiler": "no profiler",
+    "profile_cycle_interval": "no profiler", "transition_counter_max": "no transition counter",
+    "dashboard": "use dashboard_address=None to turn the dashboard off", "http_prefix": "no prefix",
+    "reconnect": "workers always reconnect", "quiet": "worker output goes to the cluster's logs",
+    "config": "use dask.config in the workers", "port": "workers pick free ports",
+    "worker_port": "workers pick free ports", "scheduler_sni": "no SNI",
+}
+_warned: set = set()
+
+
+def _warn_no_effect(names) -> None:
+    for n in sorted(names):
+        if n not in _warned:
+            _warned.add(n)
+            warnings.warn(f"LocalCluster({n}=...) has no effect in dask_rs: {_NO_EFFECT[n]}", UserWarning,
+                          stacklevel=4)
+
+
+def _memory_limit(value, n_workers: int) -> int:
+    """Bytes per worker, as distributed reads ``memory_limit``: "auto" (the
+    machine's memory shared among the workers), a fraction of the machine's
+    memory (a number up to 1), a size ("4GiB", bytes); 0 or None: no limit."""
+    from ._worker import total_memory
+
+    if value is None:
+        return 0
+    if value == "auto":
+        return total_memory() // max(n_workers, 1)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is not None and 0 < number <= 1:
+        return int(total_memory() * number)
+    limit = parse_bytes(value)
+    return min(limit, total_memory()) if limit else 0
+
+
 class LocalCluster:
     """A cluster on this machine.
 
+    Takes every keyword `distributed.LocalCluster` takes: those that mean
+    something here are honoured (``name``, ``env``, ``silence_logs``,
+    ``asynchronous``, ``scheduler_kwargs``, ``lifetime``, ``death_timeout``,
+    ``nthreads``, ``ip``, fractional ``memory_limit``...), the others warn once.
     ``processes=False`` runs the workers as threads of this process instead;
     ``resources={"GPU": 1}`` is given to every worker (``--resources``);
     ``local_directory`` is where workers spill results (``--local-directory``).
@@ -49,7 +110,7 @@ class LocalCluster:
         threads_per_worker: int | None = None,
         processes: bool = True,
         memory_limit="auto",
-        host: str = "127.0.0.1",
+        host: str | None = None,
         scheduler_port: int = 0,
         dashboard_address=":8787",
         silence_logs=None,
@@ -60,19 +121,68 @@ class LocalCluster:
         resources: dict | None = None,
         local_directory: str | None = None,
         security=None,
+        name=None,
+        asynchronous: bool = False,
+        env: dict | None = None,
+        lifetime=None,
+        lifetime_stagger=None,
+        lifetime_restart: bool = False,
+        death_timeout=None,
+        scheduler_kwargs: dict | None = None,
+        ip: str | None = None,
+        nthreads: int | None = None,
         **kwargs,
     ):
-        unknown = set(kwargs) - {"asynchronous", "loop", "protocol", "interface", "worker_class"}
+        unknown = set(kwargs) - set(_NO_EFFECT)
         if unknown:
             raise TypeError(f"LocalCluster got unexpected keyword arguments {sorted(unknown)}")
+        _warn_no_effect(kwargs)
+        self.name = str(name) if name is not None else f"LocalCluster-{os.urandom(4).hex()}"
+        self.status = "created"
+        self._loop = None
+        args = dict(locals())
+        for k in ("self", "kwargs", "name", "asynchronous", "__class__", "unknown"):
+            args.pop(k, None)
+        if asynchronous:
+            # Started by `await LocalCluster(asynchronous=True)` or `async with`.
+            self._starting = args
+            return
+        self._starting = None
+        self._start(**args)
+
+    def _start(self, n_workers, threads_per_worker, processes, memory_limit, host, scheduler_port,
+               dashboard_address, silence_logs, timeout, worker_saturation, work_stealing, python,
+               resources, local_directory, security, env, lifetime, lifetime_stagger, lifetime_restart,
+               death_timeout, scheduler_kwargs, ip, nthreads):
+        if threads_per_worker is None and nthreads is not None:
+            threads_per_worker = nthreads
+        host = host or ip or "127.0.0.1"
+        scheduler_kwargs = dict(scheduler_kwargs or {})
+        scheduler_port = scheduler_kwargs.pop("port", scheduler_port)
+        host = scheduler_kwargs.pop("host", host)
+        dashboard_address = scheduler_kwargs.pop("dashboard_address", dashboard_address)
+        if scheduler_kwargs.pop("dashboard", True) is False:
+            dashboard_address = None
+        if scheduler_kwargs:
+            raise TypeError(f"scheduler_kwargs: dask_rs's scheduler takes port, host, dashboard_address and "
+                            f"dashboard, not {sorted(scheduler_kwargs)}")
+        if silence_logs not in (None, False):
+            import logging
+
+            logging.getLogger("dask_rs").setLevel(silence_logs)
         n_workers, threads_per_worker = _default_layout(n_workers, threads_per_worker)
         if n_workers < 0 or threads_per_worker < 1:
             raise ValueError("n_workers must be >= 0 and threads_per_worker >= 1")
-        if memory_limit in ("auto", None):
-            from ._worker import total_memory
-
-            memory_limit = total_memory() // max(n_workers, 1) if memory_limit == "auto" else 0
-        self.memory_limit = parse_bytes(memory_limit)
+        if not processes and (env or lifetime is not None):
+            raise ValueError("env= and lifetime= apply to worker processes: use processes=True")
+        self.memory_limit = _memory_limit(memory_limit, n_workers)
+        self.env = {str(k): str(v) for k, v in (env or {}).items()}
+        self._lifetime = [
+            *(["--lifetime", str(lifetime)] if lifetime is not None else []),
+            *(["--lifetime-stagger", str(lifetime_stagger)] if lifetime_stagger is not None else []),
+            *(["--lifetime-restart"] if lifetime_restart else []),
+            *(["--death-timeout", str(death_timeout)] if death_timeout is not None else []),
+        ]
         from ._worker import format_resources
 
         self.resources = format_resources(resources)
@@ -103,7 +213,7 @@ class LocalCluster:
             **self.security.core_kwargs("scheduler"),
         )
         if self._scheduler.dashboard_warning:
-            warnings.warn(self._scheduler.dashboard_warning, UserWarning, stacklevel=2)
+            warnings.warn(self._scheduler.dashboard_warning, UserWarning, stacklevel=3)
         self.scheduler_address = self._scheduler.address
         self._procs: dict = {}
         self._threads: dict = {}
@@ -111,6 +221,7 @@ class LocalCluster:
         self._exits: dict = {}
         self._plock = threading.RLock()
         self.restarts = 0
+        self._events: list = []
         self._logs = tempfile.TemporaryDirectory(prefix="dask-rs-")
         self._next = 0
         self._monitor = _core.ClientCore(
@@ -154,19 +265,23 @@ class LocalCluster:
         ]
         if self.local_directory:
             cmd += ["--local-directory", self.local_directory]
+        cmd += self._lifetime
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         # Credentials travel in the environment, never on the command line.
         for k in ("TOKEN_FILE", "TOKEN", "TLS_CA_FILE", "TLS_CERT", "TLS_KEY"):
             env.pop(f"DASK_RS_{k}", None)
         env.update(self.security.worker_env())
+        env.update(self.env)
         self._procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
         self._started[name] = time.monotonic()
 
     def _watch(self):
-        """Restart worker processes that crash (Dask's nannies): a worker that
-        exits with a non-zero status comes back under the same name, after a
-        delay that grows while it keeps failing at once."""
+        """Restart worker processes that end without being asked (Dask's
+        nannies): a worker that crashes, or is stopped by a signal (its status
+        is then 128 + the signal), comes back under the same name, after a
+        delay that grows while it keeps failing at once. A worker that closed
+        because it was retired exits with 0 and stays away."""
         delays: dict = {}
         while self.status in ("starting", "running"):
             time.sleep(0.1)
@@ -188,6 +303,8 @@ class LocalCluster:
                         continue
                     del self._exits[name]
                     log.write(f"worker {name} exited with status {code}; restarting\n".encode())
+                    when = time.strftime("%H:%M:%S")
+                    self._events.append(f"{when} worker {name} exited with status {code}; restarted")
                     log.close()
                     self.restarts += 1
                     self._spawn(name)
@@ -253,8 +370,90 @@ class LocalCluster:
                 pass
         return "\n".join(out)
 
+    # -- asynchronous use --
+    def __await__(self):
+        """``cluster = await LocalCluster(asynchronous=True)``."""
+        return self._start_async().__await__()
+
+    async def _start_async(self):
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
+        if self._starting is not None:
+            args, self._starting = self._starting, None
+            await asyncio.to_thread(self._start, **args)
+        return self
+
+    async def __aenter__(self):
+        return await self._start_async()
+
+    async def __aexit__(self, *exc):
+        import asyncio
+
+        await asyncio.to_thread(self._close)
+
+    def _in_own_loop(self) -> bool:
+        import asyncio
+
+        try:
+            return self._loop is not None and asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    # -- what notebooks read --
+    @property
+    def scheduler(self) -> SchedulerView:
+        """The scheduler as distributed's ``cluster.scheduler``: ``.address``
+        and ``.workers`` (address -> worker with ``name``, ``pid``,
+        ``nthreads``, ``memory_limit``...), read fresh on each access."""
+        return SchedulerView(self)
+
+    @property
+    def scheduler_info(self) -> dict:
+        """The scheduler's identity and workers, as `Client.scheduler_info()`."""
+        from .client import _scheduler_info
+
+        return _scheduler_info(self._monitor.info())
+
+    def wait_for_workers(self, n_workers: int, timeout=None):
+        """Block until at least ``n_workers`` workers are connected."""
+        from .utils import parse_timedelta
+
+        deadline = None if timeout is None else time.monotonic() + parse_timedelta(timeout)
+        while len(self._monitor.info()["workers"]) < n_workers:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n_workers} workers after {timeout}")
+            time.sleep(0.05)
+
+    def get_logs(self, cluster: bool = True, scheduler: bool = True, workers=True) -> dict:
+        """Logs as distributed's ``get_logs``: ``"Cluster"`` (worker restarts),
+        ``"Scheduler"`` (this process's ``dask_rs`` log records) and one entry
+        per worker process, by address (``workers`` may list addresses or names)."""
+        out = {}
+        if cluster:
+            out["Cluster"] = "\n".join(self._events)
+        if scheduler:
+            out["Scheduler"] = "\n".join(_records.lines())
+        if workers:
+            info = {w["name"]: w["address"] for w in self._monitor.info()["workers"]}
+            wanted = None if workers is True else {str(w) for w in workers}
+            for n in list(self._procs):
+                addr = info.get(n, n)
+                if wanted is None or n in wanted or addr in wanted:
+                    out[addr] = self.logs(n)
+        return out
+
     def close(self, timeout=None):
-        if self.status == "closed":
+        """Stop the workers and the scheduler (awaitable with asynchronous=True)."""
+        if self._in_own_loop():
+            import asyncio
+
+            return asyncio.ensure_future(asyncio.to_thread(self._close))
+        self._close()
+
+    def _close(self):
+        if self.status in ("closed", "created"):
+            self.status = "closed"
             return
         self.status = "closing"
         for name in list(self._procs) + list(self._threads):
@@ -279,18 +478,81 @@ class LocalCluster:
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self._close()
 
     def __del__(self):
         try:
-            self.close()
+            self._close()
         except Exception:
             pass
 
     def __repr__(self):
+        if self.status == "created":
+            return f"LocalCluster({self.name!r}, not started: await it)"
         n = len(self._procs) + len(self._threads)
         return (
             f"LocalCluster({self.scheduler_address!r}, workers={n}, threads={n * self.threads_per_worker}, "
             f"memory={format_bytes(n * self.memory_limit)})"
         )
 
+
+
+class _Records(logging.Handler):
+    """The last log records of the ``dask_rs`` logger in this process (where a
+    LocalCluster's scheduler runs), for `LocalCluster.get_logs`."""
+
+    def __init__(self, keep: int = 1000):
+        super().__init__(logging.INFO)
+        import collections
+
+        self._lines = collections.deque(maxlen=keep)
+        self.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+
+    def emit(self, record):
+        try:
+            self._lines.append(self.format(record))
+        except Exception:
+            pass
+
+    def lines(self) -> list:
+        return list(self._lines)
+
+
+_records = _Records()
+logging.getLogger("dask_rs").addHandler(_records)
+
+
+class WorkerView:
+    """One worker as ``cluster.scheduler.workers[address]`` shows it."""
+
+    def __init__(self, info: dict):
+        self.address = info["address"]
+        self.name = info["name"]
+        self.pid = info["pid"]
+        self.nthreads = info["nthreads"]
+        self.memory_limit = info["memory_limit"]
+        self.resources = info["resources"]
+        self.host = self.address.split("://")[-1].rsplit(":", 1)[0]
+        self.status = "closing_gracefully" if info["retiring"] else "running"
+        self.metrics = {"managed_bytes": info["managed"], "memory": info["rss"], "cpu": info["cpu"],
+                        "executing": info["executing"], "in_memory": info["nkeys"]}
+
+    def __repr__(self):
+        return f"<WorkerState {self.address!r}, name: {self.name}, status: {self.status}, pid: {self.pid}>"
+
+
+class SchedulerView:
+    """``cluster.scheduler``: what distributed's Scheduler object offers
+    notebooks (``address``, ``id``, ``workers``), read from the scheduler."""
+
+    def __init__(self, cluster: LocalCluster):
+        self._cluster = cluster
+        self.address = cluster.scheduler_address
+        self.id = self.address
+
+    @property
+    def workers(self) -> dict:
+        return {w["address"]: WorkerView(w) for w in self._cluster._monitor.info()["workers"]}
+
+    def __repr__(self):
+        return f"<Scheduler {self.address!r}, workers: {len(self.workers)}>"

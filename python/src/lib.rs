@@ -1189,9 +1189,11 @@ impl ClientCore {
         self.core.restart().map_err(client_err)
     }
 
-    /// Copy each of `keys` to more workers until `n` hold it.
-    fn replicate(&self, keys: Vec<String>, n: u32) -> PyResult<()> {
-        self.core.replicate(keys, n).map_err(client_err)
+    /// Copy each of `keys` to more workers until `n` hold it (`n` of
+    /// `workers`, names or addresses, when given).
+    #[pyo3(signature = (keys, n, workers=Vec::new()))]
+    fn replicate(&self, keys: Vec<String>, n: u32, workers: Vec<String>) -> PyResult<()> {
+        self.core.replicate(keys, n, workers).map_err(client_err)
     }
 
     /// Why no current worker can run `key` (None when one can, or it is done).

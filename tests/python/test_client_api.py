@@ -353,6 +353,48 @@ def test_replicate_copies_results_to_more_workers(client):
         client.replicate(x, n=0)
 
 
+def test_replicate_among_named_workers(client):
+    names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+    x = client.submit(list, range(100), workers=["w0"], pure=False)
+    assert x.result(timeout=10) == list(range(100))
+    # w0's copy is not among w1 and w2: both get one (distributed's n=None).
+    client.replicate(x, workers=["w1", names["w2"]])
+    assert set(client.who_has([x])[x.key]) == set(names.values())
+    y = client.submit(list, range(10), workers=["w0"], pure=False)
+    y.result(timeout=10)
+    client.replicate([y], n=1, workers=["w2"])
+    assert set(client.who_has([y])[y.key]) == {names["w0"], names["w2"]}
+    with pytest.raises(ValueError, match="no worker 'nope'"):
+        client.replicate(y, workers=["nope"])
+
+
+def test_actor_true_is_refused_loudly_not_run_as_a_plain_task(client):
+    class Counter:
+        n = 0
+
+    with pytest.raises(NotImplementedError, match="Actors"):
+        client.submit(Counter, actor=True)
+    with pytest.raises(NotImplementedError, match="Actors"):
+        client.map(Counter, [1], actors=True)
+
+
+def test_run_passes_dask_worker_and_runs_coroutine_functions(client):
+    def who(dask_worker, suffix=""):
+        return dask_worker.name + suffix, dask_worker.address, dask_worker.nthreads
+
+    info = client.scheduler_info()["workers"]
+    out = client.run(who, suffix="!")
+    assert out == {a: (w["name"] + "!", a, w["nthreads"]) for a, w in info.items()}
+
+    async def nap(x, dask_worker=None):
+        import asyncio
+
+        await asyncio.sleep(0.01)
+        return x, dask_worker.name
+
+    assert sorted(client.run(nap, 5).values()) == sorted((5, w["name"]) for w in info.values())
+
+
 def test_rebalance_evens_out_results_and_loses_none(client):
     names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
     data = [list(range(i, i + 20_000)) for i in range(9)]

@@ -88,3 +88,61 @@ def test_restart_cancels_futures_and_brings_every_worker_back_fresh():
         with pytest.raises(CancelledError, match="restarted"):
             x.result(timeout=5)
         assert c.submit(sum, [1, 2], pure=False).result(timeout=10) == 3
+
+
+def test_cluster_objects_as_notebooks_read_them_and_a_stopped_worker_comes_back():
+    import signal
+
+    from conftest import wait_until
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, name="nb", dashboard_address=None) as cluster:
+        assert cluster.name == "nb"
+        cluster.wait_for_workers(2, timeout=10)
+        workers = cluster.scheduler.workers
+        assert cluster.scheduler.address == cluster.scheduler_address
+        assert sorted(w.name for w in workers.values()) == ["0", "1"]
+        assert {w.pid for w in workers.values()} == {p.pid for p in cluster.workers.values()}
+        assert set(cluster.scheduler_info["workers"]) == set(workers)
+        # SIGTERM, not a crash: the worker exits cleanly, and as under
+        # distributed's nanny it is started again under its name.
+        victim = next(w for w in workers.values() if w.name == "0")
+        os.kill(victim.pid, signal.SIGTERM)
+
+        def back():
+            ws = cluster.scheduler.workers.values()
+            return len(ws) == 2 and any(w.name == "0" and w.pid != victim.pid for w in ws)
+
+        wait_until(back, timeout=20, msg="worker 0 started again")
+        logs = cluster.get_logs()
+        assert "worker 0 exited with status 143; restarted" in logs["Cluster"], logs["Cluster"]
+        assert set(logs) >= {"Cluster", "Scheduler", *cluster.scheduler.workers}
+        with Client(cluster) as c:
+            assert c.gather(c.map(abs, range(-3, 0))) == [3, 2, 1]
+
+
+def test_distributed_keywords_are_honoured_or_warned_about_once():
+    import logging
+    import warnings
+
+    from dask_rs._worker import total_memory
+
+    with pytest.warns(UserWarning, match=r"worker_dashboard_address=...\) has no effect"):
+        cluster = LocalCluster(
+            n_workers=1, memory_limit=0.5, env={"DASK_RS_TEST_ENV": "here"}, silence_logs=logging.ERROR,
+            worker_dashboard_address=":0", scheduler_kwargs={"dashboard": False}, nthreads=2,
+        )
+    with cluster, Client(cluster) as c:
+        info = next(iter(c.scheduler_info()["workers"].values()))
+        assert info["memory_limit"] == int(total_memory() * 0.5), "a fraction of the machine's memory"
+        assert info["nthreads"] == 2
+        assert list(c.run(os.getenv, "DASK_RS_TEST_ENV").values()) == ["here"]
+        assert cluster.dashboard_link is None
+        assert logging.getLogger("dask_rs").level == logging.ERROR
+    logging.getLogger("dask_rs").setLevel(logging.NOTSET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough
+        LocalCluster(n_workers=0, worker_dashboard_address=":0", dashboard_address=None).close()
+    with pytest.raises(TypeError, match="scheduler_kwargs"):
+        LocalCluster(n_workers=0, scheduler_kwargs={"validate": True})
+    with pytest.raises(ValueError, match="processes=True"):
+        LocalCluster(n_workers=1, processes=False, env={"A": "1"})

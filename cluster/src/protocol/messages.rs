@@ -268,10 +268,12 @@ pub enum FromClient {
     },
     /// Forget every task and restart every worker process (`Client.restart`).
     Restart,
-    /// Copy each of `keys` (in memory) to other workers until `n` hold it.
+    /// Copy each of `keys` (in memory) to other workers until `n` hold it;
+    /// with `workers` (names or addresses), `n` of those.
     Replicate {
         keys: Vec<Key>,
         n: u32,
+        workers: Vec<String>,
     },
     /// An operation on a coordination primitive; answered by `CoordReply`.
     Coord {

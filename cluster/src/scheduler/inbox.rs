@@ -52,7 +52,7 @@ impl SchedulerState {
             }
             FromClient::RetryKeys { keys } => self.retry_keys(&keys),
             FromClient::FireAndForget { keys } => self.fire_and_forget(&keys),
-            FromClient::Replicate { keys, n } => self.replicate(&keys, n as usize),
+            FromClient::Replicate { keys, n, workers } => self.replicate(&keys, n as usize, &workers),
             FromClient::Restart => self.restart(),
             FromClient::Rebalance { id, keys, workers } => self.rebalance(peer, id, keys, workers),
             FromClient::PublishDataset { id, name, keys, data, overwrite } => {

@@ -262,7 +262,7 @@ impl World {
             78..=79 => {
                 let keys = self.known_keys();
                 let some: Vec<Key> = keys.into_iter().filter(|_| self.rng.chance(30)).collect();
-                self.s.replicate(&some, 2);
+                self.s.replicate(&some, 2, &[]);
             }
             80..=81 => {
                 let c = *self.clients.keys().next().unwrap();

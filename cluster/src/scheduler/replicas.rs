@@ -23,24 +23,30 @@ impl SchedulerState {
     /// Copy each of `keys` that is in memory to more workers until `n` (at
     /// most every non-retiring worker) hold it; the workers holding the
     /// fewest bytes receive the copies. Copies are reported by `AddKeys`.
-    pub fn replicate(&mut self, keys: &[Key], n: usize) {
+    /// With `workers` (names or addresses), only those count and receive.
+    pub fn replicate(&mut self, keys: &[Key], n: usize, workers: &[String]) {
+        let allowed = |p: &PeerId| {
+            workers.is_empty()
+                || self.workers.get(p).is_some_and(|w| workers.iter().any(|x| *x == w.name || *x == w.address))
+        };
         let mut by_dest: FxHashMap<PeerId, Vec<DepInfo>> = FxHashMap::default();
         for k in keys {
             let Some(&id) = self.keys.get(k.as_str()) else { continue };
             let t = self.t(id);
-            if t.state != TaskState::Memory || t.who_has.len() >= n {
+            let have = t.who_has.iter().filter(|p| allowed(p)).count();
+            if t.state != TaskState::Memory || have >= n {
                 continue;
             }
             let mut cands: Vec<(u64, PeerId)> = self
                 .worker_order
                 .iter()
                 .copied()
-                .filter(|p| !t.who_has.contains(p))
+                .filter(|p| !t.who_has.contains(p) && allowed(p))
                 .filter_map(|p| self.workers.get(&p).filter(|w| !w.retiring).map(|w| (w.nbytes, p)))
                 .collect();
             cands.sort_unstable();
             let holders = self.addresses(&t.who_has);
-            for (_, dest) in cands.into_iter().take(n - t.who_has.len()) {
+            for (_, dest) in cands.into_iter().take(n - have) {
                 by_dest.entry(dest).or_default().push(DepInfo {
                     key: k.clone(),
                     nbytes: t.nbytes,

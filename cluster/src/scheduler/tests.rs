@@ -67,7 +67,7 @@ checked_events! {
         fn unpublish_dataset(client: PeerId, id: u64, name: &str);
         fn get_dataset(client: PeerId, id: u64, name: &str);
         fn list_datasets(client: PeerId, id: u64);
-        fn replicate(keys: &[Key], n: usize);
+        fn replicate(keys: &[Key], n: usize, workers: &[String]);
         fn rebalance(requester: PeerId, id: u64, keys: Vec<Key>, workers: Vec<String>);
         fn retire_workers(requester: PeerId, id: u64, names: Vec<String>);
         fn balance();
@@ -637,7 +637,7 @@ fn replicate_copies_to_the_least_loaded_workers_until_n_hold_it() {
     s.scatter_done(C1, "tcp://h:0", vec![("x".into(), 100)]);
     s.scatter_done(C1, "tcp://h:1", vec![("big".into(), 1000)]);
     s.take_outgoing();
-    s.replicate(&["x".into(), "unknown".into()], 2);
+    s.replicate(&["x".into(), "unknown".into()], 2, &[]);
     let sent: Vec<(PeerId, String)> = s
         .take_outgoing()
         .into_iter()
@@ -649,8 +649,17 @@ fn replicate_copies_to_the_least_loaded_workers_until_n_hold_it() {
     assert_eq!(sent, [(W1 + 2, "x".to_string())], "the worker holding nothing gets the copy");
     s.add_keys(W1 + 2, &[("x".into(), 100)]);
     assert_eq!(s.who_has("x").len(), 2);
-    s.replicate(&["x".into()], 2);
+    s.replicate(&["x".into()], 2, &[]);
     assert!(s.take_outgoing().is_empty(), "already on two workers");
+    // Restricted to w1 (by name) and w2's address: only w1 lacks it, and
+    // w0's copy does not count.
+    s.replicate(&["x".into()], 2, &["w1".into(), "tcp://h:2".into()]);
+    let sent: Vec<PeerId> = s
+        .take_outgoing()
+        .into_iter()
+        .filter_map(|(p, e)| matches!(e.msg, Msg::W(ToWorker::AcquireReplicas { .. })).then_some(p))
+        .collect();
+    assert_eq!(sent, [W1 + 1], "big's holder w1 gets x: it is one of the named workers");
 }
 
 #[test]
