@@ -1088,9 +1088,9 @@ class Client:
 
     @_syncable
     def cancel(self, futures, force=False, reason=None, msg=None):
-        if isinstance(futures, Future):
-            futures = [futures]
-        self._core.cancel([f._wire for f in futures])
+        """Cancel futures (or the futures of persisted collections, or
+        structures of them)."""
+        self._core.cancel([f._wire for f in futures_of(futures)])
 
     # -- dask graphs and collections --
     def _graph_to_futures(self, dsk, keys, workers=None, allow_other_workers=False, priority=0, retries=0,
@@ -1234,9 +1234,7 @@ class Client:
     @_syncable
     def retry(self, futures):
         """Run erred futures (and the erred tasks they depend on) again."""
-        if isinstance(futures, Future):
-            futures = [futures]
-        self._core.retry([f._wire for f in futures])
+        self._core.retry([f._wire for f in futures_of(futures)])
 
     @_syncable
     def publish_dataset(self, *args, name=None, override=False, **kwargs):
@@ -1331,13 +1329,13 @@ class Client:
 
     @_syncable
     def who_has(self, futures=None, **kwargs) -> dict:
+        """``{key: addresses holding it}`` for futures (or persisted
+        collections, or structures of them); all this client holds by default."""
         if futures is None:
             with self._lock:
                 wires = list(self._refcount)
         else:
-            if isinstance(futures, Future):
-                futures = [futures]
-            wires = [f._wire for f in futures]
+            wires = [f._wire for f in futures_of(futures)]
         return {k: tuple(v) for k, v in self._core.who_has(wires).items()}
 
     def _resolve_workers(self, workers) -> list:

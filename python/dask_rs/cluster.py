@@ -222,6 +222,7 @@ class LocalCluster:
         self._plock = threading.RLock()
         self.restarts = 0
         self._events: list = []
+        self._adaptive = None
         self._logs = tempfile.TemporaryDirectory(prefix="dask-rs-")
         self._next = 0
         self._monitor = _core.ClientCore(
@@ -327,7 +328,13 @@ class LocalCluster:
             time.sleep(0.02)
 
     def scale(self, n: int):
-        """Bring the number of workers to ``n``."""
+        """Bring the number of workers to ``n`` (and stop adapting)."""
+        if self._adaptive is not None:
+            self._adaptive.stop()
+            self._adaptive = None
+        self._scale(n)
+
+    def _scale(self, n: int):
         with self._plock:
             current = list(self._procs) + list(self._threads)
             new = {self._start_one() for _ in range(max(0, n - len(current)))}
@@ -369,6 +376,42 @@ class LocalCluster:
             except OSError:
                 pass
         return "\n".join(out)
+
+    def adapt(self, minimum=0, maximum=None, minimum_cores=None, maximum_cores=None, minimum_memory=None,
+              maximum_memory=None, target_duration="5s", wait_count=3, interval="1s", **kwargs) -> Adaptive:
+        """Grow and shrink with the load, by Dask's rules and with the same
+        controller as ``dask-ctl adapt``: enough threads to finish the work in
+        hand within ``target_duration`` (more when memory fills), between
+        ``minimum`` and ``maximum`` workers (or cores, or memory). A worker is
+        removed only after ``wait_count`` checks in a row agree, and is
+        retired first, so its results move to the others. ``scale(n)`` stops
+        adapting. Returns the `Adaptive` object (``.stop()``, ``.log``)."""
+        import math
+
+        from .utils import parse_timedelta
+
+        if kwargs:
+            raise TypeError(f"adapt() got unexpected keyword arguments {sorted(kwargs)}")
+        per = self.threads_per_worker
+        lo = int(minimum or 0)
+        hi = math.inf if maximum is None else maximum
+        if minimum_cores is not None:
+            lo = max(lo, math.ceil(minimum_cores / per))
+        if maximum_cores is not None:
+            hi = min(hi, maximum_cores // per)
+        if self.memory_limit:
+            if minimum_memory is not None:
+                lo = max(lo, math.ceil(parse_bytes(minimum_memory) / self.memory_limit))
+            if maximum_memory is not None:
+                hi = min(hi, parse_bytes(maximum_memory) // self.memory_limit)
+        hi = 2**31 if hi == math.inf else int(hi)
+        if hi < lo:
+            raise ValueError(f"adapt: maximum {hi} workers is below minimum {lo}")
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        self._adaptive = Adaptive(self, lo, hi, parse_timedelta(target_duration), int(wait_count),
+                                  parse_timedelta(interval))
+        return self._adaptive
 
     # -- asynchronous use --
     def __await__(self):
@@ -456,6 +499,8 @@ class LocalCluster:
             self.status = "closed"
             return
         self.status = "closing"
+        if getattr(self, "_adaptive", None) is not None:
+            self._adaptive.stop()
         for name in list(self._procs) + list(self._threads):
             try:
                 self._stop_worker(name)
@@ -495,6 +540,62 @@ class LocalCluster:
             f"memory={format_bytes(n * self.memory_limit)})"
         )
 
+
+
+class Adaptive:
+    """A LocalCluster adapting to its load (see `LocalCluster.adapt`): a
+    thread that asks the controller every ``interval`` and starts, retires
+    and stops worker processes as it says."""
+
+    def __init__(self, cluster: LocalCluster, minimum: int, maximum: int, target_duration: float,
+                 wait_count: int, interval: float):
+        self.cluster = cluster
+        self.minimum, self.maximum = minimum, maximum
+        self.interval = interval
+        self._core = _core.Adaptive(minimum, maximum, cluster.threads_per_worker, target_duration, wait_count,
+                                    interval)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="LocalCluster-adapt", daemon=True)
+        self._thread.start()
+
+    @property
+    def log(self) -> list:
+        """The decisions so far (``time``, ``kind``, ``target``, ``reason``...)."""
+        return self._core.decisions()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+    def _run(self):
+        c = self.cluster
+        while not self._stop.is_set() and c.status == "running":
+            now = time.time()
+            with c._plock:
+                # A crashed process is being restarted under its name: still ours.
+                records = [(n, "running", f"pid {p.pid}") for n, (p, _) in c._procs.items()]
+                records += [(n, "running", "thread") for n in c._threads]
+            try:
+                kind, n, pending, running = self._core.step(c._monitor, now, records)
+                if kind == "scale_up":
+                    with c._plock:
+                        for _ in range(n - len(records)):
+                            c._start_one()
+                elif kind == "remove":
+                    for name in pending:
+                        c._stop_worker(name)
+                    if running:
+                        retired, _failed = c._monitor.retire_workers(list(running), 60.0)
+                        for name in retired:
+                            c._stop_worker(name)
+                self._core.report(now, None)
+            except Exception as e:  # noqa: BLE001 - reported, backed off, tried again
+                self._core.report(now, f"{type(e).__name__}: {e}")
+            self._stop.wait(self.interval)
+
+    def __repr__(self):
+        return f"<Adaptive {self.minimum}..{self.maximum} workers, target {self._core.target}>"
 
 
 class _Records(logging.Handler):

@@ -13,6 +13,8 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod adapt;
+
 use std::ffi::{c_int, c_void};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1253,6 +1255,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ClientCore>()?;
     m.add_class::<WorkerHandle>()?;
     m.add_class::<SchedulerHandle>()?;
+    m.add_class::<adapt::Adaptive>()?;
     m.add_function(wrap_pyfunction!(parse_resources, m)?)?;
     m.add_function(wrap_pyfunction!(performance_report_html, m)?)?;
     m.add_function(wrap_pyfunction!(task_stream_svg, m)?)?;

@@ -6,6 +6,7 @@ import operator
 import threading
 from concurrent.futures import CancelledError
 
+import dask
 import pytest
 
 from conftest import wait_until
@@ -242,6 +243,26 @@ def test_fire_and_forget_a_persisted_collection(client, tmp_path):
                msg="the collection's tasks ran")
     assert target.read_text() == "1"
     wait_until(lambda: client.scheduler_info()["n_tasks"] == 0, msg="tasks forgotten once done")
+
+
+def test_collections_and_structures_wherever_distributed_takes_them(client):
+    import dask.array as da
+
+    from dask_rs import futures_of, wait
+
+    x = da.arange(40, chunks=10).persist()
+    keys = {f.key for f in futures_of(x)}
+    assert len(keys) == 4
+    done, not_done = wait(x, timeout=20)
+    assert {f.key for f in done} == keys and not not_done
+    assert len(client.who_has(x)) == 4 and all(client.who_has(x).values())
+    nested = {"a": [client.submit(inc, 1)], "b": (client.submit(inc, 2),)}
+    assert len(wait(nested, timeout=20).done) == 2
+    assert len(client.who_has(nested)) == 2
+    assert int(x.sum().compute()) == sum(range(40))
+    slow = dask.delayed(slow_inc)(1, 1.0).persist()
+    client.cancel(slow)
+    wait_until(lambda: all(f.status == "cancelled" for f in futures_of(slow)), msg="cancelled")
 
 
 def test_datasets_shared_between_clients(cluster):

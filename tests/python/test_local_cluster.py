@@ -146,3 +146,36 @@ def test_distributed_keywords_are_honoured_or_warned_about_once():
         LocalCluster(n_workers=0, scheduler_kwargs={"validate": True})
     with pytest.raises(ValueError, match="processes=True"):
         LocalCluster(n_workers=1, processes=False, env={"A": "1"})
+
+
+def test_adapt_grows_with_the_load_and_shrinks_without_losing_results():
+    from conftest import wait_until
+
+    def nap(x):  # defined here: it travels by value to the cluster's workers
+        import time
+
+        time.sleep(0.4)
+        return x
+
+    with LocalCluster(n_workers=0, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        adaptive = cluster.adapt(minimum=1, maximum=3, target_duration="1s", wait_count=2, interval="100ms")
+        wait_until(lambda: len(cluster.scheduler.workers) == 1, timeout=20, msg="the minimum")
+        futures = c.map(nap, range(24))  # about 10 s of work for one thread
+        wait_until(lambda: len(cluster.scheduler.workers) == 3, timeout=20, msg="growth to the maximum")
+        assert c.gather(futures) == list(range(24))
+        # Idle: back to the minimum, the retired workers' results moved first.
+        wait_until(lambda: len(cluster.scheduler.workers) == 1, timeout=30, msg="shrink to the minimum")
+        assert c.gather(futures) == list(range(24))
+        kinds = {d["kind"] for d in adaptive.log}
+        assert {"scale_up", "retire"} <= kinds, adaptive.log
+        assert cluster.restarts == 0
+        cluster.scale(2)  # scale stops adapting
+        wait_until(lambda: len(cluster.scheduler.workers) == 2, timeout=20, msg="scale(2)")
+        import time
+
+        time.sleep(0.5)
+        assert len(cluster.scheduler.workers) == 2
+    with pytest.raises(ValueError, match="below minimum"):
+        with LocalCluster(n_workers=0, dashboard_address=None) as cluster:
+            cluster.adapt(minimum=3, maximum=1)
