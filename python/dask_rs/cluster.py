@@ -21,7 +21,7 @@ from . import _core
 from ._worker import remove_spill_dirs
 from .utils import close_at_exit, format_bytes, parse_bytes
 
-_clusters: weakref.WeakSet = close_at_exit()
+_clusters: weakref.WeakSet = close_at_exit(stage=1)
 
 
 def _default_layout(n_workers, threads_per_worker):
@@ -501,6 +501,10 @@ class LocalCluster:
         self.status = "closing"
         if getattr(self, "_adaptive", None) is not None:
             self._adaptive.stop()
+        # Threaded workers all stop at once: none is left to compute again
+        # what another one held while the rest shut down.
+        for h in self._threads.values():
+            h.stop()
         for name in list(self._procs) + list(self._threads):
             try:
                 self._stop_worker(name)

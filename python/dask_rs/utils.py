@@ -108,17 +108,27 @@ def key_split(key) -> str:
     return out
 
 
-def close_at_exit() -> weakref.WeakSet:
-    """A weak set whose members' ``close()`` runs at interpreter exit, so no
-    cluster process outlives the Python that started it."""
-    members: weakref.WeakSet = weakref.WeakSet()
+_at_exit: list = []
 
-    def close_all():
+
+def _close_all_at_exit():
+    # Clients first (stage 0), then clusters (stage 1): a cluster closed
+    # under a live client has its results recomputed on the workers still
+    # running while the interpreter finalizes.
+    for _, members in sorted(_at_exit, key=lambda e: e[0]):
         for m in list(members):
             try:
                 m.close()
             except Exception:
                 pass
 
-    atexit.register(close_all)
+
+def close_at_exit(stage: int = 0) -> weakref.WeakSet:
+    """A weak set whose members' ``close()`` runs at interpreter exit, so no
+    cluster process outlives the Python that started it. Lower stages close
+    first, whatever the order the modules were imported in."""
+    members: weakref.WeakSet = weakref.WeakSet()
+    if not _at_exit:
+        atexit.register(_close_all_at_exit)
+    _at_exit.append((stage, members))
     return members

@@ -179,3 +179,45 @@ def test_adapt_grows_with_the_load_and_shrinks_without_losing_results():
     with pytest.raises(ValueError, match="below minimum"):
         with LocalCluster(n_workers=0, dashboard_address=None) as cluster:
             cluster.adapt(minimum=3, maximum=1)
+
+
+EXIT_SCRIPT = """
+import sys, time
+from dask_rs import Client, LocalCluster
+import dask_rs.client, dask_rs.cluster
+
+order = open(sys.argv[1], "a")
+for cls, what in ((dask_rs.client.Client, "client"), (dask_rs.cluster.LocalCluster, "cluster")):
+    def wrap(close, what=what):
+        def traced(self, *a, **k):
+            if getattr(self, "status", None) not in ("closed",):
+                order.write(what + "\\n"); order.flush()
+            return close(self, *a, **k)
+        return traced
+    cls._close = wrap(cls._close)
+
+def slow(i):
+    time.sleep(0.2)
+    return i
+
+cluster = LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=None)
+client = Client(cluster)
+held = client.map(slow, range(8))
+print(sum(client.gather(held)))
+client.map(slow, range(100, 120))  # still running at exit
+"""
+
+
+def test_a_script_that_never_closes_exits_cleanly_clients_first(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "never_closes.py"
+    script.write_text(EXIT_SCRIPT)
+    for run in range(3):
+        trace = tmp_path / f"order-{run}"
+        p = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and p.stdout.strip() == "28", (p.returncode, p.stdout, p.stderr[-2000:])
+        assert "Fatal Python error" not in p.stderr
+        # Clients close before clusters: nothing is recomputed on workers that are shutting down.
+        assert trace.read_text().split() == ["client", "cluster"]
