@@ -253,21 +253,35 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
     return handle
 
 
-def _retire_self(scheduler: str, handle) -> None:
+def _retire_self(scheduler: str, handle, attempts: int = 4, pause=(1.0, 5.0)) -> None:
     """Lifetime reached: ask the scheduler to retire this worker (its results
-    are copied elsewhere, then the scheduler closes it); close anyway if it
-    cannot."""
+    are copied elsewhere, then the scheduler closes it). When the scheduler
+    keeps it because no other worker can take its results (every worker
+    reached its lifetime at once, as after a restart, or it is the last one),
+    ask again after a random pause, so that workers retiring together
+    spread out and newcomers can take the results; after ``attempts`` close
+    anyway, as distributed does (results with a lineage are computed again)."""
     from .client import Client
 
     print(f"dask_rs worker: lifetime reached; retiring {handle.address}", flush=True)
-    try:
-        with Client(scheduler, set_as_default=False, timeout=10) as c:
-            retired = c.retire_workers([handle.address], timeout=120)
-        if handle.address not in retired:
-            raise RuntimeError("the scheduler kept it (no other worker can hold its data)")
-    except Exception as e:  # noqa: BLE001 - any failure ends in a plain close
-        print(f"dask_rs worker: could not retire gracefully ({e}); closing", file=sys.stderr, flush=True)
-        handle.stop()
+    for attempt in range(attempts):
+        try:
+            with Client(scheduler, set_as_default=False, timeout=10) as c:
+                retired = c.retire_workers([handle.address], timeout=120)
+        except Exception as e:  # noqa: BLE001 - any failure ends in a plain close
+            print(f"dask_rs worker: could not retire gracefully ({e}); closing", file=sys.stderr, flush=True)
+            break
+        if handle.address in retired:
+            return
+        if attempt + 1 == attempts:
+            print("dask_rs worker: no other worker could take its results; closing", file=sys.stderr, flush=True)
+            break
+        wait = random.uniform(*pause)
+        print(f"dask_rs worker: kept by the scheduler (no other worker can take its results); "
+              f"asking again in {wait:.1f} s", file=sys.stderr, flush=True)
+        if handle.wait(wait):
+            return
+    handle.stop()
 
 
 def main(argv=None) -> int:

@@ -338,7 +338,16 @@ class LocalCluster:
         with self._plock:
             current = list(self._procs) + list(self._threads)
             new = {self._start_one() for _ in range(max(0, n - len(current)))}
-            for name in sorted(current, key=int)[n:]:
+            going = sorted(current, key=int)[n:]
+            if going and self.status == "running":
+                # As distributed: retired first, so that their results move
+                # to the workers that stay (a result nobody can take stays
+                # with its worker until it is stopped).
+                try:
+                    self._monitor.retire_workers(going, self.timeout)
+                except Exception:  # noqa: BLE001 - stopping them is what was asked
+                    pass
+            for name in going:
                 self._stop_worker(name)
         if new:
             self._wait_for(new)

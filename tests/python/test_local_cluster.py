@@ -221,3 +221,14 @@ def test_a_script_that_never_closes_exits_cleanly_clients_first(tmp_path):
         assert "Fatal Python error" not in p.stderr
         # Clients close before clusters: nothing is recomputed on workers that are shutting down.
         assert trace.read_text().split() == ["client", "cluster"]
+
+
+def test_scaling_down_moves_results_to_the_workers_that_stay():
+    with LocalCluster(n_workers=3, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        data = c.scatter([list(range(i, i + 1000)) for i in range(9)], hash=False)
+        assert len({a for f in data for a in c.who_has([f])[f.key]}) == 3, "spread over the three"
+        cluster.scale(1)
+        assert len(cluster.scheduler.workers) == 1
+        # Scattered data cannot be recomputed: it was moved before the workers left.
+        assert c.gather(data) == [list(range(i, i + 1000)) for i in range(9)]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 
-from conftest import DASK_CTL, start_worker
+from conftest import DASK_CTL, start_worker, wait_until
 from dask_rs import Client
 
 
@@ -63,3 +64,27 @@ def test_worker_lifetime_retires_it_without_losing_data(procs):
         assert "lifetime reached" in short.stdout.read()
         assert [w["name"] for w in c.scheduler_info()["workers"].values()] == ["long"]
         assert c.gather(held) == [make(i, 100_000) for i in range(10)]
+
+
+def test_a_worker_kept_at_its_lifetime_asks_again_instead_of_losing_data(procs):
+    """Two workers reach their lifetime together: the first leaves its results
+    with the second, which then holds data nobody else can take. The
+    scheduler keeps it; it asks again after a pause, and once a worker that
+    can take the results has joined, it leaves with them moved, none lost."""
+    p = procs.spawn([DASK_CTL, "scheduler", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    address = p.stdout.readline().split()[-1]
+    pair = [start_worker(procs, address, n, extra=["--lifetime", "2s"], stderr=subprocess.PIPE, text=True)
+            for n in ("t0", "t1")]
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=20)
+        [on0] = c.scatter([make(0, 1000)], workers=["t0"])
+        [on1] = c.scatter([make(1, 1000)], workers=["t1"])
+        said = [[], []]
+        for w, lines in zip(pair, said):
+            threading.Thread(target=lambda w=w, lines=lines: lines.extend(w.stderr), daemon=True).start()
+        wait_until(lambda: any("kept by the scheduler" in line for lines in said for line in lines),
+                   timeout=20, msg="a worker kept at its lifetime")
+        start_worker(procs, address, "newcomer")
+        assert [w.wait(30) for w in pair] == [0, 0], "both retired, cleanly"
+        assert [w["name"] for w in c.scheduler_info()["workers"].values()] == ["newcomer"]
+        assert c.gather([on0, on1]) == [make(0, 1000), make(1, 1000)], "scattered data, which cannot be recomputed"

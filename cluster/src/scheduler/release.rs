@@ -135,6 +135,14 @@ impl SchedulerState {
         for (c, key) in cancelled {
             self.send_client(c, ToClient::KeyCancelled { key, reason: crate::protocol::RESTARTED.into() });
         }
+        for r in std::mem::take(&mut self.retirements) {
+            // Every worker restarts instead: none was retired, and the
+            // requester hears so rather than waiting for an answer that
+            // would never come.
+            let mut failed = r.failed;
+            failed.extend(r.workers.into_iter().map(|(_, n)| (n, crate::protocol::RESTARTED.to_string())));
+            self.send_client(r.requester, ToClient::WorkersRetired { id: r.id, retired: Vec::new(), failed });
+        }
         for r in std::mem::take(&mut self.rebalances) {
             let result = Err(crate::protocol::RESTARTED.to_string());
             self.send_client(r.requester, ToClient::Rebalanced { id: r.id, result });

@@ -667,12 +667,22 @@ fn restart_cancels_every_key_and_restarts_every_worker() {
     let mut s = with_workers(2);
     s.add_client(C1);
     s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
+    let (wa, _) = computes(&mut s)[0].clone();
+    finish(&mut s, wa, "a", 8);
+    // A retirement waiting for its data to move when the restart comes.
+    s.retire_workers(C1, 7, vec![if wa == W1 { "w0".into() } else { "w1".into() }]);
     s.take_outgoing();
     s.restart();
     let out = s.take_outgoing();
     assert!(out
         .iter()
         .any(|(p, e)| *p == C1 && matches!(&e.msg, Msg::C(ToClient::KeyCancelled { key, .. }) if key == "b")));
+    assert!(
+        out.iter().any(|(p, e)| *p == C1
+            && matches!(&e.msg, Msg::C(ToClient::WorkersRetired { id: 7, retired, failed })
+                if retired.is_empty() && failed.len() == 1 && failed[0].1 == crate::protocol::RESTARTED)),
+        "the pending retirement is answered: {out:?}"
+    );
     assert_eq!(out.iter().filter(|(_, e)| matches!(e.msg, Msg::W(ToWorker::RestartWorker))).count(), 2);
     assert_eq!((s.ntasks(), s.nworkers(), s.nclients()), (0, 0, 1));
 }
