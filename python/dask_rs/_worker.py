@@ -274,7 +274,8 @@ def _retire_self(scheduler: str, handle, attempts: int = 4, pause=(1.0, 5.0)) ->
         if handle.address in retired:
             return
         if attempt + 1 == attempts:
-            print("dask_rs worker: no other worker could take its results; closing", file=sys.stderr, flush=True)
+            print("dask_rs worker: no other worker could take its results; closing", file=sys.stderr,
+                  flush=True)
             break
         wait = random.uniform(*pause)
         print(f"dask_rs worker: kept by the scheduler (no other worker can take its results); "

@@ -216,7 +216,8 @@ def test_a_script_that_never_closes_exits_cleanly_clients_first(tmp_path):
     script.write_text(EXIT_SCRIPT)
     for run in range(3):
         trace = tmp_path / f"order-{run}"
-        p = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True, timeout=60)
+        p = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True,
+                           timeout=60)
         assert p.returncode == 0 and p.stdout.strip() == "28", (p.returncode, p.stdout, p.stderr[-2000:])
         assert "Fatal Python error" not in p.stderr
         # Clients close before clusters: nothing is recomputed on workers that are shutting down.

@@ -87,4 +87,5 @@ def test_a_worker_kept_at_its_lifetime_asks_again_instead_of_losing_data(procs):
         start_worker(procs, address, "newcomer")
         assert [w.wait(30) for w in pair] == [0, 0], "both retired, cleanly"
         assert [w["name"] for w in c.scheduler_info()["workers"].values()] == ["newcomer"]
-        assert c.gather([on0, on1]) == [make(0, 1000), make(1, 1000)], "scattered data, which cannot be recomputed"
+        # Scattered data, which cannot be recomputed.
+        assert c.gather([on0, on1]) == [make(0, 1000), make(1, 1000)]
