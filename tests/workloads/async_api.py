@@ -30,7 +30,8 @@ async def main():
             print("as_completed", order)
             [x] = await client.scatter([41])
             print("scatter", await client.submit(operator.add, x, 1))
-            print("many at once", await asyncio.gather(*[client.submit(operator.mul, i, i) for i in range(6)]))
+            squares = [client.submit(operator.mul, i, i) for i in range(6)]
+            print("many at once", await asyncio.gather(*squares))
             try:
                 await client.submit(operator.getitem, {}, "missing")
             except KeyError as e:
