@@ -1389,6 +1389,13 @@ class Client:
                 out[addr] = exc
         return out
 
+    def run_on_scheduler(self, function, *args, **kwargs):
+        """Refused: the scheduler is Rust and runs no Python."""
+        raise NotImplementedError(
+            "run_on_scheduler: the dask_rs scheduler is written in Rust and runs no Python; use "
+            "client.scheduler_info() for its state, or client.run(...) to run a function on the workers"
+        )
+
     @_syncable
     def upload_file(self, filename, load: bool = True) -> dict:
         """Copy a ``.py``, ``.zip``, ``.egg`` or ``.whl`` file to every worker's
