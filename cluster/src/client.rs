@@ -505,6 +505,19 @@ impl ClientCore {
         self.send(Envelope::new(FromClient::Restart))
     }
 
+    /// Keep a worker plugin's set-up `call` under `name`: the scheduler hands
+    /// it to every worker that registers from now on.
+    pub fn register_plugin(&self, name: String, call: Bytes) -> Result<(), ClientError> {
+        let mut frames = Vec::new();
+        let call = Blob::new(call, &mut frames);
+        self.send(Envelope { msg: FromClient::RegisterPlugin { name, call }, frames })
+    }
+
+    /// Forget the worker plugin `name` on the scheduler.
+    pub fn unregister_plugin(&self, name: String) -> Result<(), ClientError> {
+        self.send(Envelope::new(FromClient::UnregisterPlugin { name }))
+    }
+
     /// Copy each of `keys` to more workers until `n` hold it (see `who_has`);
     /// with `workers` (names or addresses), until `n` of those hold it.
     pub fn replicate(&self, keys: Vec<Key>, n: u32, workers: Vec<String>) -> Result<(), ClientError> {

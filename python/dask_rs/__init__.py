@@ -26,6 +26,14 @@ __all__ = [
     "default_client",
     "fire_and_forget",
     "futures_of",
+    "get_worker",
+    "WorkerPlugin",
+    "SchedulerPlugin",
+    "NannyPlugin",
+    "PipInstall",
+    "Environ",
+    "UploadFile",
+    "UploadDirectory",
     "get_task_stream",
     "performance_report",
     "get_client",
@@ -52,6 +60,15 @@ def __getattr__(name):
         from . import diagnostics
 
         return getattr(diagnostics, name)
+    if name == "get_worker":
+        from ._worker import get_worker
+
+        return get_worker
+    if name in ("WorkerPlugin", "SchedulerPlugin", "NannyPlugin", "PipInstall", "Environ", "UploadFile",
+                "UploadDirectory"):
+        from . import plugins
+
+        return getattr(plugins, name)
     if name in ("Event", "Lock", "Queue", "Semaphore", "Variable"):
         from . import coordination
 

@@ -12,9 +12,11 @@ delay if it keeps failing at once (for example while the scheduler is down).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from ._worker import RESTART_STATUS, remove_spill_dirs
@@ -34,8 +36,10 @@ class _Child:
         self.restarts = 0
         self.cleaned = False  # spill directory of a crashed process removed
 
-    def start(self):
-        self.proc = subprocess.Popen(self.cmd)
+    def start(self, env_file: str):
+        from ._worker import environment_with_plugins
+
+        self.proc = subprocess.Popen(self.cmd, env=environment_with_plugins(os.environ, env_file))
         self.started = time.monotonic()
         self.cleaned = False
 
@@ -51,6 +55,9 @@ def supervise(worker_argv: list, names: list, local_directory: str | None = None
     that died)."""
     cmd = [sys.executable, "-m", "dask_rs", "worker", *worker_argv]
     children = [_Child(n, [*cmd, "--name", n]) for n in names]
+    # Where Environ plugins leave variables for every worker started here.
+    fd, env_file = tempfile.mkstemp(prefix="dask-rs-environ-", suffix=".json")
+    os.close(fd)
     stopping = False
 
     def stop(signum, frame):
@@ -63,7 +70,7 @@ def supervise(worker_argv: list, names: list, local_directory: str | None = None
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for c in children:
-        c.start()
+        c.start(env_file)
     print(f"Supervisor {' '.join(names)} started", flush=True)
     while True:
         now = time.monotonic()
@@ -72,7 +79,7 @@ def supervise(worker_argv: list, names: list, local_directory: str | None = None
             if c.proc is None:  # waiting to be restarted
                 if not stopping:
                     if now >= c.restart_at:
-                        c.start()
+                        c.start(env_file)
                     alive += 1
                 continue
             code = c.proc.poll()
@@ -98,5 +105,9 @@ def supervise(worker_argv: list, names: list, local_directory: str | None = None
             c.proc = None
             alive += 1
         if alive == 0:
+            try:
+                os.unlink(env_file)
+            except OSError:
+                pass
             return 0
         time.sleep(0.05)

@@ -61,24 +61,32 @@ def dump_traceback(tb) -> bytes:
         return b""
 
 
-def execute(run_spec, values, key, thread):
-    """Run one task. Returns ``(True, value, nbytes)`` or
-    ``(False, exception_bytes, traceback_bytes, text)``."""
+def execute(worker, run_spec, values, key, thread):
+    """Run one task on ``worker`` (a `WorkerView`). Returns ``(True, value,
+    nbytes)`` or ``(False, exception_bytes, traceback_bytes, text)``."""
     _thread_state.key = key
+    _thread_state.worker = worker
+    plugins = worker.plugins
+    if plugins:
+        worker._transition(key, "ready", "executing")
     try:
         result = run_task(run_spec, values)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the client
+        if plugins:
+            worker._transition(key, "executing", "error", exception=e)
         tb = _user_traceback(e.__traceback__)
         return (False, dump_exception(e), dump_traceback(tb), f"{type(e).__name__}: {e}")
     finally:
         _thread_state.key = None
+    if plugins:
+        worker._transition(key, "executing", "memory")
     return (True, result, sizeof(result))
 
 
 class WorkerView:
-    """This worker as `Client.run` gives it to a function that takes
-    ``dask_worker`` (distributed passes its Worker object): the attributes
-    such functions read."""
+    """This worker as `get_worker()` returns it inside a task, as plugins'
+    ``setup(worker)`` get it, and as `Client.run` passes it to a function
+    that takes ``dask_worker``: distributed's commonly used Worker attributes."""
 
     def __init__(self, scheduler: str, name: str, nthreads: int, memory_limit: int, resources,
                  local_directory: str | None):
@@ -87,11 +95,165 @@ class WorkerView:
         self.nthreads = nthreads
         self.memory_limit = memory_limit
         self.resources = dict(_core.parse_resources(format_resources(resources)))
-        self.local_directory = local_directory or tempfile.gettempdir()
+        self._base_directory = local_directory or tempfile.gettempdir()
         self.address = None  # known once the worker listens
+        self.plugins: dict = {}
+        self._plugin_digests: dict = {}
+        self._handle = None
+        self.restart_reason: str | None = None
+
+    @property
+    def local_directory(self) -> str:
+        """This worker's own directory (the same across its restarts)."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(self.name))
+        path = os.path.join(self._base_directory, f"dask-rs-worker-{safe}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @property
+    def data(self) -> WorkerData:
+        """The results this worker holds, as a read-only mapping."""
+        return WorkerData(self._handle)
+
+    @property
+    def scheduler(self):
+        """The scheduler, as an object with its ``address``."""
+        import types
+
+        return types.SimpleNamespace(address=self.scheduler_address)
+
+    def _restart_soon(self, reason: str) -> None:
+        """Ask for a fresh process once the current set-up is done (a worker
+        under a supervisor exits for it to start one)."""
+        self.restart_reason = reason
+
+    def _transition(self, key, start, finish, **kwargs):
+        for name, plugin in list(self.plugins.items()):
+            hook = getattr(plugin, "transition", None)
+            if hook is None:
+                continue
+            try:
+                hook(key, start, finish, **kwargs)
+            except Exception:  # noqa: BLE001 - a plugin's failure must not fail the task
+                import logging
+
+                logging.getLogger("dask_rs").exception("plugin %s failed in transition(%s)", name, key)
 
     def __repr__(self):
         return f"<Worker {self.address!r}, name: {self.name}, threads: {self.nthreads}>"
+
+
+class WorkerData:
+    """``get_worker().data``: keys and values of the results a worker holds."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def keys(self):
+        return list(self._handle.data_keys()) if self._handle is not None else []
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __contains__(self, key):
+        return str(key) in set(self.keys())
+
+    def __getitem__(self, key):
+        if self._handle is None:
+            raise KeyError(key)
+        return self._handle.data_get(str(key))
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def items(self):
+        return [(k, self[k]) for k in self.keys()]
+
+    def values(self):
+        return [v for _, v in self.items()]
+
+
+_views: dict = {}
+
+
+def environment_with_plugins(env: dict, env_file: str) -> dict:
+    """``env`` for a worker process its supervisor starts, with the variables
+    `Environ` plugins saved in ``env_file`` (which it names to the worker)."""
+    import json
+
+    env = dict(env)
+    env["DASK_RS_ENV_FILE"] = env_file
+    try:
+        with open(env_file) as f:
+            env.update({str(k): str(v) for k, v in json.load(f).items()})
+    except (OSError, ValueError):
+        pass
+    return env
+
+
+def get_worker() -> WorkerView:
+    """The worker running the current task; ValueError outside a task, as in
+    distributed."""
+    view = getattr(_thread_state, "worker", None)
+    if view is None or getattr(_thread_state, "key", None) is None:
+        raise ValueError("No worker found: get_worker() works inside a task")
+    return view
+
+
+def install_plugin(name: str, data: bytes, dask_worker=None):
+    """Set up a worker plugin on this worker (``Client.register_plugin``, and
+    the scheduler's hand-over to workers that join later). The same plugin
+    twice is set up once; another under the same name replaces it (its
+    predecessor is torn down). Returns distributed's ``{"status": ...}``."""
+    import hashlib
+
+    worker = dask_worker
+    digest = hashlib.sha1(data).hexdigest()
+    if worker._plugin_digests.get(name) == digest:
+        return {"status": "OK"}
+    if name in worker.plugins:
+        uninstall_plugin(name, dask_worker=worker)
+    try:
+        plugin = pickle.loads(data)
+        setup = getattr(plugin, "setup", None)
+        if setup is not None:
+            result = setup(worker=worker)
+            if inspect.isawaitable(result):
+                asyncio.run(_awaited(result))
+    except Exception as e:  # noqa: BLE001 - reported to the client that registered it
+        import logging
+
+        logging.getLogger("dask_rs").exception("plugin %s failed to set up on %s", name, worker.name)
+        return {"status": "error", "exception": e, "text": f"{type(e).__name__}: {e}"}
+    worker.plugins[name] = plugin
+    worker._plugin_digests[name] = digest
+    return {"status": "OK"}
+
+
+def uninstall_plugin(name: str, dask_worker=None) -> bool:
+    """Tear down and forget a plugin on this worker; False if it had none."""
+    worker = dask_worker
+    plugin = worker.plugins.pop(name, None)
+    worker._plugin_digests.pop(name, None)
+    if plugin is None:
+        return False
+    teardown = getattr(plugin, "teardown", None)
+    if teardown is not None:
+        try:
+            result = teardown(worker=worker)
+            if inspect.isawaitable(result):
+                asyncio.run(_awaited(result))
+        except Exception:  # noqa: BLE001 - logged; the plugin is gone either way
+            import logging
+
+            logging.getLogger("dask_rs").exception("plugin %s failed to tear down on %s", name, worker.name)
+    return True
 
 
 def _takes(func, name: str) -> bool:
@@ -240,7 +402,7 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
         int(nthreads),
         parse_bytes(memory_limit),
         host,
-        execute,
+        functools.partial(execute, view),
         dumps,
         loads,
         functools.partial(run_function, view),
@@ -250,6 +412,8 @@ def start(scheduler: str, name: str | None = None, nthreads: int = 1, memory_lim
         local_directory or None,
     )
     view.address = handle.address
+    view._handle = handle
+    _views[handle.address] = view
     return handle
 
 
@@ -382,11 +546,19 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, stop)
     deadline = None if lifetime is None else time.monotonic() + lifetime
     retired = False
+    view = _views[handle.address]
     while not handle.wait(0.2):
         if deadline is not None and time.monotonic() >= deadline:
             deadline = None
             retired = True
             threading.Thread(target=_retire_self, args=(scheduler, handle), daemon=True).start()
+        if view.restart_reason is not None:
+            print(f"dask_rs worker: {view.restart_reason}; exiting to be restarted", flush=True)
+            handle.stop()
+            handle.wait(10)
+            return RESTART_STATUS
+    for name in list(view.plugins):
+        uninstall_plugin(name, dask_worker=view)
     try:
         handle.result()
     except OSError as e:

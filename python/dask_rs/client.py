@@ -550,6 +550,7 @@ class Client:
         self._dashboard_link = None
         self._core = _ClosedCore("this Client has not started: `await` it (asynchronous=True)")
         self._made = next(_client_counter)
+        self._plugins: set = set()
         start = functools.partial(self._start, address, scheduler_file, security, name, kwargs)
         if self._asynchronous:
             # Started by `await Client(asynchronous=True)` or `async with`, as
@@ -1389,6 +1390,54 @@ class Client:
                 out[addr] = exc
         return out
 
+    # -- worker plugins --
+    @_syncable
+    def register_plugin(self, plugin, name=None, idempotent=None):
+        """Set ``plugin`` up on every worker now and on every worker that
+        joins or restarts later (the scheduler keeps it); returns
+        ``{address: {"status": "OK"}}`` and raises the first set-up failure.
+        A plugin registered again under the same name replaces the old one
+        (torn down first); with ``idempotent=True`` it is kept instead."""
+        import cloudpickle
+
+        from . import _worker
+        from .plugins import check_plugin, plugin_name
+
+        check_plugin(plugin)
+        name = name or plugin_name(plugin)
+        if idempotent and name in self._plugins:
+            return {}
+        data = cloudpickle.dumps(plugin, protocol=5)
+        # Kept first, then set up on the workers there: a worker that joins
+        # in between gets it both ways, and sets it up once.
+        self._core.register_plugin(name, cloudpickle.dumps((_worker.install_plugin, (name, data), {})))
+        self._plugins.add(name)
+        results = self.run(_worker.install_plugin, name, data)
+        for r in results.values():
+            if r.get("status") == "error":
+                raise r["exception"]
+        return results
+
+    def register_worker_plugin(self, plugin=None, name=None, nanny=None, **kwargs):
+        """Older name of `register_plugin` (``nanny=True`` is refused)."""
+        if nanny:
+            raise TypeError("nanny=True: dask_rs process workers have no nanny of their own; register a "
+                            "WorkerPlugin (dask_rs.Environ and UploadDirectory are the built-in ones)")
+        return self.register_plugin(plugin, name=name, **kwargs)
+
+    @_syncable
+    def unregister_worker_plugin(self, name, nanny=None):
+        """Tear the plugin ``name`` down on every worker and forget it;
+        ValueError if no worker has it."""
+        from . import _worker
+
+        self._core.unregister_plugin(str(name))
+        self._plugins.discard(name)
+        had = self.run(_worker.uninstall_plugin, str(name))
+        if not any(had.values()):
+            raise ValueError(f"The worker plugin {name!r} does not exist")
+        return {a: {"status": "OK"} for a in had}
+
     def run_on_scheduler(self, function, *args, **kwargs):
         """Refused: the scheduler is Rust and runs no Python."""
         raise NotImplementedError(
@@ -1400,14 +1449,11 @@ class Client:
     def upload_file(self, filename, load: bool = True) -> dict:
         """Copy a ``.py``, ``.zip``, ``.egg`` or ``.whl`` file to every worker's
         directory for uploaded files (on its import path) and, with ``load``,
-        import it there, so tasks can use it."""
-        import os
+        import it there, so tasks can use it. Workers that join later get it
+        too (it is an `UploadFile` plugin)."""
+        from .plugins import UploadFile
 
-        with open(filename, "rb") as f:
-            data = f.read()
-        from ._worker import install_uploaded_file
-
-        return self.run(install_uploaded_file, os.path.basename(filename), data, load)
+        return self.register_plugin(UploadFile(filename, load=load))
 
     @_syncable
     def restart(self, timeout=60, wait_for_workers: bool = True, **kwargs):

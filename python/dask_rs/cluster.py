@@ -274,6 +274,10 @@ class LocalCluster:
             env.pop(f"DASK_RS_{k}", None)
         env.update(self.security.worker_env())
         env.update(self.env)
+        from ._worker import environment_with_plugins
+
+        # Environ plugins' variables, saved by a worker, apply to every start.
+        env = environment_with_plugins(env, os.path.join(self._logs.name, "environ.json"))
         self._procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
         self._started[name] = time.monotonic()
 

@@ -371,6 +371,19 @@ impl WorkerHandle {
     fn nkeys(&self) -> usize {
         self.runner.store.len()
     }
+
+    /// The keys of the values held (`get_worker().data`).
+    fn data_keys(&self) -> Vec<String> {
+        self.runner.store.keys()
+    }
+
+    /// The value held under `key` (read back from disk if spilled); KeyError if none.
+    fn data_get(&self, py: Python<'_>, key: String) -> PyResult<Py<PyAny>> {
+        if !self.runner.store.keys().contains(&key) {
+            return Err(pyo3::exceptions::PyKeyError::new_err(key));
+        }
+        Ok(self.runner.values(py, std::slice::from_ref(&key))?.remove(0))
+    }
 }
 
 /// Parse a `--resources` value, `"GPU=2,MEM=10e9"`, into `[(name, amount)]`.
@@ -1189,6 +1202,16 @@ impl ClientCore {
     /// Forget every task and restart every worker process.
     fn restart(&self) -> PyResult<()> {
         self.core.restart().map_err(client_err)
+    }
+
+    /// Keep a worker plugin's set-up call for workers that register later.
+    fn register_plugin(&self, name: String, call: Vec<u8>) -> PyResult<()> {
+        self.core.register_plugin(name, Bytes::from(call)).map_err(client_err)
+    }
+
+    /// Forget a worker plugin on the scheduler.
+    fn unregister_plugin(&self, name: String) -> PyResult<()> {
+        self.core.unregister_plugin(name).map_err(client_err)
     }
 
     /// Copy each of `keys` to more workers until `n` hold it (`n` of

@@ -160,6 +160,11 @@ pub enum ToWorker {
     /// Exit so that the worker's supervisor starts a fresh process
     /// (`Client.restart`).
     RestartWorker,
+    /// Run these set-up calls (worker plugins, opaque to the runtime) in
+    /// order before starting any task.
+    SetUp {
+        calls: Vec<Blob>,
+    },
     /// Give up `key` if it has not started (work stealing); answered by
     /// `StealResponse`.
     StealRequest {
@@ -268,6 +273,16 @@ pub enum FromClient {
     },
     /// Forget every task and restart every worker process (`Client.restart`).
     Restart,
+    /// Keep a worker plugin's set-up call under `name` for every worker that
+    /// registers from now on (replacing one of the same name).
+    RegisterPlugin {
+        name: String,
+        call: Blob,
+    },
+    /// Forget the worker plugin `name`.
+    UnregisterPlugin {
+        name: String,
+    },
     /// Copy each of `keys` (in memory) to other workers until `n` hold it;
     /// with `workers` (names or addresses), `n` of those.
     Replicate {

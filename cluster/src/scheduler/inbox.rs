@@ -54,6 +54,11 @@ impl SchedulerState {
             FromClient::FireAndForget { keys } => self.fire_and_forget(&keys),
             FromClient::Replicate { keys, n, workers } => self.replicate(&keys, n as usize, &workers),
             FromClient::Restart => self.restart(),
+            FromClient::RegisterPlugin { name, call } => {
+                let call = call.resolve(&frames).ok_or("plugin refers to a missing frame")?;
+                self.register_plugin(name, call)
+            }
+            FromClient::UnregisterPlugin { name } => self.unregister_plugin(&name),
             FromClient::Rebalance { id, keys, workers } => self.rebalance(peer, id, keys, workers),
             FromClient::PublishDataset { id, name, keys, data, overwrite } => {
                 let data = data.resolve(&frames).ok_or("dataset refers to a missing frame")?;

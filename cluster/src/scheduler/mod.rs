@@ -5,7 +5,7 @@
 //! file per concern: tasks and groups (`task`), who holds a key (`holders`),
 //! workers (`workers`), graph intake (`graph`), placement (`placement`),
 //! worker reports (`reports`), releasing and forgetting (`release`),
-//! datasets (`datasets`), coordination primitives (`coordination`, with the
+//! datasets (`datasets`), worker plugins (`plugins`), coordination primitives (`coordination`, with the
 //! pure machine in [`coord`]), replicas and rebalancing (`replicas`, with the
 //! pure plan in `rebalance`), retirement (`retire`), work stealing
 //! (`stealing`), what observers read (`events`) and invariants (`validate`).
@@ -18,6 +18,7 @@ mod graph;
 mod holders;
 mod inbox;
 mod placement;
+mod plugins;
 mod rebalance;
 mod release;
 mod replicas;

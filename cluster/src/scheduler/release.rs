@@ -179,6 +179,7 @@ impl SchedulerState {
             steals,
             stolen_total: _,
             rebalances,
+            plugins: _,
         } = self;
         tasks.clear();
         free_ids.clear();

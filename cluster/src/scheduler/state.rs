@@ -174,6 +174,8 @@ pub struct SchedulerState {
     /// Tasks moved by stealing, since start.
     pub(super) stolen_total: u64,
     pub(super) rebalances: Vec<Rebalancing>,
+    /// Worker plugins: (name, set-up call), in registration order.
+    pub(super) plugins: Vec<(String, Bytes)>,
 }
 
 impl SchedulerState {
@@ -206,6 +208,7 @@ impl SchedulerState {
             steals: FxHashMap::default(),
             stolen_total: 0,
             rebalances: Vec::new(),
+            plugins: Vec::new(),
         }
     }
 

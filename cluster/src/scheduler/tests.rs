@@ -63,6 +63,8 @@ checked_events! {
         fn retry_keys(keys: &[Key]);
         fn fire_and_forget(keys: &[Key]);
         fn restart();
+        fn register_plugin(name: String, call: Bytes);
+        fn unregister_plugin(name: &str);
         fn publish_dataset(client: PeerId, id: u64, name: String, keys: Vec<Key>, data: Bytes, overwrite: bool);
         fn unpublish_dataset(client: PeerId, id: u64, name: &str);
         fn get_dataset(client: PeerId, id: u64, name: &str);
@@ -660,6 +662,29 @@ fn replicate_copies_to_the_least_loaded_workers_until_n_hold_it() {
         .filter_map(|(p, e)| matches!(e.msg, Msg::W(ToWorker::AcquireReplicas { .. })).then_some(p))
         .collect();
     assert_eq!(sent, [W1 + 1], "big's holder w1 gets x: it is one of the named workers");
+}
+
+#[test]
+fn workers_that_register_later_get_the_plugins_before_any_task() {
+    let mut s = with_workers(0);
+    s.register_plugin("a".into(), Bytes::from_static(b"set up a"));
+    s.register_plugin("b".into(), Bytes::from_static(b"set up b"));
+    s.register_plugin("a".into(), Bytes::from_static(b"set up a again"));
+    s.update_graph(C1, vec![spec("x", &[])], vec!["x".into()]);
+    s.take_outgoing();
+    s.add_worker(W1, Registration::new("w0".to_string(), "tcp://h:0".to_string(), 1, 1 << 30)).unwrap();
+    let sent: Vec<Msg> = s.take_outgoing().into_iter().filter(|(p, _)| *p == W1).map(|(_, e)| e.msg).collect();
+    assert!(matches!(&sent[0], Msg::W(ToWorker::SetUp { calls }) if calls.len() == 2), "{sent:?}");
+    assert!(matches!(&sent[1], Msg::W(ToWorker::ComputeTask { key, .. }) if key == "x"), "{sent:?}");
+    // A restart keeps them; a plugin unregistered is no longer handed out.
+    s.restart();
+    s.unregister_plugin("b");
+    s.take_outgoing();
+    s.add_worker(W2, Registration::new("w1".to_string(), "tcp://h:1".to_string(), 1, 1 << 30)).unwrap();
+    let sent = s.take_outgoing();
+    assert!(sent
+        .iter()
+        .any(|(p, e)| *p == W2 && matches!(&e.msg, Msg::W(ToWorker::SetUp { calls }) if calls.len() == 1)));
 }
 
 #[test]

@@ -114,6 +114,8 @@ impl SchedulerState {
         );
         self.worker_order.push(peer);
         self.version += 1;
+        // Prepared before it gets work: the set-up comes first on its connection.
+        self.send_plugins(peer);
         self.worker_available();
         Ok(())
     }

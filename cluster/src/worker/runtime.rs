@@ -103,6 +103,8 @@ pub(super) enum Event {
     Rejoined(Key, std::sync::mpsc::SyncSender<u32>),
     /// The store's spill results, and when it started and stopped.
     Spilled(Vec<(Key, bool)>, f64, f64),
+    /// The set-up calls of an `Instruction::SetUp` ran.
+    SetUpDone,
 }
 
 /// Resident set size of this process in bytes (0 where unknown).
@@ -422,6 +424,9 @@ fn apply(
                         *stop = Some(Ok(()));
                     }
                     ToWorker::RestartWorker => *stop = Some(Err(WorkerError::Restart)),
+                    ToWorker::SetUp { calls } => {
+                        state.set_up(calls.into_iter().filter_map(|c| c.resolve(&frames)).collect())
+                    }
                     ToWorker::Error { reason } => *stop = Some(Err(WorkerError::Refused(reason))),
                 }
             }
@@ -446,6 +451,7 @@ fn apply(
         Event::DataPut(items) => state.data_put(items),
         Event::Seceded(key) => state.secede(&key),
         Event::Spilled(results, start, end) => state.spill_done(results, start, end),
+        Event::SetUpDone => state.set_up_done(),
         Event::Rejoined(key, waiter) => {
             state.rejoin(&key);
             let _ = jobs.send(Job::Yield(waiter));
@@ -527,6 +533,20 @@ fn carry_out<R: Runner>(
                 let start = now();
                 let results = runner.spill(&keys);
                 let _ = events.send(Event::Spilled(results, start, now()));
+            });
+        }
+        Instruction::SetUp { calls } => {
+            // Its own thread: a set-up may take minutes (a pip install)
+            // while the worker keeps answering the scheduler and its peers.
+            let runner = runner.clone();
+            let events = events.clone();
+            std::thread::spawn(move || {
+                for call in calls {
+                    if let Err(e) = runner.run_function(call) {
+                        tracing::error!("a worker plugin's set-up failed: {}", String::from_utf8_lossy(&e));
+                    }
+                }
+                let _ = events.send(Event::SetUpDone);
             });
         }
         Instruction::Fetch { worker, keys } => {

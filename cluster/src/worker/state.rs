@@ -28,6 +28,9 @@ pub enum Instruction {
     /// Write these results to disk and drop them from memory; report with
     /// [`WorkerState::spill_done`].
     Spill { keys: Vec<Key> },
+    /// Run these set-up calls (worker plugins) in order, off the runtime
+    /// loop; report with [`WorkerState::set_up_done`].
+    SetUp { calls: Vec<Bytes> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +93,8 @@ pub struct WorkerState {
     deferred_fetches: Vec<(String, Vec<Key>)>,
     mem: MemoryManager,
     mem_config: MemoryConfig,
+    /// Set-ups running: no task starts until they are done.
+    setting_up: usize,
 }
 
 impl WorkerState {
@@ -116,6 +121,7 @@ impl WorkerState {
             deferred_fetches: Vec::new(),
             mem: MemoryManager::new(memory.clone()),
             mem_config: memory,
+            setting_up: 0,
         }
     }
 
@@ -197,6 +203,19 @@ impl WorkerState {
 
     /// The store wrote results to disk (`true`) or failed to (`false`),
     /// between `start` and `stop`; the scheduler hears of what was written.
+    /// The scheduler sent worker plugins' set-up calls: run them before
+    /// any task starts (tasks arriving meanwhile wait, ready).
+    pub fn set_up(&mut self, calls: Vec<Bytes>) {
+        self.setting_up += 1;
+        self.out.push(Instruction::SetUp { calls });
+    }
+
+    /// A set-up finished (whatever its outcome): tasks may start.
+    pub fn set_up_done(&mut self) {
+        self.setting_up = self.setting_up.saturating_sub(1);
+        self.schedule();
+    }
+
     pub fn spill_done(&mut self, results: Vec<(Key, bool)>, start: f64, stop: f64) {
         let written = results.iter().filter(|(_, ok)| *ok).count() as u32;
         for (key, ok) in results {
@@ -373,7 +392,7 @@ impl WorkerState {
     /// of waiting for the runtime loop to hear of it. Tasks that need
     /// resources go in priority order with the rest once theirs are free.
     fn schedule(&mut self) {
-        if self.mem.paused() || self.mem.throttled() {
+        if self.mem.paused() || self.mem.throttled() || self.setting_up > 0 {
             return;
         }
         while self.executing < 2 * self.nthreads {

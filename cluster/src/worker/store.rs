@@ -154,6 +154,11 @@ impl<V> Store<V> {
         }
     }
 
+    /// The keys held (in memory and on disk), in no particular order.
+    pub fn keys(&self) -> Vec<Key> {
+        self.slots.lock().expect("store").keys().cloned().collect()
+    }
+
     /// Number of values held (in memory and on disk).
     pub fn len(&self) -> usize {
         self.slots.lock().expect("store").len()

@@ -35,6 +35,8 @@ checked_events! {
         fn data_put(items: Vec<(Key, u64)>);
         fn memory_tick(rss: u64, now: f64) -> Option<String>;
         fn spill_done(results: Vec<(Key, bool)>, start: f64, stop: f64);
+        fn set_up(calls: Vec<Bytes>);
+        fn set_up_done();
     }
 }
 
@@ -127,6 +129,18 @@ fn a_paused_worker_fetches_nothing_until_it_resumes() {
             Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["y".into()] },
         ]
     );
+}
+
+#[test]
+fn no_task_starts_until_the_plugins_are_set_up() {
+    let mut w = Checked::new(WorkerState::new(2));
+    w.set_up(vec![Bytes::from_static(b"plugin")]);
+    w.assign("a", 1);
+    let ins = w.take_instructions();
+    assert_eq!(ins, [Instruction::SetUp { calls: vec![Bytes::from_static(b"plugin")] }]);
+    w.set_up_done();
+    let ins = w.take_instructions();
+    assert!(matches!(&ins[..], [Instruction::Execute { key, .. }] if key == "a"), "{ins:?}");
 }
 
 #[test]
