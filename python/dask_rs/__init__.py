@@ -27,6 +27,8 @@ __all__ = [
     "fire_and_forget",
     "futures_of",
     "get_worker",
+    "Actor",
+    "ActorFuture",
     "WorkerPlugin",
     "SchedulerPlugin",
     "NannyPlugin",
@@ -60,6 +62,10 @@ def __getattr__(name):
         from . import diagnostics
 
         return getattr(diagnostics, name)
+    if name in ("Actor", "ActorFuture"):
+        from . import actors
+
+        return getattr(actors, name)
     if name == "get_worker":
         from ._worker import get_worker
 

@@ -101,6 +101,7 @@ class WorkerView:
         self._plugin_digests: dict = {}
         self._handle = None
         self.restart_reason: str | None = None
+        self._setup_lock = threading.RLock()
 
     @property
     def local_directory(self) -> str:
@@ -211,9 +212,13 @@ def install_plugin(name: str, data: bytes, dask_worker=None):
     the scheduler's hand-over to workers that join later). The same plugin
     twice is set up once; another under the same name replaces it (its
     predecessor is torn down). Returns distributed's ``{"status": ...}``."""
+    with dask_worker._setup_lock:
+        return _install_plugin(name, data, dask_worker)
+
+
+def _install_plugin(name: str, data: bytes, worker):
     import hashlib
 
-    worker = dask_worker
     digest = hashlib.sha1(data).hexdigest()
     if worker._plugin_digests.get(name) == digest:
         return {"status": "OK"}
@@ -272,6 +277,10 @@ def run_function(worker, call):
     ``(False, pickled exception)``."""
     try:
         func, args, kwargs = pickle.loads(call)
+        if func not in (install_plugin, uninstall_plugin):
+            # As in distributed, a worker's plugins are set up before anything runs there.
+            with worker._setup_lock:
+                pass
         if _takes(func, "dask_worker") and "dask_worker" not in kwargs:
             kwargs = {**kwargs, "dask_worker": worker}
         result = func(*args, **kwargs)

@@ -229,14 +229,6 @@ def _rebuild_exception(st):
     return exc.with_traceback(tb) if tb is not None else exc
 
 
-def _refuse_actors(actor) -> None:
-    if actor:
-        raise NotImplementedError(
-            "actor=True: dask_rs does not run Actors yet (a plain task would silently lose the "
-            "object's state); keep state in a task's result, or in a Variable or Queue"
-        )
-
-
 def _syncable(method):
     """A client method that, on an asynchronous client inside its event loop
     (or with ``asynchronous=True``), returns an awaitable instead of blocking,
@@ -847,10 +839,17 @@ class Client:
         pure=True,
         **kwargs,
     ) -> Future:
-        """Submit ``func(*args, **kwargs)``; returns a `Future`."""
+        """Submit ``func(*args, **kwargs)``; returns a `Future`. With
+        ``actor=True``, ``func`` is a class: the object is made on a worker
+        and kept there, and the future's result is an `Actor` proxy."""
         if not callable(func):
             raise TypeError("First input to submit must be a callable function")
-        _refuse_actors(actor or actors)
+        if actor or actors:
+            from .actors import create_actor
+
+            return self.submit(create_actor, func, *args, key=key or f"{_funcname(func)}-{uuid.uuid4().hex}",
+                               workers=workers, resources=resources, retries=retries, priority=priority,
+                               allow_other_workers=allow_other_workers, pure=False, **kwargs)
         if key is None:
             if pure:
                 key = f"{_funcname(func)}-{_tokenize(_func_token(func), kwargs, *args)}"
@@ -903,7 +902,16 @@ class Client:
         """Map ``func`` over iterables; returns a list of `Future`s."""
         if not callable(func):
             raise TypeError("First input to map must be a callable function")
-        _refuse_actors(actor or actors)
+        if actor or actors:
+            from .actors import create_actor
+
+            iterables = [list(it) for it in iterables]
+            n = len(list(zip(*iterables))) if iterables else 0
+            keys = key if isinstance(key, (list, tuple)) else [f"{_funcname(func)}-{uuid.uuid4().hex}"
+                                                                for _ in range(n)]
+            return self.map(create_actor, [func] * n, *iterables, key=list(keys), workers=workers,
+                            retries=retries, resources=resources, priority=priority,
+                            allow_other_workers=allow_other_workers, pure=False, **kwargs)
         if not iterables:
             raise TypeError("map needs at least one iterable")
         arg_lists = list(zip(*iterables))

@@ -368,16 +368,6 @@ def test_replicate_among_named_workers(client):
         client.replicate(y, workers=["nope"])
 
 
-def test_actor_true_is_refused_loudly_not_run_as_a_plain_task(client):
-    class Counter:
-        n = 0
-
-    with pytest.raises(NotImplementedError, match="Actors"):
-        client.submit(Counter, actor=True)
-    with pytest.raises(NotImplementedError, match="Actors"):
-        client.map(Counter, [1], actors=True)
-
-
 def test_run_passes_dask_worker_and_runs_coroutine_functions(client):
     def who(dask_worker, suffix=""):
         return dask_worker.name + suffix, dask_worker.address, dask_worker.nthreads
