@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.deps-stamp
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build venv ext demo test test-rust test-python lint fmt fuzz bench bench-quick bench-sim clean
+.PHONY: build venv ext wheel demo test test-rust test-python lint fmt fuzz bench bench-quick bench-sim clean
 
 build: target/release/dask-ctl ext
 
@@ -28,7 +28,23 @@ venv: $(STAMP)
 
 # Build the extension and install dask_rs into the venv (editable).
 ext: $(STAMP)
+	rm -rf python/wheel-data && mkdir -p python/wheel-data
 	cd python && VIRTUAL_ENV=$(abspath $(VENV)) ../$(VENV)/bin/maturin develop --release --quiet
+
+# Wheels for pip: the extension (stable ABI) and the dask-ctl command, in
+# $(WHEEL_OUT). WHEEL_ABI=py311 (zero-copy, CPython 3.11 and later) and
+# py39 (copies bytes, CPython 3.9 and later); both by default.
+WHEEL_ABI ?= py39 py311
+WHEEL_OUT ?= target/wheels
+wheel: target/release/dask-ctl $(STAMP)
+	rm -rf python/wheel-data && mkdir -p python/wheel-data/scripts
+	cp target/release/dask-ctl python/wheel-data/scripts/dask-ctl
+	strip python/wheel-data/scripts/dask-ctl
+	for abi in $(WHEEL_ABI); do \
+		(cd python && ../$(VENV)/bin/maturin build --release --strip --quiet --features abi3-$$abi \
+			--out $(abspath $(WHEEL_OUT))) || exit 1; \
+	done
+	rm -rf python/wheel-data && mkdir -p python/wheel-data
 
 demo: build
 	$(PY) examples/demo.py
@@ -44,6 +60,7 @@ test-python: ext
 lint: $(STAMP)
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
+	cargo clippy --release -p python --features abi3-py39 -- -D warnings
 	$(VENV)/bin/ruff check python tests examples bench
 
 fmt:

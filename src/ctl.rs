@@ -326,6 +326,16 @@ fn tail(path: &Path, lines: usize) -> String {
 pub fn up(args: UpArgs) -> Result<()> {
     let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", args.backend, random_suffix()));
     let dir = registry::dir(&name)?;
+    // A Unix socket's path has at most 107 bytes: say so now, not from the manager.
+    let socket = registry::socket(&dir);
+    if socket.as_os_str().len() > 107 {
+        bail!(
+            "the control socket {} would be {} bytes long, and Unix sockets allow 107: choose a shorter --name \
+             or set XDG_STATE_HOME to a shorter directory",
+            socket.display(),
+            socket.as_os_str().len()
+        );
+    }
     if dir.join("cluster.json").exists() {
         let rec = ClusterRecord::load(&dir)?;
         if rec.manager_alive() {

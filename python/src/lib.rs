@@ -14,17 +14,18 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod adapt;
+mod buffers;
 
-use std::ffi::{c_int, c_void};
+use buffers::{frame, frames_to_py, to_bytes};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use pyo3::buffer::PyBuffer;
+use bytes::Bytes;
+use pyo3::create_exception;
 use pyo3::exceptions::{PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
-use pyo3::{create_exception, ffi};
 use tokio::sync::watch;
 
 use cluster::client::{BackgroundRuntime, ClientCore as Core, ClientError, DatasetRequest, KeyStatus};
@@ -42,92 +43,6 @@ fn client_err(e: ClientError) -> PyErr {
         ClientError::Timeout(_) => PyTimeoutError::new_err(e.to_string()),
         other => CommError::new_err(other.to_string()),
     }
-}
-
-// ---- zero-copy buffers ---------------------------------------------------
-
-/// Keeps a Python buffer export alive while Rust sends its bytes.
-struct PyBufOwner(PyBuffer<u8>);
-
-impl AsRef<[u8]> for PyBufOwner {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: the export stays valid while the PyBuffer lives; it is
-        // C-contiguous (checked at construction) and `len_bytes` long.
-        unsafe { std::slice::from_raw_parts(self.0.buf_ptr() as *const u8, self.0.len_bytes()) }
-    }
-}
-
-/// Buffers smaller than this are copied at once; larger ones are borrowed.
-/// A borrowed buffer is released with the GIL from whatever thread drops it,
-/// so borrowing only pays off for large payloads.
-const BORROW_MIN: usize = 64 * 1024;
-
-/// Any bytes-like Python object as `Bytes`: large buffers without copying.
-fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
-    let buf = PyBuffer::<u8>::get(obj)?;
-    if !buf.is_c_contiguous() {
-        let v = buf.to_vec(obj.py())?;
-        return Ok(Bytes::from(v));
-    }
-    let owner = PyBufOwner(buf);
-    if owner.as_ref().len() < BORROW_MIN {
-        return Ok(Bytes::copy_from_slice(owner.as_ref()));
-    }
-    Ok(Bytes::from_owner(owner))
-}
-
-/// Received bytes exposed to Python through the buffer protocol (writable
-/// when this process owns them alone), so unpickled numpy arrays use the
-/// network buffer directly.
-#[pyclass(frozen, module = "dask_rs._core")]
-pub struct Frame {
-    ptr: usize,
-    len: usize,
-    readonly: bool,
-    _keep: FrameData,
-}
-
-enum FrameData {
-    Shared(#[allow(dead_code)] Bytes),
-    Owned(#[allow(dead_code)] BytesMut),
-}
-
-impl Frame {
-    fn new(b: Bytes) -> Frame {
-        match b.try_into_mut() {
-            Ok(mut m) => {
-                Frame { ptr: m.as_mut_ptr() as usize, len: m.len(), readonly: false, _keep: FrameData::Owned(m) }
-            }
-            Err(b) => Frame { ptr: b.as_ptr() as usize, len: b.len(), readonly: true, _keep: FrameData::Shared(b) },
-        }
-    }
-}
-
-#[pymethods]
-impl Frame {
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        let me = slf.get();
-        let ro = if me.readonly { 1 } else { 0 };
-        // SAFETY: the memory lives as long as `slf`, which the view keeps a reference to.
-        let rc =
-            unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), me.ptr as *mut c_void, me.len as isize, ro, flags) };
-        if rc == -1 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
-    }
-
-    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
-
-    fn __len__(&self) -> usize {
-        self.len
-    }
-}
-
-fn frames_to_py<'py>(py: Python<'py>, parts: Vec<Bytes>) -> PyResult<Bound<'py, PyList>> {
-    let items: Vec<Bound<'py, Frame>> =
-        parts.into_iter().map(|p| Bound::new(py, Frame::new(p))).collect::<PyResult<_>>()?;
-    PyList::new(py, items)
 }
 
 /// A two-thread tokio runtime that shuts down in the background when dropped.
@@ -190,7 +105,7 @@ impl Runner for PyRunner {
         Python::attach(|py| {
             let r = (|| -> PyResult<ExecOutcome> {
                 let values = self.values(py, deps)?;
-                let spec = Bound::new(py, Frame::new(run_spec.clone()))?;
+                let spec = frame(py, run_spec.clone())?;
                 let out = self.execute.bind(py).call1((spec, PyList::new(py, values)?, key, thread))?;
                 let t = out.cast::<PyTuple>()?;
                 if t.get_item(0)?.is_truthy()? {
@@ -289,7 +204,7 @@ impl Runner for PyRunner {
     fn run_function(&self, call: Bytes) -> Result<Bytes, Bytes> {
         Python::attach(|py| {
             let r = (|| -> PyResult<(bool, Bytes)> {
-                let arg = Bound::new(py, Frame::new(call))?;
+                let arg = frame(py, call)?;
                 let out = self.run_function.bind(py).call1((arg,))?;
                 let (ok, data): (bool, Bound<'_, PyAny>) = out.extract()?;
                 Ok((ok, to_bytes(&data)?))
@@ -746,7 +661,7 @@ impl ClientCore {
             Ok((CoordValue::Values(_), values)) => {
                 let items = PyList::empty(py);
                 for (data, keys) in values {
-                    items.append((Bound::new(py, Frame::new(data))?, keys))?;
+                    items.append((frame(py, data)?, keys))?;
                 }
                 Ok(items.into_any())
             }
@@ -762,7 +677,7 @@ fn status_to_py<'py>(py: Python<'py>, st: Option<KeyStatus>) -> PyResult<Bound<'
         Some(KeyStatus::Pending) => ("pending",).into_pyobject(py)?.into_any(),
         Some(KeyStatus::Finished { nbytes, workers }) => ("finished", nbytes, workers).into_pyobject(py)?.into_any(),
         Some(KeyStatus::Erred { exception, traceback, text }) => {
-            ("error", Frame::new(exception), Frame::new(traceback), text).into_pyobject(py)?.into_any()
+            ("error", frame(py, exception)?, frame(py, traceback)?, text).into_pyobject(py)?.into_any()
         }
         Some(KeyStatus::Cancelled { reason }) => ("cancelled", reason).into_pyobject(py)?.into_any(),
     })
@@ -967,14 +882,14 @@ impl ClientCore {
         py: Python<'py>,
         worker: String,
         call: Bound<'py, PyAny>,
-    ) -> PyResult<(bool, Bound<'py, Frame>)> {
+    ) -> PyResult<(bool, Bound<'py, PyAny>)> {
         let call = to_bytes(&call)?;
         let r = py.detach(|| self.core.run_on(&worker, call)).map_err(client_err)?;
         let (ok, data) = match r {
             Ok(d) => (true, d),
             Err(d) => (false, d),
         };
-        Ok((ok, Bound::new(py, Frame::new(data))?))
+        Ok((ok, frame(py, data)?))
     }
 
     /// Put `[(key, [buffer, ...]), ...]` on `worker`.
@@ -1076,7 +991,7 @@ impl ClientCore {
         keys: Vec<String>,
         data: Option<Bound<'py, PyAny>>,
         overwrite: bool,
-    ) -> PyResult<(Option<Bound<'py, Frame>>, Vec<String>)> {
+    ) -> PyResult<(Option<Bound<'py, PyAny>>, Vec<String>)> {
         let req = match op {
             "publish" => {
                 let data = data.map(|d| to_bytes(&d)).transpose()?.unwrap_or_default();
@@ -1088,7 +1003,7 @@ impl ClientCore {
             other => return Err(PyValueError::new_err(format!("unknown dataset operation {other:?}"))),
         };
         match py.detach(|| self.core.dataset(req)).map_err(client_err)? {
-            Ok((data, names)) => Ok((data.map(|d| Bound::new(py, Frame::new(d))).transpose()?, names)),
+            Ok((data, names)) => Ok((data.map(|d| frame(py, d)).transpose()?, names)),
             Err(msg) => Err(pyo3::exceptions::PyKeyError::new_err(msg)),
         }
     }
@@ -1274,7 +1189,7 @@ fn init_logging() {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     init_logging();
     m.add("CommError", m.py().get_type::<CommError>())?;
-    m.add_class::<Frame>()?;
+    buffers::register(m)?;
     m.add_class::<ClientCore>()?;
     m.add_class::<WorkerHandle>()?;
     m.add_class::<SchedulerHandle>()?;

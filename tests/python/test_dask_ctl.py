@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import wait_until
+from conftest import DASK_CTL, wait_until
 from dask_rs import Client
 
 
@@ -155,6 +155,11 @@ def test_clear_errors(ctl, tmp_path):
     assert r.returncode != 0 and "kubernetes backend is not available" in r.stderr
     r = ctl("up", "--workers", "1", "--python", "/nonexistent/python3", check=False)
     assert r.returncode != 0 and "not found" in r.stderr
+    deep = dict(os.environ, XDG_STATE_HOME=str(tmp_path / ("d" * 90)))
+    r = subprocess.run([DASK_CTL, "up", "--workers", "1", "--name", "deep"], env=deep, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "Unix sockets allow 107" in r.stderr, r.stderr
+    assert "XDG_STATE_HOME" in r.stderr
     bare = os.path.join(sys.base_prefix, "bin", "python3")
     bare_lacks_dask_rs = os.path.exists(bare) and subprocess.run(
         [bare, "-c", "import dask_rs"], capture_output=True
