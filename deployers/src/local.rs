@@ -130,8 +130,15 @@ mod tests {
     /// worker is exercised by the end-to-end tests).
     fn fake_python(dir: &std::path::Path, body: &str) -> String {
         std::fs::create_dir_all(dir).unwrap();
+        let draft = dir.join("python.draft");
+        std::fs::write(&draft, format!("#!/bin/sh\n{body}\n")).unwrap();
+        // The script itself is written by a child process: a process that
+        // another test thread forks while this one holds a file open for
+        // writing inherits that descriptor until it execs, and running the
+        // file meanwhile fails with "Text file busy".
         let path = dir.join("python");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        let cp = std::process::Command::new("cp").arg(&draft).arg(&path).status().unwrap();
+        assert!(cp.success());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path.to_string_lossy().into_owned()
     }
