@@ -326,16 +326,6 @@ fn tail(path: &Path, lines: usize) -> String {
 pub fn up(args: UpArgs) -> Result<()> {
     let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", args.backend, random_suffix()));
     let dir = registry::dir(&name)?;
-    // A Unix socket's path has at most 107 bytes: say so now, not from the manager.
-    let socket = registry::socket(&dir);
-    if socket.as_os_str().len() > 107 {
-        bail!(
-            "the control socket {} would be {} bytes long, and Unix sockets allow 107: choose a shorter --name \
-             or set XDG_STATE_HOME to a shorter directory",
-            socket.display(),
-            socket.as_os_str().len()
-        );
-    }
     if dir.join("cluster.json").exists() {
         let rec = ClusterRecord::load(&dir)?;
         if rec.manager_alive() {
@@ -388,6 +378,17 @@ pub fn up(args: UpArgs) -> Result<()> {
         manager_start: None,
         max_pending: args.max_pending,
     };
+    // A Unix socket's path has at most 107 bytes: say so now (after the
+    // other checks), not from the manager.
+    let socket = registry::socket(&dir);
+    if socket.as_os_str().len() > 107 {
+        bail!(
+            "the control socket {} would be {} bytes long, and Unix sockets allow 107: choose a shorter --name \
+             or set XDG_STATE_HOME to a shorter directory",
+            socket.display(),
+            socket.as_os_str().len()
+        );
+    }
     registry::create_private(&dir)?;
     std::fs::create_dir_all(registry::log_dir(&dir)).with_context(|| format!("creating {}", dir.display()))?;
     if args.insecure {

@@ -155,7 +155,8 @@ def test_clear_errors(ctl, tmp_path):
     assert r.returncode != 0 and "kubernetes backend is not available" in r.stderr
     r = ctl("up", "--workers", "1", "--python", "/nonexistent/python3", check=False)
     assert r.returncode != 0 and "not found" in r.stderr
-    deep = dict(os.environ, XDG_STATE_HOME=str(tmp_path / ("d" * 90)))
+    deep = dict(os.environ, XDG_STATE_HOME=str(tmp_path / ("d" * 90)),
+                PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     r = subprocess.run([DASK_CTL, "up", "--workers", "1", "--name", "deep"], env=deep, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0 and "Unix sockets allow 107" in r.stderr, r.stderr
