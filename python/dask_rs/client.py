@@ -497,6 +497,17 @@ def _scheduler_info(info: dict) -> dict:
     }
 
 
+def _wait_for_workers(core, n_workers: int, timeout=None) -> None:
+    """Poll ``core`` (a ClientCore) until at least ``n_workers`` workers are connected."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + parse_timedelta(timeout)
+    while len(core.info()["workers"]) < n_workers:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {n_workers} workers after {timeout}")
+        time.sleep(0.05)
+
+
 class Client:
     """Connect to a dask-rs scheduler and run work on its workers.
 
@@ -1446,13 +1457,6 @@ class Client:
             raise ValueError(f"The worker plugin {name!r} does not exist")
         return {a: {"status": "OK"} for a in had}
 
-    def run_on_scheduler(self, function, *args, **kwargs):
-        """Refused: the scheduler is Rust and runs no Python."""
-        raise NotImplementedError(
-            "run_on_scheduler: the dask_rs scheduler is written in Rust and runs no Python; use "
-            "client.scheduler_info() for its state, or client.run(...) to run a function on the workers"
-        )
-
     @_syncable
     def upload_file(self, filename, load: bool = True) -> dict:
         """Copy a ``.py``, ``.zip``, ``.egg`` or ``.whl`` file to every worker's
@@ -1616,14 +1620,8 @@ class Client:
 
     @_syncable
     def wait_for_workers(self, n_workers: int, timeout=None):
-        import time
-
-
-        deadline = None if timeout is None else time.monotonic() + parse_timedelta(timeout)
-        while len(self._core.info()["workers"]) < n_workers:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n_workers} workers after {timeout}")
-            time.sleep(0.05)
+        """Block until at least ``n_workers`` workers are connected."""
+        _wait_for_workers(self._core, n_workers, timeout)
 
     def subscribe_events(self, interval: float = 0.1):
         """Receive scheduler event updates; read them with `events`."""

@@ -473,13 +473,9 @@ class LocalCluster:
 
     def wait_for_workers(self, n_workers: int, timeout=None):
         """Block until at least ``n_workers`` workers are connected."""
-        from .utils import parse_timedelta
+        from .client import _wait_for_workers
 
-        deadline = None if timeout is None else time.monotonic() + parse_timedelta(timeout)
-        while len(self._monitor.info()["workers"]) < n_workers:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n_workers} workers after {timeout}")
-            time.sleep(0.05)
+        _wait_for_workers(self._monitor, n_workers, timeout)
 
     def get_logs(self, cluster: bool = True, scheduler: bool = True, workers=True) -> dict:
         """Logs as distributed's ``get_logs``: ``"Cluster"`` (worker restarts),

@@ -413,8 +413,3 @@ def test_rebalance_within_named_workers_and_bad_input(client):
         client.rebalance(workers=["w1", "nobody"])
     assert client.rebalance([]) == {"moved": 0, "bytes": 0, "failed": 0}
     client.cancel(futures)
-
-
-def test_run_on_scheduler_is_a_clear_error(client):
-    with pytest.raises(NotImplementedError, match="runs no Python"):
-        client.run_on_scheduler(lambda: 1)
