@@ -54,7 +54,12 @@ test: build test-rust test-python
 test-rust:
 	cargo test --release --workspace --exclude python
 
-test-python: ext
+# Stand-ins for Marathon and the Kubernetes API (tests/servers), for the
+# backends' end-to-end tests.
+target/release/dask-rs-test-server: FORCE
+	cargo build --release -p test-servers
+
+test-python: ext target/release/dask-rs-test-server
 	$(PY) -m pytest tests/python -q -p no:cacheprovider
 
 lint: $(STAMP)

@@ -31,8 +31,30 @@ impl std::fmt::Display for Source {
 }
 
 /// Keys whose values are strings even when they look like numbers.
-const STRING_KEYS: &[&str] =
-    &["python", "memory_limit", "memory", "walltime", "queue", "account", "contact_address", "log_directory"];
+const STRING_KEYS: &[&str] = &[
+    "python",
+    "memory_limit",
+    "memory",
+    "walltime",
+    "queue",
+    "account",
+    "contact_address",
+    "log_directory",
+    "image",
+    "namespace",
+    "kubeconfig",
+    "context",
+    "service_account",
+    "cpu_limit",
+    "pod_memory_limit",
+    "pod_template",
+    "marathon_url",
+    "app_id",
+    "marathon_auth_file",
+];
+
+/// List keys whose environment variable may be a comma-separated list.
+const COMMA_LIST_KEYS: &[&str] = &["env", "node_selector", "tolerations", "image_pull_secrets", "constraints"];
 
 /// Every option key, in display order.
 pub fn keys() -> Vec<String> {
@@ -112,6 +134,8 @@ pub fn merge(backend: BackendKind, file: Option<&Path>, flags: &BTreeMap<String,
                 Value::Sequence(
                     text.split([',', ' ']).filter(|h| !h.is_empty()).map(|h| Value::String(h.into())).collect(),
                 )
+            } else if COMMA_LIST_KEYS.contains(&k.as_str()) && !text.trim_start().starts_with('[') {
+                Value::Sequence(text.split(',').filter(|h| !h.is_empty()).map(|h| Value::String(h.into())).collect())
             } else {
                 serde_yaml_ng::from_str(&text).with_context(|| format!("{var}: cannot parse {text:?}"))?
             };
@@ -139,7 +163,18 @@ pub fn merge(backend: BackendKind, file: Option<&Path>, flags: &BTreeMap<String,
 fn is_list_key(k: &str) -> bool {
     matches!(
         k,
-        "job_extra" | "prologue" | "epilogue" | "job_directives_skip" | "worker_extra_args" | "hosts" | "ssh_args"
+        "job_extra"
+            | "prologue"
+            | "epilogue"
+            | "job_directives_skip"
+            | "worker_extra_args"
+            | "hosts"
+            | "ssh_args"
+            | "env"
+            | "node_selector"
+            | "tolerations"
+            | "image_pull_secrets"
+            | "constraints"
     )
 }
 

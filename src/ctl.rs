@@ -26,7 +26,7 @@ pub const DEFAULT_MAXIMUM: usize = 16;
 /// `dask-ctl up`.
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// Where workers run: local, ssh, slurm or sge.
+    /// Where workers run: local, ssh, slurm, sge or marathon.
     #[arg(long, default_value = "local")]
     backend: BackendKind,
     /// Cluster name (default: BACKEND-XXXX).
@@ -129,6 +129,57 @@ pub struct UpArgs {
     /// Extra argument for every ssh call, e.g. --ssh-arg=-F --ssh-arg=~/.ssh/cluster_config (repeatable).
     #[arg(long = "ssh-arg", allow_hyphen_values = true)]
     ssh_args: Vec<String>,
+    /// CPUs per worker, may be fractional (kubernetes request, marathon cpus).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Container image of the workers (kubernetes; marathon: optional Docker image).
+    #[arg(long)]
+    image: Option<String>,
+    /// NAME=VALUE in every worker's environment (kubernetes, marathon; repeatable).
+    #[arg(long)]
+    env: Vec<String>,
+    /// Kubernetes namespace (default: the context's, else default).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<String>,
+    /// Kubeconfig context (default: the current one).
+    #[arg(long)]
+    context: Option<String>,
+    /// Service account of the worker pods.
+    #[arg(long)]
+    service_account: Option<String>,
+    /// Pod CPU limit, e.g. 2 or 1500m (default: --cpus).
+    #[arg(long)]
+    cpu_limit: Option<String>,
+    /// Pod memory limit (default: --memory).
+    #[arg(long)]
+    pod_memory_limit: Option<String>,
+    /// KEY=VALUE node label the worker pods need (repeatable).
+    #[arg(long = "node-selector")]
+    node_selector: Vec<String>,
+    /// Taint the worker pods tolerate: KEY=VALUE:EFFECT, KEY:EFFECT or KEY (repeatable).
+    #[arg(long = "toleration")]
+    tolerations: Vec<String>,
+    /// Pod manifest (YAML or JSON) merged under the generated one.
+    #[arg(long)]
+    pod_template: Option<String>,
+    /// Secret with registry credentials for the image (repeatable).
+    #[arg(long = "image-pull-secret")]
+    image_pull_secrets: Vec<String>,
+    /// Marathon's URL, e.g. http://marathon.mesos:8080.
+    #[arg(long)]
+    marathon_url: Option<String>,
+    /// Marathon app id of the workers (default: /dask-rs/NAME).
+    #[arg(long)]
+    app_id: Option<String>,
+    /// File with USER:PASSWORD (basic auth) or a token, for Marathon.
+    #[arg(long)]
+    marathon_auth_file: Option<String>,
+    /// Marathon constraint FIELD:OPERATOR[:VALUE], e.g. hostname:UNIQUE (repeatable).
+    #[arg(long = "constraint")]
+    constraints: Vec<String>,
 }
 
 impl UpArgs {
@@ -147,6 +198,20 @@ impl UpArgs {
         s("account", &self.account);
         s("contact_address", &self.contact_address);
         s("log_directory", &self.log_directory);
+        s("image", &self.image);
+        s("namespace", &self.namespace);
+        s("kubeconfig", &self.kubeconfig);
+        s("context", &self.context);
+        s("service_account", &self.service_account);
+        s("cpu_limit", &self.cpu_limit);
+        s("pod_memory_limit", &self.pod_memory_limit);
+        s("pod_template", &self.pod_template);
+        s("marathon_url", &self.marathon_url);
+        s("app_id", &self.app_id);
+        s("marathon_auth_file", &self.marathon_auth_file);
+        if let Some(c) = self.cpus {
+            m.insert("cpus".into(), Value::Number(c.into()));
+        }
         for (k, v) in [("nthreads", self.nthreads), ("processes", self.processes), ("cores", self.cores)] {
             if let Some(v) = v {
                 m.insert(k.to_string(), Value::Number(v.into()));
@@ -168,8 +233,17 @@ impl UpArgs {
         if !self.hosts.is_empty() {
             m.insert("hosts".into(), list(&self.hosts));
         }
-        if !self.ssh_args.is_empty() {
-            m.insert("ssh_args".into(), list(&self.ssh_args));
+        for (k, v) in [
+            ("ssh_args", &self.ssh_args),
+            ("env", &self.env),
+            ("node_selector", &self.node_selector),
+            ("tolerations", &self.tolerations),
+            ("image_pull_secrets", &self.image_pull_secrets),
+            ("constraints", &self.constraints),
+        ] {
+            if !v.is_empty() {
+                m.insert(k.into(), list(v));
+            }
         }
         if let Some(a) = &self.worker_extra_args {
             let words: Vec<String> = a.split_whitespace().map(String::from).collect();
@@ -241,6 +315,25 @@ fn default_contact(host: &str, options: &mut deployers::WorkerOptions) {
     }
 }
 
+/// Marathon answers with the given credentials; the Python is checked here
+/// only as a warning (agents may have another one).
+fn prepare_marathon(host: &str, options: &mut deployers::WorkerOptions) -> Result<()> {
+    let url = options.marathon_url.as_deref().ok_or_else(|| {
+        anyhow!("the marathon backend needs --marathon-url (or marathon_url in the config file's marathon section)")
+    })?;
+    let m = deployers::marathon::Marathon::new(url, options.marathon_auth_file.as_deref())?;
+    let version = m.info().map_err(|e| anyhow!("{e}"))?;
+    tracing::debug!("{version} at {url}");
+    if options.image.is_none() {
+        match check_python(&options.python) {
+            Ok(p) => options.python = p,
+            Err(e) => eprintln!("warning: {e} (here; Marathon tasks run it on their agents)"),
+        }
+    }
+    default_contact(host, options);
+    Ok(())
+}
+
 /// Ask the batch system whether it accepts this cluster's jobs (bad
 /// partition, queue or account) before anything starts.
 fn verify_batch(system: System, options: &deployers::WorkerOptions) -> Result<()> {
@@ -253,8 +346,11 @@ fn verify_batch(system: System, options: &deployers::WorkerOptions) -> Result<()
 
 /// `dask-ctl job-script`: the script `up` would submit for one worker.
 pub fn job_script(args: UpArgs) -> Result<()> {
+    if args.backend == BackendKind::Marathon {
+        return marathon_app(args);
+    }
     let Some(system) = args.backend.batch_system() else {
-        bail!("job-script is for batch backends (slurm, sge), not {}", args.backend);
+        bail!("job-script is for batch backends (slurm, sge) and marathon, not {}", args.backend);
     };
     let file = args.config.clone().or_else(config::default_file);
     let mut merged = config::merge(args.backend, file.as_deref(), &args.flags())?;
@@ -275,6 +371,39 @@ pub fn job_script(args: UpArgs) -> Result<()> {
     let b = BatchBackend::new(system, merged.options, &format!("{scheme}://{host}:{port}"), &name, logs.clone(), logs)?
         .with_credentials(credentials);
     print!("{}", b.script(&format!("{name}-0")));
+    if args.port == 0 {
+        eprintln!("(the scheduler port is chosen by `up`; pass --port to fix it)");
+    }
+    Ok(())
+}
+
+/// The scheduler address and credentials `up` would give workers, for
+/// `job-script` (the port is `--port` or the default 8786).
+fn planned_credentials(args: &UpArgs, dir: &Path) -> (String, deployers::Credentials) {
+    let host = listen_host(args);
+    let port = if args.port == 0 { 8786 } else { args.port };
+    let (scheme, credentials) = match (args.insecure, args.no_tls) {
+        (true, _) => ("tcp", deployers::Credentials::none()),
+        (false, no_tls) => {
+            let tls = (!no_tls).then(|| registry::tls_files(dir));
+            let scheme = if tls.is_some() { "tls" } else { "tcp" };
+            (scheme, deployers::Credentials { token_file: Some(registry::token_file(dir)), tls })
+        }
+    };
+    (format!("{scheme}://{host}:{port}"), credentials)
+}
+
+/// `dask-ctl job-script --backend marathon`: the app definition `up` creates.
+fn marathon_app(args: UpArgs) -> Result<()> {
+    let file = args.config.clone().or_else(config::default_file);
+    let mut merged = config::merge(args.backend, file.as_deref(), &args.flags())?;
+    default_contact(&listen_host(&args), &mut merged.options);
+    let name = args.name.clone().unwrap_or_else(|| format!("{}-XXXX", args.backend));
+    let (address, credentials) = planned_credentials(&args, &registry::dir(&name)?);
+    let opts = &merged.options;
+    let app_id = opts.app_id.clone().unwrap_or_else(|| deployers::marathon::default_app_id(&name));
+    let app = deployers::marathon::app_definition(opts, &app_id, &name, &opts.contact(&address), &credentials)?;
+    println!("{}", serde_json::to_string_pretty(&app)?);
     if args.port == 0 {
         eprintln!("(the scheduler port is chosen by `up`; pass --port to fix it)");
     }
@@ -347,6 +476,7 @@ pub fn up(args: UpArgs) -> Result<()> {
             verify_batch(system, &merged.options)?;
         }
         None if args.backend == BackendKind::Ssh => check_ssh_hosts(&merged.options)?,
+        None if args.backend == BackendKind::Marathon => prepare_marathon(&host, &mut merged.options)?,
         None => merged.options.python = check_python(&merged.options.python)?,
     }
     if args.port != 0 {

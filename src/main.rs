@@ -226,7 +226,14 @@ fn main() -> Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "dask-ctl", &mut std::io::stdout());
             Ok(())
         }
-        Command::Manager { dir } => manager::run(dir),
+        Command::Manager { dir } => {
+            // Its log is read by `up` and by people: the error, without a backtrace.
+            if let Err(e) = manager::run(dir) {
+                eprintln!("Error: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Scheduler {
             host,
             port,

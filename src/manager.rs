@@ -17,6 +17,7 @@ use cluster::protocol::{ClusterInfo, EventsUpdate};
 use cluster::scheduler::{self, SchedulerConfig};
 use deployers::batch::BatchBackend;
 use deployers::local::LocalBackend;
+use deployers::marathon::MarathonBackend;
 use deployers::ssh::SshBackend;
 use deployers::{BackendKind, Deployer};
 
@@ -110,12 +111,6 @@ pub fn run(dir: PathBuf) -> Result<()> {
         }
         None => None,
     };
-    rec.address = Some(address.clone());
-    rec.manager_pid = Some(std::process::id());
-    rec.manager_start = deployers::process::start_time(std::process::id());
-    rec.save(&dir)?;
-    println!("manager of {} ({} backend): scheduler at {address}", rec.name, rec.backend);
-
     let logs = registry::log_dir(&dir);
     let mut backend: Box<dyn Deployer> = match rec.backend {
         BackendKind::Local => {
@@ -135,7 +130,19 @@ pub fn run(dir: PathBuf) -> Result<()> {
             let b = BatchBackend::new(system, rec.options.clone(), &address, &rec.name, logs, dir.join("jobs"))?;
             Box::new(b.with_credentials(credentials))
         }
+        BackendKind::Marathon => {
+            let mut b = MarathonBackend::new(&rec.options, &rec.name, &address, &credentials)?;
+            // Marathon checks the app now: a refusal stops `up` with its words.
+            b.create()?;
+            Box::new(b)
+        }
     };
+    rec.address = Some(address.clone());
+    rec.manager_pid = Some(std::process::id());
+    rec.manager_start = deployers::process::start_time(std::process::id());
+    rec.save(&dir)?;
+    println!("manager of {} ({} backend): scheduler at {address}", rec.name, rec.backend);
+
     let mut config = ControllerConfig::default();
     if let Some(m) = rec.max_pending {
         config.max_pending = m.max(1);

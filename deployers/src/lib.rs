@@ -9,6 +9,7 @@ pub mod batch;
 mod children;
 pub mod credentials;
 pub mod local;
+pub mod marathon;
 pub mod process;
 pub mod ssh;
 
@@ -24,6 +25,15 @@ pub enum DeployError {
     UnknownBackend(String),
     #[error("the {0} backend is not available in this version (available: {list})", list = BackendKind::list())]
     NotAvailable(String),
+    /// An option a backend cannot use, with why.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Make rustls use *ring* (the TLS provider the rest of dask-rs uses) for
+/// HTTPS clients that do not name one.
+pub(crate) fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Where workers run: the backends `dask-ctl up --backend` offers. Stored
@@ -40,14 +50,17 @@ pub enum BackendKind {
     Slurm,
     /// One Grid Engine batch job per worker group.
     Sge,
+    /// The tasks of one Marathon app.
+    Marathon,
 }
 
 /// Backends users may ask for that this version does not have yet.
-const PLANNED: &[&str] = &["kubernetes", "marathon"];
+const PLANNED: &[&str] = &["kubernetes"];
 
 impl BackendKind {
     /// Every backend, in the order help texts list them.
-    pub const ALL: [BackendKind; 4] = [BackendKind::Local, BackendKind::Ssh, BackendKind::Slurm, BackendKind::Sge];
+    pub const ALL: [BackendKind; 5] =
+        [BackendKind::Local, BackendKind::Ssh, BackendKind::Slurm, BackendKind::Sge, BackendKind::Marathon];
 
     /// The name users type (`--backend`, config file sections).
     pub fn name(self) -> &'static str {
@@ -56,6 +69,7 @@ impl BackendKind {
             BackendKind::Ssh => "ssh",
             BackendKind::Slurm => "slurm",
             BackendKind::Sge => "sge",
+            BackendKind::Marathon => "marathon",
         }
     }
 
@@ -64,7 +78,7 @@ impl BackendKind {
         match self {
             BackendKind::Slurm => Some(batch::System::Slurm),
             BackendKind::Sge => Some(batch::System::Sge),
-            BackendKind::Local | BackendKind::Ssh => None,
+            BackendKind::Local | BackendKind::Ssh | BackendKind::Marathon => None,
         }
     }
 
@@ -139,6 +153,45 @@ pub struct WorkerOptions {
     /// Scheduler address workers connect to, when it differs from the one it
     /// listens on (NAT, several interfaces).
     pub contact_address: Option<String>,
+    /// CPUs per worker, possibly fractional (kubernetes request, marathon
+    /// `cpus`); default: `cores`, else 1.
+    pub cpus: Option<f64>,
+    /// Container image (kubernetes; marathon's Docker image, optional there).
+    pub image: Option<String>,
+    /// `NAME=VALUE` set in every worker's environment (kubernetes, marathon).
+    pub env: Vec<String>,
+    /// Kubernetes namespace (default: the context's, else `default`).
+    pub namespace: Option<String>,
+    /// Kubeconfig file (default: `$KUBECONFIG`, `~/.kube/config`, or the
+    /// in-cluster service account).
+    pub kubeconfig: Option<String>,
+    /// Kubeconfig context (default: the current one).
+    pub context: Option<String>,
+    /// Service account of worker pods.
+    pub service_account: Option<String>,
+    /// Pod CPU limit (default: the request, `cpus`).
+    pub cpu_limit: Option<String>,
+    /// Pod memory limit (default: the request, `memory`).
+    pub pod_memory_limit: Option<String>,
+    /// `KEY=VALUE` node labels worker pods must run on.
+    pub node_selector: Vec<String>,
+    /// Taints worker pods tolerate: `KEY=VALUE:EFFECT`, `KEY:EFFECT` (any
+    /// value) or `KEY` (any value, any effect).
+    pub tolerations: Vec<String>,
+    /// YAML or JSON pod manifest merged under the generated one (volumes,
+    /// sidecars, affinity...).
+    pub pod_template: Option<String>,
+    /// Secrets holding registry credentials for pulling the image.
+    pub image_pull_secrets: Vec<String>,
+    /// Marathon's address, e.g. `http://marathon.mesos:8080`.
+    pub marathon_url: Option<String>,
+    /// Marathon app of the workers (default: `/dask-rs/NAME`).
+    pub app_id: Option<String>,
+    /// File with `USER:PASSWORD` (HTTP basic auth) or a token (sent as
+    /// `Authorization: token=...`), for Marathon.
+    pub marathon_auth_file: Option<String>,
+    /// Marathon placement constraints: `FIELD:OPERATOR[:VALUE]`, e.g. `hostname:UNIQUE`.
+    pub constraints: Vec<String>,
 }
 
 impl WorkerOptions {
@@ -147,9 +200,22 @@ impl WorkerOptions {
     pub fn threads(&self) -> u32 {
         if self.nthreads > 0 {
             self.nthreads
+        } else if let Some(c) = self.cores {
+            (c / self.processes.max(1)).max(1)
         } else {
-            self.cores.map_or(1, |c| (c / self.processes.max(1)).max(1))
+            self.cpus.map_or(1, |c| (c.ceil() as u32).max(1))
         }
+    }
+
+    /// `env` as pairs; an entry without `=` is an error naming it.
+    pub fn env_pairs(&self) -> Result<Vec<(String, String)>, BackendError> {
+        self.env
+            .iter()
+            .map(|e| match e.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(BackendError::ScaleUp(format!("--env {e:?}: expected NAME=VALUE"))),
+            })
+            .collect()
     }
 
     /// The address workers should connect to: `contact_address` (a bare host
@@ -270,6 +336,14 @@ pub enum Owned {
     },
     /// A batch job.
     Job { name: String, system: batch::System, id: String },
+    /// A Marathon app (all of a cluster's workers).
+    MarathonApp {
+        name: String,
+        url: String,
+        app_id: String,
+        #[serde(default)]
+        auth_file: Option<String>,
+    },
 }
 
 /// A backend that also says what it owns.
@@ -291,6 +365,16 @@ pub fn cleanup(owned: &[Owned]) -> Vec<String> {
         if let Err(e) = system.cancel(&ids).and_then(|()| system.wait_settled(&ids, std::time::Duration::from_secs(30)))
         {
             errors.push(format!("{} jobs {}: {e}", system.name(), ids.join(", ")));
+        }
+    }
+    for o in owned {
+        if let Owned::MarathonApp { url, app_id, auth_file, .. } = o {
+            let r = marathon::Marathon::new(url, auth_file.as_deref()).map_err(|e| e.to_string()).and_then(|m| {
+                m.delete_app(app_id).and_then(|()| m.wait_deleted(app_id, std::time::Duration::from_secs(60)))
+            });
+            if let Err(e) = r {
+                errors.push(format!("Marathon app {app_id}: {e}"));
+            }
         }
     }
     for ((ssh, tag), names) in remote_groups(owned) {
@@ -342,6 +426,19 @@ pub fn any_alive(owned: &[Owned]) -> Vec<String> {
                 process::is_alive(*pid, Some(*start_time)).then(|| format!("{name} (pid {pid})"))
             }
             Owned::Remote { .. } | Owned::Job { .. } => None,
+            Owned::MarathonApp { url, app_id, auth_file, .. } => {
+                match marathon::Marathon::new(url, auth_file.as_deref())
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| m.app(app_id))
+                {
+                    Ok(None) => None,
+                    Ok(Some(app)) => Some(format!(
+                        "Marathon app {app_id} ({} instances)",
+                        app.get("instances").and_then(serde_json::Value::as_u64).unwrap_or(0)
+                    )),
+                    Err(e) => Some(format!("Marathon app {app_id}: cannot check ({e})")),
+                }
+            }
         })
         .collect();
     for (system, ids) in job_groups(owned) {
