@@ -26,7 +26,7 @@ pub const DEFAULT_MAXIMUM: usize = 16;
 /// `dask-ctl up`.
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// Where workers run: local, ssh, slurm, sge or marathon.
+    /// Where workers run: local, ssh, slurm, sge, kubernetes or marathon.
     #[arg(long, default_value = "local")]
     backend: BackendKind,
     /// Cluster name (default: BACKEND-XXXX).
@@ -334,6 +334,23 @@ fn prepare_marathon(host: &str, options: &mut deployers::WorkerOptions) -> Resul
     Ok(())
 }
 
+/// The cluster's name can name Kubernetes objects and an image is given;
+/// pods reach the scheduler at this pod's IP (`POD_IP`, from the downward
+/// API) when `up` runs inside the cluster, else at this machine's hostname.
+fn prepare_kubernetes(name: &str, host: &str, options: &mut deployers::WorkerOptions) -> Result<()> {
+    deployers::kubernetes::check_name(name).map_err(|e| anyhow!("{e}"))?;
+    if options.image.as_deref().unwrap_or("").is_empty() {
+        bail!("the kubernetes backend needs --image: an image with Python and dask-rs installed");
+    }
+    if options.contact_address.is_none() && cluster::comm::is_wildcard_host(host) {
+        if let Some(ip) = std::env::var("POD_IP").ok().filter(|v| !v.is_empty()) {
+            options.contact_address = Some(ip);
+        }
+    }
+    default_contact(host, options);
+    Ok(())
+}
+
 /// Ask the batch system whether it accepts this cluster's jobs (bad
 /// partition, queue or account) before anything starts.
 fn verify_batch(system: System, options: &deployers::WorkerOptions) -> Result<()> {
@@ -348,6 +365,9 @@ fn verify_batch(system: System, options: &deployers::WorkerOptions) -> Result<()
 pub fn job_script(args: UpArgs) -> Result<()> {
     if args.backend == BackendKind::Marathon {
         return marathon_app(args);
+    }
+    if args.backend == BackendKind::Kubernetes {
+        return kubernetes_manifests(args);
     }
     let Some(system) = args.backend.batch_system() else {
         bail!("job-script is for batch backends (slurm, sge) and marathon, not {}", args.backend);
@@ -391,6 +411,21 @@ fn planned_credentials(args: &UpArgs, dir: &Path) -> (String, deployers::Credent
         }
     };
     (format!("{scheme}://{host}:{port}"), credentials)
+}
+
+/// `dask-ctl job-script --backend kubernetes`: the manifests `up` creates
+/// (the Secret's contents are made by `up`).
+fn kubernetes_manifests(args: UpArgs) -> Result<()> {
+    let file = args.config.clone().or_else(config::default_file);
+    let mut merged = config::merge(args.backend, file.as_deref(), &args.flags())?;
+    let name = args.name.clone().unwrap_or_else(|| "kubernetes-xxxx".into());
+    prepare_kubernetes(&name, &listen_host(&args), &mut merged.options)?;
+    let (address, credentials) = planned_credentials(&args, &registry::dir(&name)?);
+    print!("{}", deployers::kubernetes::render(&name, &merged.options, &address, !credentials.is_empty())?);
+    if args.port == 0 {
+        eprintln!("(the scheduler port is chosen by `up`; pass --port to fix it)");
+    }
+    Ok(())
 }
 
 /// `dask-ctl job-script --backend marathon`: the app definition `up` creates.
@@ -477,6 +512,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         }
         None if args.backend == BackendKind::Ssh => check_ssh_hosts(&merged.options)?,
         None if args.backend == BackendKind::Marathon => prepare_marathon(&host, &mut merged.options)?,
+        None if args.backend == BackendKind::Kubernetes => prepare_kubernetes(&name, &host, &mut merged.options)?,
         None => merged.options.python = check_python(&merged.options.python)?,
     }
     if args.port != 0 {

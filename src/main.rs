@@ -89,7 +89,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         credentials: Option<std::path::PathBuf>,
     },
-    /// Print the batch job script `up` would submit for one worker (slurm, sge).
+    /// Print what `up` would create for one worker: the batch job script
+    /// (slurm, sge), the app definition (marathon) or the manifests (kubernetes).
     JobScript(Box<ctl::UpArgs>),
     /// Show backend options merged from the config file, DASK_RS_* variables and flags.
     Config {

@@ -16,6 +16,7 @@ use cluster::client::ClientCore;
 use cluster::protocol::{ClusterInfo, EventsUpdate};
 use cluster::scheduler::{self, SchedulerConfig};
 use deployers::batch::BatchBackend;
+use deployers::kubernetes::KubernetesBackend;
 use deployers::local::LocalBackend;
 use deployers::marathon::MarathonBackend;
 use deployers::ssh::SshBackend;
@@ -129,6 +130,12 @@ pub fn run(dir: PathBuf) -> Result<()> {
             let system = rec.backend.batch_system().expect("a batch backend");
             let b = BatchBackend::new(system, rec.options.clone(), &address, &rec.name, logs, dir.join("jobs"))?;
             Box::new(b.with_credentials(credentials))
+        }
+        BackendKind::Kubernetes => {
+            let mut b = KubernetesBackend::new(&rec.options, &rec.name, &address, credentials)?;
+            // The API server checks the namespace and permissions now.
+            b.create()?;
+            Box::new(b)
         }
         BackendKind::Marathon => {
             let mut b = MarathonBackend::new(&rec.options, &rec.name, &address, &credentials)?;

@@ -8,6 +8,7 @@
 pub mod batch;
 mod children;
 pub mod credentials;
+pub mod kubernetes;
 pub mod local;
 pub mod marathon;
 pub mod process;
@@ -23,8 +24,6 @@ pub use credentials::Credentials;
 pub enum DeployError {
     #[error("unknown backend {0:?} (available: {list})", list = BackendKind::list())]
     UnknownBackend(String),
-    #[error("the {0} backend is not available in this version (available: {list})", list = BackendKind::list())]
-    NotAvailable(String),
     /// An option a backend cannot use, with why.
     #[error("{0}")]
     Invalid(String),
@@ -52,15 +51,20 @@ pub enum BackendKind {
     Sge,
     /// The tasks of one Marathon app.
     Marathon,
+    /// One pod per worker.
+    Kubernetes,
 }
-
-/// Backends users may ask for that this version does not have yet.
-const PLANNED: &[&str] = &["kubernetes"];
 
 impl BackendKind {
     /// Every backend, in the order help texts list them.
-    pub const ALL: [BackendKind; 5] =
-        [BackendKind::Local, BackendKind::Ssh, BackendKind::Slurm, BackendKind::Sge, BackendKind::Marathon];
+    pub const ALL: [BackendKind; 6] = [
+        BackendKind::Local,
+        BackendKind::Ssh,
+        BackendKind::Slurm,
+        BackendKind::Sge,
+        BackendKind::Kubernetes,
+        BackendKind::Marathon,
+    ];
 
     /// The name users type (`--backend`, config file sections).
     pub fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl BackendKind {
             BackendKind::Slurm => "slurm",
             BackendKind::Sge => "sge",
             BackendKind::Marathon => "marathon",
+            BackendKind::Kubernetes => "kubernetes",
         }
     }
 
@@ -78,7 +83,7 @@ impl BackendKind {
         match self {
             BackendKind::Slurm => Some(batch::System::Slurm),
             BackendKind::Sge => Some(batch::System::Sge),
-            BackendKind::Local | BackendKind::Ssh | BackendKind::Marathon => None,
+            BackendKind::Local | BackendKind::Ssh | BackendKind::Marathon | BackendKind::Kubernetes => None,
         }
     }
 
@@ -99,7 +104,6 @@ impl std::str::FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self, DeployError> {
         match BackendKind::ALL.into_iter().find(|b| b.name() == s) {
             Some(b) => Ok(b),
-            None if PLANNED.contains(&s) => Err(DeployError::NotAvailable(s.to_string())),
             None => Err(DeployError::UnknownBackend(s.to_string())),
         }
     }
@@ -344,6 +348,8 @@ pub enum Owned {
         #[serde(default)]
         auth_file: Option<String>,
     },
+    /// A Kubernetes cluster's objects (found by their labels).
+    Kubernetes { name: String, target: kubernetes::Target },
 }
 
 /// A backend that also says what it owns.
@@ -374,6 +380,13 @@ pub fn cleanup(owned: &[Owned]) -> Vec<String> {
             });
             if let Err(e) = r {
                 errors.push(format!("Marathon app {app_id}: {e}"));
+            }
+        }
+    }
+    for o in owned {
+        if let Owned::Kubernetes { name, target } = o {
+            if let Err(e) = kubernetes::cleanup(name, target) {
+                errors.push(format!("Kubernetes objects of {name}: {e}"));
             }
         }
     }
@@ -439,6 +452,11 @@ pub fn any_alive(owned: &[Owned]) -> Vec<String> {
                     Err(e) => Some(format!("Marathon app {app_id}: cannot check ({e})")),
                 }
             }
+            Owned::Kubernetes { name, target } => match kubernetes::alive(name, target) {
+                Ok(left) if left.is_empty() => None,
+                Ok(left) => Some(left.join(", ")),
+                Err(e) => Some(format!("Kubernetes objects of {name}: cannot check ({e})")),
+            },
         })
         .collect();
     for (system, ids) in job_groups(owned) {

@@ -4,6 +4,7 @@
 //! Marathon and Kubernetes backends start one, point `dask-ctl` at it, and
 //! stop it by its pid.
 
+mod kube;
 mod marathon;
 mod procs;
 
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Marathon's /v2 API; tasks are local processes.
     Marathon(marathon::Args),
+    /// A kube-apiserver with one node; pods are local processes.
+    Kube(kube::Args),
 }
 
 /// Flush stdout (the first line tells the test where we listen).
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
         Command::Marathon(args) => rt.block_on(marathon::serve(args)),
+        Command::Kube(args) => rt.block_on(kube::serve(args)),
     }
 }

@@ -269,7 +269,7 @@ impl Marathon {
                         ("MESOS_SANDBOX".into(), sandbox.join(&t.id).display().to_string()),
                     ]);
                     let argv = vec!["/bin/sh".to_string(), "-c".into(), cmd];
-                    match Proc::spawn(&argv, &env, &sandbox.join(&t.id)) {
+                    match Proc::spawn(&argv, &env, &sandbox.join(&t.id), &sandbox.join(&t.id)) {
                         Ok(p) => {
                             t.proc = Some(p);
                             t.state = "TASK_RUNNING";
@@ -594,7 +594,11 @@ pub async fn serve(args: Args) -> anyhow::Result<()> {
         .with_state(state.clone());
     println!("marathon at http://{addr}");
     crate::flush();
-    axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await?;
+    // Watches are long requests: stop at the signal without waiting for them.
+    tokio::select! {
+        r = axum::serve(listener, app) => r?,
+        _ = crate::shutdown_signal() => {}
+    }
     // Tasks are processes: end them all.
     state.lock().unwrap().apps.clear();
     Ok(())

@@ -12,8 +12,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Start `argv` in `dir` (created) with `env` added to ours.
-    pub fn spawn(argv: &[String], env: &[(String, String)], dir: &Path) -> std::io::Result<Proc> {
+    /// Start `argv` in `cwd` with `env` added to ours; its output goes to
+    /// `stdout` and `stderr` in `dir` (created).
+    pub fn spawn(argv: &[String], env: &[(String, String)], dir: &Path, cwd: &Path) -> std::io::Result<Proc> {
         std::fs::create_dir_all(dir)?;
         let out = std::fs::File::create(dir.join("stdout"))?;
         let err = std::fs::File::create(dir.join("stderr"))?;
@@ -23,7 +24,7 @@ impl Proc {
         let child = Command::new(prog)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .current_dir(dir)
+            .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
