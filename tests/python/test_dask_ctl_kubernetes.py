@@ -194,8 +194,23 @@ def test_kubernetes_cluster_computes_scales_and_leaves_nothing(ctl, any_kube):
         wait_until(lambda: worker_pids("kub") == [], timeout=10, msg="no worker process left")
 
 
-def test_kubernetes_pod_deleted_outside_is_replaced(ctl, kube):
+def test_kubernetes_pod_deleted_outside_is_replaced(ctl, tmp_path):
+    # Watches end every second and only 5 changes are kept: the backend must
+    # resume its watch, and relist when the server answers 410 Gone.
+    kube = FakeKube(tmp_path, "--max-watch-seconds", "1", "--history", "5")
+    try:
+        pod_deleted_outside_is_replaced(ctl, kube)
+    finally:
+        kube.stop()
+
+
+def pod_deleted_outside_is_replaced(ctl, kube):
     up(ctl, kube, "del", "--workers", "2")
+    # Changes nobody watches, so that resuming from an old version fails.
+    for i in range(8):
+        kube.call("POST", "/api/v1/namespaces/default/configmaps",
+                  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"noise-{i}"}})
+    time.sleep(1.5)
     with Client("del") as c:
         kube.delete_pod("del-worker-0")
         wait_until(lambda: "del-worker-0" not in names(ctl, "del"), timeout=20)
@@ -238,6 +253,40 @@ def test_kubernetes_adaptive_counts_pending_pods_and_retires_idle_ones(ctl, tmp_
         assert kube.objects("ada") == []
     finally:
         kube.stop()
+
+
+def watch(kube, query):
+    req = urllib.request.Request(f"{kube.url}/api/v1/namespaces/default/configmaps?watch=true&{query}",
+                                 headers={"Authorization": "Bearer test-token"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return [json.loads(line) for line in r.read().splitlines()]
+
+
+def test_the_stand_in_watches_like_an_api_server(kube, tmp_path):
+    """A watch from a recent version gets what changed since (selected by
+    label), then bookmarks; resuming from a version older than the kept
+    history is 410 Gone."""
+    first = kube.call("GET", "/api/v1/namespaces/default/configmaps")["metadata"]["resourceVersion"]
+    for i in range(3):
+        meta = {"name": f"c{i}", "labels": {"n": str(i)}}
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
+        kube.call("POST", "/api/v1/namespaces/default/configmaps", body)
+    query = f"resourceVersion={first}&labelSelector=n!%3D1&allowWatchBookmarks=true&timeoutSeconds=2"
+    events = watch(kube, query)
+    assert [(e["type"], e["object"]["metadata"].get("name")) for e in events if e["type"] != "BOOKMARK"] == \
+        [("ADDED", "c0"), ("ADDED", "c2")]
+    assert any(e["type"] == "BOOKMARK" for e in events), events
+    short = FakeKube(tmp_path / "short", "--history", "2")
+    try:
+        first = short.call("GET", "/api/v1/namespaces/default/configmaps")["metadata"]["resourceVersion"]
+        for i in range(3):
+            short.call("POST", "/api/v1/namespaces/default/configmaps",
+                       {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i}"}})
+        events = watch(short, f"resourceVersion={first}&timeoutSeconds=2")
+        assert [(e["type"], e["object"]["code"], e["object"]["reason"]) for e in events] == \
+            [("ERROR", 410, "Expired")], events
+    finally:
+        short.stop()
 
 
 def test_kubernetes_refusals_are_reported_in_its_words(ctl, kube, tmp_path):

@@ -73,6 +73,10 @@ pub struct Args {
     /// Watch events kept for resuming watches (older versions get 410 Gone).
     #[arg(long, default_value_t = 10_000)]
     history: usize,
+    /// End every watch after this many seconds, whatever the client asked
+    /// (as API servers behind load balancers do).
+    #[arg(long)]
+    max_watch_seconds: Option<u64>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -995,7 +999,8 @@ async fn watch(s: Shared, resource: String, ns: Option<String>, q: Params) -> Re
         }
     };
     let bookmarks = q.allow_watch_bookmarks.unwrap_or(false);
-    let timeout = Duration::from_secs(q.timeout_seconds.unwrap_or(1800));
+    let max = s.lock().unwrap().args.max_watch_seconds.unwrap_or(u64::MAX);
+    let timeout = Duration::from_secs(q.timeout_seconds.unwrap_or(1800).min(max));
     let kind = kind_of(&resource).unwrap_or("Object");
     tokio::spawn(async move {
         let line = |t: &str, o: &Value| {
