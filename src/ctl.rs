@@ -337,8 +337,13 @@ fn prepare_marathon(host: &str, options: &mut deployers::WorkerOptions) -> Resul
 /// The cluster's name can name Kubernetes objects and an image is given;
 /// pods reach the scheduler at this pod's IP (`POD_IP`, from the downward
 /// API) when `up` runs inside the cluster, else at this machine's hostname.
-fn prepare_kubernetes(name: &str, host: &str, options: &mut deployers::WorkerOptions) -> Result<()> {
+fn prepare_kubernetes(name: &str, host: &str, merged: &mut config::Merged) -> Result<()> {
     deployers::kubernetes::check_name(name).map_err(|e| anyhow!("{e}"))?;
+    // A path on this machine means nothing inside the image.
+    if merged.sources.get("python").is_none_or(|(_, source)| *source == config::Source::Default) {
+        merged.options.python = "python3".into();
+    }
+    let options = &mut merged.options;
     if options.image.as_deref().unwrap_or("").is_empty() {
         bail!("the kubernetes backend needs --image: an image with Python and dask-rs installed");
     }
@@ -419,7 +424,7 @@ fn kubernetes_manifests(args: UpArgs) -> Result<()> {
     let file = args.config.clone().or_else(config::default_file);
     let mut merged = config::merge(args.backend, file.as_deref(), &args.flags())?;
     let name = args.name.clone().unwrap_or_else(|| "kubernetes-xxxx".into());
-    prepare_kubernetes(&name, &listen_host(&args), &mut merged.options)?;
+    prepare_kubernetes(&name, &listen_host(&args), &mut merged)?;
     let (address, credentials) = planned_credentials(&args, &registry::dir(&name)?);
     print!("{}", deployers::kubernetes::render(&name, &merged.options, &address, !credentials.is_empty())?);
     if args.port == 0 {
@@ -512,7 +517,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         }
         None if args.backend == BackendKind::Ssh => check_ssh_hosts(&merged.options)?,
         None if args.backend == BackendKind::Marathon => prepare_marathon(&host, &mut merged.options)?,
-        None if args.backend == BackendKind::Kubernetes => prepare_kubernetes(&name, &host, &mut merged.options)?,
+        None if args.backend == BackendKind::Kubernetes => prepare_kubernetes(&name, &host, &mut merged)?,
         None => merged.options.python = check_python(&merged.options.python)?,
     }
     if args.port != 0 {
