@@ -52,7 +52,7 @@ demo: build
 test: build test-rust test-python
 
 test-rust:
-	cargo test --release --workspace --exclude python
+	cargo test --release --workspace --exclude python --exclude bench-plot
 
 # Stand-ins for Marathon and the Kubernetes API (tests/servers), for the
 # backends' end-to-end tests.
@@ -80,8 +80,12 @@ fuzz:
 		cargo test --release --test fuzz -- --nocapture
 
 # dask-rs side by side with Dask distributed; writes bench/results/latest.{md,json}.
+# Then many workers and graph-size growth (bench/results/scale.*), drawn as
+# bench/results/{workers,growth}.png.
 bench: build
 	$(PY) bench/suite.py
+	$(PY) bench/scale.py
+	cargo run --release --quiet -p bench-plot -- bench/results
 
 # A subset for after runtime changes (under 2 minutes); bench/results/quick.{md,json}.
 bench-quick: build

@@ -147,6 +147,10 @@ enum Command {
         /// Bytes each task returns.
         #[arg(long, default_value_t = 8)]
         result_size: u64,
+        /// Simulated workers in this process, each with its own connections
+        /// and data port (named NAME-0, NAME-1, ...).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -257,9 +261,10 @@ fn main() -> Result<()> {
             let security = tls.security()?;
             rt()?.block_on(run_scheduler(host, port, config, dashboard, security))
         }
-        Command::SimWorker { scheduler, nthreads, name, duration, result_size, tls } => {
+        Command::SimWorker { scheduler, nthreads, name, duration, result_size, count, tls } => {
             let security = tls.security()?;
-            rt()?.block_on(run_sim_worker(scheduler, nthreads, name, duration, result_size, security))
+            let sim = SimWorkers { scheduler, nthreads, name, duration, result_size, count };
+            rt()?.block_on(run_sim_workers(sim, security))
         }
     }
 }
@@ -304,28 +309,55 @@ async fn run_scheduler(
     Ok(())
 }
 
-async fn run_sim_worker(
+/// What `dask-ctl sim-worker` runs.
+struct SimWorkers {
     scheduler: String,
     nthreads: usize,
     name: Option<String>,
     duration: Duration,
     result_size: u64,
-    security: cluster::security::Security,
-) -> Result<()> {
-    let name = name.unwrap_or_else(|| format!("sim-{}", std::process::id()));
-    let mut config = cluster::worker::WorkerConfig::new(&scheduler, &name, nthreads);
-    config.security = security;
-    let runner = Arc::new(cluster::sim::SimRunner::new(duration, result_size));
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut worker = tokio::spawn(cluster::worker::run_worker(config, runner, rx, None));
-    tokio::select! {
-        _ = shutdown_signal() => {
-            let _ = tx.send(true);
-            (&mut worker).await??;
-        }
-        r = &mut worker => r??,
+    count: usize,
+}
+
+/// `count` simulated workers until SIGTERM; the first one to fail stops them all.
+async fn run_sim_workers(sim: SimWorkers, security: cluster::security::Security) -> Result<()> {
+    if sim.count == 0 {
+        anyhow::bail!("--count must be at least 1");
     }
-    Ok(())
+    cluster::comm::raise_open_file_limit();
+    let base = sim.name.unwrap_or_else(|| format!("sim-{}", std::process::id()));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut workers = tokio::task::JoinSet::new();
+    for i in 0..sim.count {
+        let name = if sim.count == 1 { base.clone() } else { format!("{base}-{i}") };
+        let mut config = cluster::worker::WorkerConfig::new(&sim.scheduler, &name, sim.nthreads);
+        config.security = security.clone();
+        // Each worker has its own store, as separate processes would.
+        let runner = Arc::new(cluster::sim::SimRunner::new(sim.duration, sim.result_size));
+        workers.spawn(cluster::worker::run_worker(config, runner, rx.clone(), None));
+    }
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => {
+                let _ = tx.send(true);
+                while let Some(r) = workers.join_next().await {
+                    r??;
+                }
+                return Ok(());
+            }
+            r = workers.join_next() => match r {
+                None => return Ok(()),
+                Some(r) => {
+                    if let Err(e) = r? {
+                        let _ = tx.send(true);
+                        return Err(e.into());
+                    }
+                }
+            },
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is

@@ -850,12 +850,10 @@ impl Backend for KubernetesBackend {
     }
 
     fn close(&mut self) -> Result<(), BackendError> {
-        let target = self.target.clone();
         let owner = self.manifests.owner_name();
         let selector = format!("{CLUSTER_LABEL}={}", self.manifests.cluster);
-        let namespace = self.namespace.clone();
-        let r = self.rt.block_on(remove_cluster(&self.client, &namespace, &owner, &selector, Duration::from_secs(60)));
-        let _ = target;
+        let r =
+            self.rt.block_on(remove_cluster(&self.client, &self.namespace, &owner, &selector, Duration::from_secs(60)));
         self.pods.clear();
         self.owner_uid = None;
         r.map_err(BackendError::ScaleDown)

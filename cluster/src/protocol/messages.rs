@@ -179,10 +179,31 @@ pub enum ToWorker {
     AcquireReplicas {
         keys: Vec<DepInfo>,
     },
+    /// Send heartbeats this often from now on: the scheduler spaces them as
+    /// the cluster grows, so that a thousand idle workers cost it little.
+    HeartbeatInterval {
+        ms: u64,
+    },
     /// The worker sent something the scheduler refuses; the connection closes.
     Error {
         reason: String,
     },
+}
+
+/// How often workers send heartbeats until the scheduler says otherwise.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 500;
+
+/// The heartbeat interval for a cluster of `workers` (Dask's steps: 0.5 s up
+/// to 10 workers, 1 s below 50, 2 s below 200, then a second more per 200
+/// workers, so that heartbeats stay under about 200 a second), at most 15 s
+/// so that the scheduler's worker TTL (60 s) still sees four of them.
+pub fn heartbeat_interval_ms(workers: usize) -> u64 {
+    match workers {
+        0..=10 => DEFAULT_HEARTBEAT_MS,
+        11..=49 => 1000,
+        50..=199 => 2000,
+        n => ((n as u64 / 200 + 1) * 1000).min(15_000),
+    }
 }
 
 /// Client (or monitor) -> scheduler.

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; peers that speak another version are refused
 /// during the handshake with a clear error.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Four bytes every connection starts with, so a stranger (an HTTP client,
 /// random bytes) is recognised before any frame is parsed.

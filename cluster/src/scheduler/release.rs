@@ -180,7 +180,10 @@ impl SchedulerState {
             stolen_total: _,
             rebalances,
             plugins: _,
+            heartbeat_ms,
         } = self;
+        // Fresh worker processes start at the default interval.
+        *heartbeat_ms = crate::protocol::DEFAULT_HEARTBEAT_MS;
         tasks.clear();
         free_ids.clear();
         keys.clear();

@@ -176,6 +176,8 @@ pub struct SchedulerState {
     pub(super) rebalances: Vec<Rebalancing>,
     /// Worker plugins: (name, set-up call), in registration order.
     pub(super) plugins: Vec<(String, Bytes)>,
+    /// The heartbeat interval workers were last told (ms).
+    pub(super) heartbeat_ms: u64,
 }
 
 impl SchedulerState {
@@ -209,6 +211,7 @@ impl SchedulerState {
             stolen_total: 0,
             rebalances: Vec::new(),
             plugins: Vec::new(),
+            heartbeat_ms: crate::protocol::DEFAULT_HEARTBEAT_MS,
         }
     }
 

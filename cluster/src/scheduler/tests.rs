@@ -976,3 +976,34 @@ fn groups_without_tasks_are_forgotten_and_subscribers_told() {
     let u = s.events_since(&mut cursor, 2.0);
     assert_eq!(u.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), ["grp7x"]);
 }
+
+#[test]
+fn heartbeats_are_spaced_as_the_cluster_grows_and_shrinks() {
+    let mut s = with_workers(0);
+    let told = |s: &mut Checked| -> Vec<(PeerId, u64)> {
+        s.take_outgoing()
+            .into_iter()
+            .filter_map(|(p, e)| match e.msg {
+                Msg::W(ToWorker::HeartbeatInterval { ms }) => Some((p, ms)),
+                _ => None,
+            })
+            .collect()
+    };
+    for i in 0..10u64 {
+        s.add_worker(W1 + i, Registration::new(format!("w{i}"), format!("tcp://h:{i}"), 1, 1 << 30)).unwrap();
+    }
+    assert!(told(&mut s).is_empty(), "ten workers keep the default");
+    s.add_worker(W1 + 10, Registration::new("w10".to_string(), "tcp://h:10".to_string(), 1, 1 << 30)).unwrap();
+    let t = told(&mut s);
+    assert_eq!(t.len(), 11, "all eleven are told: {t:?}");
+    assert!(t.iter().all(|(_, ms)| *ms == 1000));
+    s.add_worker(W1 + 11, Registration::new("w11".to_string(), "tcp://h:11".to_string(), 1, 1 << 30)).unwrap();
+    assert_eq!(told(&mut s), [(W1 + 11, 1000)], "a newcomer hears the current interval");
+    s.remove_worker(W1 + 11);
+    s.remove_worker(W1 + 10);
+    let t = told(&mut s);
+    assert_eq!(t.len(), 10);
+    assert!(t.iter().all(|(_, ms)| *ms == 500), "{t:?}");
+    assert_eq!(crate::protocol::heartbeat_interval_ms(1000), 6000);
+    assert_eq!(crate::protocol::heartbeat_interval_ms(100_000), 15_000);
+}

@@ -3,7 +3,9 @@
 
 use super::state::{PeerId, SchedulerState, TaskState};
 use super::task::{ErrorInfo, TaskId};
-use crate::protocol::{Heartbeat, Registration, Resources, ToClient, ToWorker};
+use crate::protocol::{
+    heartbeat_interval_ms, Envelope, Heartbeat, Registration, Resources, ToClient, ToWorker, DEFAULT_HEARTBEAT_MS,
+};
 use rustc_hash::FxHashSet;
 
 #[derive(Debug)]
@@ -116,8 +118,25 @@ impl SchedulerState {
         self.version += 1;
         // Prepared before it gets work: the set-up comes first on its connection.
         self.send_plugins(peer);
+        self.space_heartbeats(Some(peer));
         self.worker_available();
         Ok(())
+    }
+
+    /// Tell workers a new heartbeat interval when the cluster's size calls
+    /// for one (all of them), or a newcomer the current one when it is not
+    /// the workers' default.
+    fn space_heartbeats(&mut self, newcomer: Option<PeerId>) {
+        let want = heartbeat_interval_ms(self.workers.len());
+        let to: Vec<PeerId> = if want != self.heartbeat_ms {
+            self.heartbeat_ms = want;
+            self.worker_order.clone()
+        } else {
+            newcomer.filter(|_| want != DEFAULT_HEARTBEAT_MS).into_iter().collect()
+        };
+        for p in to {
+            self.send_worker(p, Envelope::new(ToWorker::HeartbeatInterval { ms: want }));
+        }
     }
 
     /// A worker can take work (it joined, or stopped retiring): tasks that
@@ -149,6 +168,7 @@ impl SchedulerState {
         };
         self.worker_order.retain(|&p| p != peer);
         self.version += 1;
+        self.space_heartbeats(None);
         let mut lost = Vec::new();
         for id in w.has_what {
             let t = self.tm(id);

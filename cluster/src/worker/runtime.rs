@@ -53,7 +53,7 @@ impl WorkerConfig {
             nthreads,
             memory_limit: 0,
             host: "127.0.0.1".into(),
-            heartbeat: Duration::from_millis(500),
+            heartbeat: Duration::from_millis(crate::protocol::DEFAULT_HEARTBEAT_MS),
             connect_timeout: Duration::from_secs(10),
             death_timeout: Duration::from_secs(60),
             resources: Vec::new(),
@@ -300,9 +300,14 @@ impl<R: Runner> Worker<R> {
                 ev = self.events.recv() => {
                     let Some(ev) = ev else { break Ok(()) };
                     let mut stop = None;
-                    apply(&mut self.state, ev, &mut stop, &self.jobs);
+                    let mut every = None;
+                    apply(&mut self.state, ev, &mut stop, &mut every, &self.jobs);
                     while let Ok(ev) = self.events.try_recv() {
-                        apply(&mut self.state, ev, &mut stop, &self.jobs);
+                        apply(&mut self.state, ev, &mut stop, &mut every, &self.jobs);
+                    }
+                    if let Some(every) = every {
+                        heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                     }
                     self.dispatch(&outbox, &mut held, true);
                     if let Some(r) = stop {
@@ -405,6 +410,7 @@ fn apply(
     state: &mut WorkerState,
     ev: Event,
     stop: &mut Option<Result<(), WorkerError>>,
+    heartbeat: &mut Option<Duration>,
     jobs: &std::sync::mpsc::Sender<Job>,
 ) {
     match ev {
@@ -427,6 +433,7 @@ fn apply(
                     ToWorker::SetUp { calls } => {
                         state.set_up(calls.into_iter().filter_map(|c| c.resolve(&frames)).collect())
                     }
+                    ToWorker::HeartbeatInterval { ms } => *heartbeat = Some(Duration::from_millis(ms.max(50))),
                     ToWorker::Error { reason } => *stop = Some(Err(WorkerError::Refused(reason))),
                 }
             }
