@@ -275,7 +275,7 @@ impl Manifests {
             None => request_mem.clone(),
         };
         if o.memory_limit.is_none() {
-            if let Some(bytes) = limit_mem.as_deref().and_then(quantity_bytes) {
+            if let Some(bytes) = limit_mem.as_deref().and_then(parse_bytes) {
                 argv.insert(argv.len() - o.worker_extra_args.len(), "--memory-limit".into());
                 argv.insert(argv.len() - o.worker_extra_args.len(), bytes.to_string());
             }
@@ -359,26 +359,6 @@ fn unknown_fields(input: &Value, typed: &Value, path: &str, out: &mut Vec<String
         }
         _ => {}
     }
-}
-
-/// Bytes in a Kubernetes memory quantity.
-fn quantity_bytes(q: &str) -> Option<u64> {
-    let split = q.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(q.len());
-    let (num, unit) = q.split_at(split);
-    let num: f64 = num.parse().ok()?;
-    let mult: f64 = match unit {
-        "" => 1.0,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        _ => return None,
-    };
-    Some((num * mult) as u64)
 }
 
 /// Which variable each credential key of the Secret fills.
@@ -1010,8 +990,9 @@ mod tests {
         assert_eq!(cpu_quantity(2.0), "2");
         assert_eq!(memory_quantity("4Gi").unwrap(), "4Gi");
         assert_eq!(memory_quantity("4GiB").unwrap(), (4u64 << 30).to_string());
-        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
-        assert_eq!(quantity_bytes("1G"), Some(1_000_000_000));
+        // Kubernetes' suffixes mean what Dask's do.
+        assert_eq!(parse_bytes("512Mi"), Some(512 << 20));
+        assert_eq!(parse_bytes("1G"), Some(1_000_000_000));
         assert_eq!(
             toleration("gpu=true:NoSchedule").unwrap(),
             json!({"key": "gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"})

@@ -111,6 +111,20 @@ def wait_until(pred, timeout=10.0, interval=0.02, msg="condition"):
     raise AssertionError(f"timed out waiting for {msg}")
 
 
+def worker_pids(cluster):
+    """Processes whose environment names `cluster` (DASK_RS_CLUSTER, set by the
+    kubernetes and marathon backends), wherever the stand-ins started them."""
+    pids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"DASK_RS_CLUSTER={cluster}".encode() in env:
+            pids.append(int(d))
+    return pids
+
+
 @pytest.fixture
 def ctl(tmp_path, monkeypatch):
     """Run dask-ctl as a separate shell would; tears down whatever is left."""

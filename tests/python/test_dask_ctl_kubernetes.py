@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import HERE, ROOT, wait_until
+from conftest import HERE, ROOT, wait_until, worker_pids
 from dask_rs import Client
 
 SERVER = os.path.join(ROOT, "target", "release", "dask-rs-test-server")
@@ -129,18 +129,6 @@ def up(ctl, kube, name, *extra, **kw):
         i = flags.index("--image")
         del flags[i:i + 2]
     return ctl("up", "--backend", "kubernetes", "--name", name, "--no-dashboard", *flags, *extra, **kw)
-
-
-def worker_pids(name):
-    pids = []
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if f"DASK_RS_CLUSTER={name}".encode() in env:
-            pids.append(int(d))
-    return pids
 
 
 def make(i):

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import HERE, ROOT, wait_until
+from conftest import HERE, ROOT, wait_until, worker_pids
 from dask_rs import Client
 
 SERVER = os.path.join(ROOT, "target", "release", "dask-rs-test-server")
@@ -59,21 +59,6 @@ def marathon(tmp_path):
     m = FakeMarathon(tmp_path, "--staging-delay", "300ms")
     yield m
     m.stop()
-
-
-def worker_pids(name):
-    """Worker processes of cluster `name` (their environment names it)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if f"DASK_RS_CLUSTER={name}".encode() in env:
-            pids.append(int(d))
-    return pids
 
 
 def status(ctl, name):

@@ -154,6 +154,10 @@ fn not_found(resource: &str, name: &str) -> Response {
     )
 }
 
+fn no_such_resource() -> Response {
+    status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource".into(), json!({}))
+}
+
 fn bad_request(message: String) -> Response {
     status(StatusCode::BAD_REQUEST, "BadRequest", message, json!({}))
 }
@@ -293,19 +297,6 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            out.push(if i <= chunk.len() { A[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
-        }
-    }
-    out
 }
 
 impl Store {
@@ -754,12 +745,7 @@ async fn collection(
     body: String,
 ) -> Response {
     let Some(kind) = kind_of(&resource) else {
-        return status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the server could not find the requested resource".into(),
-            json!({}),
-        );
+        return no_such_resource();
     };
     if method == Method::GET && q.watch.as_deref().is_some_and(|w| w == "true" || w == "1") {
         {
@@ -849,7 +835,7 @@ async fn collection(
             if resource == "secrets" {
                 let string_data = obj.as_object_mut().and_then(|o| o.remove("stringData"));
                 for (k, v) in string_data.as_ref().and_then(Value::as_object).into_iter().flatten() {
-                    obj["data"][k] = json!(base64_encode(v.as_str().unwrap_or("").as_bytes()));
+                    obj["data"][k] = json!(procs::base64(v.as_str().unwrap_or("").as_bytes()));
                 }
             }
             let out = store.put(&resource, &ns, &name, obj, true);
@@ -889,12 +875,7 @@ async fn object(
     body: String,
 ) -> Response {
     let Some(kind) = kind_of(&resource) else {
-        return status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the server could not find the requested resource".into(),
-            json!({}),
-        );
+        return no_such_resource();
     };
     let mut store = s.lock().unwrap();
     if !authorized(&store, &headers) {
@@ -1159,13 +1140,7 @@ pub async fn serve(mut args: Args) -> anyhow::Result<()> {
         .route("/api/v1/namespaces/{ns}/{resource}/{name}", get(object).delete(object).put(object).patch(object))
         .route("/fake/evict/{ns}/{name}", post(evict))
         .with_state(state.clone());
-    println!("kube-apiserver at http://{addr}");
-    crate::flush();
-    // Watches are long requests: stop at the signal without waiting for them.
-    tokio::select! {
-        r = axum::serve(listener, app) => r?,
-        _ = crate::shutdown_signal() => {}
-    }
+    crate::serve_until_signal(listener, app, &format!("kube-apiserver at http://{addr}")).await?;
     state.lock().unwrap().containers.clear();
     Ok(())
 }
@@ -1199,7 +1174,7 @@ mod tests {
         assert_eq!(v, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
         let t = procs::rfc3339(SystemTime::now() - Duration::from_secs(100));
         assert!((elapsed_since(&t) - 100.0).abs() < 2.0, "{}", elapsed_since(&t));
-        assert_eq!(base64_decode(&base64_encode(b"hello, pod")).unwrap(), b"hello, pod");
+        assert_eq!(base64_decode(&procs::base64(b"hello, pod")).unwrap(), b"hello, pod");
         assert_eq!(cpu_quantity("500m"), 0.5);
     }
 }

@@ -31,6 +31,22 @@ pub(crate) fn flush() {
     let _ = std::io::stdout().flush();
 }
 
+/// Serve `app`, print `banner` (the address the test reads), and return at
+/// SIGTERM or SIGINT without waiting for open requests (watches are long).
+pub(crate) async fn serve_until_signal(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    banner: &str,
+) -> anyhow::Result<()> {
+    println!("{banner}");
+    flush();
+    tokio::select! {
+        r = axum::serve(listener, app) => r?,
+        _ = shutdown_signal() => {}
+    }
+    Ok(())
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

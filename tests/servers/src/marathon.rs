@@ -369,26 +369,9 @@ fn authorized(m: &Marathon, headers: &HeaderMap) -> bool {
         return got == format!("token={t}");
     }
     if let Some(up) = &m.args.basic_auth {
-        return got == format!("Basic {}", base64(up.as_bytes()));
+        return got == format!("Basic {}", procs::base64(up.as_bytes()));
     }
     true
-}
-
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 async fn info(State(s): State<Shared>, headers: HeaderMap) -> Response {
@@ -592,13 +575,7 @@ pub async fn serve(args: Args) -> anyhow::Result<()> {
         .route("/v2/tasks/delete", post(delete_tasks))
         .route("/v2/deployments", get(deployments))
         .with_state(state.clone());
-    println!("marathon at http://{addr}");
-    crate::flush();
-    // Watches are long requests: stop at the signal without waiting for them.
-    tokio::select! {
-        r = axum::serve(listener, app) => r?,
-        _ = crate::shutdown_signal() => {}
-    }
+    crate::serve_until_signal(listener, app, &format!("marathon at http://{addr}")).await?;
     // Tasks are processes: end them all.
     state.lock().unwrap().apps.clear();
     Ok(())
@@ -615,7 +592,7 @@ mod tests {
         let bad = json!({"id": "/Bad_ID", "cmd": "x", "cpus": 1, "colour": "red", "constraints": [["hostname", "SOMETIMES"]]});
         let paths: Vec<String> = validate(&bad).into_iter().map(|(p, _)| p).collect();
         assert_eq!(paths, ["/colour", "/id", "/constraints(0)"]);
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(procs::base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(procs::base64(b"ab"), "YWI=");
     }
 }

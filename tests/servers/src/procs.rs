@@ -1,6 +1,7 @@
 //! Containers as local processes: each runs `sh -c` or an argv in its own
 //! process group, with its environment and working directory, writing to
-//! `stdout` and `stderr` files in its sandbox directory.
+//! `stdout` and `stderr` files in its sandbox directory. Also the small
+//! encodings both stand-ins write (RFC 3339 times, base64).
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -63,6 +64,20 @@ pub fn describe(status: ExitStatus) -> (i32, String) {
         (None, Some(s)) => (128 + s, format!("Command terminated with signal {s}")),
         _ => (-1, "Command ended".into()),
     }
+}
+
+/// Standard base64 with padding (Secret data, HTTP basic auth).
+pub fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { A[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
 }
 
 /// Seconds since the epoch as RFC 3339 (UTC), as both APIs write times.
