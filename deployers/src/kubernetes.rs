@@ -542,11 +542,24 @@ pub fn pod_state(pod: &Value) -> PodState {
 /// What the watch saw.
 #[derive(Default)]
 struct Watched {
-    pods: BTreeMap<String, Value>,
+    pods: BTreeMap<String, Seen>,
     /// Set once the first list arrived.
     synced: bool,
     /// The last error of the watch loop (it retries).
     error: Option<String>,
+}
+
+/// What the watch keeps of a pod: its state, read once per change, and
+/// whether it is being deleted.
+struct Seen {
+    state: PodState,
+    deleting: bool,
+}
+
+/// A pod's name and what the watch keeps of it.
+fn seen(p: &Pod) -> Option<(String, Seen)> {
+    let v = serde_json::to_value(p).ok()?;
+    Some((p.metadata.name.clone()?, Seen { state: pod_state(&v), deleting: p.metadata.deletion_timestamp.is_some() }))
 }
 
 struct Ours {
@@ -685,11 +698,7 @@ async fn watch_pods(api: Api<Pod>, selector: String, watched: Arc<Mutex<Watched>
         let mut version = list.metadata.resource_version.clone().unwrap_or_default();
         {
             let mut w = watched.lock().expect("watch state");
-            w.pods = list
-                .items
-                .into_iter()
-                .filter_map(|p| Some((p.metadata.name.clone()?, serde_json::to_value(&p).ok()?)))
-                .collect();
+            w.pods = list.items.iter().filter_map(seen).collect();
             w.synced = true;
             w.error = None;
         }
@@ -711,8 +720,8 @@ async fn watch_pods(api: Api<Pod>, selector: String, watched: Arc<Mutex<Watched>
                         match event {
                             WatchEvent::Added(p) | WatchEvent::Modified(p) => {
                                 version = p.metadata.resource_version.clone().unwrap_or(version);
-                                if let (Some(n), Ok(v)) = (p.metadata.name.clone(), serde_json::to_value(&p)) {
-                                    w.pods.insert(n, v);
+                                if let Some((n, s)) = seen(&p) {
+                                    w.pods.insert(n, s);
                                 }
                             }
                             WatchEvent::Deleted(p) => {
@@ -775,18 +784,15 @@ impl Backend for KubernetesBackend {
 
     fn workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
         let mut out = std::mem::take(&mut self.failed);
-        let (pods, synced, error) = {
-            let w = self.watched.lock().expect("watch state");
-            (w.pods.clone(), w.synced, w.error.clone())
-        };
-        if !synced && !self.pods.is_empty() {
-            if let Some(e) = error {
+        let watched = self.watched.lock().expect("watch state");
+        if !watched.synced && !self.pods.is_empty() {
+            if let Some(e) = &watched.error {
                 return Err(BackendError::Status(format!("Kubernetes: {e}")));
             }
         }
         let mut ended = Vec::new();
         for (name, ours) in self.pods.iter_mut() {
-            let Some(pod) = pods.get(name) else {
+            let Some(pod) = watched.pods.get(name) else {
                 if ours.seen {
                     ended.push((name.clone(), "the pod was deleted outside dask-rs".to_string(), false));
                 } else {
@@ -800,11 +806,11 @@ impl Backend for KubernetesBackend {
                 continue;
             };
             ours.seen = true;
-            if pod["metadata"]["deletionTimestamp"].is_string() && !matches!(pod_state(pod), PodState::Failed(_)) {
+            if pod.deleting && !matches!(pod.state, PodState::Failed(_)) {
                 ended.push((name.clone(), "the pod is being deleted outside dask-rs".to_string(), false));
                 continue;
             }
-            match pod_state(pod) {
+            match pod.state.clone() {
                 PodState::Pending(why) => {
                     out.push(WorkerRecord { name: name.clone(), status: WorkerStatus::Pending, detail: why })
                 }
@@ -814,6 +820,7 @@ impl Backend for KubernetesBackend {
                 PodState::Failed(why) => ended.push((name.clone(), why, true)),
             }
         }
+        drop(watched);
         let mut remove = Vec::new();
         for (name, why, delete) in ended {
             self.pods.remove(&name);
