@@ -54,7 +54,7 @@ fn graph_runs_on_sim_workers_and_results_fetch_directly() {
     let leaves: Vec<String> = (0..500).map(|i| format!("leaf-{i}")).collect();
     let leaf_refs: Vec<&str> = leaves.iter().map(|s| s.as_str()).collect();
     tasks.push(task("total", &leaf_refs));
-    c.submit(tasks, vec![], vec!["total".into()]).unwrap();
+    c.submit(tasks, vec![], vec![], vec!["total".into()]).unwrap();
     assert!(c.wait(&["total".into()], Some(Duration::from_secs(20)), false).unwrap());
     let Some(KeyStatus::Finished { workers, nbytes }) = c.status("total") else { panic!("not finished") };
     assert_eq!(nbytes, 8);
@@ -183,7 +183,7 @@ fn events_subscription_gives_snapshot_then_deltas() {
     assert_eq!(first[0].workers.len(), 1);
     let tasks: Vec<TaskSpec> = (0..50).map(|i| task(&format!("inc-{i}"), &[])).collect();
     let keys: Vec<String> = (0..50).map(|i| format!("inc-{i}")).collect();
-    c.submit(tasks, vec![], keys.clone()).unwrap();
+    c.submit(tasks, vec![], vec![], keys.clone()).unwrap();
     assert!(c.wait(&keys, Some(Duration::from_secs(10)), false).unwrap());
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut stream = 0;
@@ -206,7 +206,7 @@ fn a_stopped_worker_cannot_hang_a_data_exchange() {
     let w = start_sim_worker(&addr, "a");
     let c = client(&addr);
     wait_workers(&c, 1);
-    c.submit(vec![task("x", &[])], vec![], vec!["x".into()]).unwrap();
+    c.submit(vec![task("x", &[])], vec![], vec![], vec!["x".into()]).unwrap();
     assert!(c.wait(&["x".into()], Some(Duration::from_secs(20)), false).unwrap());
     let Some(KeyStatus::Finished { workers, .. }) = c.status("x") else { panic!("not finished") };
     let worker = workers[0].clone();
@@ -307,7 +307,7 @@ fn a_subscriber_that_stops_reading_cannot_grow_the_scheduler() {
     for round in 0..20 {
         let keys: Vec<String> = (0..5_000).map(|i| format!("work-{pad}-{round}-{i}")).collect();
         let tasks = keys.iter().map(|k| task(k, &[])).collect();
-        c.submit(tasks, vec![], keys.clone()).unwrap();
+        c.submit(tasks, vec![], vec![], keys.clone()).unwrap();
         assert!(c.wait(&keys, Some(Duration::from_secs(30)), false).unwrap(), "a reading client is served");
         c.release(keys).unwrap();
         std::thread::sleep(Duration::from_millis(30));

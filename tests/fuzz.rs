@@ -122,7 +122,7 @@ fn merge_answer(c: &ClientCore, prefix: &str, n: usize) -> Result<u64, String> {
         }
     }
     let total = tasks.last().unwrap().key.clone();
-    c.submit(tasks, vec![], vec![total.clone()]).map_err(|e| e.to_string())?;
+    c.submit(tasks, vec![], vec![], vec![total.clone()]).map_err(|e| e.to_string())?;
     if !c.wait(std::slice::from_ref(&total), Some(Duration::from_secs(60)), false).map_err(|e| e.to_string())? {
         return Err(format!("{total} not done within 60 s"));
     }

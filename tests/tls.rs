@@ -54,7 +54,7 @@ fn merge(c: &ClientCore, prefix: &str, n: usize) -> u64 {
         t.deps.iter_mut().for_each(|d| *d = format!("{prefix}-{d}"));
     }
     let total = tasks.last().unwrap().key.clone();
-    c.submit(tasks, vec![], vec![total.clone()]).unwrap();
+    c.submit(tasks, vec![], vec![], vec![total.clone()]).unwrap();
     assert!(c.wait(std::slice::from_ref(&total), Some(Duration::from_secs(20)), false).unwrap());
     let Some(KeyStatus::Finished { workers, .. }) = c.status(&total) else { panic!("no status") };
     let (items, _) = c.get_data(&workers[0], vec![total]).unwrap();

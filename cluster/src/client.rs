@@ -227,10 +227,17 @@ impl ClientCore {
         self.outbox.lock().expect("outbox").send(env).map_err(|_| ClientError::Closed("writer stopped".into()))
     }
 
-    /// Submit tasks (their `Blob::Frame`s index `frames`) and mark `wanted` pending.
-    pub fn submit(&self, tasks: Vec<TaskSpec>, frames: Vec<Bytes>, wanted: Vec<Key>) -> Result<(), ClientError> {
+    /// Submit tasks and the blobs they refer to (their `Blob::Frame`s index
+    /// `frames`), and mark `wanted` pending.
+    pub fn submit(
+        &self,
+        tasks: Vec<TaskSpec>,
+        shared: Vec<(u64, Blob)>,
+        frames: Vec<Bytes>,
+        wanted: Vec<Key>,
+    ) -> Result<(), ClientError> {
         self.mark_pending(&wanted);
-        self.send(Envelope { msg: FromClient::UpdateGraph { tasks, wanted }, frames })
+        self.send(Envelope { msg: FromClient::UpdateGraph { tasks, wanted, shared }, frames })
     }
 
     fn mark_pending(&self, keys: &[Key]) {

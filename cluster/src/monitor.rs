@@ -219,7 +219,7 @@ mod tests {
     fn rec(key: &str, worker: &str, start: f64, stop: f64) -> TaskStreamRecord {
         TaskStreamRecord {
             key: key.into(),
-            group: crate::protocol::key_split(key),
+            group: crate::protocol::key_split(key).into_owned(),
             worker: worker.into(),
             thread: 0,
             start,

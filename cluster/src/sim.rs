@@ -19,7 +19,7 @@ use crate::protocol::{
 };
 use crate::scheduler::{Outgoing, PeerId, SchedulerConfig, SchedulerState};
 use crate::worker::store::{read_frames, Held, Store};
-use crate::worker::{ExecOutcome, Runner};
+use crate::worker::{ExecOutcome, Recipe, Runner};
 
 /// Graph shapes used by benchmarks and tests.
 pub mod graphs {
@@ -136,7 +136,7 @@ pub fn simulate_on(
     let _ = state.take_outgoing();
     let ntasks = specs.len() as u64;
     let started = Instant::now();
-    let graph = FromClient::UpdateGraph { tasks: specs, wanted: wanted.clone() };
+    let graph = FromClient::UpdateGraph { tasks: specs, wanted: wanted.clone(), shared: Vec::new() };
     state.handle_client(CLIENT, graph.into(), 0.0).expect("a valid graph");
     let peak = state.ntasks();
     after_submit(state);
@@ -227,7 +227,7 @@ pub fn sim_count(result: &[u8]) -> u64 {
 }
 
 impl Runner for SimRunner {
-    fn execute(&self, key: &str, _run_spec: &Bytes, deps: &[Key], _thread: u32) -> ExecOutcome {
+    fn execute(&self, key: &str, _recipe: &Recipe, deps: &[Key], _thread: u32) -> ExecOutcome {
         let values = self.values(deps);
         if let Some((d, _)) = deps.iter().zip(&values).find(|(_, v)| v.is_none()) {
             return ExecOutcome::Err {
@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn sim_runner_spills_and_serves_spilled_results() {
         let r = SimRunner::new(Duration::ZERO, 100);
-        assert!(matches!(r.execute("a", &Bytes::new(), &[], 0), ExecOutcome::Ok { nbytes: 100 }));
+        assert!(matches!(r.execute("a", &Recipe::default(), &[], 0), ExecOutcome::Ok { nbytes: 100 }));
         r.store("b", vec![Bytes::from_static(b"peer copy")]).unwrap();
         assert_eq!(
             r.spill(&["a".into(), "b".into(), "nope".into()]),
@@ -304,7 +304,7 @@ mod tests {
         let served = r.serialize(&["b".into(), "nope".into()]);
         assert_eq!(served[0].1.as_deref(), Some(&[Bytes::from_static(b"peer copy")][..]));
         assert!(served[1].1.is_none());
-        assert!(matches!(r.execute("c", &Bytes::new(), &["a".into(), "b".into()], 0), ExecOutcome::Ok { .. }));
+        assert!(matches!(r.execute("c", &Recipe::default(), &["a".into(), "b".into()], 0), ExecOutcome::Ok { .. }));
         r.free(&["a".into(), "b".into(), "c".into()]);
         assert!(r.is_empty());
     }
@@ -313,10 +313,10 @@ mod tests {
     fn sim_results_count_the_tasks_they_depend_on() {
         let r = SimRunner::new(Duration::ZERO, 8);
         for leaf in ["a", "b", "c"] {
-            r.execute(leaf, &Bytes::new(), &[], 0);
+            r.execute(leaf, &Recipe::default(), &[], 0);
         }
-        r.execute("ab", &Bytes::new(), &["a".into(), "b".into()], 0);
-        r.execute("top", &Bytes::new(), &["ab".into(), "c".into()], 0);
+        r.execute("ab", &Recipe::default(), &["a".into(), "b".into()], 0);
+        r.execute("top", &Recipe::default(), &["ab".into(), "c".into()], 0);
         let top = r.serialize(&["top".into()]).remove(0).1.unwrap();
         assert_eq!(sim_count(&top[0]), 5);
     }

@@ -4,11 +4,14 @@ Values are pickled with protocol 5; large buffers (numpy arrays, bytes) are
 taken out of band and travel as their own frames, so the Rust transport
 sends them without copying. Functions and arguments are cloudpickled, with
 futures replaced by references to dependencies (`persistent_id`) so the
-worker puts the dependency values straight in while unpickling.
+worker puts the dependency values straight in while unpickling. A call's
+function travels apart from its arguments, as a shared blob named by a hash
+of its bytes: once per graph to the scheduler, once per worker from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import sys
@@ -66,9 +69,8 @@ def loads(frames):
 
 # ---- tasks ----------------------------------------------------------------
 
-CALL = 1  # (CALL, func_bytes, args_bytes): func(*args, **kwargs)
+CALL = 1  # (CALL, args, kwargs): shared_function(*args, **kwargs)
 GRAPH = 2  # (GRAPH, node_bytes, dep_keys): a dask task-spec node
-
 
 class _DepPickler(cloudpickle.Pickler):
     """Cloudpickles arguments, replacing futures by dependency indices."""
@@ -120,13 +122,16 @@ class FunctionCache:
 _func_bytes = FunctionCache()
 
 
-def dumps_function(func) -> bytes:
+def dumps_function(func) -> tuple[int, bytes]:
+    """``(id, bytes)`` of ``func``: cloudpickled once per function object, the
+    id a hash of the bytes (so equal functions share one blob anywhere)."""
     try:
         b = _func_bytes.get(func)
     except TypeError:  # unhashable callable
         b = None
     if b is None:
-        b = cloudpickle.dumps(func, protocol=5)
+        fb = cloudpickle.dumps(func, protocol=5)
+        b = (int.from_bytes(hashlib.blake2b(fb, digest_size=8).digest(), "little"), fb)
         try:
             _func_bytes.put(func, b)
         except TypeError:
@@ -134,17 +139,24 @@ def dumps_function(func) -> bytes:
     return b
 
 
-def dumps_call(func, args, kwargs, is_future) -> tuple[bytes, list]:
-    """Serialize ``func(*args, **kwargs)``; returns ``(run_spec, dep_keys)``."""
-    fb = dumps_function(func)
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
+def dumps_call(func, args, kwargs, is_future) -> tuple[bytes, list, int, bytes]:
+    """Serialize ``func(*args, **kwargs)``; returns ``(run_spec, dep_keys,
+    function_id, function_bytes)``. The function travels apart from the
+    spec, once per graph and once per worker (a shared blob)."""
+    fid, fb = dumps_function(func)
     deps: list = []
-    if args or kwargs:
-        buf = io.BytesIO()
-        _DepPickler(buf, is_future, deps).dump((args, kwargs))
-        ab = buf.getvalue()
+    for a in args:
+        if type(a) not in _PLAIN_TYPES:
+            break
     else:
-        ab = b""
-    return pickle.dumps((CALL, fb, ab), protocol=5), deps
+        if not kwargs:  # plain values (a map over numbers): no futures inside
+            return pickle.dumps((CALL, args, None), protocol=5), deps, fid, fb
+    buf = io.BytesIO()
+    _DepPickler(buf, is_future, deps).dump((CALL, args, kwargs))
+    return buf.getvalue(), deps, fid, fb
 
 
 def dumps_graph_node(node, dep_keys) -> bytes:
@@ -154,21 +166,26 @@ def dumps_graph_node(node, dep_keys) -> bytes:
 _func_cache = FunctionCache()
 
 
-def run_task(run_spec, values):
-    """Run a task given its spec and its dependencies' values (in order)."""
-    spec = pickle.loads(run_spec)
+def run_task(run_spec, values, shared=None):
+    """Run a task given its spec, its dependencies' values (in order) and,
+    for a call, its shared function blob ``(id, bytes)``."""
+    if values:
+        spec = _DepUnpickler(io.BytesIO(run_spec), values).load()
+    else:
+        spec = pickle.loads(run_spec)
     kind = spec[0]
     if kind == CALL:
-        _, fb, ab = spec
-        func = _func_cache.get(fb)
+        if shared is None:
+            raise ValueError("a call task came without its function")
+        fid, fb = shared
+        func = _func_cache.get(fid)
         if func is None:
+            if not len(fb):
+                raise RuntimeError(f"the task's function (shared blob {fid:#x}) never reached this worker")
             func = pickle.loads(fb)
-            _func_cache.put(fb, func)
-        if ab:
-            args, kwargs = _DepUnpickler(io.BytesIO(ab), values).load()
-        else:
-            args, kwargs = (), {}
-        return func(*args, **kwargs)
+            _func_cache.put(fid, func)
+        _, args, kwargs = spec
+        return func(*args, **kwargs) if kwargs else func(*args)
     if kind == GRAPH:
         _, node, dep_keys = spec
         return node(dict(zip(dep_keys, values)))

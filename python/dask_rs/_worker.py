@@ -61,7 +61,7 @@ def dump_traceback(tb) -> bytes:
         return b""
 
 
-def execute(worker, run_spec, values, key, thread):
+def execute(worker, run_spec, values, key, thread, shared=None):
     """Run one task on ``worker`` (a `WorkerView`). Returns ``(True, value,
     nbytes)`` or ``(False, exception_bytes, traceback_bytes, text)``."""
     _thread_state.key = key
@@ -70,7 +70,7 @@ def execute(worker, run_spec, values, key, thread):
     if plugins:
         worker._transition(key, "ready", "executing")
     try:
-        result = run_task(run_spec, values)
+        result = run_task(run_spec, values, shared)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the client
         if plugins:
             worker._transition(key, "executing", "error", exception=e)

@@ -258,6 +258,24 @@ class Future:
         if inform:
             self.client._core.want([self._wire])
 
+    @classmethod
+    def _held(cls, keys, client) -> list:
+        """Futures of ``keys``, each a reference held on ``client`` (what
+        ``Future(k, client)`` does, for a whole `map` at once)."""
+        out = []
+        refs = client._refcount
+        new = cls.__new__
+        with client._lock:
+            for k in keys:
+                f = new(cls)
+                f.key = k
+                f._wire = w = wire_key(k)
+                f.client = client
+                f._released = False
+                refs[w] += 1
+                out.append(f)
+        return out
+
     # -- state --
     @property
     def status(self) -> str:
@@ -871,15 +889,16 @@ class Client:
             if self._refcount.get(wire, 0) > 0:
                 return Future(key, self)
         res = self._resources_arg(resources)
-        spec, deps = self._dumps_call(func, args, kwargs)
+        spec, deps, fid, fb = self._dumps_call(func, args, kwargs)
         # Under the lock: another thread that finds this key known must also
         # find it in the core, and a release of it cannot slip in between.
         with self._lock:
             fut = Future(key, self)
             self._core.submit(
                 [(wire, spec, deps, int(priority), self._next_order(), self._workers_arg(workers),
-                  bool(allow_other_workers), int(retries or 0), res)],
+                  bool(allow_other_workers), int(retries or 0), res, fid)],
                 [wire],
+                [(fid, fb)],
             )
         return fut
 
@@ -942,17 +961,19 @@ class Client:
         res = self._resources_arg(resources)
         tasks = []
         seen = set()
+        shared = {}
         for k, a in zip(keys, arg_lists):
             wire = wire_key(k)
             if wire in seen:
                 continue
             seen.add(wire)
-            spec, deps = self._dumps_call(func, a, kwargs)
+            spec, deps, fid, fb = self._dumps_call(func, a, kwargs)
+            shared[fid] = fb
             tasks.append((wire, spec, deps, int(priority), self._next_order(), wl, bool(allow_other_workers),
-                          int(retries or 0), res))
+                          int(retries or 0), res, fid))
         with self._lock:
-            futures = [Future(k, self) for k in keys]
-            self._core.submit(tasks, [wire_key(k) for k in keys])
+            futures = Future._held(keys, self)
+            self._core.submit(tasks, [f._wire for f in futures], list(shared.items()))
         return futures
 
     # -- getting results --
@@ -1158,7 +1179,7 @@ class Client:
                  prio.get(k, base + i),
                  self._workers_arg(an_workers[k]) if k in an_workers else wl,
                  bool(an_loose.get(k, allow_other_workers)), int(an_retries.get(k, retries) or 0),
-                 self._resources_arg(an_res[k]) if k in an_res else res)
+                 self._resources_arg(an_res[k]) if k in an_res else res, None)
             )
         with self._lock:
             futures = {k: Future(k, self) for k in keys}

@@ -34,7 +34,7 @@ use cluster::scheduler::SchedulerConfig;
 use cluster::security::{Security, SecurityError};
 use cluster::tls::{Tls, TlsFiles};
 use cluster::worker::store::{read_frames, Held, Store};
-use cluster::worker::{ExecOutcome, Runner, WorkerConfig};
+use cluster::worker::{ExecOutcome, Recipe, Runner, WorkerConfig};
 
 create_exception!(_core, CommError, PyOSError, "A connection to a dask-rs peer failed or was refused.");
 
@@ -101,12 +101,16 @@ impl PyRunner {
 }
 
 impl Runner for PyRunner {
-    fn execute(&self, key: &str, run_spec: &Bytes, deps: &[Key], thread: u32) -> ExecOutcome {
+    fn execute(&self, key: &str, recipe: &Recipe, deps: &[Key], thread: u32) -> ExecOutcome {
         Python::attach(|py| {
             let r = (|| -> PyResult<ExecOutcome> {
                 let values = self.values(py, deps)?;
-                let spec = frame(py, run_spec.clone())?;
-                let out = self.execute.bind(py).call1((spec, PyList::new(py, values)?, key, thread))?;
+                let spec = frame(py, recipe.spec.clone())?;
+                let shared = match &recipe.shared {
+                    Some((id, data)) => Some((*id, frame(py, data.clone())?)),
+                    None => None,
+                };
+                let out = self.execute.bind(py).call1((spec, PyList::new(py, values)?, key, thread, shared))?;
                 let t = out.cast::<PyTuple>()?;
                 if t.get_item(0)?.is_truthy()? {
                     let value = t.get_item(1)?.unbind();
@@ -763,7 +767,7 @@ fn events_to_py<'py>(py: Python<'py>, u: &EventsUpdate) -> PyResult<Bound<'py, P
 }
 
 type PyTask<'py> =
-    (String, Bound<'py, PyAny>, Vec<String>, i32, u64, Option<Vec<String>>, bool, u32, Vec<(String, f64)>);
+    (String, Bound<'py, PyAny>, Vec<String>, i32, u64, Option<Vec<String>>, bool, u32, Vec<(String, f64)>, Option<u64>);
 
 #[pymethods]
 impl ClientCore {
@@ -803,16 +807,28 @@ impl ClientCore {
     }
 
     /// Submit tasks `(key, run_spec, deps, priority, order, workers, allow_other_workers, retries,
-    /// resources)`.
-    fn submit(&self, py: Python<'_>, tasks: Vec<PyTask<'_>>, wanted: Vec<String>) -> PyResult<()> {
+    /// resources, shared)` with the blobs `(id, bytes)` their `shared` ids name.
+    #[pyo3(signature = (tasks, wanted, shared=Vec::new()))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        tasks: Vec<PyTask<'_>>,
+        wanted: Vec<String>,
+        shared: Vec<(u64, Bound<'_, PyAny>)>,
+    ) -> PyResult<()> {
         let mut frames = Vec::new();
+        let shared = shared
+            .into_iter()
+            .map(|(id, data)| Ok((id, Blob::new(to_bytes(&data)?, &mut frames))))
+            .collect::<PyResult<Vec<_>>>()?;
         let mut specs = Vec::with_capacity(tasks.len());
-        for (key, run_spec, deps, priority, order, workers, allow_other_workers, retries, resources) in tasks {
+        for (key, run_spec, deps, priority, order, workers, allow_other_workers, retries, resources, blob) in tasks {
             let data = to_bytes(&run_spec)?;
             let run_spec = Blob::new(data, &mut frames);
             specs.push(TaskSpec {
                 key,
                 run_spec,
+                shared: blob,
                 deps,
                 priority,
                 order,
@@ -822,7 +838,7 @@ impl ClientCore {
                 resources,
             });
         }
-        py.detach(|| self.core.submit(specs, frames, wanted)).map_err(client_err)
+        py.detach(|| self.core.submit(specs, shared, frames, wanted)).map_err(client_err)
     }
 
     fn want(&self, keys: Vec<String>) -> PyResult<()> {

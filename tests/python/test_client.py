@@ -49,6 +49,31 @@ def test_futures_as_arguments_nested(client):
     assert d.result(timeout=10) == 13
 
 
+def test_functions_travel_once_and_closures_stay_apart(client):
+    """A map's function goes to the cluster as one shared blob named by its
+    bytes: closures that differ only in what they captured are different
+    functions, and a function sent again after all its tasks were released
+    (and the workers dropped it) runs again."""
+    def adder(k):
+        return lambda x: x + k
+
+    futs = {k: client.map(adder(k), range(50), pure=False) for k in range(5)}
+    for k, fs in futs.items():
+        assert client.gather(fs) == [x + k for x in range(50)]
+    # Plain arguments, keyword arguments and futures as arguments, by one function.
+    f = adder(100)
+    a = client.submit(inc, 1)
+    calls = [client.submit(f, 1), client.submit(add, 1, y=2), client.submit(f, a)]
+    assert client.gather(calls) == [101, 3, 102]
+    first = client.map(adder(7), range(10), pure=False)
+    assert client.gather(first) == [x + 7 for x in range(10)]
+    keys = {f.key for f in first}
+    del first
+    wait_until(lambda: not keys & {k for ks in client.has_what().values() for k in ks}, msg="released")
+    # The same bytes again: the scheduler forgot the blob with its last task.
+    assert client.gather(client.map(adder(7), range(10), pure=False)) == [x + 7 for x in range(10)]
+
+
 def test_chain_of_1000_dependent_tasks(client):
     x = client.submit(inc, 0, pure=False)
     for _ in range(999):

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import venv
 
+import pytest
+
 from conftest import ROOT
 
 SCRIPT = """
@@ -33,6 +35,8 @@ def run(cmd, **kw):
     return p
 
 
+# Building the wheel compiles the extension again (abi3, stripped): minutes on 2 cores.
+@pytest.mark.timeout(1800)
 def test_a_fresh_venv_gets_everything_from_the_wheel(tmp_path_factory):
     # A short directory: the cluster's control socket path must fit in 107 bytes.
     tmp_path = tmp_path_factory.mktemp("w", numbered=True)

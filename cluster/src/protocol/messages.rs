@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Blob, CoordError, CoordOp, CoordValue, DepInfo, EventsUpdate, Key, Priority, Registration, Resources, Role,
-    TaskSpec, TaskStreamRecord, WorkerInfo,
+    SharedRef, TaskSpec, TaskStreamRecord, WorkerInfo,
 };
 
 /// The first messages on every connection, in both directions: `Hello`,
@@ -149,6 +149,7 @@ pub enum ToWorker {
     ComputeTask {
         key: Key,
         run_spec: Blob,
+        shared: Option<SharedRef>,
         deps: Vec<DepInfo>,
         priority: Priority,
         /// Held from the moment the task is handed to a thread until it ends.
@@ -156,6 +157,10 @@ pub enum ToWorker {
     },
     FreeKeys {
         keys: Vec<Key>,
+    },
+    /// No task refers to these shared blobs any more: drop them.
+    FreeShared {
+        ids: Vec<u64>,
     },
     /// Exit so that the worker's supervisor starts a fresh process
     /// (`Client.restart`).
@@ -212,6 +217,8 @@ pub enum FromClient {
     UpdateGraph {
         tasks: Vec<TaskSpec>,
         wanted: Vec<Key>,
+        /// Blobs the tasks refer to by id (`TaskSpec::shared`), each once.
+        shared: Vec<(u64, Blob)>,
     },
     /// Declare interest in keys that already exist (e.g. a second client).
     WantKeys {

@@ -17,10 +17,11 @@ pub use messages::*;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// Version of this protocol; peers that speak another version are refused
 /// during the handshake with a clear error.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Four bytes every connection starts with, so a stranger (an HTTP client,
 /// random bytes) is recognised before any frame is parsed.
@@ -120,6 +121,9 @@ pub struct TaskSpec {
     pub key: Key,
     /// Opaque serialized function call; only workers interpret it.
     pub run_spec: Blob,
+    /// A shared blob the recipe refers to (its function, sent once per
+    /// graph in `UpdateGraph::shared` rather than in every task).
+    pub shared: Option<u64>,
     /// Keys this task needs, in the order the worker will receive them.
     pub deps: Vec<Key>,
     /// User priority (higher runs earlier).
@@ -144,6 +148,7 @@ impl TaskSpec {
         TaskSpec {
             key: key.into(),
             run_spec: Blob::Inline(Bytes::new()),
+            shared: None,
             deps,
             priority: 0,
             order: 0,
@@ -153,6 +158,14 @@ impl TaskSpec {
             resources: Vec::new(),
         }
     }
+}
+
+/// A shared blob as a task sent to a worker refers to it: its bytes come
+/// with the first task that needs it on that worker, only its id after.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SharedRef {
+    pub id: u64,
+    pub data: Option<Blob>,
 }
 
 /// Where a dependency can be fetched from.
@@ -466,7 +479,7 @@ pub fn brief(value: &impl std::fmt::Debug) -> String {
 
 /// Dask's `key_split`: the task-group name of a key
 /// (`"('sum-aggregate-1f2e...', 0, 1)"` -> `"sum-aggregate"`).
-pub fn key_split(key: &str) -> String {
+pub fn key_split(key: &str) -> Cow<'_, str> {
     let mut s = key;
     if s.starts_with('(') {
         // A stringified tuple: take its first element.
@@ -474,29 +487,41 @@ pub fn key_split(key: &str) -> String {
         s = s.split(',').next().unwrap_or(s);
         s = s.trim_matches(|c| c == '\'' || c == '"' || c == ' ' || c == ')');
     }
-    let mut words = s.split('-');
-    let first = words.next().unwrap_or("");
-    let mut out = String::from(first.trim_matches(|c| c == '_' || c == '\'' || c == '"'));
-    for w in words {
+    let quote = |c| c == '_' || c == '\'' || c == '"';
+    let first_len = s.find('-').unwrap_or(s.len());
+    let first = &s[..first_len];
+    let head_start = first.len() - first.trim_start_matches(quote).len();
+    let head = first.trim_matches(quote);
+    // Words after the first that are alphabetic (and not 8 hex digits) belong to the name.
+    let mut end = first_len;
+    let mut rest = &s[first_len..];
+    while let Some(r) = rest.strip_prefix('-') {
+        let w = &r[..r.find('-').unwrap_or(r.len())];
         let alpha = !w.is_empty() && w.chars().all(|c| c.is_ascii_alphabetic());
         let hex8 = w.len() == 8 && w.chars().all(|c| c.is_ascii_hexdigit());
-        if alpha && !hex8 {
-            out.push('-');
-            out.push_str(w);
-        } else {
+        if !alpha || hex8 {
             break;
         }
+        end += 1 + w.len();
+        rest = &r[w.len()..];
     }
+    let words = &s[first_len..end];
+    // Usually a slice of the key; a copy only when trimming broke it apart.
+    let out: Cow<'_, str> = if words.is_empty() || head_start + head.len() == first_len {
+        Cow::Borrowed(&s[head_start..head_start + head.len() + words.len()])
+    } else {
+        Cow::Owned(format!("{head}{words}"))
+    };
     if out.len() == 32 && out.chars().all(|c| c.is_ascii_hexdigit()) {
-        return "data".to_string();
+        return Cow::Borrowed("data");
     }
     if out.starts_with('<') {
         let inner = out.trim_matches(|c| c == '<' || c == '>');
         let head = inner.split_whitespace().next().unwrap_or(inner);
-        return head.rsplit('.').next().unwrap_or(head).to_string();
+        return Cow::Owned(head.rsplit('.').next().unwrap_or(head).to_string());
     }
     if out.is_empty() {
-        return key.to_string();
+        return Cow::Borrowed(key);
     }
     out
 }
@@ -514,6 +539,12 @@ mod tests {
         assert_eq!(key_split("my-task-12"), "my-task");
         assert_eq!(key_split("0123456789abcdef0123456789abcdef"), "data");
         assert_eq!(key_split("hello-world-deadbeef"), "hello-world");
+        assert_eq!(key_split("_inc_-abc-1"), "inc-abc");
+        assert_eq!(key_split("'x'"), "x");
+        assert_eq!(key_split("<lambda>-1f2e3d4c"), "lambda");
+        assert_eq!(key_split("<function f at 0x7f>"), "function");
+        assert_eq!(key_split("-"), "-");
+        assert!(matches!(key_split("inc-5a7b3c9d2e1f40718293a4b5c6d7e8f9-12"), Cow::Borrowed("inc")));
     }
 
     #[test]

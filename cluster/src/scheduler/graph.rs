@@ -9,10 +9,27 @@ use bytes::Bytes;
 impl SchedulerState {
     /// A client submitted tasks and wants `wanted` of them.
     pub fn update_graph(&mut self, client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>) {
+        self.update_graph_shared(client, tasks, wanted, Vec::new())
+    }
+
+    /// [`update_graph`](Self::update_graph) with the blobs (functions) its
+    /// tasks refer to by id.
+    pub fn update_graph_shared(
+        &mut self,
+        client: PeerId,
+        tasks: Vec<(TaskSpec, Option<Bytes>)>,
+        wanted: Vec<Key>,
+        shared: Vec<(u64, Bytes)>,
+    ) {
         self.add_client(client);
         self.generation += 1;
         let generation = self.generation;
+        let shared_ids: Vec<u64> = shared.iter().map(|(id, _)| *id).collect();
+        for (id, data) in shared {
+            self.shared.register(id, data);
+        }
         let mut fresh: Vec<(TaskId, Vec<Key>)> = Vec::with_capacity(tasks.len());
+        let mut unknown_blobs: Vec<(TaskId, u64)> = Vec::new();
         for (spec, run_spec) in tasks {
             if let Some(&id) = self.keys.get(spec.key.as_str()) {
                 let t = self.t(id);
@@ -22,15 +39,28 @@ impl SchedulerState {
                     continue;
                 }
                 self.tm(id).run_spec = run_spec;
+                if let (None, Some(blob)) = (self.t(id).shared, spec.shared) {
+                    let taken = self.shared.take(blob);
+                    self.tm(id).shared = taken;
+                    if taken.is_none() {
+                        unknown_blobs.push((id, blob));
+                    }
+                }
                 continue;
             }
             let group = self.group_id(&spec.key);
             let restriction = Restriction::from_spec(spec.workers, spec.allow_other_workers, spec.resources);
             let priority = Priority { user: -spec.priority, generation, order: spec.order };
-            let task = Task { restriction, retries: spec.retries, ..Task::new(&spec.key, group, run_spec, priority) };
+            let shared = spec.shared.and_then(|b| self.shared.take(b));
+            let task =
+                Task { restriction, retries: spec.retries, shared, ..Task::new(&spec.key, group, run_spec, priority) };
             let id = self.insert_task(task);
+            if let (None, Some(blob)) = (shared, spec.shared) {
+                unknown_blobs.push((id, blob));
+            }
             fresh.push((id, spec.deps));
         }
+        self.shared.sweep(shared_ids);
         let mut unknown: Vec<(TaskId, Key)> = Vec::new();
         let mut last_edge = (u32::MAX, u32::MAX);
         for (id, deps) in &fresh {
@@ -70,6 +100,13 @@ impl SchedulerState {
                 if matches!(self.t(id).state, TaskState::Memory | TaskState::Erred) {
                     self.report_to(client, id);
                 }
+            }
+        }
+        for (id, blob) in unknown_blobs {
+            // A client bug, not a user's: the graph did not carry the blob.
+            if self.live(id).is_some_and(|t| t.state == TaskState::Released) {
+                let text = format!("the task's function (shared blob {blob:#x}) was not sent with its graph");
+                self.set_erred(id, ErrorInfo::scheduler(text));
             }
         }
         for (id, k) in unknown {

@@ -34,13 +34,17 @@ impl SchedulerState {
     pub fn handle_client(&mut self, peer: PeerId, env: Envelope<FromClient>, now: f64) -> Result<(), String> {
         let Envelope { msg, frames } = env;
         match msg {
-            FromClient::UpdateGraph { tasks, wanted } => {
+            FromClient::UpdateGraph { tasks, wanted, shared } => {
                 let mut with_specs = Vec::with_capacity(tasks.len());
                 for t in tasks {
                     let spec = t.run_spec.resolve(&frames).ok_or("run_spec refers to a missing frame")?;
                     with_specs.push((t, Some(spec)));
                 }
-                self.update_graph(peer, with_specs, wanted)
+                let shared = shared
+                    .into_iter()
+                    .map(|(id, b)| b.resolve(&frames).map(|b| (id, b)).ok_or("shared blob refers to a missing frame"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.update_graph_shared(peer, with_specs, wanted, shared)
             }
             FromClient::WantKeys { keys } => self.want_keys(peer, keys),
             FromClient::ReleaseKeys { keys } => self.release_keys(peer, &keys),

@@ -7,7 +7,7 @@
 //! worker reports (`reports`), releasing and forgetting (`release`),
 //! datasets (`datasets`), worker plugins (`plugins`), coordination primitives (`coordination`, with the
 //! pure machine in [`coord`]), replicas and rebalancing (`replicas`, with the
-//! pure plan in `rebalance`), retirement (`retire`), work stealing
+//! pure plan in `rebalance`), retirement (`retire`), shared blobs (`shared`), work stealing
 //! (`stealing`), what observers read (`events`) and invariants (`validate`).
 
 pub mod coord;
@@ -25,6 +25,7 @@ mod replicas;
 mod reports;
 mod retire;
 pub mod server;
+mod shared;
 mod state;
 mod stealing;
 mod task;

@@ -89,7 +89,9 @@ impl SchedulerState {
         let mut frames = Vec::new();
         let run_spec = Blob::new(t.run_spec.clone().unwrap_or_default(), &mut frames);
         let resources = t.restriction.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
-        let msg = ToWorker::ComputeTask { key: t.key.to_string(), run_spec, deps, priority: t.priority, resources };
+        let (key, priority, shared) = (t.key.to_string(), t.priority, t.shared);
+        let shared = shared.map(|s| self.shared.for_worker(s, w, &mut frames));
+        let msg = ToWorker::ComputeTask { key, run_spec, shared, deps, priority, resources };
         self.send_worker(w, Envelope { msg, frames });
     }
 

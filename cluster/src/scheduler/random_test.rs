@@ -162,13 +162,16 @@ impl World {
             let dep_refs: Vec<&str> = deps.iter().map(String::as_str).collect();
             let (mut t, b) = spec(&key, &dep_refs);
             t.retries = if self.rng.chance(10) { 1 } else { 0 };
+            // Most tasks call one of two shared functions, as `map` does.
+            t.shared = [None, Some(1), Some(2)][self.rng.below(3)];
             specs.push((t, b));
             keys.push(key);
         }
         let wanted: Vec<Key> = keys.iter().filter(|_| self.rng.chance(60)).cloned().collect();
         let wanted = if wanted.is_empty() { vec![keys[keys.len() - 1].clone()] } else { wanted };
         self.clients.get_mut(&c).unwrap().extend(wanted.iter().cloned());
-        self.s.update_graph(c, specs, wanted);
+        let shared = (1..=2).map(|id| (id, Bytes::from_static(b"function"))).collect();
+        self.s.update_graph_shared(c, specs, wanted, shared);
     }
 
     fn running_task(&mut self) -> Option<(PeerId, Key)> {
@@ -377,6 +380,7 @@ impl World {
         }
         self.deliver();
         assert_eq!(self.s.ntasks(), 0, "tasks left once no client holds anything");
+        assert_eq!(self.s.shared.len(), 0, "shared blobs left once no task refers to them");
     }
 }
 

@@ -73,6 +73,11 @@ impl SchedulerState {
         self.keys.remove(&t.key);
         self.steals.remove(&id);
         self.free_ids.push(id);
+        if let Some((blob, holders)) = t.shared.and_then(|s| self.shared.drop_ref(s)) {
+            for w in holders {
+                self.send_worker(w, ToWorker::FreeShared { ids: vec![blob] });
+            }
+        }
         for &d in &t.deps {
             if let Some(Some(dt)) = self.tasks.get_mut(d as usize) {
                 dt.dependents.remove(id);
@@ -181,6 +186,7 @@ impl SchedulerState {
             rebalances,
             plugins: _,
             heartbeat_ms,
+            shared,
         } = self;
         // Fresh worker processes start at the default interval.
         *heartbeat_ms = crate::protocol::DEFAULT_HEARTBEAT_MS;
@@ -212,5 +218,7 @@ impl SchedulerState {
         replicating.clear();
         steals.clear();
         rebalances.clear();
+        // The workers restart without them.
+        shared.clear();
     }
 }

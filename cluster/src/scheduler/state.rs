@@ -12,6 +12,7 @@ use super::coord::Coordination;
 use super::holders::Client;
 use super::replicas::Rebalancing;
 use super::retire::Retirement;
+use super::shared::SharedBlobs;
 use super::task::{Group, Task, TaskId};
 use super::workers::Worker;
 use crate::protocol::{key_split, Envelope, Key, Priority, TaskStreamRecord, ToClient, ToWorker};
@@ -178,6 +179,8 @@ pub struct SchedulerState {
     pub(super) plugins: Vec<(String, Bytes)>,
     /// The heartbeat interval workers were last told (ms).
     pub(super) heartbeat_ms: u64,
+    /// Functions (and other bytes) many tasks refer to.
+    pub(super) shared: SharedBlobs,
 }
 
 impl SchedulerState {
@@ -212,6 +215,7 @@ impl SchedulerState {
             rebalances: Vec::new(),
             plugins: Vec::new(),
             heartbeat_ms: crate::protocol::DEFAULT_HEARTBEAT_MS,
+            shared: SharedBlobs::default(),
         }
     }
 
@@ -248,9 +252,10 @@ impl SchedulerState {
 
     pub(super) fn group_id(&mut self, key: &str) -> u32 {
         let name = key_split(key);
-        if let Some(&g) = self.group_ids.get(&name) {
+        if let Some(&g) = self.group_ids.get(name.as_ref()) {
             return g;
         }
+        let name = name.into_owned();
         let (duration_sum, duration_n) = self.learned.remove(&name).unwrap_or((0.0, 0));
         let group = Group {
             name: name.clone(),

@@ -1,6 +1,7 @@
 //! What the scheduler keeps per task and per task group.
 
 use super::holders::Holder;
+use super::shared::SharedIdx;
 use super::state::{PeerId, TaskState};
 use super::workers::Worker;
 use crate::protocol::{Priority, Resources};
@@ -147,6 +148,8 @@ pub(super) struct Task {
     pub(super) key: Box<str>,
     pub(super) state: TaskState,
     pub(super) run_spec: Option<Bytes>,
+    /// The shared blob (function) the recipe refers to.
+    pub(super) shared: Option<SharedIdx>,
     pub(super) deps: Vec<TaskId>,
     pub(super) dependents: Dependents,
     /// Dependencies not yet in memory (meaningful while waiting).
@@ -175,6 +178,7 @@ impl Task {
             key: key.into(),
             state: TaskState::Released,
             run_spec,
+            shared: None,
             deps: Vec::new(),
             dependents: Dependents::new(),
             waiting_on: 0,

@@ -51,6 +51,7 @@ checked_events! {
         fn remove_worker(peer: PeerId);
         fn forget_empty_groups();
         fn update_graph(client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>);
+        fn update_graph_shared(client: PeerId, tasks: Vec<(TaskSpec, Option<Bytes>)>, wanted: Vec<Key>, shared: Vec<(u64, Bytes)>);
         fn want_keys(client: PeerId, keys: Vec<Key>);
         fn scatter_done(client: PeerId, worker_addr: &str, keys: Vec<(Key, u64)>);
         fn task_finished(worker: PeerId, report: &TaskFinished);
@@ -1006,4 +1007,99 @@ fn heartbeats_are_spaced_as_the_cluster_grows_and_shrinks() {
     assert!(t.iter().all(|(_, ms)| *ms == 500), "{t:?}");
     assert_eq!(crate::protocol::heartbeat_interval_ms(1000), 6000);
     assert_eq!(crate::protocol::heartbeat_interval_ms(100_000), 15_000);
+}
+
+/// A task calling shared blob `blob` (a `client.map` task).
+fn call(key: &str, blob: u64) -> (TaskSpec, Option<Bytes>) {
+    let (mut t, spec) = spec(key, &[]);
+    t.shared = Some(blob);
+    (t, spec)
+}
+
+#[test]
+fn shared_blobs_go_once_to_each_worker_and_leave_with_their_last_task() {
+    let mut s = with_workers(2);
+    let f = Bytes::from_static(b"function");
+    let keys: Vec<Key> = (0..6).map(|i| format!("m-{i}")).collect();
+    let tasks = keys.iter().map(|k| call(k, 7)).collect();
+    s.update_graph_shared(C1, tasks, keys.clone(), vec![(7, f.clone())]);
+    let mut firsts = std::collections::BTreeMap::new();
+    let mut sent = Vec::new();
+    loop {
+        let out: Vec<_> = s.take_outgoing();
+        let mut any = false;
+        for (w, e) in out {
+            if let Msg::W(ToWorker::ComputeTask { key, shared: Some(r), .. }) = e.msg {
+                assert_eq!(r.id, 7);
+                // The bytes come with the first task a worker gets, never again.
+                let first = !firsts.contains_key(&w);
+                assert_eq!(r.data.is_some(), first, "{key} on {w}");
+                if first {
+                    assert_eq!(r.data, Some(Blob::Inline(f.clone())));
+                    firsts.insert(w, key.clone());
+                }
+                sent.push((w, key));
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+        for (w, k) in std::mem::take(&mut sent) {
+            finish(&mut s, w, &k, 8);
+        }
+    }
+    assert_eq!(firsts.len(), 2, "both workers ran some");
+    assert_eq!(s.shared.len(), 1);
+    // Sent again with tasks the scheduler has (deduplicated) and a blob no
+    // new task takes: nothing is kept twice, nothing kept for nobody.
+    let again = vec![call("m-0", 7), call("m-1", 8)];
+    s.update_graph_shared(C1, again, vec![], vec![(7, f.clone()), (8, Bytes::from_static(b"other"))]);
+    assert_eq!(s.shared.len(), 1);
+    s.release_keys(C1, &keys);
+    let freed: Vec<PeerId> = s
+        .take_outgoing()
+        .into_iter()
+        .filter_map(|(w, e)| matches!(&e.msg, Msg::W(ToWorker::FreeShared { ids }) if ids == &[7]).then_some(w))
+        .collect();
+    assert_eq!(freed.len(), 2, "each worker that got it is told to drop it: {freed:?}");
+    assert_eq!(s.shared.len(), 0);
+}
+
+#[test]
+fn a_task_whose_shared_blob_never_came_errs() {
+    let mut s = with_workers(1);
+    s.update_graph_shared(C1, vec![call("m", 9)], vec!["m".into()], vec![]);
+    let out = s.take_outgoing();
+    assert!(
+        out.iter().any(|(c, e)| *c == C1
+            && matches!(&e.msg, Msg::C(ToClient::KeyErred { key, text, .. })
+                if key == "m" && text.contains("shared blob 0x9") && text.contains("not sent"))),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|(_, e)| matches!(e.msg, Msg::W(ToWorker::ComputeTask { .. }))));
+}
+
+#[test]
+fn a_worker_that_joins_again_gets_the_shared_blob_again() {
+    let mut s = with_workers(1);
+    s.update_graph_shared(
+        C1,
+        vec![call("a", 3), call("b", 3)],
+        vec!["a".into(), "b".into()],
+        vec![(3, Bytes::from_static(b"f"))],
+    );
+    let has_data = |s: &mut Checked| -> Vec<bool> {
+        s.take_outgoing()
+            .into_iter()
+            .filter_map(|(_, e)| match e.msg {
+                Msg::W(ToWorker::ComputeTask { shared: Some(r), .. }) => Some(r.data.is_some()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(has_data(&mut s), vec![true, false], "bytes with the first task only");
+    s.remove_worker(W1);
+    s.add_worker(W2, Registration::new("w9", "tcp://h:9", 1, 1 << 30)).unwrap();
+    assert_eq!(has_data(&mut s), vec![true, false], "a new connection has none of the old one's blobs");
 }

@@ -13,10 +13,14 @@ impl SchedulerState {
     /// every worker's bookkeeping agree with the tasks.
     pub fn validate(&self) -> Result<(), String> {
         let mut counts: FxHashMap<u32, [u64; 8]> = FxHashMap::default();
+        let mut blob_refs: FxHashMap<u32, u64> = FxHashMap::default();
         let mut live = 0;
         for (i, slot) in self.tasks.iter().enumerate() {
             let Some(t) = slot else { continue };
             live += 1;
+            if let Some(b) = t.shared {
+                *blob_refs.entry(b).or_default() += 1;
+            }
             let id = i as TaskId;
             let key = &t.key;
             counts.entry(t.group).or_insert([0; 8])[t.state.index()] += 1;
@@ -99,6 +103,10 @@ impl SchedulerState {
         }
         if live != self.keys.len() || self.queue.len() + self.no_worker.len() > live {
             return Err(format!("{} tasks but {} keys", live, self.keys.len()));
+        }
+        let held: Vec<(u32, u64)> = self.shared.refs().collect();
+        if held.len() != blob_refs.len() || held.iter().any(|(b, n)| blob_refs.get(b) != Some(n)) {
+            return Err(format!("shared blobs hold {held:?} references but tasks make {blob_refs:?}"));
         }
         for (gi, g) in self.groups.iter().enumerate().filter(|(_, g)| !g.name.is_empty()) {
             let c = counts.get(&(gi as u32)).copied().unwrap_or([0; 8]);

@@ -167,6 +167,7 @@ impl SchedulerState {
             return;
         };
         self.worker_order.retain(|&p| p != peer);
+        self.shared.worker_gone(peer);
         self.version += 1;
         self.space_heartbeats(None);
         let mut lost = Vec::new();

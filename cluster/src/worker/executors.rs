@@ -4,17 +4,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::runner::Runner;
 use super::runtime::Event;
+use super::state::Recipe;
 use crate::now;
 use crate::protocol::Key;
 
 pub(super) enum Job {
     /// Run a task.
-    Task { key: Key, run_spec: Bytes, deps: Vec<Key> },
+    Task { key: Key, recipe: Recipe, deps: Vec<Key> },
     /// Leave the pool, handing this thread's place (and number) to a
     /// seceded task that rejoins.
     Yield(std::sync::mpsc::SyncSender<u32>),
@@ -65,8 +65,8 @@ impl<R: Runner> Executors<R> {
                 Ok(j) => j,
                 Err(_) => return,
             };
-            let (key, run_spec, deps) = match job {
-                Job::Task { key, run_spec, deps } => (key, run_spec, deps),
+            let (key, recipe, deps) = match job {
+                Job::Task { key, recipe, deps } => (key, recipe, deps),
                 Job::Yield(to) => {
                     let _ = to.send(thread);
                     return;
@@ -82,7 +82,7 @@ impl<R: Runner> Executors<R> {
             };
             TASK.with(|t| *t.borrow_mut() = Some(ctx));
             let start = now();
-            let outcome = self.runner.execute(&key, &run_spec, &deps, thread);
+            let outcome = self.runner.execute(&key, &recipe, &deps, thread);
             let stop = now();
             let ctx = TASK.with(|t| t.borrow_mut().take());
             let seceded = ctx.as_ref().is_some_and(|c| c.replaced);

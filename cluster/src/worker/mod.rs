@@ -24,4 +24,4 @@ pub use executors::{rejoin, secede};
 pub use memory::MemoryConfig;
 pub use runner::Runner;
 pub use runtime::{process_rss, run_worker, WorkerConfig, WorkerError};
-pub use state::{ExecOutcome, Instruction, WorkerState};
+pub use state::{ExecOutcome, Instruction, Recipe, WorkerState};

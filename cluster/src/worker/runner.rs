@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::state::ExecOutcome;
+use super::state::{ExecOutcome, Recipe};
 use crate::protocol::Key;
 
 /// Owns a worker's data and runs its tasks. Methods are called from
@@ -14,7 +14,7 @@ use crate::protocol::Key;
 pub trait Runner: Send + Sync + 'static {
     /// Run a task whose dependencies `deps` are in the store; on success the
     /// result is stored under `key`.
-    fn execute(&self, key: &str, run_spec: &Bytes, deps: &[Key], thread: u32) -> ExecOutcome;
+    fn execute(&self, key: &str, recipe: &Recipe, deps: &[Key], thread: u32) -> ExecOutcome;
     /// Serialize stored values into frames; `None` for keys not held.
     fn serialize(&self, keys: &[Key]) -> Vec<(Key, Option<Vec<Bytes>>)>;
     /// Deserialize frames and store the value; returns its size in bytes.

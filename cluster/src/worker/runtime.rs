@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -14,7 +16,7 @@ use super::data_server::{spawn_data_server, store_items, Traffic};
 use super::executors::{Executors, Job};
 use super::memory::{self, MemoryConfig};
 use super::runner::{Helper, Runner};
-use super::state::{ExecOutcome, Instruction, WorkerState};
+use super::state::{ExecOutcome, Instruction, Recipe, WorkerState};
 use crate::comm::{self, CommError, ConnectionPool};
 use crate::now;
 use crate::protocol::{
@@ -172,6 +174,7 @@ pub async fn run_worker<R: Runner>(
         last_trim: tokio::time::Instant::now(),
         cpu_mark: (std::time::Instant::now(), process_cpu_seconds()),
         state: WorkerState::with_memory(config.nthreads, mem_config).with_resources(config.resources.clone()),
+        shared: FxHashMap::default(),
         config,
         runner,
         address,
@@ -193,6 +196,8 @@ struct Worker<R: Runner> {
     /// This worker's data address.
     address: String,
     state: WorkerState,
+    /// Shared blobs (functions) tasks refer to by id, as the scheduler sent them.
+    shared: FxHashMap<u64, Bytes>,
     events: mpsc::UnboundedReceiver<Event>,
     events_tx: mpsc::UnboundedSender<Event>,
     jobs: std::sync::mpsc::Sender<Job>,
@@ -233,6 +238,8 @@ impl<R: Runner> Worker<R> {
                     tracing::warn!("connection to the scheduler lost: {why}");
                     // A restarted scheduler knows none of this worker's tasks or data.
                     let keys = self.state.reset();
+                    // It sends shared blobs again to the new connection.
+                    self.shared.clear();
                     if !keys.is_empty() {
                         let r = self.runner.clone();
                         self.helper.submit(move || r.free(&keys));
@@ -301,9 +308,9 @@ impl<R: Runner> Worker<R> {
                     let Some(ev) = ev else { break Ok(()) };
                     let mut stop = None;
                     let mut every = None;
-                    apply(&mut self.state, ev, &mut stop, &mut every, &self.jobs);
+                    apply(&mut self.state, &mut self.shared, ev, &mut stop, &mut every, &self.jobs);
                     while let Ok(ev) = self.events.try_recv() {
-                        apply(&mut self.state, ev, &mut stop, &mut every, &self.jobs);
+                        apply(&mut self.state, &mut self.shared, ev, &mut stop, &mut every, &self.jobs);
                     }
                     if let Some(every) = every {
                         heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -408,6 +415,7 @@ async fn read_scheduler(mut reader: comm::FrameReader<comm::ReadHalf>, events: m
 
 fn apply(
     state: &mut WorkerState,
+    shared: &mut FxHashMap<u64, Bytes>,
     ev: Event,
     stop: &mut Option<Result<(), WorkerError>>,
     heartbeat: &mut Option<Duration>,
@@ -418,9 +426,21 @@ fn apply(
             for env in batch {
                 let Envelope { msg, frames } = env;
                 match msg {
-                    ToWorker::ComputeTask { key, run_spec, deps, priority, resources } => {
+                    ToWorker::ComputeTask { key, run_spec, shared: sref, deps, priority, resources } => {
                         let spec = run_spec.resolve(&frames).unwrap_or_default();
-                        state.compute_task(key, spec, deps, priority, resources, now());
+                        let shared = sref.map(|r| {
+                            if let Some(data) = r.data.and_then(|d| d.resolve(&frames)) {
+                                shared.insert(r.id, data);
+                            }
+                            // Unknown, the task's runner reports the missing blob.
+                            (r.id, shared.get(&r.id).cloned().unwrap_or_default())
+                        });
+                        state.compute_task(key, Recipe { spec, shared }, deps, priority, resources, now());
+                    }
+                    ToWorker::FreeShared { ids } => {
+                        for id in ids {
+                            shared.remove(&id);
+                        }
                     }
                     ToWorker::FreeKeys { keys } => state.free_keys(keys),
                     ToWorker::StealRequest { key } => state.steal_request(key),
@@ -523,8 +543,8 @@ fn carry_out<R: Runner>(
 ) {
     match ins {
         Instruction::Send(_) => unreachable!("sent by the runtime loop"),
-        Instruction::Execute { key, run_spec, deps } => {
-            let _ = jobs.send(Job::Task { key, run_spec, deps });
+        Instruction::Execute { key, recipe, deps } => {
+            let _ = jobs.send(Job::Task { key, recipe, deps });
         }
         Instruction::Free { keys } => {
             // Executor threads store results without the helper: a result

@@ -18,7 +18,7 @@ use crate::protocol::{Blob, DepInfo, Envelope, FromWorker, Key, Priority, Resour
 #[derive(Debug, Clone, PartialEq)]
 pub enum Instruction {
     /// Run `key` on an executor thread, with `deps` already in the store.
-    Execute { key: Key, run_spec: Bytes, deps: Vec<Key> },
+    Execute { key: Key, recipe: Recipe, deps: Vec<Key> },
     /// Fetch `keys` from the worker at `worker`.
     Fetch { worker: String, keys: Vec<Key> },
     /// Send a message to the scheduler.
@@ -33,6 +33,20 @@ pub enum Instruction {
     SetUp { calls: Vec<Bytes> },
 }
 
+/// What a task runs, opaque to the worker: its serialized call and, when
+/// the call refers to one, the shared blob (its function) with the blob's id.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Recipe {
+    pub spec: Bytes,
+    pub shared: Option<(u64, Bytes)>,
+}
+
+impl From<Bytes> for Recipe {
+    fn from(spec: Bytes) -> Self {
+        Recipe { spec, shared: None }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WState {
     Waiting,
@@ -45,7 +59,7 @@ enum WState {
 #[derive(Debug)]
 struct WTask {
     state: WState,
-    run_spec: Bytes,
+    recipe: Recipe,
     deps: Vec<Key>,
     priority: Priority,
     missing: u32,
@@ -256,7 +270,7 @@ impl WorkerState {
     pub fn compute_task(
         &mut self,
         key: Key,
-        run_spec: Bytes,
+        recipe: Recipe,
         deps: Vec<DepInfo>,
         priority: Priority,
         resources: Resources,
@@ -293,7 +307,7 @@ impl WorkerState {
         }
         let task = WTask {
             state: if missing == 0 { WState::Ready } else { WState::Waiting },
-            run_spec,
+            recipe,
             deps: deps.into_iter().map(|d| d.key).collect(),
             priority,
             missing,
@@ -413,7 +427,7 @@ impl WorkerState {
             }
             t.state = WState::Executing;
             self.executing += 1;
-            let instr = Instruction::Execute { key, run_spec: t.run_spec.clone(), deps: t.deps.clone() };
+            let instr = Instruction::Execute { key, recipe: t.recipe.clone(), deps: t.deps.clone() };
             let need = if t.resources.is_empty() { None } else { Some(t.resources.clone()) };
             for d in &t.deps {
                 self.mem.touch(d);

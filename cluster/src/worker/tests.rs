@@ -6,7 +6,7 @@ use std::ops::Deref;
 use bytes::Bytes;
 
 use super::memory::MemoryConfig;
-use super::state::{ExecOutcome, Instruction, WorkerState};
+use super::state::{ExecOutcome, Instruction, Recipe, WorkerState};
 use crate::protocol::{DepInfo, Envelope, FromWorker, Key, Priority, Resources};
 use crate::testing::checked_events;
 
@@ -22,7 +22,7 @@ impl Deref for Checked {
 
 checked_events! {
     Checked {
-        fn compute_task(key: Key, run_spec: Bytes, deps: Vec<DepInfo>, priority: Priority, resources: Resources, now: f64);
+        fn compute_task(key: Key, recipe: Recipe, deps: Vec<DepInfo>, priority: Priority, resources: Resources, now: f64);
         fn fetch_done(stored: Vec<(Key, u64)>, now: f64);
         fn fetch_failed(worker: &str, keys: Vec<Key>);
         fn execute_done(key: Key, outcome: ExecOutcome, start: f64, stop: f64, thread: u32);
@@ -57,7 +57,7 @@ impl Checked {
 
     /// The scheduler assigns `key`, without dependencies, at position `order`.
     fn assign(&mut self, key: &str, order: u64) {
-        self.compute_task(key.into(), Bytes::new(), vec![], prio(order), vec![], 0.0);
+        self.compute_task(key.into(), Recipe::default(), vec![], prio(order), vec![], 0.0);
     }
 
     /// `key` ran and produced `nbytes`.
@@ -90,7 +90,7 @@ fn tasks_needing_resources_wait_until_theirs_are_free() {
     let mut w = Checked::new(WorkerState::new(4).with_resources(vec![("GPU".into(), 1.0)]));
     let gpu = vec![("GPU".to_string(), 1.0)];
     for (k, order, res) in [("g1", 0, gpu.clone()), ("g2", 1, gpu.clone()), ("cpu", 2, vec![])] {
-        w.compute_task(k.to_string(), Bytes::new(), vec![], prio(order), res, 0.0);
+        w.compute_task(k.to_string(), Recipe::default(), vec![], prio(order), res, 0.0);
     }
     // One GPU: the second GPU task waits although threads are free; the
     // CPU task behind it in priority does not wait for it.
@@ -102,10 +102,10 @@ fn tasks_needing_resources_wait_until_theirs_are_free() {
     assert_eq!(w.executed(), ["g2"]);
     // A released waiting task does not block the queue, and a reset
     // gives every resource back.
-    w.compute_task("g3".into(), Bytes::new(), vec![], prio(9), gpu.clone(), 0.0);
+    w.compute_task("g3".into(), Recipe::default(), vec![], prio(9), gpu.clone(), 0.0);
     w.free_keys(vec!["g3".into()]);
     w.reset();
-    w.compute_task("g4".into(), Bytes::new(), vec![], prio(9), gpu, 0.0);
+    w.compute_task("g4".into(), Recipe::default(), vec![], prio(9), gpu, 0.0);
     assert_eq!(w.executed(), ["g4"]);
 }
 
@@ -115,7 +115,7 @@ fn a_paused_worker_fetches_nothing_until_it_resumes() {
     assert_eq!(w.memory_tick(900, 0.0), None);
     assert!(w.paused());
     w.take_instructions();
-    w.compute_task("t".into(), Bytes::new(), vec![dep("x", "tcp://a:1")], Priority::default(), vec![], 0.0);
+    w.compute_task("t".into(), Recipe::default(), vec![dep("x", "tcp://a:1")], Priority::default(), vec![], 0.0);
     w.acquire_replicas(vec![dep("y", "tcp://b:1")]);
     assert!(!w.take_instructions().iter().any(|i| matches!(i, Instruction::Fetch { .. })));
     assert_eq!(w.memory_tick(100, 1.0), None);
@@ -175,7 +175,7 @@ fn hands_two_tasks_per_thread_to_the_executor_in_priority_order() {
 fn fetches_missing_deps_batched_per_peer_then_runs() {
     let mut w = Checked::new(WorkerState::new(2));
     let deps = vec![dep("x", "tcp://a:1"), dep("y", "tcp://a:1"), dep("z", "tcp://b:1")];
-    w.compute_task("t".into(), Bytes::new(), deps, Priority::default(), vec![], 0.0);
+    w.compute_task("t".into(), Recipe::default(), deps, Priority::default(), vec![], 0.0);
     let ins = w.take_instructions();
     assert_eq!(
         ins,
@@ -195,7 +195,7 @@ fn fetches_missing_deps_batched_per_peer_then_runs() {
 fn failed_fetch_tries_other_holder_then_reports_missing() {
     let mut w = Checked::new(WorkerState::new(1));
     let d = DepInfo { key: "x".into(), nbytes: 8, who_has: vec!["tcp://a:1".into(), "tcp://b:1".into()] };
-    w.compute_task("t".into(), Bytes::new(), vec![d], Priority::default(), vec![], 0.0);
+    w.compute_task("t".into(), Recipe::default(), vec![d], Priority::default(), vec![], 0.0);
     w.take_instructions();
     w.fetch_failed("tcp://a:1", vec!["x".into()]);
     assert_eq!(w.take_instructions(), vec![Instruction::Fetch { worker: "tcp://b:1".into(), keys: vec!["x".into()] }]);
@@ -283,7 +283,7 @@ fn a_result_stored_twice_is_counted_once_at_its_latest_size() {
 fn a_task_needing_the_same_dependency_twice_runs_once_it_arrives() {
     let mut w = Checked::new(WorkerState::new(1));
     let deps = vec![dep("x", "tcp://a:1"), dep("x", "tcp://a:1")];
-    w.compute_task("t".into(), Bytes::new(), deps, Priority::default(), vec![], 0.0);
+    w.compute_task("t".into(), Recipe::default(), deps, Priority::default(), vec![], 0.0);
     assert_eq!(w.take_instructions(), vec![Instruction::Fetch { worker: "tcp://a:1".into(), keys: vec!["x".into()] }]);
     w.fetch_done(vec![("x".into(), 8)], 1.0);
     assert_eq!(w.executed(), ["t"]);
