@@ -25,7 +25,7 @@ from typing import Iterable
 
 from . import _core
 from ._serialize import FunctionCache, dumps, dumps_call, dumps_graph_node
-from .utils import close_at_exit, format_bytes, key_split, parse_timedelta, wire_key
+from .utils import close_at_exit, format_bytes, key_split, parse_timedelta, wire_key, without_gc
 
 __all__ = [
     "Client",
@@ -912,6 +912,7 @@ class Client:
                 f"cluster: {type(e).__name__}: {e}"
             ) from e
 
+    @without_gc
     def map(
         self,
         func,
@@ -977,6 +978,7 @@ class Client:
         return futures
 
     # -- getting results --
+    @without_gc
     def _gather_futures(self, futures, errors="raise", timeout=None):
         wires = [f._wire for f in futures]
         self._wait_keys(wires, timeout)
@@ -1134,6 +1136,7 @@ class Client:
         self._core.cancel([f._wire for f in futures_of(futures)])
 
     # -- dask graphs and collections --
+    @without_gc
     def _graph_to_futures(self, dsk, keys, workers=None, allow_other_workers=False, priority=0, retries=0,
                           resources=None):
         """Submit a graph; the arguments apply to every task, and ``dask.annotate``

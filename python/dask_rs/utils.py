@@ -4,6 +4,8 @@ time spans and key naming, with the spellings Dask users know."""
 from __future__ import annotations
 
 import atexit
+import functools
+import gc
 import re
 import weakref
 
@@ -84,6 +86,25 @@ def route_host(address: str) -> str:
             return s.getsockname()[0]
     except (OSError, ValueError):
         return "127.0.0.1"
+
+
+def without_gc(method):
+    """Run ``method`` with Python's cyclic garbage collector paused: a map's
+    tasks and futures, or a gather's results, are many objects without
+    cycles, and the collector would otherwise scan the growing heap again
+    and again (a quarter of a 300,000-task map's time)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if not gc.isenabled():
+            return method(*args, **kwargs)
+        gc.disable()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return wrapper
 
 
 def wire_key(key) -> str:

@@ -74,6 +74,24 @@ def test_functions_travel_once_and_closures_stay_apart(client):
     assert client.gather(client.map(adder(7), range(10), pure=False)) == [x + 7 for x in range(10)]
 
 
+def short_then_long(x, last):
+    import time
+
+    if x == last:
+        time.sleep(4)
+    return x
+
+
+def test_results_of_short_tasks_are_not_held_back_by_a_long_one(client):
+    """Workers report runs of short tasks together; a long task of the same
+    group after them must not keep their results back until it ends."""
+    futs = client.map(short_then_long, range(200), last=199, pure=False)
+    done, not_done = wait(futs[:199], timeout=2.5)
+    assert not not_done, f"{len(not_done)} short results held back"
+    assert not futs[199].done()
+    assert futs[199].result(timeout=10) == 199
+
+
 def test_chain_of_1000_dependent_tasks(client):
     x = client.submit(inc, 0, pure=False)
     for _ in range(999):

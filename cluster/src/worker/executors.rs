@@ -3,6 +3,7 @@
 //! again later. Results go back to the runtime loop as events.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -10,7 +11,15 @@ use super::runner::Runner;
 use super::runtime::Event;
 use super::state::Recipe;
 use crate::now;
-use crate::protocol::Key;
+use crate::protocol::{key_split, Key};
+
+/// An executor thread holds the results of short tasks of one group while it
+/// has the next task of that group to run, and reports them together: one
+/// wake-up of the runtime loop per run instead of one per task. At most this
+/// many results, for at most `HOLD_FOR` between tasks; the runtime loop
+/// collects results held longer while a task runs.
+const HOLD_RESULTS: usize = 16;
+const HOLD_FOR: Duration = Duration::from_millis(1);
 
 pub(super) enum Job {
     /// Run a task.
@@ -25,6 +34,63 @@ pub(super) struct Executors<R: Runner> {
     pub(super) jobs: Mutex<std::sync::mpsc::Receiver<Job>>,
     pub(super) events: mpsc::UnboundedSender<Event>,
     pub(super) runner: Arc<R>,
+    /// Results held back, and since when (see `HOLD_RESULTS`).
+    pub(super) held: Mutex<(Vec<Event>, Option<Instant>)>,
+}
+
+impl<R: Runner> Executors<R> {
+    pub(super) fn new(
+        jobs: std::sync::mpsc::Receiver<Job>,
+        events: mpsc::UnboundedSender<Event>,
+        runner: Arc<R>,
+    ) -> Self {
+        Executors { jobs: Mutex::new(jobs), events, runner, held: Mutex::new((Vec::new(), None)) }
+    }
+
+    /// Send the held results to the runtime loop.
+    fn report(&self) {
+        let mut held = self.held.lock().expect("held results");
+        held.1 = None;
+        for ev in held.0.drain(..) {
+            let _ = self.events.send(ev);
+        }
+    }
+
+    /// Send the held results if they were held for `age` or longer: the
+    /// runtime loop calls this while tasks run, so a long task that follows
+    /// short ones on a thread does not keep their results back.
+    pub(super) fn report_older_than(&self, age: Duration) {
+        let old = self.held.lock().expect("held results").1.is_some_and(|t| t.elapsed() >= age);
+        if old {
+            self.report();
+        }
+    }
+
+    /// Hold a task's result, or (`now`) send it with the rest held.
+    fn hold(&self, ev: Event, now: bool) {
+        {
+            let mut held = self.held.lock().expect("held results");
+            held.1.get_or_insert_with(Instant::now);
+            held.0.push(ev);
+        }
+        if now {
+            self.report();
+        }
+    }
+
+    /// Whether held results must go before the next task runs: it is of
+    /// another group than `last`, or enough are held, or long enough.
+    fn must_report(&self, next: &Job, last: Option<&str>) -> bool {
+        let held = self.held.lock().expect("held results");
+        if held.0.is_empty() {
+            return false;
+        }
+        let same_group = match (next, last) {
+            (Job::Task { key, .. }, Some(last)) => key_split(key) == key_split(last),
+            _ => false,
+        };
+        !same_group || held.0.len() >= HOLD_RESULTS || held.1.is_some_and(|t| t.elapsed() >= HOLD_FOR)
+    }
 }
 
 impl<R: Runner> Executors<R> {
@@ -60,10 +126,28 @@ impl<R: Runner> Executors<R> {
             }
             rx.recv().ok()
         });
+        // The key this thread ran last, for `must_report`.
+        let mut last: Option<Key> = None;
         loop {
-            let job = match self.jobs.lock().expect("job queue").recv() {
-                Ok(j) => j,
-                Err(_) => return,
+            let next = self.jobs.lock().expect("job queue").try_recv();
+            let job = match next {
+                Ok(j) => {
+                    if self.must_report(&j, last.as_deref()) {
+                        self.report();
+                    }
+                    j
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    self.report();
+                    match self.jobs.lock().expect("job queue").recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    }
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    self.report();
+                    return;
+                }
             };
             let (key, recipe, deps) = match job {
                 Job::Task { key, recipe, deps } => (key, recipe, deps),
@@ -86,8 +170,9 @@ impl<R: Runner> Executors<R> {
             let stop = now();
             let ctx = TASK.with(|t| t.borrow_mut().take());
             let seceded = ctx.as_ref().is_some_and(|c| c.replaced);
-            let done = Event::Executed { key, outcome, start, stop, thread };
-            if self.events.send(done).is_err() || seceded {
+            last = Some(key.clone());
+            self.hold(Event::Executed { key, outcome, start, stop, thread }, seceded);
+            if seceded || self.events.is_closed() {
                 return;
             }
             // A task that rejoined took another thread's place and number.

@@ -4,7 +4,7 @@
 //! `data_server`; what a task *is* belongs to the [`Runner`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -81,6 +81,10 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
+/// Results an executor thread held back this long are collected by the
+/// runtime loop (it looks this often while tasks run).
+const HELD_RESULTS_AGE: Duration = Duration::from_millis(5);
+
 /// What the runtime loop hears: from the scheduler, the executor threads,
 /// the data port and the helper thread.
 pub(super) enum Event {
@@ -150,7 +154,7 @@ pub async fn run_worker<R: Runner>(
     let (events_tx, events) = mpsc::unbounded_channel::<Event>();
     // Executor threads: each takes one job at a time.
     let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
-    let pool = Arc::new(Executors { jobs: Mutex::new(job_rx), events: events_tx.clone(), runner: runner.clone() });
+    let pool = Arc::new(Executors::new(job_rx, events_tx.clone(), runner.clone()));
     for thread in 0..config.nthreads.max(1) {
         pool.spawn(thread as u32)?;
     }
@@ -175,6 +179,7 @@ pub async fn run_worker<R: Runner>(
         cpu_mark: (std::time::Instant::now(), process_cpu_seconds()),
         state: WorkerState::with_memory(config.nthreads, mem_config).with_resources(config.resources.clone()),
         shared: FxHashMap::default(),
+        executors: pool,
         config,
         runner,
         address,
@@ -198,6 +203,7 @@ struct Worker<R: Runner> {
     state: WorkerState,
     /// Shared blobs (functions) tasks refer to by id, as the scheduler sent them.
     shared: FxHashMap<u64, Bytes>,
+    executors: Arc<Executors<R>>,
     events: mpsc::UnboundedReceiver<Event>,
     events_tx: mpsc::UnboundedSender<Event>,
     jobs: std::sync::mpsc::Sender<Job>,
@@ -281,6 +287,10 @@ impl<R: Runner> Worker<R> {
         let mut memory_tick = tokio::time::interval(Duration::from_millis(100));
         memory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let watch_memory = config.memory_limit > 0;
+        // While tasks run: collect results an executor thread held back
+        // before a task that turned out long.
+        let mut held_tick = tokio::time::interval(HELD_RESULTS_AGE);
+        held_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut registered = false;
         let mut held = Held::default();
         let outcome = loop {
@@ -296,6 +306,9 @@ impl<R: Runner> Worker<R> {
                             let _ = s.send(self.address.clone());
                         }
                     }
+                }
+                _ = held_tick.tick(), if self.state.executing() > 0 => {
+                    self.executors.report_older_than(HELD_RESULTS_AGE);
                 }
                 _ = memory_tick.tick(), if watch_memory => {
                     if let Err(e) = self.check_memory() {

@@ -109,7 +109,14 @@ pub struct WorkerState {
     mem_config: MemoryConfig,
     /// Set-ups running: no task starts until they are done.
     setting_up: usize,
+    /// Recent task run time (seconds, moving average), once one ran.
+    recent_duration: Option<f64>,
 }
+
+/// Tasks shorter than this on average are handed to executor threads
+/// `SHORT_PER_THREAD` at a time rather than two.
+const SHORT_TASK: f64 = 0.000_5;
+const SHORT_PER_THREAD: usize = 16;
 
 impl WorkerState {
     /// A worker with no memory limit.
@@ -136,6 +143,7 @@ impl WorkerState {
             mem: MemoryManager::new(memory.clone()),
             mem_config: memory,
             setting_up: 0,
+            recent_duration: None,
         }
     }
 
@@ -409,7 +417,13 @@ impl WorkerState {
         if self.mem.paused() || self.mem.throttled() || self.setting_up > 0 {
             return;
         }
-        while self.executing < 2 * self.nthreads {
+        // Short tasks queue deeper, so a thread runs them back to back; a
+        // task still queued here, not handed over, can be stolen.
+        let per_thread = match self.recent_duration {
+            Some(d) if d < SHORT_TASK => SHORT_PER_THREAD,
+            _ => 2,
+        };
+        while self.executing < per_thread * self.nthreads {
             let constrained = self.next_constrained();
             let heap = match (constrained, self.ready.peek()) {
                 (Some(c), Some(Reverse((r, _)))) if c > *r => &mut self.ready,
@@ -506,6 +520,10 @@ impl WorkerState {
         };
         if !t.seceded {
             self.executing = self.executing.saturating_sub(1);
+        }
+        if stop >= start {
+            let d = stop - start;
+            self.recent_duration = Some(self.recent_duration.map_or(d, |r| 0.8 * r + 0.2 * d));
         }
         self.move_resources(&t.resources, 1.0);
         match (t.state, outcome) {

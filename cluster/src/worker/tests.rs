@@ -304,3 +304,21 @@ fn written_spills_are_reported_for_the_task_stream() {
     w.spill_done(vec![("a".into(), false)], 11.0, 11.1);
     assert!(w.take_instructions().is_empty(), "a failed spill is not a spill");
 }
+
+#[test]
+fn short_tasks_are_handed_to_the_executor_more_at_a_time() {
+    let mut w = Checked::new(WorkerState::new(1));
+    for i in 0..40 {
+        w.assign(&format!("t-{i}"), i);
+    }
+    // Nothing known of run times: one running and one queued.
+    assert_eq!(w.executed(), ["t-0", "t-1"]);
+    // Tasks turn out to take 10 us: the thread gets a run of them.
+    w.execute_done("t-0".into(), ExecOutcome::Ok { nbytes: 8 }, 1.0, 1.000_01, 0);
+    assert_eq!(w.executed().len(), 15, "16 handed over at a time");
+    // Long ones bring it back to two (some finish first, none is handed over).
+    for i in 1..12 {
+        w.execute_done(format!("t-{i}"), ExecOutcome::Ok { nbytes: 8 }, 2.0, 3.0, 0);
+    }
+    assert!(w.executed().is_empty(), "{} still handed over", w.executing());
+}
