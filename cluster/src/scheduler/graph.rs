@@ -28,6 +28,11 @@ impl SchedulerState {
         for (id, data) in shared {
             self.shared.register(id, data);
         }
+        // Room for the whole graph at once: growing the task table and the
+        // key index step by step would copy them again and again.
+        let new = tasks.len().saturating_sub(self.free_ids.len());
+        self.tasks.reserve(new);
+        self.keys.reserve(tasks.len());
         let mut fresh: Vec<(TaskId, Vec<Key>)> = Vec::with_capacity(tasks.len());
         let mut unknown_blobs: Vec<(TaskId, u64)> = Vec::new();
         for (spec, run_spec) in tasks {

@@ -19,6 +19,7 @@ use crate::protocol::{key_split, Envelope, Key, Priority, TaskStreamRecord, ToCl
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 
 /// Identifies a connected peer (worker or client) for the lifetime of its connection.
 pub type PeerId = u64;
@@ -139,7 +140,7 @@ pub struct SchedulerState {
     pub(super) config: SchedulerConfig,
     pub(super) tasks: Vec<Option<Task>>,
     pub(super) free_ids: Vec<TaskId>,
-    pub(super) keys: FxHashMap<Box<str>, TaskId>,
+    pub(super) keys: FxHashMap<Arc<str>, TaskId>,
     pub(super) workers: FxHashMap<PeerId, Worker>,
     pub(super) worker_order: Vec<PeerId>,
     pub(super) clients: FxHashMap<PeerId, Client>,

@@ -145,7 +145,7 @@ impl Dependents {
 
 #[derive(Debug)]
 pub(super) struct Task {
-    pub(super) key: Box<str>,
+    pub(super) key: Arc<str>,
     pub(super) state: TaskState,
     pub(super) run_spec: Option<Bytes>,
     /// The shared blob (function) the recipe refers to.
