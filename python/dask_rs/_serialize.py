@@ -11,7 +11,6 @@ of its bytes: once per graph to the scheduler, once per worker from there.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import sys
@@ -122,6 +121,16 @@ class FunctionCache:
 _func_bytes = FunctionCache()
 
 
+def _blake2b():
+    # hashlib's own BLAKE2, without the OpenSSL that `import hashlib` loads
+    # (4 MiB in every process that imports this module, workers included).
+    try:
+        from _blake2 import blake2b
+    except ImportError:  # pragma: no cover - CPython always builds it
+        from hashlib import blake2b
+    return blake2b
+
+
 def dumps_function(func) -> tuple[int, bytes]:
     """``(id, bytes)`` of ``func``: cloudpickled once per function object, the
     id a hash of the bytes (so equal functions share one blob anywhere)."""
@@ -131,7 +140,7 @@ def dumps_function(func) -> tuple[int, bytes]:
         b = None
     if b is None:
         fb = cloudpickle.dumps(func, protocol=5)
-        b = (int.from_bytes(hashlib.blake2b(fb, digest_size=8).digest(), "little"), fb)
+        b = (int.from_bytes(_blake2b()(fb, digest_size=8).digest(), "little"), fb)
         try:
             _func_bytes.put(func, b)
         except TypeError:
