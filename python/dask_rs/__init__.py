@@ -4,7 +4,15 @@
 ``distributed``'s.
 """
 
-from ._core import CommError
+import os
+
+# The extension's allocator would back its heap with transparent huge pages
+# where the kernel offers them on request: 8 MiB more resident memory in
+# every idle worker (28 -> 36 MiB); a 100,000-task map ran no slower
+# without them. Read when `_core` loads.
+os.environ.setdefault("MIMALLOC_ALLOW_THP", "0")
+
+from ._core import CommError  # noqa: E402
 
 __version__ = "0.1.0"
 
