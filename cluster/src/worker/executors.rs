@@ -80,15 +80,12 @@ impl<R: Runner> Executors<R> {
 
     /// Whether held results must go before the next task runs: it is of
     /// another group than `last`, or enough are held, or long enough.
-    fn must_report(&self, next: &Job, last: Option<&str>) -> bool {
+    fn must_report(&self, next: &Job, last: &str) -> bool {
         let held = self.held.lock().expect("held results");
         if held.0.is_empty() {
             return false;
         }
-        let same_group = match (next, last) {
-            (Job::Task { key, .. }, Some(last)) => key_split(key) == key_split(last),
-            _ => false,
-        };
+        let same_group = matches!(next, Job::Task { key, .. } if key_split(key) == last);
         !same_group || held.0.len() >= HOLD_RESULTS || held.1.is_some_and(|t| t.elapsed() >= HOLD_FOR)
     }
 }
@@ -126,13 +123,14 @@ impl<R: Runner> Executors<R> {
             }
             rx.recv().ok()
         });
-        // The key this thread ran last, for `must_report`.
-        let mut last: Option<Key> = None;
+        // The group of the task this thread ran last, for `must_report`
+        // (copied only when it changes).
+        let mut last = String::new();
         loop {
             let next = self.jobs.lock().expect("job queue").try_recv();
             let job = match next {
                 Ok(j) => {
-                    if self.must_report(&j, last.as_deref()) {
+                    if self.must_report(&j, &last) {
                         self.report();
                     }
                     j
@@ -170,7 +168,10 @@ impl<R: Runner> Executors<R> {
             let stop = now();
             let ctx = TASK.with(|t| t.borrow_mut().take());
             let seceded = ctx.as_ref().is_some_and(|c| c.replaced);
-            last = Some(key.clone());
+            let group = key_split(&key);
+            if group != last.as_str() {
+                last = group.into_owned();
+            }
             self.hold(Event::Executed { key, outcome, start, stop, thread }, seceded);
             if seceded || self.events.is_closed() {
                 return;

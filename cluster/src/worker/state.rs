@@ -41,12 +41,6 @@ pub struct Recipe {
     pub shared: Option<(u64, Bytes)>,
 }
 
-impl From<Bytes> for Recipe {
-    fn from(spec: Bytes) -> Self {
-        Recipe { spec, shared: None }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WState {
     Waiting,
@@ -410,8 +404,9 @@ impl WorkerState {
     }
 
     /// Hand ready tasks to the executor: one running and one queued per
-    /// thread, so a thread starts its next task as soon as one ends instead
-    /// of waiting for the runtime loop to hear of it. Tasks that need
+    /// thread (16 per thread while tasks are short), so a thread starts its
+    /// next task as soon as one ends instead of waiting for the runtime loop
+    /// to hear of it. Tasks that need
     /// resources go in priority order with the rest once theirs are free.
     fn schedule(&mut self) {
         if self.mem.paused() || self.mem.throttled() || self.setting_up > 0 {
