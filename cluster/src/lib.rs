@@ -9,6 +9,7 @@ pub mod client;
 pub mod comm;
 pub mod human;
 pub mod monitor;
+pub mod order;
 pub mod protocol;
 pub mod scheduler;
 pub mod security;

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import types
 from collections import OrderedDict
 
 import cloudpickle
@@ -67,36 +68,20 @@ def loads(frames):
 
 
 # ---- tasks ----------------------------------------------------------------
+#
+# A task's spec is one byte saying its kind, then a pickle:
+#   CALL       (args, kwargs, slots): plain pickle; the dependency values go
+#              into args at the positions `slots` lists ((position, index)).
+#   CALL_DEPS  (args, kwargs): futures anywhere inside, pickled as persistent
+#              ids that the worker replaces by the dependency values.
+#   GRAPH      (node, dep_keys): a dask task-spec node; its functions are
+#              persistent ids into its shared blob (a tuple of functions).
+# A call's function, and a node's functions, travel apart from the spec as
+# the task's shared blob: once per graph to the scheduler, once per worker.
 
-CALL = 1  # (CALL, args, kwargs): shared_function(*args, **kwargs)
-GRAPH = 2  # (GRAPH, node_bytes, dep_keys): a dask task-spec node
-
-class _DepPickler(cloudpickle.Pickler):
-    """Cloudpickles arguments, replacing futures by dependency indices."""
-
-    def __init__(self, file, is_future, deps: list):
-        super().__init__(file, protocol=5)
-        self._is_future = is_future
-        self._deps = deps
-        self._index: dict = {}
-
-    def persistent_id(self, obj):
-        if self._is_future(obj):
-            k = obj._wire
-            if k not in self._index:
-                self._index[k] = len(self._deps)
-                self._deps.append(k)
-            return ("dep", self._index[k])
-        return None
-
-
-class _DepUnpickler(pickle.Unpickler):
-    def __init__(self, file, values):
-        super().__init__(file)
-        self._values = values
-
-    def persistent_load(self, pid):
-        return self._values[pid[1]]
+CALL = 1
+CALL_DEPS = 2
+GRAPH = 3
 
 
 class FunctionCache:
@@ -151,51 +136,210 @@ def dumps_function(func) -> tuple[int, bytes]:
 _PLAIN_TYPES = frozenset(_PLAIN)
 
 
+class _DepPickler(cloudpickle.Pickler):
+    """Cloudpickles arguments, replacing futures by dependency indices."""
+
+    def __init__(self, file, is_future, deps: list):
+        super().__init__(file, protocol=5)
+        self._is_future = is_future
+        self._deps = deps
+        self._index: dict = {}
+
+    def persistent_id(self, obj):
+        if self._is_future(obj):
+            k = obj._wire
+            if k not in self._index:
+                self._index[k] = len(self._deps)
+                self._deps.append(k)
+            return ("dep", self._index[k])
+        return None
+
+
+class _DepUnpickler(pickle.Unpickler):
+    def __init__(self, file, values):
+        super().__init__(file)
+        self._values = values
+
+    def persistent_load(self, pid):
+        return self._values[pid[1]]
+
+
+def _slotted(args, kwargs, is_dep, dep_key):
+    """``(args, slots, deps)`` when every argument is a plain value or a
+    dependency and every keyword argument a plain value, else None. The
+    dependencies' places in ``args`` are None; ``slots`` says which."""
+    if kwargs:
+        for v in kwargs.values():
+            if type(v) not in _PLAIN_TYPES:
+                return None
+    slots = []
+    deps: list = []
+    index: dict = {}
+    out = None
+    for pos, a in enumerate(args):
+        if type(a) in _PLAIN_TYPES:
+            continue
+        if not is_dep(a):
+            return None
+        k = dep_key(a)
+        i = index.get(k)
+        if i is None:
+            i = index[k] = len(deps)
+            deps.append(k)
+        slots.append((pos, i))
+        if out is None:
+            out = list(args)
+        out[pos] = None
+    return (args if out is None else tuple(out)), tuple(slots), deps
+
+
+_CALL, _CALL_DEPS, _GRAPH = bytes([CALL]), bytes([CALL_DEPS]), bytes([GRAPH])
+
+
+def _wire_of(future):
+    return future._wire
+
+
 def dumps_call(func, args, kwargs, is_future) -> tuple[bytes, list, int, bytes]:
     """Serialize ``func(*args, **kwargs)``; returns ``(run_spec, dep_keys,
     function_id, function_bytes)``. The function travels apart from the
     spec, once per graph and once per worker (a shared blob)."""
     fid, fb = dumps_function(func)
-    deps: list = []
-    for a in args:
-        if type(a) not in _PLAIN_TYPES:
-            break
-    else:
-        if not kwargs:  # plain values (a map over numbers): no futures inside
-            return pickle.dumps((CALL, args, None), protocol=5), deps, fid, fb
+    s = _slotted(args, kwargs, is_future, _wire_of)
+    if s is not None:
+        args, slots, deps = s
+        return _CALL + pickle.dumps((args, kwargs or None, slots), protocol=5), deps, fid, fb
+    deps = []
     buf = io.BytesIO()
-    _DepPickler(buf, is_future, deps).dump((CALL, args, kwargs))
+    buf.write(_CALL_DEPS)
+    _DepPickler(buf, is_future, deps).dump((args, kwargs))
     return buf.getvalue(), deps, fid, fb
 
 
-def dumps_graph_node(node, dep_keys) -> bytes:
-    return cloudpickle.dumps((GRAPH, node, list(dep_keys)), protocol=5)
+_REFS: frozenset = frozenset()
+_Alias = _Task = None
+
+
+def _task_types():
+    global _REFS, _Alias, _Task
+    if _Task is None:
+        from dask._task_spec import Alias, Task, TaskRef
+
+        _REFS, _Alias, _Task = frozenset((Alias, TaskRef)), Alias, Task
+
+
+def _is_ref(a) -> bool:
+    return type(a) in _REFS
+
+
+def _ref_target(a):
+    return a.target if type(a) is _Alias else a.key
+
+
+class _FunctionLifter(cloudpickle.Pickler):
+    """Cloudpickles a graph node with its functions taken out (persistent
+    ids into `functions`), so they travel as the task's shared blob."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=5)
+        self.functions: list = []
+        self._index: dict = {}
+
+    def persistent_id(self, obj):
+        if type(obj) is types.FunctionType:
+            i = self._index.get(id(obj))
+            if i is None:
+                i = self._index[id(obj)] = len(self.functions)
+                self.functions.append(obj)
+            return i
+        return None
+
+
+class _FunctionUnpickler(pickle.Unpickler):
+    def __init__(self, file, functions):
+        super().__init__(file)
+        self._functions = functions
+
+    def persistent_load(self, pid):
+        return self._functions[pid]
+
+
+_function_sets = FunctionCache()
+
+
+def _dumps_functions(functions: tuple) -> tuple[int, bytes]:
+    """``(id, bytes)`` of a node's functions, cached per tuple of objects."""
+    b = _function_sets.get(functions)
+    if b is None:
+        fb = cloudpickle.dumps(functions, protocol=5)
+        b = (int.from_bytes(_blake2b()(fb, digest_size=8).digest(), "little"), fb)
+        _function_sets.put(functions, b)
+    return b
+
+
+def dumps_graph_node(node) -> tuple[bytes, list, int | None, bytes | None]:
+    """Serialize a dask task-spec node; returns ``(run_spec, dep_keys,
+    shared_id, shared_bytes)``, the task running with the values of
+    ``dep_keys`` in that order. A plain call (a `Task` of plain values and
+    references to its dependencies) becomes a CALL; any other node keeps its
+    shape, with its functions lifted into the shared blob."""
+    _task_types()
+    if type(node) is _Task:
+        s = _slotted(node.args, node.kwargs, _is_ref, _ref_target)
+        if s is not None and len(s[2]) == len(node.dependencies):
+            args, slots, deps = s
+            fid, fb = dumps_function(node.func)
+            return _CALL + pickle.dumps((args, node.kwargs or None, slots), protocol=5), deps, fid, fb
+    deps = list(node.dependencies)
+    buf = io.BytesIO()
+    buf.write(_GRAPH)
+    p = _FunctionLifter(buf)
+    p.dump((node, deps))
+    if not p.functions:
+        return buf.getvalue(), deps, None, None
+    fid, fb = _dumps_functions(tuple(p.functions))
+    return buf.getvalue(), deps, fid, fb
 
 
 _func_cache = FunctionCache()
 
 
+def _shared_object(shared):
+    """The function (or tuple of functions) a shared blob holds, unpickled
+    once per worker."""
+    fid, fb = shared
+    obj = _func_cache.get(fid)
+    if obj is None:
+        if not len(fb):
+            raise RuntimeError(f"the task's function (shared blob {fid:#x}) never reached this worker")
+        obj = pickle.loads(fb)
+        _func_cache.put(fid, obj)
+    return obj
+
+
 def run_task(run_spec, values, shared=None):
-    """Run a task given its spec, its dependencies' values (in order) and,
-    for a call, its shared function blob ``(id, bytes)``."""
-    if values:
-        spec = _DepUnpickler(io.BytesIO(run_spec), values).load()
-    else:
-        spec = pickle.loads(run_spec)
-    kind = spec[0]
-    if kind == CALL:
+    """Run a task given its spec, its dependencies' values (in order) and
+    its shared blob ``(id, bytes)``: a call's function, a node's functions."""
+    body = memoryview(run_spec)
+    kind = body[0]
+    body = body[1:]
+    if kind == CALL or kind == CALL_DEPS:
         if shared is None:
             raise ValueError("a call task came without its function")
-        fid, fb = shared
-        func = _func_cache.get(fid)
-        if func is None:
-            if not len(fb):
-                raise RuntimeError(f"the task's function (shared blob {fid:#x}) never reached this worker")
-            func = pickle.loads(fb)
-            _func_cache.put(fid, func)
-        _, args, kwargs = spec
+        func = _shared_object(shared)
+        if kind == CALL:
+            args, kwargs, slots = pickle.loads(body)
+            if slots:
+                args = list(args)
+                for pos, i in slots:
+                    args[pos] = values[i]
+        else:
+            args, kwargs = _DepUnpickler(io.BytesIO(body), values).load()
         return func(*args, **kwargs) if kwargs else func(*args)
     if kind == GRAPH:
-        _, node, dep_keys = spec
+        if shared is None:
+            node, dep_keys = pickle.loads(body)
+        else:
+            node, dep_keys = _FunctionUnpickler(io.BytesIO(body), _shared_object(shared)).load()
         return node(dict(zip(dep_keys, values)))
     raise ValueError(f"unknown task kind {kind!r}")

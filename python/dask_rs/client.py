@@ -1142,7 +1142,7 @@ class Client:
         """Submit a graph; the arguments apply to every task, and ``dask.annotate``
         annotations (``resources``, ``workers``, ``allow_other_workers``, ``retries``,
         ``priority``) override them per task."""
-        from dask._task_spec import convert_legacy_graph
+        from dask._task_spec import DataNode, convert_legacy_graph
 
         annotations = _graph_annotations(dsk)
         if hasattr(dsk, "__dask_graph__"):
@@ -1151,17 +1151,6 @@ class Client:
         held = {k for k, v in dsk.items() if _is_future(v) and v._wire == wire_key(k)}
         converted = convert_legacy_graph(dsk)
         graph = {k: v for k, v in converted.items() if k not in held}
-        try:
-            from dask.order import order
-
-            prio = order(graph) if graph else {}
-        except RuntimeError as e:
-            # A graph with a cycle can never run: say so now, as distributed does.
-            if "Cycle detected" in str(e):
-                raise
-            prio = {}
-        except Exception:
-            prio = {}
         wl = self._workers_arg(workers)
         res = self._resources_arg(resources)
         an_workers = annotations.get("workers", {})
@@ -1170,23 +1159,29 @@ class Client:
         an_retries = annotations.get("retries", {})
         an_prio = annotations.get("priority", {})
         tasks = []
-        base = self._next_order()
+        shared = {}
+        data = []
         for i, (k, node) in enumerate(graph.items()):
-            deps = list(node.dependencies)
             try:
-                spec = dumps_graph_node(node, deps)
+                spec, deps, fid, fb = dumps_graph_node(node)
             except Exception as e:
                 raise TypeError(f"Could not serialize task {k!r}: {type(e).__name__}: {e}") from e
+            if fid is not None:
+                shared[fid] = fb
+            if isinstance(node, DataNode):
+                data.append(i)
             tasks.append(
-                (wire_key(k), spec, [wire_key(d) for d in deps], int(an_prio.get(k, priority) or 0),
-                 prio.get(k, base + i),
+                (wire_key(k), spec, [wire_key(d) for d in deps], int(an_prio.get(k, priority) or 0), 0,
                  self._workers_arg(an_workers[k]) if k in an_workers else wl,
                  bool(an_loose.get(k, allow_other_workers)), int(an_retries.get(k, retries) or 0),
-                 self._resources_arg(an_res[k]) if k in an_res else res, None)
+                 self._resources_arg(an_res[k]) if k in an_res else res, fid)
             )
+        # Ordered as dask.order would (in Rust); a graph with a cycle can
+        # never run: RuntimeError now, as distributed does.
+        orders = _core.order([t[0] for t in tasks], [t[2] for t in tasks], data)
         with self._lock:
             futures = {k: Future(k, self) for k in keys}
-            self._core.submit(tasks, [wire_key(k) for k in keys])
+            self._core.submit(tasks, [wire_key(k) for k in keys], list(shared.items()), orders)
         return futures
 
     def get(self, dsk, keys, workers=None, allow_other_workers=None, resources=None, sync=True,

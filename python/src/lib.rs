@@ -455,6 +455,28 @@ fn credentials(token: Option<String>, tls: Option<TlsPaths>, require_encryption:
 
 /// Make a cluster CA and one certificate for all its processes in `dir`;
 /// returns the (CA, certificate, key) paths.
+/// Priorities for a graph's tasks (`keys[i]` depending on `deps[i]`; the
+/// indices in `data` are data, not tasks), ordered as Dask's `dask.order`
+/// does. A cycle raises RuntimeError naming its keys.
+#[pyfunction]
+#[pyo3(signature = (keys, deps, data=Vec::new()))]
+fn order(py: Python<'_>, keys: Vec<String>, deps: Vec<Vec<String>>, data: Vec<usize>) -> PyResult<Vec<u64>> {
+    if keys.len() != deps.len() {
+        return Err(PyValueError::new_err("keys and deps differ in length"));
+    }
+    py.detach(|| {
+        let mut nodes: Vec<cluster::order::Node<'_>> =
+            keys.iter().zip(&deps).map(|(key, deps)| cluster::order::Node { key, deps, is_task: true }).collect();
+        for i in data {
+            if let Some(n) = nodes.get_mut(i) {
+                n.is_task = false;
+            }
+        }
+        cluster::order::order(&nodes)
+    })
+    .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 #[pyfunction]
 fn generate_tls(dir: std::path::PathBuf) -> PyResult<(String, String, String)> {
     let f = py_security(TlsFiles::generate(&dir))?;
@@ -807,22 +829,30 @@ impl ClientCore {
     }
 
     /// Submit tasks `(key, run_spec, deps, priority, order, workers, allow_other_workers, retries,
-    /// resources, shared)` with the blobs `(id, bytes)` their `shared` ids name.
-    #[pyo3(signature = (tasks, wanted, shared=Vec::new()))]
+    /// resources, shared)` with the blobs `(id, bytes)` their `shared` ids name;
+    /// `orders`, when given, replaces each task's `order`.
+    #[pyo3(signature = (tasks, wanted, shared=Vec::new(), orders=None))]
     fn submit(
         &self,
         py: Python<'_>,
         tasks: Vec<PyTask<'_>>,
         wanted: Vec<String>,
         shared: Vec<(u64, Bound<'_, PyAny>)>,
+        orders: Option<Vec<u64>>,
     ) -> PyResult<()> {
+        if orders.as_ref().is_some_and(|o| o.len() != tasks.len()) {
+            return Err(PyValueError::new_err("orders and tasks differ in length"));
+        }
         let mut frames = Vec::new();
         let shared = shared
             .into_iter()
             .map(|(id, data)| Ok((id, Blob::new(to_bytes(&data)?, &mut frames))))
             .collect::<PyResult<Vec<_>>>()?;
         let mut specs = Vec::with_capacity(tasks.len());
-        for (key, run_spec, deps, priority, order, workers, allow_other_workers, retries, resources, blob) in tasks {
+        for (i, (key, run_spec, deps, priority, order, workers, allow_other_workers, retries, resources, blob)) in
+            tasks.into_iter().enumerate()
+        {
+            let order = orders.as_ref().map_or(order, |o| o[i]);
             let data = to_bytes(&run_spec)?;
             let run_spec = Blob::new(data, &mut frames);
             specs.push(TaskSpec {
@@ -1219,6 +1249,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(start_scheduler, m)?)?;
     m.add_function(wrap_pyfunction!(generate_token, m)?)?;
     m.add_function(wrap_pyfunction!(generate_tls, m)?)?;
+    m.add_function(wrap_pyfunction!(order, m)?)?;
     m.add_function(wrap_pyfunction!(check_token, m)?)?;
     m.add_function(wrap_pyfunction!(read_token_file, m)?)?;
     m.add_function(wrap_pyfunction!(protocol_version, m)?)?;
