@@ -8,6 +8,7 @@ from concurrent.futures import CancelledError
 
 import dask
 import pytest
+from dask.utils import apply
 
 from conftest import wait_until
 from dask_rs import Client, Future, as_completed, wait
@@ -72,6 +73,33 @@ def test_functions_travel_once_and_closures_stay_apart(client):
     wait_until(lambda: not keys & {k for ks in client.has_what().values() for k in ks}, msg="released")
     # The same bytes again: the scheduler forgot the blob with its last task.
     assert client.gather(client.map(adder(7), range(10), pure=False)) == [x + 7 for x in range(10)]
+
+
+def test_graph_tasks_of_every_shape_run_with_their_own_functions(client):
+    """Graph nodes travel as calls when plain (values and dependencies as
+    arguments) and keep their shape otherwise (nested tasks, lists, dicts,
+    keyword arguments), their functions lifted into shared blobs: closures
+    that differ only in what they captured stay apart, a dependency used
+    twice arrives twice, positions hold."""
+    def scale(k):
+        return lambda x, y=0: k * x + y
+
+    def pair(a, b, c):
+        return (a, b, c)
+
+    dsk = {
+        "a": (inc, 1),
+        ("b", 0): (scale(10), "a"),
+        ("b", 1): (scale(20), "a"),
+        "repeat": (pair, "a", 5, "a"),
+        "nested": (scale(3), (scale(4), "a")),
+        "nested too": (scale(5), (scale(6), "a")),
+        "in a list": (sum, ["a", ("b", 0), ("b", 1)]),
+        "keywords": (apply, scale(2), ["a"], (dict, [["y", ("b", 1)]])),
+        "literal": (pair, "x", None, b"bytes"),
+    }
+    keys = ["a", ("b", 0), ("b", 1), "repeat", "nested", "nested too", "in a list", "keywords", "literal"]
+    assert client.get(dsk, keys) == [2, 20, 40, (2, 5, 2), 24, 60, 62, 44, ("x", None, b"bytes")]
 
 
 def short_then_long(x, last):
