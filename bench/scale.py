@@ -9,9 +9,14 @@ Two families of measurements (``make bench`` runs this after suite.py):
   N registered, scheduler CPU while the cluster idles (heartbeats only, % of
   one core over 5 s) and no-op tasks/s (``client.map`` + ``wait``).
 * Cost growth: no-op ``client.map`` + ``gather`` of 1k, 10k, 100k, 1M tasks on a
-  scheduler process and 2 Python worker processes: tasks/s and the
-  scheduler's peak resident memory per task (VmHWM over its idle size). Dask
-  runs the sizes that finish within its time limit.
+  scheduler process and 2 Python worker processes: tasks/s, the scheduler's
+  peak resident memory per task (VmHWM over its idle size) and the client's
+  peak. Dask runs the sizes that finish within its time limit.
+* A large dask.array graph: the sum of a 1-chunk-per-element array (about
+  100,000 and 500,000 tasks) on the same cluster shape: seconds Dask spends
+  building and optimizing the graph (the same code for both systems), then
+  seconds from ``client.get`` to the result, peak RSS of scheduler and client.
+  Dask runs the larger size if the smaller one projects it under 10 minutes.
 
 Results go to ``bench/results/scale.{json,md}``; ``bench-plot`` draws
 ``bench/results/*.png`` from the JSON.
@@ -156,27 +161,34 @@ def many_workers(system, n, tasks, limit):
 # ------------------------------------------------------------ cost growth
 
 
+def two_worker_cluster(system, procs):
+    """A scheduler process and 2 one-thread worker processes; returns
+    ``(scheduler process, client)``."""
+    if system == "dask-rs":
+        from dask_rs import Client
+
+        sched, address = dask_rs_scheduler(procs)
+        for i in range(2):
+            procs.start([PY, "-m", "dask_rs", "worker", address, "--name", f"w{i}", "--nthreads", "1"],
+                        stderr=subprocess.DEVNULL)
+    else:
+        from distributed import Client
+
+        sched, address = dask_scheduler(procs)
+        for i in range(2):
+            procs.start([PY, "-m", "distributed.cli.dask_worker", address, "--name", f"w{i}",
+                         "--nthreads", "1", "--no-nanny", "--no-dashboard"], stderr=subprocess.DEVNULL)
+    client = Client(address)
+    client.wait_for_workers(2, timeout=60)
+    time.sleep(1)
+    return sched, client
+
+
 def growth(system, n, limit):
     """map+gather of n no-op tasks on a scheduler process and 2 worker processes."""
     procs = Procs()
     try:
-        if system == "dask-rs":
-            from dask_rs import Client
-
-            sched, address = dask_rs_scheduler(procs)
-            for i in range(2):
-                procs.start([PY, "-m", "dask_rs", "worker", address, "--name", f"w{i}", "--nthreads", "1"],
-                            stderr=subprocess.DEVNULL)
-        else:
-            from distributed import Client
-
-            sched, address = dask_scheduler(procs)
-            for i in range(2):
-                procs.start([PY, "-m", "distributed.cli.dask_worker", address, "--name", f"w{i}",
-                             "--nthreads", "1", "--no-nanny", "--no-dashboard"], stderr=subprocess.DEVNULL)
-        client = Client(address)
-        client.wait_for_workers(2, timeout=60)
-        time.sleep(1)
+        sched, client = two_worker_cluster(system, procs)
         base = status_kib(sched.pid, "VmRSS")
         t = time.perf_counter()
         futs = client.map(inc, range(n), pure=False)
@@ -189,13 +201,44 @@ def growth(system, n, limit):
         if elapsed > limit:
             return {"seconds": elapsed, "over_limit": True}
         return {"seconds": elapsed, "tasks_per_s": n / elapsed, "bytes_per_task": (peak - base) * 1024 / n,
-                "peak_rss_mib": peak / 1024}
+                "peak_rss_mib": peak / 1024, "client_peak_rss_mib": status_kib(os.getpid(), "VmHWM") / 1024}
+    finally:
+        procs.stop()
+
+
+def large(system, chunks, limit):
+    """Sum of a dask.array with ``chunks`` one-element chunks."""
+    import dask.array as da
+    from dask._expr import FinalizeCompute
+    from dask.base import collections_to_expr
+    from dask.core import flatten
+
+    procs = Procs()
+    try:
+        sched, client = two_worker_cluster(system, procs)
+        t = time.perf_counter()
+        expr = FinalizeCompute(collections_to_expr([da.ones(chunks, chunks=1).sum()], True)).optimize()
+        dsk = dict(expr.__dask_graph__())
+        keys = list(flatten(expr.__dask_keys__()))
+        built = time.perf_counter() - t
+        t = time.perf_counter()
+        out = client.get(dsk, keys)
+        elapsed = time.perf_counter() - t
+        assert out[0] == chunks, out
+        tasks = len(dsk)
+        return {"tasks": tasks, "build_seconds": built, "seconds": elapsed, "tasks_per_s": tasks / elapsed,
+                "over_limit": elapsed > limit,
+                "peak_rss_mib": status_kib(sched.pid, "VmHWM") / 1024,
+                "client_peak_rss_mib": status_kib(os.getpid(), "VmHWM") / 1024}
     finally:
         procs.stop()
 
 
 def child(kind, system, n, tasks, limit):
-    out = many_workers(system, n, tasks, limit) if kind == "workers" else growth(system, n, limit)
+    if kind == "workers":
+        out = many_workers(system, n, tasks, limit)
+    else:
+        out = (growth if kind == "growth" else large)(system, n, limit)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -230,15 +273,29 @@ def table(report):
         out.append(f"| {r['n']:,} | {r['system']}{note} | {fmt(reg, 2)} | {fmt(r.get('idle_cpu'), 2)} | "
                    f"{fmt(r.get('tasks_per_s'))} |")
     out += ["", "## Cost growth (no-op map + gather; scheduler process + 2 Python worker processes)", "",
-            "| tasks | system | seconds | tasks/s | scheduler peak RSS (MiB) | scheduler bytes per task |",
-            "|---:|---|---:|---:|---:|---:|"]
+            "| tasks | system | seconds | tasks/s | scheduler peak RSS (MiB) | scheduler bytes per task | "
+            "client peak RSS (MiB) |",
+            "|---:|---|---:|---:|---:|---:|---:|"]
     for r in report["growth"]:
         over = " (over the limit)" if r.get("over_limit") or r.get("timed_out") else ""
         if "skipped_projected_s" in r:
             over = f" (not run: about {r['skipped_projected_s']:.0f} s at the last size's rate)"
         cells = [fmt(r.get("seconds"), 2), fmt(r.get("tasks_per_s")), fmt(r.get("peak_rss_mib"), 1),
-                 fmt(r.get("bytes_per_task"))]
+                 fmt(r.get("bytes_per_task")), fmt(r.get("client_peak_rss_mib"), 1)]
         out.append(f"| {r['n']:,} | {r['system']}{over} | " + " | ".join(cells) + " |")
+    if report.get("large"):
+        out += ["", "## A large dask.array graph (sum of an array of one-element chunks; same cluster)", "",
+                "| chunks | tasks | system | graph built by dask (s) | get to result (s) | tasks/s | "
+                "scheduler peak RSS (MiB) | client peak RSS (MiB) |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in report["large"]:
+            over = " (over the limit)" if r.get("over_limit") or r.get("timed_out") else ""
+            if "skipped_projected_s" in r:
+                over = f" (not run: about {r['skipped_projected_s']:.0f} s at the smaller size's rate)"
+            cells = [fmt(r.get("build_seconds"), 2), fmt(r.get("seconds"), 2), fmt(r.get("tasks_per_s")),
+                     fmt(r.get("peak_rss_mib"), 1), fmt(r.get("client_peak_rss_mib"), 1)]
+            head = f"| {r['n']:,} | {fmt(r.get('tasks'))} | {r['system']}{over} | "
+            out.append(head + " | ".join(cells) + " |")
     out.append("")
     return "\n".join(out)
 
@@ -251,7 +308,7 @@ def main():
     p.add_argument("--out", default=None, help="results file stem (default bench/results/scale)")
     p.add_argument("--systems", default="dask-rs,dask",
                    help="measure only these; the others' rows are kept from the existing results file")
-    p.add_argument("--kinds", default="workers,growth", help="workers, growth or both")
+    p.add_argument("--kinds", default="workers,growth,large", help="any of workers, growth, large")
     a = p.parse_args()
     if a.child:
         kind, system, n, tasks, limit = a.child
@@ -260,10 +317,11 @@ def main():
     systems = a.systems.split(",")
     kinds = a.kinds.split(",")
     stem = Path(a.out) if a.out else RESULTS / "scale"
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "limit": a.limit, "workers": [], "growth": []}
-    if stem.with_suffix(".json").exists() and (set(systems) != {"dask-rs", "dask"} or len(kinds) < 2):
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "limit": a.limit, "workers": [], "growth": [],
+              "large": []}
+    if stem.with_suffix(".json").exists() and (set(systems) != {"dask-rs", "dask"} or len(kinds) < 3):
         old = json.loads(stem.with_suffix(".json").read_text())
-        for kind in ("workers", "growth"):
+        for kind in ("workers", "growth", "large"):
             report[kind] = [r for r in old.get(kind, []) if kind not in kinds or r["system"] not in systems]
     for n in sizes if "workers" in kinds else []:
         for system, tasks in (("dask-rs", 100_000), ("dask", 10_000)):
@@ -283,7 +341,21 @@ def main():
             r = run_child("growth", system, n, 0, a.limit)
             print(f"  growth {n:8d} {system:8s} {r}", file=sys.stderr, flush=True)
             report["growth"].append({"system": system, "n": n, **r})
-    for kind in ("workers", "growth"):
+    # 75,000 and 375,000 chunks: about 100,000 and 500,000 tasks. Dask gets
+    # 10 minutes for this one, as much as its projection allows.
+    for n in ([7_500] if a.quick else [75_000, 375_000]) if "large" in kinds else []:
+        for system in (x for x in ("dask-rs", "dask") if x in systems):
+            done = [r for r in report["large"] if r["system"] == system and "seconds" in r]
+            if done:
+                projected = (done[-1]["build_seconds"] + done[-1]["seconds"]) * n / done[-1]["n"]
+                if projected > 600:
+                    print(f"  large {n:8d} {system:8s} skipped: about {projected:.0f} s", file=sys.stderr)
+                    report["large"].append({"system": system, "n": n, "skipped_projected_s": projected})
+                    continue
+            r = run_child("large", system, n, 0, 600)
+            print(f"  large {n:8d} {system:8s} {r}", file=sys.stderr, flush=True)
+            report["large"].append({"system": system, "n": n, **r})
+    for kind in ("workers", "growth", "large"):
         report[kind].sort(key=lambda r: (r["n"], r["system"] != "dask-rs"))
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import threading
 import types
 from collections import OrderedDict
 
@@ -75,7 +76,7 @@ def loads(frames):
 #   CALL_DEPS  (args, kwargs): futures anywhere inside, pickled as persistent
 #              ids that the worker replaces by the dependency values.
 #   GRAPH      (node, dep_keys): a dask task-spec node; its functions are
-#              persistent ids into its shared blob (a tuple of functions).
+#              calls of `_lifted(i)`, the i-th of its shared blob (a tuple).
 # A call's function, and a node's functions, travel apart from the spec as
 # the task's shared blob: once per graph to the scheduler, once per worker.
 
@@ -237,31 +238,42 @@ def _ref_target(a):
 
 
 class _FunctionLifter(cloudpickle.Pickler):
-    """Cloudpickles a graph node with its functions taken out (persistent
-    ids into `functions`), so they travel as the task's shared blob."""
+    """Cloudpickles a graph node with its functions taken out (each pickled
+    as a call of `_lifted` with its index into `functions`), so they travel
+    as the task's shared blob. Only objects cloudpickle reduces itself pass
+    through here, far fewer than a `persistent_id` would see."""
 
     def __init__(self, file):
         super().__init__(file, protocol=5)
         self.functions: list = []
         self._index: dict = {}
 
-    def persistent_id(self, obj):
-        if type(obj) is types.FunctionType:
+    def reducer_override(self, obj):
+        if type(obj) is _FUNCTION and obj is not _lifted:
             i = self._index.get(id(obj))
             if i is None:
                 i = self._index[id(obj)] = len(self.functions)
                 self.functions.append(obj)
-            return i
-        return None
+            return _lifted, (i,)
+        return super().reducer_override(obj)
 
 
-class _FunctionUnpickler(pickle.Unpickler):
-    def __init__(self, file, functions):
-        super().__init__(file)
-        self._functions = functions
+_FUNCTION = types.FunctionType
+# The functions of the node being unpickled on this thread, for `_lifted`.
+_unpickling = threading.local()
 
-    def persistent_load(self, pid):
-        return self._functions[pid]
+
+def _lifted(i: int):
+    """A function lifted out of a graph node, while the node is unpickled."""
+    return _unpickling.functions[i]
+
+
+def _loads_lifted(body, functions):
+    _unpickling.functions = functions
+    try:
+        return pickle.loads(body)
+    finally:
+        _unpickling.functions = None
 
 
 _function_sets = FunctionCache()
@@ -340,6 +352,6 @@ def run_task(run_spec, values, shared=None):
         if shared is None:
             node, dep_keys = pickle.loads(body)
         else:
-            node, dep_keys = _FunctionUnpickler(io.BytesIO(body), _shared_object(shared)).load()
+            node, dep_keys = _loads_lifted(body, _shared_object(shared))
         return node(dict(zip(dep_keys, values)))
     raise ValueError(f"unknown task kind {kind!r}")
