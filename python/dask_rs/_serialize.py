@@ -11,6 +11,7 @@ of its bytes: once per graph to the scheduler, once per worker from there.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import sys
@@ -225,8 +226,10 @@ def _task_types():
     global _REFS, _Alias, _Task
     if _Task is None:
         from dask._task_spec import Alias, Task, TaskRef
+        from toolz import curry
 
         _REFS, _Alias, _Task = frozenset((Alias, TaskRef)), Alias, Task
+        _LIFTED.add(curry)
 
 
 def _is_ref(a) -> bool:
@@ -249,7 +252,7 @@ class _FunctionLifter(cloudpickle.Pickler):
         self._index: dict = {}
 
     def reducer_override(self, obj):
-        if type(obj) is _FUNCTION and obj is not _lifted:
+        if type(obj) in _LIFTED and obj is not _lifted:
             i = self._index.get(id(obj))
             if i is None:
                 i = self._index[id(obj)] = len(self.functions)
@@ -258,7 +261,10 @@ class _FunctionLifter(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-_FUNCTION = types.FunctionType
+# Functions, and the callables dask graphs wrap them in (whose pickles carry
+# the wrapped function's docstring: most of a dask.array task's bytes; toolz's
+# curry joins when the first graph is serialized).
+_LIFTED = {types.FunctionType, functools.partial}
 # The functions of the node being unpickled on this thread, for `_lifted`.
 _unpickling = threading.local()
 
@@ -281,11 +287,17 @@ _function_sets = FunctionCache()
 
 def _dumps_functions(functions: tuple) -> tuple[int, bytes]:
     """``(id, bytes)`` of a node's functions, cached per tuple of objects."""
-    b = _function_sets.get(functions)
+    try:
+        b = _function_sets.get(functions)
+    except TypeError:  # a callable that cannot be hashed
+        b = None
     if b is None:
         fb = cloudpickle.dumps(functions, protocol=5)
         b = (int.from_bytes(_blake2b()(fb, digest_size=8).digest(), "little"), fb)
-        _function_sets.put(functions, b)
+        try:
+            _function_sets.put(functions, b)
+        except TypeError:
+            pass
     return b
 
 
