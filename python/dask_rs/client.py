@@ -960,21 +960,31 @@ class Client:
             keys = [f"{name}-{uid}-{i}" for i in range(len(arg_lists))]
         wl = self._workers_arg(workers)
         res = self._resources_arg(resources)
-        tasks = []
         seen = set()
-        shared = {}
-        for k, a in zip(keys, arg_lists):
-            wire = wire_key(k)
-            if wire in seen:
-                continue
-            seen.add(wire)
-            spec, deps, fid, fb = self._dumps_call(func, a, kwargs)
-            shared[fid] = fb
-            tasks.append((wire, spec, deps, int(priority), self._next_order(), wl, bool(allow_other_workers),
-                          int(retries or 0), res, fid))
-        with self._lock:
-            futures = Future._held(keys, self)
-            self._core.submit(tasks, [f._wire for f in futures], list(shared.items()))
+        futures: list = []
+        # Sent in batches (growing to 32,768 unless `batch_size` says), so the
+        # cluster runs the first tasks while the client makes the rest.
+        size = int(batch_size) if batch_size else 2048
+        start = 0
+        while start < len(keys):
+            tasks = []
+            shared = {}
+            for k, a in zip(keys[start:start + size], arg_lists[start:start + size]):
+                wire = wire_key(k)
+                if wire in seen:
+                    continue
+                seen.add(wire)
+                spec, deps, fid, fb = self._dumps_call(func, a, kwargs)
+                shared[fid] = fb
+                tasks.append((wire, spec, deps, int(priority), self._next_order(), wl,
+                              bool(allow_other_workers), int(retries or 0), res, fid))
+            with self._lock:
+                batch = Future._held(keys[start:start + size], self)
+                self._core.submit(tasks, [f._wire for f in batch], list(shared.items()))
+            futures.extend(batch)
+            start += size
+            if not batch_size:
+                size = min(size * 2, 32768)
         return futures
 
     # -- getting results --

@@ -75,6 +75,19 @@ def test_functions_travel_once_and_closures_stay_apart(client):
     assert client.gather(client.map(adder(7), range(10), pure=False)) == [x + 7 for x in range(10)]
 
 
+def test_a_large_map_goes_in_batches_and_keeps_order_and_duplicates(client):
+    """`map` sends its tasks in batches (the cluster starts on the first
+    while the client makes the rest): every input gets its future in order,
+    and equal inputs of a pure map share one key across batches."""
+    xs = [i % 3000 for i in range(7000)]  # batches of 2,048 and 4,096, then the rest
+    futs = client.map(inc, xs)
+    assert len(futs) == 7000 and len({f.key for f in futs}) == 3000
+    assert futs[0].key == futs[3000].key == futs[6000].key
+    assert client.gather(futs) == [x + 1 for x in xs]
+    small = client.map(inc, range(10), batch_size=3, pure=False)
+    assert client.gather(small) == list(range(1, 11))
+
+
 def test_graph_tasks_of_every_shape_run_with_their_own_functions(client):
     """Graph nodes travel as calls when plain (values and dependencies as
     arguments) and keep their shape otherwise (nested tasks, lists, dicts,
