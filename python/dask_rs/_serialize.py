@@ -202,20 +202,27 @@ def _wire_of(future):
     return future._wire
 
 
+def dumps_args(args, kwargs, is_future) -> tuple[bytes, list]:
+    """The spec of a call of a function (sent apart) with ``args`` and
+    ``kwargs``; returns ``(run_spec, dep_keys)``."""
+    s = _slotted(args, kwargs, is_future, _wire_of)
+    if s is not None:
+        args, slots, deps = s
+        return _CALL + pickle.dumps((args, kwargs or None, slots), protocol=5), deps
+    deps = []
+    buf = io.BytesIO()
+    buf.write(_CALL_DEPS)
+    _DepPickler(buf, is_future, deps).dump((args, kwargs))
+    return buf.getvalue(), deps
+
+
 def dumps_call(func, args, kwargs, is_future) -> tuple[bytes, list, int, bytes]:
     """Serialize ``func(*args, **kwargs)``; returns ``(run_spec, dep_keys,
     function_id, function_bytes)``. The function travels apart from the
     spec, once per graph and once per worker (a shared blob)."""
     fid, fb = dumps_function(func)
-    s = _slotted(args, kwargs, is_future, _wire_of)
-    if s is not None:
-        args, slots, deps = s
-        return _CALL + pickle.dumps((args, kwargs or None, slots), protocol=5), deps, fid, fb
-    deps = []
-    buf = io.BytesIO()
-    buf.write(_CALL_DEPS)
-    _DepPickler(buf, is_future, deps).dump((args, kwargs))
-    return buf.getvalue(), deps, fid, fb
+    spec, deps = dumps_args(args, kwargs, is_future)
+    return spec, deps, fid, fb
 
 
 _REFS: frozenset = frozenset()

@@ -24,7 +24,7 @@ from concurrent.futures import CancelledError
 from typing import Iterable
 
 from . import _core
-from ._serialize import FunctionCache, dumps, dumps_call, dumps_graph_node
+from ._serialize import FunctionCache, dumps, dumps_args, dumps_call, dumps_graph_node
 from .utils import close_at_exit, format_bytes, key_split, parse_timedelta, wire_key, without_gc
 
 __all__ = [
@@ -962,25 +962,31 @@ class Client:
         res = self._resources_arg(resources)
         seen = set()
         futures: list = []
+        fid, fb = self._dumps_call(func, (), {})[2:]
+        order = self._order
+        prio, loose, retries = int(priority), bool(allow_other_workers), int(retries or 0)
         # Sent in batches (growing to 32,768 unless `batch_size` says), so the
         # cluster runs the first tasks while the client makes the rest.
         size = int(batch_size) if batch_size else 2048
         start = 0
         while start < len(keys):
             tasks = []
-            shared = {}
             for k, a in zip(keys[start:start + size], arg_lists[start:start + size]):
                 wire = wire_key(k)
                 if wire in seen:
                     continue
                 seen.add(wire)
-                spec, deps, fid, fb = self._dumps_call(func, a, kwargs)
-                shared[fid] = fb
-                tasks.append((wire, spec, deps, int(priority), self._next_order(), wl,
-                              bool(allow_other_workers), int(retries or 0), res, fid))
+                try:
+                    spec, deps = dumps_args(a, kwargs, _is_future)
+                except Exception as e:
+                    raise TypeError(
+                        f"Could not serialize the arguments of {_funcname(func)!r} to send them to the "
+                        f"cluster: {type(e).__name__}: {e}"
+                    ) from e
+                tasks.append((wire, spec, deps, prio, next(order), wl, loose, retries, res, fid))
             with self._lock:
                 batch = Future._held(keys[start:start + size], self)
-                self._core.submit(tasks, [f._wire for f in batch], list(shared.items()))
+                self._core.submit(tasks, [f._wire for f in batch], [(fid, fb)])
             futures.extend(batch)
             start += size
             if not batch_size:

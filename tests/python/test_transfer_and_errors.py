@@ -84,6 +84,10 @@ def test_unpicklable_function_fails_at_submit(client):
 
     with pytest.raises(TypeError, match="Could not serialize 'uses_lock'"):
         client.submit(uses_lock, 1)
+    with pytest.raises(TypeError, match="Could not serialize 'uses_lock'"):
+        client.map(uses_lock, [1, 2])
+    with pytest.raises(TypeError, match="Could not serialize the arguments of 'abs'"):
+        client.map(abs, [-1, lock])
     # The client keeps working.
     assert client.submit(abs, -3).result() == 3
 
