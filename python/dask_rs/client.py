@@ -244,6 +244,10 @@ def _syncable(method):
     return wrapper
 
 
+# Futures a gather waits for and fetches at a time.
+_GATHER_RUN = 4096
+
+
 class Future:
     """A remotely running computation; mirrors `distributed.Future`."""
 
@@ -818,11 +822,14 @@ class Client:
         t = parse_timedelta(timeout)
         if not self._core.wait(list(wires), t, any):
             if t is not None:
-                why = next(filter(None, (self._core.no_worker_reason(w) for w in wires)), None)
-                hint = f" ({why})" if why else ""
-                raise TimeoutError(f"{len(wires)} futures not done within {t} s{hint}")
+                self._timed_out(wires, t)
             return False
         return True
+
+    def _timed_out(self, wires, t):
+        why = next(filter(None, (self._core.no_worker_reason(w) for w in wires)), None)
+        hint = f" ({why})" if why else ""
+        raise TimeoutError(f"{len(wires)} futures not done within {t} s{hint}")
 
     # -- submitting work --
     def _next_order(self) -> int:
@@ -996,31 +1003,40 @@ class Client:
     # -- getting results --
     @without_gc
     def _gather_futures(self, futures, errors="raise", timeout=None):
-        wires = [f._wire for f in futures]
-        self._wait_keys(wires, timeout)
-        by_worker = defaultdict(list)
+        import time
+
+        t = parse_timedelta(timeout)
+        deadline = None if t is None else time.monotonic() + t
         results: dict = {}
         bad = set()
         seen = set()
-        for f in futures:
-            st = self._status(f._wire)
-            if st is None:
-                raise CancelledError(f"{f.key} was released")
-            kind = st[0]
-            if kind == "error":
-                if errors == "raise":
-                    raise _rebuild_exception(st)
-                bad.add(f._wire)
-            elif kind == "cancelled":
-                if errors == "raise":
-                    raise CancelledError(f"{f.key}: {st[1]}")
-                bad.add(f._wire)
-            elif f._wire not in seen:
-                seen.add(f._wire)
-                workers = st[2]
-                by_worker[workers[0] if workers else ""].append(f._wire)
-        for addr, keys in by_worker.items():
-            results.update(self._fetch(addr, keys))
+        # In runs of futures, in order: the first results come over while
+        # the cluster still computes the later ones.
+        for i in range(0, len(futures), _GATHER_RUN):
+            run = futures[i:i + _GATHER_RUN]
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._core.wait([f._wire for f in run], left, False):
+                self._timed_out([f._wire for f in futures[i:]], t)
+            by_worker = defaultdict(list)
+            for f in run:
+                st = self._status(f._wire)
+                if st is None:
+                    raise CancelledError(f"{f.key} was released")
+                kind = st[0]
+                if kind == "error":
+                    if errors == "raise":
+                        raise _rebuild_exception(st)
+                    bad.add(f._wire)
+                elif kind == "cancelled":
+                    if errors == "raise":
+                        raise CancelledError(f"{f.key}: {st[1]}")
+                    bad.add(f._wire)
+                elif f._wire not in seen:
+                    seen.add(f._wire)
+                    workers = st[2]
+                    by_worker[workers[0] if workers else ""].append(f._wire)
+            for addr, keys in by_worker.items():
+                results.update(self._fetch(addr, keys))
         return [results[f._wire] for f in futures if f._wire not in bad]
 
     def _fetch(self, addr, keys) -> dict:

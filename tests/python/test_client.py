@@ -88,6 +88,33 @@ def test_a_large_map_goes_in_batches_and_keeps_order_and_duplicates(client):
     assert client.gather(small) == list(range(1, 11))
 
 
+def fail_at(x, bad):
+    if x == bad:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def sleep_at(x, slow):
+    import time
+
+    if x == slow:
+        time.sleep(3)
+    return x
+
+
+def test_a_large_gather_fetches_in_runs_and_still_raises_skips_and_waits(client):
+    """`gather` fetches results run by run while later ones still compute:
+    an error far down the list is still seen, a slow task still waited for."""
+    n = 9000  # three runs
+    futs = client.map(fail_at, range(n), bad=8000, pure=False)
+    with pytest.raises(ValueError, match="bad 8000"):
+        client.gather(futs)
+    out = client.gather(futs, errors="skip")
+    assert out == [x for x in range(n) if x != 8000]
+    slow = client.map(sleep_at, range(n), slow=8500, pure=False)
+    assert client.gather(slow) == list(range(n))
+
+
 def test_graph_tasks_of_every_shape_run_with_their_own_functions(client):
     """Graph nodes travel as calls when plain (values and dependencies as
     arguments) and keep their shape otherwise (nested tasks, lists, dicts,
