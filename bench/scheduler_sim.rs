@@ -1,9 +1,9 @@
 //! Scheduler throughput and memory with simulated workers (no Python, no
 //! sockets): the cost of scheduling alone.
 //!
-//! `cargo bench --bench scheduler_sim [-- quick]` prints tasks/s per
-//! workload and the scheduler's memory per task for the largest graph, as a
-//! table and one JSON line.
+//! `cargo bench --bench scheduler_sim [-- quick] [merge-100000 ...]` prints
+//! tasks/s per workload (or the named ones) and the scheduler's memory per
+//! task for the largest graph, as a table and one JSON line.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -79,6 +79,11 @@ fn main() {
         vec![("merge", 10_000), ("merge", 100_000), ("tree", 16_384), ("chain", 1_000), ("fan_out", 100_000)];
     if !quick {
         workloads.insert(0, ("merge", 1_000_000));
+    }
+    // Named workloads only (`merge-100000`, `tree`...), to profile one.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| a != "quick" && !a.starts_with('-')).collect();
+    if !only.is_empty() {
+        workloads.retain(|(name, n)| only.iter().any(|o| o == name || *o == format!("{name}-{n}")));
     }
     // Each workload runs REPEATS times on a fresh state; the median rate is
     // reported (page-fault costs on this kind of machine vary run to run).

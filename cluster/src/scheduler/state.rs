@@ -135,6 +135,10 @@ pub fn describe_security(security: &crate::security::Security) -> Vec<(String, S
     vec![("encryption".into(), tls.into()), ("cluster token".into(), token.into())]
 }
 
+/// How far back among queued messages a FreeKeys looks for an earlier one
+/// to the same worker to join.
+const FREE_KEYS_LOOKBACK: usize = 16;
+
 /// The scheduler's whole state.
 pub struct SchedulerState {
     pub(super) config: SchedulerConfig,
@@ -231,7 +235,23 @@ impl SchedulerState {
     }
 
     pub(super) fn send_worker(&mut self, peer: PeerId, msg: impl Into<Envelope<ToWorker>>) {
-        self.out.push((peer, Outgoing::Worker(msg.into())));
+        let mut env = msg.into();
+        // Keys freed one after another (a released graph frees thousands)
+        // join the worker's last message when that is a FreeKeys: one
+        // message, and nothing sent to the worker in between is overtaken.
+        if let ToWorker::FreeKeys { keys } = &mut env.msg {
+            for (p, o) in self.out.iter_mut().rev().take(FREE_KEYS_LOOKBACK) {
+                if *p != peer {
+                    continue;
+                }
+                if let Outgoing::Worker(Envelope { msg: ToWorker::FreeKeys { keys: earlier }, .. }) = o {
+                    earlier.append(keys);
+                    return;
+                }
+                break;
+            }
+        }
+        self.out.push((peer, Outgoing::Worker(env)));
     }
 
     pub(super) fn send_client(&mut self, peer: PeerId, msg: impl Into<Envelope<ToClient>>) {

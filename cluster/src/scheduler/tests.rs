@@ -311,6 +311,62 @@ fn released_results_are_freed_and_forgotten() {
 }
 
 #[test]
+fn freed_keys_go_to_each_worker_in_one_message_without_overtaking_others() {
+    let mut s = with_workers(2);
+    let leaves: Vec<String> = (0..10).map(|i| format!("x-{i}")).collect();
+    let mut graph: Vec<_> = leaves.iter().map(|k| spec(k, &[])).collect();
+    let refs: Vec<&str> = leaves.iter().map(String::as_str).collect();
+    graph.push(spec("total", &refs));
+    s.update_graph(C1, graph, vec!["total".into()]);
+    let mut on: Vec<(PeerId, String)> = Vec::new();
+    while on.len() < leaves.len() {
+        let sent = computes(&mut s);
+        for (w, k) in &sent {
+            finish(&mut s, *w, k, 8);
+        }
+        on.extend(sent);
+    }
+    let (w, k) = computes(&mut s).pop().expect("the merge runs");
+    assert_eq!(k, "total");
+    finish(&mut s, w, "total", 8);
+    let frees: Vec<(PeerId, Vec<String>)> = s
+        .take_outgoing()
+        .into_iter()
+        .filter_map(|(p, e)| match e.msg {
+            Msg::W(ToWorker::FreeKeys { keys }) => Some((p, keys)),
+            _ => None,
+        })
+        .collect();
+    for worker in [W1, W1 + 1] {
+        let mine: Vec<&(PeerId, Vec<String>)> = frees.iter().filter(|(p, _)| *p == worker).collect();
+        let mut expected: Vec<String> = on.iter().filter(|(p, _)| *p == worker).map(|(_, k)| k.clone()).collect();
+        assert!(!expected.is_empty(), "both workers ran leaves");
+        assert_eq!(mine.len(), 1, "one FreeKeys for {worker}: {mine:?}");
+        let mut got = mine[0].1.clone();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
+    }
+    // A message to the worker between two frees keeps them apart.
+    let raw = s.raw();
+    raw.send_worker(W1, ToWorker::FreeKeys { keys: vec!["a".into()] });
+    raw.send_worker(W1 + 1, ToWorker::FreeKeys { keys: vec!["b".into()] });
+    raw.send_worker(W1, ToWorker::FreeShared { ids: vec![7] });
+    raw.send_worker(W1, ToWorker::FreeKeys { keys: vec!["c".into()] });
+    raw.send_worker(W1 + 1, ToWorker::FreeKeys { keys: vec!["d".into()] });
+    let msgs: Vec<(PeerId, Msg)> = s.take_outgoing().into_iter().map(|(p, e)| (p, e.msg)).collect();
+    assert_eq!(
+        msgs,
+        vec![
+            (W1, Msg::W(ToWorker::FreeKeys { keys: vec!["a".into()] })),
+            (W1 + 1, Msg::W(ToWorker::FreeKeys { keys: vec!["b".into(), "d".into()] })),
+            (W1, Msg::W(ToWorker::FreeShared { ids: vec![7] })),
+            (W1, Msg::W(ToWorker::FreeKeys { keys: vec!["c".into()] })),
+        ]
+    );
+}
+
+#[test]
 fn errors_propagate_to_dependents_and_reach_the_client() {
     let mut s = with_workers(1);
     s.update_graph(C1, vec![spec("a", &[]), spec("b", &["a"])], vec!["b".into()]);
