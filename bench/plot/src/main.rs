@@ -61,11 +61,20 @@ fn chart(
     let x = (xmin / 1.5)..(xmax * 1.5);
     let mut builder = ChartBuilder::on(area);
     builder.caption(title, ("sans-serif", 22)).margin(14).x_label_area_size(44).y_label_area_size(70);
+    // One decimal where the whole number would round (9,500 is "9.5k", not
+    // a second "10k" on a log axis).
+    let short = |v: f64, unit: &str| {
+        if (v - v.round()).abs() < 1e-6 * v.abs().max(1.0) {
+            format!("{v:.0}{unit}")
+        } else {
+            format!("{v:.1}{unit}")
+        }
+    };
     let fmt_num = |v: &f64| {
         if *v >= 1e6 {
-            format!("{:.0}M", v / 1e6)
+            short(v / 1e6, "M")
         } else if *v >= 1e3 {
-            format!("{:.0}k", v / 1e3)
+            short(v / 1e3, "k")
         } else if *v >= 10.0 {
             format!("{v:.0}")
         } else {
