@@ -258,6 +258,13 @@ def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 
+def why_missing(r, rate) -> str:
+    """A row's note when its figures are missing or over the limit."""
+    if "skipped_projected_s" in r:
+        return f" (not run: about {r['skipped_projected_s']:.0f} s at {rate} rate)"
+    return " (over the limit)" if r.get("over_limit") or r.get("timed_out") else ""
+
+
 def table(report):
     out = ["## Many workers (one scheduler process; the workers hosted in one other process)", "",
            "| workers | system | all registered (s) | idle scheduler CPU (% of a core) | no-op tasks/s |",
@@ -277,9 +284,7 @@ def table(report):
             "client peak RSS (MiB) |",
             "|---:|---|---:|---:|---:|---:|---:|"]
     for r in report["growth"]:
-        over = " (over the limit)" if r.get("over_limit") or r.get("timed_out") else ""
-        if "skipped_projected_s" in r:
-            over = f" (not run: about {r['skipped_projected_s']:.0f} s at the last size's rate)"
+        over = why_missing(r, "the last size's")
         cells = [fmt(r.get("seconds"), 2), fmt(r.get("tasks_per_s")), fmt(r.get("peak_rss_mib"), 1),
                  fmt(r.get("bytes_per_task")), fmt(r.get("client_peak_rss_mib"), 1)]
         out.append(f"| {r['n']:,} | {r['system']}{over} | " + " | ".join(cells) + " |")
@@ -289,9 +294,7 @@ def table(report):
                 "scheduler peak RSS (MiB) | client peak RSS (MiB) |",
                 "|---:|---:|---|---:|---:|---:|---:|---:|"]
         for r in report["large"]:
-            over = " (over the limit)" if r.get("over_limit") or r.get("timed_out") else ""
-            if "skipped_projected_s" in r:
-                over = f" (not run: about {r['skipped_projected_s']:.0f} s at the smaller size's rate)"
+            over = why_missing(r, "the smaller size's")
             cells = [fmt(r.get("build_seconds"), 2), fmt(r.get("seconds"), 2), fmt(r.get("tasks_per_s")),
                      fmt(r.get("peak_rss_mib"), 1), fmt(r.get("client_peak_rss_mib"), 1)]
             head = f"| {r['n']:,} | {fmt(r.get('tasks'))} | {r['system']}{over} | "
