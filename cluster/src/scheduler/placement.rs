@@ -6,6 +6,26 @@ use super::task::TaskId;
 use super::workers::Worker;
 use crate::protocol::{Blob, DepInfo, Envelope, ToWorker};
 use rustc_hash::FxHashMap;
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
+/// A worker's load, ordered (loads are never NaN).
+#[derive(Clone, Copy, PartialEq)]
+struct Load(f64);
+
+impl Eq for Load {}
+
+impl PartialOrd for Load {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Load {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
 
 /// Cap on root tasks in flight per worker thread from `pipeline_window`.
 pub(super) const MAX_PIPELINE_PER_THREAD: usize = 64;
@@ -111,22 +131,35 @@ impl SchedulerState {
     }
 
     /// Send queued root tasks to workers with free slots, each to the least
-    /// loaded worker that has one.
+    /// loaded worker that has one (the first in `worker_order` among equals).
+    ///
+    /// The workers with a free slot wait in a heap by (load, position), so
+    /// handing out k tasks over W workers costs O(W + k log W), not O(k W):
+    /// only the worker just given a task changes, and slots depend on the
+    /// queue's next group too, so a new group at the head rebuilds the heap.
     pub(super) fn fill_all_workers(&mut self) {
-        while !self.queue.is_empty() {
-            let mut best: Option<(f64, PeerId)> = None;
-            for &w in &self.worker_order {
-                let worker = &self.workers[&w];
-                if !worker.retiring && worker.busy() < self.root_slots(worker) {
-                    let load = worker.load();
-                    if best.is_none_or(|(l, _)| load < l) {
-                        best = Some((load, w));
+        let mut heap: BinaryHeap<Reverse<(Load, usize)>> = BinaryHeap::new();
+        let mut head_group = None;
+        while let Some(&(_, next)) = self.queue.first() {
+            let group = self.t(next).group;
+            if head_group != Some(group) {
+                head_group = Some(group);
+                heap.clear();
+                for (pos, w) in self.worker_order.iter().enumerate() {
+                    let worker = &self.workers[w];
+                    if !worker.retiring && worker.busy() < self.root_slots(worker) {
+                        heap.push(Reverse((Load(worker.load()), pos)));
                     }
                 }
             }
-            let Some((_, w)) = best else { return };
+            let Some(Reverse((_, pos))) = heap.pop() else { return };
+            let w = self.worker_order[pos];
             let (_, id) = self.queue.pop_first().expect("non-empty");
             self.assign(id, w);
+            let worker = &self.workers[&w];
+            if !worker.retiring && worker.busy() < self.root_slots(worker) {
+                heap.push(Reverse((Load(worker.load()), pos)));
+            }
         }
     }
 

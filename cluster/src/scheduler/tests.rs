@@ -208,6 +208,36 @@ fn root_tasks_are_queued_on_the_scheduler() {
 }
 
 #[test]
+fn queued_root_tasks_go_each_to_the_least_loaded_worker_with_a_free_slot() {
+    // Workers of 1 to 4 threads, one retiring: every assignment must pick
+    // the lowest busy/threads among workers under ceil(1.1 x threads),
+    // the first registered among equals, and no retiring worker.
+    let threads = [1u32, 3, 2, 4, 1, 2];
+    let mut s = Checked::new(SchedulerConfig::default());
+    for (i, &n) in threads.iter().enumerate() {
+        let w = W1 + i as PeerId;
+        s.add_worker(w, Registration::new(format!("w{i}"), format!("tcp://h:{i}"), n, 1 << 30)).unwrap();
+    }
+    s.retire_workers(C2, 1, vec!["w4".into()]);
+    let _ = s.take_outgoing();
+    let specs: Vec<_> = (0..100).map(|i| spec(&format!("r-{i}"), &[])).collect();
+    s.update_graph(C1, specs, (0..100).map(|i| format!("r-{i}")).collect());
+    let sent = computes(&mut s);
+    let slots: Vec<usize> = threads.iter().map(|&n| (n as f64 * 1.1).ceil() as usize).collect();
+    let mut busy = vec![0usize; threads.len()];
+    for (w, key) in &sent {
+        let i = (*w - W1) as usize;
+        let eligible = (0..threads.len()).filter(|&j| j != 4 && busy[j] < slots[j]);
+        let load = |j: usize| busy[j] as f64 / threads[j] as f64;
+        let best = eligible.min_by(|&a, &b| load(a).total_cmp(&load(b)).then(a.cmp(&b))).unwrap();
+        assert_eq!(i, best, "{key} went to w{i}, the least loaded was w{best} (busy {busy:?})");
+        busy[i] += 1;
+    }
+    let expected: usize = (0..threads.len()).filter(|&j| j != 4).map(|j| slots[j]).sum();
+    assert_eq!(sent.len(), expected, "every free slot filled, no more");
+}
+
+#[test]
 fn short_root_tasks_are_pipelined_long_ones_are_not() {
     let mut s = with_workers(1);
     let specs: Vec<_> = (0..200).map(|i| spec(&format!("r-{i}"), &[])).collect();
