@@ -119,8 +119,9 @@ def _blake2b():
 
 
 def dumps_function(func) -> tuple[int, bytes]:
-    """``(id, bytes)`` of ``func``: cloudpickled once per function object, the
-    id a hash of the bytes (so equal functions share one blob anywhere)."""
+    """``(id, bytes)`` of ``func`` (or of a graph node's tuple of functions):
+    cloudpickled once per object, the id a hash of the bytes (so equal
+    functions share one blob anywhere)."""
     try:
         b = _func_bytes.get(func)
     except TypeError:  # unhashable callable
@@ -289,25 +290,6 @@ def _loads_lifted(body, functions):
         _unpickling.functions = None
 
 
-_function_sets = FunctionCache()
-
-
-def _dumps_functions(functions: tuple) -> tuple[int, bytes]:
-    """``(id, bytes)`` of a node's functions, cached per tuple of objects."""
-    try:
-        b = _function_sets.get(functions)
-    except TypeError:  # a callable that cannot be hashed
-        b = None
-    if b is None:
-        fb = cloudpickle.dumps(functions, protocol=5)
-        b = (int.from_bytes(_blake2b()(fb, digest_size=8).digest(), "little"), fb)
-        try:
-            _function_sets.put(functions, b)
-        except TypeError:
-            pass
-    return b
-
-
 def dumps_graph_node(node) -> tuple[bytes, list, int | None, bytes | None]:
     """Serialize a dask task-spec node; returns ``(run_spec, dep_keys,
     shared_id, shared_bytes)``, the task running with the values of
@@ -328,7 +310,7 @@ def dumps_graph_node(node) -> tuple[bytes, list, int | None, bytes | None]:
     p.dump((node, deps))
     if not p.functions:
         return buf.getvalue(), deps, None, None
-    fid, fb = _dumps_functions(tuple(p.functions))
+    fid, fb = dumps_function(tuple(p.functions))
     return buf.getvalue(), deps, fid, fb
 
 
